@@ -1,0 +1,112 @@
+// CPU kernels: unpack tensors, then run the core per sequence, threads over
+// the batch with at::parallel_for. Sequences are independent, so the result
+// does not depend on the thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <vector>
+
+#include "../ops.h"
+
+namespace captcha_fast {
+namespace {
+
+// Records the first sequence with a bad value; checked after the parallel loop
+// (throwing from worker threads would lose the sequence index).
+struct FirstBad {
+  std::atomic<int64_t> index{INT64_MAX};
+  void report(int64_t n) {
+    int64_t cur = index.load();
+    while (n < cur && !index.compare_exchange_weak(cur, n)) {}
+  }
+  void check(const char* op) const {
+    const int64_t n = index.load();
+    TORCH_CHECK(n == INT64_MAX, op, ": log_probs of sequence ", n,
+                " contain NaN or +inf (log-probabilities must be finite or -inf)");
+  }
+};
+
+at::Tensor lengths_as_long(const at::Tensor& input_lengths) {
+  return input_lengths.to(at::kLong).contiguous();
+}
+
+Decoded greedy_cpu(const at::Tensor& log_probs, const at::Tensor& input_lengths, int64_t blank) {
+  const auto [T, N, C] = check_decode_inputs(log_probs, input_lengths, blank, "ctc_greedy_decode");
+  auto tokens = at::full({N, T}, -1, log_probs.options().dtype(at::kInt));
+  auto lengths = at::zeros({N}, log_probs.options().dtype(at::kInt));
+  auto scores = at::zeros({N}, log_probs.options().dtype(at::kFloat));
+  if (N == 0) return {tokens, lengths, scores};
+  const at::Tensor lens = lengths_as_long(input_lengths);
+  FirstBad bad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, log_probs.scalar_type(), "ctc_greedy_decode", [&] {
+    const scalar_t* data = log_probs.const_data_ptr<scalar_t>();
+    const int64_t st = log_probs.stride(0), sn = log_probs.stride(1), sc = log_probs.stride(2);
+    const int64_t* len = lens.const_data_ptr<int64_t>();
+    int32_t* tok = tokens.mutable_data_ptr<int32_t>();
+    int32_t* out_len = lengths.mutable_data_ptr<int32_t>();
+    float* out_score = scores.mutable_data_ptr<float>();
+    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const Frames<scalar_t> f{data + n * sn, st, sc};
+        if (greedy_decode_one(f, len[n], C, blank, tok + n * T, out_len + n, out_score + n) != kOk) bad.report(n);
+      }
+    });
+  });
+  bad.check("ctc_greedy_decode");
+  return {tokens, lengths, scores};
+}
+
+Decoded beam_search_cpu(const at::Tensor& log_probs, const at::Tensor& input_lengths, int64_t beam_width,
+                        int64_t top_k, int64_t blank, c10::optional<double> token_min_logp, c10::optional<double> blank_skip_threshold,
+                        int64_t min_length, int64_t max_length, const c10::optional<at::Tensor>& allowed_tokens) {
+  const auto [T, N, C] = check_decode_inputs(log_probs, input_lengths, blank, "ctc_beam_search");
+  BeamOptions opts = check_beam_options(log_probs, beam_width, top_k, token_min_logp, blank_skip_threshold,
+                                        min_length, max_length, allowed_tokens);
+  const int64_t L = beam_output_width(T, max_length);
+  auto tokens = at::full({N, top_k, L}, -1, log_probs.options().dtype(at::kInt));
+  auto lengths = at::zeros({N, top_k}, log_probs.options().dtype(at::kInt));
+  auto scores = at::full({N, top_k}, -INFINITY, log_probs.options().dtype(at::kFloat));
+  if (N == 0) return {tokens, lengths, scores};
+  const at::Tensor lens = lengths_as_long(input_lengths);
+  at::Tensor allowed;
+  if (allowed_tokens.has_value()) {
+    allowed = allowed_tokens->contiguous();
+    opts.allowed = allowed.const_data_ptr<bool>();
+  }
+  const int64_t ws_bytes = beam_workspace_bytes(T, C, beam_width);
+  FirstBad bad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, log_probs.scalar_type(), "ctc_beam_search", [&] {
+    const scalar_t* data = log_probs.const_data_ptr<scalar_t>();
+    const int64_t st = log_probs.stride(0), sn = log_probs.stride(1), sc = log_probs.stride(2);
+    const int64_t* len = lens.const_data_ptr<int64_t>();
+    int32_t* tok = tokens.mutable_data_ptr<int32_t>();
+    int32_t* out_len = lengths.mutable_data_ptr<int32_t>();
+    float* out_score = scores.mutable_data_ptr<float>();
+    // Grain 8: beam search costs enough per sequence to split small batches.
+    at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
+      std::vector<char> buffer(ws_bytes + 16);  // one workspace per chunk, reused per sequence
+      char* base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(buffer.data()) + 15) & ~uintptr_t(15));
+      BeamWorkspace ws = carve_beam_workspace(base, T, C, beam_width);
+      for (int64_t n = begin; n < end; ++n) {
+        const Frames<scalar_t> f{data + n * sn, st, sc};
+        const Status s = beam_search_one(f, len[n], C, blank, opts, ws, static_cast<int32_t>(top_k),
+                                         static_cast<int32_t>(L), tok + n * top_k * L, out_len + n * top_k,
+                                         out_score + n * top_k);
+        if (s != kOk) bad.report(n);
+      }
+    });
+  });
+  bad.check("ctc_beam_search");
+  return {tokens, lengths, scores};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(captcha_fast, CPU, m) {
+  m.impl("ctc_greedy_decode", &greedy_cpu);
+  m.impl("ctc_beam_search", &beam_search_cpu);
+}
+
+}  // namespace captcha_fast
