@@ -1,0 +1,95 @@
+"""The CRNN: two conv blocks, a projection, a 2-layer BiGRU, CTC log-probs.
+
+    (N, C_in, H, W) images in [0, 1]  ->  (T, N, K) log-probs, T = W // 4
+
+Each sample keeps its own width: padding columns are zeroed after every conv
+layer and the GRU runs on packed sequences, so a sample in a padded batch gets
+the same output as alone (up to float rounding)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from captcha_fast.charset import Charset
+
+
+@dataclass
+class CRNNConfig:
+    charset: str                       # symbols; class 0 is the blank, symbol i is class i + 1
+    height: int = 32                   # input height (images are resized to it)
+    in_channels: int = 1               # 1: grey, 3: RGB
+    channels: Tuple[int, int] = (32, 64)  # conv block widths
+    hidden_dim: int = 128              # projection and GRU size
+    dropout: float = 0.1
+
+    def __post_init__(self):
+        Charset(self.charset)  # validates
+        self.channels = tuple(self.channels)
+        if self.height % 4 or self.height < 4:
+            raise ValueError(f"height must be a positive multiple of 4 (two 2x2 pools), got {self.height}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.charset) + 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+def column_mask(widths: Tensor, W: int) -> Tensor:
+    """(N, 1, 1, W) float mask: 1 on each sample's own columns, 0 on padding."""
+    cols = torch.arange(W, device=widths.device)
+    return (cols[None, :] < widths[:, None]).to(torch.float32)[:, None, None, :]
+
+
+class CRNN(nn.Module):
+    def __init__(self, config: CRNNConfig):
+        super().__init__()
+        self.config = config
+        c1, c2 = config.channels
+        self.convs = nn.ModuleList([
+            _conv_bn_relu(config.in_channels, c1), _conv_bn_relu(c1, c1),
+            _conv_bn_relu(c1, c2), _conv_bn_relu(c2, c2),
+        ])
+        self.project = nn.Linear(c2 * (config.height // 4), config.hidden_dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.rnn = nn.GRU(config.hidden_dim, config.hidden_dim, num_layers=2, bidirectional=True,
+                          dropout=config.dropout)
+        self.classifier = nn.Linear(2 * config.hidden_dim, config.num_classes)
+
+    def output_lengths(self, widths: Tensor) -> Tensor:
+        """Frames per sample: each 2x2 max-pool halves (floors) the width."""
+        return widths // 4
+
+    def forward(self, images: Tensor, widths: Tensor) -> Tuple[Tensor, Tensor]:
+        # images (N, C_in, H, W) in [0, 1], right-padded; widths (N,) int64
+        x = (images - 0.5) * column_mask(widths, images.shape[-1]).to(images.dtype)
+        w = widths
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
+            if i % 2 == 1:  # end of a block: pool, and the widths halve (floor)
+                x = F.max_pool2d(x, 2)
+                w = w // 2
+            # Zero the padding columns, so the next conv sees what a lone image's
+            # zero padding gives. (Before a pool this is not needed: the columns it
+            # would clean only reach pooled columns that are masked after it.)
+            x = x * column_mask(w, x.shape[-1]).to(x.dtype)
+        N, C, H, T = x.shape
+        x = x.permute(3, 0, 1, 2).reshape(T, N, C * H)        # width is the sequence axis
+        x = self.dropout(F.relu(self.project(x.float())))     # (T, N, hidden), GRU in float32
+        lengths = w.clamp(min=1)
+        if bool((lengths == T).all()):
+            x, _ = self.rnn(x)
+        else:
+            packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
+            x, _ = nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0], total_length=T)
+        return self.classifier(self.dropout(x)).log_softmax(-1), w  # (T, N, K), (N,)
