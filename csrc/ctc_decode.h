@@ -46,37 +46,61 @@ CF_HD bool bad_value(float v) { return v != v || v == INFINITY; }
 
 CF_HD float log_add(float a, float b) {
   if (a < b) { float tmp = a; a = b; b = tmp; }
-  if (b == kNegInf) return a;  // also covers a == b == -inf
+  // exp(-24) is below float32 resolution relative to a's magnitude in practice;
+  // the shortcut also covers b == -inf (and a == b == -inf).
+  if (b - a < -24.f || b == kNegInf) return a;
   return a + log1pf(expf(b - a));
 }
 
 // ---------------------------------------------------------------------------
 // Greedy (best path): argmax per frame, merge repeats, drop blanks.
-// Ties go to the lowest class index, as torch.argmax does.
-// Writes up to `length` tokens, returns their count through *out_len and the
-// best path's log-probability through *score.
+// Ties go to the lowest class index, as torch.argmax does. A kernel may step
+// sequences frame by frame in any interleaving (greedy_step), or decode one
+// whole sequence (greedy_decode_one).
+
+// Argmax of frame t; sets *bad on NaN/+inf. Two branch-free passes (max, then
+// first index of it) vectorise better than one pass with a running index.
+template <typename scalar_t>
+CF_HD int64_t frame_argmax(const Frames<scalar_t>& f, int64_t t, int64_t C, float* best_v, bool* bad) {
+  float m = f.at(t, 0);
+  bool b = false;
+  for (int64_t c = 0; c < C; ++c) {
+    const float v = f.at(t, c);
+    b |= bad_value(v);
+    m = v > m ? v : m;
+  }
+  int64_t i = 0;
+  while (i < C - 1 && f.at(t, i) != m) ++i;
+  *best_v = m;
+  *bad = *bad || b;
+  return i;
+}
+
+struct GreedyState {
+  int32_t len = 0;       // tokens written
+  int64_t prev = -1;     // previous frame's class (-1: none yet)
+  float score = 0.f;     // best path log-prob
+};
+
+CF_HD void greedy_step(GreedyState& s, int64_t best, float best_v, int64_t blank, int32_t* tokens) {
+  s.score += best_v;
+  if (best != blank && best != s.prev) tokens[s.len++] = static_cast<int32_t>(best);
+  s.prev = best;
+}
+
 template <typename scalar_t>
 CF_HD Status greedy_decode_one(const Frames<scalar_t>& f, int64_t length, int64_t C, int64_t blank,
                                int32_t* tokens, int32_t* out_len, float* score) {
-  int32_t n = 0;
-  int64_t prev = blank;
-  float total = 0.f;
+  GreedyState s;
+  bool bad = false;
   for (int64_t t = 0; t < length; ++t) {
-    int64_t best = 0;
-    float best_v = f.at(t, 0);
-    if (bad_value(best_v)) return kBadValue;
-    for (int64_t c = 1; c < C; ++c) {
-      const float v = f.at(t, c);
-      if (bad_value(v)) return kBadValue;
-      if (v > best_v) { best_v = v; best = c; }
-    }
-    total += best_v;
-    if (best != blank && best != prev) tokens[n++] = static_cast<int32_t>(best);
-    prev = best;
+    float v;
+    const int64_t best = frame_argmax(f, t, C, &v, &bad);
+    greedy_step(s, best, v, blank, tokens);
   }
-  *out_len = n;
-  *score = total;
-  return kOk;
+  *out_len = s.len;
+  *score = s.score;
+  return bad ? kBadValue : kOk;
 }
 
 // ---------------------------------------------------------------------------
@@ -130,6 +154,7 @@ struct BeamWorkspace {
   int32_t* beam_node;     // [K]
   float* beam_pb;         // [K]
   float* beam_pnb;        // [K]
+  float* beam_total;      // [K] pb + pnb at the start of the frame
   int32_t* beam_parent;   // [K] beam index of the node's parent in the same beam, else -1
   int32_t* child_head;    // [K] first beam whose parent is this beam, else -1
   int32_t* child_next;    // [K] next sibling in that list
@@ -165,7 +190,7 @@ CF_HD int64_t beam_workspace_bytes(int64_t T, int64_t C, int64_t K) {
   int64_t b = 0;
   b += 4 * align16(nodes * 4);
   b += align16(table * 4);
-  b += 13 * align16(K * 4);
+  b += 14 * align16(K * 4);
   b += 3 * align16(K * C * 4);
   b += 2 * align16(C * 4) + 2 * align16(C);
   return b;
@@ -185,6 +210,7 @@ CF_HD BeamWorkspace carve_beam_workspace(char* base, int64_t T, int64_t C, int64
   w.beam_node = reinterpret_cast<int32_t*>(take(K * 4));
   w.beam_pb = reinterpret_cast<float*>(take(K * 4));
   w.beam_pnb = reinterpret_cast<float*>(take(K * 4));
+  w.beam_total = reinterpret_cast<float*>(take(K * 4));
   w.beam_parent = reinterpret_cast<int32_t*>(take(K * 4));
   w.child_head = reinterpret_cast<int32_t*>(take(K * 4));
   w.child_next = reinterpret_cast<int32_t*>(take(K * 4));
@@ -280,11 +306,18 @@ CF_HD Status beam_search_one(const Frames<scalar_t>& f, int64_t length, int64_t 
       if (c == blank || (o.allowed != nullptr && !o.allowed[c * o.allowed_stride])) continue;
       if (v > best_v || best < 0) { best_v = v; best = c; }
       if (v >= o.token_min_logp && v > kNegInf) {
-        w.frame_tokens[nf] = static_cast<int32_t>(c);
-        w.frame_logp[nf++] = v;
+        // Insertion keeps frame tokens sorted by log-prob, descending; equal
+        // values stay in class order, so tie-breaking is that of class order.
+        int32_t i = nf++;
+        for (; i > 0 && v > w.frame_logp[i - 1]; --i) {
+          w.frame_tokens[i] = w.frame_tokens[i - 1];
+          w.frame_logp[i] = w.frame_logp[i - 1];
+        }
+        w.frame_tokens[i] = static_cast<int32_t>(c);
+        w.frame_logp[i] = v;
       }
     }
-    if (best >= 0 && best_v > kNegInf && best_v < o.token_min_logp) {  // the best always extends
+    if (best >= 0 && best_v > kNegInf && best_v < o.token_min_logp) {  // the best always extends (alone: nothing passed)
       w.frame_tokens[nf] = static_cast<int32_t>(best);
       w.frame_logp[nf++] = best_v;
     }
@@ -304,7 +337,8 @@ CF_HD Status beam_search_one(const Frames<scalar_t>& f, int64_t length, int64_t 
     //     plus the extension of their parent beam that lands on them.
     for (int32_t b = 0; b < num_beams; ++b) {
       const int32_t last = w.node_token[w.beam_node[b]];
-      w.next_pb[b] = log_add(w.beam_pb[b], w.beam_pnb[b]) + lp_blank;
+      w.beam_total[b] = log_add(w.beam_pb[b], w.beam_pnb[b]);
+      w.next_pb[b] = w.beam_total[b] + lp_blank;
       w.next_pnb[b] = last >= 0 ? w.beam_pnb[b] + f.at(t, last) : kNegInf;
     }
     for (int32_t b = 0; b < num_beams; ++b) {
@@ -313,7 +347,7 @@ CF_HD Status beam_search_one(const Frames<scalar_t>& f, int64_t length, int64_t 
       if (p < 0 || !w.frame_has[c]) continue;
       const float lp = f.at(t, c);
       const bool repeat = w.node_token[w.beam_node[p]] == c;
-      const float ext = (repeat ? w.beam_pb[p] : log_add(w.beam_pb[p], w.beam_pnb[p])) + lp;
+      const float ext = (repeat ? w.beam_pb[p] : w.beam_total[p]) + lp;
       w.next_pnb[b] = log_add(w.next_pnb[b], ext);
     }
 
@@ -329,19 +363,23 @@ CF_HD Status beam_search_one(const Frames<scalar_t>& f, int64_t length, int64_t 
       const int32_t p = w.beam_parent[j];
       if (p >= 0) { w.child_next[j] = w.child_head[p]; w.child_head[p] = j; }
     }
+    // Beams are sorted by beam_total (descending) and frame tokens by log-prob,
+    // and a candidate scores at most beam_total + its log-prob: once that
+    // bound cannot beat the K-th best, no later token or beam can either.
     int32_t nc = 0;
-    for (int32_t b = 0; b < num_beams; ++b) {
+    for (int32_t b = 0; b < num_beams && nf > 0; ++b) {
+      if (count == K && !(w.beam_total[b] + w.frame_logp[0] > w.top_score[K - 1])) break;
       const int32_t node = w.beam_node[b];
       const int32_t len = w.node_len[node];
       if ((o.max_len >= 0 && len >= o.max_len) || len + 1 + frames_left < o.min_len) continue;
       // prefix + c that is already a beam was credited in 2b: not a candidate.
       for (int32_t j = w.child_head[b]; j >= 0; j = w.child_next[j]) w.child_mark[w.node_token[w.beam_node[j]]] = true;
       const int32_t last = w.node_token[node];
-      const float p_any = log_add(w.beam_pb[b], w.beam_pnb[b]);
       for (int32_t i = 0; i < nf; ++i) {
+        if (count == K && !(w.beam_total[b] + w.frame_logp[i] > w.top_score[K - 1])) break;
         const int32_t c = w.frame_tokens[i];
         if (w.child_mark[c]) continue;
-        const float s = (c == last ? w.beam_pb[b] : p_any) + w.frame_logp[i];
+        const float s = (c == last ? w.beam_pb[b] : w.beam_total[b]) + w.frame_logp[i];
         if (s == kNegInf || (count == K && !(s > w.top_score[K - 1]))) continue;  // cannot enter
         w.cand_beam[nc] = b;
         w.cand_token[nc] = c;

@@ -47,10 +47,33 @@ Decoded greedy_cpu(const at::Tensor& log_probs, const at::Tensor& input_lengths,
     int32_t* tok = tokens.mutable_data_ptr<int32_t>();
     int32_t* out_len = lengths.mutable_data_ptr<int32_t>();
     float* out_score = scores.mutable_data_ptr<float>();
+    const int64_t max_len = lens.max().item<int64_t>();
     at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+      if (sn >= st) {  // each sequence is contiguous in memory: one at a time
+        for (int64_t n = begin; n < end; ++n) {
+          const Frames<scalar_t> f{data + n * sn, st, sc};
+          if (greedy_decode_one(f, len[n], C, blank, tok + n * T, out_len + n, out_score + n) != kOk) bad.report(n);
+        }
+        return;
+      }
+      // (T, N, C) layout: step all sequences frame by frame, reading memory in order.
+      std::vector<GreedyState> state(end - begin);
+      std::vector<char> flagged(end - begin, 0);
+      for (int64_t t = 0; t < max_len; ++t) {
+        for (int64_t n = begin; n < end; ++n) {
+          if (t >= len[n]) continue;
+          const Frames<scalar_t> f{data + n * sn, st, sc};
+          float v;
+          bool b = false;
+          const int64_t best = frame_argmax(f, t, C, &v, &b);
+          flagged[n - begin] |= b;
+          greedy_step(state[n - begin], best, v, blank, tok + n * T);
+        }
+      }
       for (int64_t n = begin; n < end; ++n) {
-        const Frames<scalar_t> f{data + n * sn, st, sc};
-        if (greedy_decode_one(f, len[n], C, blank, tok + n * T, out_len + n, out_score + n) != kOk) bad.report(n);
+        out_len[n] = state[n - begin].len;
+        out_score[n] = state[n - begin].score;
+        if (flagged[n - begin]) bad.report(n);
       }
     });
   });
