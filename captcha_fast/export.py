@@ -21,7 +21,7 @@ from captcha_fast.model import CRNN, CRNNConfig
 from captcha_fast.recognizer import RECOGNIZER_FORMAT, Recognizer, build_recognizer, collate
 
 # Attributes and methods that torch.jit.freeze must keep.
-_PRESERVED = ["recognize", "preprocess", "logits", "decode", "strings", "config_json", "charset", "height",
+_PRESERVED = ["recognize", "preprocess", "logits", "decode", "config_json", "charset", "height",
               "in_channels", "decoder", "beam_width", "format"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -109,3 +109,71 @@ def fold_batchnorm(model: CRNN) -> CRNN:
             block[0] = fuse_conv_bn_eval(block[0], block[1])
             block[1] = nn.Identity()
     return fused
+
+
+def max_pool_2x2(x: Tensor) -> Tensor:
+    """F.max_pool2d(x, 2) (floor mode) as three elementwise maxima of strided views:
+    the same values, ~8x faster than the CPU pooling kernel on channels-last input."""
+    H, W = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
+    x = x[:, :, :H, :W]
+    return torch.maximum(torch.maximum(x[:, :, 0::2, 0::2], x[:, :, 0::2, 1::2]),
+                         torch.maximum(x[:, :, 1::2, 0::2], x[:, :, 1::2, 1::2]))
+
+
+class InferenceCRNN(nn.Module):
+    """A CRNN prepared for fast inference, with the same forward contract
+    (images (N, C_in, H, W), widths (N,)) -> (log_probs (T, N, K) float32, lengths (N,)):
+
+    - batch norms folded into the convs (no BN passes);
+    - channels-last activations (oneDNN's native layout) and a 2x2 max-pool made of maxima;
+    - the conv stack runs `chunk` images at a time, so each activation stays in cache;
+    - the column masks are skipped when no sample is padded (they would multiply by 1).
+
+    The convs run in their weights' dtype (cast them for bf16/fp16); projection, GRU,
+    classifier and log-softmax run in float32."""
+
+    def __init__(self, model: CRNN, chunk: int = 8):
+        super().__init__()
+        fused = fold_batchnorm(model)
+        self.config = fused.config
+        self.convs = nn.ModuleList([block[0] for block in fused.convs])  # convs with folded BN bias
+        self.project, self.rnn, self.classifier = fused.project, fused.rnn, fused.classifier
+        self.chunk = chunk
+
+    def features(self, images: Tensor, widths: Tensor, full: bool) -> Tuple[Tensor, Tensor]:
+        """(n, C_in, H, W) -> (n, C, H / 4, W / 4) conv features (channels-last), widths / 4."""
+        x = images - 0.5
+        if not full:
+            x = x * column_mask(widths, x.shape[-1]).to(x.dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        w = widths
+        for i, conv in enumerate(self.convs):
+            x = F.relu(conv(x), inplace=True)
+            if i % 2 == 1:
+                x = max_pool_2x2(x)
+                w = w // 2
+            if not full:
+                x = x * column_mask(w, x.shape[-1]).to(x.dtype)
+        return x, w
+
+    def forward(self, images: Tensor, widths: Tensor) -> Tuple[Tensor, Tensor]:
+        # images (N, C_in, H, W) in [0, 1], right-padded; widths (N,) int64
+        N, W = images.shape[0], images.shape[-1]
+        full = bool((widths >= W).all())  # no padding anywhere: masks are all ones
+        if N <= self.chunk or images.is_cuda:  # GPUs want big kernels, not cache-sized chunks
+            x, w = self.features(images, widths, full)
+        else:
+            parts = [self.features(images[i: i + self.chunk], widths[i: i + self.chunk], full)
+                     for i in range(0, N, self.chunk)]
+            x = torch.cat([p[0] for p in parts])
+            w = torch.cat([p[1] for p in parts])
+        N, C, H, T = x.shape
+        x = x.permute(3, 0, 1, 2).reshape(T, N, C * H)        # width is the sequence axis
+        x = F.relu(self.project(x.float()))                   # (T, N, hidden), GRU in float32
+        lengths = w.clamp(min=1)
+        if bool((lengths == T).all()):
+            x, _ = self.rnn(x)
+        else:
+            packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
+            x, _ = nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0], total_length=T)
+        return self.classifier(x).log_softmax(-1), w  # (T, N, K), (N,)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from captcha_fast import ops  # noqa: F401  (registers torch.ops.captcha_fast.*)
-from captcha_fast.model import CRNN, fold_batchnorm
+from captcha_fast.model import CRNN, InferenceCRNN
 
 try:
     from captcha_fast.decode import Hypothesis
@@ -108,8 +108,10 @@ class Recognizer(nn.Module):
     (List[str], symbol i is class i + 1), decoder ("greedy" or "beam") and beam_width
     (used by forward), format (RECOGNIZER_FORMAT)."""
 
-    def __init__(self, model: CRNN, decoder: str = "beam", beam_width: int = 10):
+    def __init__(self, model: CRNN | InferenceCRNN, decoder: str = "beam", beam_width: int = 10):
         super().__init__()
+        if not isinstance(model, InferenceCRNN):
+            model = InferenceCRNN(model)  # a copy: batch norms folded, eval mode
         if decoder not in ("greedy", "beam"):
             raise ValueError(f"decoder must be 'greedy' or 'beam', got {decoder!r}")
         if beam_width < 1:
@@ -147,42 +149,49 @@ class Recognizer(nn.Module):
     def logits(self, batch: Tensor, widths: Tensor) -> Tuple[Tensor, Tensor]:
         """(N, C, H, W) float batch, widths (N,) -> log-probs (T, N, K) float32, frame counts (N,).
         The convolutions run in the dtype of the conv weights."""
-        return self.model(batch.to(self.model.convs[0][0].weight.dtype), widths)
+        return self.model(batch.to(self.model.convs[0].weight.dtype), widths)
 
     @torch.jit.export
     def decode(self, log_probs: Tensor, lengths: Tensor, decoder: str, beam_width: int, top_k: int) -> Tuple[List[List[str]], Tensor]:
-        """(T, N, K) log-probs -> top_k strings per sample and scores (N, top_k) float32;
-        a missing hypothesis (fewer than top_k exist) is "" with score -inf."""
-        if decoder == "greedy":
-            if top_k != 1:
-                raise ValueError("the greedy decoder gives one hypothesis: top_k must be 1, got " + str(top_k))
-            tokens, token_lengths, scores = torch.ops.captcha_fast.ctc_greedy_decode(log_probs, lengths, 0)
-            tokens, token_lengths, scores = tokens.unsqueeze(1), token_lengths.unsqueeze(1), scores.unsqueeze(1)
-        elif decoder == "beam":
-            tokens, token_lengths, scores = torch.ops.captcha_fast.ctc_beam_search(
-                log_probs, lengths, beam_width, top_k, 0, None, None, 0, -1, None)
-        else:
-            raise ValueError("decoder must be 'greedy' or 'beam', got '" + decoder + "'")
-        return self.strings(tokens, token_lengths), scores.cpu()
+        """(T, N, K) log-probs -> top_k strings per sample and scores (N, top_k) float32."""
+        return decode_log_probs(log_probs, lengths, self.charset, decoder, beam_width, top_k)
 
-    @torch.jit.export
-    def strings(self, tokens: Tensor, token_lengths: Tensor) -> List[List[str]]:
-        """tokens (N, k, L) int, padded; token_lengths (N, k) -> the strings, via the charset."""
-        rows: List[List[List[int]]] = tokens.cpu().long().tolist()
-        lens: List[List[int]] = token_lengths.cpu().long().tolist()
-        out: List[List[str]] = []
-        for n in range(len(rows)):
-            hyps: List[str] = []
-            for k in range(len(rows[n])):
-                hyps.append("".join([self.charset[c - 1] for c in rows[n][k][: lens[n][k]]]))
-            out.append(hyps)
-        return out
+
+def decode_log_probs(log_probs: Tensor, lengths: Tensor, charset: List[str], decoder: str, beam_width: int,
+                     top_k: int) -> Tuple[List[List[str]], Tensor]:
+    """(T, N, K) log-probs, frame counts (N,) -> top_k strings per sample (best first) and their
+    scores (N, top_k) float32 on the CPU; a missing hypothesis (fewer than top_k exist) is ""
+    with score -inf. decoder: "greedy" (top_k must be 1) or "beam" (prefix beam search)."""
+    if decoder == "greedy":
+        if top_k != 1:
+            raise ValueError("the greedy decoder gives one hypothesis: top_k must be 1, got " + str(top_k))
+        tokens, token_lengths, scores = torch.ops.captcha_fast.ctc_greedy_decode(log_probs, lengths, 0)
+        tokens, token_lengths, scores = tokens.unsqueeze(1), token_lengths.unsqueeze(1), scores.unsqueeze(1)
+    elif decoder == "beam":
+        tokens, token_lengths, scores = torch.ops.captcha_fast.ctc_beam_search(
+            log_probs, lengths, beam_width, top_k, 0, None, None, 0, -1, None)
+    else:
+        raise ValueError("decoder must be 'greedy' or 'beam', got '" + decoder + "'")
+    return tokens_to_strings(tokens, token_lengths, charset), scores.cpu()
+
+
+def tokens_to_strings(tokens: Tensor, token_lengths: Tensor, charset: List[str]) -> List[List[str]]:
+    """tokens (N, k, L) int, padded; token_lengths (N, k) -> the strings; class c is charset[c - 1]."""
+    rows: List[List[List[int]]] = tokens.cpu().long().tolist()
+    lens: List[List[int]] = token_lengths.cpu().long().tolist()
+    out: List[List[str]] = []
+    for n in range(len(rows)):
+        hyps: List[str] = []
+        for k in range(len(rows[n])):
+            hyps.append("".join([charset[c - 1] for c in rows[n][k][: lens[n][k]]]))
+        out.append(hyps)
+    return out
 
 
 def build_recognizer(model: CRNN, decoder: str = "beam", beam_width: int = 10,
                      dtype: torch.dtype = torch.float32) -> Recognizer:
     """An inference Recognizer from a (trained) CRNN: a copy in eval mode with the
     batch norms folded into the convs, convs cast to `dtype` (the model is not changed)."""
-    fused = fold_batchnorm(model)
-    fused.convs.to(dtype)
-    return Recognizer(fused, decoder=decoder, beam_width=beam_width).eval()
+    rec = Recognizer(InferenceCRNN(model), decoder=decoder, beam_width=beam_width).eval()
+    rec.model.convs.to(dtype)
+    return rec
