@@ -1,0 +1,17 @@
+"""`pytest` runs the tests (tests/); `pytest --benchmark` runs the benchmarks
+(benchmarks/, pytest-benchmark) instead."""
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent
+
+
+def pytest_addoption(parser):
+    parser.addoption("--benchmark", action="store_true", default=False,
+                     help="run the benchmarks in benchmarks/ instead of the tests")
+
+
+def pytest_configure(config):
+    if config.getoption("benchmark") and config.args_source == pytest.Config.ArgsSource.TESTPATHS:
+        config.args[:] = [str(ROOT / "benchmarks")]
