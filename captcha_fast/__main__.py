@@ -1,0 +1,5 @@
+import sys
+
+from captcha_fast.cli import main
+
+sys.exit(main())

@@ -1,0 +1,234 @@
+"""The `captcha-fast` command line (also `python -m captcha_fast`).
+
+Exit codes: 0 success, 1 failure (one line on stderr; --debug for the
+traceback), 2 usage error."""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def _parser_with_example(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=f"{help}\n\nexample:\n  {example}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+# ----------------------------------------------------------------------------- demo
+
+def _add_demo(p):
+    p.add_argument("-n", type=int, default=16, help="how many captchas to render (default 16)")
+    p.add_argument("--seed", type=int, default=None, help="render seed (default: a fresh one each run)")
+    p.add_argument("--model", default=None, help="recognizer file (default: the shipped pretrained model)")
+
+
+def _run_demo(args):
+    from captcha_fast import api
+    from captcha_fast.synth import SynthConfig, SyntheticCaptchas
+
+    if args.n < 1:
+        raise ValueError(f"-n must be at least 1, got {args.n}")
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    captchas = SyntheticCaptchas(SynthConfig(seed=seed), args.n)
+    images, truths = zip(*captchas)
+    model = api.load(args.model) if args.model else api.default_model()
+    api.predict_batch(list(images[:2]), model)  # warm-up: first-call setup is not throughput
+    t0 = time.perf_counter()
+    reads = api.predict_batch(list(images), model)
+    seconds = time.perf_counter() - t0
+    print(f"{'truth':<10} {'read':<10}")
+    for truth, read in zip(truths, reads):
+        print(f"{truth:<10} {read:<10} {'ok' if read == truth else 'WRONG'}")
+    right = sum(t == r for t, r in zip(truths, reads))
+    print(f"\n{right}/{len(truths)} read right ({right / len(truths):.0%}), "
+          f"{len(truths) / seconds:.0f} images/s (render seed {seed}, model: {args.model or 'shipped'})")
+
+
+# -------------------------------------------------------------------------- predict
+
+def expand_paths(patterns: List[str]) -> List[Path]:
+    """Files, folders (their images, sorted) and globs, in the order given."""
+    paths: List[Path] = []
+    for pattern in patterns:
+        p = Path(pattern)
+        if p.is_dir():
+            paths += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.exists():
+            paths.append(p)
+        else:
+            matches = sorted(glob.glob(pattern, recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"no such file, folder or glob match: {pattern}")
+            paths += [Path(m) for m in matches if Path(m).is_file()]
+    if not paths:
+        raise FileNotFoundError(f"no images found in {' '.join(patterns)}")
+    return paths
+
+
+def _add_predict(p):
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or globs")
+    p.add_argument("--model", default=None, help="recognizer file (.pt or .pt2; default: the shipped model)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--beam", type=int, default=10, metavar="WIDTH", help="beam width (default 10)")
+    how.add_argument("--greedy", action="store_true", help="greedy (best path) decoding instead of beam search")
+    p.add_argument("--top-k", type=int, default=1, help="hypotheses per image (beam search; default 1)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line instead of path<TAB>text<TAB>score")
+
+
+def _run_predict(args):
+    from tqdm import tqdm
+
+    from captcha_fast import api
+
+    if args.top_k < 1 or (not args.greedy and args.top_k > args.beam):
+        raise ValueError(f"--top-k must be in [1, --beam], got {args.top_k} with --beam {args.beam}")
+    if args.greedy and args.top_k != 1:
+        raise ValueError("--top-k needs beam search: drop --greedy")
+    paths = expand_paths(args.paths)
+    model = api.load(args.model, device=args.device) if args.model else api.default_model(device=args.device)
+    bar = tqdm(total=len(paths), unit="img", disable=len(paths) < 2 * args.batch_size, file=sys.stderr)
+    for start in range(0, len(paths), args.batch_size):
+        chunk = paths[start:start + args.batch_size]
+        hyps = api.predict_batch([str(p) for p in chunk], model, decoder="greedy" if args.greedy else "beam",
+                                 beam_width=args.beam, top_k=args.top_k, device=args.device,
+                                 batch_size=args.batch_size, return_scores=True)
+        for path, hs in zip(chunk, hyps):
+            if args.json:
+                print(json.dumps({"path": str(path), "text": hs[0].text, "score": hs[0].score,
+                                  "hypotheses": [{"text": h.text, "score": h.score} for h in hs]}))
+            else:
+                print("\t".join([str(path)] + [f"{h.text}\t{h.score:.4f}" for h in hs]))
+        bar.update(len(chunk))
+    bar.close()
+
+
+# --------------------------------------------------------------------------- export
+
+def _add_export(p):
+    p.add_argument("checkpoint", help="a training checkpoint (RUN_DIR/checkpoint.pt)")
+    p.add_argument("--out", required=True, help="where to write the TorchScript recognizer (model.pt)")
+    p.add_argument("--greedy", action="store_true", help="make greedy decoding the default (else beam search)")
+    p.add_argument("--beam", type=int, default=10, help="default beam width (default 10)")
+
+
+def _run_export(args):
+    from captcha_fast.export import save_recognizer
+    from captcha_fast.train import load_model
+
+    model = load_model(args.checkpoint)
+    out = save_recognizer(model, args.out, decoder="greedy" if args.greedy else "beam", beam_width=args.beam)
+    print(f"wrote {out}")
+
+
+# ---------------------------------------------------------------------------- bench
+
+def _add_bench(p):
+    p.add_argument("-n", type=int, default=1024, help="sequences to decode (default 1024)")
+    p.add_argument("--beam", type=int, default=10, help="beam width (default 10)")
+    p.add_argument("--batch", type=int, default=64, help="images per predict call (default 64)")
+
+
+def _run_bench(args):
+    import torch
+
+    from captcha_fast import bench
+
+    print(f"decoding {args.n} sequences, T=50, C=37, model-like log-probs, {torch.get_num_threads()} threads")
+    print(f"{'decoder':<44} {'seq/s':>12} {'vs baseline':>12}")
+    for name, rate, ratio in bench.decode_table(N=args.n, beam_width=args.beam):
+        print(f"{name:<44} {rate:>12,.0f} {ratio:>11.1f}x")
+    print(f"\npredicting {args.batch} images of 50x200 (shipped model)")
+    print(f"{'pipeline':<44} {'images/s':>12} {'vs baseline':>12}")
+    for name, rate, ratio in bench.predict_table(batch=args.batch):
+        print(f"{name:<44} {rate:>12,.0f} {ratio:>11.1f}x")
+
+
+# ----------------------------------------------------------------------------- info
+
+def _run_info(args):
+    import platform
+
+    import torch
+
+    import captcha_fast
+
+    print(f"captcha_fast {captcha_fast.__version__} ({Path(captcha_fast.__file__).parent})")
+    print(f"torch {torch.__version__}, python {platform.python_version()}, {platform.machine()}")
+    print(f"compiled library: {captcha_fast.LIBRARY_PATH}")
+    print(f"CUDA kernels built: {'yes' if captcha_fast.CUDA_KERNELS else 'no'}")
+    print(f"CPU threads: {torch.get_num_threads()} ({torch.__config__.parallel_info().splitlines()[-1].strip()})")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            print(f"cuda:{i}: {torch.cuda.get_device_name(i)}")
+    else:
+        print("CUDA devices: none")
+    from captcha_fast import api
+    print(f"shipped model: {api.DEFAULT_MODEL} ({'present' if api.DEFAULT_MODEL.exists() else 'MISSING'})")
+
+
+# ----------------------------------------------------------------------------- main
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="captcha-fast", description="Read captchas and short text lines, fast.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _parser_with_example(sub, "demo", "render fresh captchas and read them with the shipped model",
+                             "captcha-fast demo -n 32")
+    _add_demo(p)
+    p.set_defaults(run=_run_demo)
+    p = _parser_with_example(sub, "predict", "read images: one line per image, path<TAB>text<TAB>score",
+                             "captcha-fast predict --model runs/v2/model.pt captchas/ 'more/*.png' --top-k 3")
+    _add_predict(p)
+    p.set_defaults(run=_run_predict)
+
+    from captcha_fast import evaluate, train
+    p = _parser_with_example(sub, "train", "train a recognizer on a folder of images named by their labels",
+                             "captcha-fast train ../shared/data/captcha_images_v2 --out runs/v2")
+    train.add_arguments(p)
+    p.set_defaults(run=train.run)
+    p = _parser_with_example(sub, "eval", "accuracy, character error rate and confusions of a model on labelled images",
+                             "captcha-fast eval runs/v2/model.pt ../shared/data/captcha_images_v2 --json")
+    evaluate.add_arguments(p)
+    p.set_defaults(run=evaluate.run)
+
+    p = _parser_with_example(sub, "export", "write a TorchScript recognizer from a training checkpoint",
+                             "captcha-fast export runs/v2/checkpoint.pt --out model.pt")
+    _add_export(p)
+    p.set_defaults(run=_run_export)
+    p = _parser_with_example(sub, "bench", "decode and predict throughput on this machine", "captcha-fast bench -n 1024")
+    _add_bench(p)
+    p.set_defaults(run=_run_bench)
+    p = _parser_with_example(sub, "info", "versions, compiled kernels, threads and devices", "captcha-fast info")
+    p.set_defaults(run=_run_info)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # usage errors exit 2
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        print("captcha-fast: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one clear line for users, the traceback with --debug
+        if args.debug:
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"captcha-fast {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
