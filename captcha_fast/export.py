@@ -15,14 +15,18 @@ from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
+from torch._higher_order_ops.scan import scan
 
-from captcha_fast.model import CRNN, CRNNConfig
-from captcha_fast.recognizer import RECOGNIZER_FORMAT, Recognizer, build_recognizer, collate
+from captcha_fast.model import CRNN, CRNNConfig, InferenceCRNN, column_mask, max_pool_2x2
+from captcha_fast.recognizer import RECOGNIZER_FORMAT, Recognizer, build_recognizer, collate, decode_log_probs
 
 # Attributes and methods that torch.jit.freeze must keep.
 _PRESERVED = ["recognize", "preprocess", "logits", "decode", "config_json", "charset", "height",
-              "in_channels", "decoder", "beam_width", "format"]
+              "in_channels", "decoder", "beam_width", "token_min_logp",
+              "blank_skip_threshold", "format"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -30,7 +34,7 @@ def _atomic_write(path: Path, write) -> Path:
     """write(tmp_path) then os.replace, so a reader never sees a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp", suffix=path.suffix, dir=path.parent)  # .pt2 wants its suffix
     os.close(fd)
     try:
         write(tmp)
@@ -111,3 +115,180 @@ def load_recognizer(path: Union[str, os.PathLike], device: Union[None, str, torc
 def config_of(recognizer) -> CRNNConfig:
     """The CRNNConfig stored in a (scripted, frozen or eager) recognizer."""
     return CRNNConfig(**json.loads(recognizer.config_json))
+
+
+# ----------------------------------------------------------------------------- torch.export (.pt2)
+
+class _ExportableCRNN(nn.Module):
+    """The InferenceCRNN's computation without data-dependent control flow, for torch.export
+    with a dynamic width: masks always applied, no chunking, and the packed bidirectional GRU
+    written as one `scan` per layer over both directions, the backward one reading each sample
+    reversed within its own length (exact for every sample's frames, no packing). nn.GRU
+    itself cannot be exported with a dynamic sequence length (export unrolls it)."""
+
+    def __init__(self, model: InferenceCRNN):
+        super().__init__()
+        self.convs, self.project, self.classifier = model.convs, model.project, model.classifier
+        rnn = model.rnn
+        self.num_layers = rnn.num_layers
+        for layer in range(rnn.num_layers):
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                both = [getattr(rnn, f"{name}_l{layer}{sfx}").detach() for sfx in ("", "_reverse")]
+                self.register_buffer(f"{name}_{layer}", torch.stack(both))  # (2, 3H, in) / (2, 3H)
+
+    def gru_layer(self, x: Tensor, rev: Tensor, layer: int) -> Tensor:
+        """(T, N, F) -> (T, N, 2H): forward direction on x, backward on x reversed per sample."""
+        w_ih, w_hh = getattr(self, f"weight_ih_{layer}"), getattr(self, f"weight_hh_{layer}")
+        b_ih, b_hh = getattr(self, f"bias_ih_{layer}"), getattr(self, f"bias_hh_{layer}")
+        T, N, _ = x.shape
+        xr = x.gather(0, rev.expand(-1, -1, x.shape[2]))
+        gi = torch.stack([F.linear(x, w_ih[0], b_ih[0]), F.linear(xr, w_ih[1], b_ih[1])], 1)  # (T, 2, N, 3H)
+        h0 = x.new_zeros(2, N, w_hh.shape[2])
+
+        def step(h: Tensor, gi_t: Tensor):
+            gh = torch.baddbmm(b_hh[:, None], h, w_hh.transpose(1, 2))  # (2, N, 3H)
+            i_r, i_z, i_n = gi_t.chunk(3, -1)
+            h_r, h_z, h_n = gh.chunk(3, -1)
+            r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+            h = (1 - z) * torch.tanh(i_n + r * h_n) + z * h
+            return h, h.clone()
+
+        _, hs = scan(step, h0, gi)  # (T, 2, N, H)
+        b = hs[:, 1].gather(0, rev.expand(-1, -1, hs.shape[3]))
+        return torch.cat([hs[:, 0], b], -1)
+
+    def forward(self, images: Tensor, widths: Tensor) -> Tuple[Tensor, Tensor]:
+        x = (images - 0.5) * column_mask(widths, images.shape[-1]).to(images.dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        w = widths
+        for i, conv in enumerate(self.convs):
+            x = F.relu(conv(x))
+            if i % 2 == 1:
+                x = max_pool_2x2(x)
+                w = w // 2
+            x = x * column_mask(w, x.shape[-1]).to(x.dtype)
+        N, C, H, T = x.shape
+        x = x.permute(3, 0, 1, 2).reshape(T, N, C * H)
+        x = F.relu(self.project(x.float()))                   # (T, N, hidden)
+        lengths = w.clamp(min=1)
+        t = torch.arange(T, device=x.device)[:, None]         # (T, 1)
+        rev = torch.where(t < lengths[None], lengths[None] - 1 - t, t)[..., None]  # (T, N, 1)
+        for layer in range(self.num_layers):
+            x = self.gru_layer(x, rev, layer)
+        return self.classifier(x).log_softmax(-1), w
+
+
+class ExportedRecognizer:
+    """A torch.export program of the recognizer's CRNN (.pt2), with the same Python-side
+    interface as a scripted Recognizer: __call__/forward, recognize, preprocess, logits,
+    decode, config_json, charset. Preprocessing and decoding run the same TorchScript-able
+    functions, eagerly."""
+
+    def __init__(self, program, meta: dict):
+        self.program = program
+        self.module = program.module()
+        self.config_json: str = meta["config_json"]
+        cfg = json.loads(self.config_json)
+        self.charset: List[str] = list(cfg["charset"])
+        self.height: int = cfg["height"]
+        self.in_channels: int = cfg["in_channels"]
+        self.decoder: str = meta["decoder"]
+        self.beam_width: int = meta["beam_width"]
+        self.token_min_logp = meta["token_min_logp"]
+        self.blank_skip_threshold = meta["blank_skip_threshold"]
+        self.format: int = meta["format"]
+
+    def __call__(self, images: List[Tensor]) -> Tuple[List[str], Tensor]:
+        return self.forward(images)
+
+    def forward(self, images: List[Tensor]) -> Tuple[List[str], Tensor]:
+        texts, scores = self.recognize(images, self.decoder, self.beam_width, 1)
+        return [t[0] for t in texts], scores[:, 0]
+
+    def recognize(self, images: List[Tensor], decoder: str, beam_width: int, top_k: int) -> Tuple[List[List[str]], Tensor]:
+        with torch.no_grad():
+            batch, widths = self.preprocess(images)
+            log_probs, lengths = self.logits(batch, widths)
+            return self.decode(log_probs, lengths, decoder, beam_width, top_k)
+
+    def preprocess(self, images: List[Tensor]) -> Tuple[Tensor, Tensor]:
+        return collate(images, self.height, self.in_channels)
+
+    def logits(self, batch: Tensor, widths: Tensor) -> Tuple[Tensor, Tensor]:
+        # The program takes widths that are multiples of 4, at least 8, and batches of 2 or
+        # more (export specializes sizes 0 and 1): pad to that. Exact, as padding is masked
+        # and the decoder reads each sample's own frames only.
+        N, W = batch.shape[0], batch.shape[-1]
+        W_pad = max(8, (W + 3) // 4 * 4)
+        if W_pad != W:
+            batch = F.pad(batch, (0, W_pad - W))
+        if N == 1:
+            batch, widths = batch.expand(2, -1, -1, -1), widths.expand(2)
+        with torch.no_grad():
+            log_probs, lengths = self.module(batch.float().contiguous(), widths.contiguous())
+        return log_probs[:, :N], lengths[:N]
+
+    def decode(self, log_probs: Tensor, lengths: Tensor, decoder: str, beam_width: int, top_k: int) -> Tuple[List[List[str]], Tensor]:
+        return decode_log_probs(log_probs, lengths, self.charset, decoder, beam_width, top_k,
+                                self.token_min_logp, self.blank_skip_threshold)
+
+
+_PT2_META = "captcha_fast.json"
+
+
+def export_program(model: Union[CRNN, Recognizer], path: Union[str, os.PathLike], decoder: str = "beam",
+                   beam_width: int = 10) -> Path:
+    """torch.export the recognizer's CRNN (float32, CPU; dynamic batch and width) to a .pt2 file
+    holding the program plus the config, charset and decoder settings; `load_program` or
+    `captcha_fast.load` reads it back. Returns the path (written atomically)."""
+    rec = model if isinstance(model, Recognizer) else build_recognizer(model.cpu(), decoder=decoder, beam_width=beam_width)
+    rec = rec.cpu().eval()
+    net = _ExportableCRNN(rec.model).float().eval()
+    H = rec.height
+    example = (torch.rand(2, rec.in_channels, H, 64), torch.tensor([64, 40]))
+    batch, width = torch.export.Dim("batch", min=1, max=65536), torch.export.Dim("width4", min=1, max=16384)
+    with torch.no_grad():
+        program = torch.export.export(net, example, dynamic_shapes=({0: batch, 3: 4 * width}, {0: batch}))
+    meta = {"config_json": rec.config_json, "decoder": rec.decoder, "beam_width": rec.beam_width,
+            "token_min_logp": rec.token_min_logp, "blank_skip_threshold": rec.blank_skip_threshold,
+            "format": RECOGNIZER_FORMAT}
+    return _atomic_write(Path(path), lambda tmp: torch.export.save(program, tmp, extra_files={_PT2_META: json.dumps(meta)}))
+
+
+def load_program(path: Union[str, os.PathLike]) -> ExportedRecognizer:
+    """An ExportedRecognizer from a .pt2 file written by export_program."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"exported program file not found: {str(path)!r}")
+    extra = {_PT2_META: ""}
+    try:
+        program = torch.export.load(str(path), extra_files=extra)
+    except Exception as e:  # torch raises several types for a foreign file
+        raise _not_a_recognizer(path, f"torch.export.load failed: {type(e).__name__}: {str(e).strip()[:200]}") from e
+    if not extra[_PT2_META]:
+        raise _not_a_recognizer(path, "a torch.export program without captcha_fast metadata")
+    return ExportedRecognizer(program, json.loads(extra[_PT2_META]))
+
+
+def load(path: Union[str, os.PathLike], device: Union[None, str, torch.device] = None,
+         dtype: Union[None, str, torch.dtype] = None):
+    """A recognizer from a TorchScript file (.pt, see load_recognizer) or a torch.export
+    program (.pt2, see load_program; float32 on the CPU)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recognizer file not found: {str(path)!r}")
+    if _is_export_archive(path):
+        if device is not None and torch.device(device).type != "cpu":
+            raise ValueError(f"{str(path)!r} is a torch.export program, loaded on the CPU only; "
+                             f"use a TorchScript recognizer (.pt) for device {device}")
+        return load_program(path)
+    return load_recognizer(path, device=device, dtype=dtype)
+
+
+def _is_export_archive(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith(_PT2_META) or n.endswith("serialized_exported_program.json") or
+                       "/models/" in n and n.endswith(".json") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False

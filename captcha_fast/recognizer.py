@@ -16,7 +16,7 @@ low precision while the GRU, classifier, log-softmax and decoding stay float32
 from __future__ import annotations
 
 import json
-from typing import List, NamedTuple, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -26,13 +26,7 @@ from torch import Tensor
 from captcha_fast import ops  # noqa: F401  (registers torch.ops.captcha_fast.*)
 from captcha_fast.model import CRNN, InferenceCRNN
 
-try:
-    from captcha_fast.decode import Hypothesis
-except ImportError:  # decode.py not there yet
-    class Hypothesis(NamedTuple):
-        """One decoded hypothesis."""
-        text: str      # the decoded string
-        score: float   # its log-probability (greedy: best path; beam: prefix probability)
+from captcha_fast.decode import BLANK_SKIP_THRESHOLD, TOKEN_MIN_LOGP, Hypothesis  # noqa: F401
 
 RECOGNIZER_FORMAT = 1  # bumped when the saved module's interface changes
 MIN_WIDTH = 4          # two 2x2 pools: narrower images would give no frame
@@ -106,7 +100,7 @@ class Recognizer(nn.Module):
 
     Attributes (saved with the module): config_json (the CRNNConfig as JSON), charset
     (List[str], symbol i is class i + 1), decoder ("greedy" or "beam") and beam_width
-    (used by forward), format (RECOGNIZER_FORMAT)."""
+    (used by forward), token_min_logp/blank_skip_threshold (beam pruning), format (RECOGNIZER_FORMAT)."""
 
     def __init__(self, model: CRNN | InferenceCRNN, decoder: str = "beam", beam_width: int = 10):
         super().__init__()
@@ -123,6 +117,9 @@ class Recognizer(nn.Module):
         self.in_channels: int = model.config.in_channels
         self.decoder: str = decoder
         self.beam_width: int = beam_width
+        # beam-search pruning, as captcha_fast.decode.beam_search (None: exact search)
+        self.token_min_logp: Optional[float] = TOKEN_MIN_LOGP
+        self.blank_skip_threshold: Optional[float] = BLANK_SKIP_THRESHOLD
         self.format: int = RECOGNIZER_FORMAT
 
     def forward(self, images: List[Tensor]) -> Tuple[List[str], Tensor]:
@@ -154,14 +151,17 @@ class Recognizer(nn.Module):
     @torch.jit.export
     def decode(self, log_probs: Tensor, lengths: Tensor, decoder: str, beam_width: int, top_k: int) -> Tuple[List[List[str]], Tensor]:
         """(T, N, K) log-probs -> top_k strings per sample and scores (N, top_k) float32."""
-        return decode_log_probs(log_probs, lengths, self.charset, decoder, beam_width, top_k)
+        return decode_log_probs(log_probs, lengths, self.charset, decoder, beam_width, top_k,
+                                self.token_min_logp, self.blank_skip_threshold)
 
 
 def decode_log_probs(log_probs: Tensor, lengths: Tensor, charset: List[str], decoder: str, beam_width: int,
-                     top_k: int) -> Tuple[List[List[str]], Tensor]:
+                     top_k: int, token_min_logp: Optional[float] = TOKEN_MIN_LOGP,
+                     blank_skip_threshold: Optional[float] = BLANK_SKIP_THRESHOLD) -> Tuple[List[List[str]], Tensor]:
     """(T, N, K) log-probs, frame counts (N,) -> top_k strings per sample (best first) and their
     scores (N, top_k) float32 on the CPU; a missing hypothesis (fewer than top_k exist) is ""
-    with score -inf. decoder: "greedy" (top_k must be 1) or "beam" (prefix beam search)."""
+    with score -inf. decoder: "greedy" (top_k must be 1) or "beam" (prefix beam search, pruned as
+    captcha_fast.decode.beam_search; None for both pruning rules is the exact search)."""
     if decoder == "greedy":
         if top_k != 1:
             raise ValueError("the greedy decoder gives one hypothesis: top_k must be 1, got " + str(top_k))
@@ -169,7 +169,7 @@ def decode_log_probs(log_probs: Tensor, lengths: Tensor, charset: List[str], dec
         tokens, token_lengths, scores = tokens.unsqueeze(1), token_lengths.unsqueeze(1), scores.unsqueeze(1)
     elif decoder == "beam":
         tokens, token_lengths, scores = torch.ops.captcha_fast.ctc_beam_search(
-            log_probs, lengths, beam_width, top_k, 0, None, None, 0, -1, None)
+            log_probs, lengths, beam_width, top_k, 0, token_min_logp, blank_skip_threshold, 0, -1, None)
     else:
         raise ValueError("decoder must be 'greedy' or 'beam', got '" + decoder + "'")
     return tokens_to_strings(tokens, token_lengths, charset), scores.cpu()
