@@ -1,0 +1,105 @@
+"""The inference model: folded batch norms, InferenceCRNN and the exportable GRU agree with
+the training CRNN (eager, random weights), per sample in padded batches, scripted and in low
+precision."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from captcha_fast.model import CRNN, CRNNConfig, InferenceCRNN, fold_batchnorm, max_pool_2x2
+
+
+def _model(seed=0, **kw) -> CRNN:
+    torch.manual_seed(seed)
+    m = CRNN(CRNNConfig("0123456789abcdef", channels=(8, 16), hidden_dim=32, **kw))
+    for mod in m.modules():  # non-trivial batch-norm statistics, so folding is really tested
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.2, 0.2)
+    return m.eval()
+
+
+def _batch(widths, H=32, C=1, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(len(widths), C, H, max(widths))
+    for i, w in enumerate(widths):
+        x[i, :, :, :w] = torch.rand(C, H, w, generator=g)
+    return x, torch.tensor(widths)
+
+
+@torch.no_grad()
+def test_fold_batchnorm_same_outputs_and_original_untouched():
+    m = _model()
+    x, w = _batch([40, 64, 23])
+    want, wl = m(x, w)
+    fused = fold_batchnorm(m)
+    got, gl = fused(x, w)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(gl, wl)
+    assert isinstance(m.convs[0][1], torch.nn.BatchNorm2d) and isinstance(fused.convs[0][1], torch.nn.Identity)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 10), (1, 4, 7, 9), (3, 2, 5, 4)])
+def test_max_pool_2x2_equals_max_pool2d(shape):
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(max_pool_2x2(x), F.max_pool2d(x, 2))
+
+
+@pytest.mark.parametrize("chunk", [2, 64])
+@torch.no_grad()
+def test_inference_crnn_matches_crnn_per_sample(chunk):
+    """Mixed widths and chunking: each sample's frames equal the CRNN's on that sample alone."""
+    m = _model()
+    fast = InferenceCRNN(m, chunk=chunk).eval()
+    x, w = _batch([64, 37, 12, 64, 50])
+    got, gl = fast(x, w)
+    for n in range(len(w)):
+        alone, al = m(x[n:n + 1, :, :, : int(w[n])], w[n:n + 1])
+        T = int(al[0])
+        assert int(gl[n]) == T
+        torch.testing.assert_close(got[:T, n], alone[:T, 0], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_inference_crnn_scripts_and_matches_eager():
+    fast = InferenceCRNN(_model(), chunk=2).eval()
+    scripted = torch.jit.script(fast)
+    for widths in ([48, 48, 48], [48, 20, 33]):  # unpadded (no masks) and padded paths
+        x, w = _batch(widths)
+        want = fast(x, w)[0]
+        torch.testing.assert_close(scripted(x, w)[0], want, atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_exportable_gru_matches_packed_gru():
+    from captcha_fast.export import _ExportableCRNN
+
+    fast = InferenceCRNN(_model()).eval()
+    exp = _ExportableCRNN(fast).eval()
+    x, w = _batch([64, 30, 9])
+    want, wl = fast(x, w)
+    got, gl = exp(x, w)
+    assert torch.equal(gl, wl)
+    for n in range(len(w)):
+        T = int(wl[n])
+        torch.testing.assert_close(got[:T, n], want[:T, n], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_low_precision_convs_are_used_and_close(dtype):
+    m = _model()
+    fp32 = InferenceCRNN(m).eval()
+    low = InferenceCRNN(m).eval()
+    low.convs.to(dtype)
+    x, w = _batch([64, 40])
+    seen = []
+    hook = low.convs[1].register_forward_hook(lambda mod, inp, out: seen.append((inp[0].dtype, out.dtype)))
+    got, _ = low(x.to(dtype), w)
+    hook.remove()
+    want, _ = fp32(x, w)
+    assert seen and all(d == (dtype, dtype) for d in seen)  # the convs really ran in low precision
+    assert got.dtype == torch.float32                        # log-softmax in float32
+    assert not torch.equal(got, want)                        # ... and the result is really different
+    torch.testing.assert_close(got, want, atol=0.1, rtol=0)
