@@ -37,6 +37,21 @@ def resized_width(H: int, W: int, height: int) -> int:
     return max(4, int(W * height / H + 0.5))  # 4 = MIN_WIDTH (TorchScript can't read globals)
 
 
+def check_image(img: Tensor, i: int):
+    """ValueError naming images[i] unless it is H x W or C x H x W (C = 1, 3, 4), non-empty,
+    uint8 or floating point."""
+    name = "images[" + str(i) + "]"
+    if img.dim() != 2 and img.dim() != 3:
+        raise ValueError(name + ": an image must be H x W or C x H x W, got shape " + str(img.shape))
+    if img.dim() == 3 and img.shape[0] != 1 and img.shape[0] != 3 and img.shape[0] != 4:
+        raise ValueError(name + ": an image must have 1 (grey), 3 (RGB) or 4 (RGBA) channels first, got shape "
+                         + str(img.shape))
+    if img.shape[-1] == 0 or img.shape[-2] == 0:
+        raise ValueError(name + ": the image is empty, shape " + str(img.shape))
+    if img.dtype != torch.uint8 and not img.is_floating_point():
+        raise ValueError(name + ": an image must be uint8 or float in [0, 1], got " + str(img.dtype))
+
+
 def prepare_image(img: Tensor, height: int, in_channels: int) -> Tensor:
     """One (C, H, W) image (C = 1, 3 or 4; uint8, or float in [0, 1]) -> (in_channels, height, W')
     float32 in [0, 1], resized to `height` keeping the aspect ratio, W' >= MIN_WIDTH."""
@@ -77,7 +92,8 @@ def collate(images: List[Tensor], height: int, in_channels: int) -> Tuple[Tensor
         raise ValueError("no images: the list is empty")
     first = images[0]
     same = first.dim() == 3 and first.dtype == torch.uint8
-    for img in images:
+    for i, img in enumerate(images):
+        check_image(img, i)
         same = same and img.shape == first.shape and img.dtype == first.dtype and img.device == first.device
     if same:  # one batched resize instead of N small ones
         x = torch.stack(images).float() / 255.0

@@ -1,0 +1,197 @@
+"""The Recognizer module: preprocessing, eager == scripted == saved/loaded (also in a process
+with no captcha_fast Python code), mixed widths, low precision, and an independent reference
+(the training CRNN + the pure-Python greedy decoder)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import captcha_fast
+from captcha_fast import decode, export
+from captcha_fast.charset import Charset
+from captcha_fast.model import CRNN, CRNNConfig
+from captcha_fast.recognizer import Recognizer, build_recognizer, collate, prepare_image
+from captcha_fast.synth import render, sample_rng
+
+CHARSET = "0123456789abcdef"
+
+
+def peaky_model(seed=0, in_channels=1) -> CRNN:
+    """Random weights with a sharpened classifier: confident, non-trivial outputs, so small
+    numeric differences do not flip strings."""
+    torch.manual_seed(seed)
+    m = CRNN(CRNNConfig(CHARSET, channels=(8, 16), hidden_dim=32, in_channels=in_channels)).eval()
+    m.classifier.weight.data *= 8
+    return m
+
+
+def captchas(texts=("3a7f", "0b1", "c4d5e6"), seed=0):
+    """uint8 (3, 50, W) tensors of seeded captchas, widths differ."""
+    out = []
+    for i, t in enumerate(texts):
+        img = render(t, sample_rng(seed, i), height=50)
+        out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous())
+    return out
+
+
+@pytest.fixture(scope="module")
+def model():
+    return peaky_model()
+
+
+@pytest.fixture(scope="module")
+def saved(model, tmp_path_factory):
+    return export.save_recognizer(model, tmp_path_factory.mktemp("rec") / "model.pt", decoder="greedy")
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+def test_rgba_is_composited_on_white_and_grey_matches_pil():
+    rgba = torch.randint(0, 256, (4, 6, 9), dtype=torch.uint8)
+    rgba[3, :, :4] = 0  # fully transparent columns become white
+    x = prepare_image(rgba, 6, 1)
+    assert x.shape == (1, 6, 9)
+    assert torch.allclose(x[:, :, :4], torch.ones(1, 6, 4))
+    rgb = rgba[:3]
+    pil = np.asarray(Image.fromarray(rgb.permute(1, 2, 0).numpy()).convert("L")).astype(np.float32) / 255
+    assert np.abs(prepare_image(rgb, 6, 1)[0].numpy() - pil).max() <= 1 / 255 + 1e-6
+
+
+def test_resize_keeps_aspect_and_minimum_width():
+    assert prepare_image(torch.zeros(1, 50, 200, dtype=torch.uint8), 32, 1).shape == (1, 32, 128)
+    assert prepare_image(torch.zeros(50, 3, dtype=torch.uint8), 32, 1).shape == (1, 32, 4)
+    assert prepare_image(torch.zeros(1, 10, 10), 32, 3).shape == (3, 32, 32)
+    u8 = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8)
+    torch.testing.assert_close(prepare_image(u8, 32, 1), prepare_image(u8.float() / 255, 32, 1))
+
+
+def test_collate_pads_right_and_batched_path_matches_per_image():
+    same = [torch.randint(0, 256, (3, 50, 120), dtype=torch.uint8) for _ in range(3)]
+    batch, widths = collate(same, 32, 1)  # one batched resize
+    assert widths.tolist() == [77] * 3
+    torch.testing.assert_close(batch, torch.stack([prepare_image(i, 32, 1) for i in same]), atol=1e-6, rtol=0)
+    mixed = captchas()
+    batch, widths = collate(mixed, 32, 1)
+    assert batch.shape[-1] == max(widths.tolist())
+    for n, img in enumerate(mixed):
+        w = int(widths[n])
+        assert torch.equal(batch[n, :, :, :w], prepare_image(img, 32, 1))
+        assert not batch[n, :, :, w:].any()
+
+
+# ---------------------------------------------------------------- the module
+
+
+def test_recognizer_matches_independent_reference(model):
+    """Strings = the training CRNN (eager, unfused) + the pure-Python greedy decoder."""
+    imgs = captchas()
+    rec = build_recognizer(model, decoder="greedy")
+    texts, scores = rec(imgs)
+    batch, widths = collate(imgs, 32, 1)
+    with torch.no_grad():
+        lp, lengths = model(batch, widths)
+    assert texts == decode.greedy_decode_python(lp, lengths, Charset(CHARSET))
+    assert any(texts) and scores.shape == (3,) and scores.dtype == torch.float32
+
+
+def test_eager_scripted_saved_loaded_agree(model, saved):
+    imgs = captchas()
+    rec = build_recognizer(model, decoder="greedy")
+    want = rec.recognize(imgs, "beam", 8, 3)
+    scripted = torch.jit.script(rec)
+    for other in (scripted, torch.jit.load(str(saved)), export.load_recognizer(saved)):
+        got = other.recognize(imgs, "beam", 8, 3)
+        assert got[0] == want[0]
+        torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    loaded = export.load_recognizer(saved)
+    assert export.config_of(loaded) == model.config
+    assert list(loaded.charset) == list(CHARSET) and loaded.decoder == "greedy"
+
+
+def test_mixed_width_batch_equals_one_at_a_time(saved):
+    rec = export.load_recognizer(saved)
+    imgs = captchas(("12", "abcdef01", "7", "9e9e"))
+    texts, scores = rec(imgs)
+    for n, img in enumerate(imgs):
+        t1, s1 = rec([img])
+        assert t1[0] == texts[n]
+        torch.testing.assert_close(s1[0], scores[n], atol=1e-4, rtol=1e-5)
+
+
+def test_low_precision_agrees_with_fp32(saved):
+    imgs = captchas(("3a7f", "0b1", "c4d5e6", "ffff", "0"))
+    fp32 = export.load_recognizer(saved, dtype="float32")
+    for dtype in ("bfloat16", "float16"):
+        low = export.load_recognizer(saved, dtype=dtype, freeze=False)
+        assert getattr(getattr(low.model.convs, "0"), "weight").dtype == export.resolve_dtype(dtype, torch.device("cpu"))
+        (t32, s32), (tl, sl) = fp32(imgs), low(imgs)
+        assert tl == t32
+        assert not torch.equal(sl, s32)  # really computed differently
+        torch.testing.assert_close(sl, s32, atol=0.5, rtol=0.02)
+
+
+def test_runs_with_only_torch_and_the_library(saved, tmp_path):
+    """No captcha_fast Python code in the child: torch.ops.load_library + torch.jit.load."""
+    imgs = captchas()
+    torch.save(imgs, tmp_path / "imgs.pt")
+    want = export.load_recognizer(saved).recognize(imgs, "beam", 10, 2)[0]
+    code = f"""
+import json, sys, torch
+torch.ops.load_library({captcha_fast.LIBRARY_PATH!r})
+rec = torch.jit.load({str(saved)!r})
+texts, scores = rec.recognize(torch.load({str(tmp_path / 'imgs.pt')!r}), "beam", 10, 2)
+assert not any(m.startswith("captcha_fast") for m in sys.modules), "captcha_fast was imported"
+print(json.dumps(texts))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == want
+
+
+def test_rgb_model_and_greyscale_input():
+    rec = build_recognizer(peaky_model(in_channels=3))
+    grey = torch.randint(0, 256, (32, 70), dtype=torch.uint8)
+    texts, _ = rec([grey, grey.expand(3, -1, -1)])
+    assert texts[0] == texts[1]
+
+
+def test_scripted_recognizer_rejects_bad_images(model):
+    rec = torch.jit.script(build_recognizer(model))
+    with pytest.raises(Exception, match="channels"):
+        rec([torch.zeros(5, 10, 10, dtype=torch.uint8)])
+    with pytest.raises(Exception, match="empty"):
+        rec([])
+    with pytest.raises(Exception, match="H x W or C x H x W"):
+        rec([torch.zeros(10, dtype=torch.uint8)])
+    with pytest.raises(Exception, match="empty"):
+        rec([torch.zeros(1, 10, 0, dtype=torch.uint8)])
+
+
+def test_load_rejects_files_that_are_not_recognizers(tmp_path, model):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a model at all")
+    with pytest.raises(ValueError, match="garbage.pt.*not a captcha_fast recognizer"):
+        export.load_recognizer(garbage)
+    other = tmp_path / "other.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(other))
+    with pytest.raises(ValueError, match="other.pt.*not a captcha_fast recognizer"):
+        export.load_recognizer(other)
+    state = tmp_path / "state.pt"
+    torch.save(model.state_dict(), state)
+    with pytest.raises(ValueError, match="state.pt.*not a captcha_fast recognizer"):
+        export.load_recognizer(state)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        export.load_recognizer(tmp_path / "missing.pt")
+
+
+def test_bad_recognizer_arguments(model):
+    with pytest.raises(ValueError, match="decoder"):
+        Recognizer(model, decoder="viterbi")
+    with pytest.raises(ValueError, match="beam_width"):
+        Recognizer(model, beam_width=0)
