@@ -1,0 +1,162 @@
+"""captcha_fast.api: predict_batch over every input kind, chunking and order, top-k, precision,
+load() of both file kinds, and clear errors for bad input."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captcha_fast import api, export
+from captcha_fast.decode import Hypothesis
+from captcha_fast.model import CRNN, CRNNConfig
+from captcha_fast.synth import render, sample_rng
+
+TEXTS = ("3a7f", "0b1", "c4d5e6", "ffff", "12", "9")
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    torch.manual_seed(0)
+    m = CRNN(CRNNConfig("0123456789abcdef", channels=(8, 16), hidden_dim=32)).eval()
+    m.classifier.weight.data *= 8  # confident outputs
+    return export.save_recognizer(m, tmp_path_factory.mktemp("api") / "model.pt")
+
+
+@pytest.fixture(scope="module")
+def pil_images():
+    return [render(t, sample_rng(1, i), height=50) for i, t in enumerate(TEXTS)]
+
+
+def _chw(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+
+
+@pytest.fixture(scope="module")
+def expected(model_path, pil_images):
+    rec = api.load(model_path, device="cpu")
+    return [rec([_chw(img)])[0][0] for img in pil_images]  # one at a time
+
+
+def test_input_kinds_agree(model_path, pil_images, expected, tmp_path):
+    tensors = [_chw(img) for img in pil_images]
+    paths = []
+    for i, img in enumerate(pil_images):
+        paths.append(tmp_path / f"{i}.png")
+        img.save(paths[-1])
+    assert api.predict_batch(tensors, model_path) == expected
+    assert api.predict_batch(pil_images, model_path) == expected
+    assert api.predict_batch(paths, model_path) == expected
+    assert api.predict_batch([str(p) for p in paths], model_path) == expected
+    assert api.predict_batch([np.asarray(img) for img in pil_images], model_path) == expected
+    floats = [t.float() / 255 for t in tensors]
+    assert api.predict_batch(floats, model_path) == expected
+    rgba = [img.convert("RGBA") for img in pil_images]
+    assert api.predict_batch(rgba, model_path) == expected
+
+
+def test_batch_tensor_equals_list(model_path):
+    x = torch.randint(0, 256, (5, 3, 40, 100), dtype=torch.uint8)
+    assert api.predict_batch(x, model_path) == api.predict_batch(list(x), model_path, batch_size=1)
+    assert api.predict_batch(x.float() / 255, model_path) == api.predict_batch(x, model_path)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 4])
+def test_chunks_sorted_by_width_restore_input_order(model_path, pil_images, expected, batch_size):
+    assert api.predict_batch(pil_images, model_path, batch_size=batch_size) == expected
+
+
+def test_top_k_hypotheses(model_path, pil_images, expected):
+    hyps = api.predict_batch(pil_images, model_path, top_k=3, beam_width=10)
+    assert len(hyps) == len(pil_images)
+    for h, best in zip(hyps, expected):
+        assert 1 <= len(h) <= 3 and all(isinstance(x, Hypothesis) for x in h)
+        assert h[0].text == best
+        assert [x.score for x in h] == sorted((x.score for x in h), reverse=True)
+        assert len({x.text for x in h}) == len(h)
+
+
+def test_greedy_decoder_and_amp(model_path, pil_images, expected):
+    greedy = api.predict_batch(pil_images, model_path, decoder="greedy")
+    assert len(greedy) == len(expected)
+    assert api.predict_batch(pil_images, model_path, amp=True) == api.predict_batch(pil_images, model_path, amp=False)
+
+
+def test_loaded_model_and_load_cache(model_path, pil_images, expected):
+    rec = api.load(model_path)
+    assert api.load(model_path) is rec  # cached
+    assert api.predict_batch(pil_images, rec) == expected
+    assert api.predict_batch(pil_images, export.load_recognizer(model_path, freeze=False)) == expected
+
+
+@pytest.mark.slow
+def test_exported_program_predicts_the_same(model_path, pil_images, expected, tmp_path):
+    """torch.export (.pt2): captcha_fast.load takes it; predictions equal (about 10 s to export)."""
+    torch.manual_seed(0)
+    m = CRNN(CRNNConfig("0123456789abcdef", channels=(8, 16), hidden_dim=32)).eval()
+    m.classifier.weight.data *= 8
+    pt2 = export.export_program(m, tmp_path / "model.pt2")
+    rec = api.load(pt2)
+    assert isinstance(rec, export.ExportedRecognizer)
+    for bs in (1, 4):
+        assert api.predict_batch(pil_images, rec, batch_size=bs) == expected
+    scripted = api.load(model_path).recognize([_chw(i) for i in pil_images], "beam", 10, 2)
+    got = rec.recognize([_chw(i) for i in pil_images], "beam", 10, 2)
+    assert got[0] == scripted[0]
+    torch.testing.assert_close(got[1], scripted[1], atol=1e-4, rtol=1e-5)
+
+
+def test_missing_pretrained_model_says_how_to_build_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(api, "PRETRAINED", tmp_path / "pretrained" / "default.pt")
+    with pytest.raises(FileNotFoundError, match="default.pt.*save_recognizer"):
+        api.predict_batch([torch.zeros(1, 20, 20, dtype=torch.uint8)])
+
+
+def _png(tmp_path, name="ok.png"):
+    p = tmp_path / name
+    Image.fromarray(np.full((20, 40, 3), 200, np.uint8)).save(p)
+    return p
+
+
+@pytest.mark.parametrize("images, error, match", [
+    ([], ValueError, "empty"),
+    ([torch.zeros(10, dtype=torch.uint8)], ValueError, r"images\[0\].*1-D"),
+    ([torch.zeros(1, 8, 8, dtype=torch.uint8), torch.zeros(5, 8, 8, dtype=torch.uint8)], ValueError, r"images\[1\].*channels"),
+    ([torch.zeros(1, 8, 0, dtype=torch.uint8)], ValueError, r"images\[0\].*empty"),
+    ([torch.full((8, 8), 2.0)], ValueError, r"images\[0\].*\[0, 1\]"),
+    ([torch.zeros(8, 8, dtype=torch.int32)], ValueError, r"images\[0\].*dtype"),
+    (torch.zeros(1, 8, 8), ValueError, "N x C x H x W"),
+    ([3.5], TypeError, r"images\[0\].*float"),
+    ("a.png", TypeError, "list"),
+])
+def test_bad_images_name_the_culprit(model_path, images, error, match):
+    with pytest.raises(error, match=match):
+        api.predict_batch(images, model_path)
+
+
+def test_bad_files_name_the_culprit(model_path, tmp_path):
+    ok = _png(tmp_path)
+    text = tmp_path / "notes.png"
+    text.write_text("this is not an image")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(ok.read_bytes()[:60])
+    with pytest.raises(ValueError, match="notes.png.*not a readable image"):
+        api.predict_batch([ok, text], model_path)
+    with pytest.raises(ValueError, match="truncated.png.*not a readable image"):
+        api.predict_batch([ok, truncated], model_path)
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        api.predict_batch([tmp_path / "nope.png"], model_path)
+    with pytest.raises(ValueError, match="ok.png.*not a captcha_fast recognizer"):
+        api.predict_batch([ok], ok)  # an image given as the model
+
+
+def test_bad_arguments(model_path):
+    imgs = [torch.zeros(1, 20, 20, dtype=torch.uint8)]
+    with pytest.raises(ValueError, match="decoder"):
+        api.predict_batch(imgs, model_path, decoder="viterbi")
+    with pytest.raises(ValueError, match="top_k"):
+        api.predict_batch(imgs, model_path, decoder="greedy", top_k=2)
+    with pytest.raises(ValueError, match="top_k"):
+        api.predict_batch(imgs, model_path, beam_width=2, top_k=3)
+    with pytest.raises(ValueError, match="batch_size"):
+        api.predict_batch(imgs, model_path, batch_size=0)
+    with pytest.raises(TypeError, match="model"):
+        api.predict_batch(imgs, 42)
