@@ -1,0 +1,338 @@
+"""Captcha data sets: labelled image folders, TSV manifests, synthetic captchas.
+
+    folder/24pew.png, folder/24pew_2.png, folder/24pew-b.png   label = name up to the first _ or -
+    manifest.tsv: path<TAB>label per line (paths relative to the manifest)
+
+Images become (C, H, W) float tensors in [0, 1] at a fixed height, keeping their
+aspect ratio (RGBA is composited on white first: the alpha carries the ink).
+A batch right-pads to its widest image and keeps every sample's own width:
+
+    collate([(image (C,H,W_i), label, encoded)]) -> Batch(images (N,C,H,max W_i), widths (N,),
+                                                         targets (sum L_i,), target_lengths (N,), labels)
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from captcha_fast.charset import Charset
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class Sample(NamedTuple):
+    path: str    # image file (or "synthetic:<seed>:<i>")
+    label: str   # the text in the image
+
+
+# ---------------------------------------------------------------------------- listing
+
+def label_from_name(path) -> str:
+    """`24pew.png` -> 24pew; `24pew_3.png` / `24pew-b.png` -> 24pew (repeated labels)."""
+    stem = Path(path).stem
+    cut = min((i for i in (stem.find("_"), stem.find("-")) if i >= 0), default=len(stem))
+    return stem[:cut]
+
+
+def scan_folder(folder) -> List[Sample]:
+    """Image files of `folder` (not recursive), labelled by their names, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"data folder {str(folder)!r} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"data folder {str(folder)!r} has no image files ({', '.join(IMAGE_SUFFIXES)})")
+    samples = []
+    for p in files:
+        label = label_from_name(p)
+        if not label:
+            raise ValueError(f"image {str(p)!r} has no label in its name (expected LABEL.png or LABEL_anything.png)")
+        samples.append(Sample(str(p), label))
+    return samples
+
+
+def read_manifest(path) -> List[Sample]:
+    """path<TAB>label lines (blank lines and lines starting with # skipped); paths relative to the manifest."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {str(path)!r} does not exist")
+    samples = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip() or line.startswith("#"):
+                continue
+            parts = line.split("\t")
+            if len(parts) != 2 or not parts[0] or not parts[1]:
+                raise ValueError(f"{path}:{lineno}: expected 'path<TAB>label', got {line!r}")
+            image = Path(parts[0])
+            if not image.is_absolute():
+                image = path.parent / image
+            samples.append(Sample(str(image), parts[1]))
+    if not samples:
+        raise ValueError(f"manifest {str(path)!r} lists no images")
+    return samples
+
+
+def list_samples(data) -> List[Sample]:
+    """A folder of labelled images or a .tsv manifest."""
+    data = Path(data)
+    if data.is_dir():
+        return scan_folder(data)
+    if data.suffix.lower() in (".tsv", ".txt"):
+        return read_manifest(data)
+    if not data.exists():
+        raise FileNotFoundError(f"data {str(data)!r} does not exist (expected a folder of images or a .tsv manifest)")
+    raise ValueError(f"data {str(data)!r} is neither a folder of images nor a .tsv manifest")
+
+
+def split_samples(samples: Sequence[Sample], val_fraction: float, seed: int = 0) -> Tuple[List[Sample], List[Sample]]:
+    """Deterministic train/validation split by a hash of (seed, file name): independent of
+    listing order, and a file stays on its side when others are added."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    train, val = [], []
+    for s in samples:
+        digest = hashlib.sha256(f"{seed}:{Path(s.path).name}".encode()).digest()
+        u = int.from_bytes(digest[:8], "big") / 2.0 ** 64
+        (val if u < val_fraction else train).append(s)
+    return train, val
+
+
+def check_labels(samples: Sequence[Sample], charset: Charset, skip_bad: bool = False) -> List[Sample]:
+    """Samples whose labels are inside `charset`; a bad one is an error naming its file, or
+    (skip_bad) dropped with a warning."""
+    kept = []
+    for s in samples:
+        bad = charset.unknown(s.label)
+        if bad:
+            msg = f"label {s.label!r} of {s.path!r} has characters outside the charset {charset.symbols!r}: {bad!r}"
+            if not skip_bad:
+                raise ValueError(msg)
+            warnings.warn(f"skipping: {msg}")
+            continue
+        kept.append(s)
+    return kept
+
+
+# ---------------------------------------------------------------------------- images
+
+def to_tensor(image: Image.Image, height: int, channels: int = 1) -> Tensor:
+    """A PIL image as (channels, height, W) float in [0, 1], W keeping the aspect ratio.
+
+    The same preprocessing as the Recognizer (captcha_fast.recognizer.prepare_image: RGBA
+    composited on white, luma for grey, antialiased bilinear resize), so a model sees at
+    inference what it saw in training."""
+    from captcha_fast.images import _from_pil
+    from captcha_fast.recognizer import prepare_image
+    return prepare_image(_from_pil(image, "image"), height, channels)
+
+
+def load_image(path, height: int, channels: int = 1) -> Tensor:
+    """Read an image file as (channels, height, W) in [0, 1]; a clear error names a bad file."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_tensor(image, height, channels)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"image {str(path)!r} cannot be read (corrupt or not an image): {e}") from None
+
+
+# ---------------------------------------------------------------------------- augmentation
+
+@dataclass
+class AugmentConfig:
+    """Small, readability-keeping distortions (no flips: mirrored glyphs are other glyphs)."""
+    rotate_deg: float = 3.0
+    shear: float = 0.15          # x shift per unit of y
+    scale: float = 0.08          # +- relative zoom
+    translate_y: float = 0.06    # fraction of height
+    width_scale: float = 0.10    # +- horizontal stretch (changes the width)
+    brightness: float = 0.15
+    contrast: float = 0.25
+    noise: float = 0.04          # max std of added Gaussian noise
+    p: float = 0.9               # probability that a sample is distorted at all
+
+
+def augment(image: Tensor, g: torch.Generator, cfg: AugmentConfig) -> Tensor:
+    """(C, H, W) in [0, 1] -> a distorted copy (C, H, W'), all randomness from `g`."""
+    def u(a: float, b: float) -> float:
+        return a + (b - a) * float(torch.rand((), generator=g))
+
+    if u(0, 1) >= cfg.p:
+        return image
+    C, H, W = image.shape
+    new_w = max(8, round(W * (1 + u(-cfg.width_scale, cfg.width_scale))))
+    if new_w != W:
+        image = F.interpolate(image[None], size=(H, new_w), mode="bilinear", align_corners=False)[0]
+        W = new_w
+    # Affine in normalised coordinates; pixels pulled from outside are white.
+    angle = math.radians(u(-cfg.rotate_deg, cfg.rotate_deg))
+    s = 1 + u(-cfg.scale, cfg.scale)
+    sh = u(-cfg.shear, cfg.shear)
+    ty = u(-cfg.translate_y, cfg.translate_y) * 2
+    aspect = W / H
+    cos, sin = math.cos(angle) / s, math.sin(angle) / s
+    theta = torch.tensor([[cos, -sin / aspect + sh / aspect, 0.0],
+                          [sin * aspect, cos, ty]], dtype=image.dtype)
+    grid = F.affine_grid(theta[None], [1, C, H, W], align_corners=False)
+    image = 1 - F.grid_sample(1 - image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    # Photometric: contrast around the mean, brightness, sensor noise.
+    mean = image.mean()
+    image = (image - mean) * (1 + u(-cfg.contrast, cfg.contrast)) + mean + u(-cfg.brightness, cfg.brightness)
+    std = u(0, cfg.noise)
+    if std > 0:
+        image = image + std * torch.randn(image.shape, generator=g)
+    return image.clamp_(0, 1)
+
+
+def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The augmentation stream of one sample in one epoch (same on every rank and after resume)."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + epoch * 7_919 + index) % (2 ** 63 - 1))
+    return g
+
+
+# ---------------------------------------------------------------------------- datasets
+
+class CaptchaDataset(torch.utils.data.Dataset):
+    """Labelled images, preloaded (decoded and resized once) so bad files fail up front.
+
+    item i -> (image (C, H, W_i) float [0, 1], label str, targets (L_i,) int64)."""
+
+    def __init__(self, samples: Sequence[Sample], charset: Charset, height: int = 32, channels: int = 1,
+                 augment: Optional[AugmentConfig] = None, seed: int = 0, skip_bad: bool = False,
+                 images: Optional[Sequence[Tensor]] = None):
+        samples = check_labels(samples, charset, skip_bad)
+        self.charset, self.height, self.channels = charset, height, channels
+        self.augment, self.seed, self.epoch = augment, seed, 0
+        if images is None:
+            kept, loaded = [], []
+            for s in samples:
+                try:
+                    image = load_image(s.path, height, channels)
+                except (ValueError, FileNotFoundError) as e:
+                    if not skip_bad:
+                        raise
+                    warnings.warn(f"skipping: {e}")
+                    continue
+                kept.append(s)
+                loaded.append((image * 255).round().to(torch.uint8))  # 4x less memory
+            samples, images = kept, loaded
+        if not samples:
+            raise ValueError("the data set is empty (no usable images)")
+        self.samples = list(samples)
+        self.images = list(images)
+        self.targets = [torch.tensor(charset.encode(s.label), dtype=torch.long) for s in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def width(self, index: int) -> int:
+        return self.images[index].shape[-1]
+
+    def __getitem__(self, index: int) -> Tuple[Tensor, str, Tensor]:
+        image = self.images[index].float() / 255.0
+        if self.augment is not None:
+            image = augment(image, item_generator(self.seed, self.epoch, index), self.augment)
+        return image, self.samples[index].label, self.targets[index]
+
+
+def synthetic_dataset(config, n: int, charset: Charset, height: int = 32, channels: int = 1,
+                      augment: Optional[AugmentConfig] = None, seed: int = 0, progress: bool = False) -> CaptchaDataset:
+    """n seeded synthetic captchas (captcha_fast.synth), rendered once and kept in memory."""
+    from captcha_fast.synth import SyntheticCaptchas
+    gen = SyntheticCaptchas(config, n)
+    indices: Iterator[int] = range(n)
+    if progress:
+        from tqdm import tqdm
+        indices = tqdm(indices, desc=f"rendering {n} captchas", leave=False)
+    samples, images = [], []
+    for i in indices:
+        image, text = gen[i]
+        samples.append(Sample(f"synthetic:{config.seed}:{i}", text))
+        images.append((to_tensor(image, height, channels) * 255).round().to(torch.uint8))
+    return CaptchaDataset(samples, charset, height, channels, augment, seed, images=images)
+
+
+class Batch(NamedTuple):
+    images: Tensor          # (N, C, H, W_max) float, right-padded with white
+    widths: Tensor          # (N,) int64, each image's own width
+    targets: Tensor         # (sum L_i,) int64 class indices, concatenated
+    target_lengths: Tensor  # (N,) int64
+    labels: List[str]
+
+
+def collate(items: Sequence[Tuple[Tensor, str, Tensor]]) -> Batch:
+    """Right-pad images to the widest; keep widths, concatenated targets and their lengths."""
+    C, H = items[0][0].shape[:2]
+    widths = torch.tensor([im.shape[-1] for im, _, _ in items], dtype=torch.long)
+    images = torch.ones(len(items), C, H, int(widths.max()))
+    for i, (im, _, _) in enumerate(items):
+        images[i, :, :, : im.shape[-1]] = im
+    targets = torch.cat([t for _, _, t in items])
+    lengths = torch.tensor([len(t) for _, _, t in items], dtype=torch.long)
+    return Batch(images, widths, targets, lengths, [label for _, label, _ in items])
+
+
+# ---------------------------------------------------------------------------- batching
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Deterministic batches for (seed, epoch), sharded over ranks.
+
+    Shuffles with a seed+epoch generator, sorts each window of `bucket` batches by
+    width (less padding for variable-width data) and shuffles the batches. With
+    world > 1, `batch_size` is the global batch: rank r takes items r, r+world, ...
+    of every batch, so the DDP-averaged gradient is the one-process gradient (a
+    batch with fewer items than ranks is dropped, keeping the ranks in lockstep)."""
+
+    def __init__(self, widths: Sequence[int], batch_size: int, seed: int = 0, shuffle: bool = True,
+                 bucket: int = 0, rank: int = 0, world: int = 1, drop_last: bool = False):
+        if batch_size < world:
+            raise ValueError(f"batch_size ({batch_size}) must be at least the number of ranks ({world})")
+        self.widths, self.batch_size, self.seed, self.shuffle = list(widths), batch_size, seed, shuffle
+        self.bucket, self.rank, self.world, self.drop_last, self.epoch = bucket, rank, world, drop_last, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> List[List[int]]:
+        """The global batches of this epoch (before sharding)."""
+        n = len(self.widths)
+        order = list(range(n))
+        rng = random.Random(f"captcha_fast.batches:{self.seed}:{self.epoch}")
+        if self.shuffle:
+            rng.shuffle(order)
+        if self.bucket > 1:
+            window = self.bucket * self.batch_size
+            order = [i for k in range(0, n, window)
+                     for i in sorted(order[k:k + window], key=lambda j: self.widths[j])]
+        batches = [order[k:k + self.batch_size] for k in range(0, n, self.batch_size)]
+        if self.drop_last and len(batches) > 1 and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        if self.shuffle and self.bucket > 1:
+            rng.shuffle(batches)
+        return [b for b in batches if len(b) >= self.world]
+
+    def __iter__(self) -> Iterator[List[int]]:
+        return iter([b[self.rank::self.world] for b in self.batches()])
+
+    def __len__(self) -> int:
+        return len(self.batches())
