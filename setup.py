@@ -52,7 +52,7 @@ def extensions():
     cxx = [*opt, "-fopenmp", f'-DCF_TORCH_VERSION="{torch.__version__}"']
     link = ["-fopenmp"]  # without it at::parallel_for runs on one thread
     if sanitize:
-        cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
+        cxx += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
         link += ["-fsanitize=address,undefined"]
     ext_cls = cpp_extension.CppExtension
     extra = {"cxx": cxx}

@@ -7,6 +7,7 @@ ties are broken:
   - with a beam wide enough to never prune, the scores ARE those
     log-probabilities and the top label is the most probable one."""
 import math
+import os
 
 import pytest
 import torch
@@ -41,7 +42,11 @@ def label_log_prob(frames: torch.Tensor, label, blank: int) -> float:
     return -float(loss[0])
 
 
-@settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck))
+# Fewer under tools/sanitize.sh, where everything runs ~10x slower.
+EXAMPLES = int(os.environ.get("CAPTCHA_FAST_FUZZ_EXAMPLES", 10_000))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(T=st.integers(0, 6), N=st.integers(1, 3), C=st.integers(1, 4), data=st.data())
 @pytest.mark.slow
 def test_fuzz_ops(T, N, C, data):
