@@ -10,19 +10,22 @@
 //    the tokens and the score are bit-identical to the core's.
 //  - ctc_beam_search: one thread per sequence running beam_search_one. Each
 //    worker thread owns a 16-byte-aligned slice of one byte tensor from the
-//    caching allocator; the worker count is capped (memory), and workers loop
-//    over the batch with a grid stride.
+//    caching allocator. There are at most as many workers as can be resident
+//    on the GPU at once (and as fit a workspace cap); they loop over the batch
+//    with a grid stride.
 //
 // Bad input. The CPU kernels raise on NaN/+inf log-probabilities and on an
 // input length outside [0, T]; raising here would need a host sync. So on CUDA
 // such a sequence is flagged in its outputs instead: every score NaN, every
 // length 0, tokens all -1. Other sequences are decoded normally. (A valid
 // result never has a NaN score, so `scores.isnan()` finds the bad ones.)
-#include <ATen/ATen.h>
+// Light headers on purpose (no ATen/cuda/CUDAContext.h): torch's headers are
+// most of this file's compile time, which nvcc pays once per architecture.
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -174,21 +177,25 @@ Decoded beam_search_cuda(const at::Tensor& log_probs, const at::Tensor& input_le
   }
   const LengthsView lens = lengths_view(input_lengths);
 
-  // Workers: enough to fill the GPU, at most N, and within the workspace cap
-  // (but at least one block, whatever a sequence needs).
   const int64_t ws_stride = align16(beam_workspace_bytes(T, C, beam_width));
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const int64_t fill = int64_t(prop->multiProcessorCount) * prop->maxThreadsPerMultiProcessor;
-  const int64_t by_memory = std::max<int64_t>(kBeamThreadsPerBlock, kBeamWorkspaceCap / ws_stride);
-  const int64_t workers = std::min({N, fill, by_memory});
-  at::Tensor workspace = at::empty({workers * ws_stride}, log_probs.options().dtype(at::kByte));
-  char* ws_base = reinterpret_cast<char*>(workspace.mutable_data_ptr<uint8_t>());
-  TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(ws_base) % 16 == 0, "beam workspace is not 16-byte aligned");
-
+  int sm_count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, log_probs.get_device()));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(ceil_div(workers, kBeamThreadsPerBlock)));
-  const dim3 block(kBeamThreadsPerBlock);
+  at::Tensor workspace;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, log_probs.scalar_type(), "ctc_beam_search", [&] {
+    // Workers: as many as can be resident at once (more would only queue), at
+    // most N, and within the workspace cap (but at least one block).
+    int blocks_per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, beam_kernel<scalar_t>,
+                                                                 kBeamThreadsPerBlock, 0));
+    const int64_t resident = int64_t(std::max(blocks_per_sm, 1)) * sm_count * kBeamThreadsPerBlock;
+    const int64_t by_memory = std::max<int64_t>(kBeamThreadsPerBlock, kBeamWorkspaceCap / ws_stride);
+    const int64_t workers = std::min({N, resident, by_memory});
+    workspace = at::empty({workers * ws_stride}, log_probs.options().dtype(at::kByte));
+    char* ws_base = reinterpret_cast<char*>(workspace.mutable_data_ptr<uint8_t>());
+    TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(ws_base) % 16 == 0, "beam workspace is not 16-byte aligned");
+    const dim3 grid(static_cast<unsigned>(ceil_div(workers, kBeamThreadsPerBlock)));
+    const dim3 block(kBeamThreadsPerBlock);
     beam_kernel<scalar_t><<<grid, block, 0, stream>>>(
         log_probs.const_data_ptr<scalar_t>(), log_probs.stride(0), log_probs.stride(1), log_probs.stride(2), lens,
         N, T, C, blank, opts, static_cast<int32_t>(top_k), static_cast<int32_t>(L), ws_base, ws_stride, workers,
