@@ -162,10 +162,11 @@ class _ExportableCRNN(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)
         w = widths
         for i, conv in enumerate(self.convs):
-            x = F.relu(conv(x))
+            x = conv(x)
             if i % 2 == 1:
                 x = max_pool_2x2(x)
                 w = w // 2
+            x = F.relu(x, inplace=True)  # after the pool: max and ReLU commute, 4x fewer elements
             x = x * column_mask(w, x.shape[-1]).to(x.dtype)
         N, C, H, T = x.shape
         x = x.permute(3, 0, 1, 2).reshape(T, N, C * H)
