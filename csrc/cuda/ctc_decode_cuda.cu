@@ -5,9 +5,9 @@
 // Thread mapping
 //  - ctc_greedy_decode: one warp per sequence. Per frame the 32 lanes scan the
 //    classes (lane, lane + 32, ...) and a butterfly reduction picks the argmax
-//    with ties to the lowest index, exactly as greedy_decode_one; every lane
-//    then holds the same (value, index) and adds the values in frame order, so
-//    the tokens and the score are bit-identical to the core's.
+//    with ties to the lowest index, exactly as the core's frame_argmax; every
+//    lane then holds the same (value, index) and runs the core's greedy_step
+//    in frame order, so tokens and score are bit-identical to greedy_decode_one.
 //  - ctc_beam_search: one thread per sequence running beam_search_one. Each
 //    worker thread owns a 16-byte-aligned slice of one byte tensor from the
 //    caching allocator. There are at most as many workers as can be resident
@@ -66,9 +66,7 @@ __global__ void __launch_bounds__(kGreedyWarpsPerBlock * kWarpSize)
   const Frames<scalar_t> f{data + n * sn, st, sc};
   const int32_t sentinel = static_cast<int32_t>(C);  // above every class index
   bool bad = length < 0 || length > T;
-  int32_t count = 0;
-  int32_t prev = static_cast<int32_t>(blank);
-  float total = 0.f;
+  GreedyState state;  // identical in every lane
   for (int64_t t = 0; !bad && t < length; ++t) {
     // This lane's classes: the first one, then strictly greater (lowest index wins a tie).
     float best_v = kNegInf;
@@ -80,28 +78,26 @@ __global__ void __launch_bounds__(kGreedyWarpsPerBlock * kWarpSize)
       if (v > best_v || best == sentinel) { best_v = v; best = static_cast<int32_t>(c); }
     }
     if (__any_sync(kFullMask, lane_bad)) { bad = true; break; }  // warp-uniform
-    // (value desc, index asc) is a total order without NaN, so all lanes agree.
+    // (value desc, index asc) is a total order without NaN, so all lanes agree
+    // on frame_argmax's (index, value).
     for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
       const float ov = __shfl_xor_sync(kFullMask, best_v, offset);
       const int32_t oi = __shfl_xor_sync(kFullMask, best, offset);
       if (ov > best_v || (ov == best_v && oi < best)) { best_v = ov; best = oi; }
     }
-    total += best_v;  // same order as the core: bit-identical score
-    if (best != blank && best != prev) {
-      if (lane == 0) tok[count] = best;
-      ++count;
-    }
-    prev = best;
+    // The core's merge step, in frame order (bit-identical score). Every lane
+    // writes the same token to the same place: one store per warp.
+    greedy_step(state, best, best_v, blank, tok);
   }
   if (bad) {
-    count = 0;
-    total = NAN;
+    state.len = 0;
+    state.score = NAN;
   }
-  __syncwarp();  // lane 0's token writes are ordered before the padding below
-  for (int64_t j = count + lane; j < T; j += kWarpSize) tok[j] = -1;
+  __syncwarp();  // the token stores above are ordered before the padding below
+  for (int64_t j = state.len + lane; j < T; j += kWarpSize) tok[j] = -1;
   if (lane == 0) {
-    out_len[n] = count;
-    out_score[n] = total;
+    out_len[n] = state.len;
+    out_score[n] = state.score;
   }
 }
 
