@@ -19,6 +19,7 @@
 // such a sequence is flagged in its outputs instead: every score NaN, every
 // length 0, tokens all -1. Other sequences are decoded normally. (A valid
 // result never has a NaN score, so `scores.isnan()` finds the bad ones.)
+
 // Light headers on purpose (no ATen/cuda/CUDAContext.h): torch's headers are
 // most of this file's compile time, which nvcc pays once per architecture.
 #include <ATen/Dispatch.h>
