@@ -31,17 +31,18 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def _atomic_write(path: Path, write) -> Path:
-    """write(tmp_path) then os.replace, so a reader never sees a half-written file."""
+    """write(tmp_path) then os.replace, so a reader never sees a half-written file. The temp
+    file has the final name (in a temp folder beside it): torch names the archive root after it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp", suffix=path.suffix, dir=path.parent)  # .pt2 wants its suffix
-    os.close(fd)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = tmp_dir / path.name
     try:
-        write(tmp)
+        write(str(tmp))
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp_dir.rmdir()
     return path
 
 
@@ -241,7 +242,7 @@ def export_program(model: Union[CRNN, Recognizer], path: Union[str, os.PathLike]
                    beam_width: int = 10) -> Path:
     """torch.export the recognizer's CRNN (float32, CPU; dynamic batch and width) to a .pt2 file
     holding the program plus the config, charset and decoder settings; `load_program` or
-    `captcha_fast.load` reads it back. Returns the path (written atomically)."""
+    `captcha_fast.api.load` reads it back. Returns the path (written atomically)."""
     rec = model if isinstance(model, Recognizer) else build_recognizer(model.cpu(), decoder=decoder, beam_width=beam_width)
     rec = rec.cpu().eval()
     net = _ExportableCRNN(rec.model).float().eval()
@@ -271,25 +272,10 @@ def load_program(path: Union[str, os.PathLike]) -> ExportedRecognizer:
     return ExportedRecognizer(program, json.loads(extra[_PT2_META]))
 
 
-def load(path: Union[str, os.PathLike], device: Union[None, str, torch.device] = None,
-         dtype: Union[None, str, torch.dtype] = None):
-    """A recognizer from a TorchScript file (.pt, see load_recognizer) or a torch.export
-    program (.pt2, see load_program; float32 on the CPU)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"recognizer file not found: {str(path)!r}")
-    if _is_export_archive(path):
-        if device is not None and torch.device(device).type != "cpu":
-            raise ValueError(f"{str(path)!r} is a torch.export program, loaded on the CPU only; "
-                             f"use a TorchScript recognizer (.pt) for device {device}")
-        return load_program(path)
-    return load_recognizer(path, device=device, dtype=dtype)
-
-
 def _is_export_archive(path: Path) -> bool:
+    """Whether `path` is a torch.export archive (.pt2) rather than a TorchScript file."""
     try:
         with zipfile.ZipFile(path) as z:
-            return any(n.endswith(_PT2_META) or n.endswith("serialized_exported_program.json") or
-                       "/models/" in n and n.endswith(".json") for n in z.namelist())
+            return any(n.endswith("/archive_format") or n == "archive_format" for n in z.namelist())
     except (zipfile.BadZipFile, OSError):
         return False
