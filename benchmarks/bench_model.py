@@ -102,9 +102,9 @@ def _run(benchmark, fn, N, device, cfg):
     rounds = {1: 10, 64: 3, 256: 2}[N]
     out = benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
     best = benchmark.stats.stats.min
-    gflops = N * flops_per_image(cfg, 128 * cfg.height // 32 if cfg.height == 32 else round(200 * cfg.height / 50)) / best / 1e9
-    benchmark.extra_info.update(img_per_s=N / best, gflop_per_s=gflops,
-                                flops_per_image=flops_per_image(cfg, round(200 * cfg.height / 50)))
+    flops = flops_per_image(cfg, round(200 * cfg.height / 50))  # a 50 x 200 image at the model's height
+    gflops = N * flops / best / 1e9
+    benchmark.extra_info.update(img_per_s=N / best, gflop_per_s=gflops, flops_per_image=flops)
     if device == "cpu":
         benchmark.extra_info["fraction_of_peak"] = gflops / cpu_peak_gflops()
     return out

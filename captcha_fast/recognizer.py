@@ -24,9 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from captcha_fast import ops  # noqa: F401  (registers torch.ops.captcha_fast.*)
-from captcha_fast.model import CRNN, InferenceCRNN
-
 from captcha_fast.decode import BLANK_SKIP_THRESHOLD, TOKEN_MIN_LOGP, Hypothesis  # noqa: F401
+from captcha_fast.model import CRNN, InferenceCRNN
 
 RECOGNIZER_FORMAT = 1  # bumped when the saved module's interface changes
 MIN_WIDTH = 4          # two 2x2 pools: narrower images would give no frame

@@ -195,3 +195,31 @@ def test_bad_recognizer_arguments(model):
         Recognizer(model, decoder="viterbi")
     with pytest.raises(ValueError, match="beam_width"):
         Recognizer(model, beam_width=0)
+
+
+@pytest.mark.slow
+def test_cpp_example_prints_the_same_strings(saved, tmp_path):
+    """examples/cpp: build the libtorch program (about a minute) and run it on PPM/PGM files."""
+    import shutil
+    from pathlib import Path
+
+    if shutil.which("g++") is None:
+        pytest.skip("no C++ compiler")
+    root = Path(__file__).resolve().parents[1]
+    exe = tmp_path / "recognize"
+    subprocess.run(["sh", str(root / "examples/cpp/build.sh"), str(exe)], check=True, capture_output=True,
+                   env={**__import__("os").environ, "PYTHON": sys.executable}, timeout=600)
+    files = []
+    for i, img in enumerate(captchas()):
+        pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+        files.append(tmp_path / f"{i}.ppm")
+        pil.save(files[-1])
+    files.append(tmp_path / "grey.pgm")
+    Image.fromarray(captchas()[0].permute(1, 2, 0).numpy()).convert("L").save(files[-1])
+    out = subprocess.run([str(exe), captcha_fast.LIBRARY_PATH, str(saved), *map(str, files)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = [line.split("\t")[1] for line in out.stdout.strip().splitlines()]
+    rec = export.load_recognizer(saved)
+    from captcha_fast.images import load_image
+    assert got == rec([load_image(f) for f in files])[0]
