@@ -22,6 +22,7 @@ from captcha_fast.recognizer import Recognizer, resized_width
 
 PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "default.pt"
 """The shipped pretrained recognizer (predict_batch's default model)."""
+DEFAULT_MODEL = PRETRAINED  # the name the CLI uses
 
 _CACHE: "OrderedDict[tuple, Any]" = OrderedDict()  # loaded recognizers, by (path, mtime, device, dtype)
 _CACHE_SIZE = 4
@@ -65,14 +66,21 @@ def _default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def default_model(device: Union[None, str, torch.device] = None, amp: Optional[bool] = None):
+    """The shipped pretrained recognizer (captcha_fast/pretrained/default.pt), loaded as `load` does;
+    FileNotFoundError saying how to make one if it is missing."""
+    path = PRETRAINED
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the shipped pretrained model {str(path)!r} is missing: train one and save it there "
+            f"(captcha_fast.export.save_recognizer(model, {str(path)!r}), or `captcha-fast export "
+            f"RUN_DIR/best.ckpt --out {str(path)!r}`), or pass model= a recognizer file or object")
+    return load(path, device=device, amp=amp)
+
+
 def _resolve_model(model, device, amp):
     if model is None:
-        if not PRETRAINED.is_file():
-            raise FileNotFoundError(
-                f"the shipped pretrained model {str(PRETRAINED)!r} is missing: train one and save it there "
-                f"(captcha_fast.export.save_recognizer(model, {str(PRETRAINED)!r})), or pass model= a recognizer "
-                f"file or object")
-        return load(PRETRAINED, device=device, amp=amp)
+        return default_model(device=device, amp=amp)
     if isinstance(model, (str, os.PathLike)):
         return load(model, device=device, amp=amp)
     if isinstance(model, (Recognizer, torch.jit.ScriptModule, export.ExportedRecognizer)) and hasattr(model, "recognize"):
@@ -91,6 +99,7 @@ def predict_batch(
     device: Union[None, str, torch.device] = None,
     amp: Optional[bool] = None,
     batch_size: int = 64,
+    return_scores: bool = False,
 ) -> Union[List[str], List[List[Hypothesis]]]:
     """Read the text in each image.
 
@@ -98,8 +107,8 @@ def predict_batch(
         tensors, uint8 or float in [0, 1]; sizes may differ), or one N x C x H x W tensor.
     model: None (the shipped pretrained model), a .pt/.pt2 path, or a loaded recognizer.
     decoder: "beam" (CTC prefix beam search, `beam_width` beams) or "greedy".
-    top_k: 1 returns one string per image; > 1 returns, per image, up to top_k
-        Hypothesis(text, score) best first (beam search only).
+    top_k: 1 returns one string per image; > 1 (or return_scores=True) returns, per image, up
+        to top_k Hypothesis(text, score) best first (top_k > 1: beam search only).
     device, amp: used when the model is loaded here (see `load`); a loaded model keeps its own.
     batch_size: images per forward pass; images are sorted by width to reduce padding and
         the results come back in input order."""
@@ -125,6 +134,6 @@ def predict_batch(
         t, s = rec.recognize([tensors[i] for i in idx], decoder, beam_width, top_k)
         for i, ti, si in zip(idx, t, s.tolist()):
             texts[i], scores[i] = ti, si
-    if top_k == 1:
+    if top_k == 1 and not return_scores:
         return [t[0] for t in texts]
     return [[Hypothesis(t, s) for t, s in zip(ts, ss) if s > float("-inf")] for ts, ss in zip(texts, scores)]

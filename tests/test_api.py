@@ -74,6 +74,13 @@ def test_top_k_hypotheses(model_path, pil_images, expected):
         assert len({x.text for x in h}) == len(h)
 
 
+def test_return_scores(model_path, pil_images, expected):
+    hyps = api.predict_batch(pil_images, model_path, decoder="greedy", return_scores=True)
+    assert [len(h) for h in hyps] == [1] * len(pil_images)
+    assert all(isinstance(h[0].score, float) and h[0].score <= 0 for h in hyps)
+    assert [h[0].text for h in api.predict_batch(pil_images, model_path, return_scores=True)] == expected
+
+
 def test_greedy_decoder_and_amp(model_path, pil_images, expected):
     greedy = api.predict_batch(pil_images, model_path, decoder="greedy")
     assert len(greedy) == len(expected)
