@@ -132,7 +132,7 @@ class InferenceCRNN(nn.Module):
     The convs run in their weights' dtype (cast them for bf16/fp16); projection, GRU,
     classifier and log-softmax run in float32."""
 
-    def __init__(self, model: CRNN, chunk: int = 8):
+    def __init__(self, model: CRNN, chunk: int = 16):
         super().__init__()
         fused = fold_batchnorm(model)
         self.config = fused.config
