@@ -118,6 +118,16 @@ def config_of(recognizer) -> CRNNConfig:
     return CRNNConfig(**json.loads(recognizer.config_json))
 
 
+def eager_recognizer(path: Union[str, os.PathLike]) -> Recognizer:
+    """An eager Recognizer (float32, CPU) with the weights and settings of a saved TorchScript
+    recognizer, e.g. to export it as a .pt2 program."""
+    scripted = load_recognizer(path, freeze=False)
+    rec = Recognizer(InferenceCRNN(CRNN(config_of(scripted))), decoder=scripted.decoder, beam_width=scripted.beam_width)
+    rec.model.load_state_dict({k: v.float() for k, v in scripted.model.state_dict().items()})
+    rec.token_min_logp, rec.blank_skip_threshold = scripted.token_min_logp, scripted.blank_skip_threshold
+    return rec.eval()
+
+
 # ----------------------------------------------------------------------------- torch.export (.pt2)
 
 class _ExportableCRNN(nn.Module):
@@ -238,11 +248,15 @@ class ExportedRecognizer:
 _PT2_META = "captcha_fast.json"
 
 
-def export_program(model: Union[CRNN, Recognizer], path: Union[str, os.PathLike], decoder: str = "beam",
-                   beam_width: int = 10) -> Path:
+def export_program(model: Union[CRNN, Recognizer, str, os.PathLike], path: Union[str, os.PathLike],
+                   decoder: str = "beam", beam_width: int = 10) -> Path:
     """torch.export the recognizer's CRNN (float32, CPU; dynamic batch and width) to a .pt2 file
     holding the program plus the config, charset and decoder settings; `load_program` or
-    `captcha_fast.api.load` reads it back. Returns the path (written atomically)."""
+    `captcha_fast.api.load` reads it back. `model` is a CRNN, an eager Recognizer or the path of
+    a saved TorchScript recognizer (then its decoder settings are kept). Returns the path
+    (written atomically). Takes about 10 s."""
+    if isinstance(model, (str, os.PathLike)):
+        model = eager_recognizer(model)
     rec = model if isinstance(model, Recognizer) else build_recognizer(model.cpu(), decoder=decoder, beam_width=beam_width)
     rec = rec.cpu().eval()
     net = _ExportableCRNN(rec.model).float().eval()
