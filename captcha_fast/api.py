@@ -43,7 +43,8 @@ def load(path: Union[str, os.PathLike], device: Union[None, str, torch.device] =
          amp: Optional[bool] = None):
     """A recognizer from a TorchScript file (.pt) or a torch.export program (.pt2), ready for
     predict_batch: on `device` (default: CUDA if available, else CPU), convolutions in low
-    precision per `amp` (None: bf16/fp16 on CUDA, fp32 on CPU; True/False force it)."""
+    precision per `amp` (None: the device default, see export.resolve_dtype: bf16/fp16 on CUDA,
+    bf16 on CPUs with native bf16, else fp32; True forces bf16/fp16, False fp32)."""
     dev = torch.device(device) if device is not None else _default_device()
     path = Path(path)
     if not path.is_file():

@@ -115,17 +115,19 @@ def _run_predict(args):
 
 def _add_export(p):
     p.add_argument("checkpoint", help="a training checkpoint (RUN_DIR/checkpoint.pt)")
-    p.add_argument("--out", required=True, help="where to write the TorchScript recognizer (model.pt)")
+    p.add_argument("--out", required=True,
+                   help="where to write the recognizer: model.pt (TorchScript) or model.pt2 (torch.export)")
     p.add_argument("--greedy", action="store_true", help="make greedy decoding the default (else beam search)")
     p.add_argument("--beam", type=int, default=10, help="default beam width (default 10)")
 
 
 def _run_export(args):
-    from captcha_fast.export import save_recognizer
+    from captcha_fast.export import export_program, save_recognizer
     from captcha_fast.train import load_model
 
     model = load_model(args.checkpoint)
-    out = save_recognizer(model, args.out, decoder="greedy" if args.greedy else "beam", beam_width=args.beam)
+    save = export_program if args.out.endswith(".pt2") else save_recognizer
+    out = save(model, args.out, decoder="greedy" if args.greedy else "beam", beam_width=args.beam)
     print(f"wrote {out}")
 
 
@@ -201,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_arguments(p)
     p.set_defaults(run=evaluate.run)
 
-    p = _parser_with_example(sub, "export", "write a TorchScript recognizer from a training checkpoint",
+    p = _parser_with_example(sub, "export", "write a recognizer (TorchScript .pt or torch.export .pt2) from a training checkpoint",
                              "captcha-fast export runs/v2/checkpoint.pt --out model.pt")
     _add_export(p)
     p.set_defaults(run=_run_export)
