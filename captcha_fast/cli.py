@@ -13,6 +13,10 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+class UsageError(ValueError):
+    """Arguments that parse but do not make sense together: exit status 2, as argparse's own."""
+
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -34,7 +38,7 @@ def _run_demo(args):
     from captcha_fast.synth import SynthConfig, SyntheticCaptchas
 
     if args.n < 1:
-        raise ValueError(f"-n must be at least 1, got {args.n}")
+        raise UsageError(f"-n must be at least 1, got {args.n}")
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     captchas = SyntheticCaptchas(SynthConfig(seed=seed), args.n)
     images, truths = zip(*captchas)
@@ -89,10 +93,12 @@ def _run_predict(args):
 
     from captcha_fast import api
 
+    if args.beam < 1 or args.batch_size < 1:
+        raise UsageError(f"--beam and --batch-size must be >= 1, got {args.beam} and {args.batch_size}")
     if args.top_k < 1 or (not args.greedy and args.top_k > args.beam):
-        raise ValueError(f"--top-k must be in [1, --beam], got {args.top_k} with --beam {args.beam}")
+        raise UsageError(f"--top-k must be in [1, --beam], got {args.top_k} with --beam {args.beam}")
     if args.greedy and args.top_k != 1:
-        raise ValueError("--top-k needs beam search: drop --greedy")
+        raise UsageError("--top-k needs beam search: drop --greedy")
     paths = expand_paths(args.paths)
     model = api.load(args.model, device=args.device) if args.model else api.default_model(device=args.device)
     bar = tqdm(total=len(paths), unit="img", disable=len(paths) < 2 * args.batch_size, file=sys.stderr)
@@ -220,6 +226,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)  # usage errors exit 2
     try:
         args.run(args)
+    except UsageError as e:
+        print(f"captcha-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("captcha-fast: interrupted", file=sys.stderr)
         return 130
