@@ -168,15 +168,21 @@ class AugmentConfig:
     p: float = 0.9               # probability that a sample is distorted at all
 
 
-def augment(image: Tensor, g: torch.Generator, cfg: AugmentConfig) -> Tensor:
-    """(C, H, W) in [0, 1] -> a distorted copy (C, H, W'), all randomness from `g`."""
+def frames_needed(label: str) -> int:
+    """CTC needs one frame per symbol plus a blank between equal neighbours."""
+    return len(label) + sum(a == b for a, b in zip(label, label[1:]))
+
+
+def augment(image: Tensor, g: torch.Generator, cfg: AugmentConfig, min_width: int = 8) -> Tensor:
+    """(C, H, W) in [0, 1] -> a distorted copy (C, H, W'), all randomness from `g`.
+    W' >= min_width (or W if that is smaller), so a label never outgrows its frames."""
     def u(a: float, b: float) -> float:
         return a + (b - a) * float(torch.rand((), generator=g))
 
     if u(0, 1) >= cfg.p:
         return image
     C, H, W = image.shape
-    new_w = max(8, round(W * (1 + u(-cfg.width_scale, cfg.width_scale))))
+    new_w = max(min(min_width, W), round(W * (1 + u(-cfg.width_scale, cfg.width_scale))))
     if new_w != W:
         image = F.interpolate(image[None], size=(H, new_w), mode="bilinear", align_corners=False)[0]
         W = new_w
@@ -251,7 +257,8 @@ class CaptchaDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Tuple[Tensor, str, Tensor]:
         image = self.images[index].float() / 255.0
         if self.augment is not None:
-            image = augment(image, item_generator(self.seed, self.epoch, index), self.augment)
+            min_width = 4 * frames_needed(self.samples[index].label) + 4  # the CRNN gives W // 4 frames
+            image = augment(image, item_generator(self.seed, self.epoch, index), self.augment, min_width)
         return image, self.samples[index].label, self.targets[index]
 
 

@@ -33,6 +33,7 @@ class SynthConfig:
     margin: int = 20
     font_sizes: Tuple[int, ...] = (32, 36, 40)  # the package's defaults clip glyphs at height 50
     seed: int = 0
+    clean: bool = False                # no noise dots or arc, dark ink: an easy start for training
 
     def __post_init__(self):
         self.font_sizes = tuple(self.font_sizes)
@@ -63,29 +64,47 @@ class _SeededSecrets:
         return self._rng.choice(seq)
 
 
+class _CleanCaptcha(_captcha_image.ImageCaptcha):
+    """The package's captchas without the noise dots and arc."""
+
+    @staticmethod
+    def create_noise_curve(image, color):
+        return image
+
+    @staticmethod
+    def create_noise_dots(image, color, width=3, number=30):
+        return image
+
+
 _LOCK = threading.Lock()  # the swap is module-global: one render at a time per process
 _GENERATORS = {}          # (height, width, font_sizes) -> ImageCaptcha (fonts load once)
 
 
-def _generator(width: int, height: int, font_sizes: Tuple[int, ...]) -> _captcha_image.ImageCaptcha:
-    key = (width, height, font_sizes)
+def _generator(width: int, height: int, font_sizes: Tuple[int, ...], clean: bool) -> _captcha_image.ImageCaptcha:
+    key = (width, height, font_sizes, clean)
     if key not in _GENERATORS:
-        _GENERATORS[key] = _captcha_image.ImageCaptcha(width=width, height=height, font_sizes=font_sizes)
+        cls = _CleanCaptcha if clean else _captcha_image.ImageCaptcha
+        _GENERATORS[key] = cls(width=width, height=height, font_sizes=font_sizes)
     return _GENERATORS[key]
 
 
 def render(text: str, rng: random.Random, height: int = 50, width: Optional[int] = None,
-           font_sizes: Tuple[int, ...] = (32, 36, 40)) -> Image.Image:
-    """One captcha image of `text` (RGB), every random choice drawn from `rng`."""
+           font_sizes: Tuple[int, ...] = (32, 36, 40), clean: bool = False) -> Image.Image:
+    """One captcha image of `text` (RGB), every random choice drawn from `rng`.
+    clean: no noise dots or arc, dark ink on white."""
     if not text:
         raise ValueError("cannot render an empty captcha text")
     width = width or 30 * len(text) + 20
-    gen = _generator(width, height, tuple(font_sizes))
+    gen = _generator(width, height, tuple(font_sizes), clean)
     with _LOCK:
         saved = _captcha_image.secrets
         _captcha_image.secrets = _SeededSecrets(rng)
         try:
-            image = gen.generate_image(text)
+            if clean:
+                ink = tuple(rng.randrange(0, 80) for _ in range(3)) + (255,)
+                image = gen.generate_image(text, bg_color=(255, 255, 255), fg_color=ink)
+            else:
+                image = gen.generate_image(text)
         finally:
             _captcha_image.secrets = saved
     return image
@@ -118,7 +137,8 @@ class SyntheticCaptchas:
         rng = sample_rng(c.seed, index)
         length = rng.randint(c.min_len, c.max_len)
         text = "".join(rng.choice(c.charset) for _ in range(length))
-        image = render(text, rng, height=c.height, width=c.char_width * length + c.margin, font_sizes=c.font_sizes)
+        image = render(text, rng, height=c.height, width=c.char_width * length + c.margin, font_sizes=c.font_sizes,
+                       clean=c.clean)
         return image, text
 
     __getitem__ = item
