@@ -11,50 +11,19 @@
 img/s = N / best round (extra_info), also GFLOP/s and the fraction of an estimated CPU peak.
 The model is the shipped pretrained one when present, else a random default CRNNConfig model.
 Every variant's strings are checked against the baseline's (greedy) or decode.beam_search's."""
-import re
 from functools import lru_cache
 
-import numpy as np
 import pytest
 import torch
 
 from captcha_fast import api, decode, export
+from captcha_fast.bench import captcha_images, cpu_has_native_bf16, cpu_peak_gflops, flops_per_image
 from captcha_fast.charset import Charset
 from captcha_fast.model import CRNN, CRNNConfig
 from captcha_fast.recognizer import collate
-from captcha_fast.synth import render, sample_rng
 
 Ns = [1, 64, 256]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def flops_per_image(cfg: CRNNConfig, W: int) -> int:
-    """Multiply-adds x 2 of one H x W image at the model's height (convs, projection, GRU,
-    classifier; elementwise ops, pooling and decoding not counted)."""
-    H = cfg.height
-    c1, c2 = cfg.channels
-    macs = 9 * H * W * (cfg.in_channels * c1 + c1 * c1)            # block 1 at full size
-    macs += 9 * (H // 2) * (W // 2) * (c1 * c2 + c2 * c2)          # block 2 after a pool
-    T, hd = W // 4, cfg.hidden_dim
-    macs += T * c2 * (H // 4) * hd                                  # projection
-    for layer_in in (hd, 2 * hd):                                   # 2 layers x 2 directions
-        macs += 2 * T * 3 * hd * (layer_in + hd)
-    macs += T * 2 * hd * cfg.num_classes                            # classifier
-    return 2 * macs
-
-
-def cpu_peak_gflops() -> float:
-    """Estimated fp32 peak of the CPUs torch uses: threads x GHz x FLOPs/cycle (2 FMA units x
-    8 lanes (AVX2) or 16 (AVX-512) x 2)."""
-    info = open("/proc/cpuinfo").read()
-    mhz = float(re.search(r"cpu MHz\s*:\s*([\d.]+)", info).group(1))
-    lanes = 16 if "avx512f" in info else 8
-    return torch.get_num_threads() * mhz / 1e3 * 2 * lanes * 2
-
-
-def _cpu_has_bf16() -> bool:
-    flags = open("/proc/cpuinfo").read()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 @lru_cache(maxsize=None)
@@ -71,15 +40,13 @@ def _model() -> CRNN:
 
 
 @lru_cache(maxsize=None)
-def _images(N: int):
-    return [torch.from_numpy(np.asarray(render("".join("2345678bcdefgmnpwxy"[(i * 7 + k) % 19] for k in range(5)),
-                                                  sample_rng(0, i), height=50, width=200)).copy()).permute(2, 0, 1)
-            for i in range(N)]
+def _saved(tmp: str):
+    return export.save_recognizer(_model(), f"{tmp}/bench_model.pt")
 
 
 @lru_cache(maxsize=None)
-def _saved(tmp: str):
-    return export.save_recognizer(_model(), f"{tmp}/bench_model.pt")
+def _images(N: int):
+    return captcha_images(N)
 
 
 def _baseline(images):
@@ -125,7 +92,7 @@ def test_scripted(benchmark, tmp_path_factory, N, variant, device):
     benchmark.group = f"model N={N} {device}"
     dtype = {"b_greedy": "float32", "c_beam10": "float32", "d_beam10_lowp": "low", "e_beam10_default": None}[variant]
     if dtype == "low":
-        if device == "cpu" and not _cpu_has_bf16():
+        if device == "cpu" and not cpu_has_native_bf16():
             pytest.skip("this CPU has no native bf16 (avx512_bf16/amx_bf16): bf16 convs measured ~25x slower "
                         "than fp32 on an AVX2 EPYC, so captcha_fast keeps fp32 on it (amp=None)")
         dtype = torch.float16 if device == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16

@@ -2,14 +2,17 @@
 times them with pytest-benchmark, `captcha-fast bench` prints a quick table."""
 from __future__ import annotations
 
+import re
 import time
 from typing import Callable, Dict, List, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from captcha_fast import decode
 from captcha_fast.charset import Charset
+from captcha_fast.model import CRNNConfig
 from captcha_fast.testing import random_log_probs
 
 SYMBOLS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -63,3 +66,69 @@ def decode_table(N: int = 1024, T: int = 50, C: int = 37, beam_width: int = 10) 
         rows.append((label, N / seconds_per_call(lambda: fn(lp, lens, cs, beam_width))))
     base = dict(rows)[BASELINE]
     return [(name, rate, rate / base) for name, rate in rows]
+
+
+# ---------------------------------------------------------------------------- the model
+
+def flops_per_image(cfg: CRNNConfig, W: int) -> int:
+    """Multiply-adds x 2 of one H x W image at the model's height (convs, projection, GRU,
+    classifier; elementwise ops, pooling and decoding not counted)."""
+    H = cfg.height
+    c1, c2 = cfg.channels
+    macs = 9 * H * W * (cfg.in_channels * c1 + c1 * c1)            # block 1 at full size
+    macs += 9 * (H // 2) * (W // 2) * (c1 * c2 + c2 * c2)          # block 2 after a pool
+    T, hd = W // 4, cfg.hidden_dim
+    macs += T * c2 * (H // 4) * hd                                  # projection
+    for layer_in in (hd, 2 * hd):                                   # 2 layers x 2 directions
+        macs += 2 * T * 3 * hd * (layer_in + hd)
+    macs += T * 2 * hd * cfg.num_classes                            # classifier
+    return 2 * macs
+
+
+def cpu_peak_gflops() -> float:
+    """Estimated fp32 peak of the CPUs torch uses: threads x GHz x FLOPs/cycle (2 FMA units x
+    8 lanes (AVX2) or 16 (AVX-512) x 2)."""
+    info = open("/proc/cpuinfo").read()
+    mhz = float(re.search(r"cpu MHz\s*:\s*([\d.]+)", info).group(1))
+    lanes = 16 if "avx512f" in info else 8
+    return torch.get_num_threads() * mhz / 1e3 * 2 * lanes * 2
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: where bf16 convolutions run natively (and faster than fp32)."""
+    flags = open("/proc/cpuinfo").read()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def captcha_images(N: int, width: int = 200) -> List[Tensor]:
+    """N rendered 50 x `width` captchas of 5 symbols, (3, 50, width) uint8, deterministic."""
+    from captcha_fast.synth import render, sample_rng
+
+    symbols = "2345678bcdefgmnpwxy"
+    texts = ["".join(symbols[(i * 7 + k) % len(symbols)] for k in range(5)) for i in range(N)]
+    return [torch.from_numpy(np.asarray(render(t, sample_rng(0, i), height=50, width=width)).copy()).permute(2, 0, 1)
+            for i, t in enumerate(texts)]
+
+
+def predict_table(batch: int = 64) -> List[Tuple[str, float, float]]:
+    """(pipeline, images/s, ratio to the baseline) for `batch` 50x200 captchas and the shipped
+    model: the baseline is the eager float32 model + Python greedy decoding."""
+    from captcha_fast import api, export
+    from captcha_fast.model import CRNN
+    from captcha_fast.recognizer import collate
+
+    images = captcha_images(batch)
+    scripted = api.default_model()
+    eager = CRNN(export.config_of(scripted)).eval()  # the same architecture, before inference folding
+    charset = Charset(eager.config.charset)
+
+    def baseline():
+        with torch.no_grad():
+            x, widths = collate(images, eager.config.height, eager.config.in_channels)
+            lp, lengths = eager(x, widths)
+        return decode.greedy_decode_python(lp, lengths, charset)
+
+    rows = [("eager fp32 + Python greedy (baseline)", batch / seconds_per_call(baseline))]
+    for name, decoder, beam in [("scripted + C++ greedy", "greedy", 1), ("scripted + C++ beam-10", "beam", 10)]:
+        rows.append((name, batch / seconds_per_call(lambda: scripted.recognize(images, decoder, beam, 1))))
+    return [(name, rate, rate / rows[0][1]) for name, rate in rows]
