@@ -1,0 +1,53 @@
+"""Packaging: a clear error for a missing or mismatched extension, a light import,
+and setup.py's one sentence when torch is missing."""
+import subprocess
+import sys
+from pathlib import Path
+
+import captcha_fast
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def python(code: str, cwd=None):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_import_is_light():
+    out = python("import sys, captcha_fast; print(' '.join(sorted(sys.modules)))")
+    assert out.returncode == 0, out.stderr
+    loaded = set(out.stdout.split())
+    for heavy in ["captcha_fast.train", "captcha_fast.data", "captcha_fast.synth", "captcha_fast.evaluate",
+                  "captcha", "matplotlib"]:
+        assert heavy not in loaded, f"import captcha_fast loads {heavy}"
+
+
+def test_missing_extension_is_a_clear_error(tmp_path):
+    pkg = Path(captcha_fast.__file__).parent
+    copy = tmp_path / "captcha_fast"
+    copy.mkdir()
+    for f in pkg.glob("*.py"):  # the Python sources only: no compiled _C
+        (copy / f.name).write_text(f.read_text())
+    out = python("import captcha_fast", cwd=tmp_path)
+    assert out.returncode != 0
+    assert "compiled extension (captcha_fast._C) could not be loaded" in out.stderr
+    assert "pip install --no-build-isolation" in out.stderr
+
+
+def test_extension_built_for_another_torch_is_refused():
+    out = python("import torch; torch.__version__ = '9.9.9'; import captcha_fast")
+    assert out.returncode != 0
+    assert "was built against torch" in out.stderr and "but torch 9.9.9 is installed" in out.stderr
+
+
+def test_build_without_torch_says_what_to_do():
+    code = f"import runpy, sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--version']; " \
+           f"runpy.run_path({str(ROOT / 'setup.py')!r}, run_name='__main__')"
+    out = python(code, cwd=ROOT)
+    assert out.returncode != 0
+    assert "install torch first" in out.stderr and "pip install --no-build-isolation ." in out.stderr
+
+
+def test_extension_reports_its_build():
+    assert captcha_fast.LIBRARY_PATH.endswith(".so") and Path(captcha_fast.LIBRARY_PATH).is_file()
+    assert isinstance(captcha_fast.CUDA_KERNELS, bool)
