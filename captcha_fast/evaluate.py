@@ -168,8 +168,10 @@ def gallery(images: Sequence[Tensor], errors: Sequence[Tuple[int, str, str]], pa
 
 def load_labelled(data: str, skip_bad: bool = False, synth_n: int = 1000, synth_seed: int = 12345,
                   synth_min_len: int = 4, synth_max_len: int = 8,
-                  synth_charset: str = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ") -> Tuple[List[Tensor], List[str], List[str]]:
-    """(images as (C, H, W) uint8 tensors, labels, paths) of a folder, a manifest or `synthetic`."""
+                  synth_charset: str = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ", split: str = "all",
+                  val_fraction: float = 0.15, seed: int = 0) -> Tuple[List[Tensor], List[str], List[str]]:
+    """(images as (C, H, W) uint8 tensors, labels, paths) of a folder, a manifest or `synthetic`;
+    split "train"/"val" keeps that side of training's split (same val_fraction and seed)."""
     from captcha_fast.images import _from_pil, load_image
     if data == "synthetic":
         from captcha_fast.synth import SynthConfig, SyntheticCaptchas
@@ -181,9 +183,15 @@ def load_labelled(data: str, skip_bad: bool = False, synth_n: int = 1000, synth_
             labels.append(text)
             paths.append(f"synthetic:{synth_seed}:{i}")
         return images, labels, paths
-    from captcha_fast.data import list_samples
+    from captcha_fast.data import list_samples, split_samples
+    samples = list_samples(data)
+    if split != "all":
+        train, val = split_samples(samples, val_fraction, seed)
+        samples = val if split == "val" else train
+        if not samples:
+            raise ValueError(f"the {split} split of {data!r} (val fraction {val_fraction}, seed {seed}) is empty")
     images, labels, paths = [], [], []
-    for s in list_samples(data):
+    for s in samples:
         try:
             images.append(load_image(s.path))
         except (ValueError, FileNotFoundError) as e:
@@ -212,6 +220,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--batch-size", type=int, default=64)
     a("--merge", default=None, help="also report accuracy with look-alikes merged, e.g. '0O,1I'")
     a("--skip-bad", action="store_true", help="skip unreadable images with a warning")
+    a("--split", default="all", choices=["all", "train", "val"],
+      help="evaluate one side of the training split (same --val-fraction and --seed as `train`)")
+    a("--val-fraction", type=float, default=0.15)
+    a("--seed", type=int, default=0, help="split seed")
     a("--device", default=None, help="cpu (default) or cuda")
     a("--synth-n", type=int, default=1000, help="synthetic: how many captchas")
     a("--synth-seed", type=int, default=12345, help="synthetic: render seed (training uses 0 and 1000000)")
@@ -224,7 +236,8 @@ def run(args) -> None:
     from captcha_fast.export import load_recognizer
     rec = load_recognizer(args.model, device=args.device)
     images, labels, paths = load_labelled(args.data, args.skip_bad, args.synth_n, args.synth_seed,
-                                          args.synth_min_len, args.synth_max_len, args.synth_charset)
+                                          args.synth_min_len, args.synth_max_len, args.synth_charset,
+                                          args.split, args.val_fraction, args.seed)
     unknown = "".join(sorted(set("".join(labels)) - set(rec.charset)))
     if unknown:
         warnings.warn(f"labels use symbols the model cannot read: {unknown!r} (they count as errors)")

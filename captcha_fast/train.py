@@ -52,13 +52,13 @@ class TrainConfig:
     charset: Optional[str] = None       # default: the sorted symbols of all labels
     init_from: Optional[str] = None     # start from this checkpoint's weights (e.g. a synthetic pretraining run)
     # optimisation
-    epochs: int = 60
+    epochs: int = 30
     batch_size: int = 32
     lr: float = 3e-3                    # peak learning rate
     weight_decay: float = 0.01
     warmup: float = 0.15                # fraction of steps spent warming up (OneCycle)
     clip: float = 5.0                   # gradient norm clip
-    patience: int = 15                  # epochs without validation improvement before stopping
+    patience: int = 10                  # epochs without validation improvement before stopping
     max_minutes: Optional[float] = None # stop (as early stopping) after this much training time
     stop_after: Optional[int] = None    # end this invocation after this many epochs (resume later)
     stop_at_accuracy: Optional[float] = None  # stop once validation accuracy reaches this (0-1)
@@ -172,6 +172,16 @@ class _Dist:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.cpu().tolist()
+
+    def average_buffers(self, model: nn.Module) -> None:
+        """Average the batch-norm running statistics over ranks (each rank saw its own shards;
+        DDP only copies rank 0's at the next forward), so every rank holds the same model."""
+        if self.world == 1:
+            return
+        for b in model.buffers():
+            if b.is_floating_point():
+                dist.all_reduce(b)
+                b.div_(self.world)
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -570,6 +580,7 @@ def _train(cfg: TrainConfig, device: torch.device, ddp: _Dist) -> Path:
             n += len(idx)
             if cfg.progress and ddp.main:
                 batches.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{correct / n:.3f}")
+        ddp.average_buffers(model)
         loss_sum, correct, n = ddp.sum([loss_sum, correct, n])
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1),
                "lr": sched.get_last_lr()[0]}

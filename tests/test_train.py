@@ -175,12 +175,24 @@ def test_ddp_two_cpu_processes_match_single(tmp_path):
     torch.manual_seed(2)  # what train() does before building the model
     init = build_model(TrainConfig(data="synthetic", height=16, channels=(8, 16), hidden_dim=32, dropout=0.0),
                        Charset("12AB")).state_dict()
-    for k in a:
-        if not a[k].is_floating_point() or "running" in k:
-            continue
-        da, db = (a[k] - init[k]).flatten(), (b[k] - init[k]).flatten()
-        if db.norm() < 1e-8:
-            continue
-        # the same update direction and size, up to the batch-norm difference
-        assert torch.nn.functional.cosine_similarity(da, db, dim=0) > 0.9, k
-        assert 0.7 < float(da.norm() / db.norm()) < 1.4, k
+    keys = [k for k in a if a[k].is_floating_point() and "running" not in k]
+    da = torch.cat([(a[k] - init[k]).flatten() for k in keys])
+    db = torch.cat([(b[k] - init[k]).flatten() for k in keys])
+    # the same update, up to the batch-norm difference (per-rank batch statistics on CPU)
+    cos = float(torch.nn.functional.cosine_similarity(da, db, dim=0))
+    assert cos > 0.9 and 0.8 < float(da.norm() / db.norm()) < 1.25, (cos, float(da.norm() / db.norm()))
+
+
+def test_init_from_copies_shared_symbols(tmp_path):
+    from captcha_fast.model import CRNN, CRNNConfig
+    from captcha_fast.train import init_from_checkpoint
+    src = CRNN(CRNNConfig("ABC1", height=16, channels=(8, 16), hidden_dim=32))
+    torch.save({"model": src.state_dict(), "model_config": src.config.to_dict()}, tmp_path / "best.ckpt")
+    dst = CRNN(CRNNConfig("1Cxy", height=16, channels=(8, 16), hidden_dim=32))
+    assert init_from_checkpoint(dst, tmp_path) == []
+    torch.testing.assert_close(dst.convs[0][0].weight, src.convs[0][0].weight)
+    w_src, w_dst = src.classifier.weight, dst.classifier.weight
+    torch.testing.assert_close(w_dst[0], w_src[0])  # blank
+    torch.testing.assert_close(w_dst[1], w_src[4])  # "1"
+    torch.testing.assert_close(w_dst[2], w_src[3])  # "C"
+    assert not torch.equal(w_dst[3], w_src[1])      # "x" is new: fresh init
