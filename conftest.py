@@ -13,5 +13,8 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    if config.getoption("benchmark") and config.args_source == pytest.Config.ArgsSource.TESTPATHS:
+    if not config.getoption("benchmark"):
+        return
+    if config.args_source == pytest.Config.ArgsSource.TESTPATHS:
         config.args[:] = [str(ROOT / "benchmarks")]
+    config.option.benchmark_disable_gc = True  # a collection pause is not the code's time

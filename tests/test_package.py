@@ -28,7 +28,9 @@ def test_missing_extension_is_a_clear_error(tmp_path):
     copy.mkdir()
     for f in pkg.glob("*.py"):  # the Python sources only: no compiled _C
         (copy / f.name).write_text(f.read_text())
-    out = python("import captcha_fast", cwd=tmp_path)
+    # An editable install's import hook would find the real package first: drop it.
+    out = python("import sys; sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f)]; "
+                 "sys.path.insert(0, '.'); import captcha_fast", cwd=tmp_path)
     assert out.returncode != 0
     assert "compiled extension (captcha_fast._C) could not be loaded" in out.stderr
     assert "pip install --no-build-isolation" in out.stderr
