@@ -3,7 +3,8 @@
 # synthetic captchas from the `captcha` package (DroidSansMono, 50 px high, 4-8 characters
 # of 0-9A-Z), then checks it on 1000 fresh captchas of another seed.
 #
-#   tools/train_pretrained.sh [RUN_DIR]        (default runs/pretrained; ~20 min on 2 CPU cores)
+#   tools/train_pretrained.sh [RUN_DIR]   (default runs/pretrained; about 20 min of training plus
+#                                          3 min rendering 25k captchas, 1 thread of a busy 2-core CPU)
 #
 # Extra arguments after RUN_DIR go to `captcha-fast train` (e.g. --threads 2).
 set -euo pipefail
@@ -17,4 +18,4 @@ python -m captcha_fast.train synthetic --out "$RUN" \
     --epochs 5 --batch-size 32 --lr 3e-3 --warmup 0.15 --seed 0 --threads 1 "$@"
 cp "$RUN/model.pt" captcha_fast/pretrained/default.pt
 # Fresh captchas (seed 12345, never seen in training or validation) -> accuracy.
-python -m captcha_fast.evaluate captcha_fast/pretrained/default.pt synthetic --synth-n 1000 --synth-seed 12345 --json
+python -m captcha_fast.evaluate captcha_fast/pretrained/default.pt synthetic --synth-n 1000 --synth-seed 12345 --merge 0O,1I
