@@ -120,7 +120,7 @@ def _run_predict(args):
 # --------------------------------------------------------------------------- export
 
 def _add_export(p):
-    p.add_argument("checkpoint", help="a training checkpoint (RUN_DIR/checkpoint.pt)")
+    p.add_argument("checkpoint", help="a training checkpoint (RUN_DIR/best.ckpt or last.ckpt) or a run directory")
     p.add_argument("--out", required=True,
                    help="where to write the recognizer: model.pt (TorchScript) or model.pt2 (torch.export)")
     p.add_argument("--greedy", action="store_true", help="make greedy decoding the default (else beam search)")
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=evaluate.run)
 
     p = _parser_with_example(sub, "export", "write a recognizer (TorchScript .pt or torch.export .pt2) from a training checkpoint",
-                             "captcha-fast export runs/v2/checkpoint.pt --out model.pt")
+                             "captcha-fast export runs/v2/best.ckpt --out model.pt")
     _add_export(p)
     p.set_defaults(run=_run_export)
     p = _parser_with_example(sub, "bench", "decode and predict throughput on this machine", "captcha-fast bench -n 1024")
