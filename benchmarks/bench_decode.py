@@ -31,7 +31,7 @@ def _run(benchmark, fn, N):
 @pytest.mark.parametrize("N", Ns)
 @pytest.mark.parametrize("name", list(bench.GREEDY))
 def test_greedy(benchmark, name, N, C):
-    benchmark.group = f"greedy N={N} C={C}"
+    benchmark.group = f"decode N={N} C={C}"
     lp, lens, cs = bench.decode_inputs(N, C=C)
     out = _run(benchmark, lambda: bench.GREEDY[name](lp, lens, cs, 1), N)
     want = decode.greedy_decode_python(lp, lens, cs)
@@ -49,7 +49,7 @@ def test_greedy(benchmark, name, N, C):
 @pytest.mark.parametrize("N", Ns)
 @pytest.mark.parametrize("name", list(bench.BEAM))
 def test_beam(benchmark, name, N, C, beam):
-    benchmark.group = f"beam={beam} N={N} C={C}"
+    benchmark.group = f"decode N={N} C={C}"
     lp, lens, cs = bench.decode_inputs(N, C=C)
     out = _run(benchmark, lambda: bench.BEAM[name](lp, lens, cs, beam), N)
     exact = decode.beam_search(lp, lens, cs, beam, token_min_logp=None, blank_skip_threshold=None)
@@ -66,7 +66,7 @@ def _peer(module):
 def test_peer_fast_ctc_decode(benchmark, beam):
     from fast_ctc_decode import beam_search
     N, C = 1024, 37
-    benchmark.group = f"beam={beam} N={N} C={C}"
+    benchmark.group = f"decode N={N} C={C}"
     lp, lens, cs = bench.decode_inputs(N, C=C)
     probs = lp.exp().transpose(0, 1).contiguous().numpy()  # it takes probabilities, (T, C) per sequence
     alphabet = ["_"] + list(cs.symbols)
@@ -78,7 +78,7 @@ def test_peer_fast_ctc_decode(benchmark, beam):
 def test_peer_pyctcdecode(benchmark, beam):
     from pyctcdecode import build_ctcdecoder
     N, C = 1024, 37
-    benchmark.group = f"beam={beam} N={N} C={C}"
+    benchmark.group = f"decode N={N} C={C}"
     lp, lens, cs = bench.decode_inputs(N, C=C)
     decoder = build_ctcdecoder([""] + list(cs.symbols))
     logits = lp.transpose(0, 1).contiguous().numpy()
