@@ -26,7 +26,8 @@ def main(path: str) -> None:
         base_rate = base[0]["extra_info"][key] if base else None
         print(f"| {group} | {unit} | vs baseline |\n|---|---:|---:|")
         for r in sorted(rows, key=lambda r: r["extra_info"][key]):
-            name = re.sub(r"^test_\w+?\[|\]$", "", r["name"])
+            peer = re.match(r"test_peer_(\w+)\[(\d+)\]", r["name"])
+            name = f"{peer.group(1)} (peer) beam={peer.group(2)}" if peer else re.sub(r"^test_\w+?\[|\]$", "", r["name"])
             rate = r["extra_info"][key]
             ratio = f"{rate / base_rate:.1f}x" if base_rate else ""
             print(f"| {name} | {rate:,.0f} | {ratio} |")
