@@ -4,6 +4,7 @@ import sys
 import textwrap
 import threading
 
+import pytest
 import torch
 
 import captcha_fast  # noqa: F401
@@ -76,3 +77,41 @@ def test_memory_stays_flat_over_10k_op_calls():
         print(rss_mb() - start)
     """)
     assert int(out) < 8, f"resident memory grew by {out} MB over 10k calls"
+
+
+def test_predict_batch_from_many_threads_matches_serial(tiny_model_path, png_folder):
+    from captcha_fast import api
+
+    paths = sorted(png_folder.glob("*.png"))
+    batches = [paths[i:] + paths[:i] for i in range(6)]
+    serial = [api.predict_batch(b, tiny_model_path, top_k=2) for b in batches]
+    results = [None] * len(batches)
+
+    def work(i):
+        for _ in range(3):
+            results[i] = api.predict_batch(batches[i], tiny_model_path, top_k=2)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == serial
+
+
+@pytest.mark.slow
+def test_predict_batch_memory_stays_flat_over_10k_calls(tiny_model_path):
+    out = run_isolated(f"""
+        import torch, captcha_fast
+        torch.set_num_threads(1)
+        image = torch.randint(0, 256, (3, 24, 48), dtype=torch.uint8)
+        def rss_mb():
+            return int(open("/proc/self/statm").read().split()[1]) * 4096 // 2**20
+        for _ in range(300):
+            captcha_fast.predict_batch([image], {str(tiny_model_path)!r})
+        start = rss_mb()
+        for _ in range(10_000):
+            captcha_fast.predict_batch([image], {str(tiny_model_path)!r})
+        print(rss_mb() - start)
+    """)
+    assert int(out) < 16, f"resident memory grew by {out} MB over 10k predict_batch calls"
