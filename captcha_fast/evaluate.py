@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import warnings
 from collections import Counter
@@ -259,15 +260,12 @@ def run(args) -> None:
         print(f"gallery of misreads: {args.gallery}")
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="captcha_fast.evaluate")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        parser.exit(1, f"error: {e}\n")
+def main(argv=None) -> int:
+    """`python -m captcha_fast.evaluate` (as torchrun needs): the `captcha-fast eval` command."""
+    from captcha_fast.cli import main as cli_main
+
+    return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

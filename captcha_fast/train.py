@@ -20,6 +20,7 @@ import csv
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -713,15 +714,12 @@ def run(args) -> None:
               f"{len(rows)} epochs in {time.time() - t0:.0f}s; model: {path}")
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="captcha_fast.train")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        parser.exit(1, f"error: {e}\n")
+def main(argv=None) -> int:
+    """`python -m captcha_fast.train` (as torchrun needs): the `captcha-fast train` command."""
+    from captcha_fast.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -132,6 +132,12 @@ def test_export_and_evaluate(tiny_folder, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["n"] == 8 and 0 <= out["accuracy"] <= 1 and 0 <= out["cer"]
     assert (tmp_path / "g.png").exists()
+    # `captcha-fast export` of the best checkpoint reads the same as the run's model.pt
+    from captcha_fast import api
+    from captcha_fast.cli import main
+    assert main(["export", str(tmp_path / "run" / "best.ckpt"), "--out", str(tmp_path / "again.pt")]) == 0
+    images = sorted(tiny_folder.glob("*.png"))
+    assert api.predict_batch(images, tmp_path / "again.pt") == api.predict_batch(images, path)
 
 
 def test_score_and_confusions():
