@@ -84,3 +84,11 @@ def test_demo_reads_fresh_captchas_with_the_shipped_model(capsys):
     assert "read right" in out and "images/s" in out
     right = int(out.split("read right")[0].strip().splitlines()[-1].split("/")[0])
     assert right >= 5  # the shipped model reads most fresh captchas (README: its accuracy)
+
+
+def test_bench_prints_both_tables(capsys):
+    assert main(["bench", "-n", "64", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    for row in ["python greedy (seed loop)", "C++ beam, pruned (strings) beam=10", "scripted + C++ beam-10"]:
+        assert row in out
+    assert "1.0x" in out  # the baseline row
