@@ -30,7 +30,7 @@ _PRESERVED = ["recognize", "preprocess", "logits", "decode", "config_json", "cha
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _atomic_write(path: Path, write) -> Path:
+def atomic_write(path: Union[str, os.PathLike], write) -> Path:
     """write(tmp_path) then os.replace, so a reader never sees a half-written file. The temp
     file has the final name (in a temp folder beside it): torch names the archive root after it."""
     path = Path(path)
@@ -60,7 +60,7 @@ def save_recognizer(model: Union[CRNN, Recognizer], path: Union[str, os.PathLike
     charset; `load_recognizer` (or plain `torch.jit.load` after loading the captcha_fast
     library) reads it back. `model` is not changed. Returns the path."""
     scripted = script_recognizer(model, decoder=decoder, beam_width=beam_width)
-    return _atomic_write(Path(path), lambda tmp: torch.jit.save(scripted, tmp))
+    return atomic_write(Path(path), lambda tmp: torch.jit.save(scripted, tmp))
 
 
 def _not_a_recognizer(path: Path, why: str) -> ValueError:
@@ -270,7 +270,7 @@ def export_program(model: Union[CRNN, Recognizer, str, os.PathLike], path: Union
     meta = {"config_json": rec.config_json, "decoder": rec.decoder, "beam_width": rec.beam_width,
             "token_min_logp": rec.token_min_logp, "blank_skip_threshold": rec.blank_skip_threshold,
             "format": RECOGNIZER_FORMAT}
-    return _atomic_write(Path(path), lambda tmp: torch.export.save(program, tmp, extra_files={_PT2_META: json.dumps(meta)}))
+    return atomic_write(Path(path), lambda tmp: torch.export.save(program, tmp, extra_files={_PT2_META: json.dumps(meta)}))
 
 
 def load_program(path: Union[str, os.PathLike]) -> ExportedRecognizer:

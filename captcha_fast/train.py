@@ -35,6 +35,7 @@ from torch import Tensor
 from captcha_fast.charset import Charset
 from captcha_fast.data import (AugmentConfig, BucketBatchSampler, CaptchaDataset, check_labels, collate,
                                frames_needed, list_samples, split_samples, synthetic_dataset)
+from captcha_fast.export import atomic_write
 from captcha_fast.model import CRNN, CRNNConfig
 
 CHECKPOINT_VERSION = 1
@@ -127,9 +128,7 @@ def greedy_texts(log_probs: Tensor, lengths: Tensor, charset: Charset) -> List[s
 
 
 def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _rng_state() -> dict:
