@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._higher_order_ops.scan import scan
 
-from captcha_fast.model import CRNN, CRNNConfig, InferenceCRNN, column_mask, max_pool_2x2
+from captcha_fast.model import CRNN, CRNNConfig, InferenceCRNN
 from captcha_fast.recognizer import RECOGNIZER_FORMAT, Recognizer, build_recognizer, collate, decode_log_probs
 
 # Attributes and methods that torch.jit.freeze must keep.
@@ -171,16 +171,9 @@ class _ExportableCRNN(nn.Module):
         return torch.cat([hs[:, 0], b], -1)
 
     def forward(self, images: Tensor, widths: Tensor) -> Tuple[Tensor, Tensor]:
-        x = (images - 0.5) * column_mask(widths, images.shape[-1]).to(images.dtype)
-        x = x.contiguous(memory_format=torch.channels_last)
-        w = widths
-        for i, conv in enumerate(self.convs):
-            x = conv(x)
-            if i % 2 == 1:
-                x = max_pool_2x2(x)
-                w = w // 2
-            x = F.relu(x, inplace=True)  # after the pool: max and ReLU commute, 4x fewer elements
-            x = x * column_mask(w, x.shape[-1]).to(x.dtype)
+        # The same conv stack as the scripted model, masks always on (full=False): it only
+        # reads self.convs, which this module shares with the InferenceCRNN.
+        x, w = InferenceCRNN.features(self, images, widths, False)
         N, C, H, T = x.shape
         x = x.permute(3, 0, 1, 2).reshape(T, N, C * H)
         x = F.relu(self.project(x.float()))                   # (T, N, hidden)
