@@ -1,0 +1,204 @@
+"""Images -> model input, in one place, for inference and training alike.
+
+    paths / PIL / numpy / tensors --to_tensors--> [(C, H, W) uint8 or float in [0, 1]]   (Python)
+                                  --collate----> (N, in_channels, height, W_max) float32, widths (N,)
+                                                 (TorchScript: the saved Recognizer runs it too)
+
+collate composites RGBA on white (the alpha often carries the anti-aliasing),
+converts to grey (ITU-R 601 luma, as PIL's convert("L")) or RGB, resizes to the
+model's height keeping the aspect ratio (antialiased bilinear) and right-pads
+with PAD_VALUE, remembering each width. Training builds its batches with the
+same functions, so a model sees at inference exactly what it saw in training.
+
+Every error names the culprit (its index in the input, or its path)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ImageLike = Any  # str | os.PathLike | PIL.Image.Image | numpy.ndarray | Tensor
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+PAD_VALUE = 0.0     # the CRNN masks padding, so the value only has to be one value everywhere
+MIN_WIDTH = 4       # two 2x2 pools: narrower inputs would give no frame
+MAX_WIDTH = 4096    # default bound on a resized width: 128:1 at height 32, far beyond a text line
+
+
+# ----------------------------------------------------------------------------- Python: anything -> tensors
+
+def _check_tensor(t: Tensor, name: str) -> Tensor:
+    """A (C, H, W) view of `t` (H x W or C x H x W), after the scripted checks and a value-range
+    check for floats (NaN included), which the scripted path leaves out for speed."""
+    if t.dim() == 2:
+        t = t.unsqueeze(0)
+    check_image(t, name)
+    if t.is_floating_point():
+        lo, hi = torch.aminmax(t)
+        if not (0.0 <= float(lo) and float(hi) <= 1.0):  # also catches NaN
+            raise ValueError(f"{name}: a float image must hold values in [0, 1], got [{float(lo):.4g}, {float(hi):.4g}]")
+    return t
+
+
+def from_pil(img, name: str) -> Tensor:
+    """A PIL image as a (C, H, W) uint8 tensor, C = 1 (L), 3 (RGB) or 4 (RGBA)."""
+    import numpy as np
+
+    if img.mode not in ("L", "RGB", "RGBA"):
+        # palette / grey+alpha / 1-bit / 16-bit: RGBA keeps any transparency, L the rest
+        has_alpha = img.mode in ("LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+        img = img.convert("RGBA" if has_alpha else ("L" if img.mode in ("1", "I", "I;16", "F") else "RGB"))
+    a = np.asarray(img)
+    if a.size == 0:
+        raise ValueError(f"{name}: the image is empty ({img.width} x {img.height})")
+    t = torch.from_numpy(a.copy())
+    return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()  # (C, H, W)
+
+
+def load_image(path: str | os.PathLike) -> Tensor:
+    """The image file at `path` as a (C, H, W) uint8 tensor (C = 1, 3 or 4).
+    FileNotFoundError, or ValueError naming the file if it is not a readable image."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"image file not found: {str(p)!r}")
+    try:
+        with Image.open(p) as img:
+            img.load()  # decodes now, so a truncated/corrupt file fails here with its name
+            return from_pil(img, str(p))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{str(p)!r} is not a readable image ({type(e).__name__}: {e})") from None
+
+
+def to_tensor(image: ImageLike, name: str = "image") -> Tensor:
+    """One image (path, PIL image, numpy H x W [x C] array, or H x W / C x H x W tensor)
+    as a (C, H, W) tensor, uint8 or float in [0, 1]."""
+    if isinstance(image, Tensor):
+        return _check_tensor(image, name)
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return from_pil(image, name)
+    if type(image).__module__ == "numpy":
+        a = image
+        if a.ndim == 3:  # numpy images are H x W x C (PIL / OpenCV order)
+            a = a.transpose(2, 0, 1)
+        return _check_tensor(torch.from_numpy(a.copy()), f"{name} (numpy, H x W x C)")
+    raise TypeError(f"{name}: expected a file path, PIL image, numpy array or tensor, got {type(image).__name__}")
+
+
+def to_tensors(images: ImageLike | Sequence[ImageLike]) -> List[Tensor]:
+    """A batch of images as a list of (C, H, W) tensors.
+
+    `images` is an N x C x H x W tensor, or a list/tuple of images of any kind that
+    `to_tensor` takes (widths and heights may differ). A single path or image is
+    not a batch: wrap it in a list."""
+    if isinstance(images, Tensor):
+        if images.dim() != 4:
+            raise ValueError(f"images: a batch tensor must be N x C x H x W, got a {images.dim()}-D tensor of shape "
+                             f"{tuple(images.shape)}; pass a list for single images")
+        if images.shape[0] == 0:
+            raise ValueError("images: the batch is empty (N = 0)")
+        _check_tensor(images, "images")  # one range check for the whole batch
+        return list(images.unbind(0))
+    if isinstance(images, (str, os.PathLike)) or not isinstance(images, (list, tuple)):
+        raise TypeError(f"images: expected a list of images or an N x C x H x W tensor, got {type(images).__name__}")
+    if len(images) == 0:
+        raise ValueError("images: the list is empty")
+    return [to_tensor(img, f"images[{i}]") for i, img in enumerate(images)]
+
+
+# ----------------------------------------------------------------------------- TorchScript: tensors -> batch
+
+def check_image(img: Tensor, name: str):
+    """ValueError naming the image unless it is H x W or C x H x W (C = 1, 3, 4 channels first,
+    or N x C x H x W for a batch), non-empty, uint8 or floating point."""
+    if img.dim() < 2 or img.dim() > 4:
+        raise ValueError(name + ": an image must be H x W or C x H x W, got shape " + str(list(img.shape)))
+    if img.dim() >= 3 and img.shape[-3] != 1 and img.shape[-3] != 3 and img.shape[-3] != 4:
+        raise ValueError(name + ": an image must have 1 (grey), 3 (RGB) or 4 (RGBA) channels first (C x H x W), "
+                         "got shape " + str(list(img.shape)))
+    if img.shape[-1] == 0 or img.shape[-2] == 0:
+        raise ValueError(name + ": the image is empty, shape " + str(list(img.shape)))
+    if img.dtype != torch.uint8 and not img.is_floating_point():
+        raise ValueError(name + ": an image must be uint8 or float in [0, 1], got " + str(img.dtype))
+
+
+def resized_width(H: int, W: int, height: int) -> int:
+    """The width of an H x W image resized to `height` (aspect kept, rounded), at least MIN_WIDTH."""
+    return max(4, int(W * height / H + 0.5))  # 4 = MIN_WIDTH (TorchScript can't read globals)
+
+
+def check_width(H: int, W: int, height: int, max_width: int, name: str) -> int:
+    """resized_width, or a ValueError naming the image when it exceeds max_width: the work of
+    the resize and the model grows with it (a 1 x 100000 strip is 3.2 million px wide at 32)."""
+    new_w = resized_width(H, W, height)
+    if new_w > max_width:
+        raise ValueError(name + ": a " + str(H) + " x " + str(W) + " image is " + str(new_w)
+                         + " px wide at the model's height " + str(height) + ", above max_width = "
+                         + str(max_width) + ": crop it to its text line, or raise max_width")
+    return new_w
+
+
+def to_channels(x: Tensor, in_channels: int) -> Tensor:
+    """(N, C, H, W) float, C = 1/3/4 -> (N, in_channels, H, W); RGBA is composited on white."""
+    C = x.shape[1]
+    if C == 4:  # composite on white: the alpha often carries the anti-aliasing
+        alpha = x[:, 3:4]
+        x = x[:, :3] * alpha + (1.0 - alpha)
+        C = 3
+    if in_channels == 1 and C == 3:  # ITU-R 601 luma, as PIL's convert("L")
+        x = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+    elif in_channels == 3 and C == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return x
+
+
+def _resize(x: Tensor, height: int, in_channels: int, new_w: int) -> Tensor:
+    """(N, C, H, W) uint8 or float -> (N, in_channels, height, new_w) float32 in [0, 1]."""
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    x = to_channels(x, in_channels)
+    if x.shape[2] != height or x.shape[3] != new_w:
+        x = F.interpolate(x, size=[height, new_w], mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+def prepare_image(img: Tensor, height: int, in_channels: int, max_width: int = 4096,
+                  name: str = "image") -> Tensor:
+    """One H x W or (C, H, W) image (uint8, or float in [0, 1]) -> (in_channels, height, W') float32
+    in [0, 1], resized to `height` keeping the aspect ratio, MIN_WIDTH <= W' <= max_width."""
+    check_image(img, name)
+    if img.dim() == 2:
+        img = img.unsqueeze(0)
+    new_w = check_width(img.shape[1], img.shape[2], height, max_width, name)
+    return _resize(img.unsqueeze(0), height, in_channels, new_w)[0]
+
+
+def collate(images: List[Tensor], height: int, in_channels: int, max_width: int = 4096) -> Tuple[Tensor, Tensor]:
+    """Images (H x W or C x H x W, any sizes) -> (N, in_channels, height, W_max) float32 right-padded
+    with PAD_VALUE, and each image's own width (N,) int64."""
+    if len(images) == 0:
+        raise ValueError("images: the list is empty")
+    first = images[0]
+    same = first.dim() == 3
+    for i, img in enumerate(images):
+        check_image(img, "images[" + str(i) + "]")
+        same = same and img.shape == first.shape and img.dtype == first.dtype and img.device == first.device
+    if same:  # one batched resize instead of N small ones
+        new_w = check_width(first.shape[1], first.shape[2], height, max_width, "images[0]")
+        x = _resize(torch.stack(images), height, in_channels, new_w)
+        return x.contiguous(), torch.full([len(images)], new_w, dtype=torch.int64, device=x.device)
+    prepared = [prepare_image(img, height, in_channels, max_width, "images[" + str(i) + "]")
+                for i, img in enumerate(images)]
+    widths = [p.shape[2] for p in prepared]
+    batch = prepared[0].new_full([len(prepared), in_channels, height, max(widths)], 0.0)  # 0.0 = PAD_VALUE
+    for i, p in enumerate(prepared):
+        batch[i, :, :, : widths[i]] = p
+    return batch, torch.tensor(widths, dtype=torch.int64, device=batch.device)
