@@ -135,9 +135,8 @@ def to_tensor(image: Image.Image, height: int, channels: int = 1) -> Tensor:
     The same preprocessing as the Recognizer (captcha_fast.recognizer.prepare_image: RGBA
     composited on white, luma for grey, antialiased bilinear resize), so a model sees at
     inference what it saw in training."""
-    from captcha_fast.images import _from_pil
-    from captcha_fast.recognizer import prepare_image
-    return prepare_image(_from_pil(image, "image"), height, channels)
+    from captcha_fast.preprocess import from_pil, prepare_image
+    return prepare_image(from_pil(image, "image"), height, channels)
 
 
 def load_image(path, height: int, channels: int = 1) -> Tensor:

@@ -173,7 +173,7 @@ def load_labelled(data: str, skip_bad: bool = False, synth_n: int = 1000, synth_
                   val_fraction: float = 0.15, seed: int = 0) -> Tuple[List[Tensor], List[str], List[str]]:
     """(images as (C, H, W) uint8 tensors, labels, paths) of a folder, a manifest or `synthetic`;
     split "train"/"val" keeps that side of training's split (same val_fraction and seed)."""
-    from captcha_fast.images import _from_pil, load_image
+    from captcha_fast.preprocess import from_pil as _from_pil, load_image
     if data == "synthetic":
         from captcha_fast.synth import SynthConfig, SyntheticCaptchas
         gen = SyntheticCaptchas(SynthConfig(charset=synth_charset, min_len=synth_min_len, max_len=synth_max_len,
@@ -234,8 +234,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> None:
-    from captcha_fast.export import load_recognizer
-    rec = load_recognizer(args.model, device=args.device)
+    from captcha_fast.api import load
+    rec = load(args.model, device=args.device or "cpu")
     images, labels, paths = load_labelled(args.data, args.skip_bad, args.synth_n, args.synth_seed,
                                           args.synth_min_len, args.synth_max_len, args.synth_charset,
                                           args.split, args.val_fraction, args.seed)

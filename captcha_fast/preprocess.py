@@ -121,14 +121,15 @@ def check_image(img: Tensor, name: str):
     """ValueError naming the image unless it is H x W or C x H x W (C = 1, 3, 4 channels first,
     or N x C x H x W for a batch), non-empty, uint8 or floating point."""
     if img.dim() < 2 or img.dim() > 4:
-        raise ValueError(name + ": an image must be H x W or C x H x W, got shape " + str(list(img.shape)))
+        raise ValueError(name + ": an image must be H x W or C x H x W, got a " + str(img.dim()) + "-D tensor of shape "
+                         + str(list(img.shape)))
     if img.dim() >= 3 and img.shape[-3] != 1 and img.shape[-3] != 3 and img.shape[-3] != 4:
         raise ValueError(name + ": an image must have 1 (grey), 3 (RGB) or 4 (RGBA) channels first (C x H x W), "
                          "got shape " + str(list(img.shape)))
     if img.shape[-1] == 0 or img.shape[-2] == 0:
         raise ValueError(name + ": the image is empty, shape " + str(list(img.shape)))
     if img.dtype != torch.uint8 and not img.is_floating_point():
-        raise ValueError(name + ": an image must be uint8 or float in [0, 1], got " + str(img.dtype))
+        raise ValueError(name + ": an image must be uint8 or float in [0, 1], got dtype " + str(img.dtype))
 
 
 def resized_width(H: int, W: int, height: int) -> int:
