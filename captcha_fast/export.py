@@ -27,7 +27,7 @@ from captcha_fast.recognizer import RECOGNIZER_FORMAT, Recognizer, build_recogni
 # Attributes and methods that torch.jit.freeze must keep.
 _PRESERVED = ["recognize", "preprocess", "log_probs", "decode", "config_json", "charset", "height",
               "in_channels", "decoder", "beam_width", "token_min_logp",
-              "blank_skip_threshold", "max_width", "format"]
+              "blank_skip_threshold", "max_width", "ink", "format"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -217,6 +217,7 @@ class ExportedRecognizer:
         self.charset: List[str] = list(cfg["charset"])
         self.height: int = cfg["height"]
         self.in_channels: int = cfg["in_channels"]
+        self.ink: bool = cfg.get("ink", False)
         self.decoder: str = meta["decoder"]
         self.beam_width: int = meta["beam_width"]
         self.token_min_logp = meta["token_min_logp"]
@@ -238,7 +239,7 @@ class ExportedRecognizer:
             return self.decode(log_probs, lengths, decoder, beam_width, top_k)
 
     def preprocess(self, images: List[Tensor]) -> Tuple[Tensor, Tensor]:
-        return collate(images, self.height, self.in_channels, self.max_width)
+        return collate(images, self.height, self.in_channels, self.max_width, self.ink)
 
     def log_probs(self, batch: Tensor, widths: Tensor) -> Tuple[Tensor, Tensor]:
         # The program takes widths that are multiples of 4, at least 8, and batches of 2 or

@@ -26,10 +26,13 @@ class CRNNConfig:
     channels: Tuple[int, int] = (32, 64)  # output channels of the two conv blocks (in_channels: the input)
     hidden_dim: int = 128              # projection and GRU size
     dropout: float = 0.1
+    ink: bool = False                  # input: the ink map cropped to the text (preprocess.to_ink), grey only
 
     def __post_init__(self):
         Charset(self.charset)  # validates
         self.channels = tuple(self.channels)
+        if self.ink and self.in_channels != 1:
+            raise ValueError(f"ink=True gives one channel: in_channels must be 1, got {self.in_channels}")
         if self.height % 4 or self.height < 4:
             raise ValueError(f"height must be a positive multiple of 4 (two 2x2 pools), got {self.height}")
 

@@ -58,6 +58,7 @@ class Recognizer(nn.Module):
         self.charset: List[str] = list(model.config.charset)
         self.height: int = model.config.height
         self.in_channels: int = model.config.in_channels
+        self.ink: bool = model.config.ink
         self.decoder: str = decoder
         self.beam_width: int = beam_width
         self.token_min_logp: Optional[float] = TOKEN_MIN_LOGP
@@ -83,7 +84,7 @@ class Recognizer(nn.Module):
     @torch.jit.export
     def preprocess(self, images: List[Tensor]) -> Tuple[Tensor, Tensor]:
         """-> (N, in_channels, height, W_max) float32 batch, widths (N,) int64 (captcha_fast.preprocess)."""
-        return collate(images, self.height, self.in_channels, self.max_width)
+        return collate(images, self.height, self.in_channels, self.max_width, self.ink)
 
     @torch.jit.export
     def log_probs(self, batch: Tensor, widths: Tensor) -> Tuple[Tensor, Tensor]:
