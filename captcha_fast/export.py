@@ -7,6 +7,7 @@ or C++ wherever the captcha_fast library is loaded) and torch.export (.pt2).
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -18,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch._higher_order_ops.scan import scan
 
+from captcha_fast import _gru
 from captcha_fast.model import CRNN, CRNNConfig, InferenceCRNN
 from captcha_fast.preprocess import MAX_WIDTH, collate
 from captcha_fast.recognizer import RECOGNIZER_FORMAT, Recognizer, build_recognizer, decode_log_probs
@@ -146,72 +147,74 @@ def _rebuild(saved) -> Recognizer:
 def eager_recognizer(path: Union[str, os.PathLike]) -> Recognizer:
     """An eager Recognizer (float32, CPU) with the weights and settings of a saved TorchScript
     recognizer, e.g. to export it as a .pt2 program."""
-    return _rebuild(load_recognizer(path, freeze=False))
+    return _rebuild(load_recognizer(path, dtype="float32", freeze=False))  # full-precision weights
 
 
 # ----------------------------------------------------------------------------- torch.export (.pt2)
 
 class _ExportableCRNN(InferenceCRNN):
     """The InferenceCRNN without data-dependent control flow, for torch.export with a dynamic
-    width; it overrides only that: features always masks and never chunks, and the packed
-    bidirectional GRU is one `scan` per layer over both directions, the backward one reading
-    each sample reversed within its own length (exact for every sample's frames, no packing).
-    nn.GRU itself cannot be exported with a dynamic sequence length (export unrolls it)."""
+    batch and width; it overrides only that: the conv stack never chunks (the runner does; _Features
+    picks masked or not), and the
+    packed BiGRU is one captcha_fast::gru op (csrc/gru.cpp; the native GRU kernel, each sample
+    over its own frames), which export keeps as one node with a symbolic length (nn.GRU itself
+    cannot be exported with a dynamic sequence length: export specialises it)."""
 
     def __init__(self, model: InferenceCRNN):
         nn.Module.__init__(self)
         self.config, self.chunk = model.config, model.chunk
-        self.convs, self.project, self.classifier = model.convs, model.project, model.classifier
+        self.convs, self.project, self.rnn, self.classifier = model.convs, model.project, model.rnn, model.classifier
         self.dropout = nn.Identity()
-        rnn = model.rnn
-        self.num_layers = rnn.num_layers
-        for layer in range(rnn.num_layers):
-            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-                both = [getattr(rnn, f"{name}_l{layer}{sfx}").detach() for sfx in ("", "_reverse")]
-                self.register_buffer(f"{name}_{layer}", torch.stack(both))  # (2, 3H, in) / (2, 3H)
-
-    def features(self, images: Tensor, widths: Tensor) -> Tuple[Tensor, Tensor]:
-        return self.conv_stack(images, widths, False)
 
     def recurrent(self, x: Tensor, lengths: Tensor) -> Tensor:
-        T = x.shape[0]
-        t = torch.arange(T, device=x.device)[:, None]                               # (T, 1)
-        rev = torch.where(t < lengths[None], lengths[None] - 1 - t, t)[..., None]  # (T, N, 1)
-        for layer in range(self.num_layers):
-            x = self.gru_layer(x, rev, layer)
-        return x
+        return _gru.gru(self.rnn, x, lengths)
 
-    def gru_layer(self, x: Tensor, rev: Tensor, layer: int) -> Tensor:
-        """(T, N, F) -> (T, N, 2H): forward direction on x, backward on x reversed per sample."""
-        w_ih, w_hh = getattr(self, f"weight_ih_{layer}"), getattr(self, f"weight_hh_{layer}")
-        b_ih, b_hh = getattr(self, f"bias_ih_{layer}"), getattr(self, f"bias_hh_{layer}")
-        T, N, _ = x.shape
-        xr = x.gather(0, rev.expand(-1, -1, x.shape[2]))
-        gi = torch.stack([F.linear(x, w_ih[0], b_ih[0]), F.linear(xr, w_ih[1], b_ih[1])], 1)  # (T, 2, N, 3H)
-        h0 = x.new_zeros(2, N, w_hh.shape[2])
 
-        def step(h: Tensor, gi_t: Tensor):
-            gh = torch.baddbmm(b_hh[:, None], h, w_hh.transpose(1, 2))  # (2, N, 3H)
-            i_r, i_z, i_n = gi_t.chunk(3, -1)
-            h_r, h_z, h_n = gh.chunk(3, -1)
-            r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
-            h = (1 - z) * torch.tanh(i_n + r * h_n) + z * h
-            return h, h.clone()
+class _Features(nn.Module):
+    """images (N, C_in, H, W) float32, widths (N,) -> conv features (N, C, H / 4, W / 4) in the convs'
+    dtype, widths / 4: the part the runner calls a chunk of images at a time. unpadded: without
+    the padding masks, for batches where every width is W (the masks cost a third of the conv
+    stack run op by op; torch.cond cannot choose here: export rejects its branches' strides)."""
 
-        _, hs = scan(step, h0, gi)  # (T, 2, N, H)
-        b = hs[:, 1].gather(0, rev.expand(-1, -1, hs.shape[3]))
-        return torch.cat([hs[:, 0], b], -1)
+    def __init__(self, net: _ExportableCRNN, unpadded: bool = False):
+        super().__init__()
+        self.net, self.unpadded = net, unpadded
+
+    def forward(self, images: Tensor, widths: Tensor) -> Tuple[Tensor, Tensor]:
+        return self.net.conv_stack(images.to(self.net.convs[0].weight.dtype), widths, self.unpadded)
+
+
+class _Head(nn.Module):
+    """Conv features, frame counts -> log-probs (T, N, K) float32, frame counts: the whole batch at once."""
+
+    def __init__(self, net: _ExportableCRNN):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
+        return self.net.head(x, w)
+
+
+PROGRAM_FORMAT = 2
+"""What a .pt2 holds. 1: one "model" program of the whole CRNN whose GRU is a scan loop (written
+before the gru op; still read). 2: a "features" part (the conv stack, run a chunk of images at a
+time so activations stay in cache) and a "head" part (projection, captcha_fast::gru, classifier,
+log-softmax, run on the whole batch), as torch.export programs or as AOTInductor-compiled models."""
+_META = "captcha_fast.json"  # the archive's extra file with the settings (program .pt2 and compiled .pt2)
+_PARTS = ("features", "head")
 
 
 class ExportedRecognizer:
-    """A torch.export program of the recognizer's CRNN (.pt2), with the same Python-side
-    interface as a scripted Recognizer: __call__/forward, recognize, preprocess, log_probs,
-    decode, config_json, charset. Preprocessing and decoding run the same TorchScript-able
-    functions, eagerly. float32, on the CPU."""
+    """A recognizer from a .pt2 file, with the Python-side interface of a scripted Recognizer:
+    __call__/forward, recognize, preprocess, log_probs, decode, config_json, charset, ...
+    Preprocessing and decoding run the same functions as the Recognizer, eagerly.
 
-    def __init__(self, program, meta: dict):
-        self.program = program
-        self.module = program.module()
+    kind: "program" (torch.export programs, run op by op) or "compiled" (AOTInductor models,
+    fused C++ kernels for this machine). device and dtype (the convs') are fixed at export."""
+
+    def __init__(self, parts: dict, meta: dict, kind: str):
+        self.parts = parts  # "features" + "head" callables, or "model" (PROGRAM_FORMAT 1)
+        self.kind = kind
         self.config_json: str = meta["config_json"]
         cfg = json.loads(self.config_json)
         self.charset: List[str] = list(cfg["charset"])
@@ -224,6 +227,10 @@ class ExportedRecognizer:
         self.blank_skip_threshold = meta["blank_skip_threshold"]
         self.max_width: int = meta.get("max_width", MAX_WIDTH)
         self.format: int = meta["format"]
+        self.program_format: int = meta.get("program_format", 1)
+        self.device = torch.device(meta.get("device", "cpu"))
+        self.dtype: torch.dtype = _DTYPES[meta.get("dtype", "float32")]
+        self.chunk: int = meta.get("chunk", 16)
 
     def __call__(self, images: List[Tensor]) -> Tuple[List[str], Tensor]:
         return self.forward(images)
@@ -234,7 +241,7 @@ class ExportedRecognizer:
 
     def recognize(self, images: List[Tensor], decoder: str, beam_width: int, top_k: int) -> Tuple[List[List[str]], Tensor]:
         with torch.no_grad():
-            batch, widths = self.preprocess(images)
+            batch, widths = self.preprocess([img.to(self.device) for img in images])
             log_probs, lengths = self.log_probs(batch, widths)
             return self.decode(log_probs, lengths, decoder, beam_width, top_k)
 
@@ -242,75 +249,243 @@ class ExportedRecognizer:
         return collate(images, self.height, self.in_channels, self.max_width, self.ink)
 
     def log_probs(self, batch: Tensor, widths: Tensor) -> Tuple[Tensor, Tensor]:
-        # The program takes widths that are multiples of 4, at least 8, and batches of 2 or
-        # more (export specializes sizes 0 and 1): pad to that. Exact, as padding is masked
-        # and the decoder reads each sample's own frames only.
+        """(N, C, H, W) float batch, widths (N,) -> log-probs (T, N, K) float32, frame counts (N,)."""
+        # The programs take widths that are multiples of 4 and at least 8 (export specialises a
+        # length of 1 frame): pad to that. Exact: padding is masked, and the decoder reads each
+        # sample's own frames only. Format 1 programs also need a batch of 2 or more.
         N, W = batch.shape[0], batch.shape[-1]
         W_pad = max(8, (W + 3) // 4 * 4)
+        batch = batch.to(self.device, torch.float32)
+        widths = widths.to(self.device)
         if W_pad != W:
             batch = F.pad(batch, (0, W_pad - W))
-        if N == 1:
+        if N == 1 and self.program_format == 1:
             batch, widths = batch.expand(2, -1, -1, -1), widths.expand(2)
+        batch, widths = batch.contiguous(), widths.contiguous()
         with torch.no_grad():
-            log_probs, lengths = self.module(batch.float().contiguous(), widths.contiguous())
+            if "model" in self.parts:
+                log_probs, lengths = self.parts["model"](batch, widths)
+            else:
+                log_probs, lengths = self.parts["head"](*self.features(batch, widths))
         return log_probs[:, :N], lengths[:N]
+
+    def features(self, batch: Tensor, widths: Tensor) -> Tuple[Tensor, Tensor]:
+        """The conv stack over chunks of about self.chunk images (on the CPU: activations stay in
+        cache; measured 2x faster than the whole batch at 256), chunk sizes balanced."""
+        N = batch.shape[0]
+        features = self.parts["features"]
+        if "features_unpadded" in self.parts and bool((widths >= batch.shape[-1]).all()):  # (CPU only)
+            features = self.parts["features_unpadded"]
+        n_chunks = 1 if self.device.type != "cpu" else max(1, N // self.chunk)
+        if n_chunks == 1:
+            return features(batch, widths)
+        bounds = [N * i // n_chunks for i in range(n_chunks + 1)]
+        parts = [features(batch[a:b], widths[a:b]) for a, b in zip(bounds, bounds[1:])]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def decode(self, log_probs: Tensor, lengths: Tensor, decoder: str, beam_width: int, top_k: int) -> Tuple[List[List[str]], Tensor]:
         return decode_log_probs(log_probs, lengths, self.charset, decoder, beam_width, top_k,
                                 self.token_min_logp, self.blank_skip_threshold)
 
 
-_PT2_META = "captcha_fast.json"
-
-
-def export_program(model: Union[CRNN, Recognizer, str, os.PathLike], path: Union[str, os.PathLike],
-                   decoder: str = "beam", beam_width: int = 10) -> Path:
-    """torch.export the recognizer's CRNN (float32, CPU; dynamic batch and width) to a .pt2 file
-    holding the program plus the config, charset and decoder settings; `load_program` or
-    `captcha_fast.api.load` reads it back. `model` is a CRNN, an eager Recognizer or the path of
-    a saved TorchScript recognizer (then its decoder settings are kept). Returns the path
-    (written atomically). Takes about 10 s."""
+def _as_recognizer(model: Union[CRNN, Recognizer, str, os.PathLike], decoder: str, beam_width: int) -> Recognizer:
     if isinstance(model, (str, os.PathLike)):
         model = eager_recognizer(model)
     rec = model if isinstance(model, Recognizer) else build_recognizer(model.cpu(), decoder=decoder, beam_width=beam_width)
-    rec = rec.cpu().eval()
-    net = _ExportableCRNN(rec.model).float().eval()
-    H = rec.height
-    example = (torch.rand(2, rec.in_channels, H, 64), torch.tensor([64, 40]))
-    batch, width = torch.export.Dim("batch", min=1, max=65536), torch.export.Dim("width4", min=1, max=16384)
+    return rec.cpu().float().eval()
+
+
+def _export_parts(rec: Recognizer, device: torch.device, dtype: torch.dtype, unpadded: bool) -> dict:
+    """torch.export the "features" and "head" parts of rec's CRNN on `device`, convs in `dtype`,
+    with a dynamic batch and width (and "features_unpadded" if unpadded)."""
+    net = _ExportableCRNN(copy.deepcopy(rec.model)).to(device).eval()
+    net.convs.to(dtype)
+    for conv in net.convs:
+        # Channels-last weights make every conv run channels-last: with a 1-channel input,
+        # conv_stack's .contiguous(channels_last) is a no-op and the convs would stay NCHW
+        # (1.3x slower on the CPU, same values).
+        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+    batch, width4 = torch.export.Dim("batch", min=1, max=65536), torch.export.Dim("width4", min=2, max=16384)
+    images = torch.rand(3, rec.in_channels, rec.height, 64, device=device)
+    widths = torch.tensor([64, 40, 12], device=device)
     with torch.no_grad():
-        program = torch.export.export(net, example, dynamic_shapes=({0: batch, 3: 4 * width}, {0: batch}))
-    meta = {"config_json": rec.config_json, "decoder": rec.decoder, "beam_width": rec.beam_width,
+        features = torch.export.export(_Features(net), (images, widths),
+                                       dynamic_shapes=({0: batch, 3: 4 * width4}, {0: batch}))
+        x, w = _Features(net)(images, widths)
+        head = torch.export.export(_Head(net), (x, w), dynamic_shapes=({0: batch, 3: width4}, {0: batch}))
+        parts = {"features": features, "head": head}
+        if unpadded:
+            parts["features_unpadded"] = torch.export.export(
+                _Features(net, unpadded=True), (images, widths), dynamic_shapes=({0: batch, 3: 4 * width4}, {0: batch}))
+    return parts
+
+
+def _meta(rec: Recognizer, device: torch.device, dtype: torch.dtype, chunk: int) -> dict:
+    return {"config_json": rec.config_json, "decoder": rec.decoder, "beam_width": rec.beam_width,
             "token_min_logp": rec.token_min_logp, "blank_skip_threshold": rec.blank_skip_threshold,
-            "max_width": rec.max_width, "format": RECOGNIZER_FORMAT}
-    return atomic_write(Path(path), lambda tmp: torch.export.save(program, tmp, extra_files={_PT2_META: json.dumps(meta)}))
+            "max_width": rec.max_width, "format": RECOGNIZER_FORMAT, "program_format": PROGRAM_FORMAT,
+            "device": device.type, "dtype": str(dtype).removeprefix("torch."), "chunk": chunk}
+
+
+def export_program(model: Union[CRNN, Recognizer, str, os.PathLike], path: Union[str, os.PathLike],
+                   decoder: str = "beam", beam_width: int = 10, device: Union[str, torch.device] = "cpu",
+                   dtype: Union[None, str, torch.dtype] = None) -> Path:
+    """torch.export the recognizer's CRNN (dynamic batch and width) to a .pt2 file holding the
+    programs (PROGRAM_FORMAT) plus the config, charset and decoder settings; `load_program` or
+    `captcha_fast.load` reads it back. `model` is a CRNN, an eager Recognizer or the path of a
+    saved TorchScript recognizer (then its decoder settings are kept). The program runs on
+    `device` with its convs in `dtype` (None: float32 on the CPU, portable to any CPU;
+    resolve_dtype's choice on CUDA). Returns the path (written atomically). About 10 s."""
+    from torch.export.pt2_archive._package import package_pt2
+
+    device = torch.device(device)
+    dtype = torch.float32 if dtype is None and device.type == "cpu" else resolve_dtype(dtype, device)
+    rec = _as_recognizer(model, decoder, beam_width)
+    programs = _export_parts(rec, device, dtype, unpadded=device.type == "cpu")
+    meta = _meta(rec, device, dtype, rec.model.chunk)
+    return atomic_write(Path(path), lambda tmp: package_pt2(tmp, exported_programs=programs,
+                                                            extra_files={_META: json.dumps(meta)}))
+
+
+def _machine() -> dict:
+    """What a compiled model is tied to: torch version, CPU vector ISA (Inductor's pick)."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    return {"torch": torch.__version__, "cpu_isa": str(pick_vec_isa())}
+
+
+def compile_package(model: Union[CRNN, Recognizer, str, os.PathLike], path: Union[str, os.PathLike],
+                    decoder: str = "beam", beam_width: int = 10, device: Union[str, torch.device] = "cpu",
+                    dtype: Union[None, str, torch.dtype] = None) -> Path:
+    """AOTInductor-compile the recognizer's CRNN for this machine into a .pt2 package ("features" and
+    "head" models, dynamic batch and width, plus the settings): Inductor fuses the elementwise work
+    (masks, pooling, ReLU, log-softmax) into C++ loops; convolutions, matmuls and captcha_fast::gru
+    stay library calls. `captcha_fast.load` reads it, and so does C++ (torch::inductor::
+    AOTIModelPackageLoader, after loading the captcha_fast library; examples/cpp). It runs only
+    with this torch version, on a CPU with this machine's vector ISA (or on `device`); dtype
+    None: resolve_dtype's choice for `device`. Compiles with one thread: about a minute of CPU."""
+    from torch._inductor import aot_compile
+    from torch.export.pt2_archive._package import package_pt2
+
+    device = torch.device(device)
+    dtype = resolve_dtype(dtype, device)
+    rec = _as_recognizer(model, decoder, beam_width)
+    meta = {**_meta(rec, device, dtype, rec.model.chunk), **_machine()}
+    # Flat strings for C++ readers (AOTIModelPackageLoader::get_metadata()); Python reads _META.
+    cfg = json.loads(rec.config_json)
+    flat = {"captcha_fast." + k: str(v if not isinstance(v, bool) else int(v)) for k, v in
+            {**{k: v for k, v in meta.items() if k != "config_json"}, **cfg}.items() if v is not None}
+    options = {"aot_inductor.package": True, "aot_inductor.metadata": flat, "compile_threads": 1,
+               # threads chosen at run time (torch.set_num_threads), not frozen at compile time
+               "cpp.dynamic_threads": True}
+    files = {}
+    with torch.no_grad():
+        # Compiled masks are fused into the conv epilogues, nearly free: no unpadded variant.
+        for name, program in _export_parts(rec, device, dtype, unpadded=False).items():
+            files[name] = aot_compile(program.module(), program.example_inputs[0], options=options)
+    return atomic_write(Path(path), lambda tmp: package_pt2(tmp, aoti_files=files, extra_files={_META: json.dumps(meta)}))
 
 
 def load_program(path: Union[str, os.PathLike], device: Union[None, str, torch.device] = None,
                  dtype: Union[None, str, torch.dtype] = None) -> ExportedRecognizer:
-    """An ExportedRecognizer from a .pt2 file written by export_program. The program is float32
-    on the CPU: another device, or a dtype other than float32/"auto", is refused (use the .pt)."""
+    """An ExportedRecognizer from a .pt2 file written by export_program (kind "program") or
+    compile_package (kind "compiled"). Device and precision are fixed in the file: `device`
+    (None: the file's) and `dtype` (None/"auto": the file's) must match it, else ValueError."""
+    from torch.export.pt2_archive._package import load_pt2
+
     path = Path(path)
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type != "cpu" or dtype not in (None, "auto", "float32", torch.float32):
-        raise ValueError(f"{str(path)!r} is a .pt2 program, which runs float32 on the CPU: device={str(device)!r} "
-                         f"and dtype={dtype!r} are not available for it (load the TorchScript .pt for those)")
     if not path.is_file():
-        raise FileNotFoundError(f"exported program file not found: {str(path)!r}")
-    extra = {_PT2_META: ""}
+        raise FileNotFoundError(f"recognizer file not found: {str(path)!r}")
+    meta = _read_meta(path)
+    file_device, file_dtype = torch.device(meta.get("device", "cpu")), meta.get("dtype", "float32")
+    if device is not None and torch.device(device).type != file_device.type:
+        raise ValueError(f"{str(path)!r} was exported for {file_device.type}, not {torch.device(device).type}: "
+                         f"export it for that device (or load the TorchScript .pt)")
+    if dtype not in (None, "auto") and resolve_dtype(dtype, file_device) != _DTYPES[file_dtype]:
+        raise ValueError(f"{str(path)!r} runs its convolutions in {file_dtype}, fixed at export: dtype={dtype!r} "
+                         f"is not available for it (export it with that dtype, or load the TorchScript .pt)")
+    compiled = "cpu_isa" in meta
+    if compiled:
+        _check_machine(path, meta)
     try:
-        program = torch.export.load(str(path), extra_files=extra)
-    except Exception as e:  # torch raises several types for a foreign file
-        raise _not_a_recognizer(path, f"torch.export.load failed: {type(e).__name__}: {str(e).strip()[:200]}") from e
-    if not extra[_PT2_META]:
-        raise _not_a_recognizer(path, "a torch.export program without captcha_fast metadata")
-    return ExportedRecognizer(program, json.loads(extra[_PT2_META]))
+        contents = load_pt2(str(path))
+    except Exception as e:  # torch raises several types for a damaged file
+        raise _not_a_recognizer(path, f"loading it failed: {type(e).__name__}: {str(e).strip()[:200]}") from e
+    if compiled:
+        runners = contents.aoti_runners
+        if set(runners) != set(_PARTS):
+            raise _not_a_recognizer(path, f"compiled models {sorted(runners)}, expected {list(_PARTS)}")
+        # loader.boxed_run: the flat call, without the pytree round trip of AOTICompiledModel.__call__
+        parts = {name: (lambda *xs, run=runners[name].loader.boxed_run: run(list(xs))) for name in _PARTS}
+        return ExportedRecognizer(parts, meta, "compiled")
+    programs = contents.exported_programs
+    expected = ["model"] if meta.get("program_format", 1) == 1 else list(_PARTS)
+    if not set(expected) <= set(programs):
+        raise _not_a_recognizer(path, f"programs {sorted(programs)}, expected {expected}")
+    return ExportedRecognizer({name: _runnable(p) for name, p in programs.items()}, meta, "program")
+
+
+def _runnable(program) -> torch.fx.GraphModule:
+    """program.module() without its per-call input-guard hook: ExportedRecognizer.log_probs builds
+    inputs that meet the program's constraints, and the hook costs 0.15 ms a call (10% at batch 1)."""
+    module = program.module(check_guards=False)
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
+            del module._forward_pre_hooks[key]
+    return module
+
+
+def _read_meta(path: Path) -> dict:
+    """The captcha_fast settings in a .pt2 archive; ValueError naming the file if it has none."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith("/extra/" + _META)]
+            if not names:
+                raise _not_a_recognizer(path, "a .pt2 archive without captcha_fast settings")
+            meta = json.loads(z.read(names[0]))
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
+        if isinstance(e, ValueError) and "captcha_fast" in str(e):
+            raise
+        raise _not_a_recognizer(path, f"not a readable .pt2 archive: {type(e).__name__}: {e}") from e
+    program_format = meta.get("program_format", 1)
+    if program_format > PROGRAM_FORMAT:
+        raise ValueError(f"{str(path)!r} is .pt2 program format {program_format}; this captcha_fast reads up to "
+                         f"{PROGRAM_FORMAT}: upgrade captcha_fast")
+    return meta
+
+
+def _check_machine(path: Path, meta: dict):
+    """ValueError unless the compiled models in `path` can run here (torch version, CPU ISA, device)."""
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+    here = _machine()
+    why = None
+    if meta["torch"] != here["torch"]:
+        why = f"for torch {meta['torch']}, and torch {here['torch']} is installed"
+    elif meta["device"] == "cpu" and meta["cpu_isa"] not in [str(isa) for isa in valid_vec_isa_list()]:
+        why = f"for a CPU with {meta['cpu_isa']}, which this CPU lacks ({here['cpu_isa']})"
+    elif meta["device"] == "cuda" and not torch.cuda.is_available():
+        why = "for CUDA, and no GPU is available"
+    if why:
+        raise ValueError(f"{str(path)!r} holds models compiled {why}: compile it again here "
+                         f"(captcha-fast export MODEL --out FILE.pt2 --compile), or load the .pt/.pt2 program")
+
+
+def file_kind(path: Union[str, os.PathLike]) -> str:
+    """"compiled" (a .pt2 AOTInductor package), "program" (a .pt2 of torch.export programs), "torchscript"
+    (another zip archive: torch.jit.load will tell) or "unknown" (not a zip archive), by the contents."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return "unknown"
+    if any("/data/aotinductor/" in n or n.startswith("data/aotinductor/") for n in names):
+        return "compiled"
+    if any(n.endswith("/archive_format") or n == "archive_format" for n in names):
+        return "program"
+    return "torchscript"
 
 
 def _is_export_archive(path: Path) -> bool:
-    """Whether `path` is a torch.export archive (.pt2) rather than a TorchScript file."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.endswith("/archive_format") or n == "archive_format" for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
+    """Whether `path` is a .pt2 archive (program or compiled) rather than a TorchScript file."""
+    return file_kind(path) in ("program", "compiled")
