@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
@@ -343,8 +344,12 @@ def export_program(model: Union[CRNN, Recognizer, str, os.PathLike], path: Union
     rec = _as_recognizer(model, decoder, beam_width)
     programs = _export_parts(rec, device, dtype, unpadded=device.type == "cpu")
     meta = _meta(rec, device, dtype, rec.model.chunk)
-    return atomic_write(Path(path), lambda tmp: package_pt2(tmp, exported_programs=programs,
-                                                            extra_files={_META: json.dumps(meta)}))
+
+    def write(tmp: str):
+        with warnings.catch_warnings():  # torch's note on non-contiguous (channels-last) weights: saved exactly
+            warnings.filterwarnings("ignore", "No complete tensor found in the group")
+            package_pt2(tmp, exported_programs=programs, extra_files={_META: json.dumps(meta)})
+    return atomic_write(Path(path), write)
 
 
 def _machine() -> dict:
