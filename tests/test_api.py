@@ -9,6 +9,8 @@ from captcha_fast import api, export
 from captcha_fast.decode import Hypothesis
 from captcha_fast.synth import render, sample_rng
 
+from conftest import tiny_model
+
 TEXTS = ("3a7f", "0b1", "c4d5e6", "ffff", "12", "9")
 
 
@@ -93,20 +95,54 @@ def test_loaded_model_and_load_cache(model_path, pil_images, expected):
 
 @pytest.mark.slow
 def test_exported_program_predicts_the_same(model_path, pil_images, expected, tmp_path):
-    """torch.export (.pt2): captcha_fast.load takes it; predictions equal (about 10 s to export)."""
+    """torch.export (.pt2): captcha_fast.load takes it; predictions equal (a few seconds to export).
+    tests/test_export.py compares the formats in depth."""
     pt2 = export.export_program(model_path, tmp_path / "model.pt2")  # from the saved TorchScript file
     rec = api.load(pt2)
-    assert isinstance(rec, export.ExportedRecognizer)
+    assert isinstance(rec, export.ExportedRecognizer) and api.format_of(rec) == "program"
     for bs in (1, 4):
         assert api.predict_batch(pil_images, rec, batch_size=bs) == expected
-    with pytest.raises(ValueError, match="model.pt2.*runs float32 on the CPU"):
-        api.load(pt2, device="cuda")
-    with pytest.raises(ValueError, match="model.pt2.*runs float32 on the CPU"):
-        api.load(pt2, amp=True)
     scripted = api.load(model_path).recognize([_chw(i) for i in pil_images], "beam", 10, 2)
     got = rec.recognize([_chw(i) for i in pil_images], "beam", 10, 2)
     assert got[0] == scripted[0]
     torch.testing.assert_close(got[1], scripted[1], atol=1e-4, rtol=1e-5)
+
+
+def test_format_of(model_path):
+    assert api.format_of(api.load(model_path)) == "torchscript"
+    assert api.format_of(export.build_recognizer(tiny_model())) == "eager"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threads_argument_gives_the_same_reads_and_is_restored(model_path, pil_images, expected, threads):
+    before = torch.get_num_threads()
+    assert api.predict_batch(pil_images, model_path, threads=threads) == expected
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, "2"])
+def test_bad_threads_argument(model_path, threads):
+    with pytest.raises(ValueError, match="threads must be None .auto. or an int >= 1"):
+        api.predict_batch([torch.zeros(1, 20, 20, dtype=torch.uint8)], model_path, threads=threads)
+
+
+def test_auto_threads_leave_the_cores_other_processes_keep_busy():
+    """A competitor spinning on a CPU is seen (busy_cpus >= 1 while it runs), and auto_threads stays
+    within [1, torch's thread count]."""
+    import subprocess
+    import sys
+    import time
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        assert api.busy_cpus() >= 1
+        assert 1 <= api.auto_threads() <= torch.get_num_threads()
+    finally:
+        spinner.kill()
+        spinner.wait()
+    with api.num_threads(1):
+        assert torch.get_num_threads() == 1 and api.auto_threads() == 1  # the caller's cap is respected
 
 
 def test_missing_pretrained_model_says_how_to_build_it(monkeypatch, tmp_path):
