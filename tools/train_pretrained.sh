@@ -11,11 +11,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-runs/pretrained}
 shift || true
-python -m captcha_fast.train synthetic --out "$RUN" \
+python -m captcha_fast train synthetic --out "$RUN" \
     --synth-train 24000 --synth-val 1000 --synth-min-len 4 --synth-max-len 8 \
     --synth-charset 0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ --synth-cache runs/synth-cache \
     --height 32 --channels 16 32 --hidden 96 --dropout 0.1 --bucket 16 \
     --epochs 5 --batch-size 32 --lr 3e-3 --warmup 0.15 --seed 0 --threads 1 "$@"
 cp "$RUN/model.pt" captcha_fast/pretrained/default.pt
 # Fresh captchas (seed 12345, never seen in training or validation) -> accuracy.
-python -m captcha_fast.evaluate captcha_fast/pretrained/default.pt synthetic --synth-n 1000 --synth-seed 12345 --merge 0O,1I
+python -m captcha_fast eval captcha_fast/pretrained/default.pt synthetic --synth-n 1000 --synth-seed 12345 --merge 0O,1I
