@@ -21,10 +21,9 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
@@ -33,6 +32,7 @@ from captcha_fast.checkpoint import atomic_write, init_from_checkpoint, load_che
 from captcha_fast.data import (AugmentConfig, Batch, BucketBatchSampler, CaptchaDataset, check_labels, collate,
                                frames_needed, list_samples, split_samples, synthetic_dataset)
 from captcha_fast.decode import greedy_decode
+from captcha_fast.distributed import Dist
 from captcha_fast.export import save_recognizer
 from captcha_fast.metrics import score
 from captcha_fast.model import CRNN, CRNNConfig
@@ -119,7 +119,7 @@ _RESUME_MUST_MATCH = ("data", "seed", "batch_size", "epochs", "lr", "height", "i
 _CSV_KEYS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_cer", "val_n", "lr", "seconds"]
 
 
-# ---------------------------------------------------------------------------- processes and RNG
+# ---------------------------------------------------------------------------- RNG
 
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -137,50 +137,6 @@ def _set_rng_state(state: dict) -> None:
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 1009 + rank) % (2 ** 31)
-
-
-class _Dist:
-    """Rank, world size and the collectives (no-ops in one process)."""
-
-    def __init__(self, device: torch.device):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.started = False
-        if self.world > 1 and device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        self.device = device  # NCCL reduces CUDA tensors only
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            self.started = True
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, values: Sequence[float]) -> List[float]:
-        if self.world == 1:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.cpu().tolist()
-
-    def average_buffers(self, model: nn.Module) -> None:
-        """Average the batch-norm running statistics over ranks (each rank saw its own shards;
-        DDP only copies rank 0's at the next forward), so every rank holds the same model."""
-        if self.world > 1:
-            for b in model.buffers():
-                if b.is_floating_point():
-                    dist.all_reduce(b)
-                    b.div_(self.world)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.started:
-            dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------- data and model
@@ -275,7 +231,7 @@ def char_warmup(run: "_Run") -> None:
 class _Run:
     """Everything an epoch needs, made by _setup."""
     cfg: TrainConfig
-    ddp: _Dist
+    ddp: Dist
     out: Path
     train_ds: CaptchaDataset
     val_ds: Optional[CaptchaDataset]
@@ -313,7 +269,7 @@ def _resume_state(cfg: TrainConfig, out: Path) -> Optional[dict]:
     return state
 
 
-def _setup(cfg: TrainConfig, ddp: _Dist) -> _Run:
+def _setup(cfg: TrainConfig, ddp: Dist) -> _Run:
     out = Path(cfg.out)
     state = _resume_state(cfg, out)
     if ddp.main:
@@ -343,10 +299,7 @@ def _setup(cfg: TrainConfig, ddp: _Dist) -> _Run:
     if cfg.amp and ddp.device.type == "cuda":
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    net = model
-    if ddp.world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[ddp.device.index] if ddp.device.type == "cuda" else None)
-    run = _Run(cfg, ddp, out, train_ds, val_ds, charset, model, net, opt, sampler, sched, scaler, amp_dtype)
+    run = _Run(cfg, ddp, out, train_ds, val_ds, charset, model, ddp.wrap(model), opt, sampler, sched, scaler, amp_dtype)
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -386,10 +339,6 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
         b = collate([run.train_ds[i] for i in idx])
         with torch.autocast(device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
             log_probs, lengths = run.net(b.images.to(device, non_blocking=True), b.widths.to(device))
-        for label, t in zip(b.labels, lengths.tolist()):
-            if t < frames_needed(label):
-                raise ValueError(f"label {label!r} needs {frames_needed(label)} CTC frames but its (augmented) "
-                                 f"image gives {t}: the image is too narrow for its label")
         loss = run.ctc(log_probs.float(), b.targets.to(device), lengths, b.target_lengths.to(device))
         if not torch.isfinite(loss):
             raise RuntimeError(f"CTC loss is {float(loss)} at epoch {epoch + 1} on labels {b.labels}: "
@@ -444,19 +393,27 @@ def _rank(row: dict) -> tuple:
     return row["val_acc"], -row["val_cer"], -row["val_loss"]
 
 
+def _checkpoint(run: _Run, epoch: int, resumable: bool) -> dict:
+    """The checkpoint dict (see captcha_fast.checkpoint); resumable adds the optimizer, scheduler,
+    scaler and RNG states that --resume needs."""
+    ckpt = {"config": asdict(run.cfg), "model_config": run.model.config.to_dict(), "charset": run.charset.symbols,
+            "model": run.model.state_dict(), "epoch": epoch, "metrics": run.rows, "best": run.best,
+            "bad_epochs": run.bad_epochs, "elapsed": run.elapsed}
+    if resumable:
+        ckpt.update(optimizer=run.opt.state_dict(), scheduler=run.sched.state_dict(), scaler=run.scaler.state_dict(),
+                    rng=_rng_state())
+    return ckpt
+
+
 def _record(run: _Run, epoch: int, row: dict) -> bool:
     """Keep the row, write the checkpoints, metrics.csv and curves.png; True if the epoch is the best."""
     run.rows.append(row)
     improved = run.best is None or _rank(row) > _rank(run.best)
     run.best, run.bad_epochs = (dict(row), 0) if improved else (run.best, run.bad_epochs + 1)
     if run.ddp.main:
-        ckpt = {"config": asdict(run.cfg), "model_config": run.model.config.to_dict(), "charset": run.charset.symbols,
-                "model": run.model.state_dict(), "epoch": epoch, "metrics": run.rows, "best": run.best,
-                "bad_epochs": run.bad_epochs, "elapsed": run.elapsed}
         if improved:
-            save_checkpoint(ckpt, run.out / "best.ckpt")  # weights only: not resumable
-        save_checkpoint({**ckpt, "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
-                         "scaler": run.scaler.state_dict(), "rng": _rng_state()}, run.out / "last.ckpt")
+            save_checkpoint(_checkpoint(run, epoch, resumable=False), run.out / "best.ckpt")
+        save_checkpoint(_checkpoint(run, epoch, resumable=True), run.out / "last.ckpt")
         atomic_write(run.out / "metrics.csv", lambda tmp: _write_csv(run.rows, tmp))
         atomic_write(run.out / "curves.png", lambda tmp: plot_curves(run.rows, tmp))
     return improved
@@ -498,7 +455,7 @@ def train(config: TrainConfig, log: Optional[Callable[[str], None]] = None) -> P
         raise RuntimeError("--device cuda was asked for but CUDA is not available")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    ddp = _Dist(device)
+    ddp = Dist(device)
     try:
         run = _setup(cfg, ddp)
         say = log if log is not None and ddp.main else (lambda line: None)
