@@ -263,7 +263,7 @@ def synth_cache_key(config, n: int, height: int, in_channels: int) -> str:
     and the input channels (and the cache format)."""
     what = {"synth": asdict(config), "n": n, "height": height, "in_channels": in_channels,
             "format": _SYNTH_CACHE_FORMAT}
-    return "synth_" + hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20] + ".pt"
+    return "synth_" + hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20] + ".pt"
 
 
 def synthetic_dataset(config, n: int, charset: Charset, height: int = 32, in_channels: int = 1,
