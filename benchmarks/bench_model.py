@@ -1,6 +1,6 @@
 """End-to-end recognition throughput (uint8 50x200 captchas -> strings), batch 1, 64, 256:
 
-    (a) baseline: eager fp32 CRNN + captcha_fast.decode.greedy_decode_python
+    (a) baseline: eager fp32 CRNN + captcha_fast.bench.greedy_decode_python
     (b) scripted Recognizer (folded BN, channels-last, chunked) + C++ greedy
     (c) scripted Recognizer + C++ beam search, beam 10
     (d) (c) with low-precision convolutions (bf16; fp16 on GPUs without bf16)
@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from captcha_fast import api, decode, export
-from captcha_fast.bench import captcha_images, cpu_has_native_bf16, cpu_peak_gflops, flops_per_image
+from captcha_fast.bench import captcha_images, cpu_peak_gflops, flops_per_image, greedy_decode_python
 from captcha_fast.charset import Charset
 from captcha_fast.model import CRNN, CRNNConfig
-from captcha_fast.recognizer import collate
+from captcha_fast.preprocess import collate
 
 Ns = [1, 64, 256]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -28,8 +28,8 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 @lru_cache(maxsize=None)
 def _model() -> CRNN:
-    if api.PRETRAINED.is_file():
-        rec = export.load_recognizer(api.PRETRAINED, freeze=False)
+    if api.DEFAULT_MODEL.is_file():
+        rec = export.load_recognizer(api.DEFAULT_MODEL, freeze=False)
         cfg = export.config_of(rec)
         torch.manual_seed(0)
         return CRNN(cfg).eval()  # same architecture; weights do not change the speed
@@ -55,7 +55,7 @@ def _baseline(images):
     with torch.no_grad():
         batch, widths = collate(images, cfg.height, cfg.in_channels)
         lp, lengths = m(batch, widths)
-    return decode.greedy_decode_python(lp, lengths, Charset(cfg.charset)), lp, lengths
+    return greedy_decode_python(lp, lengths, Charset(cfg.charset)), lp, lengths
 
 
 def _run(benchmark, fn, N, device, cfg):
@@ -92,7 +92,7 @@ def test_scripted(benchmark, tmp_path_factory, N, variant, device):
     benchmark.group = f"model N={N} {device}"
     dtype = {"b_greedy": "float32", "c_beam10": "float32", "d_beam10_lowp": "low", "e_beam10_default": None}[variant]
     if dtype == "low":
-        if device == "cpu" and not cpu_has_native_bf16():
+        if device == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             pytest.skip("this CPU has no native bf16 (avx512_bf16/amx_bf16): bf16 convs measured ~25x slower "
                         "than fp32 on an AVX2 EPYC, so captcha_fast keeps fp32 on it (amp=None)")
         dtype = torch.float16 if device == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
@@ -105,6 +105,6 @@ def test_scripted(benchmark, tmp_path_factory, N, variant, device):
     if variant == "b_greedy":
         assert texts == want
     else:
-        exact = [h[0].text for h in decode.beam_search(lp, lengths, Charset(_model().config.charset), 10)]
+        exact = decode.beam_search(lp, lengths, Charset(_model().config.charset), 10)
         agree = sum(a == b for a, b in zip(texts, exact)) / N
         assert agree >= (1.0 if dtype in ("float32", None) and device == "cpu" else 0.9), agree

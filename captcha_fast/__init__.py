@@ -7,12 +7,12 @@
 """
 from captcha_fast._extension import CUDA_KERNELS, LIBRARY_PATH
 from captcha_fast import ops
-from captcha_fast.api import default_model, load, predict_batch
+from captcha_fast.api import DEFAULT_MODEL, default_model, load, predict_batch
 from captcha_fast.charset import Charset
 from captcha_fast.decode import Hypothesis, beam_search, greedy_decode
 from captcha_fast.export import export_program, save_recognizer
 from captcha_fast.model import CRNN, CRNNConfig
 
 __version__ = "0.1.0"
-__all__ = ["predict_batch", "load", "default_model", "Hypothesis", "beam_search", "greedy_decode", "Charset",
+__all__ = ["predict_batch", "load", "default_model", "DEFAULT_MODEL", "Hypothesis", "beam_search", "greedy_decode", "Charset",
            "CRNN", "CRNNConfig", "save_recognizer", "export_program", "CUDA_KERNELS", "LIBRARY_PATH"]

@@ -16,67 +16,55 @@ from typing import Any, List, Optional, Sequence, Union
 import torch
 
 from captcha_fast import export
-from captcha_fast.decode import Hypothesis
-from captcha_fast.images import ImageLike, to_tensors
-from captcha_fast.recognizer import Recognizer, resized_width
+from captcha_fast.decode import Hypothesis, to_hypotheses
+from captcha_fast.preprocess import ImageLike, check_width, to_tensors
+from captcha_fast.recognizer import Recognizer
 
-PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "default.pt"
+DEFAULT_MODEL = Path(__file__).resolve().parent / "pretrained" / "default.pt"
 """The shipped pretrained recognizer (predict_batch's default model)."""
-DEFAULT_MODEL = PRETRAINED  # the name the CLI uses
 
 _CACHE: "OrderedDict[tuple, Any]" = OrderedDict()  # loaded recognizers, by (path, mtime, device, dtype)
 _CACHE_SIZE = 4
 
 
-def _amp_dtype(amp: Optional[bool], device: torch.device) -> Union[str, torch.dtype]:
-    """None: the device default (CUDA bf16/fp16, CPU fp32); True: low precision; False: fp32."""
-    if amp is None:
-        return "auto"
-    if not amp:
-        return torch.float32
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16
-
-
 def load(path: Union[str, os.PathLike], device: Union[None, str, torch.device] = None,
          amp: Optional[bool] = None):
     """A recognizer from a TorchScript file (.pt) or a torch.export program (.pt2), ready for
-    predict_batch: on `device` (default: CUDA if available, else CPU), convolutions in low
-    precision per `amp` (None: the device default, see export.resolve_dtype: bf16/fp16 on CUDA,
-    bf16 on CPUs with native bf16, else fp32; True forces bf16/fp16, False fp32)."""
-    dev = torch.device(device) if device is not None else _default_device()
+    predict_batch. A .pt goes on `device` (default: CUDA if available, else CPU) with its
+    convolutions in the precision export.resolve_dtype picks for `amp` (None: the device's
+    fastest; True: low precision; False: float32). A .pt2 runs float32 on the CPU and refuses
+    anything else. Loaded files are cached (by path, modification time, device and precision)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recognizer file not found: {str(path)!r}")
-    key = (str(path.resolve()), path.stat().st_mtime_ns, str(dev), str(_amp_dtype(amp, dev)))
+    is_program = export._is_export_archive(path)
+    if device is not None:
+        dev = torch.device(device)
+    else:
+        dev = torch.device("cuda" if torch.cuda.is_available() and not is_program else "cpu")
+    dtype = export.amp_dtype(amp)
+    key = (str(path.resolve()), path.stat().st_mtime_ns, str(dev), dtype)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
-    if export._is_export_archive(path):
-        rec = export.load_program(path)  # float32, CPU
+    if is_program:
+        rec = export.load_program(path, device=dev, dtype="float32" if amp is False else dtype)
     else:
-        rec = export.load_recognizer(path, device=dev, dtype=_amp_dtype(amp, dev))
+        rec = export.load_recognizer(path, device=dev, dtype=dtype)
     _CACHE[key] = rec
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return rec
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def default_model(device: Union[None, str, torch.device] = None, amp: Optional[bool] = None):
     """The shipped pretrained recognizer (captcha_fast/pretrained/default.pt), loaded as `load` does;
     FileNotFoundError saying how to make one if it is missing."""
-    path = PRETRAINED
-    if not path.is_file():
+    if not DEFAULT_MODEL.is_file():
         raise FileNotFoundError(
-            f"the shipped pretrained model {str(path)!r} is missing: train one and save it there "
-            f"(captcha_fast.export.save_recognizer(model, {str(path)!r}), or `captcha-fast export "
-            f"RUN_DIR/best.ckpt --out {str(path)!r}`), or pass model= a recognizer file or object")
-    return load(path, device=device, amp=amp)
+            f"the shipped pretrained model {str(DEFAULT_MODEL)!r} is missing: reinstall captcha_fast, or pass "
+            f"model= a recognizer file (`captcha-fast export RUN_DIR/best.ckpt --out model.pt`)")
+    return load(DEFAULT_MODEL, device=device, amp=amp)
 
 
 def _resolve_model(model, device, amp):
@@ -113,21 +101,15 @@ def predict_batch(
     device, amp: used when the model is loaded here (see `load`); a loaded model keeps its own.
     batch_size: images per forward pass; images are sorted by width to reduce padding and
         the results come back in input order."""
-    if decoder not in ("beam", "greedy"):
-        raise ValueError(f"decoder must be 'beam' or 'greedy', got {decoder!r}")
-    if beam_width < 1:
-        raise ValueError(f"beam_width must be >= 1, got {beam_width}")
-    if top_k < 1 or (decoder == "beam" and top_k > beam_width):
-        raise ValueError(f"top_k must be in [1, beam_width = {beam_width}], got {top_k}")
-    if decoder == "greedy" and top_k != 1:
-        raise ValueError(f"the greedy decoder gives one hypothesis per image: top_k must be 1, got {top_k}")
+    check_decode_args(decoder, beam_width, top_k)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rec = _resolve_model(model, device, amp)
     tensors = to_tensors(images)
-    height = int(rec.height)
-    # sort by width after the resize, so each chunk pads little
-    order = sorted(range(len(tensors)), key=lambda i: resized_width(tensors[i].shape[-2], tensors[i].shape[-1], height))
+    height, max_width = int(rec.height), int(rec.max_width)
+    # sort by width after the resize, so each chunk pads little; too wide an image fails here, by name
+    widths = [check_width(t.shape[-2], t.shape[-1], height, max_width, f"images[{i}]") for i, t in enumerate(tensors)]
+    order = sorted(range(len(tensors)), key=widths.__getitem__)
     texts: List[List[str]] = [[] for _ in tensors]
     scores: List[List[float]] = [[] for _ in tensors]
     for start in range(0, len(order), batch_size):
@@ -137,4 +119,16 @@ def predict_batch(
             texts[i], scores[i] = ti, si
     if top_k == 1 and not return_scores:
         return [t[0] for t in texts]
-    return [[Hypothesis(t, s) for t, s in zip(ts, ss) if s > float("-inf")] for ts, ss in zip(texts, scores)]
+    return to_hypotheses(texts, torch.tensor(scores))
+
+
+def check_decode_args(decoder: str, beam_width: int, top_k: int) -> None:
+    """ValueError unless (decoder, beam_width, top_k) make sense together (predict_batch and the CLI)."""
+    if decoder not in ("beam", "greedy"):
+        raise ValueError(f"decoder must be 'beam' or 'greedy', got {decoder!r}")
+    if beam_width < 1:
+        raise ValueError(f"beam_width must be >= 1, got {beam_width}")
+    if decoder == "greedy" and top_k != 1:
+        raise ValueError(f"the greedy decoder gives one hypothesis per image: top_k must be 1, got {top_k}")
+    if top_k < 1 or top_k > beam_width:
+        raise ValueError(f"top_k must be in [1, beam_width = {beam_width}], got {top_k}")

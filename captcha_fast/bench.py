@@ -17,13 +17,54 @@ from captcha_fast.testing import random_log_probs
 
 SYMBOLS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
+def greedy_decode_python(log_probs: Tensor, input_lengths: Tensor, charset: Charset) -> List[str]:
+    """Pure-Python greedy with a per-element tensor loop (argmax in torch, then int() of each 0-d
+    tensor): NOT the seed's code (which loops over numpy ints); kept until the honest baselines land."""
+    best = log_probs.argmax(-1)  # (T, N)
+    texts = []
+    for n in range(best.shape[1]):
+        out, prev = [], 0
+        for k in best[: int(input_lengths[n]), n]:
+            k = int(k)
+            if k != 0 and k != prev:
+                out.append(charset.symbols[k - 1])
+            prev = k
+        texts.append("".join(out))
+    return texts
+
+
+def greedy_decode_python_lists(log_probs: Tensor, input_lengths: Tensor, charset: Charset) -> List[str]:
+    """A tuned pure-Python greedy decoder (one .tolist(), then list loops)."""
+    best = log_probs.argmax(-1).t().tolist()  # (N, T)
+    texts = []
+    for path, length in zip(best, input_lengths.tolist()):
+        out, prev = [], 0
+        for k in path[:length]:
+            if k != 0 and k != prev:
+                out.append(charset.symbols[k - 1])
+            prev = k
+        texts.append("".join(out))
+    return texts
+
+
+def greedy_decode_torch(log_probs: Tensor, input_lengths: Tensor) -> Tensor:
+    """Vectorised greedy decoding in torch ops: (N, T) int64 tokens, padded with -1."""
+    best = log_probs.argmax(-1).t()  # (N, T)
+    N, T = best.shape
+    prev = torch.nn.functional.pad(best[:, :-1], (1, 0), value=0)
+    in_seq = torch.arange(T, device=best.device)[None, :] < input_lengths[:, None]
+    keep = (best != 0) & (best != prev) & in_seq
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+    return torch.where(keep, best, torch.full_like(best, -1)).gather(1, order)
+
+
 Decoder = Callable[[Tensor, Tensor, Charset, int], object]
 
 # name -> decoder(log_probs, lengths, charset, beam_width). Greedy ones ignore the beam.
 GREEDY: Dict[str, Decoder] = {
-    "python greedy (seed loop)": lambda lp, n, cs, k: decode.greedy_decode_python(lp, n, cs),
-    "python greedy (tolist)": lambda lp, n, cs, k: decode.greedy_decode_python_lists(lp, n, cs),
-    "torch greedy (tokens)": lambda lp, n, cs, k: decode.greedy_decode_torch(lp, n),
+    "python greedy (seed loop)": lambda lp, n, cs, k: greedy_decode_python(lp, n, cs),
+    "python greedy (tolist)": lambda lp, n, cs, k: greedy_decode_python_lists(lp, n, cs),
+    "torch greedy (tokens)": lambda lp, n, cs, k: greedy_decode_torch(lp, n),
     "C++ greedy (tokens)": lambda lp, n, cs, k: torch.ops.captcha_fast.ctc_greedy_decode(lp, n, 0),
     "C++ greedy (strings)": lambda lp, n, cs, k: decode.greedy_decode(lp, n, cs),
 }
@@ -94,11 +135,6 @@ def cpu_peak_gflops() -> float:
     return torch.get_num_threads() * mhz / 1e3 * 2 * lanes * 2
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX: where bf16 convolutions run natively (and faster than fp32)."""
-    flags = open("/proc/cpuinfo").read()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
 
 def captcha_images(N: int, width: int = 200) -> List[Tensor]:
     """N rendered 50 x `width` captchas of 5 symbols, (3, 50, width) uint8, deterministic."""
@@ -115,7 +151,7 @@ def predict_table(batch: int = 64) -> List[Tuple[str, float, float]]:
     model: the baseline is the eager float32 model + Python greedy decoding."""
     from captcha_fast import api, export
     from captcha_fast.model import CRNN
-    from captcha_fast.recognizer import collate
+    from captcha_fast.preprocess import collate
 
     images = captcha_images(batch)
     scripted = api.default_model()
@@ -126,7 +162,7 @@ def predict_table(batch: int = 64) -> List[Tuple[str, float, float]]:
         with torch.no_grad():
             x, widths = collate(images, eager.config.height, eager.config.in_channels)
             lp, lengths = eager(x, widths)
-        return decode.greedy_decode_python(lp, lengths, charset)
+        return greedy_decode_python(lp, lengths, charset)
 
     rows = [("eager fp32 + Python greedy (baseline)", batch / seconds_per_call(baseline))]
     for name, decoder, beam in [("scripted + C++ greedy", "greedy", 1), ("scripted + C++ beam-10", "beam", 10)]:

@@ -201,7 +201,7 @@ def _add_eval(p):
       help="evaluate one side of the training split (pass the run's --val-fraction and --seed)")
     a("--val-fraction", type=float, default=0.15, help="as `train` (default: 0.15)")
     a("--seed", type=int, default=0, help="split seed, as `train` (default: 0)")
-    a("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    a("--device", default="cpu", help="cpu (default) or cuda")
     a("--synth-n", type=int, default=1000, help="synthetic: how many captchas (default: 1000)")
     a("--synth-seed", type=int, default=12345, help="synthetic: render seed (training uses SEED and SEED + 1000000)")
     a("--synth-min-len", type=int, default=4)

@@ -148,9 +148,9 @@ def load_samples(samples: Sequence[Sample], skip_bad: bool = False,
     return kept, images
 
 
-def _resized_uint8(image: Tensor, height: int, in_channels: int, max_width: int, name: str) -> Tensor:
+def _resized_uint8(image: Tensor, height: int, in_channels: int, max_width: int, name: str, ink: bool) -> Tensor:
     """preprocess.prepare_image, kept as uint8 (4x less memory; at most 1/510 off)."""
-    x = preprocess.prepare_image(image, height, in_channels, max_width, name)
+    x = preprocess.prepare_image(image, height, in_channels, max_width, name, ink)
     return (x * 255).round().to(torch.uint8)
 
 
@@ -220,18 +220,20 @@ def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 class CaptchaDataset(torch.utils.data.Dataset):
     """Labelled images, preloaded (decoded and resized once) so bad files fail up front.
 
-    images: already resized (in_channels, height, W) uint8 tensors (e.g. a synthetic cache);
-    None reads the files. item i -> (image (C, H, W_i) float [0, 1], label str, targets (L_i,) int64)."""
+    images: already prepared (in_channels, height, W) uint8 tensors (e.g. a synthetic cache);
+    None reads the files and prepares them as the Recognizer does (preprocess.prepare_image with
+    height, in_channels, max_width and ink: the model's input options).
+    item i -> (image (C, H, W_i) float [0, 1], label str, targets (L_i,) int64)."""
 
     def __init__(self, samples: Sequence[Sample], charset: Charset, height: int = 32, in_channels: int = 1,
                  augment: Optional[AugmentConfig] = None, seed: int = 0, skip_bad: bool = False,
-                 images: Optional[Sequence[Tensor]] = None, max_width: int = MAX_WIDTH):
+                 images: Optional[Sequence[Tensor]] = None, max_width: int = MAX_WIDTH, ink: bool = False):
         samples = check_labels(samples, charset, skip_bad)
         self.charset, self.height, self.in_channels = charset, height, in_channels
         self.augment, self.seed, self.epoch = augment, seed, 0
         if images is None:
             samples, images = load_samples(
-                samples, skip_bad, lambda image, name: _resized_uint8(image, height, in_channels, max_width, name))
+                samples, skip_bad, lambda image, name: _resized_uint8(image, height, in_channels, max_width, name, ink))
         if not samples:
             raise ValueError("the data set is empty (no usable images)")
         self.samples = list(samples)
@@ -258,21 +260,21 @@ class CaptchaDataset(torch.utils.data.Dataset):
 _SYNTH_CACHE_FORMAT = 2  # bump when rendering or preprocessing changes what a cached set holds
 
 
-def synth_cache_key(config, n: int, height: int, in_channels: int) -> str:
-    """The cache file name of a rendered set: a hash of every SynthConfig field, n, the height
-    and the input channels (and the cache format)."""
-    what = {"synth": asdict(config), "n": n, "height": height, "in_channels": in_channels,
+def synth_cache_key(config, n: int, height: int, in_channels: int, ink: bool = False) -> str:
+    """The cache file name of a rendered set: a hash of every SynthConfig field, n and the
+    model's input options (height, in_channels, ink), and the cache format."""
+    what = {"synth": asdict(config), "n": n, "height": height, "in_channels": in_channels, "ink": ink,
             "format": _SYNTH_CACHE_FORMAT}
     return "synth_" + hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20] + ".pt"
 
 
 def synthetic_dataset(config, n: int, charset: Charset, height: int = 32, in_channels: int = 1,
                       augment: Optional[AugmentConfig] = None, seed: int = 0, progress: bool = False,
-                      cache_dir=None) -> CaptchaDataset:
+                      cache_dir=None, ink: bool = False) -> CaptchaDataset:
     """n seeded synthetic captchas (captcha_fast.synth.SynthConfig), rendered once and kept in
     memory; with cache_dir, kept there too and reused by any run that asks for the same set."""
     from captcha_fast.synth import SyntheticCaptchas
-    cache = Path(cache_dir) / synth_cache_key(config, n, height, in_channels) if cache_dir else None
+    cache = Path(cache_dir) / synth_cache_key(config, n, height, in_channels, ink) if cache_dir else None
     if cache is not None and cache.exists():
         blob = torch.load(cache, weights_only=True)
         labels, images = blob["labels"], blob["images"]
@@ -286,7 +288,7 @@ def synthetic_dataset(config, n: int, charset: Charset, height: int = 32, in_cha
             image, text = gen[i]
             name = f"synthetic:{config.seed}:{i}"
             labels.append(text)
-            images.append(_resized_uint8(preprocess.from_pil(image, name), height, in_channels, MAX_WIDTH, name))
+            images.append(_resized_uint8(preprocess.from_pil(image, name), height, in_channels, MAX_WIDTH, name, ink))
         if cache is not None:
             atomic_write(cache, lambda tmp: torch.save({"labels": labels, "images": images}, tmp))
     samples = [Sample(f"synthetic:{config.seed}:{i}", text) for i, text in enumerate(labels)]

@@ -1,8 +1,10 @@
-"""CTC decoding from Python: the pure-Python baseline and typed wrappers over
-the C++/CUDA ops (torch.ops.captcha_fast.*) that return strings.
+"""CTC decoding to strings from Python: typed wrappers over the C++/CUDA ops
+(torch.ops.captcha_fast.*), through the same decode-to-strings path as the
+saved Recognizer (captcha_fast.recognizer.decode_log_probs).
 
 log_probs are (T, N, C) = (frames, batch, classes), as the model emits them and
-nn.CTCLoss takes them; class 0 is the blank."""
+nn.CTCLoss takes them; class 0 is the blank. As predict_batch: one string per
+sequence, or Hypothesis(text, score) lists when scores or top_k > 1 are asked for."""
 from __future__ import annotations
 
 from typing import List, NamedTuple, Optional, Union
@@ -10,14 +12,10 @@ from typing import List, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from captcha_fast import ops  # noqa: F401  (registers the ops and their fake kernels)
 from captcha_fast.charset import Charset
+from captcha_fast.recognizer import BLANK_SKIP_THRESHOLD, TOKEN_MIN_LOGP, decode_log_probs
 
-# Default pruning of beam_search: measured on model-like (peaky) log-probs, it
-# changes no top-1 label while making the search several times faster
-# (benchmarks/bench_decode.py). None switches a rule off (exact search).
-TOKEN_MIN_LOGP = -8.0
-BLANK_SKIP_THRESHOLD = 0.999
+__all__ = ["Hypothesis", "greedy_decode", "beam_search", "allowed_mask", "TOKEN_MIN_LOGP", "BLANK_SKIP_THRESHOLD"]
 
 
 class Hypothesis(NamedTuple):
@@ -30,112 +28,65 @@ class Hypothesis(NamedTuple):
     the alignments the beam kept for beam search."""
 
 
-def greedy_decode_python(log_probs: Tensor, input_lengths: Tensor, charset: Charset) -> List[str]:
-    """The baseline every benchmark compares to, decoding as the seed project
-    did: argmax per frame in torch, then a plain Python loop over each
-    sequence's values that merges repeats and drops blanks."""
-    best = log_probs.argmax(-1)  # (T, N)
-    texts = []
-    for n in range(best.shape[1]):
-        out, prev = [], 0
-        for k in best[: int(input_lengths[n]), n]:
-            k = int(k)
-            if k != 0 and k != prev:
-                out.append(charset.symbols[k - 1])
-            prev = k
-        texts.append("".join(out))
-    return texts
+def _symbols(charset: Union[Charset, str]) -> List[str]:
+    return list(charset.symbols if isinstance(charset, Charset) else Charset(charset).symbols)
 
 
-def greedy_decode_python_lists(log_probs: Tensor, input_lengths: Tensor, charset: Charset) -> List[str]:
-    """A tuned pure-Python greedy decoder (one .tolist(), then list loops):
-    the strongest Python baseline, shown beside the seed's in the benchmarks."""
-    best = log_probs.argmax(-1).t().tolist()  # (N, T)
-    texts = []
-    for path, length in zip(best, input_lengths.tolist()):
-        out, prev = [], 0
-        for k in path[:length]:
-            if k != 0 and k != prev:
-                out.append(charset.symbols[k - 1])
-            prev = k
-        texts.append("".join(out))
-    return texts
+def to_hypotheses(texts: List[List[str]], scores: Tensor) -> List[List[Hypothesis]]:
+    """(top-k strings per sequence, scores (N, k)) -> Hypothesis lists, best first, without the
+    missing ones (score -inf: fewer than k labels exist)."""
+    return [[Hypothesis(t, s) for t, s in zip(ts, ss) if s > float("-inf")]
+            for ts, ss in zip(texts, scores.tolist())]
 
 
-def greedy_decode_torch(log_probs: Tensor, input_lengths: Tensor) -> Tensor:
-    """Vectorised greedy decoding in torch ops: (N, T) int64 tokens, padded with -1."""
-    best = log_probs.argmax(-1).t()  # (N, T)
-    N, T = best.shape
-    prev = torch.nn.functional.pad(best[:, :-1], (1, 0), value=0)
-    in_seq = torch.arange(T, device=best.device)[None, :] < input_lengths[:, None]
-    keep = (best != 0) & (best != prev) & in_seq
-    # Stable sort of "not kept" moves the kept tokens to the front in order.
-    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
-    tokens = torch.where(keep, best, torch.full_like(best, -1)).gather(1, order)
-    return tokens
+def greedy_decode(log_probs: Tensor, input_lengths: Tensor, charset: Union[Charset, str], *,
+                  return_scores: bool = False) -> Union[List[str], List[Hypothesis]]:
+    """Best-path decoding with the C++/CUDA op: one string per sequence, or (return_scores)
+    one Hypothesis per sequence (score: the best path's log-probability)."""
+    texts, scores = decode_log_probs(log_probs, input_lengths, _symbols(charset), "greedy", 1, 1)
+    if not return_scores:
+        return [t[0] for t in texts]
+    return [Hypothesis(t[0], s) for t, s in zip(texts, scores[:, 0].tolist())]
 
 
-def _check_scores(scores: Tensor, op: str) -> None:
-    # The CUDA kernels flag bad input with a NaN score instead of syncing.
-    if scores.is_cuda:
-        bad = torch.isnan(scores.reshape(scores.shape[0], -1)).any(1).nonzero().flatten().tolist()
-        if bad:
-            raise ValueError(f"{op}: sequence {bad[0]} has NaN/+inf log-probs or a length outside [0, T]")
-
-
-def _texts(tokens: Tensor, lengths: Tensor, charset: Charset) -> List[str]:
-    symbols = charset.symbols
-    return ["".join(symbols[k - 1] for k in row[:n]) for row, n in zip(tokens.tolist(), lengths.tolist())]
-
-
-def greedy_decode(log_probs: Tensor, input_lengths: Tensor, charset: Charset) -> List[Hypothesis]:
-    """Best-path decoding with the C++/CUDA op: one Hypothesis per sequence."""
-    tokens, lengths, scores = torch.ops.captcha_fast.ctc_greedy_decode(log_probs, input_lengths, 0)
-    _check_scores(scores, "ctc_greedy_decode")
-    return [Hypothesis(t, s) for t, s in zip(_texts(tokens, lengths, charset), scores.tolist())]
-
-
-def allowed_mask(charset: Charset, allowed: str, device: Union[str, torch.device] = "cpu") -> Tensor:
+def allowed_mask(charset: Union[Charset, str], allowed: str, device: Union[str, torch.device] = "cpu") -> Tensor:
     """Bool mask over classes that admits the blank and the symbols of `allowed`."""
-    bad = "".join(ch for ch in dict.fromkeys(allowed) if ch not in charset.symbols)
+    symbols = _symbols(charset)
+    bad = "".join(ch for ch in dict.fromkeys(allowed) if ch not in symbols)
     if bad:
-        raise ValueError(f"allowed characters {bad!r} are not in the charset {charset.symbols!r}")
-    mask = torch.zeros(charset.num_classes, dtype=torch.bool)
+        raise ValueError(f"allowed characters {bad!r} are not in the charset {''.join(symbols)!r}")
+    mask = torch.zeros(len(symbols) + 1, dtype=torch.bool)
     mask[0] = True
-    mask[[charset.symbols.index(ch) + 1 for ch in allowed]] = True
+    mask[[symbols.index(ch) + 1 for ch in allowed]] = True
     return mask.to(device)
 
 
 def beam_search(
     log_probs: Tensor,
     input_lengths: Tensor,
-    charset: Charset,
+    charset: Union[Charset, str],
     beam_width: int = 10,
     top_k: int = 1,
     *,
+    return_scores: bool = False,
     token_min_logp: Optional[float] = TOKEN_MIN_LOGP,
     blank_skip_threshold: Optional[float] = BLANK_SKIP_THRESHOLD,
     min_length: int = 0,
     max_length: Optional[int] = None,
     allowed: Optional[str] = None,
-) -> List[List[Hypothesis]]:
-    """CTC prefix beam search with the C++/CUDA op: for each sequence its
-    `top_k` best labels, best first (fewer if fewer exist).
+) -> Union[List[str], List[List[Hypothesis]]]:
+    """CTC prefix beam search with the C++/CUDA op: the best string per sequence, or (top_k > 1
+    or return_scores) its `top_k` best labels as Hypothesis lists, best first (fewer if fewer
+    exist).
 
     Pruning (token_min_logp, blank_skip_threshold) is on by default; pass
     None for both to run the exact search. min_length/max_length bound the
     label length (captchas often have a known one); `allowed` restricts the
     symbols (e.g. "0123456789" for a meter reading)."""
+    symbols = _symbols(charset)
     mask = None if allowed is None else allowed_mask(charset, allowed, log_probs.device)
-    tokens, lengths, scores = torch.ops.captcha_fast.ctc_beam_search(
-        log_probs, input_lengths, beam_width, top_k, 0, token_min_logp, blank_skip_threshold,
-        min_length, -1 if max_length is None else max_length, mask,
-    )
-    _check_scores(scores, "ctc_beam_search")
-    N, K, L = tokens.shape
-    texts = _texts(tokens.reshape(N * K, L), lengths.reshape(-1), charset)
-    flat_scores = scores.reshape(-1).tolist()
-    return [
-        [Hypothesis(texts[n * K + k], flat_scores[n * K + k]) for k in range(K) if flat_scores[n * K + k] > float("-inf")]
-        for n in range(N)
-    ]
+    texts, scores = decode_log_probs(log_probs, input_lengths, symbols, "beam", beam_width, top_k, token_min_logp,
+                                     blank_skip_threshold, min_length, -1 if max_length is None else max_length, mask)
+    if top_k == 1 and not return_scores:
+        return [t[0] for t in texts]
+    return to_hypotheses(texts, scores)

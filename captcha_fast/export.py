@@ -21,12 +21,13 @@ from torch import Tensor
 from torch._higher_order_ops.scan import scan
 
 from captcha_fast.model import CRNN, CRNNConfig, InferenceCRNN
-from captcha_fast.recognizer import RECOGNIZER_FORMAT, Recognizer, build_recognizer, collate, decode_log_probs
+from captcha_fast.preprocess import MAX_WIDTH, collate
+from captcha_fast.recognizer import RECOGNIZER_FORMAT, Recognizer, build_recognizer, decode_log_probs
 
 # Attributes and methods that torch.jit.freeze must keep.
-_PRESERVED = ["recognize", "preprocess", "logits", "decode", "config_json", "charset", "height",
+_PRESERVED = ["recognize", "preprocess", "log_probs", "decode", "config_json", "charset", "height",
               "in_channels", "decoder", "beam_width", "token_min_logp",
-              "blank_skip_threshold", "format"]
+              "blank_skip_threshold", "max_width", "ink", "format"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -69,21 +70,31 @@ def _not_a_recognizer(path: Path, why: str) -> ValueError:
 
 
 def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) -> torch.dtype:
-    """The conv dtype: explicit, or the default for the device. CUDA: bfloat16 where supported,
-    else float16. CPU: bfloat16 only where oneDNN has native bf16 (AVX-512 BF16 / AMX), where
-    it measured 1.6x faster than fp32; float32 elsewhere: on an AVX2-only CPU bf16 convs
-    measured 25x slower (README, "Speed")."""
+    """The one precision policy: the dtype the convolutions run in on `device`.
+
+    dtype: a torch dtype or its name; None/"auto": the device's fastest (CUDA: bfloat16 where
+    supported, else float16; CPU: bfloat16 only where oneDNN has native bf16 (AVX-512 BF16 /
+    AMX), where it measured 1.6x faster than fp32, float32 elsewhere: on an AVX2-only CPU bf16
+    convs measured 25x slower, README "Precision"); "low": the device's low precision (CUDA as
+    auto, CPU bfloat16) whatever its speed."""
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype}")
         return dtype
-    if dtype is None or dtype == "auto":
+    if dtype in (None, "auto", "low"):
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+        native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return torch.bfloat16 if dtype == "low" or native_bf16 else torch.float32
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', got {dtype!r}")
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, 'auto' or 'low', got {dtype!r}")
     return _DTYPES[dtype]
+
+
+def amp_dtype(amp: Optional[bool]) -> Optional[str]:
+    """predict_batch/load's `amp` as a resolve_dtype argument: None -> "auto", True -> "low",
+    False -> "float32"."""
+    return "auto" if amp is None else ("low" if amp else "float32")
 
 
 def load_recognizer(path: Union[str, os.PathLike], device: Union[None, str, torch.device] = None,
@@ -91,7 +102,7 @@ def load_recognizer(path: Union[str, os.PathLike], device: Union[None, str, torc
     """A saved TorchScript recognizer, on `device` (default CPU), with its convs in `dtype`
     (None/"auto": see resolve_dtype), frozen for inference unless freeze=False.
 
-    The returned module keeps forward/recognize/preprocess/logits/decode and the
+    The returned module keeps forward/recognize/preprocess/log_probs/decode and the
     config_json/charset attributes. ValueError if the file is not a recognizer."""
     path = Path(path)
     if not path.is_file():
@@ -107,6 +118,8 @@ def load_recognizer(path: Union[str, os.PathLike], device: Union[None, str, torc
     if rec.format > RECOGNIZER_FORMAT:
         raise ValueError(f"{str(path)!r} is recognizer format {rec.format}; this captcha_fast reads up to "
                          f"{RECOGNIZER_FORMAT}: upgrade captcha_fast")
+    if rec.format < RECOGNIZER_FORMAT:  # an older interface: rebuild it with today's code, same weights
+        rec = torch.jit.script(_rebuild(rec).to(device))
     rec.eval()
     if conv_dtype != torch.float32:
         rec.model.convs.to(conv_dtype)
@@ -120,34 +133,53 @@ def config_of(recognizer) -> CRNNConfig:
     return CRNNConfig(**json.loads(recognizer.config_json))
 
 
+def _rebuild(saved) -> Recognizer:
+    """An eager Recognizer (float32, CPU) with the weights and settings of a saved one (any format)."""
+    rec = Recognizer(InferenceCRNN(CRNN(config_of(saved))), decoder=saved.decoder, beam_width=saved.beam_width)
+    rec.model.load_state_dict({k: v.float().cpu() for k, v in saved.model.state_dict().items()})
+    rec.token_min_logp, rec.blank_skip_threshold = saved.token_min_logp, saved.blank_skip_threshold
+    if hasattr(saved, "max_width"):
+        rec.max_width = saved.max_width
+    return rec.eval()
+
+
 def eager_recognizer(path: Union[str, os.PathLike]) -> Recognizer:
     """An eager Recognizer (float32, CPU) with the weights and settings of a saved TorchScript
     recognizer, e.g. to export it as a .pt2 program."""
-    scripted = load_recognizer(path, freeze=False)
-    rec = Recognizer(InferenceCRNN(CRNN(config_of(scripted))), decoder=scripted.decoder, beam_width=scripted.beam_width)
-    rec.model.load_state_dict({k: v.float() for k, v in scripted.model.state_dict().items()})
-    rec.token_min_logp, rec.blank_skip_threshold = scripted.token_min_logp, scripted.blank_skip_threshold
-    return rec.eval()
+    return _rebuild(load_recognizer(path, freeze=False))
 
 
 # ----------------------------------------------------------------------------- torch.export (.pt2)
 
-class _ExportableCRNN(nn.Module):
-    """The InferenceCRNN's computation without data-dependent control flow, for torch.export
-    with a dynamic width: masks always applied, no chunking, and the packed bidirectional GRU
-    written as one `scan` per layer over both directions, the backward one reading each sample
-    reversed within its own length (exact for every sample's frames, no packing). nn.GRU
-    itself cannot be exported with a dynamic sequence length (export unrolls it)."""
+class _ExportableCRNN(InferenceCRNN):
+    """The InferenceCRNN without data-dependent control flow, for torch.export with a dynamic
+    width; it overrides only that: features always masks and never chunks, and the packed
+    bidirectional GRU is one `scan` per layer over both directions, the backward one reading
+    each sample reversed within its own length (exact for every sample's frames, no packing).
+    nn.GRU itself cannot be exported with a dynamic sequence length (export unrolls it)."""
 
     def __init__(self, model: InferenceCRNN):
-        super().__init__()
+        nn.Module.__init__(self)
+        self.config, self.chunk = model.config, model.chunk
         self.convs, self.project, self.classifier = model.convs, model.project, model.classifier
+        self.dropout = nn.Identity()
         rnn = model.rnn
         self.num_layers = rnn.num_layers
         for layer in range(rnn.num_layers):
             for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
                 both = [getattr(rnn, f"{name}_l{layer}{sfx}").detach() for sfx in ("", "_reverse")]
                 self.register_buffer(f"{name}_{layer}", torch.stack(both))  # (2, 3H, in) / (2, 3H)
+
+    def features(self, images: Tensor, widths: Tensor) -> Tuple[Tensor, Tensor]:
+        return self.conv_stack(images, widths, False)
+
+    def recurrent(self, x: Tensor, lengths: Tensor) -> Tensor:
+        T = x.shape[0]
+        t = torch.arange(T, device=x.device)[:, None]                               # (T, 1)
+        rev = torch.where(t < lengths[None], lengths[None] - 1 - t, t)[..., None]  # (T, N, 1)
+        for layer in range(self.num_layers):
+            x = self.gru_layer(x, rev, layer)
+        return x
 
     def gru_layer(self, x: Tensor, rev: Tensor, layer: int) -> Tensor:
         """(T, N, F) -> (T, N, 2H): forward direction on x, backward on x reversed per sample."""
@@ -170,26 +202,12 @@ class _ExportableCRNN(nn.Module):
         b = hs[:, 1].gather(0, rev.expand(-1, -1, hs.shape[3]))
         return torch.cat([hs[:, 0], b], -1)
 
-    def forward(self, images: Tensor, widths: Tensor) -> Tuple[Tensor, Tensor]:
-        # The same conv stack as the scripted model, masks always on (full=False): it only
-        # reads self.convs, which this module shares with the InferenceCRNN.
-        x, w = InferenceCRNN.features(self, images, widths, False)
-        N, C, H, T = x.shape
-        x = x.permute(3, 0, 1, 2).reshape(T, N, C * H)
-        x = F.relu(self.project(x.float()))                   # (T, N, hidden)
-        lengths = w.clamp(min=1)
-        t = torch.arange(T, device=x.device)[:, None]         # (T, 1)
-        rev = torch.where(t < lengths[None], lengths[None] - 1 - t, t)[..., None]  # (T, N, 1)
-        for layer in range(self.num_layers):
-            x = self.gru_layer(x, rev, layer)
-        return self.classifier(x).log_softmax(-1), w
-
 
 class ExportedRecognizer:
     """A torch.export program of the recognizer's CRNN (.pt2), with the same Python-side
-    interface as a scripted Recognizer: __call__/forward, recognize, preprocess, logits,
+    interface as a scripted Recognizer: __call__/forward, recognize, preprocess, log_probs,
     decode, config_json, charset. Preprocessing and decoding run the same TorchScript-able
-    functions, eagerly."""
+    functions, eagerly. float32, on the CPU."""
 
     def __init__(self, program, meta: dict):
         self.program = program
@@ -199,10 +217,12 @@ class ExportedRecognizer:
         self.charset: List[str] = list(cfg["charset"])
         self.height: int = cfg["height"]
         self.in_channels: int = cfg["in_channels"]
+        self.ink: bool = cfg.get("ink", False)
         self.decoder: str = meta["decoder"]
         self.beam_width: int = meta["beam_width"]
         self.token_min_logp = meta["token_min_logp"]
         self.blank_skip_threshold = meta["blank_skip_threshold"]
+        self.max_width: int = meta.get("max_width", MAX_WIDTH)
         self.format: int = meta["format"]
 
     def __call__(self, images: List[Tensor]) -> Tuple[List[str], Tensor]:
@@ -215,13 +235,13 @@ class ExportedRecognizer:
     def recognize(self, images: List[Tensor], decoder: str, beam_width: int, top_k: int) -> Tuple[List[List[str]], Tensor]:
         with torch.no_grad():
             batch, widths = self.preprocess(images)
-            log_probs, lengths = self.logits(batch, widths)
+            log_probs, lengths = self.log_probs(batch, widths)
             return self.decode(log_probs, lengths, decoder, beam_width, top_k)
 
     def preprocess(self, images: List[Tensor]) -> Tuple[Tensor, Tensor]:
-        return collate(images, self.height, self.in_channels)
+        return collate(images, self.height, self.in_channels, self.max_width, self.ink)
 
-    def logits(self, batch: Tensor, widths: Tensor) -> Tuple[Tensor, Tensor]:
+    def log_probs(self, batch: Tensor, widths: Tensor) -> Tuple[Tensor, Tensor]:
         # The program takes widths that are multiples of 4, at least 8, and batches of 2 or
         # more (export specializes sizes 0 and 1): pad to that. Exact, as padding is masked
         # and the decoder reads each sample's own frames only.
@@ -262,13 +282,19 @@ def export_program(model: Union[CRNN, Recognizer, str, os.PathLike], path: Union
         program = torch.export.export(net, example, dynamic_shapes=({0: batch, 3: 4 * width}, {0: batch}))
     meta = {"config_json": rec.config_json, "decoder": rec.decoder, "beam_width": rec.beam_width,
             "token_min_logp": rec.token_min_logp, "blank_skip_threshold": rec.blank_skip_threshold,
-            "format": RECOGNIZER_FORMAT}
+            "max_width": rec.max_width, "format": RECOGNIZER_FORMAT}
     return atomic_write(Path(path), lambda tmp: torch.export.save(program, tmp, extra_files={_PT2_META: json.dumps(meta)}))
 
 
-def load_program(path: Union[str, os.PathLike]) -> ExportedRecognizer:
-    """An ExportedRecognizer from a .pt2 file written by export_program."""
+def load_program(path: Union[str, os.PathLike], device: Union[None, str, torch.device] = None,
+                 dtype: Union[None, str, torch.dtype] = None) -> ExportedRecognizer:
+    """An ExportedRecognizer from a .pt2 file written by export_program. The program is float32
+    on the CPU: another device, or a dtype other than float32/"auto", is refused (use the .pt)."""
     path = Path(path)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type != "cpu" or dtype not in (None, "auto", "float32", torch.float32):
+        raise ValueError(f"{str(path)!r} is a .pt2 program, which runs float32 on the CPU: device={str(device)!r} "
+                         f"and dtype={dtype!r} are not available for it (load the TorchScript .pt for those)")
     if not path.is_file():
         raise FileNotFoundError(f"exported program file not found: {str(path)!r}")
     extra = {_PT2_META: ""}

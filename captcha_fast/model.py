@@ -23,13 +23,16 @@ class CRNNConfig:
     charset: str                       # symbols; class 0 is the blank, symbol i is class i + 1
     height: int = 32                   # input height (images are resized to it)
     in_channels: int = 1               # 1: grey, 3: RGB
-    channels: Tuple[int, int] = (32, 64)  # conv block widths
+    channels: Tuple[int, int] = (32, 64)  # output channels of the two conv blocks (in_channels: the input)
     hidden_dim: int = 128              # projection and GRU size
     dropout: float = 0.1
+    ink: bool = False                  # input: the ink map cropped to the text (preprocess.to_ink), grey only
 
     def __post_init__(self):
         Charset(self.charset)  # validates
         self.channels = tuple(self.channels)
+        if self.ink and self.in_channels != 1:
+            raise ValueError(f"ink=True gives one channel: in_channels must be 1, got {self.in_channels}")
         if self.height % 4 or self.height < 4:
             raise ValueError(f"height must be a positive multiple of 4 (two 2x2 pools), got {self.height}")
 
@@ -52,6 +55,9 @@ def column_mask(widths: Tensor, W: int) -> Tensor:
 
 
 class CRNN(nn.Module):
+    """forward = features (conv stack) -> head (projection, BiGRU, classifier, log-softmax).
+    The inference and export variants below override only what they do differently."""
+
     def __init__(self, config: CRNNConfig):
         super().__init__()
         self.config = config
@@ -71,7 +77,13 @@ class CRNN(nn.Module):
         return widths // 4
 
     def forward(self, images: Tensor, widths: Tensor) -> Tuple[Tensor, Tensor]:
-        # images (N, C_in, H, W) in [0, 1], right-padded; widths (N,) int64
+        """images (N, C_in, H, W) in [0, 1], right-padded; widths (N,) int64
+        -> log-probs (T, N, K) float32, frames per sample (N,)."""
+        x, w = self.features(images, widths)
+        return self.head(x, w)
+
+    def features(self, images: Tensor, widths: Tensor) -> Tuple[Tensor, Tensor]:
+        """-> conv features (N, C, H / 4, W / 4), widths / 4 (floored per pool)."""
         x = (images - 0.5) * column_mask(widths, images.shape[-1]).to(images.dtype)
         w = widths
         for i, conv in enumerate(self.convs):
@@ -83,16 +95,23 @@ class CRNN(nn.Module):
             # zero padding gives. (Before a pool this is not needed: the columns it
             # would clean only reach pooled columns that are masked after it.)
             x = x * column_mask(w, x.shape[-1]).to(x.dtype)
+        return x, w
+
+    def head(self, x: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
+        """Conv features (N, C, H, T) -> log-probs (T, N, K) float32; the GRU runs in float32."""
         N, C, H, T = x.shape
         x = x.permute(3, 0, 1, 2).reshape(T, N, C * H)        # width is the sequence axis
-        x = self.dropout(F.relu(self.project(x.float())))     # (T, N, hidden), GRU in float32
-        lengths = w.clamp(min=1)
+        x = self.dropout(F.relu(self.project(x.float())))     # (T, N, hidden)
+        x = self.recurrent(x, w.clamp(min=1))                 # (T, N, 2 * hidden)
+        return self.classifier(self.dropout(x)).log_softmax(-1), w
+
+    def recurrent(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """The BiGRU over each sample's own frames (packed when lengths differ)."""
+        T = x.shape[0]
         if bool((lengths == T).all()):
-            x, _ = self.rnn(x)
-        else:
-            packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
-            x, _ = nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0], total_length=T)
-        return self.classifier(self.dropout(x)).log_softmax(-1), w  # (T, N, K), (N,)
+            return self.rnn(x)[0]
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
+        return nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0], total_length=T)[0]
 
 
 def fold_batchnorm(model: CRNN) -> CRNN:
@@ -120,11 +139,10 @@ def max_pool_2x2(x: Tensor) -> Tensor:
                          torch.maximum(x[:, :, 1::2, 0::2], x[:, :, 1::2, 1::2]))
 
 
-class InferenceCRNN(nn.Module):
-    """A CRNN prepared for fast inference, with the same forward contract
-    (images (N, C_in, H, W), widths (N,)) -> (log_probs (T, N, K) float32, lengths (N,)):
+class InferenceCRNN(CRNN):
+    """A CRNN prepared for fast inference, with the same forward and head; only features differ:
 
-    - batch norms folded into the convs (no BN passes);
+    - batch norms folded into the convs (no BN passes), no dropout;
     - channels-last activations (oneDNN's native layout) and a 2x2 max-pool made of maxima;
     - the conv stack runs `chunk` images at a time, so each activation stays in cache;
     - the column masks are skipped when no sample is padded (they would multiply by 1).
@@ -133,17 +151,27 @@ class InferenceCRNN(nn.Module):
     classifier and log-softmax run in float32."""
 
     def __init__(self, model: CRNN, chunk: int = 16):
-        super().__init__()
+        nn.Module.__init__(self)
         fused = fold_batchnorm(model)
         self.config = fused.config
         self.convs = nn.ModuleList([block[0] for block in fused.convs])  # convs with folded BN bias
         self.project, self.rnn, self.classifier = fused.project, fused.rnn, fused.classifier
+        self.dropout = nn.Identity()
         self.chunk = chunk
 
-    def features(self, images: Tensor, widths: Tensor, full: bool) -> Tuple[Tensor, Tensor]:
+    def features(self, images: Tensor, widths: Tensor) -> Tuple[Tensor, Tensor]:
+        N, W = images.shape[0], images.shape[-1]
+        unpadded = bool((widths >= W).all())  # no padding anywhere: masks are all ones
+        if N <= self.chunk or images.is_cuda:  # GPUs want big kernels, not cache-sized chunks
+            return self.conv_stack(images, widths, unpadded)
+        parts = [self.conv_stack(images[i: i + self.chunk], widths[i: i + self.chunk], unpadded)
+                 for i in range(0, N, self.chunk)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def conv_stack(self, images: Tensor, widths: Tensor, unpadded: bool) -> Tuple[Tensor, Tensor]:
         """(n, C_in, H, W) -> (n, C, H / 4, W / 4) conv features (channels-last), widths / 4."""
         x = images - 0.5
-        if not full:
+        if not unpadded:
             x = x * column_mask(widths, x.shape[-1]).to(x.dtype)
         x = x.contiguous(memory_format=torch.channels_last)
         w = widths
@@ -153,28 +181,6 @@ class InferenceCRNN(nn.Module):
                 x = max_pool_2x2(x)
                 w = w // 2
             x = F.relu(x, inplace=True)  # after the pool: max and ReLU commute, 4x fewer elements
-            if not full:
+            if not unpadded:
                 x = x * column_mask(w, x.shape[-1]).to(x.dtype)
         return x, w
-
-    def forward(self, images: Tensor, widths: Tensor) -> Tuple[Tensor, Tensor]:
-        # images (N, C_in, H, W) in [0, 1], right-padded; widths (N,) int64
-        N, W = images.shape[0], images.shape[-1]
-        full = bool((widths >= W).all())  # no padding anywhere: masks are all ones
-        if N <= self.chunk or images.is_cuda:  # GPUs want big kernels, not cache-sized chunks
-            x, w = self.features(images, widths, full)
-        else:
-            parts = [self.features(images[i: i + self.chunk], widths[i: i + self.chunk], full)
-                     for i in range(0, N, self.chunk)]
-            x = torch.cat([p[0] for p in parts])
-            w = torch.cat([p[1] for p in parts])
-        N, C, H, T = x.shape
-        x = x.permute(3, 0, 1, 2).reshape(T, N, C * H)        # width is the sequence axis
-        x = F.relu(self.project(x.float()))                   # (T, N, hidden), GRU in float32
-        lengths = w.clamp(min=1)
-        if bool((lengths == T).all()):
-            x, _ = self.rnn(x)
-        else:
-            packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
-            x, _ = nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0], total_length=T)
-        return self.classifier(x).log_softmax(-1), w  # (T, N, K), (N,)

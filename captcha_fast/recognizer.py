@@ -20,94 +20,19 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from captcha_fast import ops  # noqa: F401  (registers torch.ops.captcha_fast.*)
-from captcha_fast.decode import BLANK_SKIP_THRESHOLD, TOKEN_MIN_LOGP, Hypothesis  # noqa: F401
 from captcha_fast.model import CRNN, InferenceCRNN
+from captcha_fast.preprocess import collate
 
-RECOGNIZER_FORMAT = 1  # bumped when the saved module's interface changes
-MIN_WIDTH = 4          # two 2x2 pools: narrower images would give no frame
+RECOGNIZER_FORMAT = 2  # bumped when the saved module's interface changes (2: log_probs, max_width)
 
-
-def resized_width(H: int, W: int, height: int) -> int:
-    """The width of an H x W image resized to `height` (aspect kept, rounded), at least MIN_WIDTH."""
-    return max(4, int(W * height / H + 0.5))  # 4 = MIN_WIDTH (TorchScript can't read globals)
-
-
-def check_image(img: Tensor, i: int):
-    """ValueError naming images[i] unless it is H x W or C x H x W (C = 1, 3, 4), non-empty,
-    uint8 or floating point."""
-    name = "images[" + str(i) + "]"
-    if img.dim() != 2 and img.dim() != 3:
-        raise ValueError(name + ": an image must be H x W or C x H x W, got shape " + str(img.shape))
-    if img.dim() == 3 and img.shape[0] != 1 and img.shape[0] != 3 and img.shape[0] != 4:
-        raise ValueError(name + ": an image must have 1 (grey), 3 (RGB) or 4 (RGBA) channels first, got shape "
-                         + str(img.shape))
-    if img.shape[-1] == 0 or img.shape[-2] == 0:
-        raise ValueError(name + ": the image is empty, shape " + str(img.shape))
-    if img.dtype != torch.uint8 and not img.is_floating_point():
-        raise ValueError(name + ": an image must be uint8 or float in [0, 1], got " + str(img.dtype))
-
-
-def prepare_image(img: Tensor, height: int, in_channels: int) -> Tensor:
-    """One (C, H, W) image (C = 1, 3 or 4; uint8, or float in [0, 1]) -> (in_channels, height, W')
-    float32 in [0, 1], resized to `height` keeping the aspect ratio, W' >= MIN_WIDTH."""
-    if img.dim() == 2:
-        img = img.unsqueeze(0)
-    if img.dim() != 3:
-        raise ValueError("an image must be H x W or C x H x W, got " + str(img.dim()) + " dimensions")
-    C, H, W = img.shape[0], img.shape[1], img.shape[2]
-    if H == 0 or W == 0:
-        raise ValueError("an image is empty: shape " + str(img.shape))
-    x = img.float() / 255.0 if img.dtype == torch.uint8 else img.float()
-    x = to_channels(x.unsqueeze(0), in_channels)  # (1, in_channels, H, W)
-    new_w = resized_width(H, W, height)
-    if H != height or W != new_w:
-        x = F.interpolate(x, size=[height, new_w], mode="bilinear", align_corners=False, antialias=True)
-    return x[0]
-
-
-def to_channels(x: Tensor, in_channels: int) -> Tensor:
-    """(N, C, H, W) float, C = 1/3/4 -> (N, in_channels, H, W); RGBA is composited on white."""
-    C = x.shape[1]
-    if C == 4:  # composite on white: the alpha often carries the anti-aliasing
-        alpha = x[:, 3:4]
-        x = x[:, :3] * alpha + (1.0 - alpha)
-        C = 3
-    if C != 1 and C != 3:
-        raise ValueError("an image must have 1 (grey), 3 (RGB) or 4 (RGBA) channels, got " + str(C))
-    if in_channels == 1 and C == 3:  # ITU-R 601 luma, as PIL's convert("L")
-        x = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-    elif in_channels == 3 and C == 1:
-        x = x.expand(-1, 3, -1, -1)
-    return x
-
-
-def collate(images: List[Tensor], height: int, in_channels: int) -> Tuple[Tensor, Tensor]:
-    """Images -> (N, in_channels, height, W_max) float32 right-padded with zeros, widths (N,) int64."""
-    if len(images) == 0:
-        raise ValueError("no images: the list is empty")
-    first = images[0]
-    same = first.dim() == 3 and first.dtype == torch.uint8
-    for i, img in enumerate(images):
-        check_image(img, i)
-        same = same and img.shape == first.shape and img.dtype == first.dtype and img.device == first.device
-    if same:  # one batched resize instead of N small ones
-        x = torch.stack(images).float() / 255.0
-        x = to_channels(x, in_channels)
-        H, W = x.shape[2], x.shape[3]
-        new_w = resized_width(H, W, height)
-        if H != height or W != new_w:
-            x = F.interpolate(x, size=[height, new_w], mode="bilinear", align_corners=False, antialias=True)
-        return x.contiguous(), torch.full([len(images)], new_w, dtype=torch.int64, device=x.device)
-    prepared = [prepare_image(img, height, in_channels) for img in images]
-    widths = [p.shape[2] for p in prepared]
-    batch = prepared[0].new_zeros([len(prepared), in_channels, height, max(widths)])
-    for i, p in enumerate(prepared):
-        batch[i, :, :, : widths[i]] = p
-    return batch, torch.tensor(widths, dtype=torch.int64, device=batch.device)
+# Default pruning of beam search: measured on model-like (peaky) log-probs, it
+# changes no top-1 label while making the search several times faster
+# (benchmarks/bench_decode.py). None switches a rule off (exact search).
+TOKEN_MIN_LOGP = -8.0
+BLANK_SKIP_THRESHOLD = 0.999
 
 
 class Recognizer(nn.Module):
@@ -115,9 +40,12 @@ class Recognizer(nn.Module):
 
     Attributes (saved with the module): config_json (the CRNNConfig as JSON), charset
     (List[str], symbol i is class i + 1), decoder ("greedy" or "beam") and beam_width
-    (used by forward), token_min_logp/blank_skip_threshold (beam pruning), format (RECOGNIZER_FORMAT)."""
+    (used by forward), token_min_logp/blank_skip_threshold (beam pruning), max_width (the
+    widest an image may be after resizing to the model's height; wider ones are refused by
+    name), format (RECOGNIZER_FORMAT)."""
 
-    def __init__(self, model: CRNN | InferenceCRNN, decoder: str = "beam", beam_width: int = 10):
+    def __init__(self, model: CRNN | InferenceCRNN, decoder: str = "beam", beam_width: int = 10,
+                 max_width: int = 4096):
         super().__init__()
         if not isinstance(model, InferenceCRNN):
             model = InferenceCRNN(model)  # a copy: batch norms folded, eval mode
@@ -130,11 +58,12 @@ class Recognizer(nn.Module):
         self.charset: List[str] = list(model.config.charset)
         self.height: int = model.config.height
         self.in_channels: int = model.config.in_channels
+        self.ink: bool = model.config.ink
         self.decoder: str = decoder
         self.beam_width: int = beam_width
-        # beam-search pruning, as captcha_fast.decode.beam_search (None: exact search)
         self.token_min_logp: Optional[float] = TOKEN_MIN_LOGP
         self.blank_skip_threshold: Optional[float] = BLANK_SKIP_THRESHOLD
+        self.max_width: int = max_width
         self.format: int = RECOGNIZER_FORMAT
 
     def forward(self, images: List[Tensor]) -> Tuple[List[str], Tensor]:
@@ -149,16 +78,16 @@ class Recognizer(nn.Module):
         device = self.model.classifier.weight.device
         with torch.no_grad():
             batch, widths = self.preprocess([img.to(device) for img in images])
-            log_probs, lengths = self.logits(batch, widths)
+            log_probs, lengths = self.log_probs(batch, widths)
             return self.decode(log_probs, lengths, decoder, beam_width, top_k)
 
     @torch.jit.export
     def preprocess(self, images: List[Tensor]) -> Tuple[Tensor, Tensor]:
-        """-> (N, in_channels, height, W_max) float32 batch, widths (N,) int64."""
-        return collate(images, self.height, self.in_channels)
+        """-> (N, in_channels, height, W_max) float32 batch, widths (N,) int64 (captcha_fast.preprocess)."""
+        return collate(images, self.height, self.in_channels, self.max_width, self.ink)
 
     @torch.jit.export
-    def logits(self, batch: Tensor, widths: Tensor) -> Tuple[Tensor, Tensor]:
+    def log_probs(self, batch: Tensor, widths: Tensor) -> Tuple[Tensor, Tensor]:
         """(N, C, H, W) float batch, widths (N,) -> log-probs (T, N, K) float32, frame counts (N,).
         The convolutions run in the dtype of the conv weights."""
         return self.model(batch.to(self.model.convs[0].weight.dtype), widths)
@@ -172,22 +101,44 @@ class Recognizer(nn.Module):
 
 def decode_log_probs(log_probs: Tensor, lengths: Tensor, charset: List[str], decoder: str, beam_width: int,
                      top_k: int, token_min_logp: Optional[float] = TOKEN_MIN_LOGP,
-                     blank_skip_threshold: Optional[float] = BLANK_SKIP_THRESHOLD) -> Tuple[List[List[str]], Tensor]:
-    """(T, N, K) log-probs, frame counts (N,) -> top_k strings per sample (best first) and their
+                     blank_skip_threshold: Optional[float] = BLANK_SKIP_THRESHOLD, min_length: int = 0,
+                     max_length: int = -1, allowed_tokens: Optional[Tensor] = None) -> Tuple[List[List[str]], Tensor]:
+    """The one decode-to-strings path (the Recognizer and captcha_fast.decode both use it):
+    (T, N, K) log-probs, frame counts (N,) -> top_k strings per sample (best first) and their
     scores (N, top_k) float32 on the CPU; a missing hypothesis (fewer than top_k exist) is ""
-    with score -inf. decoder: "greedy" (top_k must be 1) or "beam" (prefix beam search, pruned as
-    captcha_fast.decode.beam_search; None for both pruning rules is the exact search)."""
+    with score -inf. decoder: "greedy" (top_k must be 1) or "beam" (prefix beam search; None for
+    both pruning rules is the exact search). Bad input raises the same error on CPU and CUDA."""
     if decoder == "greedy":
         if top_k != 1:
             raise ValueError("the greedy decoder gives one hypothesis: top_k must be 1, got " + str(top_k))
+        op = "ctc_greedy_decode"
         tokens, token_lengths, scores = torch.ops.captcha_fast.ctc_greedy_decode(log_probs, lengths, 0)
         tokens, token_lengths, scores = tokens.unsqueeze(1), token_lengths.unsqueeze(1), scores.unsqueeze(1)
     elif decoder == "beam":
+        op = "ctc_beam_search"
         tokens, token_lengths, scores = torch.ops.captcha_fast.ctc_beam_search(
-            log_probs, lengths, beam_width, top_k, 0, token_min_logp, blank_skip_threshold, 0, -1, None)
+            log_probs, lengths, beam_width, top_k, 0, token_min_logp, blank_skip_threshold, min_length, max_length,
+            allowed_tokens)
     else:
         raise ValueError("decoder must be 'greedy' or 'beam', got '" + decoder + "'")
-    return tokens_to_strings(tokens, token_lengths, charset), scores.cpu()
+    scores = scores.cpu()
+    if log_probs.is_cuda:
+        raise_flagged(scores, lengths, log_probs.shape[0], op)
+    return tokens_to_strings(tokens, token_lengths, charset), scores
+
+
+def raise_flagged(scores: Tensor, lengths: Tensor, T: int, op: str):
+    """The CUDA kernels flag a bad sequence with NaN scores instead of a host sync: raise what
+    the CPU kernels raise for it, word for word."""
+    bad = torch.isnan(scores.reshape(scores.shape[0], -1)).any(1).nonzero()
+    if bad.numel() > 0:
+        n = int(bad[0, 0])
+        length = int(lengths[n])
+        if length < 0 or length > T:
+            raise RuntimeError(op + ": input_lengths[" + str(n) + "] = " + str(length) + " is outside [0, T] with T = "
+                               + str(T) + " frames")
+        raise RuntimeError(op + ": log_probs of sequence " + str(n)
+                           + " contain NaN or +inf (log-probabilities must be finite or -inf)")
 
 
 def tokens_to_strings(tokens: Tensor, token_lengths: Tensor, charset: List[str]) -> List[List[str]]:

@@ -56,6 +56,7 @@ class TrainConfig:
     # model
     height: int = _opt(32, "model input height in pixels (a multiple of 4)")
     in_channels: int = _opt(1, "input channels: 1 grey, 3 colour (--color)", choices=(1, 3), also={"--color": 3})
+    ink: bool = _opt(False, "input: the ink map cropped to the text (preprocess.to_ink; grey models only)")
     channels: Tuple[int, int] = _opt((16, 32), "widths of the two conv blocks", metavar=("C1", "C2"))
     hidden_dim: int = _opt(128, "GRU size", flag="--hidden")
     dropout: float = _opt(0.1, "dropout before the GRU and the classifier")
@@ -106,6 +107,8 @@ class TrainConfig:
                              f"{self.patience}")
         if self.in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 (grey) or 3 (colour), got {self.in_channels}")
+        if self.ink and self.in_channels != 1:
+            raise ValueError(f"ink gives one channel: in_channels must be 1, got {self.in_channels}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -114,8 +117,8 @@ class TrainConfig:
 
 
 # What a --resume must share with the run it continues.
-_RESUME_MUST_MATCH = ("data", "seed", "batch_size", "epochs", "lr", "height", "in_channels", "channels", "hidden_dim",
-                      "val_fraction", "warmup", "bucket", "synth_train")
+_RESUME_MUST_MATCH = ("data", "seed", "batch_size", "epochs", "lr", "height", "in_channels", "ink", "channels",
+                      "hidden_dim", "val_fraction", "warmup", "bucket", "synth_train")
 _CSV_KEYS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_cer", "val_n", "lr", "seconds"]
 
 
@@ -160,14 +163,15 @@ def build_data(cfg: TrainConfig) -> Tuple[CaptchaDataset, Optional[CaptchaDatase
     if not train_s:
         raise ValueError(f"no training images left after the validation split of {cfg.data!r}")
     kw = dict(height=cfg.height, in_channels=cfg.in_channels, seed=cfg.seed, skip_bad=cfg.skip_bad,
-              max_width=cfg.max_width)
+              max_width=cfg.max_width, ink=cfg.ink)
     train_ds = CaptchaDataset(train_s, charset, augment=aug, **kw)
     val_ds = CaptchaDataset(val_s, charset, **kw) if val_s else None
     return train_ds, val_ds, charset
 
 
 def _synthetic(cfg: TrainConfig, sc: SynthConfig, n: int, charset: Charset, aug) -> CaptchaDataset:
-    return synthetic_dataset(sc, n, charset, cfg.height, cfg.in_channels, aug, cfg.seed, cfg.progress, cfg.synth_cache)
+    return synthetic_dataset(sc, n, charset, cfg.height, cfg.in_channels, aug, cfg.seed, cfg.progress, cfg.synth_cache,
+                             cfg.ink)
 
 
 def check_lengths(ds: CaptchaDataset, model: CRNN) -> None:
@@ -182,7 +186,7 @@ def check_lengths(ds: CaptchaDataset, model: CRNN) -> None:
 
 def build_model(cfg: TrainConfig, charset: Charset) -> CRNN:
     model = CRNN(CRNNConfig(charset=charset.symbols, height=cfg.height, in_channels=cfg.in_channels,
-                            channels=cfg.channels, hidden_dim=cfg.hidden_dim, dropout=cfg.dropout))
+                            channels=cfg.channels, hidden_dim=cfg.hidden_dim, dropout=cfg.dropout, ink=cfg.ink))
     # Start the classifier near uniform: big random logits push CTC onto the all-blank plateau.
     nn.init.normal_(model.classifier.weight, std=0.01)
     nn.init.zeros_(model.classifier.bias)
@@ -377,7 +381,7 @@ def _validate(run: _Run) -> dict:
             b = collate([ds[i] for i in idx])
             log_probs, lengths = run.model(b.images.to(device), b.widths.to(device))
             loss_sum += float(run.ctc(log_probs, b.targets.to(device), lengths, b.target_lengths.to(device))) * len(idx)
-            reads += [h.text for h in greedy_decode(log_probs, lengths, run.charset)]
+            reads += greedy_decode(log_probs, lengths, run.charset)
             truths += b.labels
     r = score(truths, reads)
     n, correct, errors, chars, loss_sum = ddp.sum([r.n, r.correct, r.char_errors, r.chars, loss_sum])

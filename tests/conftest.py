@@ -6,14 +6,23 @@ from captcha_fast.model import CRNN, CRNNConfig
 from captcha_fast.synth import render, sample_rng
 
 
+TINY_CHARSET = "0123456789abcdef"
+
+
+def tiny_model(seed: int = 0, in_channels: int = 1) -> CRNN:
+    """A small untrained CRNN over 0-9a-f with a sharpened classifier: confident, non-trivial
+    (if meaningless) outputs, so small numeric differences do not flip strings. Enough to check
+    plumbing, formats and agreement between paths."""
+    torch.manual_seed(seed)
+    m = CRNN(CRNNConfig(TINY_CHARSET, channels=(8, 16), hidden_dim=32, in_channels=in_channels)).eval()
+    m.classifier.weight.data *= 8
+    return m
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory):
-    """A small untrained recognizer over 0-9a-f with confident (if meaningless) outputs:
-    enough to check plumbing, formats and agreement between paths."""
-    torch.manual_seed(0)
-    m = CRNN(CRNNConfig("0123456789abcdef", channels=(8, 16), hidden_dim=32)).eval()
-    m.classifier.weight.data *= 8
-    return export.save_recognizer(m, tmp_path_factory.mktemp("tiny") / "model.pt")
+    """tiny_model() saved as a TorchScript recognizer (beam search by default)."""
+    return export.save_recognizer(tiny_model(), tmp_path_factory.mktemp("tiny") / "model.pt")
 
 
 @pytest.fixture(scope="session")

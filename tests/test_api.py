@@ -7,18 +7,14 @@ from PIL import Image
 
 from captcha_fast import api, export
 from captcha_fast.decode import Hypothesis
-from captcha_fast.model import CRNN, CRNNConfig
 from captcha_fast.synth import render, sample_rng
 
 TEXTS = ("3a7f", "0b1", "c4d5e6", "ffff", "12", "9")
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    torch.manual_seed(0)
-    m = CRNN(CRNNConfig("0123456789abcdef", channels=(8, 16), hidden_dim=32)).eval()
-    m.classifier.weight.data *= 8  # confident outputs
-    return export.save_recognizer(m, tmp_path_factory.mktemp("api") / "model.pt")
+def model_path(tiny_model_path):
+    return tiny_model_path
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +77,10 @@ def test_return_scores(model_path, pil_images, expected):
     assert [h[0].text for h in api.predict_batch(pil_images, model_path, return_scores=True)] == expected
 
 
-def test_greedy_decoder_and_amp(model_path, pil_images, expected):
+def test_greedy_decoder_and_amp(model_path, pil_images):
+    rec = api.load(model_path)
     greedy = api.predict_batch(pil_images, model_path, decoder="greedy")
-    assert len(greedy) == len(expected)
+    assert greedy == [rec.recognize([_chw(img)], "greedy", 1, 1)[0][0][0] for img in pil_images]
     assert api.predict_batch(pil_images, model_path, amp=True) == api.predict_batch(pil_images, model_path, amp=False)
 
 
@@ -102,6 +99,10 @@ def test_exported_program_predicts_the_same(model_path, pil_images, expected, tm
     assert isinstance(rec, export.ExportedRecognizer)
     for bs in (1, 4):
         assert api.predict_batch(pil_images, rec, batch_size=bs) == expected
+    with pytest.raises(ValueError, match="model.pt2.*runs float32 on the CPU"):
+        api.load(pt2, device="cuda")
+    with pytest.raises(ValueError, match="model.pt2.*runs float32 on the CPU"):
+        api.load(pt2, amp=True)
     scripted = api.load(model_path).recognize([_chw(i) for i in pil_images], "beam", 10, 2)
     got = rec.recognize([_chw(i) for i in pil_images], "beam", 10, 2)
     assert got[0] == scripted[0]
@@ -109,8 +110,8 @@ def test_exported_program_predicts_the_same(model_path, pil_images, expected, tm
 
 
 def test_missing_pretrained_model_says_how_to_build_it(monkeypatch, tmp_path):
-    monkeypatch.setattr(api, "PRETRAINED", tmp_path / "pretrained" / "default.pt")
-    with pytest.raises(FileNotFoundError, match="default.pt.*save_recognizer"):
+    monkeypatch.setattr(api, "DEFAULT_MODEL", tmp_path / "pretrained" / "default.pt")
+    with pytest.raises(FileNotFoundError, match="default.pt.*missing.*captcha-fast export"):
         api.predict_batch([torch.zeros(1, 20, 20, dtype=torch.uint8)])
 
 
@@ -164,3 +165,18 @@ def test_bad_arguments(model_path):
         api.predict_batch(imgs, model_path, batch_size=0)
     with pytest.raises(TypeError, match="model"):
         api.predict_batch(imgs, 42)
+
+
+def test_too_wide_an_image_is_refused_by_name_without_the_work(model_path):
+    """A 1 x 100000 strip is 3.2 million px wide at height 32: refused before any resize."""
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"images\[1\].*1 x 100000 image is 3200000 px wide.*max_width = 4096"):
+        api.predict_batch([torch.zeros(1, 20, 20, dtype=torch.uint8), torch.zeros(1, 1, 100000, dtype=torch.uint8)],
+                          model_path)
+    assert time.perf_counter() - t0 < 10
+    rec = export.load_recognizer(model_path, freeze=False)
+    rec.max_width = 8  # configurable per recognizer; the scripted module raises torch.jit.Error
+    with pytest.raises(Exception, match="above max_width = 8"):
+        rec([torch.zeros(1, 32, 40, dtype=torch.uint8)])

@@ -82,7 +82,7 @@ def test_info_and_module_entry_point():
 
 
 def test_demo_reads_fresh_captchas_with_the_shipped_model(capsys):
-    assert api.PRETRAINED.is_file(), "the shipped model is missing: run tools/train_pretrained.sh"
+    assert api.DEFAULT_MODEL.is_file(), "the shipped model is missing: run tools/train_pretrained.sh"
     assert main(["demo", "-n", "8", "--seed", "3"]) == 0
     out = capsys.readouterr().out
     assert "read right" in out and "images/s" in out

@@ -122,8 +122,8 @@ def test_dataset_and_collate(folder):
         assert (b.images[i, :, :, w:] == preprocess.PAD_VALUE).all()
 
 
-@pytest.mark.parametrize("in_channels", [1, 3])
-def test_training_tensors_are_the_recognizers(folder, tmp_path, in_channels):
+@pytest.mark.parametrize("in_channels, ink", [(1, False), (3, False), (1, True)])
+def test_training_tensors_are_the_recognizers(folder, tmp_path, in_channels, ink):
     """A model sees at inference what it saw in training: the batch training builds equals the
     scripted Recognizer's preprocess (and preprocess.collate) of the same files, to within the
     1/255 of the uint8 the data set keeps."""
@@ -141,12 +141,12 @@ def test_training_tensors_are_the_recognizers(folder, tmp_path, in_channels):
     rgba.save(d / "AB_rgba.png")
     Image.new("L", (31, 13), 90).save(d / "C1_grey.png")
     samples = scan_folder(d)
-    ds = CaptchaDataset(samples, Charset("123ABC"), height=24, in_channels=in_channels)
+    ds = CaptchaDataset(samples, Charset("123ABC"), height=24, in_channels=in_channels, ink=ink)
     b = collate([ds[i] for i in range(len(ds))])
     files = [preprocess.load_image(s.path) for s in samples]
-    model = CRNN(CRNNConfig("123ABC", height=24, in_channels=in_channels, channels=(4, 8), hidden_dim=8))
+    model = CRNN(CRNNConfig("123ABC", height=24, in_channels=in_channels, channels=(4, 8), hidden_dim=8, ink=ink))
     rec = captcha_fast.load(save_recognizer(model, tmp_path / "m.pt"), device="cpu")
-    for batch, widths in [preprocess.collate(files, 24, in_channels), rec.preprocess(files)]:
+    for batch, widths in [preprocess.collate(files, 24, in_channels, ink=ink), rec.preprocess(files)]:
         assert widths.tolist() == b.widths.tolist()
         assert batch.shape == b.images.shape
         assert float((batch - b.images).abs().max()) <= 0.5 / 255 + 1e-6
@@ -218,7 +218,7 @@ def test_synth_cache_key_covers_every_field():
         other = dataclasses.replace(base, **{f.name: changed[type(value)](value)})
         assert synth_cache_key(other, 10, 32, 1) != key, f"SynthConfig.{f.name} is not in the cache key"
     assert len({key, synth_cache_key(base, 11, 32, 1), synth_cache_key(base, 10, 16, 1),
-                synth_cache_key(base, 10, 32, 3)}) == 4
+                synth_cache_key(base, 10, 32, 3), synth_cache_key(base, 10, 32, 1, ink=True)}) == 5
 
 
 def test_synthetic_cache_is_reused(tmp_path, monkeypatch):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from captcha_fast import decode
+from captcha_fast import bench, decode
 from captcha_fast.charset import Charset
 from captcha_fast.testing import random_log_probs
 
@@ -36,10 +36,11 @@ def test_charset_names_unknown_characters():
 @pytest.mark.parametrize("peaky", [True, False])
 def test_all_greedy_decoders_agree(peaky):
     lp, lens = inputs(peaky=peaky)
-    want = decode.greedy_decode_python(lp, lens, CS)
-    assert decode.greedy_decode_python_lists(lp, lens, CS) == want
-    assert [h.text for h in decode.greedy_decode(lp, lens, CS)] == want
-    tokens = decode.greedy_decode_torch(lp, lens)
+    want = bench.greedy_decode_python(lp, lens, CS)
+    assert bench.greedy_decode_python_lists(lp, lens, CS) == want
+    assert decode.greedy_decode(lp, lens, CS) == want
+    assert [h.text for h in decode.greedy_decode(lp, lens, CS, return_scores=True)] == want
+    tokens = bench.greedy_decode_torch(lp, lens)
     assert [CS.decode([k for k in row if k >= 0]) for row in tokens.tolist()] == want
 
 
@@ -53,7 +54,7 @@ def test_beam_search_returns_hypotheses_best_first():
         assert len({h.text for h in hs}) == len(hs)
     # the wrapper's default pruning changes no top-1 label on model-like input
     exact = decode.beam_search(lp, lens, CS, 8, token_min_logp=None, blank_skip_threshold=None)
-    assert [h[0].text for h in hyps] == [h[0].text for h in exact]
+    assert [h[0].text for h in hyps] == exact
 
 
 def test_beam_search_constraints():

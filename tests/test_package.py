@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 import captcha_fast
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,4 +54,7 @@ def test_build_without_torch_says_what_to_do():
 
 def test_extension_reports_its_build():
     assert captcha_fast.LIBRARY_PATH.endswith(".so") and Path(captcha_fast.LIBRARY_PATH).is_file()
-    assert isinstance(captcha_fast.CUDA_KERNELS, bool)
+    # the flag says whether CUDA kernels were really registered with the dispatcher
+    for op in ("ctc_greedy_decode", "ctc_beam_search"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"captcha_fast::{op}", "CUDA") == captcha_fast.CUDA_KERNELS
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"captcha_fast::{op}", "CPU")

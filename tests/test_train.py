@@ -37,7 +37,7 @@ def _read_all(model, folder):
     b = collate([ds[i] for i in range(len(ds))])
     with torch.no_grad():
         lp, n = model.eval()(b.images, b.widths)
-    return [h.text for h in greedy_decode(lp, n, ds.charset)], b.labels
+    return greedy_decode(lp, n, ds.charset), b.labels
 
 
 def _rows(run_dir):
