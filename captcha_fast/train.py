@@ -49,6 +49,8 @@ def _opt(default, help: str, **cli):
 
 @dataclass
 class TrainConfig:
+    """What to train and how. Every field is a `captcha-fast train` flag (--field-name), made by
+    cli.add_config_arguments from the field's type, default and help."""
     data: str = field(metadata={"help": "folder of labelled images (LABEL.png, LABEL_x.png), a .tsv manifest "
                                         "(path<TAB>label) or `synthetic`"})
     out: str = _opt("runs/train", "run directory: metrics.csv, curves.png, best.ckpt, last.ckpt, model.pt",

@@ -77,6 +77,25 @@ def _synthetic_cfg(out, **kw):
     return TrainConfig(**base)
 
 
+def test_training_accuracy_counts_exact_greedy_reads():
+    """_exact_reads (tokens from the op, compared on the device) agrees with comparing strings."""
+    from captcha_fast.data import Batch
+    from captcha_fast.train import _exact_reads
+    cs = Charset("AB12")
+    torch.manual_seed(0)
+    lp = (torch.randn(12, 40, 5) * 3).log_softmax(-1)
+    lengths = torch.randint(6, 13, (40,))
+    reads = greedy_decode(lp, lengths, cs)
+    # half the labels are the reads, the others differ by a symbol, a dropped or an added one
+    labels = [r if i % 2 == 0 or not r else [r[:-1] + ("A" if r[-1] != "A" else "B"), r[:-1], r + "1"][i % 3]
+              for i, r in enumerate(reads)]
+    labels = [label or "A" for label in labels]  # CTC targets are never empty
+    targets = torch.tensor([c for label in labels for c in cs.encode(label)])
+    b = Batch(None, None, targets, torch.tensor([len(label) for label in labels]), labels)
+    want = sum(r == label for r, label in zip(reads, labels))
+    assert 10 < want < 30 and int(_exact_reads(lp, lengths, b)) == want
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     full = train(_synthetic_cfg(tmp_path / "full"))
     assert train(_synthetic_cfg(tmp_path / "cut", stop_after=2)).name == "last.ckpt"
