@@ -1,6 +1,5 @@
 """Data: labels from file names and manifests, split, bad files, collate, synthetic captchas."""
 import random
-import warnings
 
 import numpy as np
 import pytest
