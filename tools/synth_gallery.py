@@ -33,6 +33,8 @@ def gallery(out: Path, per_style: int, seed: int, font_dirs, styles) -> None:
             ax.set_title(f"{label}  {image.width}x{image.height}", fontsize=7, pad=2)
             if col == 0:
                 ax.set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center")
+    fonts = "pip fonts" + (f" + {', '.join(font_dirs)}" if font_dirs else "")
+    fig.suptitle(f"captcha_fast.synth styles (seed {seed}; {fonts})", fontsize=9, y=0.925)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=72, bbox_inches="tight")
     plt.close(fig)
