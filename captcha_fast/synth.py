@@ -38,9 +38,11 @@ Fonts (never downloaded; files already on disk only):
       licence, DejaVu changes public domain); STIX General, 4 faces (SIL OFL 1.1); Computer Modern
       cmr10, cmb10, cmss10, cmtt10, cmti10, cmmi10 (BaKoMa fonts licence: free use).
   * extra font folders, only when SynthConfig.font_dirs names them (for the model-building
-    script); DEBIAN_FONT_PACKAGES lists the Debian packages chosen and their licences. Fonts are
-    grouped by folder and a sample picks a group first, so a folder with many faces does not
-    dominate.
+    script); DEBIAN_FONT_PACKAGES lists the Debian packages chosen and their licences:
+        apt-get install -y --no-install-recommends <its keys>;  font_dirs=DEBIAN_FONT_DIRS
+    Fonts are grouped by folder and a sample picks a group first, so a folder with many faces
+    does not dominate. The set rendered depends on the folders' contents: same folders, same set.
+    The fonts only shape training images; no font file ships with the package or a model.
 Every font is checked against the charset before use: each symbol must render, differ from the
 missing-glyph box and from every other symbol, and a font that draws lower case as upper case
 (or the reverse) is dropped when the charset has lower-case letters. Symbol fonts that map ASCII
@@ -54,7 +56,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import random
 import re
 import string
@@ -114,8 +115,8 @@ DEBIAN_FONT_DIRS = ("/usr/share/fonts/truetype", "/usr/share/fonts/opentype")
 # Fonts that map ASCII to symbols or carry no Latin glyphs.
 _EXCLUDED_FONTS = re.compile(r"(STIXSiz|STIXNonUni|Display|LastResort|cmex10|cmsy10|D050000L|StandardSymbols|"
                              r"LinBiolinum_K|MathTeXGyre|aenigma|It_wasn_t_me)", re.I)  # the last: small caps
-# Plain text faces (names): styles that imitate plain sites prefer them.
 MIN_CAP = 10  # px: the smallest cap height drawn (before a too-wide run is shrunk to fit)
+# Plain text faces (names): styles that imitate plain sites prefer them.
 _PLAIN_FONTS = re.compile(r"(sans|serif|mono|roman|droid|liberation|free|nimbus|roboto|open.?sans|courier|"
                           r"texgyre|cm(r|b|ss|tt)10|stixgeneral|libertine|bookman|c059|p052|gothic)", re.I)
 
@@ -735,8 +736,10 @@ def _wordpress(text, rng, pool):
     _dots(draw, rng, image.size, rng.choice((0, 0, 10, 40)), noise, (0.5, 1.2))
     _lines(draw, rng, image.size, rng.choice((0, 0, 1, 3)), noise, (1, 1))
     if rng.random() < 0.3:  # shown enlarged by the page
-        image = image.resize((min(200, int(w * 1.4)), min(60, int(h * 1.4))), Image.NEAREST)
-        boxes = None
+        size = (min(200, int(w * 1.4)), min(60, int(h * 1.4)))
+        fx, fy = size[0] / w, size[1] / h
+        image = image.resize(size, Image.NEAREST)
+        boxes = [(int(x0 * fx), int(y0 * fy), math.ceil(x1 * fx), math.ceil(y1 * fy)) for x0, y0, x1, y1 in boxes]
     return Rendered(image, boxes)
 
 

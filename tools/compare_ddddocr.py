@@ -57,7 +57,8 @@ def folder_val(folder: Path, val_fraction: float, seed: int, n: int):
     """(png bytes, label) of the first n validation images of a folder, in name order."""
     if not folder.is_dir():
         raise SystemExit(f"data folder {str(folder)!r} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and in_val(p.name, val_fraction, seed))
+    files = sorted(p for p in folder.iterdir()
+                   if p.suffix.lower() in IMAGE_SUFFIXES and in_val(p.name, val_fraction, seed))
     if not files:
         raise SystemExit(f"data folder {str(folder)!r} has no validation images (val_fraction {val_fraction})")
     return [(p.read_bytes(), label_from_name(p)) for p in files[:n]]
@@ -136,7 +137,8 @@ def main(argv=None) -> None:
     ocr_letters = ddddocr.DdddOcr(show_ad=False)
     ocr_letters.set_ranges(LETTERS)
     rows = []
-    print("| set | images | ddddocr | 0O 1Il merged | ddddocr, 0-9a-zA-Z only | ms/image |\n|---|---:|---:|---:|---:|---:|")
+    print("| set | images | ddddocr | 0O 1Il merged | ddddocr, 0-9a-zA-Z only | ms/image |\n"
+          "|---|---:|---:|---:|---:|---:|")
     for name, items in sets.items():
         acc, acc_m, ms, wrong = score(ocr, items)
         acc_r = score(ocr_letters, items)[0]
