@@ -22,6 +22,8 @@ from torch import Tensor
 from captcha_fast.model import CRNN, CRNNConfig
 
 CHECKPOINT_VERSION = 1  # bump when the dict changes; load_checkpoint refuses newer ones
+PRETRAINED_CHECKPOINT = Path(__file__).resolve().parent / "pretrained" / "default.ckpt"
+"""The shipped model's training weights (batch norms unfolded): where `captcha-fast train` starts."""
 PathLike = Union[str, os.PathLike]
 
 
@@ -90,9 +92,12 @@ def load_model(path: PathLike) -> CRNN:
 def transfer_weights(model: CRNN, state: Dict[str, Tensor], charset: str) -> List[str]:
     """Copy `state` (a CRNN state dict whose classes are blank + `charset`) into `model` wherever
     names and shapes match. Classifier rows go per symbol: the blank and every symbol both
-    charsets share keep their row, symbols new to `model` keep their fresh init. Returns the
+    charsets share keep their row (a symbol known only in its other case, as "A" from a case-folded
+    "a", takes that row), symbols new to `model` keep their fresh init. Returns the
     names left at their init (shapes differ)."""
     old = {s: i + 1 for i, s in enumerate(charset)}
+    # a symbol the source lacks but knows in the other case (a case-folded source) starts from that row
+    old.update({s.swapcase(): i for s, i in old.items() if s.swapcase() not in old})
     rows = [(0, 0)] + [(i + 1, old[s]) for i, s in enumerate(model.config.charset) if s in old]
     new_rows, old_rows = torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
     skipped = []

@@ -64,7 +64,8 @@ def scan_folder(folder) -> List[Sample]:
 
 
 def read_manifest(path) -> List[Sample]:
-    """path<TAB>label lines (blank lines and lines starting with # skipped); paths relative to the manifest."""
+    """path<TAB>label lines (blank lines and lines starting with # skipped; an empty label is an image
+    with no text); paths relative to the manifest."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {str(path)!r} does not exist")
@@ -75,7 +76,7 @@ def read_manifest(path) -> List[Sample]:
             if not line.strip() or line.startswith("#"):
                 continue
             parts = line.split("\t")
-            if len(parts) != 2 or not parts[0] or not parts[1]:
+            if len(parts) != 2 or not parts[0]:  # an empty label: an image with no text
                 raise ValueError(f"{path}:{lineno}: expected 'path<TAB>label', got {line!r}")
             image = Path(parts[0])
             if not image.is_absolute():

@@ -28,7 +28,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from captcha_fast.charset import Charset
-from captcha_fast.checkpoint import atomic_write, init_from_checkpoint, load_checkpoint, load_model, save_checkpoint
+from captcha_fast.checkpoint import (PRETRAINED_CHECKPOINT, atomic_write, init_from_checkpoint, load_checkpoint,
+                                     load_model, save_checkpoint)
 from captcha_fast.data import (AugmentConfig, Batch, BucketBatchSampler, CaptchaDataset, check_labels, collate,
                                frames_needed, list_samples, split_samples, synthetic_dataset)
 from captcha_fast.decode import greedy_decode
@@ -58,19 +59,25 @@ class TrainConfig:
     # model
     height: int = _opt(32, "model input height in pixels (a multiple of 4)")
     in_channels: int = _opt(1, "input channels: 1 grey, 3 colour (--color)", choices=(1, 3), also={"--color": 3})
-    ink: bool = _opt(False, "input: the ink map cropped to the text (preprocess.to_ink; grey models only)")
-    channels: Tuple[int, int] = _opt((16, 32), "widths of the two conv blocks", metavar=("C1", "C2"))
+    ink: bool = _opt(True, "input: the ink map cropped to the text (preprocess.to_ink; grey models only, off "
+                           "with --color)")
+    channels: Tuple[int, int] = _opt((32, 64), "widths of the two conv blocks", metavar=("C1", "C2"))
     hidden_dim: int = _opt(128, "GRU size", flag="--hidden")
     dropout: float = _opt(0.1, "dropout before the GRU and the classifier")
     charset: Optional[str] = _opt(None, "symbols in class order (default: the sorted symbols of all labels)")
-    init_from: Optional[str] = _opt(None, "start from this checkpoint's weights (RUN_DIR or .ckpt); classifier "
-                                          "rows are mapped per symbol, new symbols start fresh")
+    init_from: Optional[str] = _opt(None, "start from this checkpoint's weights (RUN_DIR or .ckpt; default: the "
+                                          "shipped model's, captcha_fast/pretrained/default.ckpt); classifier rows "
+                                          "are mapped per symbol (a symbol whose other case is known starts from "
+                                          "it), new symbols start fresh")
+    from_scratch: bool = _opt(False, "start from random weights (with the character warm-up) instead of "
+                                     "fine-tuning the shipped model")
     max_width: int = _opt(MAX_WIDTH, "widest image allowed after resizing to --height: a wider one is an error "
                                      "naming its file (skipped with --skip-bad)")
     # optimisation
     epochs: int = _opt(30, "epochs (the OneCycle schedule spans them all)")
     batch_size: int = _opt(32, "global batch size (split over torchrun ranks)")
-    lr: float = _opt(3e-3, "peak learning rate (OneCycle)")
+    lr: Optional[float] = _opt(None, "peak learning rate (OneCycle; default 3e-3 from scratch, 1e-3 when "
+                                     "fine-tuning)")
     weight_decay: float = _opt(0.01, "AdamW weight decay (of weight matrices and kernels only)")
     warmup: float = _opt(0.15, "fraction of the steps spent warming the learning rate up")
     clip: float = _opt(5.0, "gradient norm clip")
@@ -80,7 +87,7 @@ class TrainConfig:
     stop_at_accuracy: Optional[float] = _opt(None, "stop once validation accuracy reaches this (0-1)")
     augment: bool = _opt(True, "small random distortions of the training images")
     char_warmup: int = _opt(200, "steps of single-character pretraining on rendered captchas of the charset "
-                                 "before CTC (0: off)")
+                                 "before CTC, when training from scratch (0: off)")
     char_warmup_lr: float = _opt(2e-3, "learning rate of the single-character warm-up")
     # data
     val_fraction: float = _opt(0.15, "share of the images held out for validation (by a hash of name and seed)")
@@ -109,8 +116,8 @@ class TrainConfig:
                              f"{self.patience}")
         if self.in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 (grey) or 3 (colour), got {self.in_channels}")
-        if self.ink and self.in_channels != 1:
-            raise ValueError(f"ink gives one channel: in_channels must be 1, got {self.in_channels}")
+        if self.in_channels != 1:
+            self.ink = False  # the ink map is one channel: a colour model reads the image itself
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -285,10 +292,11 @@ def _setup(cfg: TrainConfig, ddp: Dist) -> _Run:
     if state is not None and state["charset"] != charset.symbols:
         raise ValueError(f"--resume: the data gives charset {charset.symbols!r} but the run used {state['charset']!r}")
     model = build_model(cfg, charset)
-    if cfg.init_from and state is None:
-        skipped = init_from_checkpoint(model, cfg.init_from)
+    init = start_weights(cfg)
+    if init is not None and state is None:
+        skipped = init_from_checkpoint(model, init)
         if skipped:
-            warnings.warn(f"--init-from {cfg.init_from}: kept the fresh init of {', '.join(skipped)} (shapes differ)")
+            warnings.warn(f"starting from {init}: kept the fresh init of {', '.join(skipped)} (shapes differ)")
     for ds in (train_ds, val_ds):
         if ds is not None:
             check_lengths(ds, model)
@@ -296,10 +304,10 @@ def _setup(cfg: TrainConfig, ddp: Dist) -> _Run:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+                             {"params": no_decay, "weight_decay": 0.0}], lr=peak_lr(cfg))
     sampler = BucketBatchSampler([train_ds.width(i) for i in range(len(train_ds))], cfg.batch_size, cfg.seed,
                                  shuffle=True, bucket=cfg.bucket, rank=ddp.rank, world=ddp.world)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * len(sampler),
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak_lr(cfg), total_steps=cfg.epochs * len(sampler),
                                                 pct_start=cfg.warmup, div_factor=20, final_div_factor=200)
     amp_dtype = None
     if cfg.amp and ddp.device.type == "cuda":
@@ -314,9 +322,27 @@ def _setup(cfg: TrainConfig, ddp: Dist) -> _Run:
         _set_rng_state(state["rng"])
         run.start_epoch, run.rows = state["epoch"] + 1, list(state["metrics"])
         run.best, run.bad_epochs, run.elapsed = state["best"], state["bad_epochs"], state["elapsed"]
-    elif cfg.char_warmup > 0:
+    elif cfg.char_warmup > 0 and init is None:
         char_warmup(run)
     return run
+
+
+def start_weights(cfg: TrainConfig) -> Optional[Path]:
+    """The checkpoint training starts from: --init-from, else the shipped model's (None: from scratch)."""
+    if cfg.from_scratch:
+        if cfg.init_from:
+            raise ValueError("--from-scratch and --init-from contradict each other: pick one")
+        return None
+    if cfg.init_from:
+        return Path(cfg.init_from)
+    if not PRETRAINED_CHECKPOINT.is_file():
+        raise FileNotFoundError(f"the shipped model's weights {str(PRETRAINED_CHECKPOINT)!r}, where fine-tuning "
+                                f"starts, are missing: reinstall captcha_fast, or pass --from-scratch")
+    return PRETRAINED_CHECKPOINT
+
+
+def peak_lr(cfg: TrainConfig) -> float:
+    return cfg.lr if cfg.lr is not None else (3e-3 if cfg.from_scratch else 1e-3)
 
 
 def _exact_reads(log_probs: Tensor, lengths: Tensor, b: Batch) -> Tensor:

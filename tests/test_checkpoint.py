@@ -85,3 +85,16 @@ def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
     atomic_write(path, lambda tmp: open(tmp, "w").write("new"))
     assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
+
+
+def test_a_case_folded_source_starts_both_cases(tmp_path):
+    src = _crnn("abc1", seed=1)
+    save_checkpoint({"model": src.state_dict(), "model_config": src.config.to_dict()}, tmp_path / "best.ckpt")
+    dst = _crnn("ABa9", seed=2)
+    fresh = dst.state_dict()["classifier.weight"].clone()
+    init_from_checkpoint(dst, tmp_path)
+    w, s = dst.state_dict()["classifier.weight"], src.state_dict()["classifier.weight"]
+    torch.testing.assert_close(w[1], s[1])  # "A" from "a"
+    torch.testing.assert_close(w[2], s[2])  # "B" from "b"
+    torch.testing.assert_close(w[3], s[1])  # "a" itself
+    torch.testing.assert_close(w[4], fresh[4])  # "9": new

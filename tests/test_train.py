@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -20,7 +22,7 @@ from captcha_fast.synth import SynthConfig, write_synthetic
 from captcha_fast.train import TrainConfig, build_data, train
 
 TINY = dict(height=16, channels=(8, 16), hidden_dim=32, dropout=0.0, batch_size=8, threads=1, progress=False,
-            char_warmup=0)
+            char_warmup=0, from_scratch=True, ink=False)
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +218,7 @@ def test_eval_split_val_is_trainings_split(tmp_path, capsys):
     write_synthetic(data, SynthConfig(charset="AB12", min_len=2, max_len=3, seed=5), 24)
     argv = ["train", str(data), "--out", str(tmp_path / "run"), "--val-fraction", "0.4", "--seed", "3", "--epochs", "3",
             "--height", "16", "--channels", "8", "16", "--hidden", "32", "--batch-size", "8", "--char-warmup", "0",
-            "--no-augment", "--quiet", "--threads", "1", "--lr", "1e-2"]
+            "--no-augment", "--quiet", "--threads", "1", "--lr", "1e-2", "--from-scratch", "--no-ink"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     best = load_checkpoint(tmp_path / "run" / "best.ckpt")
@@ -249,7 +251,7 @@ def test_ddp_two_cpu_processes_match_single(tmp_path):
     args = ["train", "synthetic", "--synth-train", "32", "--synth-val", "8", "--synth-min-len", "2",
             "--synth-max-len", "3", "--synth-charset", "AB12", "--epochs", "2", "--batch-size", "16", "--lr", "1e-3",
             "--height", "16", "--channels", "8", "16", "--hidden", "32", "--dropout", "0", "--no-augment", "--quiet",
-            "--threads", "1", "--seed", "2", "--char-warmup", "4"]
+            "--threads", "1", "--seed", "2", "--char-warmup", "4", "--from-scratch", "--no-ink"]
     env = dict(os.environ, OMP_NUM_THREADS="1", CAPTCHA_FAST_DUMP_RANKS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "captcha_fast"]
@@ -276,3 +278,21 @@ def test_ddp_two_cpu_processes_match_single(tmp_path):
     # the same update, up to the batch-norm difference (per-rank batch statistics on CPU)
     cos = float(torch.nn.functional.cosine_similarity(da, db, dim=0))
     assert cos > 0.9 and 0.8 < float(da.norm() / db.norm()) < 1.25, (cos, float(da.norm() / db.norm()))
+
+
+def test_fine_tunes_from_the_shipped_model_by_default(tmp_path, monkeypatch):
+    from captcha_fast import train as train_module
+
+    shipped = tmp_path / "default.ckpt"
+    shipped.write_bytes(b"")
+    monkeypatch.setattr(train_module, "PRETRAINED_CHECKPOINT", shipped)
+    cfg = TrainConfig(data="x", out=str(tmp_path))
+    assert train_module.start_weights(cfg) == shipped and train_module.peak_lr(cfg) == 1e-3
+    scratch = TrainConfig(data="x", out=str(tmp_path), from_scratch=True)
+    assert train_module.start_weights(scratch) is None and train_module.peak_lr(scratch) == 3e-3
+    assert train_module.start_weights(TrainConfig(data="x", out="o", init_from="run")) == Path("run")
+    with pytest.raises(ValueError, match="contradict"):
+        train_module.start_weights(TrainConfig(data="x", out="o", init_from="run", from_scratch=True))
+    monkeypatch.setattr(train_module, "PRETRAINED_CHECKPOINT", tmp_path / "missing.ckpt")
+    with pytest.raises(FileNotFoundError, match="missing.ckpt.*--from-scratch"):
+        train_module.start_weights(cfg)
