@@ -247,6 +247,13 @@ class CaptchaDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def drop(self, indices: Sequence[int]) -> None:
+        """Remove these items (e.g. images too narrow for their labels)."""
+        gone = set(indices)
+        keep = [i for i in range(len(self.samples)) if i not in gone]
+        self.samples, self.images, self.targets = ([xs[i] for i in keep] for xs in (self.samples, self.images,
+                                                                                    self.targets))
+
     def width(self, index: int) -> int:
         return self.images[index].shape[-1]
 

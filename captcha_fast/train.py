@@ -183,14 +183,19 @@ def _synthetic(cfg: TrainConfig, sc: SynthConfig, n: int, charset: Charset, aug)
                              cfg.ink)
 
 
-def check_lengths(ds: CaptchaDataset, model: CRNN) -> None:
-    """Every label must fit its image's frame sequence (CTC: T >= L + repeats)."""
+def check_lengths(ds: CaptchaDataset, model: CRNN, skip_bad: bool = False) -> None:
+    """Every label must fit its image's frame sequence (CTC: T >= L + repeats): an error naming the
+    first that does not, or (skip_bad) those dropped with one warning."""
     frames = model.output_lengths(torch.tensor([ds.width(i) for i in range(len(ds))])).tolist()
-    for i, (s, t) in enumerate(zip(ds.samples, frames)):
-        if t < frames_needed(s.label):
-            raise ValueError(f"label {s.label!r} of {s.path!r} needs {frames_needed(s.label)} CTC frames but its "
-                             f"image gives {t} ({ds.width(i)} px wide at height {ds.height}, one frame per 4 px): "
-                             f"use a larger --height or wider images")
+    bad = [i for i, (s, t) in enumerate(zip(ds.samples, frames)) if t < frames_needed(s.label)]
+    if bad and not skip_bad:
+        i, s = bad[0], ds.samples[bad[0]]
+        raise ValueError(f"label {s.label!r} of {s.path!r} needs {frames_needed(s.label)} CTC frames but its "
+                         f"image gives {frames[i]} ({ds.width(i)} px wide at height {ds.height}, one frame per 4 px): "
+                         f"use a larger --height or wider images (or --skip-bad)")
+    if bad:
+        warnings.warn(f"skipping {len(bad)} images too narrow for their labels, e.g. {ds.samples[bad[0]].path!r}")
+        ds.drop(bad)
 
 
 def build_model(cfg: TrainConfig, charset: Charset) -> CRNN:
@@ -299,7 +304,7 @@ def _setup(cfg: TrainConfig, ddp: Dist) -> _Run:
             warnings.warn(f"starting from {init}: kept the fresh init of {', '.join(skipped)} (shapes differ)")
     for ds in (train_ds, val_ds):
         if ds is not None:
-            check_lengths(ds, model)
+            check_lengths(ds, model, cfg.skip_bad)
     model = model.to(ddp.device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
