@@ -35,22 +35,26 @@ def _add_demo(p):
 
 def _run_demo(args):
     from captcha_fast import api
-    from captcha_fast.synth import SynthConfig, SyntheticCaptchas
+    from captcha_fast.synth import DIGITS_LETTERS, SynthConfig, SyntheticCaptchas
 
     if args.n < 1:
         raise UsageError(f"-n must be at least 1, got {args.n}")
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
-    captchas = SyntheticCaptchas(SynthConfig(seed=seed), args.n)
+    captchas = SyntheticCaptchas(SynthConfig(style="mix", charset=DIGITS_LETTERS, min_len=4, max_len=7, seed=seed),
+                                 args.n)
     images, truths = zip(*captchas)
     model = api.load(args.model) if args.model else api.default_model()
     api.predict_batch(list(images[:2]), model)  # warm-up: first-call setup is not throughput
     t0 = time.perf_counter()
     reads = api.predict_batch(list(images), model)
     seconds = time.perf_counter() - t0
-    print(f"{'truth':<10} {'read':<10}")
-    for truth, read in zip(truths, reads):
-        print(f"{truth:<10} {read:<10} {'ok' if read == truth else 'WRONG'}")
-    right = sum(t == r for t, r in zip(truths, reads))
+    print(f"{'style':<13} {'size':<8} {'truth':<10} {'read':<10}   (case ignored)")
+    right = 0
+    for i, (image, truth, read) in enumerate(zip(images, truths, reads)):
+        ok = read.lower() == truth.lower()
+        right += ok
+        size = f"{image.width}x{image.height}"
+        print(f"{captchas.style(i):<13} {size:<8} {truth:<10} {read:<10} {'ok' if ok else 'WRONG'}")
     print(f"\n{right}/{len(truths)} read right ({right / len(truths):.0%}), "
           f"{len(truths) / seconds:.0f} images/s (render seed {seed}, model: {args.model or 'shipped'})")
 
@@ -86,6 +90,7 @@ def _add_predict(p):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of path<TAB>text<TAB>score")
+    p.add_argument("--ignore-case", action="store_true", help="print the texts in lower case")
 
 
 def _run_predict(args):
@@ -108,6 +113,8 @@ def _run_predict(args):
                                  beam_width=args.beam, top_k=args.top_k, device=args.device,
                                  batch_size=args.batch_size, return_scores=True)
         for path, hs in zip(chunk, hyps):
+            if args.ignore_case:
+                hs = [h._replace(text=h.text.lower()) for h in hs]
             if args.json:
                 print(json.dumps({"path": str(path), "text": hs[0].text, "score": hs[0].score,
                                   "hypotheses": [{"text": h.text, "score": h.score} for h in hs]}))
@@ -196,6 +203,7 @@ def _add_eval(p):
     a("--beam", type=int, default=None, help="beam width (default: the model's)")
     a("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     a("--merge", default=None, help="also report accuracy with look-alikes merged, e.g. '0O,1I'")
+    a("--ignore-case", action="store_true", help="score 'AbC' read as 'abc' as right")
     a("--skip-bad", action="store_true", help="skip unreadable images with a warning")
     a("--split", default="all", choices=["all", "train", "val"],
       help="evaluate one side of the training split (pass the run's --val-fraction and --seed)")
@@ -207,6 +215,7 @@ def _add_eval(p):
     a("--synth-min-len", type=int, default=4)
     a("--synth-max-len", type=int, default=8)
     a("--synth-charset", default=DIGITS_UPPER)
+    a("--synth-style", default="captcha", help="synthetic: a style of captcha_fast.synth, 'mix', or names joined by ','")
 
 
 def _run_eval(args):
@@ -218,14 +227,15 @@ def _run_eval(args):
 
     rec = api.load(args.model, device=args.device)
     synth = SynthConfig(charset=args.synth_charset, min_len=args.synth_min_len, max_len=args.synth_max_len,
-                        seed=args.synth_seed)
+                        seed=args.synth_seed, style=args.synth_style)
     images, labels, paths = load_labelled(args.data, args.skip_bad, args.split, args.val_fraction, args.seed,
                                           synth, args.synth_n)
-    unknown = "".join(sorted(set("".join(labels)) - set(rec.charset)))
+    known = set(rec.charset) | ({c.swapcase() for c in rec.charset} if args.ignore_case else set())
+    unknown = "".join(sorted(set("".join(labels)) - known))
     if unknown:
         warnings.warn(f"labels use symbols the model cannot read: {unknown!r} (they count as errors)")
     report = evaluate(rec, images, labels, paths, args.batch_size, "greedy" if args.greedy else None, args.beam,
-                      args.merge)
+                      args.merge, args.ignore_case)
     if args.gallery:
         from captcha_fast.plots import plot_gallery
         index = {p: i for i, p in enumerate(paths)}

@@ -172,3 +172,22 @@ def test_train_flags_come_from_the_config_fields():
             cfg.resume, cfg.max_minutes) == (3, 64, (8, 16), False, False, False, True, True, 1.5)
     with pytest.raises(SystemExit):
         _train_args(["D"])  # --out is required
+
+
+def test_ignore_case_scores_and_prints_case_free(tiny_model_path, png_folder, tmp_path, capsys):
+    """eval --ignore-case on upper-cased labels scores as the lower-case labels do; predict
+    --ignore-case prints lower case."""
+    import shutil
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    for p in png_folder.glob("*.png"):
+        shutil.copy(p, upper / (p.stem.upper() + ".png"))
+    runs = []
+    for folder, extra in ((png_folder, []), (upper, ["--ignore-case"]), (upper, [])):
+        assert main(["eval", str(tiny_model_path), str(folder), "--json", *extra]) == 0
+        runs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert (runs[1]["accuracy"], runs[1]["cer"]) == (runs[0]["accuracy"], runs[0]["cer"])
+    assert runs[2]["cer"] > runs[0]["cer"]  # case counts without the option
+    assert main(["predict", "--model", str(tiny_model_path), "--ignore-case", str(upper)]) == 0
+    texts = [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()]
+    assert texts == [t.lower() for t in api.predict_batch(sorted(upper.glob("*.png")), tiny_model_path)]
