@@ -1,28 +1,28 @@
-"""The `captcha-fast` command line (also `python -m captcha_fast`).
+"""The `captcha-fast` command line (also `python -m captcha_fast`, and `torchrun -m captcha_fast train`).
+
+All argument parsing and printing lives here. A command imports what it needs when it
+runs, so `predict` and `info` load no training code.
 
 Exit codes: 0 success, 1 failure (one line on stderr; --debug for the
 traceback), 2 usage error."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import List, Optional
 
+from captcha_fast import preprocess
+
+
 class UsageError(ValueError):
     """Arguments that parse but do not make sense together: exit status 2, as argparse's own."""
-
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-
-def _parser_with_example(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help, description=f"{help}\n\nexample:\n  {example}",
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 # ----------------------------------------------------------------------------- demo
@@ -35,22 +35,26 @@ def _add_demo(p):
 
 def _run_demo(args):
     from captcha_fast import api
-    from captcha_fast.synth import SynthConfig, SyntheticCaptchas
+    from captcha_fast.synth import DIGITS_LETTERS, SynthConfig, SyntheticCaptchas
 
     if args.n < 1:
         raise UsageError(f"-n must be at least 1, got {args.n}")
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
-    captchas = SyntheticCaptchas(SynthConfig(seed=seed), args.n)
+    captchas = SyntheticCaptchas(SynthConfig(style="mix", charset=DIGITS_LETTERS, min_len=4, max_len=7, seed=seed),
+                                 args.n)
     images, truths = zip(*captchas)
     model = api.load(args.model) if args.model else api.default_model()
     api.predict_batch(list(images[:2]), model)  # warm-up: first-call setup is not throughput
     t0 = time.perf_counter()
     reads = api.predict_batch(list(images), model)
     seconds = time.perf_counter() - t0
-    print(f"{'truth':<10} {'read':<10}")
-    for truth, read in zip(truths, reads):
-        print(f"{truth:<10} {read:<10} {'ok' if read == truth else 'WRONG'}")
-    right = sum(t == r for t, r in zip(truths, reads))
+    print(f"{'style':<13} {'size':<8} {'truth':<10} {'read':<10}   (case ignored)")
+    right = 0
+    for i, (image, truth, read) in enumerate(zip(images, truths, reads)):
+        ok = read.lower() == truth.lower()
+        right += ok
+        size = f"{image.width}x{image.height}"
+        print(f"{captchas.style(i):<13} {size:<8} {truth:<10} {read:<10} {'ok' if ok else 'WRONG'}")
     print(f"\n{right}/{len(truths)} read right ({right / len(truths):.0%}), "
           f"{len(truths) / seconds:.0f} images/s (render seed {seed}, model: {args.model or 'shipped'})")
 
@@ -63,7 +67,7 @@ def expand_paths(patterns: List[str]) -> List[Path]:
     for pattern in patterns:
         p = Path(pattern)
         if p.is_dir():
-            paths += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            paths += sorted(f for f in p.iterdir() if f.suffix.lower() in preprocess.IMAGE_SUFFIXES)
         elif p.exists():
             paths.append(p)
         else:
@@ -86,6 +90,7 @@ def _add_predict(p):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of path<TAB>text<TAB>score")
+    p.add_argument("--ignore-case", action="store_true", help="print the texts in lower case")
 
 
 def _run_predict(args):
@@ -108,6 +113,8 @@ def _run_predict(args):
                                  beam_width=args.beam, top_k=args.top_k, device=args.device,
                                  batch_size=args.batch_size, return_scores=True)
         for path, hs in zip(chunk, hyps):
+            if args.ignore_case:
+                hs = [h._replace(text=h.text.lower()) for h in hs]
             if args.json:
                 print(json.dumps({"path": str(path), "text": hs[0].text, "score": hs[0].score,
                                   "hypotheses": [{"text": h.text, "score": h.score} for h in hs]}))
@@ -115,6 +122,136 @@ def _run_predict(args):
                 print("\t".join([str(path)] + [f"{h.text}\t{h.score:.4f}" for h in hs]))
         bar.update(len(chunk))
     bar.close()
+
+
+# ---------------------------------------------------------------------------- train
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_class) -> None:
+    """One argument per field of a config dataclass: its name (or metadata "flag") as --a-name,
+    type, default and help from the field. A field without a default is positional; bools are
+    --x/--no-x; tuples take one value per element (Tuple[int, ...]: one or more); Optional[X] is X.
+    Metadata "also": {flag: value} shortcuts (e.g. --color for --in-channels 3)."""
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
+        meta, kind = f.metadata, hints[f.name]
+        if typing.get_origin(kind) is typing.Union:  # Optional[X]
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        kw = {"help": meta.get("help", "")}
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is tuple:
+            args = typing.get_args(kind)
+            kw.update(type=args[0], nargs="+" if Ellipsis in args else len(args))
+        else:
+            kw["type"] = kind
+        for key in ("choices", "metavar", "required"):
+            if key in meta:
+                kw[key] = meta[key]
+        if f.default is dataclasses.MISSING:
+            parser.add_argument(f.name, **kw)
+            continue
+        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+        if kind is bool:
+            kw["help"] += f" (default: {flag if f.default else '--no-' + flag[2:]})"
+        elif f.default is not None and not meta.get("required"):
+            kw["help"] += f" (default: {' '.join(map(str, f.default)) if isinstance(f.default, tuple) else f.default})"
+        parser.add_argument(flag, dest=f.name, default=f.default, **kw)
+        for alias, value in meta.get("also", {}).items():
+            same = (flag if value else "--no-" + flag[2:]) if kind is bool else f"{flag} {value}"
+            parser.add_argument(alias, dest=f.name, action="store_const", const=value, default=f.default,
+                                help=f"same as {same}")
+
+
+def config_from_args(config_class, args: argparse.Namespace):
+    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
+
+
+def _add_train(p):
+    from captcha_fast.train import TrainConfig
+
+    add_config_arguments(p, TrainConfig)
+
+
+def _run_train(args):
+    from tqdm import tqdm
+
+    from captcha_fast.checkpoint import load_checkpoint
+    from captcha_fast.train import TrainConfig, train
+
+    t0 = time.time()
+    cfg = config_from_args(TrainConfig, args)
+    path = train(cfg, log=tqdm.write)
+    if int(os.environ.get("RANK", "0")) == 0:
+        best = load_checkpoint(Path(cfg.out) / "best.ckpt")  # the epoch the model comes from
+        row = best["best"]
+        scores = (f"val acc {row['val_acc']:.4f} cer {row['val_cer']:.4f}" if row["val_n"]
+                  else f"train acc {row['train_acc']:.4f} (no validation split)")
+        print(f"best epoch {best['epoch'] + 1}: {scores}; {time.time() - t0:.0f}s; model: {path}")
+
+
+# ----------------------------------------------------------------------------- eval
+
+def _add_eval(p):
+    from captcha_fast.synth import DIGITS_UPPER
+
+    a = p.add_argument
+    a("model", help="a recognizer file: TorchScript .pt (e.g. RUN_DIR/model.pt) or torch.export .pt2")
+    a("data", help="folder of LABEL.png files, a .tsv manifest (path<TAB>label), or `synthetic`")
+    a("--json", action="store_true", help="print one JSON object (n, accuracy, cer, confusions, ...)")
+    a("--gallery", default=None, help="write a PNG of misread images with truth and read text here")
+    a("--greedy", action="store_true", help="greedy decoding (default: the model's own decoder)")
+    a("--beam", type=int, default=None, help="beam width (default: the model's)")
+    a("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    a("--merge", default=None, help="also report accuracy with look-alikes merged, e.g. '0O,1I'")
+    a("--ignore-case", action="store_true", help="score 'AbC' read as 'abc' as right")
+    a("--skip-bad", action="store_true", help="skip unreadable images with a warning")
+    a("--split", default="all", choices=["all", "train", "val"],
+      help="evaluate one side of the training split (pass the run's --val-fraction and --seed)")
+    a("--val-fraction", type=float, default=0.15, help="as `train` (default: 0.15)")
+    a("--seed", type=int, default=0, help="split seed, as `train` (default: 0)")
+    a("--device", default="cpu", help="cpu (default) or cuda")
+    a("--synth-n", type=int, default=1000, help="synthetic: how many captchas (default: 1000)")
+    a("--synth-seed", type=int, default=12345, help="synthetic: render seed (training uses SEED and SEED + 1000000)")
+    a("--synth-min-len", type=int, default=4)
+    a("--synth-max-len", type=int, default=8)
+    a("--synth-charset", default=DIGITS_UPPER)
+    a("--synth-style", default="captcha", help="synthetic: a style of captcha_fast.synth, 'mix', or names joined by ','")
+
+
+def _run_eval(args):
+    import warnings
+
+    from captcha_fast import api
+    from captcha_fast.evaluate import evaluate, load_labelled
+    from captcha_fast.synth import SynthConfig
+
+    rec = api.load(args.model, device=args.device)
+    synth = SynthConfig(charset=args.synth_charset, min_len=args.synth_min_len, max_len=args.synth_max_len,
+                        seed=args.synth_seed, style=args.synth_style)
+    images, labels, paths = load_labelled(args.data, args.skip_bad, args.split, args.val_fraction, args.seed,
+                                          synth, args.synth_n)
+    known = set(rec.charset) | ({c.swapcase() for c in rec.charset} if args.ignore_case else set())
+    unknown = "".join(sorted(set("".join(labels)) - known))
+    if unknown:
+        warnings.warn(f"labels use symbols the model cannot read: {unknown!r} (they count as errors)")
+    report = evaluate(rec, images, labels, paths, args.batch_size, "greedy" if args.greedy else None, args.beam,
+                      args.merge, args.ignore_case)
+    if args.gallery:
+        from captcha_fast.plots import plot_gallery
+        index = {p: i for i, p in enumerate(paths)}
+        plot_gallery([images[index[p]] for p, _, _ in report.errors], [t for _, t, _ in report.errors],
+                     [r for _, _, r in report.errors], args.gallery)
+    if args.json:
+        print(json.dumps(report.to_json()))
+        return
+    print(f"{report.n} images: accuracy {report.accuracy:.4f} ({report.correct}/{report.n}), "
+          f"CER {report.cer:.4f} ({report.char_errors}/{report.chars} chars), {report.seconds:.1f}s")
+    if report.accuracy_merged is not None:
+        print(f"accuracy with {report.merge} merged: {report.accuracy_merged:.4f}")
+    if report.confusions:
+        print("most confused (truth -> read): " + ", ".join(f"{t}->{r} x{c}" for t, r, c in report.confusions[:10]))
+    if args.gallery:
+        print(f"gallery of misreads: {args.gallery}")
 
 
 # --------------------------------------------------------------------------- export
@@ -128,8 +265,8 @@ def _add_export(p):
 
 
 def _run_export(args):
+    from captcha_fast.checkpoint import load_model
     from captcha_fast.export import export_program, save_recognizer
-    from captcha_fast.train import load_model
 
     model = load_model(args.checkpoint)
     save = export_program if args.out.endswith(".pt2") else save_recognizer
@@ -185,45 +322,45 @@ def _run_info(args):
 
 # ----------------------------------------------------------------------------- main
 
-def build_parser() -> argparse.ArgumentParser:
+# name, help, example, add_arguments (None: no arguments), run
+COMMANDS = [
+    ("demo", "render fresh captchas and read them with the shipped model", "captcha-fast demo -n 32",
+     _add_demo, _run_demo),
+    ("predict", "read images: one line per image, path<TAB>text<TAB>score",
+     "captcha-fast predict --model runs/v2/model.pt captchas/ 'more/*.png' --top-k 3", _add_predict, _run_predict),
+    ("train", "train a recognizer on a folder of images named by their labels (DATA: folder, .tsv or `synthetic`)",
+     "captcha-fast train ../shared/data/captcha_images_v2 --out runs/v2\n"
+     "  torchrun --nproc_per_node 2 -m captcha_fast train ../shared/data/captcha_images_v2 --out runs/v2",
+     _add_train, _run_train),
+    ("eval", "accuracy, character error rate and confusions of a model on labelled images",
+     "captcha-fast eval runs/v2/model.pt ../shared/data/captcha_images_v2 --split val --json", _add_eval, _run_eval),
+    ("export", "write a recognizer (TorchScript .pt or torch.export .pt2) from a training checkpoint",
+     "captcha-fast export runs/v2/best.ckpt --out model.pt", _add_export, _run_export),
+    ("bench", "decode and predict throughput on this machine", "captcha-fast bench -n 1024", _add_bench, _run_bench),
+    ("info", "versions, compiled kernels, threads and devices", "captcha-fast info", None, _run_info),
+]
+_ALL = object()
+
+
+def build_parser(only=_ALL) -> argparse.ArgumentParser:
+    """The parser of every command; with `only` a command name (or None), only that command gets
+    its arguments, so parsing one command imports nothing another one needs."""
     parser = argparse.ArgumentParser(prog="captcha-fast", description="Read captchas and short text lines, fast.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = _parser_with_example(sub, "demo", "render fresh captchas and read them with the shipped model",
-                             "captcha-fast demo -n 32")
-    _add_demo(p)
-    p.set_defaults(run=_run_demo)
-    p = _parser_with_example(sub, "predict", "read images: one line per image, path<TAB>text<TAB>score",
-                             "captcha-fast predict --model runs/v2/model.pt captchas/ 'more/*.png' --top-k 3")
-    _add_predict(p)
-    p.set_defaults(run=_run_predict)
-
-    from captcha_fast import evaluate, train
-    p = _parser_with_example(sub, "train", "train a recognizer on a folder of images named by their labels",
-                             "captcha-fast train ../shared/data/captcha_images_v2 --out runs/v2")
-    train.add_arguments(p)
-    p.set_defaults(run=train.run)
-    p = _parser_with_example(sub, "eval", "accuracy, character error rate and confusions of a model on labelled images",
-                             "captcha-fast eval runs/v2/model.pt ../shared/data/captcha_images_v2 --json")
-    evaluate.add_arguments(p)
-    p.set_defaults(run=evaluate.run)
-
-    p = _parser_with_example(sub, "export", "write a recognizer (TorchScript .pt or torch.export .pt2) from a training checkpoint",
-                             "captcha-fast export runs/v2/best.ckpt --out model.pt")
-    _add_export(p)
-    p.set_defaults(run=_run_export)
-    p = _parser_with_example(sub, "bench", "decode and predict throughput on this machine", "captcha-fast bench -n 1024")
-    _add_bench(p)
-    p.set_defaults(run=_run_bench)
-    p = _parser_with_example(sub, "info", "versions, compiled kernels, threads and devices", "captcha-fast info")
-    p.set_defaults(run=_run_info)
+    for name, help, example, add, run in COMMANDS:
+        p = sub.add_parser(name, help=help, description=f"{help}\n\nexample:\n  {example}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(run=run)
+        if add is not None and only in (_ALL, name):
+            add(p)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)  # usage errors exit 2
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)  # the only top-level option is a flag
+    args = build_parser(only=command).parse_args(argv)  # usage errors exit 2
     try:
         args.run(args)
     except UsageError as e:

@@ -3,33 +3,33 @@
     folder/24pew.png, folder/24pew_2.png, folder/24pew-b.png   label = name up to the first _ or -
     manifest.tsv: path<TAB>label per line (paths relative to the manifest)
 
-Images become (C, H, W) float tensors in [0, 1] at a fixed height, keeping their
-aspect ratio (RGBA is composited on white first: the alpha carries the ink).
-A batch right-pads to its widest image and keeps every sample's own width:
+Images are read with captcha_fast.preprocess (load_image, prepare_image) and batched
+with preprocess.collate, the functions the Recognizer runs, so a model sees at
+inference what it saw in training. A data set keeps each image resized to the
+model's height (aspect kept) as uint8; a batch right-pads to its widest image:
 
-    collate([(image (C,H,W_i), label, encoded)]) -> Batch(images (N,C,H,max W_i), widths (N,),
+    collate([(image (C,H,W_i), label, targets)]) -> Batch(images (N,C,H,max W_i), widths (N,),
                                                          targets (sum L_i,), target_lengths (N,), labels)
 """
 from __future__ import annotations
 
-import csv
 import hashlib
+import json
 import math
 import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from captcha_fast import preprocess
 from captcha_fast.charset import Charset
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+from captcha_fast.checkpoint import atomic_write
+from captcha_fast.preprocess import IMAGE_SUFFIXES, MAX_WIDTH
 
 
 class Sample(NamedTuple):
@@ -64,7 +64,8 @@ def scan_folder(folder) -> List[Sample]:
 
 
 def read_manifest(path) -> List[Sample]:
-    """path<TAB>label lines (blank lines and lines starting with # skipped); paths relative to the manifest."""
+    """path<TAB>label lines (blank lines and lines starting with # skipped; an empty label is an image
+    with no text); paths relative to the manifest."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {str(path)!r} does not exist")
@@ -75,7 +76,7 @@ def read_manifest(path) -> List[Sample]:
             if not line.strip() or line.startswith("#"):
                 continue
             parts = line.split("\t")
-            if len(parts) != 2 or not parts[0] or not parts[1]:
+            if len(parts) != 2 or not parts[0]:  # an empty label: an image with no text
                 raise ValueError(f"{path}:{lineno}: expected 'path<TAB>label', got {line!r}")
             image = Path(parts[0])
             if not image.is_absolute():
@@ -127,28 +128,31 @@ def check_labels(samples: Sequence[Sample], charset: Charset, skip_bad: bool = F
     return kept
 
 
-# ---------------------------------------------------------------------------- images
+# ---------------------------------------------------------------------------- loading
 
-def to_tensor(image: Image.Image, height: int, channels: int = 1) -> Tensor:
-    """A PIL image as (channels, height, W) float in [0, 1], W keeping the aspect ratio.
+def load_samples(samples: Sequence[Sample], skip_bad: bool = False,
+                 prepare: Optional[Callable[[Tensor, str], Tensor]] = None) -> Tuple[List[Sample], List[Tensor]]:
+    """The samples whose files load, and their images: preprocess.load_image ((C, H, W) uint8),
+    then prepare(image, path) when given. A bad file (unreadable, or refused by `prepare`) is an
+    error naming it, or (skip_bad) skipped with a warning."""
+    kept, images = [], []
+    for s in samples:
+        try:
+            image = preprocess.load_image(s.path)
+            images.append(prepare(image, s.path) if prepare is not None else image)
+        except (ValueError, FileNotFoundError) as e:
+            if not skip_bad:
+                raise
+            warnings.warn(f"skipping: {e}")
+            continue
+        kept.append(s)
+    return kept, images
 
-    The same preprocessing as the Recognizer (captcha_fast.recognizer.prepare_image: RGBA
-    composited on white, luma for grey, antialiased bilinear resize), so a model sees at
-    inference what it saw in training."""
-    from captcha_fast.preprocess import from_pil, prepare_image
-    return prepare_image(from_pil(image, "image"), height, channels)
 
-
-def load_image(path, height: int, channels: int = 1) -> Tensor:
-    """Read an image file as (channels, height, W) in [0, 1]; a clear error names a bad file."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"image {str(path)!r} does not exist")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return to_tensor(image, height, channels)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"image {str(path)!r} cannot be read (corrupt or not an image): {e}") from None
+def _resized_uint8(image: Tensor, height: int, in_channels: int, max_width: int, name: str, ink: bool) -> Tensor:
+    """preprocess.prepare_image, kept as uint8 (4x less memory; at most 1/510 off)."""
+    x = preprocess.prepare_image(image, height, in_channels, max_width, name, ink)
+    return (x * 255).round().to(torch.uint8)
 
 
 # ---------------------------------------------------------------------------- augmentation
@@ -217,27 +221,20 @@ def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 class CaptchaDataset(torch.utils.data.Dataset):
     """Labelled images, preloaded (decoded and resized once) so bad files fail up front.
 
+    images: already prepared (in_channels, height, W) uint8 tensors (e.g. a synthetic cache);
+    None reads the files and prepares them as the Recognizer does (preprocess.prepare_image with
+    height, in_channels, max_width and ink: the model's input options).
     item i -> (image (C, H, W_i) float [0, 1], label str, targets (L_i,) int64)."""
 
-    def __init__(self, samples: Sequence[Sample], charset: Charset, height: int = 32, channels: int = 1,
+    def __init__(self, samples: Sequence[Sample], charset: Charset, height: int = 32, in_channels: int = 1,
                  augment: Optional[AugmentConfig] = None, seed: int = 0, skip_bad: bool = False,
-                 images: Optional[Sequence[Tensor]] = None):
+                 images: Optional[Sequence[Tensor]] = None, max_width: int = MAX_WIDTH, ink: bool = False):
         samples = check_labels(samples, charset, skip_bad)
-        self.charset, self.height, self.channels = charset, height, channels
+        self.charset, self.height, self.in_channels = charset, height, in_channels
         self.augment, self.seed, self.epoch = augment, seed, 0
         if images is None:
-            kept, loaded = [], []
-            for s in samples:
-                try:
-                    image = load_image(s.path, height, channels)
-                except (ValueError, FileNotFoundError) as e:
-                    if not skip_bad:
-                        raise
-                    warnings.warn(f"skipping: {e}")
-                    continue
-                kept.append(s)
-                loaded.append((image * 255).round().to(torch.uint8))  # 4x less memory
-            samples, images = kept, loaded
+            samples, images = load_samples(
+                samples, skip_bad, lambda image, name: _resized_uint8(image, height, in_channels, max_width, name, ink))
         if not samples:
             raise ValueError("the data set is empty (no usable images)")
         self.samples = list(samples)
@@ -250,6 +247,13 @@ class CaptchaDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def drop(self, indices: Sequence[int]) -> None:
+        """Remove these items (e.g. images too narrow for their labels)."""
+        gone = set(indices)
+        keep = [i for i in range(len(self.samples)) if i not in gone]
+        self.samples, self.images, self.targets = ([xs[i] for i in keep] for xs in (self.samples, self.images,
+                                                                                    self.targets))
+
     def width(self, index: int) -> int:
         return self.images[index].shape[-1]
 
@@ -261,25 +265,46 @@ class CaptchaDataset(torch.utils.data.Dataset):
         return image, self.samples[index].label, self.targets[index]
 
 
-def synthetic_dataset(config, n: int, charset: Charset, height: int = 32, channels: int = 1,
-                      augment: Optional[AugmentConfig] = None, seed: int = 0, progress: bool = False) -> CaptchaDataset:
-    """n seeded synthetic captchas (captcha_fast.synth), rendered once and kept in memory."""
+_SYNTH_CACHE_FORMAT = 2  # bump when rendering or preprocessing changes what a cached set holds
+
+
+def synth_cache_key(config, n: int, height: int, in_channels: int, ink: bool = False) -> str:
+    """The cache file name of a rendered set: a hash of every SynthConfig field, n and the
+    model's input options (height, in_channels, ink), and the cache format."""
+    what = {"synth": asdict(config), "n": n, "height": height, "in_channels": in_channels, "ink": ink,
+            "format": _SYNTH_CACHE_FORMAT}
+    return "synth_" + hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20] + ".pt"
+
+
+def synthetic_dataset(config, n: int, charset: Charset, height: int = 32, in_channels: int = 1,
+                      augment: Optional[AugmentConfig] = None, seed: int = 0, progress: bool = False,
+                      cache_dir=None, ink: bool = False) -> CaptchaDataset:
+    """n seeded synthetic captchas (captcha_fast.synth.SynthConfig), rendered once and kept in
+    memory; with cache_dir, kept there too and reused by any run that asks for the same set."""
     from captcha_fast.synth import SyntheticCaptchas
-    gen = SyntheticCaptchas(config, n)
-    indices: Iterator[int] = range(n)
-    if progress:
-        from tqdm import tqdm
-        indices = tqdm(indices, desc=f"rendering {n} captchas", leave=False)
-    samples, images = [], []
-    for i in indices:
-        image, text = gen[i]
-        samples.append(Sample(f"synthetic:{config.seed}:{i}", text))
-        images.append((to_tensor(image, height, channels) * 255).round().to(torch.uint8))
-    return CaptchaDataset(samples, charset, height, channels, augment, seed, images=images)
+    cache = Path(cache_dir) / synth_cache_key(config, n, height, in_channels, ink) if cache_dir else None
+    if cache is not None and cache.exists():
+        blob = torch.load(cache, weights_only=True)
+        labels, images = blob["labels"], blob["images"]
+    else:
+        indices: Iterator[int] = range(n)
+        if progress:
+            from tqdm import tqdm
+            indices = tqdm(indices, desc=f"rendering {n} captchas", leave=False)
+        gen, labels, images = SyntheticCaptchas(config, n), [], []
+        for i in indices:
+            image, text = gen[i]
+            name = f"synthetic:{config.seed}:{i}"
+            labels.append(text)
+            images.append(_resized_uint8(preprocess.from_pil(image, name), height, in_channels, MAX_WIDTH, name, ink))
+        if cache is not None:
+            atomic_write(cache, lambda tmp: torch.save({"labels": labels, "images": images}, tmp))
+    samples = [Sample(f"synthetic:{config.seed}:{i}", text) for i, text in enumerate(labels)]
+    return CaptchaDataset(samples, charset, height, in_channels, augment, seed, images=images)
 
 
 class Batch(NamedTuple):
-    images: Tensor          # (N, C, H, W_max) float, right-padded with white
+    images: Tensor          # (N, C, H, W_max) float, right-padded with preprocess.PAD_VALUE
     widths: Tensor          # (N,) int64, each image's own width
     targets: Tensor         # (sum L_i,) int64 class indices, concatenated
     target_lengths: Tensor  # (N,) int64
@@ -287,15 +312,15 @@ class Batch(NamedTuple):
 
 
 def collate(items: Sequence[Tuple[Tensor, str, Tensor]]) -> Batch:
-    """Right-pad images to the widest; keep widths, concatenated targets and their lengths."""
-    C, H = items[0][0].shape[:2]
-    widths = torch.tensor([im.shape[-1] for im, _, _ in items], dtype=torch.long)
-    images = torch.ones(len(items), C, H, int(widths.max()))
-    for i, (im, _, _) in enumerate(items):
-        images[i, :, :, : im.shape[-1]] = im
+    """Data set items (images already at the model's height) -> a Batch: images padded by
+    preprocess.collate, concatenated targets and their lengths."""
+    images = [im for im, _, _ in items]
+    C, H = images[0].shape[:2]
+    widest = max(preprocess.MIN_WIDTH, max(im.shape[-1] for im in images))
+    batch, widths = preprocess.collate(images, H, C, widest)
     targets = torch.cat([t for _, _, t in items])
     lengths = torch.tensor([len(t) for _, _, t in items], dtype=torch.long)
-    return Batch(images, widths, targets, lengths, [label for _, label, _ in items])
+    return Batch(batch, widths, targets, lengths, [label for _, label, _ in items])
 
 
 # ---------------------------------------------------------------------------- batching
@@ -310,11 +335,11 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     batch with fewer items than ranks is dropped, keeping the ranks in lockstep)."""
 
     def __init__(self, widths: Sequence[int], batch_size: int, seed: int = 0, shuffle: bool = True,
-                 bucket: int = 0, rank: int = 0, world: int = 1, drop_last: bool = False):
+                 bucket: int = 0, rank: int = 0, world: int = 1):
         if batch_size < world:
             raise ValueError(f"batch_size ({batch_size}) must be at least the number of ranks ({world})")
         self.widths, self.batch_size, self.seed, self.shuffle = list(widths), batch_size, seed, shuffle
-        self.bucket, self.rank, self.world, self.drop_last, self.epoch = bucket, rank, world, drop_last, 0
+        self.bucket, self.rank, self.world, self.epoch = bucket, rank, world, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -331,8 +356,6 @@ class BucketBatchSampler(torch.utils.data.Sampler):
             order = [i for k in range(0, n, window)
                      for i in sorted(order[k:k + window], key=lambda j: self.widths[j])]
         batches = [order[k:k + self.batch_size] for k in range(0, n, self.batch_size)]
-        if self.drop_last and len(batches) > 1 and len(batches[-1]) < self.batch_size:
-            batches.pop()
         if self.shuffle and self.bucket > 1:
             rng.shuffle(batches)
         return [b for b in batches if len(b) >= self.world]

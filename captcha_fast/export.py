@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from captcha_fast import _gru
+from captcha_fast.checkpoint import atomic_write
 from captcha_fast.model import CRNN, CRNNConfig, InferenceCRNN
 from captcha_fast.preprocess import MAX_WIDTH, collate
 from captcha_fast.recognizer import RECOGNIZER_FORMAT, Recognizer, build_recognizer, decode_log_probs
@@ -31,22 +31,6 @@ _PRESERVED = ["recognize", "preprocess", "log_probs", "decode", "config_json", "
               "in_channels", "decoder", "beam_width", "token_min_logp",
               "blank_skip_threshold", "max_width", "ink", "format"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def atomic_write(path: Union[str, os.PathLike], write) -> Path:
-    """write(tmp_path) then os.replace, so a reader never sees a half-written file. The temp
-    file has the final name (in a temp folder beside it): torch names the archive root after it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    tmp = tmp_dir / path.name
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp_dir.rmdir()
-    return path
 
 
 def script_recognizer(model: Union[CRNN, Recognizer], decoder: str = "beam", beam_width: int = 10) -> torch.jit.ScriptModule:

@@ -1,15 +1,19 @@
 """The captcha-fast command line: output formats, exit codes (0 ok, 1 failure, 2 usage)
 and one-line errors."""
+import dataclasses
 import json
 import subprocess
 import sys
+import typing
 
 import pytest
 
 from captcha_fast import api
-from captcha_fast.cli import build_parser, main
+from captcha_fast.cli import build_parser, config_from_args, main
 
 COMMANDS = ["demo", "predict", "train", "eval", "export", "bench", "info"]
+TRAINING_MODULES = ["captcha_fast.train", "captcha_fast.data", "captcha_fast.evaluate", "captcha_fast.plots",
+                    "captcha_fast.metrics", "captcha_fast.synth", "matplotlib", "captcha"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -89,6 +93,101 @@ def test_demo_reads_fresh_captchas_with_the_shipped_model(capsys):
 def test_bench_prints_both_tables(capsys):
     assert main(["bench", "-n", "64", "--batch", "2"]) == 0
     out = capsys.readouterr().out
-    for row in ["python greedy (seed loop)", "C++ beam, pruned (strings) beam=10", "scripted + C++ beam-10"]:
-        assert row in out
-    assert "1.0x" in out  # the baseline row
+    tables = [t for t in out.split("\n\n")]
+    assert len(tables) == 2
+    for table in tables:
+        rows = []
+        for line in table.splitlines()[2:]:  # a title line, a header line, then name, rate, ratio
+            name, rate, ratio = line.rsplit(None, 2)
+            rows.append((name, float(rate.replace(",", "")), float(ratio.rstrip("x"))))
+        assert len(rows) >= 2
+        assert rows[0][2] == 1.0  # the baseline row comes first
+        for name, rate, ratio in rows:  # each ratio is its rate over the baseline's
+            assert rate > 0 and ratio == pytest.approx(rate / rows[0][1], abs=0.051), name
+
+
+def _modules_after(argv):
+    code = ("import sys; from captcha_fast.cli import main; rc = main(%r); "
+            "print(rc, ' '.join(sorted(m for m in sys.modules)))" % (argv,))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rc, modules = out.stdout.splitlines()[-1].split(" ", 1)
+    assert rc == "0", out.stderr
+    return set(modules.split())
+
+
+@pytest.mark.parametrize("command", ["predict", "info"])
+def test_inference_commands_import_no_training_code(command, tiny_model_path, png_folder):
+    argv = ["predict", "--model", str(tiny_model_path), str(png_folder)] if command == "predict" else ["info"]
+    loaded = _modules_after(argv)
+    assert "captcha_fast.recognizer" in loaded  # the check sees captcha_fast's modules
+    assert not loaded & set(TRAINING_MODULES), sorted(loaded & set(TRAINING_MODULES))
+
+
+def test_export_imports_no_training_code(tmp_path):
+    from captcha_fast.checkpoint import save_checkpoint
+    from captcha_fast.model import CRNN, CRNNConfig
+    model = CRNN(CRNNConfig("ab", height=16, channels=(4, 8), hidden_dim=8))
+    save_checkpoint({"model": model.state_dict(), "model_config": model.config.to_dict()}, tmp_path / "best.ckpt")
+    loaded = _modules_after(["export", str(tmp_path), "--out", str(tmp_path / "m.pt")])
+    assert "captcha_fast.checkpoint" in loaded and not loaded & set(TRAINING_MODULES)
+    assert (tmp_path / "m.pt").is_file()
+
+
+def _train_args(argv):
+    from captcha_fast.train import TrainConfig
+    return config_from_args(TrainConfig, build_parser().parse_args(["train"] + argv))
+
+
+def test_train_flags_come_from_the_config_fields():
+    from captcha_fast.train import TrainConfig
+    hints = typing.get_type_hints(TrainConfig)
+    defaults = _train_args(["DATA", "--out", "RUN"])
+    assert defaults == TrainConfig(data="DATA", out="RUN")
+    # every field has a flag that sets it (a value unlike its default)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("data", "out"):
+            continue
+        value = getattr(defaults, f.name)
+        flag = {"hidden_dim": "--hidden"}.get(f.name, "--" + f.name.replace("_", "-"))
+        if isinstance(value, bool):
+            argv, want = [flag if not value else "--no-" + flag[2:]], not value
+        elif isinstance(value, tuple):
+            argv, want = [flag] + [str(v + 4) for v in value], tuple(v + 4 for v in value)
+        elif f.name == "in_channels":
+            argv, want = [flag, "3"], 3
+        elif f.name == "device":
+            argv, want = [flag, "cpu"], "cpu"
+        elif value is None or isinstance(value, str):  # Optional[X] or str: "7" as an X
+            kind = str if value is not None else next(a for a in typing.get_args(hints[f.name]) if a is not type(None))
+            argv, want = [flag, "7"], kind("7")
+        else:
+            argv, want = [flag, str(value + 1)], value + 1
+        got = getattr(_train_args(["D", "--out", "R"] + argv), f.name)
+        assert got == want and type(got) is type(want), (f.name, got, want)
+    # the flags of before the generated parser keep working
+    cfg = _train_args(["D", "--out", "R", "--color", "--hidden", "64", "--channels", "8", "16", "--no-augment",
+                       "--quiet", "--no-amp", "--skip-bad", "--resume", "--max-minutes", "1.5"])
+    assert (cfg.in_channels, cfg.hidden_dim, cfg.channels, cfg.augment, cfg.progress, cfg.amp, cfg.skip_bad,
+            cfg.resume, cfg.max_minutes) == (3, 64, (8, 16), False, False, False, True, True, 1.5)
+    with pytest.raises(SystemExit):
+        _train_args(["D"])  # --out is required
+
+
+def test_ignore_case_scores_and_prints_case_free(tiny_model_path, png_folder, tmp_path, capsys):
+    """eval --ignore-case on upper-cased labels scores as the lower-case labels do; predict
+    --ignore-case prints lower case."""
+    import shutil
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    for p in png_folder.glob("*.png"):
+        shutil.copy(p, upper / (p.stem.upper() + ".png"))
+    runs = []
+    for folder, extra in ((png_folder, []), (upper, ["--ignore-case"]), (upper, [])):
+        assert main(["eval", str(tiny_model_path), str(folder), "--json", *extra]) == 0
+        runs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert (runs[1]["accuracy"], runs[1]["cer"]) == (runs[0]["accuracy"], runs[0]["cer"])
+    assert runs[2]["cer"] > runs[0]["cer"]  # case counts without the option
+    assert main(["predict", "--model", str(tiny_model_path), "--ignore-case", str(upper)]) == 0
+    texts = [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()]
+    assert texts == [t.lower() for t in api.predict_batch(sorted(upper.glob("*.png")), tiny_model_path)]

@@ -1,15 +1,15 @@
 """Data: labels from file names and manifests, split, bad files, collate, synthetic captchas."""
 import random
-import warnings
 
 import numpy as np
 import pytest
 import torch
 
+from captcha_fast import preprocess
 from captcha_fast.charset import Charset
 from captcha_fast.data import (AugmentConfig, BucketBatchSampler, CaptchaDataset, Sample, augment, check_labels,
-                               collate, item_generator, label_from_name, list_samples, read_manifest, scan_folder,
-                               split_samples)
+                               collate, item_generator, label_from_name, list_samples, load_samples, read_manifest,
+                               scan_folder, split_samples, synth_cache_key, synthetic_dataset)
 from captcha_fast.synth import SynthConfig, SyntheticCaptchas, write_synthetic
 
 
@@ -69,11 +69,29 @@ def test_corrupt_image_error_and_skip(folder, tmp_path):
     bad.write_bytes(b"not a png at all")
     samples = scan_folder(folder) + [Sample(str(bad), "AB1")]
     cs = Charset("123ABC")
-    with pytest.raises(ValueError, match=r"AB1\.png.*cannot be read"):
+    with pytest.raises(ValueError, match=r"AB1\.png' is not a readable image"):
         CaptchaDataset(samples, cs, height=16)
     with pytest.warns(UserWarning, match=r"skipping: .*AB1\.png"):
         ds = CaptchaDataset(samples, cs, height=16, skip_bad=True)
     assert len(ds) == 6
+    # evaluation loads through the same function: the same error, the same skip
+    with pytest.raises(ValueError, match=r"AB1\.png' is not a readable image"):
+        load_samples(samples)
+    with pytest.warns(UserWarning, match=r"skipping: .*AB1\.png"):
+        kept, images = load_samples(samples, skip_bad=True)
+    assert kept == samples[:6] and all(im.dtype == torch.uint8 and im.shape[0] == 3 for im in images)
+
+
+def test_too_wide_image_error_names_the_file(tmp_path):
+    from PIL import Image
+    Image.new("L", (1000, 8), 255).save(tmp_path / "AB_wide.png")  # 2000 px at height 16
+    Image.new("L", (40, 16), 255).save(tmp_path / "AB.png")
+    samples = scan_folder(tmp_path)
+    with pytest.raises(ValueError, match=r"AB_wide\.png: a 8 x 1000 image is 2000 px wide .* max_width = 1999"):
+        CaptchaDataset(samples, Charset("AB"), height=16, max_width=1999)
+    with pytest.warns(UserWarning, match=r"skipping: .*AB_wide\.png"):
+        assert len(CaptchaDataset(samples, Charset("AB"), height=16, max_width=1999, skip_bad=True)) == 1
+    assert CaptchaDataset(samples, Charset("AB"), height=16, max_width=2000).width(1) == 2000
 
 
 def test_label_outside_charset_error_and_skip(folder):
@@ -88,7 +106,7 @@ def test_label_outside_charset_error_and_skip(folder):
 def test_dataset_and_collate(folder):
     samples = scan_folder(folder)
     cs = Charset.from_labels(s.label for s in samples)
-    ds = CaptchaDataset(samples, cs, height=16, channels=1)
+    ds = CaptchaDataset(samples, cs, height=16, in_channels=1)
     items = [ds[i] for i in range(len(ds))]
     for (image, label, targets), s in zip(items, samples):
         assert image.shape[:2] == (1, 16) and 0 <= float(image.min()) and float(image.max()) <= 1
@@ -98,8 +116,39 @@ def test_dataset_and_collate(folder):
     assert b.images.shape == (6, 1, 16, max(widths)) and b.widths.tolist() == widths
     assert b.target_lengths.tolist() == [len(s.label) for s in samples]
     assert b.targets.tolist() == [t for _, _, tg in items for t in tg.tolist()]
-    for i, w in enumerate(widths):  # each image intact in its own columns
+    for i, w in enumerate(widths):  # each image intact in its own columns, padded with PAD_VALUE
         assert torch.equal(b.images[i, :, :, :w], items[i][0])
+        assert (b.images[i, :, :, w:] == preprocess.PAD_VALUE).all()
+
+
+@pytest.mark.parametrize("in_channels, ink", [(1, False), (3, False), (1, True)])
+def test_training_tensors_are_the_recognizers(folder, tmp_path, in_channels, ink):
+    """A model sees at inference what it saw in training: the batch training builds equals the
+    scripted Recognizer's preprocess (and preprocess.collate) of the same files, to within the
+    1/255 of the uint8 the data set keeps."""
+    import captcha_fast
+    from PIL import Image
+
+    from captcha_fast.export import save_recognizer
+    from captcha_fast.model import CRNN, CRNNConfig
+    d = tmp_path / "d"
+    d.mkdir()
+    for p in sorted(folder.glob("*.png"))[:3]:
+        (d / p.name).write_bytes(p.read_bytes())
+    rgba = Image.new("RGBA", (60, 25), (0, 0, 0, 0))  # transparent: white once composited
+    rgba.paste((200, 30, 30, 160), (10, 5, 40, 20))
+    rgba.save(d / "AB_rgba.png")
+    Image.new("L", (31, 13), 90).save(d / "C1_grey.png")
+    samples = scan_folder(d)
+    ds = CaptchaDataset(samples, Charset("123ABC"), height=24, in_channels=in_channels, ink=ink)
+    b = collate([ds[i] for i in range(len(ds))])
+    files = [preprocess.load_image(s.path) for s in samples]
+    model = CRNN(CRNNConfig("123ABC", height=24, in_channels=in_channels, channels=(4, 8), hidden_dim=8, ink=ink))
+    rec = captcha_fast.load(save_recognizer(model, tmp_path / "m.pt"), device="cpu")
+    for batch, widths in [preprocess.collate(files, 24, in_channels, ink=ink), rec.preprocess(files)]:
+        assert widths.tolist() == b.widths.tolist()
+        assert batch.shape == b.images.shape
+        assert float((batch - b.images).abs().max()) <= 0.5 / 255 + 1e-6
 
 
 def test_colour_rgba_composited_on_white(tmp_path):
@@ -107,7 +156,7 @@ def test_colour_rgba_composited_on_white(tmp_path):
     im = Image.new("RGBA", (40, 20), (0, 0, 0, 0))  # fully transparent: must read as white
     im.paste((255, 0, 0, 255), (10, 5, 20, 15))
     im.save(tmp_path / "AB.png")
-    ds = CaptchaDataset(scan_folder(tmp_path), Charset("AB"), height=20, channels=3)
+    ds = CaptchaDataset(scan_folder(tmp_path), Charset("AB"), height=20, in_channels=3)
     x = ds[0][0]
     assert x.shape == (3, 20, 40)
     assert torch.allclose(x[:, 0, 0], torch.ones(3), atol=1 / 255)
@@ -155,3 +204,35 @@ def test_synthetic_is_seeded():
     assert [other.label(i) for i in range(5)] != [a.label(i) for i in range(5)]
     with pytest.raises(ValueError, match="min_len"):
         SynthConfig(min_len=5, max_len=3)
+
+
+def test_synth_cache_key_covers_every_field():
+    import copy
+    import dataclasses
+    base = SynthConfig(charset="AB12", min_len=2, max_len=3)
+    key = synth_cache_key(base, 10, 32, 1)
+    assert synth_cache_key(SynthConfig(charset="AB12", min_len=2, max_len=3), 10, 32, 1) == key
+    changed = {str: lambda v: v + "Z", int: lambda v: v + 1, bool: lambda v: not v, tuple: lambda v: v + (44,)}
+    for f in dataclasses.fields(SynthConfig):
+        other = copy.copy(base)  # set without __post_init__: the key must not care whether a value is valid
+        setattr(other, f.name, changed[type(getattr(base, f.name))](getattr(base, f.name)))
+        assert synth_cache_key(other, 10, 32, 1) != key, f"SynthConfig.{f.name} is not in the cache key"
+    assert len({key, synth_cache_key(base, 11, 32, 1), synth_cache_key(base, 10, 16, 1),
+                synth_cache_key(base, 10, 32, 3), synth_cache_key(base, 10, 32, 1, ink=True)}) == 5
+
+
+def test_synthetic_cache_is_reused(tmp_path, monkeypatch):
+    sc, cs = SynthConfig(charset="AB12", min_len=2, max_len=3, seed=4), Charset("12AB")
+    first = synthetic_dataset(sc, 5, cs, height=16, cache_dir=tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [synth_cache_key(sc, 5, 16, 1)]
+
+    def no_rendering(*args):
+        raise AssertionError("rendered again instead of reading the cache")
+    monkeypatch.setattr("captcha_fast.synth.SyntheticCaptchas.item", no_rendering)
+    monkeypatch.setattr("captcha_fast.synth.SyntheticCaptchas.__getitem__", no_rendering)
+    again = synthetic_dataset(sc, 5, cs, height=16, cache_dir=tmp_path)
+    assert [s.label for s in again.samples] == [s.label for s in first.samples]
+    assert all(torch.equal(a, b) for a, b in zip(again.images, first.images))
+    with pytest.raises(AssertionError, match="rendered again"):  # another set is not served from this file
+        synthetic_dataset(SynthConfig(charset="AB12", min_len=2, max_len=3, seed=4, clean=True), 5, cs, height=16,
+                          cache_dir=tmp_path)

@@ -1,0 +1,120 @@
+"""Training checkpoints: atomic writes, a version checked on load, models from checkpoints.
+
+    RUN_DIR/best.ckpt   the best validation epoch (weights only: not resumable)
+    RUN_DIR/last.ckpt   the last epoch, with optimizer, scheduler, scaler and RNG states (--resume)
+
+A checkpoint is a dict saved with torch.save (readable with weights_only=True):
+version, config (TrainConfig as a dict), model_config (CRNNConfig), charset, model
+(state dict), epoch (0-based), metrics (one row per epoch), best (the best row),
+bad_epochs, elapsed; last.ckpt adds optimizer, scheduler, scaler, rng.
+
+This module knows no training code, so export and the CLI's export command can use it."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Union
+
+import torch
+from torch import Tensor
+
+from captcha_fast.model import CRNN, CRNNConfig
+
+CHECKPOINT_VERSION = 1  # bump when the dict changes; load_checkpoint refuses newer ones
+PRETRAINED_CHECKPOINT = Path(__file__).resolve().parent / "pretrained" / "default.ckpt"
+"""The shipped model's training weights (batch norms unfolded): where `captcha-fast train` starts."""
+PathLike = Union[str, os.PathLike]
+
+
+def atomic_write(path: PathLike, write) -> Path:
+    """write(tmp_path) then os.replace, so a reader never sees a half-written file. The temp
+    file has the final name (in a temp folder beside it): torch names the archive root after
+    it, and matplotlib picks the format from its suffix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = tmp_dir / path.name
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp_dir.rmdir()
+    return path
+
+
+def save_checkpoint(checkpoint: dict, path: PathLike) -> Path:
+    """Save `checkpoint` (stamped with CHECKPOINT_VERSION) atomically to `path`."""
+    return atomic_write(path, lambda tmp: torch.save({**checkpoint, "version": CHECKPOINT_VERSION}, tmp))
+
+
+def checkpoint_file(path: PathLike) -> Path:
+    """`path` itself, or RUN_DIR/best.ckpt for a run directory; FileNotFoundError if missing."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.ckpt"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    return path
+
+
+def load_checkpoint(path: PathLike) -> dict:
+    """The checkpoint dict at `path` (a .ckpt file or a run directory: its best.ckpt), on the CPU.
+    ValueError naming the file if it is not a captcha_fast training checkpoint or was written by
+    a newer captcha_fast."""
+    path = checkpoint_file(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a foreign file
+        raise ValueError(f"{str(path)!r} is not a captcha_fast training checkpoint ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    if not isinstance(ckpt, dict) or not {"version", "model", "model_config"} <= ckpt.keys():
+        raise ValueError(f"{str(path)!r} is not a captcha_fast training checkpoint (no version/model/model_config)")
+    if ckpt["version"] > CHECKPOINT_VERSION:
+        raise ValueError(f"{str(path)!r} is checkpoint version {ckpt['version']}; this captcha_fast reads up to "
+                         f"{CHECKPOINT_VERSION}: upgrade captcha_fast")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict) -> CRNN:
+    """The CRNN (eval mode) of a loaded checkpoint dict."""
+    model = CRNN(CRNNConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def load_model(path: PathLike) -> CRNN:
+    """The CRNN (eval mode) of RUN_DIR/best.ckpt, last.ckpt or a run directory (its best.ckpt)."""
+    return model_from_checkpoint(load_checkpoint(path))
+
+
+def transfer_weights(model: CRNN, state: Dict[str, Tensor], charset: str) -> List[str]:
+    """Copy `state` (a CRNN state dict whose classes are blank + `charset`) into `model` wherever
+    names and shapes match. Classifier rows go per symbol: the blank and every symbol both
+    charsets share keep their row (a symbol known only in its other case, as "A" from a case-folded
+    "a", takes that row), symbols new to `model` keep their fresh init. Returns the
+    names left at their init (shapes differ)."""
+    old = {s: i + 1 for i, s in enumerate(charset)}
+    # a symbol the source lacks but knows in the other case (a case-folded source) starts from that row
+    old.update({s.swapcase(): i for s, i in old.items() if s.swapcase() not in old})
+    rows = [(0, 0)] + [(i + 1, old[s]) for i, s in enumerate(model.config.charset) if s in old]
+    new_rows, old_rows = torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
+    skipped = []
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            src = state.get(name)
+            if name.startswith("classifier.") and src is not None and src.shape[1:] == t.shape[1:]:
+                t[new_rows] = src[old_rows].to(t.dtype)
+            elif src is not None and src.shape == t.shape:
+                t.copy_(src)
+            else:
+                skipped.append(name)
+    return skipped
+
+
+def init_from_checkpoint(model: CRNN, path: PathLike) -> List[str]:
+    """transfer_weights from the checkpoint at `path` (a model pretrained on one charset starts
+    another). Returns the names left at their init."""
+    ckpt = load_checkpoint(path)
+    return transfer_weights(model, ckpt["model"], ckpt["model_config"]["charset"])

@@ -1,0 +1,100 @@
+"""Checkpoints: the version check, foreign files, version-1 files, init-from charset mapping."""
+import pytest
+import torch
+
+from captcha_fast.checkpoint import (CHECKPOINT_VERSION, atomic_write, init_from_checkpoint, load_checkpoint,
+                                     load_model, save_checkpoint)
+from captcha_fast.model import CRNN, CRNNConfig
+
+
+def _crnn(charset, seed=0):
+    torch.manual_seed(seed)
+    return CRNN(CRNNConfig(charset, height=16, channels=(8, 16), hidden_dim=32))
+
+
+def test_round_trip_and_run_directory(tmp_path):
+    model = _crnn("AB1")
+    path = save_checkpoint({"model": model.state_dict(), "model_config": model.config.to_dict(), "epoch": 4},
+                           tmp_path / "best.ckpt")
+    ckpt = load_checkpoint(tmp_path)  # a run directory means its best.ckpt
+    assert ckpt["version"] == CHECKPOINT_VERSION and ckpt["epoch"] == 4
+    loaded = load_model(path)
+    assert not loaded.training and loaded.config == model.config
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_version_1_checkpoint_of_the_old_trainer_loads(tmp_path):
+    """The dict train.py wrote before checkpoint.py existed (version 1, val_char_acc in its rows)."""
+    model = _crnn("0123")
+    row = {"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "lr": 1e-3, "val_loss": 1.1, "val_acc": 0.4,
+           "val_cer": 0.3, "val_char_acc": 0.7, "val_n": 10, "seconds": 2.0}
+    old = {"version": 1, "config": {"data": "x", "channels": (8, 16)}, "model_config": model.config.to_dict(),
+           "charset": "0123", "model": model.state_dict(), "epoch": 0, "metrics": [row], "best": row,
+           "bad_epochs": 0, "elapsed": 2.0}
+    torch.save(old, tmp_path / "best.ckpt")
+    assert load_model(tmp_path).config.charset == "0123"
+    assert load_checkpoint(tmp_path)["best"] == row
+
+
+def test_newer_or_foreign_files_are_clear_errors(tmp_path):
+    model = _crnn("AB")
+    newer = {"version": CHECKPOINT_VERSION + 1, "model": model.state_dict(), "model_config": model.config.to_dict()}
+    torch.save(newer, tmp_path / "new.ckpt")
+    with pytest.raises(ValueError, match=rf"new\.ckpt' is checkpoint version {CHECKPOINT_VERSION + 1}; this "
+                                         rf"captcha_fast reads up to {CHECKPOINT_VERSION}: upgrade"):
+        load_model(tmp_path / "new.ckpt")
+    torch.save({"weights": model.state_dict()}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match=r"other\.ckpt' is not a captcha_fast training checkpoint"):
+        load_checkpoint(tmp_path / "other.ckpt")
+    (tmp_path / "text.ckpt").write_text("hello")
+    with pytest.raises(ValueError, match=r"text\.ckpt' is not a captcha_fast training checkpoint"):
+        load_checkpoint(tmp_path / "text.ckpt")
+    with pytest.raises(FileNotFoundError, match=r"nowhere/best\.ckpt' does not exist"):
+        load_checkpoint(tmp_path / "nowhere" / "best.ckpt")
+
+
+def test_init_from_maps_classifier_rows_per_symbol(tmp_path):
+    src = _crnn("ABC1", seed=1)
+    save_checkpoint({"model": src.state_dict(), "model_config": src.config.to_dict()}, tmp_path / "best.ckpt")
+    dst = _crnn("1Cxy", seed=2)
+    fresh = {k: v.clone() for k, v in dst.state_dict().items()}
+    assert init_from_checkpoint(dst, tmp_path) == []
+    torch.testing.assert_close(dst.convs[0][0].weight, src.convs[0][0].weight)
+    for name in ("classifier.weight", "classifier.bias"):
+        s, d, f = src.state_dict()[name], dst.state_dict()[name], fresh[name]
+        torch.testing.assert_close(d[0], s[0])  # blank
+        torch.testing.assert_close(d[1], s[4])  # "1": class 4 in ABC1
+        torch.testing.assert_close(d[2], s[3])  # "C"
+        torch.testing.assert_close(d[3:], f[3:])  # "x", "y": new symbols keep their fresh init
+    # a model of another size keeps the fresh init where shapes differ, and says where
+    wider = CRNN(CRNNConfig("AB", height=16, channels=(8, 16), hidden_dim=48))
+    skipped = init_from_checkpoint(wider, tmp_path)
+    assert "project.weight" in skipped and "convs.0.0.weight" not in skipped
+
+
+def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "f.txt"
+    path.write_text("old")
+
+    def failing(tmp):
+        open(tmp, "w").write("half")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, failing)
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
+    atomic_write(path, lambda tmp: open(tmp, "w").write("new"))
+    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
+
+
+def test_a_case_folded_source_starts_both_cases(tmp_path):
+    src = _crnn("abc1", seed=1)
+    save_checkpoint({"model": src.state_dict(), "model_config": src.config.to_dict()}, tmp_path / "best.ckpt")
+    dst = _crnn("ABa9", seed=2)
+    fresh = dst.state_dict()["classifier.weight"].clone()
+    init_from_checkpoint(dst, tmp_path)
+    w, s = dst.state_dict()["classifier.weight"], src.state_dict()["classifier.weight"]
+    torch.testing.assert_close(w[1], s[1])  # "A" from "a"
+    torch.testing.assert_close(w[2], s[2])  # "B" from "b"
+    torch.testing.assert_close(w[3], s[1])  # "a" itself
+    torch.testing.assert_close(w[4], fresh[4])  # "9": new

@@ -1,0 +1,104 @@
+"""Accuracy of recognizers on the README's held-out sets, case-insensitive, as one table.
+
+    python tools/accuracy_table.py MODEL [MODEL ...] --folder v2=../shared/data/captcha_images_v2 \
+        --folder varlen=../shared/data/varlen_upper -n 300 --json acc.json
+
+Sets (the same as tools/compare_ddddocr.py's, so the peer's numbers sit beside ours):
+  NAME (val split)          a labelled folder's validation split (data.split_samples: 15%, seed 0 —
+                            what `captcha-fast train` holds out), first n in name order
+  captcha package WxH       fresh `captcha` package images (its defaults), 0-9a-zA-Z, 4-6 long,
+                            render seed 12345 (never used for training)
+  synth STYLE               each synthetic style, 0-9a-zA-Z, 4-8 long, render seed 12345
+Scores: whole-captcha accuracy ignoring case, and the same with 0/O and 1/I/l merged."""
+from __future__ import annotations
+
+import argparse
+import json
+import string
+import time
+from pathlib import Path
+
+import captcha_fast
+from captcha_fast import synth
+from captcha_fast.data import list_samples, split_samples
+from captcha_fast.preprocess import load_image
+
+LETTERS = string.digits + string.ascii_lowercase + string.ascii_uppercase
+PACKAGE_SIZES = ((160, 60), (200, 50), (280, 90))
+MERGE = str.maketrans("oil", "011")  # after lower(): o->0, i and l->1
+
+
+def folder_val(folder: str, n: int, val_fraction: float = 0.15, seed: int = 0):
+    _, val = split_samples(list_samples(folder), val_fraction, seed)
+    val = sorted(val, key=lambda s: Path(s.path).name)[:n]
+    return [load_image(s.path) for s in val], [s.label for s in val]
+
+
+def package_renders(width: int, height: int, n: int, seed: int = 12345):
+    images, labels = [], []
+    for i in range(n):
+        rng = synth.sample_rng(seed, i)
+        text = "".join(rng.choice(LETTERS) for _ in range(rng.randint(4, 6)))
+        images.append(synth.render_package(text, rng, width, height))
+        labels.append(text)
+    return images, labels
+
+
+def style_renders(style: str, n: int, seed: int = 12345):
+    items = list(synth.SyntheticCaptchas(synth.SynthConfig(style=style, charset=LETTERS, min_len=4, max_len=8,
+                                                           seed=seed), n))
+    return [im for im, _ in items], [t for _, t in items]
+
+
+def held_out_sets(folders, n: int, styles):
+    sets = {f"{name} (val split)": folder_val(path, n) for name, path in folders}
+    for w, h in PACKAGE_SIZES:
+        sets[f"captcha package {w}x{h}"] = package_renders(w, h, n)
+    for style in styles:
+        sets[f"synth {style}"] = style_renders(style, n)
+    return sets
+
+
+def score(reads, labels):
+    right = sum(r.lower() == t.lower() for r, t in zip(reads, labels))
+    merged = sum(r.lower().translate(MERGE) == t.lower().translate(MERGE) for r, t in zip(reads, labels))
+    return right / len(labels), merged / len(labels)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", nargs="+", help="recognizer files (.pt / .pt2)")
+    p.add_argument("--folder", action="append", default=[], metavar="NAME=DIR")
+    p.add_argument("-n", type=int, default=300, help="images per set")
+    p.add_argument("--styles", default=None, help="synthetic styles, comma-separated (default: the mix)")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    folders = [tuple(spec.split("=", 1)) for spec in args.folder]
+    styles = args.styles.split(",") if args.styles else list(synth.MIX)
+    sets = held_out_sets(folders, args.n, styles)
+    rows = []
+    header = "| set | images | " + " | ".join(Path(m).name for m in args.models) + " |"
+    print(header + "\n|---|---:|" + "---:|" * len(args.models))
+    for name, (images, labels) in sets.items():
+        row = dict(set=name, images=len(labels), models={})
+        for m in args.models:
+            t0 = time.perf_counter()
+            reads = captcha_fast.predict_batch(images, m, device="cpu")
+            acc, merged = score(reads, labels)
+            row["models"][m] = dict(accuracy=acc, accuracy_merged=merged, seconds=time.perf_counter() - t0,
+                                    misses=[(t, r) for t, r in zip(labels, reads) if t.lower() != r.lower()][:5])
+        rows.append(row)
+        cells = " | ".join(f"{100 * row['models'][m]['accuracy']:.1f}% ({100 * row['models'][m]['accuracy_merged']:.1f}%)"
+                           for m in args.models)
+        print(f"| {name} | {len(labels)} | {cells} |", flush=True)
+    synth_rows = [r for r in rows if r["set"].startswith("synth ")]
+    if synth_rows:
+        cells = " | ".join(f"{100 * sum(r['models'][m]['accuracy'] for r in synth_rows) / len(synth_rows):.1f}%"
+                           for m in args.models)
+        print(f"| mean of {len(synth_rows)} synthetic styles | | {cells} |")
+    if args.json:
+        args.json.write_text(json.dumps(dict(n=args.n, case_insensitive=True, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
