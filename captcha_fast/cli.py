@@ -89,6 +89,8 @@ def _add_predict(p):
     p.add_argument("--top-k", type=int, default=1, help="hypotheses per image (beam search; default 1)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's, less the cores other processes keep busy)")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of path<TAB>text<TAB>score")
     p.add_argument("--ignore-case", action="store_true", help="print the texts in lower case")
 
@@ -100,6 +102,8 @@ def _run_predict(args):
 
     if args.beam < 1 or args.batch_size < 1:
         raise UsageError(f"--beam and --batch-size must be >= 1, got {args.beam} and {args.batch_size}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
     if args.top_k < 1 or (not args.greedy and args.top_k > args.beam):
         raise UsageError(f"--top-k must be in [1, --beam], got {args.top_k} with --beam {args.beam}")
     if args.greedy and args.top_k != 1:
@@ -111,7 +115,7 @@ def _run_predict(args):
         chunk = paths[start:start + args.batch_size]
         hyps = api.predict_batch([str(p) for p in chunk], model, decoder="greedy" if args.greedy else "beam",
                                  beam_width=args.beam, top_k=args.top_k, device=args.device,
-                                 batch_size=args.batch_size, return_scores=True)
+                                 batch_size=args.batch_size, return_scores=True, threads=args.threads)
         for path, hs in zip(chunk, hyps):
             if args.ignore_case:
                 hs = [h._replace(text=h.text.lower()) for h in hs]
@@ -257,20 +261,39 @@ def _run_eval(args):
 # --------------------------------------------------------------------------- export
 
 def _add_export(p):
-    p.add_argument("checkpoint", help="a training checkpoint (RUN_DIR/best.ckpt or last.ckpt) or a run directory")
-    p.add_argument("--out", required=True,
-                   help="where to write the recognizer: model.pt (TorchScript) or model.pt2 (torch.export)")
+    p.add_argument("source", metavar="CHECKPOINT",
+                   help="a training checkpoint (RUN_DIR/best.ckpt or last.ckpt), a run directory, or a recognizer .pt")
+    p.add_argument("--out", default=None,
+                   help="where to write the recognizer: model.pt (TorchScript) or model.pt2 (torch.export; "
+                        "with --compile an AOTInductor package). --compile without --out: the cache where "
+                        "`predict --model SOURCE` finds it")
+    p.add_argument("--compile", action="store_true",
+                   help="AOTInductor-compile the model for this machine (.pt2; about a minute of one CPU)")
+    p.add_argument("--device", default="cpu", help="the device a .pt2 runs on (default cpu)")
     p.add_argument("--greedy", action="store_true", help="make greedy decoding the default (else beam search)")
     p.add_argument("--beam", type=int, default=10, help="default beam width (default 10)")
 
 
 def _run_export(args):
-    from captcha_fast.checkpoint import load_model
-    from captcha_fast.export import export_program, save_recognizer
+    from captcha_fast import api, export
 
-    model = load_model(args.checkpoint)
-    save = export_program if args.out.endswith(".pt2") else save_recognizer
-    out = save(model, args.out, decoder="greedy" if args.greedy else "beam", beam_width=args.beam)
+    if args.out is None and not (args.compile and args.source.endswith(".pt")):
+        raise UsageError("--out is required, except with --compile from a recognizer .pt (then the cache)")
+    if args.out is not None and args.compile and not args.out.endswith(".pt2"):
+        raise UsageError(f"--compile writes a .pt2 package: --out must end in .pt2, got {args.out}")
+    if export.file_kind(args.source) == "torchscript":  # a recognizer: keeps its own decoder settings
+        model = args.source
+    else:
+        from captcha_fast.checkpoint import load_model
+        model = load_model(args.source)
+    settings = dict(decoder="greedy" if args.greedy else "beam", beam_width=args.beam)
+    if args.compile:
+        out = export.compile_package(model, args.out or api.compiled_path(args.source, args.device),
+                                     device=args.device, **settings)
+    elif args.out.endswith(".pt2"):
+        out = export.export_program(model, args.out, device=args.device, **settings)
+    else:
+        out = export.save_recognizer(model, args.out, **settings)
     print(f"wrote {out}")
 
 
@@ -318,6 +341,14 @@ def _run_info(args):
         print("CUDA devices: none")
     from captcha_fast import api
     print(f"shipped model: {api.DEFAULT_MODEL} ({'present' if api.DEFAULT_MODEL.exists() else 'MISSING'})")
+    if api.DEFAULT_MODEL.exists():
+        rec = api.default_model()
+        device = getattr(rec, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+        how = {"compiled": f"AOTInductor package {api.compiled_path(api.DEFAULT_MODEL, device)}",
+               "torchscript": "TorchScript (`captcha-fast export " + str(api.DEFAULT_MODEL) +
+                              " --compile` makes it faster: AOTInductor)"}.get(api.format_of(rec), api.format_of(rec))
+        print(f"predict uses: {how}, on {device}")
+    print(f"predict threads now: {api.auto_threads()} ({api.busy_cpus()} CPUs busy with other processes)")
 
 
 # ----------------------------------------------------------------------------- main
@@ -334,8 +365,10 @@ COMMANDS = [
      _add_train, _run_train),
     ("eval", "accuracy, character error rate and confusions of a model on labelled images",
      "captcha-fast eval runs/v2/model.pt ../shared/data/captcha_images_v2 --split val --json", _add_eval, _run_eval),
-    ("export", "write a recognizer (TorchScript .pt or torch.export .pt2) from a training checkpoint",
-     "captcha-fast export runs/v2/best.ckpt --out model.pt", _add_export, _run_export),
+    ("export", "write a recognizer (TorchScript .pt, torch.export .pt2, or with --compile an AOTInductor .pt2)",
+     "captcha-fast export runs/v2/best.ckpt --out model.pt\n"
+     "  captcha-fast export runs/v2/model.pt --compile     (predict --model runs/v2/model.pt then uses it)",
+     _add_export, _run_export),
     ("bench", "decode and predict throughput on this machine", "captcha-fast bench -n 1024", _add_bench, _run_bench),
     ("info", "versions, compiled kernels, threads and devices", "captcha-fast info", None, _run_info),
 ]

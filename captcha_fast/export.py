@@ -462,7 +462,7 @@ def _check_machine(path: Path, meta: dict):
 
 def file_kind(path: Union[str, os.PathLike]) -> str:
     """"compiled" (a .pt2 AOTInductor package), "program" (a .pt2 of torch.export programs), "torchscript"
-    (another zip archive: torch.jit.load will tell) or "unknown" (not a zip archive), by the contents."""
+    (a torch.jit archive) or "unknown" (anything else, e.g. a checkpoint), by the file's contents."""
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
@@ -472,7 +472,7 @@ def file_kind(path: Union[str, os.PathLike]) -> str:
         return "compiled"
     if any(n.endswith("/archive_format") or n == "archive_format" for n in names):
         return "program"
-    return "torchscript"
+    return "torchscript" if any("/code/" in n for n in names) else "unknown"  # (torch.save zips have no code)
 
 
 def _is_export_archive(path: Path) -> bool:

@@ -210,6 +210,9 @@ def test_file_kinds(tiny_model_path, program_path, tmp_path):
     assert export.file_kind(program_path) == "program"
     (tmp_path / "x.txt").write_text("hello")
     assert export.file_kind(tmp_path / "x.txt") == "unknown"
+    torch.save({"model": tiny_model().state_dict()}, tmp_path / "best.ckpt")  # a zip too, not a recognizer
+    assert export.file_kind(tmp_path / "best.ckpt") == "unknown"
+    assert export.file_kind(tmp_path) == "unknown"
 
 
 # ----------------------------------------------------------------------------- fresh processes, C++
@@ -379,3 +382,41 @@ def test_cuda_compiled_package_reads_as_the_pt(tiny_model_path, tmp_path):
     pt_cuda = export.load_recognizer(tiny_model_path, device="cuda", dtype=rec.dtype)
     images = mixed_images(20)
     assert rec.recognize(images, "beam", 10, 1)[0] == pt_cuda.recognize(images, "beam", 10, 1)[0]
+
+
+# ----------------------------------------------------------------------------- command line
+
+def test_cli_export_program_from_a_recognizer_and_predict_with_threads(tiny_model_path, tmp_path, capsys):
+    from captcha_fast.cli import main
+
+    out = tmp_path / "cli.pt2"
+    assert main(["export", str(tiny_model_path), "--out", str(out)]) == 0
+    assert export.file_kind(out) == "program"
+    files = []
+    for i, img in enumerate(mixed_images(3)):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(img.permute(1, 2, 0).numpy() if img.shape[0] == 3 else img[0].numpy()).save(files[-1])
+    capsys.readouterr()
+    assert main(["predict", "--model", str(out), "--threads", "1", *map(str, files)]) == 0
+    got = [line.split("\t")[1] for line in capsys.readouterr().out.strip().splitlines()]
+    assert got == api.predict_batch(files, api.load(tiny_model_path, device="cpu", amp=False))
+    assert main(["predict", "--model", str(out), "--threads", "0", str(files[0])]) == 2
+    assert main(["export", str(tmp_path / "best.ckpt"), "--compile"]) == 2  # no --out, not a .pt
+    assert main(["export", str(tiny_model_path), "--out", str(tmp_path / "x.pt"), "--compile"]) == 2
+
+
+@pytest.mark.slow
+def test_cli_export_compile_fills_the_cache_load_uses(tmp_path, monkeypatch, capsys):
+    from captcha_fast.cli import main
+
+    monkeypatch.setenv("CAPTCHA_FAST_CACHE", str(tmp_path / "cache"))
+    pt_path = export.save_recognizer(tiny_model(seed=1), tmp_path / "model.pt")
+    assert main(["export", str(pt_path), "--compile"]) == 0
+    assert str(api.compiled_path(pt_path)) in capsys.readouterr().out
+    api._CACHE.clear()
+    rec = api.load(pt_path, device="cpu")
+    assert api.format_of(rec) == "compiled" and rec.dtype == export.resolve_dtype(None, torch.device("cpu"))
+    scripted = api.load(pt_path, device="cpu", compiled=False)  # same precision (the device's fastest)
+    assert api.format_of(scripted) == "torchscript"
+    assert api.predict_batch(mixed_images(3), rec) == api.predict_batch(mixed_images(3), scripted)
+    api._CACHE.clear()
