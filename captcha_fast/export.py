@@ -1,8 +1,18 @@
-"""Saving and loading recognizers: TorchScript (.pt, one file that runs in Python
-or C++ wherever the captcha_fast library is loaded) and torch.export (.pt2).
+"""Saving and loading recognizers in three formats:
+
+- TorchScript (.pt, the legacy format: torch.jit is deprecated): one file with the weights,
+  preprocessing and decoding, runs in Python or C++ (torch::jit::load) wherever the captcha_fast
+  library is loaded.
+- torch.export programs (.pt2, export_program): the CRNN as "features" + "head" programs with a
+  dynamic batch and width; portable across CPUs; preprocessing and decoding stay in Python.
+- AOTInductor packages (.pt2, compile_package): the same two parts compiled to C++ for this
+  machine (fastest on the CPU); Python (captcha_fast.load) or C++ (AOTIModelPackageLoader,
+  examples/cpp/recognize_aoti.cpp).
 
     save_recognizer(model, "model.pt")      # CRNN -> scripted Recognizer file (fp32 weights)
     rec = load_recognizer("model.pt")       # -> ScriptModule, precision chosen here
+    export_program("model.pt", "model.pt2") # -> .pt2 programs;  compile_package(...) -> compiled .pt2
+    rec = load_program("model.pt2")         # -> ExportedRecognizer, the same interface
     texts, scores = rec([img_uint8_chw, ...])
 """
 from __future__ import annotations

@@ -10,7 +10,7 @@ images/s (best of the rounds; the median is in the JSON). "loaded": `--competito
 spinning on a CPU each (`yes > /dev/null`) while it runs. Idle and loaded runs alternate round by
 round in one process, so both see the same machine. Formats: the TorchScript .pt (precision as
 captcha_fast.load picks it), the .pt2 torch.export program (float32), the AOTInductor package
-(compiled here once, into --work; precision as captcha_fast.load would pick it).
+(compiled here once, into --work; precision as captcha_fast.load would pick it; --fp32: float32 everywhere).
 
 OMP_WAIT_POLICY is read when OpenMP starts, so `--wait-policy passive` reruns this script in a
 child process with OMP_WAIT_POLICY=PASSIVE (and `both` runs both)."""
@@ -41,25 +41,26 @@ def images(n: int, seed: int = 0):
     return out
 
 
-def formats(model: str, work: Path, which: list) -> dict:
-    """{name: loaded recognizer} for the formats asked for; the .pt2 files are made once in `work`."""
+def formats(model: str, work: Path, which: list, fp32: bool) -> dict:
+    """{name: loaded recognizer} for the formats asked for; the .pt2 files are made once in `work`.
+    fp32: float32 convolutions everywhere, else each format's default precision on this CPU."""
     from captcha_fast import api, export
 
     out = {}
     if "torchscript" in which:
-        out["torchscript"] = api.load(model, device="cpu", compiled=False)
+        out["torchscript"] = api.load(model, device="cpu", amp=False if fp32 else None, compiled=False)
     if "program" in which:
         program = work / "program.pt2"
         if not program.exists():
             export.export_program(model, program)
         out["program"] = api.load(program)
     if "compiled" in which:
-        compiled = work / "compiled.pt2"
+        compiled = work / ("compiled_fp32.pt2" if fp32 else "compiled.pt2")
         if not compiled.exists():
             env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
             subprocess.run([sys.executable, "-c", "import sys; from captcha_fast import export; "
-                            "export.compile_package(sys.argv[1], sys.argv[2])", model, str(compiled)],
-                           check=True, env=env)
+                            "export.compile_package(sys.argv[1], sys.argv[2], dtype=sys.argv[3] or None)",
+                            model, str(compiled), "float32" if fp32 else ""], check=True, env=env)
         out["compiled"] = api.load(compiled)
     return out
 
@@ -72,7 +73,7 @@ def measure(args) -> list:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    recs = formats(args.model, work, args.formats)
+    recs = formats(args.model, work, args.formats, args.fp32)
     pool = images(max(args.batches))
     thread_settings = [None if t == "auto" else int(t) for t in args.threads]
     for rec in recs.values():  # warm-up, and the reads must agree across formats
@@ -141,6 +142,8 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--competitors", type=int, default=1, help="spinning processes while loaded")
     p.add_argument("--wait-policy", choices=["default", "passive", "both"], default="default")
+    p.add_argument("--fp32", action="store_true", help="float32 convolutions in every format (default: "
+                   "each format's default on this CPU: bf16 where oneDNN has native bf16)")
     p.add_argument("--work", default="bench_load_work", help="folder for the .pt2 files (kept, reused)")
     p.add_argument("--quick", action="store_true", help="--images 128 --rounds 1")
     p.add_argument("--json", help="write the rows here")
