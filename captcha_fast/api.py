@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Union
@@ -203,12 +204,21 @@ def busy_cpus() -> int:
         return int(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
 
 
+_AUTO_THREADS = [-1.0, 0, 0]  # (when, torch's count, decision): looked at again after 1 s
+
+
 def auto_threads() -> int:
     """predict_batch's default thread count: torch's (torch.get_num_threads()), capped by the CPUs
     this process may use that no other process keeps busy, at least 1. A thread without a core of
-    its own stalls every parallel region of the others, so fewer threads beat more under load."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(torch.get_num_threads(), cpus - busy_cpus()))
+    its own stalls every parallel region of the others, so fewer threads beat more under load.
+    The machine is looked at once a second at most (reading /proc costs 0.1 ms)."""
+    now, cap = time.monotonic(), torch.get_num_threads()
+    when, cached_cap, decision = _AUTO_THREADS
+    if now - when > 1.0 or cached_cap != cap:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        decision = max(1, min(cap, cpus - busy_cpus()))
+        _AUTO_THREADS[:] = [now, cap, decision]
+    return decision
 
 
 @contextlib.contextmanager
