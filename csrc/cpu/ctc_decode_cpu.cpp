@@ -49,10 +49,13 @@ Decoded greedy_cpu(const at::Tensor& log_probs, const at::Tensor& input_lengths,
     float* out_score = scores.mutable_data_ptr<float>();
     const int64_t max_len = lens.max().item<int64_t>();
     at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(C);  // a frame widened to float, when it is not one already
       if (sn >= st) {  // each sequence is contiguous in memory: one at a time
         for (int64_t n = begin; n < end; ++n) {
           const Frames<scalar_t> f{data + n * sn, st, sc};
-          if (greedy_decode_one(f, len[n], C, blank, tok + n * T, out_len + n, out_score + n) != kOk) bad.report(n);
+          if (greedy_decode_one(f, len[n], C, blank, buf.data(), tok + n * T, out_len + n, out_score + n) != kOk) {
+            bad.report(n);
+          }
         }
         return;
       }
@@ -65,14 +68,14 @@ Decoded greedy_cpu(const at::Tensor& log_probs, const at::Tensor& input_lengths,
           const Frames<scalar_t> f{data + n * sn, st, sc};
           float v;
           bool b = false;
-          const int64_t best = frame_argmax(f, t, C, &v, &b);
+          const int64_t best = row_argmax(frame_row(f, t, C, buf.data()), C, &v, &b);
           flagged[n - begin] |= b;
           greedy_step(state[n - begin], best, v, blank, tok + n * T);
         }
       }
       for (int64_t n = begin; n < end; ++n) {
         out_len[n] = state[n - begin].len;
-        out_score[n] = state[n - begin].score;
+        out_score[n] = static_cast<float>(state[n - begin].score);
         if (flagged[n - begin]) bad.report(n);
       }
     });
@@ -88,9 +91,10 @@ Decoded beam_search_cpu(const at::Tensor& log_probs, const at::Tensor& input_len
   BeamOptions opts = check_beam_options(log_probs, beam_width, top_k, token_min_logp, blank_skip_threshold,
                                         min_length, max_length, allowed_tokens);
   const int64_t L = beam_output_width(T, max_length);
-  auto tokens = at::full({N, top_k, L}, -1, log_probs.options().dtype(at::kInt));
-  auto lengths = at::zeros({N, top_k}, log_probs.options().dtype(at::kInt));
-  auto scores = at::full({N, top_k}, -INFINITY, log_probs.options().dtype(at::kFloat));
+  // beam_search_to_tokens writes every element.
+  auto tokens = at::empty({N, top_k, L}, log_probs.options().dtype(at::kInt));
+  auto lengths = at::empty({N, top_k}, log_probs.options().dtype(at::kInt));
+  auto scores = at::empty({N, top_k}, log_probs.options().dtype(at::kFloat));
   if (N == 0) return {tokens, lengths, scores};
   const at::Tensor lens = lengths_as_long(input_lengths);
   at::Tensor allowed;
@@ -112,11 +116,12 @@ Decoded beam_search_cpu(const at::Tensor& log_probs, const at::Tensor& input_len
       std::vector<char> buffer(ws_bytes + 16);  // one workspace per chunk, reused per sequence
       char* base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(buffer.data()) + 15) & ~uintptr_t(15));
       BeamWorkspace ws = carve_beam_workspace(base, T, C, beam_width);
+      init_beam_workspace(ws, C, blank, opts);
       for (int64_t n = begin; n < end; ++n) {
         const Frames<scalar_t> f{data + n * sn, st, sc};
-        const Status s = beam_search_one(f, len[n], C, blank, opts, ws, static_cast<int32_t>(top_k),
-                                         static_cast<int32_t>(L), tok + n * top_k * L, out_len + n * top_k,
-                                         out_score + n * top_k);
+        const Status s = beam_search_to_tokens(f, len[n], C, blank, opts, ws, static_cast<int32_t>(top_k),
+                                               static_cast<int32_t>(L), tok + n * top_k * L, out_len + n * top_k,
+                                               out_score + n * top_k);
         if (s != kOk) bad.report(n);
       }
     });
