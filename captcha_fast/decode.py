@@ -1,5 +1,6 @@
-"""CTC decoding from Python: the pure-Python baseline and typed wrappers over
-the C++/CUDA ops (torch.ops.captcha_fast.*) that return strings.
+"""CTC decoding from Python: typed wrappers over the C++/CUDA ops
+(torch.ops.captcha_fast.*) that return strings. The pure-Python baselines
+are in captcha_fast.bench.
 
 log_probs are (T, N, C) = (frames, batch, classes), as the model emits them and
 nn.CTCLoss takes them; class 0 is the blank."""
@@ -28,51 +29,6 @@ class Hypothesis(NamedTuple):
     score: float
     """Its log-probability: the best path's for greedy decoding; the sum over
     the alignments the beam kept for beam search."""
-
-
-def greedy_decode_python(log_probs: Tensor, input_lengths: Tensor, charset: Charset) -> List[str]:
-    """The baseline every benchmark compares to, decoding as the seed project
-    did: argmax per frame in torch, then a plain Python loop over each
-    sequence's values that merges repeats and drops blanks."""
-    best = log_probs.argmax(-1)  # (T, N)
-    texts = []
-    for n in range(best.shape[1]):
-        out, prev = [], 0
-        for k in best[: int(input_lengths[n]), n]:
-            k = int(k)
-            if k != 0 and k != prev:
-                out.append(charset.symbols[k - 1])
-            prev = k
-        texts.append("".join(out))
-    return texts
-
-
-def greedy_decode_python_lists(log_probs: Tensor, input_lengths: Tensor, charset: Charset) -> List[str]:
-    """A tuned pure-Python greedy decoder (one .tolist(), then list loops):
-    the strongest Python baseline, shown beside the seed's in the benchmarks."""
-    best = log_probs.argmax(-1).t().tolist()  # (N, T)
-    texts = []
-    for path, length in zip(best, input_lengths.tolist()):
-        out, prev = [], 0
-        for k in path[:length]:
-            if k != 0 and k != prev:
-                out.append(charset.symbols[k - 1])
-            prev = k
-        texts.append("".join(out))
-    return texts
-
-
-def greedy_decode_torch(log_probs: Tensor, input_lengths: Tensor) -> Tensor:
-    """Vectorised greedy decoding in torch ops: (N, T) int64 tokens, padded with -1."""
-    best = log_probs.argmax(-1).t()  # (N, T)
-    N, T = best.shape
-    prev = torch.nn.functional.pad(best[:, :-1], (1, 0), value=0)
-    in_seq = torch.arange(T, device=best.device)[None, :] < input_lengths[:, None]
-    keep = (best != 0) & (best != prev) & in_seq
-    # Stable sort of "not kept" moves the kept tokens to the front in order.
-    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
-    tokens = torch.where(keep, best, torch.full_like(best, -1)).gather(1, order)
-    return tokens
 
 
 def _check_scores(scores: Tensor, op: str) -> None:
