@@ -51,6 +51,7 @@ namespace captcha_fast {
 
 constexpr float kNegInf = -INFINITY;
 constexpr double kNegInfD = -static_cast<double>(INFINITY);
+constexpr int64_t kPrefetch = 2;  // frames read ahead
 
 enum Status : int32_t { kOk = 0, kBadValue = 1 };
 
@@ -72,6 +73,21 @@ CF_HOT const float* frame_row(const Frames<scalar_t>& f, int64_t t, int64_t C, f
   }
   for (int64_t c = 0; c < C; ++c) buf[c] = f.at(t, c);
   return buf;
+}
+
+// Asks for frame t's row ahead of its use (host only). A sequence's frames lie
+// N rows apart in the usual (T, N, C) layout, too far for the hardware
+// prefetcher, so each frame would otherwise wait on memory.
+template <typename scalar_t>
+CF_HOT void prefetch_frame(const Frames<scalar_t>& f, int64_t t, int64_t C) {
+#if !defined(__CUDA_ARCH__) && (defined(__GNUC__) || defined(__clang__))
+  const char* first = reinterpret_cast<const char*>(f.data + t * f.stride_t);
+  const char* last = reinterpret_cast<const char*>(f.data + t * f.stride_t + (C - 1) * f.stride_c);
+  if (last < first) { const char* tmp = first; first = last; last = tmp; }
+  if (last - first > 1024) return;  // a class-strided frame: not worth it
+  for (const char* p = first; p <= last; p += 64) __builtin_prefetch(p);
+  __builtin_prefetch(last);
+#endif
 }
 
 // NaN and +inf are not log-probabilities; -inf (probability 0) is.
@@ -326,9 +342,17 @@ struct BeamState {        // the beams, sorted by total (descending); [K] each
   int32_t* last;          // the node's last token (-1: the empty prefix)
   int32_t* len;           // the node's label length
   int32_t* parent;        // beam index of the node's parent in the same beam, else -1
+  int32_t* has_child;     // 1 if some beam's parent is this one
   double* pb;
   double* pnb;
   double* total;          // log_add(pb, pnb)
+};
+
+// One entry of a frame's selection: a beam as it is, or extended by a class.
+struct Entry {
+  double score;
+  int32_t beam;   // the source beam
+  int32_t token;  // -1: the beam itself; else the class extending it
 };
 
 struct BeamWorkspace {
@@ -343,9 +367,7 @@ struct BeamWorkspace {
   double* next_pb;        // [K] existing beams after this frame
   double* next_pnb;       // [K]
   double* score;          // [K] the existing beams' scores after this frame
-  double* top_score;      // [K] the selection, best first
-  int32_t* top_beam;      // [K] its source beam
-  int32_t* top_token;     // [K] -1: the beam itself; else the class extending it
+  Entry* top;             // [K] the selection, best first
   uint64_t* frame_key;    // [K + 1] scratch of frame_classes
   int32_t* frame_token;   // [K + 1] this frame's best extendable classes, best first
   float* frame_logp;      // [K + 1]
@@ -387,6 +409,7 @@ CF_HD int64_t beam_workspace_layout(char* base, int64_t T, int64_t C, int64_t K,
     b.last = ints(K);
     b.len = ints(K);
     b.parent = ints(K);
+    b.has_child = ints(K);
     b.pb = doubles(K);
     b.pnb = doubles(K);
     b.total = doubles(K);
@@ -396,9 +419,7 @@ CF_HD int64_t beam_workspace_layout(char* base, int64_t T, int64_t C, int64_t K,
   w.next_pb = doubles(K);
   w.next_pnb = doubles(K);
   w.score = doubles(K);
-  w.top_score = doubles(K);
-  w.top_beam = ints(K);
-  w.top_token = ints(K);
+  w.top = reinterpret_cast<Entry*>(take(K * sizeof(Entry)));
   w.frame_key = reinterpret_cast<uint64_t*>(take((K + 1) * 8));
   w.frame_token = ints(K + 1);
   w.frame_logp = floats(K + 1);
@@ -460,17 +481,10 @@ CF_HOT int32_t find_node(const BeamWorkspace& w, int32_t parent, int32_t token) 
 // Keeps the K best (score, beam, token) in descending order; a tie keeps the
 // earlier one. Returns the new count.
 CF_HOT int32_t push_top(BeamWorkspace& w, int32_t count, int32_t K, double score, int32_t beam, int32_t token) {
-  if (count == K && !(score > w.top_score[K - 1])) return count;
+  if (count == K && !(score > w.top[K - 1].score)) return count;
   int32_t i = count < K ? count++ : K - 1;
-  while (i > 0 && score > w.top_score[i - 1]) {
-    w.top_score[i] = w.top_score[i - 1];
-    w.top_beam[i] = w.top_beam[i - 1];
-    w.top_token[i] = w.top_token[i - 1];
-    --i;
-  }
-  w.top_score[i] = score;
-  w.top_beam[i] = beam;
-  w.top_token[i] = token;
+  for (; i > 0 && score > w.top[i - 1].score; --i) w.top[i] = w.top[i - 1];
+  w.top[i] = Entry{score, beam, token};
   return count;
 }
 
@@ -512,20 +526,35 @@ CF_HOT int32_t frame_classes(const float* row, const float* class_mask, int64_t 
     logp[0] = best_v;
     return 1;
   }
-  // A float at or below both bounds: the vector search skips the classes below it.
+  // A float at or below both bounds: the vector search skips the classes below
+  // it. The keys of the classes above the bound are sorted as they come in;
+  // once cap are held, later ones must beat the last.
   float lo = static_cast<float>(cut);
   if (static_cast<double>(lo) > cut) lo = nextafterf(lo, kNegInf);
   lo = lo > min_logp ? lo : min_logp;
   int32_t n = 0;
-  for (int64_t c = find_at_least(row, class_mask, 0, C, lo); c < C; c = find_at_least(row, class_mask, c + 1, C, lo)) {
+  auto consider = [&](int64_t c) {
     const float v = row[c] + class_mask[c];
-    if (!(v > cut) || !(v > kNegInf)) continue;
+    if (!(v > cut) || !(v > kNegInf)) return;
     const uint64_t key = class_key(v, c);
-    if (n == cap && !(key > keys[cap - 1])) continue;
+    if (n == cap && !(key > keys[cap - 1])) return;
     int32_t i = n < cap ? n++ : cap - 1;
     for (; i > 0 && key > keys[i - 1]; --i) keys[i] = keys[i - 1];
     keys[i] = key;
-    if (n == cap) lo = lo > logp_of(keys[cap - 1]) ? lo : logp_of(keys[cap - 1]);  // later classes must beat the last
+    if (n == cap) lo = lo > logp_of(keys[cap - 1]) ? lo : logp_of(keys[cap - 1]);
+  };
+  int64_t c0 = 0;
+#ifdef CF_SSE2
+  for (; c0 + 4 <= C; c0 += 4) {
+    const __m128 v = _mm_add_ps(_mm_loadu_ps(row + c0), _mm_loadu_ps(class_mask + c0));
+    for (unsigned mask = static_cast<unsigned>(_mm_movemask_ps(_mm_cmpge_ps(v, _mm_set1_ps(lo)))); mask != 0;
+         mask &= mask - 1) {
+      consider(c0 + __builtin_ctz(mask));
+    }
+  }
+#endif
+  for (int64_t c = c0; c < C; ++c) {
+    if (row[c] + class_mask[c] >= lo) consider(c);
   }
   for (int32_t i = 0; i < n; ++i) {
     token[i] = static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(keys[i]));
@@ -535,14 +564,14 @@ CF_HOT int32_t frame_classes(const float* row, const float* class_mask, int64_t 
 }
 
 // The outcome of beam_search_one: `count` hypotheses, best first; hypothesis k
-// is node w.beam.node[w.top_beam[k]] with log-prob base + w.top_score[k].
+// is node w.beam.node[w.top[k].beam] with log-prob base + w.top[k].score.
 struct BeamResult {
   Status status;
   int32_t count;
   double base;
 };
 
-CF_HD int32_t hypothesis_node(const BeamWorkspace& w, int32_t k) { return w.beam.node[w.top_beam[k]]; }
+CF_HD int32_t hypothesis_node(const BeamWorkspace& w, int32_t k) { return w.beam.node[w.top[k].beam]; }
 
 // Writes the label of `node` into out[0, len) and returns len.
 CF_HD int32_t node_label(const BeamWorkspace& w, int32_t node, int32_t* out) {
@@ -567,12 +596,14 @@ CF_HD BeamResult beam_search_run(const Frames<scalar_t>& f, int64_t length, int6
   w.beam.last[0] = -1;
   w.beam.len[0] = 0;
   w.beam.parent[0] = -1;
+  w.beam.has_child[0] = 0;
   w.beam.pb[0] = 0.0;
   w.beam.pnb[0] = kNegInfD;
   w.beam.total[0] = 0.0;
   bool pnb_live = false;  // some beam may end in a non-blank
 
   for (int64_t t = 0; t < length; ++t) {
+    if (t + kPrefetch < length) prefetch_frame(f, t + kPrefetch, C);
     // 1. Validate the frame; its best extendable class.
     const float* row = frame_row(f, t, C, w.row_buf);
     bool bad;
@@ -630,7 +661,7 @@ CF_HD BeamResult beam_search_run(const Frames<scalar_t>& f, int64_t length, int6
     }
 
     // 3. New prefixes, from the frame's K + 1 best classes above the bound.
-    const double cut = count == K ? w.top_score[K - 1] - beam.total[0] : kNegInfD;
+    const double cut = count == K ? w.top[K - 1].score - beam.total[0] : kNegInfD;
     const int32_t nf = frame_classes(row, w.class_mask, C, best_v, best, min_logp, cut, K + 1, w.frame_key,
                                      w.frame_token, w.frame_logp);
     // Beams are sorted by total and frame classes by log-prob, and a
@@ -638,29 +669,43 @@ CF_HD BeamResult beam_search_run(const Frames<scalar_t>& f, int64_t length, int6
     // beat the K-th best, no later class or beam can either.
     for (int32_t b = 0; b < num_beams && nf > 0; ++b) {
       const double total = beam.total[b];
-      if (count == K && !(total + w.frame_logp[0] > w.top_score[K - 1])) break;
+      if (count == K && !(total + w.frame_logp[0] > w.top[K - 1].score)) break;
       const int32_t len = beam.len[b];
       if ((o.max_len >= 0 && len >= o.max_len) || len + 1 + frames_left < o.min_len) continue;
       const int32_t last = beam.last[b];
       for (int32_t i = 0; i < nf; ++i) {
-        if (count == K && !(total + w.frame_logp[i] > w.top_score[K - 1])) break;
+        if (count == K && !(total + w.frame_logp[i] > w.top[K - 1].score)) break;
         const int32_t c = w.frame_token[i];
         const double s = (c == last ? beam.pb[b] : total) + w.frame_logp[i];
-        if (s == kNegInfD || (count == K && !(s > w.top_score[K - 1]))) continue;  // cannot enter
+        if (s == kNegInfD || (count == K && !(s > w.top[K - 1].score))) continue;  // cannot enter
         // prefix + c that is already a beam was credited in 2b: not a candidate.
-        const int32_t existing = find_node(w, beam.node[b], c);
-        if (existing >= 0 && w.node_slot[existing] >= 0) continue;
+        if (beam.has_child[b]) {
+          const int32_t existing = find_node(w, beam.node[b], c);
+          if (existing >= 0 && w.node_slot[existing] >= 0) continue;
+        }
         count = push_top(w, count, K, s, b, c);
       }
     }
-
     // 4. The survivors become the beam; new prefixes get their trie node.
+    //    A frame that kept every beam, in order, updates them in place (the
+    //    usual case of the exact search on a blank frame).
+    bool unchanged = count == num_beams;
+    for (int32_t k = 0; k < count && unchanged; ++k) unchanged = w.top[k].beam == k && w.top[k].token < 0;
+    if (unchanged) {
+      for (int32_t k = 0; k < count; ++k) {
+        beam.pb[k] = w.next_pb[k];
+        beam.pnb[k] = w.next_pnb[k];
+        beam.total[k] = w.top[k].score;
+      }
+      pnb_live = true;
+      continue;
+    }
     //    node_slot maps the nodes of the current beams to their index.
     BeamState& next = w.next;
     for (int32_t b = 0; b < num_beams; ++b) w.node_slot[beam.node[b]] = -1;
     for (int32_t k = 0; k < count; ++k) {
-      const int32_t b = w.top_beam[k];
-      const int32_t c = w.top_token[k];
+      const int32_t b = w.top[k].beam;
+      const int32_t c = w.top[k].token;
       if (c < 0) {
         next.node[k] = beam.node[b];
         next.last[k] = beam.last[b];
@@ -672,14 +717,16 @@ CF_HD BeamResult beam_search_run(const Frames<scalar_t>& f, int64_t length, int6
         next.last[k] = c;
         next.len[k] = beam.len[b] + 1;
         next.pb[k] = kNegInfD;
-        next.pnb[k] = w.top_score[k];
+        next.pnb[k] = w.top[k].score;
       }
-      next.total[k] = w.top_score[k];
+      next.total[k] = w.top[k].score;
       w.node_slot[next.node[k]] = k;
     }
+    for (int32_t k = 0; k < count; ++k) next.has_child[k] = 0;
     for (int32_t k = 0; k < count; ++k) {
       const int32_t parent = w.node_parent[next.node[k]];
       next.parent[k] = parent >= 0 ? w.node_slot[parent] : -1;
+      if (next.parent[k] >= 0) next.has_child[next.parent[k]] = 1;
     }
     const BeamState swap = w.beam;
     w.beam = w.next;
@@ -721,7 +768,7 @@ CF_HD Status beam_search_to_tokens(const Frames<scalar_t>& f, int64_t length, in
     scores[k] = kNegInf;
     if (r.status == kOk && k < r.count) {
       len = node_label(w, hypothesis_node(w, k), tokens + k * max_out);
-      scores[k] = static_cast<float>(r.base + w.top_score[k]);
+      scores[k] = static_cast<float>(r.base + w.top[k].score);
     }
     lengths[k] = len;
     for (int32_t j = len; j < max_out; ++j) tokens[k * max_out + j] = -1;
