@@ -98,3 +98,27 @@ def test_peer_pyctcdecode(benchmark, inputs):
     logits = [p[:n].contiguous().numpy() for p, n in zip(x.log_probs.transpose(0, 1), x.lengths.tolist())]
     out = _run(benchmark, lambda: [decoder.decode(p, beam_width=10) for p in logits], len(logits))
     assert len(out) == len(logits)
+
+
+CUDA_ROWS = ["cpp_greedy_strings", "cpp_beam_pruned_strings", "cpp_beam_exact_strings"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("inputs", ["model-1024", "synthetic-C37"])
+@pytest.mark.parametrize("name", CUDA_ROWS)
+def test_cuda(benchmark, sync, name, inputs):
+    """The strings ops on CUDA outputs: tokens decoded on the GPU, strings built on the host."""
+    x = _inputs(inputs)
+    on_gpu = x._replace(log_probs=x.log_probs.cuda(), lengths=x.lengths.cuda())
+    N = x.log_probs.shape[1]
+    decoder = bench.DECODERS[name]
+    benchmark.group = f"decode {inputs} cuda"
+    benchmark.extra_info["row"] = f"{decoder.label}, beam 10, CUDA"
+
+    def run():
+        out = decoder.call(on_gpu, 10)
+        sync()
+        return out
+
+    out = _run(benchmark, run, N)
+    bench.check_agreement(x, 10, {name: out})

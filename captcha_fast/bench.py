@@ -241,11 +241,6 @@ def check_agreement(inputs: DecodeInputs, beam_width: int, outputs: Dict[str, ob
 # ---------------------------------------------------------------------------- timing
 
 
-def seconds_per_call(fn: Callable[[], object], min_time: float = 0.3) -> float:
-    """Best of several timed runs, each repeating fn for about min_time / 5."""
-    return interleaved({"fn": fn}, rounds=5, min_round=min_time / 5)["fn"]
-
-
 def interleaved(fns: Dict[str, Callable[[], object]], rounds: int = 7, min_round: float = 0.02) -> Dict[str, float]:
     """Seconds per call of each function: `rounds` rounds, each running every function in turn
     (so a busy machine slows all of them alike) for at least min_round seconds; the best round
@@ -353,9 +348,7 @@ def captcha_images(N: int, width: int = 200) -> Tuple[List[Tensor], List[str]]:
 def eager_baseline(images: List[Tensor]) -> List[str]:
     """The predict baseline: the shipped weights run eagerly (an nn.Module, no TorchScript)
     and decoded by (c)."""
-    from captcha_fast import api
-
-    rec = _eager_recognizer(str(api.PRETRAINED))
+    rec = eager_shipped_model()
     with torch.no_grad():
         batch, widths = rec.preprocess(images)
         log_probs, lengths = rec.logits(batch, widths)
@@ -363,10 +356,11 @@ def eager_baseline(images: List[Tensor]) -> List[str]:
 
 
 @lru_cache(maxsize=1)
-def _eager_recognizer(path: str):
-    from captcha_fast import export
+def eager_shipped_model():
+    """The shipped recognizer's weights in an eager Recognizer (export.eager_recognizer)."""
+    from captcha_fast import api, export
 
-    return export.eager_recognizer(path)
+    return export.eager_recognizer(api.PRETRAINED)
 
 
 def predict_table(batch: int = 64, rounds: int = 5) -> List[Row]:
