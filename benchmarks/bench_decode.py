@@ -1,19 +1,34 @@
-"""Decoding throughput: N in {1, 64, 1024} sequences, T = 50 frames, C in {20, 37}
-classes, beam in {1, 10, 32}, model-like (peaky) log-probs.
+"""Decoding throughput with pytest-benchmark: every decoder of captcha_fast.bench (the
+baselines (a), (b), (c), torch, the C++ ops and the public calls) on
 
-    pytest --benchmark benchmarks/bench_decode.py
+  - model: the shipped model's log-probs for N in {1, 64, 1024} fresh captchas;
+  - synthetic: peaky random log-probs (captcha_fast.testing.random_log_probs), N = 1024,
+    T = 50, C in {20, 37};
 
-seq/s = N / best round time (in each result's extra_info). Every decoder's output is
-checked against the baseline's (greedy) or the exact search's (pruned beam)."""
+beam widths 1, 10, 32 for the beam rows; peer decoders when installed.
+
+    pytest --benchmark benchmarks/bench_decode.py --benchmark-json=b.json && python tools/bench_table.py b.json
+
+seq/s = N / best round (extra_info). Every output is checked: greedy rows against (c), beam
+rows' top-1 against the exact search. The README's headline table comes from
+benchmarks/decode_table.py, which times the rows interleaved in one process."""
 import importlib.util
 import time
 
 import pytest
 import torch
 
-from captcha_fast import bench, decode
+from captcha_fast import bench
 
-Ns, Cs, BEAMS = [1, 64, 1024], [20, 37], [1, 10, 32]
+INPUTS = ["model-1", "model-64", "model-1024", "synthetic-C20", "synthetic-C37"]
+BEAMS = [1, 10, 32]
+
+
+def _inputs(name: str) -> bench.DecodeInputs:
+    kind, size = name.split("-")
+    if kind == "model":
+        return bench.model_inputs(int(size))
+    return bench.synthetic_inputs(1024, C=int(size[1:]))
 
 
 def _run(benchmark, fn, N):
@@ -27,33 +42,27 @@ def _run(benchmark, fn, N):
     return result
 
 
-@pytest.mark.parametrize("C", Cs)
-@pytest.mark.parametrize("N", Ns)
+@pytest.mark.parametrize("inputs", INPUTS)
 @pytest.mark.parametrize("name", list(bench.GREEDY))
-def test_greedy(benchmark, name, N, C):
-    benchmark.group = f"decode N={N} C={C}"
-    lp, lens, cs = bench.decode_inputs(N, C=C)
-    out = _run(benchmark, lambda: bench.GREEDY[name](lp, lens, cs, 1), N)
-    want = bench.greedy_decode_python(lp, lens, cs)
-    if isinstance(out, list):
-        got = [h.text if isinstance(h, decode.Hypothesis) else h for h in out]
-    elif isinstance(out, tuple):  # the op's (tokens, lengths, scores)
-        got = [cs.decode(row[:n]) for row, n in zip(out[0].tolist(), out[1].tolist())]
-    else:  # padded token tensor
-        got = [cs.decode([k for k in row if k >= 0]) for row in out.tolist()]
-    assert got == want
+def test_greedy(benchmark, name, inputs):
+    x = _inputs(inputs)
+    N = x.log_probs.shape[1]
+    benchmark.group = f"decode {inputs}"
+    benchmark.extra_info["row"] = bench.GREEDY[name].label
+    out = _run(benchmark, lambda: bench.GREEDY[name].call(x, 1), N)
+    bench.check_agreement(x, 10, {name: out})
 
 
 @pytest.mark.parametrize("beam", BEAMS)
-@pytest.mark.parametrize("C", Cs)
-@pytest.mark.parametrize("N", Ns)
+@pytest.mark.parametrize("inputs", INPUTS)
 @pytest.mark.parametrize("name", list(bench.BEAM))
-def test_beam(benchmark, name, N, C, beam):
-    benchmark.group = f"decode N={N} C={C}"
-    lp, lens, cs = bench.decode_inputs(N, C=C)
-    out = _run(benchmark, lambda: bench.BEAM[name](lp, lens, cs, beam), N)
-    exact = decode.beam_search(lp, lens, cs, beam, token_min_logp=None, blank_skip_threshold=None)
-    assert out == exact
+def test_beam(benchmark, name, inputs, beam):
+    x = _inputs(inputs)
+    N = x.log_probs.shape[1]
+    benchmark.group = f"decode {inputs}"
+    benchmark.extra_info["row"] = f"{bench.BEAM[name].label}, beam {beam}"
+    out = _run(benchmark, lambda: bench.BEAM[name].call(x, beam), N)
+    bench.check_agreement(x, beam, {name: out})
 
 
 # Peer decoders, when installed (none is a dependency).
@@ -62,24 +71,54 @@ def _peer(module):
 
 
 @_peer("fast_ctc_decode")
-@pytest.mark.parametrize("beam", [10])
-def test_peer_fast_ctc_decode(benchmark, beam):
+@pytest.mark.parametrize("inputs", ["model-1024", "synthetic-C37"])
+def test_peer_fast_ctc_decode(benchmark, inputs):
     from fast_ctc_decode import beam_search
-    N, C = 1024, 37
-    benchmark.group = f"decode N={N} C={C}"
-    lp, lens, cs = bench.decode_inputs(N, C=C)
-    probs = lp.exp().transpose(0, 1).contiguous().numpy()  # it takes probabilities, (T, C) per sequence
-    alphabet = ["_"] + list(cs.symbols)
-    _run(benchmark, lambda: [beam_search(p, alphabet, beam_size=beam, beam_cut_threshold=0.0) for p in probs], N)
+
+    x = _inputs(inputs)
+    benchmark.group = f"decode {inputs}"
+    benchmark.extra_info["row"] = "fast-ctc-decode, beam 10 (peer, one core)"
+    # it takes probabilities, (T, C) per sequence
+    probs = [p[:n].contiguous().numpy() for p, n in zip(x.log_probs.exp().transpose(0, 1), x.lengths.tolist())]
+    alphabet = ["_"] + x.charset
+    out = _run(benchmark, lambda: [beam_search(p, alphabet, beam_size=10, beam_cut_threshold=0.0)[0] for p in probs],
+               len(probs))
+    assert len(out) == len(probs)
 
 
 @_peer("pyctcdecode")
-@pytest.mark.parametrize("beam", [10])
-def test_peer_pyctcdecode(benchmark, beam):
+@pytest.mark.parametrize("inputs", ["model-1024", "synthetic-C37"])
+def test_peer_pyctcdecode(benchmark, inputs):
     from pyctcdecode import build_ctcdecoder
-    N, C = 1024, 37
-    benchmark.group = f"decode N={N} C={C}"
-    lp, lens, cs = bench.decode_inputs(N, C=C)
-    decoder = build_ctcdecoder([""] + list(cs.symbols))
-    logits = lp.transpose(0, 1).contiguous().numpy()
-    _run(benchmark, lambda: [decoder.decode(x, beam_width=beam) for x in logits], N)
+
+    x = _inputs(inputs)
+    benchmark.group = f"decode {inputs}"
+    benchmark.extra_info["row"] = "pyctcdecode, beam 10 (peer, one core)"
+    decoder = build_ctcdecoder([""] + x.charset)
+    logits = [p[:n].contiguous().numpy() for p, n in zip(x.log_probs.transpose(0, 1), x.lengths.tolist())]
+    out = _run(benchmark, lambda: [decoder.decode(p, beam_width=10) for p in logits], len(logits))
+    assert len(out) == len(logits)
+
+
+CUDA_ROWS = ["cpp_greedy_strings", "cpp_beam_pruned_strings", "cpp_beam_exact_strings"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("inputs", ["model-1024", "synthetic-C37"])
+@pytest.mark.parametrize("name", CUDA_ROWS)
+def test_cuda(benchmark, sync, name, inputs):
+    """The strings ops on CUDA outputs: tokens decoded on the GPU, strings built on the host."""
+    x = _inputs(inputs)
+    on_gpu = x._replace(log_probs=x.log_probs.cuda(), lengths=x.lengths.cuda())
+    N = x.log_probs.shape[1]
+    decoder = bench.DECODERS[name]
+    benchmark.group = f"decode {inputs} cuda"
+    benchmark.extra_info["row"] = f"{decoder.label}, beam 10, CUDA"
+
+    def run():
+        out = decoder.call(on_gpu, 10)
+        sync()
+        return out
+
+    out = _run(benchmark, run, N)
+    bench.check_agreement(x, 10, {name: out})

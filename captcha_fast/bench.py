@@ -1,10 +1,30 @@
-"""The decoders the benchmarks compare, in one place: benchmarks/bench_decode.py
-times them with pytest-benchmark, `captcha-fast bench` prints a quick table."""
+"""Benchmarks in one place: the decoding baselines, real and synthetic inputs, interleaved
+timing and the tables. benchmarks/decode_table.py prints the README's decoding tables,
+benchmarks/bench_decode.py and bench_model.py time the same decoders with pytest-benchmark,
+and `captcha-fast bench` gives a quick run.
+
+The decoding baselines are what they say they are. Every ratio is quoted against (c), the
+fastest pure-Python greedy decoder, with (a), the seed project's decoder, beside it:
+
+    (a) seed_decode: the seed project's decoder (abdksyed/TextFromImage, src/captcha/utils.py
+        decode_preds + dataset.py Classification.decode): argmax in torch, `.detach().cpu()
+        .numpy()`, then per row a loop over numpy ints that rebuilds its index -> char dict
+        and grows the label with `+=`.
+    (b) python_greedy_decode: pure Python, the argmax too (one `.tolist()` of the log-probs,
+        `row.index(max(row))` per frame).
+    (c) fastest_python_greedy_decode: the fastest pure-Python greedy decoder we could write
+        (torch argmax, one `.tolist()`, list loops; itertools.groupby was slower).
+
+All decoders here return the same thing, strings (top-1), and every table checks that the
+greedy rows return exactly (c)'s strings and the beam rows exactly the exact search's top-1.
+log_probs are (T, N, C) with class 0 the blank; charset[i] is the symbol of class i + 1."""
 from __future__ import annotations
 
+import gc
 import re
 import time
-from typing import Callable, Dict, List, Tuple
+from functools import lru_cache
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -15,101 +35,268 @@ from captcha_fast.charset import Charset
 from captcha_fast.model import CRNNConfig
 from captcha_fast.testing import random_log_probs
 
-SYMBOLS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# ---------------------------------------------------------------------------- baselines
 
-def greedy_decode_python(log_probs: Tensor, input_lengths: Tensor, charset: Charset) -> List[str]:
-    """Pure-Python greedy with a per-element tensor loop (argmax in torch, then int() of each 0-d
-    tensor): NOT the seed's code (which loops over numpy ints); kept until the honest baselines land."""
-    best = log_probs.argmax(-1)  # (T, N)
+
+def seed_decode(log_probs: Tensor, input_lengths: Tensor, charset: Sequence[str]) -> List[str]:
+    """(a) The seed project's greedy decoder, reproduced faithfully (its model is batch-first,
+    ours (T, N, C): the argmax is taken, then transposed as a view)."""
+    unique_characters = {char: idx for idx, char in enumerate(charset, start=1)}  # its char -> class map
+    unique_characters[" "] = 0
+
+    def decode_row(encoded) -> str:  # Classification.decode
+        char2idx = {idx: char for char, idx in unique_characters.items()}
+        prev = 0
+        label = ""
+        for idx in encoded:
+            if idx != 0 and idx != prev:
+                label += char2idx[idx]
+            prev = idx
+        return label
+
+    outputs = log_probs.argmax(dim=-1).t()  # (N, T)
+    outputs = outputs.detach().cpu().numpy()
+    return [decode_row(output[:length]) for output, length in zip(outputs, input_lengths.tolist())]
+
+
+def python_greedy_decode(log_probs: Tensor, input_lengths: Tensor, charset: Sequence[str]) -> List[str]:
+    """(b) Greedy decoding in pure Python, the argmax included."""
+    symbols = [""] + list(charset)
     texts = []
-    for n in range(best.shape[1]):
+    for frames, length in zip(log_probs.transpose(0, 1).tolist(), input_lengths.tolist()):
         out, prev = [], 0
-        for k in best[: int(input_lengths[n]), n]:
-            k = int(k)
-            if k != 0 and k != prev:
-                out.append(charset.symbols[k - 1])
-            prev = k
+        for row in frames[:length]:
+            k = row.index(max(row))  # the first maximum, as torch.argmax
+            if k != prev:
+                if k:
+                    out.append(symbols[k])
+                prev = k
         texts.append("".join(out))
     return texts
 
 
-def greedy_decode_python_lists(log_probs: Tensor, input_lengths: Tensor, charset: Charset) -> List[str]:
-    """A tuned pure-Python greedy decoder (one .tolist(), then list loops)."""
-    best = log_probs.argmax(-1).t().tolist()  # (N, T)
+def fastest_python_greedy_decode(log_probs: Tensor, input_lengths: Tensor, charset: Sequence[str]) -> List[str]:
+    """(c) The fastest pure-Python greedy decoder we could write: the bar every ratio is quoted against."""
+    symbols = [""] + list(charset)
     texts = []
-    for path, length in zip(best, input_lengths.tolist()):
+    for path, length in zip(log_probs.argmax(-1).t().tolist(), input_lengths.tolist()):
         out, prev = [], 0
         for k in path[:length]:
-            if k != 0 and k != prev:
-                out.append(charset.symbols[k - 1])
-            prev = k
+            if k != prev:
+                if k:
+                    out.append(symbols[k])
+                prev = k
         texts.append("".join(out))
     return texts
 
 
-def greedy_decode_torch(log_probs: Tensor, input_lengths: Tensor) -> Tensor:
-    """Vectorised greedy decoding in torch ops: (N, T) int64 tokens, padded with -1."""
+def torch_greedy_decode(log_probs: Tensor, input_lengths: Tensor, charset: Sequence[str]) -> List[str]:
+    """Greedy decoding vectorised in torch ops (argmax, merge, blank removal), then one
+    `.tolist()` and a join per sequence."""
     best = log_probs.argmax(-1).t()  # (N, T)
-    N, T = best.shape
+    T = best.shape[1]
     prev = torch.nn.functional.pad(best[:, :-1], (1, 0), value=0)
-    in_seq = torch.arange(T, device=best.device)[None, :] < input_lengths[:, None]
-    keep = (best != 0) & (best != prev) & in_seq
+    in_sequence = torch.arange(T, device=best.device)[None, :] < input_lengths[:, None]
+    keep = (best != 0) & (best != prev) & in_sequence
+    # A stable sort of "not kept" moves the kept tokens to the front, in order.
     order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
-    return torch.where(keep, best, torch.full_like(best, -1)).gather(1, order)
+    tokens = best.gather(1, order).tolist()
+    symbols = [""] + list(charset)
+    return ["".join([symbols[k] for k in row[:n]]) for row, n in zip(tokens, keep.sum(1).tolist())]
 
 
-Decoder = Callable[[Tensor, Tensor, Charset, int], object]
+# ---------------------------------------------------------------------------- inputs
 
-# name -> decoder(log_probs, lengths, charset, beam_width). Greedy ones ignore the beam.
+
+class DecodeInputs(NamedTuple):
+    """What every decoder is given: log_probs (T, N, C) float32, lengths (N,) int64, the charset
+    (C - 1 symbols), and a description for tables; labels are the rendered texts (model inputs)."""
+
+    log_probs: Tensor
+    lengths: Tensor
+    charset: List[str]
+    description: str
+    labels: Optional[List[str]] = None
+
+
+SYMBOLS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+FRESH_SEED = 12345  # the captcha seed the shipped model's evaluation uses: never seen in training
+
+
+def synthetic_inputs(N: int, T: int = 50, C: int = 37, seed: int = 0) -> DecodeInputs:
+    """Model-like (peaky) log-probs from captcha_fast.testing.random_log_probs, full lengths."""
+    lp = random_log_probs(T, N, C, generator=torch.Generator().manual_seed(seed))
+    return DecodeInputs(lp, torch.full((N,), T, dtype=torch.long), list(SYMBOLS[: C - 1]),
+                        f"synthetic peaky log-probs, T={T}, C={C}")
+
+
+def shipped_model():
+    """The shipped pretrained recognizer (captcha_fast/pretrained/default.pt), float32, CPU."""
+    from captcha_fast import api
+
+    return api.load(api.DEFAULT_MODEL, device="cpu", amp=False)
+
+
+def fresh_captchas(N: int, charset: str, seed: int = FRESH_SEED) -> Tuple[List[Tensor], List[str]]:
+    """N seeded synthetic captchas of 4-8 symbols of `charset`, as (3, H, W) uint8 tensors, and
+    their labels."""
+    from captcha_fast.synth import SynthConfig, SyntheticCaptchas
+
+    captchas = SyntheticCaptchas(SynthConfig(charset=charset, seed=seed), N)
+    images, labels = [], []
+    for image, label in captchas:
+        images.append(torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1))
+        labels.append(label)
+    return images, labels
+
+
+@lru_cache(maxsize=4)
+def model_inputs(N: int, seed: int = FRESH_SEED) -> DecodeInputs:
+    """The shipped model's log-probs for N freshly rendered, seeded captchas (its own
+    preprocessing and network; the model's charset and height, whatever they are)."""
+    rec = shipped_model()
+    images, labels = fresh_captchas(N, "".join(rec.charset), seed)
+    with torch.no_grad():
+        batch, widths = rec.preprocess(images)
+        log_probs, lengths = rec.log_probs(batch, widths)
+    T, _, C = log_probs.shape
+    return DecodeInputs(log_probs.contiguous(), lengths, list(rec.charset),
+                        f"the shipped model's log-probs for {N} fresh captchas, T<={T}, C={C}", labels)
+
+
+# ---------------------------------------------------------------------------- decoders
+
+
+class Decoder(NamedTuple):
+    """A table row: call(inputs, beam_width) -> the decoder's own output (what is timed);
+    texts(output) -> its top-1 strings (what is checked)."""
+
+    label: str
+    call: Callable[[DecodeInputs, int], object]
+    texts: Callable[[object], List[str]] = list
+
+
+def _charset(x: DecodeInputs) -> Charset:
+    return Charset("".join(x.charset))
+
+
+def _first_texts(out) -> List[str]:
+    return [t[0] for t in out[0]]
+
+
+_ops = torch.ops.captcha_fast
+# Short names (test ids) -> rows. GREEDY rows must return (c)'s strings, BEAM rows the exact search's top-1.
 GREEDY: Dict[str, Decoder] = {
-    "python greedy (seed loop)": lambda lp, n, cs, k: greedy_decode_python(lp, n, cs),
-    "python greedy (tolist)": lambda lp, n, cs, k: greedy_decode_python_lists(lp, n, cs),
-    "torch greedy (tokens)": lambda lp, n, cs, k: greedy_decode_torch(lp, n),
-    "C++ greedy (tokens)": lambda lp, n, cs, k: torch.ops.captcha_fast.ctc_greedy_decode(lp, n, 0),
-    "C++ greedy (strings)": lambda lp, n, cs, k: decode.greedy_decode(lp, n, cs),
+    "a_seed": Decoder("(a) the seed's decoder (argmax, .numpy(), per-row loop rebuilding its dict)",
+                      lambda x, k: seed_decode(x.log_probs, x.lengths, x.charset)),
+    "b_python": Decoder("(b) pure-Python greedy (argmax in Python too)",
+                        lambda x, k: python_greedy_decode(x.log_probs, x.lengths, x.charset)),
+    "c_fastest_python": Decoder("(c) fastest pure-Python greedy (torch argmax, one .tolist(), list loops)",
+                                lambda x, k: fastest_python_greedy_decode(x.log_probs, x.lengths, x.charset)),
+    "torch": Decoder("torch greedy (vectorised merge, Python join)",
+                     lambda x, k: torch_greedy_decode(x.log_probs, x.lengths, x.charset)),
+    "cpp_greedy_strings": Decoder("C++ greedy, strings op (ctc_greedy_decode_strings)",
+                                  lambda x, k: _ops.ctc_greedy_decode_strings(x.log_probs, x.lengths, x.charset, 0),
+                                  _first_texts),
+    "greedy_decode": Decoder("captcha_fast.greedy_decode",
+                             lambda x, k: decode.greedy_decode(x.log_probs, x.lengths, _charset(x)),
+                             list),
 }
 BEAM: Dict[str, Decoder] = {
-    "C++ beam, pruned (strings)": lambda lp, n, cs, k: decode.beam_search(lp, n, cs, k),
-    "C++ beam, exact (strings)": lambda lp, n, cs, k: decode.beam_search(
-        lp, n, cs, k, token_min_logp=None, blank_skip_threshold=None),
+    "cpp_beam_pruned_strings": Decoder(
+        "C++ beam search, default pruning, strings op (ctc_beam_search_strings)",
+        lambda x, k: _ops.ctc_beam_search_strings(x.log_probs, x.lengths, x.charset, k, 1, 0,
+                                                  decode.TOKEN_MIN_LOGP, decode.BLANK_SKIP_THRESHOLD),
+        _first_texts),
+    "beam_search": Decoder("captcha_fast.beam_search (default pruning)",
+                           lambda x, k: decode.beam_search(x.log_probs, x.lengths, _charset(x), k),
+                           list),
+    "cpp_beam_exact_strings": Decoder(
+        "C++ beam search, exact, strings op (ctc_beam_search_strings)",
+        lambda x, k: _ops.ctc_beam_search_strings(x.log_probs, x.lengths, x.charset, k, 1, 0, None, None),
+        _first_texts),
 }
-BASELINE = "python greedy (seed loop)"
+DECODERS = {**GREEDY, **BEAM}
+BASELINE, SEED, EXACT = "c_fastest_python", "a_seed", "cpp_beam_exact_strings"
 
 
-def decode_inputs(N: int, T: int = 50, C: int = 37, seed: int = 0) -> Tuple[Tensor, Tensor, Charset]:
-    """Model-like (peaky) log-probs (T, N, C), full lengths, and a charset of C - 1 symbols."""
-    lp = random_log_probs(T, N, C, generator=torch.Generator().manual_seed(seed))
-    return lp, torch.full((N,), T, dtype=torch.long), Charset(SYMBOLS[: C - 1])
+def check_agreement(inputs: DecodeInputs, beam_width: int, outputs: Dict[str, object]) -> None:
+    """AssertionError unless every greedy row returned (c)'s strings and every beam row the
+    exact search's top-1 strings (outputs: row id -> its output)."""
+    greedy = fastest_python_greedy_decode(inputs.log_probs, inputs.lengths, inputs.charset)
+    exact = BEAM[EXACT].texts(BEAM[EXACT].call(inputs, beam_width))
+    for name, out in outputs.items():
+        want = greedy if name in GREEDY else exact
+        got = DECODERS[name].texts(out)
+        bad = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
+        assert len(got) == len(want) and not bad, (
+            f"{DECODERS[name].label}: {len(bad)} of {len(want)} strings differ from the reference, "
+            f"e.g. sequence {bad[:1]}")
 
 
-def seconds_per_call(fn: Callable[[], object], min_time: float = 0.3) -> float:
-    """Best of several timed runs, each repeating fn for about min_time / 5."""
-    fn()
-    calls, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < min_time / 5:
-        fn()
-        calls += 1
-    best = float("inf")
-    for _ in range(5):
+# ---------------------------------------------------------------------------- timing
+
+
+def interleaved(fns: Dict[str, Callable[[], object]], rounds: int = 7, min_round: float = 0.02) -> Dict[str, float]:
+    """Seconds per call of each function: `rounds` rounds, each running every function in turn
+    (so a busy machine slows all of them alike) for at least min_round seconds; the best round
+    counts. GC is off while timing."""
+    calls = {}
+    for name, fn in fns.items():  # warm-up, and how many calls fill min_round
         t0 = time.perf_counter()
-        for _ in range(max(calls, 1)):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / max(calls, 1))
+        fn()
+        calls[name] = max(1, int(min_round / max(time.perf_counter() - t0, 1e-9)))
+    best = {name: float("inf") for name in fns}
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                for _ in range(calls[name]):
+                    fn()
+                best[name] = min(best[name], (time.perf_counter() - t0) / calls[name])
+    finally:
+        if enabled:
+            gc.enable()
     return best
 
 
-def decode_table(N: int = 1024, T: int = 50, C: int = 37, beam_width: int = 10) -> List[Tuple[str, float, float]]:
-    """(decoder, sequences/s, ratio to the seed's Python greedy) on one machine, one run."""
-    lp, lens, cs = decode_inputs(N, T, C)
-    rows = []
-    for name, fn in {**GREEDY, **BEAM}.items():
-        label = name if name in GREEDY else f"{name} beam={beam_width}"
-        rows.append((label, N / seconds_per_call(lambda: fn(lp, lens, cs, beam_width))))
-    base = dict(rows)[BASELINE]
-    return [(name, rate, rate / base) for name, rate in rows]
+class Row(NamedTuple):
+    name: str
+    rate: float        # sequences (or images) per second
+    vs_baseline: float  # rate / (c)'s rate (predict tables: / the baseline pipeline's)
+    vs_seed: float     # rate / (a)'s rate (nan in predict tables)
+
+
+def decode_table(N: int = 1024, beam_width: int = 10, inputs: str = "model", rounds: int = 7) -> List[Row]:
+    """Every decoder on the same inputs ("model": the shipped model's log-probs for N fresh
+    captchas; "synthetic": peaky random log-probs, T=50, C=37), timed interleaved in this
+    process; raises unless all rows agree (check_agreement)."""
+    x = model_inputs(N) if inputs == "model" else synthetic_inputs(N)
+    check_agreement(x, beam_width, {name: d.call(x, beam_width) for name, d in DECODERS.items()})
+    seconds = interleaved({name: (lambda d=d: d.call(x, beam_width)) for name, d in DECODERS.items()}, rounds)
+    return [Row(d.label if name in GREEDY else f"{d.label}, beam {beam_width}", N / seconds[name],
+                seconds[BASELINE] / seconds[name], seconds[SEED] / seconds[name]) for name, d in DECODERS.items()]
+
+
+def format_table(rows: List[Row], title: str, unit: str = "seq/s", markdown: bool = False) -> str:
+    """The rows as a plain-text (or markdown) table, ratios to (c) with (a) beside."""
+    seed = not all(np.isnan(r.vs_seed) for r in rows)
+    if markdown:
+        head = f"| {title} | {unit} | vs (c) |" + (" vs (a) |" if seed else "")
+        lines = [head, "|---|---:|---:|" + ("---:|" if seed else "")]
+        for r in rows:
+            lines.append(f"| {r.name} | {r.rate:,.0f} | {r.vs_baseline:.2f}x |" + (f" {r.vs_seed:.2f}x |" if seed else ""))
+        return "\n".join(lines)
+    lines = [title, f"{'':<80} {unit:>11} {'vs (c)' if seed else 'vs base':>8}" + (f" {'vs (a)':>8}" if seed else "")]
+    for r in rows:
+        lines.append(f"{r.name:<80} {r.rate:>11,.0f} {r.vs_baseline:>7.2f}x" + (f" {r.vs_seed:>7.2f}x" if seed else ""))
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- the model
+
 
 def flops_per_image(cfg: CRNNConfig, W: int) -> int:
     """Multiply-adds x 2 of one H x W image at the model's height (convs, projection, GRU,
@@ -135,36 +322,63 @@ def cpu_peak_gflops() -> float:
     return torch.get_num_threads() * mhz / 1e3 * 2 * lanes * 2
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: where bf16 convolutions run natively (and faster than fp32)."""
+    flags = open("/proc/cpuinfo").read()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
-def captcha_images(N: int, width: int = 200) -> List[Tensor]:
-    """N rendered 50 x `width` captchas of 5 symbols, (3, 50, width) uint8, deterministic."""
+
+@lru_cache(maxsize=4)
+def captcha_images(N: int, width: int = 200) -> Tuple[List[Tensor], List[str]]:
+    """N fresh captchas of 5 symbols of the shipped model's charset, rendered 50 x `width`
+    ((3, 50, width) uint8, deterministic), and their labels."""
     from captcha_fast.synth import render, sample_rng
 
-    symbols = "2345678bcdefgmnpwxy"
-    texts = ["".join(symbols[(i * 7 + k) % len(symbols)] for k in range(5)) for i in range(N)]
-    return [torch.from_numpy(np.asarray(render(t, sample_rng(0, i), height=50, width=width)).copy()).permute(2, 0, 1)
-            for i, t in enumerate(texts)]
+    symbols = "".join(shipped_model().charset)
+    labels = ["".join(symbols[(i * 7 + k * 3) % len(symbols)] for k in range(5)) for i in range(N)]
+    images = [torch.from_numpy(np.asarray(render(t, sample_rng(FRESH_SEED, i), height=50, width=width)).copy())
+              .permute(2, 0, 1) for i, t in enumerate(labels)]
+    return images, labels
 
 
-def predict_table(batch: int = 64) -> List[Tuple[str, float, float]]:
-    """(pipeline, images/s, ratio to the baseline) for `batch` 50x200 captchas and the shipped
-    model: the baseline is the eager float32 model + Python greedy decoding."""
+def eager_baseline(images: List[Tensor]) -> List[str]:
+    """The predict baseline: the shipped weights run eagerly (an nn.Module, no TorchScript)
+    and decoded by (c)."""
+    rec = eager_shipped_model()
+    with torch.no_grad():
+        batch, widths = rec.preprocess(images)
+        log_probs, lengths = rec.log_probs(batch, widths)
+    return fastest_python_greedy_decode(log_probs, lengths, rec.charset)
+
+
+@lru_cache(maxsize=1)
+def eager_shipped_model():
+    """The shipped recognizer's weights in an eager Recognizer (export.eager_recognizer)."""
     from captcha_fast import api, export
-    from captcha_fast.model import CRNN
-    from captcha_fast.preprocess import collate
 
-    images = captcha_images(batch)
-    scripted = api.default_model()
-    eager = CRNN(export.config_of(scripted)).eval()  # the same architecture, before inference folding
-    charset = Charset(eager.config.charset)
+    return export.eager_recognizer(api.DEFAULT_MODEL)
 
-    def baseline():
-        with torch.no_grad():
-            x, widths = collate(images, eager.config.height, eager.config.in_channels)
-            lp, lengths = eager(x, widths)
-        return greedy_decode_python(lp, lengths, charset)
 
-    rows = [("eager fp32 + Python greedy (baseline)", batch / seconds_per_call(baseline))]
-    for name, decoder, beam in [("scripted + C++ greedy", "greedy", 1), ("scripted + C++ beam-10", "beam", 10)]:
-        rows.append((name, batch / seconds_per_call(lambda: scripted.recognize(images, decoder, beam, 1))))
-    return [(name, rate, rate / rows[0][1]) for name, rate in rows]
+def predict_table(batch: int = 64, rounds: int = 5) -> List[Row]:
+    """(pipeline, images/s, ratio to the baseline) for `batch` 50x200 fresh captchas and the
+    shipped weights in every row: the baseline runs them eagerly and decodes with (c). Raises
+    unless the greedy pipeline returns the baseline's strings and beam search the exact
+    search's top-1."""
+    images, _ = captcha_images(batch)
+    scripted = shipped_model()
+    pipelines = {
+        "eager shipped model + (c) Python greedy (baseline)": lambda: eager_baseline(images),
+        "scripted recognizer + C++ greedy": lambda: scripted.recognize(images, "greedy", 1, 1)[0],
+        "scripted recognizer + C++ beam 10": lambda: scripted.recognize(images, "beam", 10, 1)[0],
+    }
+    want = eager_baseline(images)
+    got_greedy = [t[0] for t in pipelines["scripted recognizer + C++ greedy"]()]
+    assert got_greedy == want, "the scripted greedy pipeline's strings differ from the eager baseline's"
+    with torch.no_grad():
+        lp, lengths = scripted.log_probs(*scripted.preprocess(images))
+    exact = [t[0] for t in _ops.ctc_beam_search_strings(lp, lengths, list(scripted.charset), 10, 1, 0)[0]]
+    assert [t[0] for t in pipelines["scripted recognizer + C++ beam 10"]()] == exact, \
+        "the scripted beam pipeline's top-1 differs from the exact search's"
+    seconds = interleaved(pipelines, rounds)
+    base = seconds["eager shipped model + (c) Python greedy (baseline)"]
+    return [Row(name, batch / s, base / s, float("nan")) for name, s in seconds.items()]

@@ -310,14 +310,13 @@ def _run_bench(args):
 
     from captcha_fast import bench
 
-    print(f"decoding {args.n} sequences, T=50, C=37, model-like log-probs, {torch.get_num_threads()} threads")
-    print(f"{'decoder':<44} {'seq/s':>12} {'vs baseline':>12}")
-    for name, rate, ratio in bench.decode_table(N=args.n, beam_width=args.beam):
-        print(f"{name:<44} {rate:>12,.0f} {ratio:>11.1f}x")
-    print(f"\npredicting {args.batch} images of 50x200 (shipped model)")
-    print(f"{'pipeline':<44} {'images/s':>12} {'vs baseline':>12}")
-    for name, rate, ratio in bench.predict_table(batch=args.batch):
-        print(f"{name:<44} {rate:>12,.0f} {ratio:>11.1f}x")
+    threads = torch.get_num_threads()
+    print(bench.format_table(bench.decode_table(N=args.n, beam_width=args.beam),
+                             f"decoding the shipped model's log-probs for {args.n} fresh captchas, {threads} threads"))
+    print()
+    print(bench.format_table(bench.predict_table(batch=args.batch),
+                             f"reading {args.batch} fresh 50x200 captchas with the shipped model, {threads} threads",
+                             unit="img/s"))
 
 
 # ----------------------------------------------------------------------------- info

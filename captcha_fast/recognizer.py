@@ -108,50 +108,17 @@ def decode_log_probs(log_probs: Tensor, lengths: Tensor, charset: List[str], dec
     scores (N, top_k) float32 on the CPU; a missing hypothesis (fewer than top_k exist) is ""
     with score -inf. decoder: "greedy" (top_k must be 1) or "beam" (prefix beam search; None for
     both pruning rules is the exact search). Bad input raises the same error on CPU and CUDA."""
+    # The strings ops build the strings in C++ (on the host for CUDA inputs, after the kernels) and
+    # raise for a sequence the CUDA kernels flag as bad what the CPU kernels raise for it.
     if decoder == "greedy":
         if top_k != 1:
             raise ValueError("the greedy decoder gives one hypothesis: top_k must be 1, got " + str(top_k))
-        op = "ctc_greedy_decode"
-        tokens, token_lengths, scores = torch.ops.captcha_fast.ctc_greedy_decode(log_probs, lengths, 0)
-        tokens, token_lengths, scores = tokens.unsqueeze(1), token_lengths.unsqueeze(1), scores.unsqueeze(1)
-    elif decoder == "beam":
-        op = "ctc_beam_search"
-        tokens, token_lengths, scores = torch.ops.captcha_fast.ctc_beam_search(
-            log_probs, lengths, beam_width, top_k, 0, token_min_logp, blank_skip_threshold, min_length, max_length,
-            allowed_tokens)
-    else:
-        raise ValueError("decoder must be 'greedy' or 'beam', got '" + decoder + "'")
-    scores = scores.cpu()
-    if log_probs.is_cuda:
-        raise_flagged(scores, lengths, log_probs.shape[0], op)
-    return tokens_to_strings(tokens, token_lengths, charset), scores
-
-
-def raise_flagged(scores: Tensor, lengths: Tensor, T: int, op: str):
-    """The CUDA kernels flag a bad sequence with NaN scores instead of a host sync: raise what
-    the CPU kernels raise for it, word for word."""
-    bad = torch.isnan(scores.reshape(scores.shape[0], -1)).any(1).nonzero()
-    if bad.numel() > 0:
-        n = int(bad[0, 0])
-        length = int(lengths[n])
-        if length < 0 or length > T:
-            raise RuntimeError(op + ": input_lengths[" + str(n) + "] = " + str(length) + " is outside [0, T] with T = "
-                               + str(T) + " frames")
-        raise RuntimeError(op + ": log_probs of sequence " + str(n)
-                           + " contain NaN or +inf (log-probabilities must be finite or -inf)")
-
-
-def tokens_to_strings(tokens: Tensor, token_lengths: Tensor, charset: List[str]) -> List[List[str]]:
-    """tokens (N, k, L) int, padded; token_lengths (N, k) -> the strings; class c is charset[c - 1]."""
-    rows: List[List[List[int]]] = tokens.cpu().long().tolist()
-    lens: List[List[int]] = token_lengths.cpu().long().tolist()
-    out: List[List[str]] = []
-    for n in range(len(rows)):
-        hyps: List[str] = []
-        for k in range(len(rows[n])):
-            hyps.append("".join([charset[c - 1] for c in rows[n][k][: lens[n][k]]]))
-        out.append(hyps)
-    return out
+        return torch.ops.captcha_fast.ctc_greedy_decode_strings(log_probs, lengths, charset, 0)
+    if decoder == "beam":
+        return torch.ops.captcha_fast.ctc_beam_search_strings(
+            log_probs, lengths, charset, beam_width, top_k, 0, token_min_logp, blank_skip_threshold, min_length,
+            max_length, allowed_tokens)
+    raise ValueError("decoder must be 'greedy' or 'beam', got '" + decoder + "'")
 
 
 def build_recognizer(model: CRNN, decoder: str = "beam", beam_width: int = 10,

@@ -8,9 +8,12 @@
 // Conventions
 //  - Frames<T> reads log_probs[t, c] of one sequence through strides, so any
 //    layout (contiguous (T, N, C), a transposed (N, T, C) view, a sliced
-//    tensor) is read in place, without a copy. fp16/bf16 are widened to float;
-//    all arithmetic is float32.
+//    tensor) is read in place. A frame is handled as a float32 row: a pointer
+//    into log_probs when it already is one (float32, unit class stride), else
+//    a copy widened from fp16/bf16/fp64 or gathered through the stride.
 //  - Probabilities live in the log domain; -inf is probability 0.
+//  - Sums over frames accumulate in double (a T = 5000 float32 sum drifts by
+//    ~0.05); the outputs are float32.
 //  - Invalid input (NaN or +inf log-probability) is reported through the
 //    return status, never by throwing: the caller decides how to raise.
 #pragma once
@@ -18,16 +21,37 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define CF_HD __host__ __device__ __forceinline__
+#define CF_HOT __host__ __device__ __forceinline__
+#elif defined(__GNUC__) || defined(__clang__)
+#define CF_HD inline
+// The per-frame helpers: inlined even when the kernel instantiates the search
+// for four dtypes (GCC then keeps them out of line, ~15% slower).
+#define CF_HOT inline __attribute__((always_inline))
 #else
 #define CF_HD inline
+#define CF_HOT inline
+#endif
+
+// The row scans use SSE2 on x86-64 hosts (every x86-64 CPU has it): two
+// independent 4-wide accumulators, so a 37-class frame costs a few ns. Other
+// hosts and CUDA run the plain loops, which give the same results.
+#if defined(__SSE2__) && !defined(__CUDACC__)
+#include <emmintrin.h>
+#define CF_SSE2 1
+#endif
+#if !defined(__CUDA_ARCH__)
+#include <cstring>
 #endif
 
 namespace captcha_fast {
 
 constexpr float kNegInf = -INFINITY;
+constexpr double kNegInfD = -static_cast<double>(INFINITY);
+constexpr int64_t kPrefetch = 2;  // frames read ahead
 
 enum Status : int32_t { kOk = 0, kBadValue = 1 };
 
@@ -41,15 +65,101 @@ struct Frames {
   }
 };
 
-// NaN and +inf are not log-probabilities; -inf (probability 0) is.
-CF_HD bool bad_value(float v) { return v != v || v == INFINITY; }
+// Frame t as C contiguous floats: in place when possible, else copied into buf.
+template <typename scalar_t>
+CF_HOT const float* frame_row(const Frames<scalar_t>& f, int64_t t, int64_t C, float* buf) {
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    if (f.stride_c == 1) return f.data + t * f.stride_t;
+  }
+  for (int64_t c = 0; c < C; ++c) buf[c] = f.at(t, c);
+  return buf;
+}
 
-CF_HD float log_add(float a, float b) {
-  if (a < b) { float tmp = a; a = b; b = tmp; }
-  // exp(-24) is below float32 resolution relative to a's magnitude in practice;
-  // the shortcut also covers b == -inf (and a == b == -inf).
-  if (b - a < -24.f || b == kNegInf) return a;
-  return a + log1pf(expf(b - a));
+// Asks for frame t's row ahead of its use (host only). A sequence's frames lie
+// N rows apart in the usual (T, N, C) layout, too far for the hardware
+// prefetcher, so each frame would otherwise wait on memory.
+template <typename scalar_t>
+CF_HOT void prefetch_frame(const Frames<scalar_t>& f, int64_t t, int64_t C) {
+#if !defined(__CUDA_ARCH__) && (defined(__GNUC__) || defined(__clang__))
+  const char* first = reinterpret_cast<const char*>(f.data + t * f.stride_t);
+  const char* last = reinterpret_cast<const char*>(f.data + t * f.stride_t + (C - 1) * f.stride_c);
+  if (last < first) { const char* tmp = first; first = last; last = tmp; }
+  if (last - first > 1024) return;  // a class-strided frame: not worth it
+  for (const char* p = first; p <= last; p += 64) __builtin_prefetch(p);
+  __builtin_prefetch(last);
+#endif
+}
+
+// NaN and +inf are not log-probabilities; -inf (probability 0) is.
+CF_HOT bool bad_value(float v) { return !(v < INFINITY); }
+
+// exp(x) for x in [-87, 0], relative error < 3e-7: Cody-Waite reduction to
+// r in [-ln2/2, ln2/2] and a degree-6 Taylor polynomial; inline and ~3x
+// cheaper than a libm call.
+CF_HOT float exp_nonpositive(float x) {
+  const float k = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round(x / ln 2)
+  const float r = (x - k * 0.693145751953125f) - k * 1.428606765330187045e-06f;
+  float p = 1.f / 720;
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k
+#if defined(__CUDA_ARCH__)
+  return p * __int_as_float(bits);
+#else
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+#endif
+}
+
+// log(1 + e) for e in [0, 1], absolute error < 2e-7: its series where e is
+// small (the common case in peaky outputs), else 2 atanh(e / (2 + e)).
+CF_HOT float log1p_unit(float e) {
+  if (e < 0.03f) return e * (1.f - e * (0.5f - e * (1.f / 3 - e * 0.25f)));
+  const float z = e / (2.f + e), z2 = z * z;
+  float p = 1.f / 13;
+  p = p * z2 + 1.f / 11;
+  p = p * z2 + 1.f / 9;
+  p = p * z2 + 1.f / 7;
+  p = p * z2 + 1.f / 5;
+  p = p * z2 + 1.f / 3;
+  p = p * z2 + 1.f;
+  return 2.f * z * p;
+}
+
+// log(exp(a) + exp(b)) in double. The correction log1p(exp(-|a - b|)) is at
+// most log 2 and is computed in float (absolute error ~2e-7, which does not
+// accumulate the way a float32 running sum does); below exp(-24) it is
+// dropped. Also covers b == -inf and a == b == -inf.
+CF_HOT double log_add(double a, double b) {
+  if (a < b) { const double tmp = a; a = b; b = tmp; }
+  const double d = b - a;
+  if (!(d > -24.0)) return a;
+  return a + static_cast<double>(log1p_unit(exp_nonpositive(static_cast<float>(d))));
+}
+
+// out[i] = log_add(a[i], b[i]), branch-free so that the n computations overlap
+// (or vectorise); out may alias a or b.
+CF_HOT void log_add_n(const double* a, const double* b, double* out, int32_t n) {
+  for (int32_t i = 0; i < n; ++i) {
+    const double hi = a[i] > b[i] ? a[i] : b[i], lo = a[i] > b[i] ? b[i] : a[i];
+    const double d = lo - hi;  // NaN when both are -inf
+    const bool far = !(d > -24.0);
+    const float e = exp_nonpositive(far ? -24.f : static_cast<float>(d));
+    const float z = e / (2.f + e), z2 = z * z;  // log1p_unit without its branch
+    float p = 1.f / 13;
+    p = p * z2 + 1.f / 11;
+    p = p * z2 + 1.f / 9;
+    p = p * z2 + 1.f / 7;
+    p = p * z2 + 1.f / 5;
+    p = p * z2 + 1.f / 3;
+    p = p * z2 + 1.f;
+    out[i] = far ? hi : hi + static_cast<double>(2.f * z * p);
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -58,48 +168,115 @@ CF_HD float log_add(float a, float b) {
 // sequences frame by frame in any interleaving (greedy_step), or decode one
 // whole sequence (greedy_decode_one).
 
-// Argmax of frame t; sets *bad on NaN/+inf. Two branch-free passes (max, then
-// first index of it) vectorise better than one pass with a running index.
-template <typename scalar_t>
-CF_HD int64_t frame_argmax(const Frames<scalar_t>& f, int64_t t, int64_t C, float* best_v, bool* bad) {
-  float m = f.at(t, 0);
-  bool b = false;
-  for (int64_t c = 0; c < C; ++c) {
-    const float v = f.at(t, c);
-    b |= bad_value(v);
-    m = v > m ? v : m;
+// NaN or +inf anywhere in row[0, C): the exact test behind the vector scans'
+// quick one (a sum of the values is NaN or +inf whenever one is, and rarely
+// otherwise: two huge finite values).
+CF_HOT bool any_bad_value(const float* row, int64_t C) {
+  bool bad = false;
+  for (int64_t c = 0; c < C; ++c) bad |= bad_value(row[c]);
+  return bad;
+}
+
+#ifdef CF_SSE2
+inline float cf_hmax(__m128 v) {
+  v = _mm_max_ps(v, _mm_movehl_ps(v, v));
+  v = _mm_max_ss(v, _mm_shuffle_ps(v, v, 1));
+  return _mm_cvtss_f32(v);
+}
+inline float cf_hsum(__m128 v) {
+  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
+  return _mm_cvtss_f32(v);
+}
+#endif
+
+// max over c of row[c] + add[c] (add == nullptr: row[c] alone), -inf for an
+// empty maximum; *bad is set if any row value is NaN or +inf.
+CF_HOT float scan_max(const float* row, const float* add, int64_t C, bool* bad) {
+#ifdef CF_SSE2
+  if (C >= 8) {
+    __m128 m0 = _mm_set1_ps(kNegInf), m1 = m0, s0 = _mm_setzero_ps(), s1 = s0;
+    for (int64_t c = 0;; c += 8) {
+      if (c + 8 > C) c = C - 8;  // the last block may overlap the one before: max and the check do not mind
+      __m128 a = _mm_loadu_ps(row + c), b = _mm_loadu_ps(row + c + 4);
+      s0 = _mm_add_ps(s0, a);
+      s1 = _mm_add_ps(s1, b);
+      if (add != nullptr) {
+        a = _mm_add_ps(a, _mm_loadu_ps(add + c));
+        b = _mm_add_ps(b, _mm_loadu_ps(add + c + 4));
+      }
+      m0 = _mm_max_ps(m0, a);
+      m1 = _mm_max_ps(m1, b);
+      if (c + 8 == C) break;
+    }
+    *bad = !(cf_hsum(_mm_add_ps(s0, s1)) < INFINITY) && any_bad_value(row, C);
+    return cf_hmax(_mm_max_ps(m0, m1));
   }
-  int64_t i = 0;
-  while (i < C - 1 && f.at(t, i) != m) ++i;
+#endif
+  float m = kNegInf;
+  for (int64_t c = 0; c < C; ++c) {
+    const float e = add == nullptr ? row[c] : row[c] + add[c];
+    m = e > m ? e : m;
+  }
+  *bad = any_bad_value(row, C);
+  return m;
+}
+
+// The first c with row[c] + add[c] >= lo (add == nullptr: row[c] alone) at or
+// after `from`, else C.
+CF_HOT int64_t find_at_least(const float* row, const float* add, int64_t from, int64_t C, float lo) {
+  int64_t c = from;
+#ifdef CF_SSE2
+  const __m128 lo4 = _mm_set1_ps(lo);
+  for (; c + 4 <= C; c += 4) {
+    __m128 v = _mm_loadu_ps(row + c);
+    if (add != nullptr) v = _mm_add_ps(v, _mm_loadu_ps(add + c));
+    const int mask = _mm_movemask_ps(_mm_cmpge_ps(v, lo4));
+    if (mask != 0) return c + __builtin_ctz(static_cast<unsigned>(mask));
+  }
+#endif
+  for (; c < C; ++c) {
+    if ((add == nullptr ? row[c] : row[c] + add[c]) >= lo) return c;
+  }
+  return C;
+}
+
+// Argmax of a frame row (the first maximum); sets *bad on NaN/+inf.
+CF_HOT int64_t row_argmax(const float* row, int64_t C, float* best_v, bool* bad) {
+  bool b;
+  const float m = scan_max(row, nullptr, C, &b);
   *best_v = m;
   *bad = *bad || b;
-  return i;
+  if (b) return 0;
+  return row[0] == m ? 0 : find_at_least(row, nullptr, 1, C, m);
 }
 
 struct GreedyState {
-  int32_t len = 0;       // tokens written
-  int64_t prev = -1;     // previous frame's class (-1: none yet)
-  float score = 0.f;     // best path log-prob
+  int32_t len = 0;      // tokens written
+  int64_t prev = -1;    // previous frame's class (-1: none yet)
+  double score = 0.0;   // best path log-prob
 };
 
-CF_HD void greedy_step(GreedyState& s, int64_t best, float best_v, int64_t blank, int32_t* tokens) {
+CF_HOT void greedy_step(GreedyState& s, int64_t best, float best_v, int64_t blank, int32_t* tokens) {
   s.score += best_v;
   if (best != blank && best != s.prev) tokens[s.len++] = static_cast<int32_t>(best);
   s.prev = best;
 }
 
+// Decodes frames [0, length). buf: C floats of scratch (used for non-float32
+// or class-strided inputs).
 template <typename scalar_t>
-CF_HD Status greedy_decode_one(const Frames<scalar_t>& f, int64_t length, int64_t C, int64_t blank,
+CF_HD Status greedy_decode_one(const Frames<scalar_t>& f, int64_t length, int64_t C, int64_t blank, float* buf,
                                int32_t* tokens, int32_t* out_len, float* score) {
   GreedyState s;
   bool bad = false;
   for (int64_t t = 0; t < length; ++t) {
     float v;
-    const int64_t best = frame_argmax(f, t, C, &v, &bad);
+    const int64_t best = row_argmax(frame_row(f, t, C, buf), C, &v, &bad);
     greedy_step(s, best, v, blank, tokens);
   }
   *out_len = s.len;
-  *score = s.score;
+  *score = static_cast<float>(s.score);
   return bad ? kBadValue : kOk;
 }
 
@@ -113,16 +290,29 @@ CF_HD Status greedy_decode_one(const Frames<scalar_t>& f, int64_t length, int64_
 // equal, and merging equal prefixes never compares label sequences.
 //
 // Each beam holds a node and two log-probabilities: pb (all alignments kept
-// so far end in blank) and pnb (they end in the prefix's last token). Per
-// frame, with p(.) the frame's probabilities:
+// so far end in blank) and pnb (they end in the prefix's last token), and
+// their sum `total`. Per frame, with p(.) the frame's probabilities:
 //   same prefix   pb'  = (pb + pnb) p(blank)
 //                 pnb' = pnb p(last)                  (repeat collapses)
 //   prefix + c    pnb' = (pb + pnb) p(c)     if c != last
 //                        pb p(c)             if c == last (needs a blank between)
 // "prefix + c" may already be a beam (a child of this beam); then its mass is
 // added to that beam instead of creating a candidate. The beam_width best
-// prefixes by pb + pnb survive. Ties keep the earlier candidate, so results
-// are deterministic.
+// prefixes by pb + pnb survive. Ties keep the earlier candidate (existing
+// beams first, then by beam, then by token log-prob, then by class), so
+// results are deterministic.
+//
+// Bounds that keep the search exact while building few candidates:
+//  - Beams are kept sorted by total, so a candidate from beam b scores at
+//    most total[b] + p(c) <= total[0] + p(c): once the beam is full, a class
+//    whose log-prob is <= (K-th best score) - total[0] is never considered.
+//  - Of one beam's extensions, only the frame's K + 1 best classes can enter:
+//    each of the K better ones that is not the repeat of the beam's last token
+//    yields a rival (a candidate, or the existing child it lands on) scoring
+//    at least as much, and ties keep the earlier. So a frame keeps its K + 1
+//    best classes, sorted, and each beam stops at the first that cannot enter.
+//  - Scores are stored relative to `base`; a blank-only frame after which
+//    every beam ends in blank adds one number to base instead of K.
 //
 // Options:
 //  - token_min_logp: characters below it at a frame are not extended (the
@@ -143,35 +333,46 @@ struct BeamOptions {
   int64_t allowed_stride;
 };
 
-// Workspace of one sequence, carved out of one byte buffer. Sizes depend only
-// on (T, C, beam_width), so a kernel allocates once per thread or per batch.
+// Workspace of one sequence at a time, carved out of one byte buffer. Sizes
+// depend only on (T, C, beam_width), so a kernel allocates once per thread or
+// per batch, calls init_beam_workspace once, and reuses it: each search
+// clears only the hash-table slots it filled.
+struct BeamState {        // the beams, sorted by total (descending); [K] each
+  int32_t* node;
+  int32_t* last;          // the node's last token (-1: the empty prefix)
+  int32_t* len;           // the node's label length
+  int32_t* parent;        // beam index of the node's parent in the same beam, else -1
+  int32_t* has_child;     // 1 if some beam's parent is this one
+  double* pb;
+  double* pnb;
+  double* total;          // log_add(pb, pnb)
+};
+
+// One entry of a frame's selection: a beam as it is, or extended by a class.
+struct Entry {
+  double score;
+  int32_t beam;   // the source beam
+  int32_t token;  // -1: the beam itself; else the class extending it
+};
+
 struct BeamWorkspace {
   int32_t* node_parent;   // [max_nodes]
   int32_t* node_token;    // [max_nodes]
   int32_t* node_len;      // [max_nodes]
-  int32_t* node_slot;     // [max_nodes] beam index of a node in the new beam, else -1
+  int32_t* node_slot;     // [max_nodes] beam index of a node in the current beam, else -1
+  int32_t* node_entry;    // [max_nodes] the node's slot in table
   int32_t* table;         // [table_size] (parent, token) -> node, -1 empty
-  int32_t* beam_node;     // [K]
-  float* beam_pb;         // [K]
-  float* beam_pnb;        // [K]
-  float* beam_total;      // [K] pb + pnb at the start of the frame
-  int32_t* beam_parent;   // [K] beam index of the node's parent in the same beam, else -1
-  int32_t* child_head;    // [K] first beam whose parent is this beam, else -1
-  int32_t* child_next;    // [K] next sibling in that list
-  float* next_pb;         // [K] existing beams after this frame
-  float* next_pnb;        // [K]
-  int32_t* new_node;      // [K] the beam being built
-  float* new_pb;          // [K]
-  float* new_pnb;         // [K]
-  int32_t* cand_beam;     // [K * C] source beam of a new-prefix candidate
-  int32_t* cand_token;    // [K * C]
-  float* cand_score;      // [K * C]
-  int32_t* top;           // [K] selected candidate ids (ids < K are existing beams)
-  float* top_score;       // [K]
-  int32_t* frame_tokens;  // [C] characters extended at this frame
-  float* frame_logp;      // [C]
-  bool* frame_has;        // [C] is c in frame_tokens
-  bool* child_mark;       // [C] is prefix + c already a beam (for one beam at a time)
+  BeamState beam;         // this frame's beams
+  BeamState next;         // the beams being built (swapped with beam per frame)
+  double* next_pb;        // [K] existing beams after this frame
+  double* next_pnb;       // [K]
+  double* score;          // [K] the existing beams' scores after this frame
+  Entry* top;             // [K] the selection, best first
+  uint64_t* frame_key;    // [K + 1] scratch of frame_classes
+  int32_t* frame_token;   // [K + 1] this frame's best extendable classes, best first
+  float* frame_logp;      // [K + 1]
+  float* row_buf;         // [C] a frame widened to float
+  float* class_mask;      // [C] 0 for an extendable class, -inf for the blank and disallowed ones
   int32_t max_nodes;
   int32_t table_size;
 };
@@ -184,55 +385,71 @@ CF_HD int32_t table_size_for(int32_t max_nodes) {
   return s;
 }
 
+// Lays the workspace out from `base` (nullptr: only measures); returns its size in bytes.
+CF_HD int64_t beam_workspace_layout(char* base, int64_t T, int64_t C, int64_t K, BeamWorkspace& w) {
+  w.max_nodes = static_cast<int32_t>(1 + T * K);
+  w.table_size = table_size_for(w.max_nodes);
+  int64_t used = 0;
+  auto take = [&](int64_t bytes) {
+    char* q = base == nullptr ? nullptr : base + used;
+    used += align16(bytes);
+    return q;
+  };
+  auto ints = [&](int64_t n) { return reinterpret_cast<int32_t*>(take(n * 4)); };
+  auto doubles = [&](int64_t n) { return reinterpret_cast<double*>(take(n * 8)); };
+  auto floats = [&](int64_t n) { return reinterpret_cast<float*>(take(n * 4)); };
+  w.node_parent = ints(w.max_nodes);
+  w.node_token = ints(w.max_nodes);
+  w.node_len = ints(w.max_nodes);
+  w.node_slot = ints(w.max_nodes);
+  w.node_entry = ints(w.max_nodes);
+  w.table = ints(w.table_size);
+  auto beam_state = [&](BeamState& b) {
+    b.node = ints(K);
+    b.last = ints(K);
+    b.len = ints(K);
+    b.parent = ints(K);
+    b.has_child = ints(K);
+    b.pb = doubles(K);
+    b.pnb = doubles(K);
+    b.total = doubles(K);
+  };
+  beam_state(w.beam);
+  beam_state(w.next);
+  w.next_pb = doubles(K);
+  w.next_pnb = doubles(K);
+  w.score = doubles(K);
+  w.top = reinterpret_cast<Entry*>(take(K * sizeof(Entry)));
+  w.frame_key = reinterpret_cast<uint64_t*>(take((K + 1) * 8));
+  w.frame_token = ints(K + 1);
+  w.frame_logp = floats(K + 1);
+  w.row_buf = floats(C);
+  w.class_mask = floats(C);
+  return used;
+}
+
 CF_HD int64_t beam_workspace_bytes(int64_t T, int64_t C, int64_t K) {
-  const int64_t nodes = 1 + T * K;
-  const int64_t table = table_size_for(static_cast<int32_t>(nodes));
-  int64_t b = 0;
-  b += 4 * align16(nodes * 4);
-  b += align16(table * 4);
-  b += 14 * align16(K * 4);
-  b += 3 * align16(K * C * 4);
-  b += 2 * align16(C * 4) + 2 * align16(C);
-  return b;
+  BeamWorkspace w;
+  return beam_workspace_layout(nullptr, T, C, K, w);
 }
 
 CF_HD BeamWorkspace carve_beam_workspace(char* base, int64_t T, int64_t C, int64_t K) {
   BeamWorkspace w;
-  w.max_nodes = static_cast<int32_t>(1 + T * K);
-  w.table_size = table_size_for(w.max_nodes);
-  char* p = base;
-  auto take = [&p](int64_t bytes) { char* q = p; p += align16(bytes); return q; };
-  w.node_parent = reinterpret_cast<int32_t*>(take(w.max_nodes * 4));
-  w.node_token = reinterpret_cast<int32_t*>(take(w.max_nodes * 4));
-  w.node_len = reinterpret_cast<int32_t*>(take(w.max_nodes * 4));
-  w.node_slot = reinterpret_cast<int32_t*>(take(w.max_nodes * 4));
-  w.table = reinterpret_cast<int32_t*>(take(int64_t(w.table_size) * 4));
-  w.beam_node = reinterpret_cast<int32_t*>(take(K * 4));
-  w.beam_pb = reinterpret_cast<float*>(take(K * 4));
-  w.beam_pnb = reinterpret_cast<float*>(take(K * 4));
-  w.beam_total = reinterpret_cast<float*>(take(K * 4));
-  w.beam_parent = reinterpret_cast<int32_t*>(take(K * 4));
-  w.child_head = reinterpret_cast<int32_t*>(take(K * 4));
-  w.child_next = reinterpret_cast<int32_t*>(take(K * 4));
-  w.next_pb = reinterpret_cast<float*>(take(K * 4));
-  w.next_pnb = reinterpret_cast<float*>(take(K * 4));
-  w.new_node = reinterpret_cast<int32_t*>(take(K * 4));
-  w.new_pb = reinterpret_cast<float*>(take(K * 4));
-  w.new_pnb = reinterpret_cast<float*>(take(K * 4));
-  w.top = reinterpret_cast<int32_t*>(take(K * 4));
-  w.top_score = reinterpret_cast<float*>(take(K * 4));
-  w.cand_beam = reinterpret_cast<int32_t*>(take(K * C * 4));
-  w.cand_token = reinterpret_cast<int32_t*>(take(K * C * 4));
-  w.cand_score = reinterpret_cast<float*>(take(K * C * 4));
-  w.frame_tokens = reinterpret_cast<int32_t*>(take(C * 4));
-  w.frame_logp = reinterpret_cast<float*>(take(C * 4));
-  w.frame_has = reinterpret_cast<bool*>(take(C));
-  w.child_mark = reinterpret_cast<bool*>(take(C));
+  beam_workspace_layout(base, T, C, K, w);
   return w;
 }
 
+// Once per workspace: the empty hash table, the per-class state.
+CF_HD void init_beam_workspace(BeamWorkspace& w, int64_t C, int64_t blank, const BeamOptions& o) {
+  for (int32_t i = 0; i < w.table_size; ++i) w.table[i] = -1;
+  for (int64_t c = 0; c < C; ++c) {
+    const bool allowed = o.allowed == nullptr || o.allowed[c * o.allowed_stride];
+    w.class_mask[c] = (c == blank || !allowed) ? kNegInf : 0.f;
+  }
+}
+
 // The node for prefix(parent) + token, created if it does not exist yet.
-CF_HD int32_t child_node(BeamWorkspace& w, int32_t& num_nodes, int32_t parent, int32_t token) {
+CF_HOT int32_t child_node(BeamWorkspace& w, int32_t& num_nodes, int32_t parent, int32_t token) {
   const uint32_t mask = static_cast<uint32_t>(w.table_size - 1);
   uint32_t h = (static_cast<uint32_t>(parent) * 2654435761u) ^ (static_cast<uint32_t>(token) * 40503u);
   for (uint32_t i = h & mask;; i = (i + 1) & mask) {
@@ -243,6 +460,7 @@ CF_HD int32_t child_node(BeamWorkspace& w, int32_t& num_nodes, int32_t parent, i
       w.node_token[node] = token;
       w.node_len[node] = w.node_len[parent] + 1;
       w.node_slot[node] = -1;
+      w.node_entry[node] = static_cast<int32_t>(i);
       w.table[i] = node;
       return node;
     }
@@ -250,191 +468,312 @@ CF_HD int32_t child_node(BeamWorkspace& w, int32_t& num_nodes, int32_t parent, i
   }
 }
 
-// Keeps the K best (score, id) pairs in descending order; a tie keeps the
-// earlier one. Returns the new count.
-CF_HD int32_t push_top(int32_t* top, float* top_score, int32_t count, int32_t K, int32_t id, float score) {
-  if (count == K && !(score > top_score[K - 1])) return count;
-  int32_t i = count < K ? count++ : K - 1;
-  while (i > 0 && score > top_score[i - 1]) {
-    top[i] = top[i - 1];
-    top_score[i] = top_score[i - 1];
-    --i;
+// The node for prefix(parent) + token, or -1 if there is none.
+CF_HOT int32_t find_node(const BeamWorkspace& w, int32_t parent, int32_t token) {
+  const uint32_t mask = static_cast<uint32_t>(w.table_size - 1);
+  uint32_t h = (static_cast<uint32_t>(parent) * 2654435761u) ^ (static_cast<uint32_t>(token) * 40503u);
+  for (uint32_t i = h & mask;; i = (i + 1) & mask) {
+    const int32_t id = w.table[i];
+    if (id < 0 || (w.node_parent[id] == parent && w.node_token[id] == token)) return id;
   }
-  top[i] = id;
-  top_score[i] = score;
+}
+
+// Keeps the K best (score, beam, token) in descending order; a tie keeps the
+// earlier one. Returns the new count.
+CF_HOT int32_t push_top(BeamWorkspace& w, int32_t count, int32_t K, double score, int32_t beam, int32_t token) {
+  if (count == K && !(score > w.top[K - 1].score)) return count;
+  int32_t i = count < K ? count++ : K - 1;
+  for (; i > 0 && score > w.top[i - 1].score; --i) w.top[i] = w.top[i - 1];
+  w.top[i] = Entry{score, beam, token};
   return count;
 }
 
-// Decodes one sequence. Writes the top_k best labels into tokens
-// [top_k, max_out] (padded with -1), their lengths and log-probabilities
-// (padded with 0 and -inf when fewer hypotheses exist).
-template <typename scalar_t>
-CF_HD Status beam_search_one(const Frames<scalar_t>& f, int64_t length, int64_t C, int64_t blank,
-                             const BeamOptions& o, BeamWorkspace& w, int32_t top_k, int32_t max_out,
-                             int32_t* tokens, int32_t* lengths, float* scores) {
-  const int32_t K = o.beam_width;
-  for (int32_t i = 0; i < w.table_size; ++i) w.table[i] = -1;
-  for (int32_t k = 0; k < top_k; ++k) {
-    lengths[k] = 0;
-    scores[k] = kNegInf;
-    for (int32_t j = 0; j < max_out; ++j) tokens[k * max_out + j] = -1;
-  }
-  if (length < o.min_len) return kOk;  // no label of min_len fits: no hypothesis
+// A key that orders (log-prob, class) pairs as frame_classes wants them: by
+// log-prob, then by class (the lower first). v is not NaN.
+CF_HOT uint64_t class_key(float v, int64_t c) {
+  uint32_t bits;
+#if defined(__CUDA_ARCH__)
+  bits = static_cast<uint32_t>(__float_as_int(v));
+#else
+  std::memcpy(&bits, &v, sizeof bits);
+#endif
+  bits = (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;  // IEEE order as unsigned order
+  return (static_cast<uint64_t>(bits) << 32) | (0xffffffffu - static_cast<uint32_t>(c));
+}
 
-  int32_t num_nodes = 1;
+// The log-prob of a class_key.
+CF_HOT float logp_of(uint64_t key) {
+  uint32_t bits = static_cast<uint32_t>(key >> 32);
+  bits = (bits & 0x80000000u) ? bits & 0x7fffffffu : ~bits;
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(static_cast<int32_t>(bits));
+#else
+  float v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+#endif
+}
+
+// The (at most cap) best extendable classes of a frame whose log-prob is
+// > cut, best first (ties in class order). best_v: the best extendable
+// log-prob; best >= 0 when it is below min_logp (then only it extends).
+// keys: scratch for cap keys.
+CF_HOT int32_t frame_classes(const float* row, const float* class_mask, int64_t C, float best_v, int64_t best,
+                            float min_logp, double cut, int32_t cap, uint64_t* keys, int32_t* token, float* logp) {
+  if (!(best_v > cut) || !(best_v > kNegInf)) return 0;  // no class beats the bound
+  if (best >= 0) {
+    token[0] = static_cast<int32_t>(best);
+    logp[0] = best_v;
+    return 1;
+  }
+  // A float at or below both bounds: the vector search skips the classes below
+  // it. The keys of the classes above the bound are sorted as they come in;
+  // once cap are held, later ones must beat the last.
+  float lo = static_cast<float>(cut);
+  if (static_cast<double>(lo) > cut) lo = nextafterf(lo, kNegInf);
+  lo = lo > min_logp ? lo : min_logp;
+  int32_t n = 0;
+  auto consider = [&](int64_t c) {
+    const float v = row[c] + class_mask[c];
+    if (!(v > cut) || !(v > kNegInf)) return;
+    const uint64_t key = class_key(v, c);
+    if (n == cap && !(key > keys[cap - 1])) return;
+    int32_t i = n < cap ? n++ : cap - 1;
+    for (; i > 0 && key > keys[i - 1]; --i) keys[i] = keys[i - 1];
+    keys[i] = key;
+    if (n == cap) lo = lo > logp_of(keys[cap - 1]) ? lo : logp_of(keys[cap - 1]);
+  };
+  int64_t c0 = 0;
+#ifdef CF_SSE2
+  for (; c0 + 4 <= C; c0 += 4) {
+    const __m128 v = _mm_add_ps(_mm_loadu_ps(row + c0), _mm_loadu_ps(class_mask + c0));
+    for (unsigned mask = static_cast<unsigned>(_mm_movemask_ps(_mm_cmpge_ps(v, _mm_set1_ps(lo)))); mask != 0;
+         mask &= mask - 1) {
+      consider(c0 + __builtin_ctz(mask));
+    }
+  }
+#endif
+  for (int64_t c = c0; c < C; ++c) {
+    if (row[c] + class_mask[c] >= lo) consider(c);
+  }
+  for (int32_t i = 0; i < n; ++i) {
+    token[i] = static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(keys[i]));
+    logp[i] = logp_of(keys[i]);
+  }
+  return n;
+}
+
+// The outcome of beam_search_one: `count` hypotheses, best first; hypothesis k
+// is node w.beam.node[w.top[k].beam] with log-prob base + w.top[k].score.
+struct BeamResult {
+  Status status;
+  int32_t count;
+  double base;
+};
+
+CF_HD int32_t hypothesis_node(const BeamWorkspace& w, int32_t k) { return w.beam.node[w.top[k].beam]; }
+
+// Writes the label of `node` into out[0, len) and returns len.
+CF_HD int32_t node_label(const BeamWorkspace& w, int32_t node, int32_t* out) {
+  const int32_t len = w.node_len[node];
+  for (int32_t j = len - 1; j >= 0; --j, node = w.node_parent[node]) out[j] = w.node_token[node];
+  return len;
+}
+
+template <typename scalar_t>
+CF_HD BeamResult beam_search_run(const Frames<scalar_t>& f, int64_t length, int64_t C, int64_t blank,
+                                 const BeamOptions& o, BeamWorkspace& w, int32_t top_k, int32_t& num_nodes) {
+  const int32_t K = o.beam_width;
+  BeamResult r{kOk, 0, 0.0};
+  if (length < o.min_len) return r;  // no label of min_len fits: no hypothesis
+
   w.node_parent[0] = -1;
   w.node_token[0] = -1;
   w.node_len[0] = 0;
-  w.node_slot[0] = -1;
+  w.node_slot[0] = 0;  // node 0 is beam 0
   int32_t num_beams = 1;
-  w.beam_node[0] = 0;
-  w.beam_pb[0] = 0.f;
-  w.beam_pnb[0] = kNegInf;
-  w.beam_parent[0] = -1;
-  for (int64_t c = 0; c < C; ++c) w.frame_has[c] = w.child_mark[c] = false;
+  w.beam.node[0] = 0;
+  w.beam.last[0] = -1;
+  w.beam.len[0] = 0;
+  w.beam.parent[0] = -1;
+  w.beam.has_child[0] = 0;
+  w.beam.pb[0] = 0.0;
+  w.beam.pnb[0] = kNegInfD;
+  w.beam.total[0] = 0.0;
+  bool pnb_live = false;  // some beam may end in a non-blank
 
   for (int64_t t = 0; t < length; ++t) {
-    // 1. This frame's characters: validate, and pick those worth extending.
-    const float lp_blank = f.at(t, blank);
-    if (bad_value(lp_blank)) return kBadValue;
-    int32_t nf = 0;
-    int64_t best = -1;
-    float best_v = kNegInf;
-    for (int64_t c = 0; c < C; ++c) {
-      const float v = f.at(t, c);
-      if (bad_value(v)) return kBadValue;
-      if (c == blank || (o.allowed != nullptr && !o.allowed[c * o.allowed_stride])) continue;
-      if (v > best_v || best < 0) { best_v = v; best = c; }
-      if (v >= o.token_min_logp && v > kNegInf) {
-        // Insertion keeps frame tokens sorted by log-prob, descending; equal
-        // values stay in class order, so tie-breaking is that of class order.
-        int32_t i = nf++;
-        for (; i > 0 && v > w.frame_logp[i - 1]; --i) {
-          w.frame_tokens[i] = w.frame_tokens[i - 1];
-          w.frame_logp[i] = w.frame_logp[i - 1];
-        }
-        w.frame_tokens[i] = static_cast<int32_t>(c);
-        w.frame_logp[i] = v;
-      }
+    if (t + kPrefetch < length) prefetch_frame(f, t + kPrefetch, C);
+    // 1. Validate the frame; its best extendable class.
+    const float* row = frame_row(f, t, C, w.row_buf);
+    bool bad;
+    const float best_v = scan_max(row, w.class_mask, C, &bad);  // the best extendable log-prob
+    if (bad) {
+      r.status = kBadValue;
+      return r;
     }
-    if (best >= 0 && best_v > kNegInf && best_v < o.token_min_logp) {  // the best always extends (alone: nothing passed)
-      w.frame_tokens[nf] = static_cast<int32_t>(best);
-      w.frame_logp[nf++] = best_v;
+    const float lp_blank = row[blank];
+    BeamState& beam = w.beam;
+    if (lp_blank >= o.log_blank_skip) {
+      // 2a. A (nearly) certain blank: everything moves to "ends in blank".
+      if (pnb_live) {
+        for (int32_t b = 0; b < num_beams; ++b) {
+          beam.pb[b] = beam.total[b];
+          beam.pnb[b] = kNegInfD;
+        }
+        pnb_live = false;
+      }
+      r.base += lp_blank;
+      continue;
+    }
+    // Extended at this frame: classes at or above token_min_logp, and the best.
+    const float min_logp = o.token_min_logp;
+    int64_t best = -1;
+    if (best_v > kNegInf && best_v < min_logp) {
+      best = 0;
+      while (row[best] + w.class_mask[best] != best_v) ++best;
     }
     const int64_t frames_left = length - t - 1;
 
-    if (lp_blank >= o.log_blank_skip) {
-      // 2a. A (nearly) certain blank: everything moves to "ends in blank".
-      for (int32_t b = 0; b < num_beams; ++b) {
-        w.beam_pb[b] = log_add(w.beam_pb[b], w.beam_pnb[b]) + lp_blank;
-        w.beam_pnb[b] = kNegInf;
-      }
-      continue;
-    }
-    for (int32_t i = 0; i < nf; ++i) w.frame_has[w.frame_tokens[i]] = true;
-
     // 2b. Existing prefixes: stay by blank or by repeating the last token,
-    //     plus the extension of their parent beam that lands on them.
+    //     plus the extension of their parent beam that lands on them; they
+    //     enter the selection first (token -1).
+    //     The log-adds run as one batch: independent, so they overlap.
     for (int32_t b = 0; b < num_beams; ++b) {
-      const int32_t last = w.node_token[w.beam_node[b]];
-      w.beam_total[b] = log_add(w.beam_pb[b], w.beam_pnb[b]);
-      w.next_pb[b] = w.beam_total[b] + lp_blank;
-      w.next_pnb[b] = last >= 0 ? w.beam_pnb[b] + f.at(t, last) : kNegInf;
+      const int32_t last = beam.last[b];
+      double stay = kNegInfD;
+      if (last >= 0) {
+        const float lp_last = row[last];
+        stay = beam.pnb[b] + lp_last;
+        const int32_t p = beam.parent[b];
+        if (p >= 0 && lp_last > kNegInf && (lp_last >= min_logp || last == best)) {
+          stay = log_add(stay, (beam.last[p] == last ? beam.pb[p] : beam.total[p]) + lp_last);
+        }
+      }
+      w.next_pb[b] = beam.total[b] + lp_blank;
+      w.next_pnb[b] = stay;
     }
-    for (int32_t b = 0; b < num_beams; ++b) {
-      const int32_t p = w.beam_parent[b];
-      const int32_t c = w.node_token[w.beam_node[b]];
-      if (p < 0 || !w.frame_has[c]) continue;
-      const float lp = f.at(t, c);
-      const bool repeat = w.node_token[w.beam_node[p]] == c;
-      const float ext = (repeat ? w.beam_pb[p] : w.beam_total[p]) + lp;
-      w.next_pnb[b] = log_add(w.next_pnb[b], ext);
-    }
-
-    // 3. Select: existing beams (ids 0..num_beams-1) then new prefixes.
+    log_add_n(w.next_pb, w.next_pnb, w.score, num_beams);
     int32_t count = 0;
     for (int32_t b = 0; b < num_beams; ++b) {
-      const float s = log_add(w.next_pb[b], w.next_pnb[b]);
-      if (s == kNegInf || w.node_len[w.beam_node[b]] + frames_left < o.min_len) continue;
-      count = push_top(w.top, w.top_score, count, K, b, s);
+      if (w.score[b] == kNegInfD || beam.len[b] + frames_left < o.min_len) continue;
+      count = push_top(w, count, K, w.score[b], b, -1);
     }
-    for (int32_t b = 0; b < num_beams; ++b) w.child_head[b] = -1;
-    for (int32_t j = 0; j < num_beams; ++j) {
-      const int32_t p = w.beam_parent[j];
-      if (p >= 0) { w.child_next[j] = w.child_head[p]; w.child_head[p] = j; }
-    }
-    // Beams are sorted by beam_total (descending) and frame tokens by log-prob,
-    // and a candidate scores at most beam_total + its log-prob: once that
-    // bound cannot beat the K-th best, no later token or beam can either.
-    int32_t nc = 0;
+
+    // 3. New prefixes, from the frame's K + 1 best classes above the bound.
+    const double cut = count == K ? w.top[K - 1].score - beam.total[0] : kNegInfD;
+    const int32_t nf = frame_classes(row, w.class_mask, C, best_v, best, min_logp, cut, K + 1, w.frame_key,
+                                     w.frame_token, w.frame_logp);
+    // Beams are sorted by total and frame classes by log-prob, and a
+    // candidate scores at most total + its log-prob: once that bound cannot
+    // beat the K-th best, no later class or beam can either.
     for (int32_t b = 0; b < num_beams && nf > 0; ++b) {
-      if (count == K && !(w.beam_total[b] + w.frame_logp[0] > w.top_score[K - 1])) break;
-      const int32_t node = w.beam_node[b];
-      const int32_t len = w.node_len[node];
+      const double total = beam.total[b];
+      if (count == K && !(total + w.frame_logp[0] > w.top[K - 1].score)) break;
+      const int32_t len = beam.len[b];
       if ((o.max_len >= 0 && len >= o.max_len) || len + 1 + frames_left < o.min_len) continue;
-      // prefix + c that is already a beam was credited in 2b: not a candidate.
-      for (int32_t j = w.child_head[b]; j >= 0; j = w.child_next[j]) w.child_mark[w.node_token[w.beam_node[j]]] = true;
-      const int32_t last = w.node_token[node];
+      const int32_t last = beam.last[b];
       for (int32_t i = 0; i < nf; ++i) {
-        if (count == K && !(w.beam_total[b] + w.frame_logp[i] > w.top_score[K - 1])) break;
-        const int32_t c = w.frame_tokens[i];
-        if (w.child_mark[c]) continue;
-        const float s = (c == last ? w.beam_pb[b] : w.beam_total[b]) + w.frame_logp[i];
-        if (s == kNegInf || (count == K && !(s > w.top_score[K - 1]))) continue;  // cannot enter
-        w.cand_beam[nc] = b;
-        w.cand_token[nc] = c;
-        w.cand_score[nc] = s;
-        count = push_top(w.top, w.top_score, count, K, num_beams + nc, s);
-        ++nc;
+        if (count == K && !(total + w.frame_logp[i] > w.top[K - 1].score)) break;
+        const int32_t c = w.frame_token[i];
+        const double s = (c == last ? beam.pb[b] : total) + w.frame_logp[i];
+        if (s == kNegInfD || (count == K && !(s > w.top[K - 1].score))) continue;  // cannot enter
+        // prefix + c that is already a beam was credited in 2b: not a candidate.
+        if (beam.has_child[b]) {
+          const int32_t existing = find_node(w, beam.node[b], c);
+          if (existing >= 0 && w.node_slot[existing] >= 0) continue;
+        }
+        count = push_top(w, count, K, s, b, c);
       }
-      for (int32_t j = w.child_head[b]; j >= 0; j = w.child_next[j]) w.child_mark[w.node_token[w.beam_node[j]]] = false;
     }
-    for (int32_t i = 0; i < nf; ++i) w.frame_has[w.frame_tokens[i]] = false;
-
     // 4. The survivors become the beam; new prefixes get their trie node.
-    for (int32_t k = 0; k < count; ++k) {
-      const int32_t id = w.top[k];
-      if (id < num_beams) {
-        w.new_node[k] = w.beam_node[id];
-        w.new_pb[k] = w.next_pb[id];
-        w.new_pnb[k] = w.next_pnb[id];
-      } else {
-        const int32_t j = id - num_beams;
-        w.new_node[k] = child_node(w, num_nodes, w.beam_node[w.cand_beam[j]], w.cand_token[j]);
-        w.new_pb[k] = kNegInf;
-        w.new_pnb[k] = w.cand_score[j];
+    //    A frame that kept every beam, in order, updates them in place (the
+    //    usual case of the exact search on a blank frame).
+    bool unchanged = count == num_beams;
+    for (int32_t k = 0; k < count && unchanged; ++k) unchanged = w.top[k].beam == k && w.top[k].token < 0;
+    if (unchanged) {
+      for (int32_t k = 0; k < count; ++k) {
+        beam.pb[k] = w.next_pb[k];
+        beam.pnb[k] = w.next_pnb[k];
+        beam.total[k] = w.top[k].score;
       }
+      pnb_live = true;
+      continue;
     }
+    //    node_slot maps the nodes of the current beams to their index.
+    BeamState& next = w.next;
+    for (int32_t b = 0; b < num_beams; ++b) w.node_slot[beam.node[b]] = -1;
+    for (int32_t k = 0; k < count; ++k) {
+      const int32_t b = w.top[k].beam;
+      const int32_t c = w.top[k].token;
+      if (c < 0) {
+        next.node[k] = beam.node[b];
+        next.last[k] = beam.last[b];
+        next.len[k] = beam.len[b];
+        next.pb[k] = w.next_pb[b];
+        next.pnb[k] = w.next_pnb[b];
+      } else {
+        next.node[k] = child_node(w, num_nodes, beam.node[b], c);
+        next.last[k] = c;
+        next.len[k] = beam.len[b] + 1;
+        next.pb[k] = kNegInfD;
+        next.pnb[k] = w.top[k].score;
+      }
+      next.total[k] = w.top[k].score;
+      w.node_slot[next.node[k]] = k;
+    }
+    for (int32_t k = 0; k < count; ++k) next.has_child[k] = 0;
+    for (int32_t k = 0; k < count; ++k) {
+      const int32_t parent = w.node_parent[next.node[k]];
+      next.parent[k] = parent >= 0 ? w.node_slot[parent] : -1;
+      if (next.parent[k] >= 0) next.has_child[next.parent[k]] = 1;
+    }
+    const BeamState swap = w.beam;
+    w.beam = w.next;
+    w.next = swap;
     num_beams = count;
-    for (int32_t k = 0; k < count; ++k) {
-      w.beam_node[k] = w.new_node[k];
-      w.beam_pb[k] = w.new_pb[k];
-      w.beam_pnb[k] = w.new_pnb[k];
-      w.node_slot[w.beam_node[k]] = k;
-    }
-    for (int32_t k = 0; k < count; ++k) {
-      const int32_t parent = w.node_parent[w.beam_node[k]];
-      w.beam_parent[k] = parent >= 0 ? w.node_slot[parent] : -1;
-    }
-    for (int32_t k = 0; k < count; ++k) w.node_slot[w.beam_node[k]] = -1;
-    if (num_beams == 0) return kOk;  // the length bounds cannot be met
+    pnb_live = true;
+    if (num_beams == 0) return r;  // the length bounds cannot be met
   }
 
-  // 5. Final scores and the top_k best, in descending order.
-  int32_t count = 0;
+  // 5. The top_k best, in descending order.
   for (int32_t b = 0; b < num_beams; ++b) {
-    const float s = log_add(w.beam_pb[b], w.beam_pnb[b]);
-    if (s == kNegInf || w.node_len[w.beam_node[b]] < o.min_len) continue;
-    count = push_top(w.top, w.top_score, count, top_k, b, s);
+    const double s = w.beam.total[b];
+    if (s == kNegInfD || w.beam.len[b] < o.min_len) continue;
+    r.count = push_top(w, r.count, top_k, s, b, -1);
   }
-  for (int32_t k = 0; k < count; ++k) {
-    int32_t node = w.beam_node[w.top[k]];
-    const int32_t len = w.node_len[node];
+  return r;
+}
+
+// Decodes one sequence; the hypotheses are read with hypothesis_node and
+// node_label until the next call. w must have been through init_beam_workspace.
+template <typename scalar_t>
+CF_HD BeamResult beam_search_one(const Frames<scalar_t>& f, int64_t length, int64_t C, int64_t blank,
+                                 const BeamOptions& o, BeamWorkspace& w, int32_t top_k) {
+  int32_t num_nodes = 1;
+  const BeamResult r = beam_search_run(f, length, C, blank, o, w, top_k, num_nodes);
+  for (int32_t node = 1; node < num_nodes; ++node) w.table[w.node_entry[node]] = -1;  // leave the table empty
+  return r;
+}
+
+// beam_search_one into padded outputs: tokens [top_k, max_out] (-1 padded),
+// lengths and float32 log-probs (0 and -inf where fewer hypotheses exist).
+template <typename scalar_t>
+CF_HD Status beam_search_to_tokens(const Frames<scalar_t>& f, int64_t length, int64_t C, int64_t blank,
+                                   const BeamOptions& o, BeamWorkspace& w, int32_t top_k, int32_t max_out,
+                                   int32_t* tokens, int32_t* lengths, float* scores) {
+  const BeamResult r = beam_search_one(f, length, C, blank, o, w, top_k);
+  for (int32_t k = 0; k < top_k; ++k) {
+    int32_t len = 0;
+    scores[k] = kNegInf;
+    if (r.status == kOk && k < r.count) {
+      len = node_label(w, hypothesis_node(w, k), tokens + k * max_out);
+      scores[k] = static_cast<float>(r.base + w.top[k].score);
+    }
     lengths[k] = len;
-    scores[k] = w.top_score[k];
-    for (int32_t j = len - 1; j >= 0; --j, node = w.node_parent[node]) tokens[k * max_out + j] = w.node_token[node];
+    for (int32_t j = len; j < max_out; ++j) tokens[k * max_out + j] = -1;
   }
-  return kOk;
+  return r.status;
 }
 
 }  // namespace captcha_fast

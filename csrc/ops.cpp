@@ -1,12 +1,25 @@
 // The op schemas (the one place they are defined) and the shared checks.
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <Python.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
+#include <vector>
 
 #include "ops.h"
 
 namespace captcha_fast {
+
+void check_lengths_in_range(const at::Tensor& input_lengths, int64_t T, const char* op) {
+  const at::Tensor lens = input_lengths.to(at::kLong).contiguous();
+  const int64_t* len = lens.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < lens.numel(); ++i) {
+    TORCH_CHECK(len[i] >= 0 && len[i] <= T, op, ": input_lengths[", i, "] = ", len[i],
+                " is outside [0, T] with T = ", T, " frames");
+  }
+}
 
 std::tuple<int64_t, int64_t, int64_t> check_decode_inputs(const at::Tensor& log_probs,
                                                           const at::Tensor& input_lengths,
@@ -27,14 +40,7 @@ std::tuple<int64_t, int64_t, int64_t> check_decode_inputs(const at::Tensor& log_
               ": input_lengths must be on the same device as log_probs (", log_probs.device(), "), got ",
               input_lengths.device());
   TORCH_CHECK(T < (int64_t(1) << 30) && C < (int64_t(1) << 30), op, ": T and C must be below 2^30");
-  if (input_lengths.is_cpu() && N > 0) {
-    const at::Tensor bad = ((input_lengths < 0) | (input_lengths > T)).nonzero();
-    if (bad.numel() > 0) {
-      const int64_t i = bad[0][0].item<int64_t>();
-      TORCH_CHECK(false, op, ": input_lengths[", i, "] = ", input_lengths[i].item<int64_t>(),
-                  " is outside [0, T] with T = ", T, " frames");
-    }
-  }
+  if (input_lengths.is_cpu()) check_lengths_in_range(input_lengths, T, op);
   return {T, N, C};
 }
 
@@ -80,6 +86,112 @@ int64_t beam_output_width(int64_t T, int64_t max_length) {
   return max_length >= 0 ? std::min(T, max_length) : T;
 }
 
+// ---------------------------------------------------------------------------
+// The strings ops: the tensor op on the input's device, then the labels as
+// strings on the host. One implementation for every device: on CUDA the
+// tokens are computed on the GPU and copied back (the op waits for them), and
+// a sequence the kernel flagged (NaN score) raises the error the CPU raises.
+
+namespace {
+
+// The text of every class: class c < blank is charset[c], class c > blank is
+// charset[c - 1], the blank is "". Symbols may have several characters.
+class Symbols {
+ public:
+  Symbols(const c10::List<std::string>& charset, int64_t C, int64_t blank, const char* op) {
+    TORCH_CHECK(static_cast<int64_t>(charset.size()) == C - 1, op,
+                ": charset must have one symbol per class except the blank (C - 1 = ", C - 1, "), got ",
+                charset.size());
+    begin_.assign(C + 1, 0);
+    for (int64_t c = 0; c < C; ++c) {
+      if (c != blank) bytes_ += charset.get(c < blank ? c : c - 1);
+      begin_[c + 1] = static_cast<int64_t>(bytes_.size());
+    }
+  }
+  std::string text(const int32_t* tokens, int64_t len) const {
+    int64_t size = 0;
+    for (int64_t j = 0; j < len; ++j) size += begin_[tokens[j] + 1] - begin_[tokens[j]];
+    std::string out(static_cast<size_t>(size), '\0');
+    char* p = out.data();
+    for (int64_t j = 0; j < len; ++j) {
+      const int64_t b = begin_[tokens[j]], n = begin_[tokens[j] + 1] - b;
+      std::memcpy(p, bytes_.data() + b, static_cast<size_t>(n));
+      p += n;
+    }
+    return out;
+  }
+
+ private:
+  std::string bytes_;
+  std::vector<int64_t> begin_;
+};
+
+// tokens (N, k, L), lengths (N, k), scores (N, k) from the tensor op -> texts
+// (N lists of k) and the scores, on the host.
+DecodedTexts to_texts(const Decoded& decoded, const at::Tensor& input_lengths, int64_t T, const Symbols& symbols,
+                      const char* op) {
+  const at::Tensor tokens = std::get<0>(decoded).cpu().contiguous();
+  const at::Tensor lengths = std::get<1>(decoded).cpu().contiguous();
+  const at::Tensor scores = std::get<2>(decoded).cpu().contiguous();
+  const int64_t N = tokens.size(0), K = tokens.size(1), L = tokens.size(2);
+  if (!std::get<2>(decoded).is_cpu()) {
+    // The device kernels flag a bad sequence with NaN scores instead of raising.
+    check_lengths_in_range(input_lengths.cpu(), T, op);
+    const float* s = scores.const_data_ptr<float>();
+    for (int64_t i = 0; i < N * K; ++i) {
+      TORCH_CHECK(!std::isnan(s[i]), op, ": log_probs of sequence ", i / K,
+                  " contain NaN or +inf (log-probabilities must be finite or -inf)");
+    }
+  }
+  const int32_t* tok = tokens.const_data_ptr<int32_t>();
+  const int32_t* len = lengths.const_data_ptr<int32_t>();
+  std::vector<c10::List<std::string>> rows(N);
+  at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      c10::List<std::string> row;
+      row.reserve(K);
+      for (int64_t k = 0; k < K; ++k) row.push_back(symbols.text(tok + (n * K + k) * L, len[n * K + k]));
+      rows[n] = std::move(row);
+    }
+  });
+  Texts texts;
+  texts.reserve(N);
+  for (auto& row : rows) texts.push_back(std::move(row));
+  return {std::move(texts), scores};
+}
+
+DecodedTexts greedy_strings(const at::Tensor& log_probs, const at::Tensor& input_lengths,
+                            const c10::List<std::string>& charset, int64_t blank) {
+  const char* op = "ctc_greedy_decode";
+  const auto [T, N, C] = check_decode_inputs(log_probs, input_lengths, blank, op);
+  const Symbols symbols(charset, C, blank, "ctc_greedy_decode_strings");
+  static const auto greedy = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("captcha_fast::ctc_greedy_decode", "")
+                                 .typed<Decoded(const at::Tensor&, const at::Tensor&, int64_t)>();
+  const auto [tokens, lengths, scores] = greedy.call(log_probs, input_lengths, blank);
+  return to_texts({tokens.unsqueeze(1), lengths.unsqueeze(1), scores.unsqueeze(1)}, input_lengths, T, symbols, op);
+}
+
+DecodedTexts beam_search_strings(const at::Tensor& log_probs, const at::Tensor& input_lengths,
+                                 const c10::List<std::string>& charset, int64_t beam_width, int64_t top_k,
+                                 int64_t blank, c10::optional<double> token_min_logp,
+                                 c10::optional<double> blank_skip_threshold, int64_t min_length, int64_t max_length,
+                                 const c10::optional<at::Tensor>& allowed_tokens) {
+  const char* op = "ctc_beam_search";
+  const auto [T, N, C] = check_decode_inputs(log_probs, input_lengths, blank, op);
+  const Symbols symbols(charset, C, blank, "ctc_beam_search_strings");
+  static const auto beam = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("captcha_fast::ctc_beam_search", "")
+                               .typed<Decoded(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,
+                                              c10::optional<double>, c10::optional<double>, int64_t, int64_t,
+                                              const c10::optional<at::Tensor>&)>();
+  const Decoded decoded = beam.call(log_probs, input_lengths, beam_width, top_k, blank, token_min_logp,
+                                    blank_skip_threshold, min_length, max_length, allowed_tokens);
+  return to_texts(decoded, input_lengths, T, symbols, op);
+}
+
+}  // namespace
+
 // Version and build facts, so that Python can refuse a stale build.
 std::string build_info() {
   std::string info = "torch=" CF_TORCH_VERSION;
@@ -92,10 +204,11 @@ std::string build_info() {
 }
 
 TORCH_LIBRARY(captcha_fast, m) {
-  // Layout, for both ops: log_probs is (T, N, C) = (frames, batch, classes),
+  // Layout, for all ops: log_probs is (T, N, C) = (frames, batch, classes),
   // the layout of nn.CTCLoss and of our model; any strides are read in place.
   // input_lengths (N,) int64/int32: sequence n uses frames [0, input_lengths[n]).
-  // float32/float16/bfloat16/float64 are read; arithmetic is float32.
+  // float32/float16/bfloat16/float64 are read; sums over frames are double,
+  // outputs float32.
   //
   // ctc_greedy_decode -> tokens (N, T) int32 padded with -1,
   //                      lengths (N,) int32, scores (N,) float32 = best-path log-prob.
@@ -113,7 +226,26 @@ TORCH_LIBRARY(captcha_fast, m) {
       "ctc_beam_search(Tensor log_probs, Tensor input_lengths, int beam_width=10, int top_k=1, int blank=0, "
       "float? token_min_logp=None, float? blank_skip_threshold=None, int min_length=0, int max_length=-1, "
       "Tensor? allowed_tokens=None) -> (Tensor, Tensor, Tensor)");
+  // The same two decoders, returning strings: texts[n][k] is hypothesis k of
+  // sequence n (k < 1 for greedy, k < top_k for beam search; a missing one is
+  // "" with score -inf) and scores (N, k) float32 on the CPU. charset: the
+  // symbols of the non-blank classes in class order (C - 1 strings, any
+  // length): class c is charset[c] below the blank, charset[c - 1] above it.
+  // On CUDA the tokens are decoded on the GPU and the strings built on the
+  // host, and a bad sequence raises as on the CPU. Strings depend on the data,
+  // so these ops have no fake kernels: torch.compile/export use the tensor ops.
+  m.def("ctc_greedy_decode_strings(Tensor log_probs, Tensor input_lengths, str[] charset, int blank=0) "
+        "-> (str[][] texts, Tensor scores)");
+  m.def(
+      "ctc_beam_search_strings(Tensor log_probs, Tensor input_lengths, str[] charset, int beam_width=10, "
+      "int top_k=1, int blank=0, float? token_min_logp=None, float? blank_skip_threshold=None, int min_length=0, "
+      "int max_length=-1, Tensor? allowed_tokens=None) -> (str[][] texts, Tensor scores)");
   m.def("_build_info() -> str", &build_info);
+}
+
+TORCH_LIBRARY_IMPL(captcha_fast, CompositeExplicitAutograd, m) {
+  m.impl("ctc_greedy_decode_strings", &greedy_strings);
+  m.impl("ctc_beam_search_strings", &beam_search_strings);
 }
 
 }  // namespace captcha_fast

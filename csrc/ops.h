@@ -4,6 +4,7 @@
 
 #include <torch/types.h>
 
+#include <string>
 #include <tuple>
 
 #include "ctc_decode.h"
@@ -11,6 +12,11 @@
 namespace captcha_fast {
 
 using Decoded = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Texts = c10::List<c10::List<std::string>>;
+using DecodedTexts = std::tuple<Texts, at::Tensor>;
+
+// TORCH_CHECK that every input_lengths[i] (a CPU tensor) lies in [0, T].
+void check_lengths_in_range(const at::Tensor& input_lengths, int64_t T, const char* op);
 
 // Checks log_probs (T, N, C) and input_lengths (N,); returns (T, N, C).
 // On the CPU it also checks every length lies in [0, T] (on CUDA that would

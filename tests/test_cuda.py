@@ -8,6 +8,7 @@ CUDA kernels compile and register."""
 from __future__ import annotations
 
 import math
+from typing import List
 
 import pytest
 import torch
@@ -263,3 +264,50 @@ def test_scripted_call_runs_on_cuda():
 
     lp, lengths = log_probs(15, 4, 7, seed=12), torch.tensor([15, 3, 0, 9])
     assert_same(ops.ctc_beam_search(lp, lengths, 4, 1), decode(lp.cuda(), lengths.cuda()))
+
+
+# ---------------------------------------------------------------------------
+# The strings ops: tokens decoded on the GPU, strings built on the host.
+
+CHARSET = [f"s{c}" for c in range(1, 37)]  # 36 symbols of two characters: class c is CHARSET[c - 1]
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "batch_first", "strided"])
+def test_strings_match_cpu(kind):
+    T, N, C = 30, 33, 37
+    lp = log_probs(T, N, C, seed=13)
+    lengths = mixed_lengths(T, N, seed=13)
+    gpu_lp, gpu_len = layout(lp, kind), lengths.cuda()
+    texts, scores = ops.ctc_greedy_decode_strings(gpu_lp, gpu_len, CHARSET)
+    want_texts, want_scores = ops.ctc_greedy_decode_strings(lp, lengths, CHARSET)
+    assert texts == want_texts and torch.equal(scores, want_scores) and scores.device.type == "cpu"
+    for kw in BEAM_OPTIONS.values():
+        texts, scores = ops.ctc_beam_search_strings(gpu_lp, gpu_len, CHARSET, **kw)
+        want_texts, want_scores = ops.ctc_beam_search_strings(lp, lengths, CHARSET, **kw)
+        assert texts == want_texts and scores.device.type == "cpu"
+        torch.testing.assert_close(scores, want_scores, atol=1e-4, rtol=0)
+
+
+def test_strings_scripted_on_cuda():
+    @torch.jit.script
+    def decode(lp: torch.Tensor, lengths: torch.Tensor, charset: List[str]):
+        return torch.ops.captcha_fast.ctc_beam_search_strings(lp, lengths, charset, 8, 2)
+
+    lp, lengths = log_probs(15, 4, 37, seed=14), torch.tensor([15, 3, 0, 9])
+    assert decode(lp.cuda(), lengths.cuda(), CHARSET)[0] == decode(lp, lengths, CHARSET)[0]
+
+
+@pytest.mark.parametrize("op, args", [(ops.ctc_greedy_decode_strings, ()), (ops.ctc_beam_search_strings, (5, 2))])
+def test_strings_raise_as_on_cpu(op, args):
+    # The tensor ops flag these sequences on CUDA; the strings ops wait for the result anyway,
+    # so they raise the CPU's errors.
+    T, N, C = 20, 6, 37
+    lp, lengths = log_probs(T, N, C, seed=8), torch.full((N,), T)
+    bad_lp = lp.clone()
+    bad_lp[3, 2, 4] = float("nan")
+    with pytest.raises(RuntimeError, match="sequence 2 contain NaN or"):
+        op(bad_lp.cuda(), lengths.cuda(), CHARSET, *args)
+    bad_lengths = lengths.clone()
+    bad_lengths[4] = T + 1
+    with pytest.raises(RuntimeError, match=r"input_lengths\[4\] = 21 is outside \[0, T\]"):
+        op(lp.cuda(), bad_lengths.cuda(), CHARSET, *args)

@@ -5,7 +5,8 @@ ties are broken:
   - every beam hypothesis is a well-formed label whose score is at most the
     label's true log-probability (CTC forward algorithm, torch's ctc_loss);
   - with a beam wide enough to never prune, the scores ARE those
-    log-probabilities and the top label is the most probable one."""
+    log-probabilities and the top label is the most probable one;
+  - the strings ops return the tokens ops' labels and scores."""
 import math
 import os
 
@@ -68,7 +69,16 @@ def test_fuzz_ops(T, N, C, data):
         assert tuple(tokens[n, : lengths[n]].tolist()) == label
         assert scores[n].item() == pytest.approx(score, rel=1e-5, abs=1e-3) or (score == -math.inf == scores[n])
 
+    charset = [f"<{c}>" for c in range(C) if c != blank]  # class c < blank is charset[c], above it charset[c - 1]
+    texts, text_scores = ops.ctc_greedy_decode_strings(lp, lens, charset, blank)
+    assert torch.equal(text_scores[:, 0], scores)
+    assert texts == [["".join(f"<{c}>" for c in tokens[n, : lengths[n]].tolist())] for n in range(N)]
+
     tokens, lengths, scores = ops.ctc_beam_search(lp, lens, K, top_k, blank, *opts, min_len, max_len, None)
+    texts, text_scores = ops.ctc_beam_search_strings(lp, lens, charset, K, top_k, blank, *opts, min_len, max_len)
+    assert torch.equal(text_scores, scores)
+    assert texts == [["".join(f"<{c}>" for c in tokens[n, k, : lengths[n, k]].tolist()) for k in range(top_k)]
+                     for n in range(N)]
     L = T if max_len < 0 else min(T, max_len)
     assert tokens.shape == (N, top_k, L)
     # Without pruning, a beam this wide keeps every prefix of these short inputs.

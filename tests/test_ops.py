@@ -80,6 +80,25 @@ def test_low_precision_reads_exactly_the_upcast_values(dtype):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_autocast_changes_nothing():
+    # The ops read any float dtype and sum in double, so they have no autocast kernel:
+    # under autocast they see the tensors they are given.
+    g = torch.Generator().manual_seed(8)
+    lp = random_log_probs(20, 6, 9, generator=g)
+    lens = torch.randint(0, 21, (6,), generator=g)
+    calls = [lambda x: ops.ctc_greedy_decode(x, lens, 0), lambda x: ops.ctc_beam_search(x, lens, 8, 3, 0)]
+    for call in calls:
+        want = call(lp)
+        for dtype in (torch.bfloat16, torch.float16):
+            with torch.autocast("cpu", dtype=dtype):
+                got = call(lp)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        texts, _ = ops.ctc_beam_search_strings(lp.bfloat16(), lens, list("abcdefgh"), 8)
+    assert texts == ops.ctc_beam_search_strings(lp.bfloat16().float(), lens, list("abcdefgh"), 8)[0]
+
+
 @settings(max_examples=100, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), T=st.integers(0, 30), N=st.integers(1, 6), C=st.integers(1, 12),
        peaky=st.booleans(), data=st.data())
@@ -167,8 +186,10 @@ def test_any_layout_is_read_in_place():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     strided = views[1]
     assert strided.stride(2) == 2
-    tokens, _, _ = ops.ctc_beam_search(strided, lens, 5, 2, 0)
-    assert tokens.shape == (5, 2, 12)
+    for a, b in zip(ops.ctc_beam_search(strided, lens, 5, 2, 0), ops.ctc_beam_search(strided.contiguous(), lens, 5, 2, 0)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(ops.ctc_greedy_decode(strided, lens, 0), ops.ctc_greedy_decode(strided.contiguous(), lens, 0)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_output_shapes_and_padding():
@@ -186,7 +207,7 @@ def test_output_shapes_and_padding():
 def test_min_length_impossible_gives_no_hypothesis():
     lp = random_log_probs(5, 2, 4, generator=torch.Generator().manual_seed(5))
     _, lengths, scores = ops.ctc_beam_search(lp, torch.tensor([5, 2]), 4, 2, 0, None, None, 3)
-    assert (lengths[0] >= 3).all() or scores[0, 1] == -math.inf
+    assert ((lengths[0] >= 3) | (scores[0] == -math.inf)).all() and scores[0, 0] > -math.inf
     assert (scores[1] == -math.inf).all() and (lengths[1] == 0).all()  # 2 frames cannot hold 3 characters
 
 
@@ -263,3 +284,133 @@ def test_torchscript_and_compile_call_the_ops():
     for fn in (torch.jit.script(decode), torch.compile(decode, backend="aot_eager", fullgraph=True)):
         for a, b in zip(fn(lp, lens), want):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- the strings ops
+
+# Symbols of several characters, non-ASCII ones, and one that is a prefix of another: strings
+# are concatenated bytes, whatever the symbols.
+SYMBOL_POOL = ["a", "b", "7", "é", "ab", "Ωx", "中", "th", "-", "zz", "0", "β"]
+
+
+def label_text(label, charset, blank):
+    return "".join(charset[c if c < blank else c - 1] for c in label)
+
+
+@settings(max_examples=120, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), T=st.integers(0, 14), N=st.integers(1, 4), C=st.integers(1, 8),
+       K=st.integers(1, 8), peaky=st.booleans(), options=search_options, data=st.data())
+def test_beam_strings_are_the_reference_labels(seed, T, N, C, K, peaky, options, data):
+    g = torch.Generator().manual_seed(seed)
+    blank = data.draw(st.integers(0, C - 1), label="blank")
+    top_k = data.draw(st.integers(1, K), label="top_k")
+    charset = data.draw(st.lists(st.sampled_from(SYMBOL_POOL), min_size=C - 1, max_size=C - 1), label="charset")
+    if options["max_length"] != -1:
+        options["max_length"] = max(options["max_length"], options["min_length"], 1)
+    lp = random_log_probs(T, N, C, peaky=peaky, blank=blank, generator=g)
+    lens = torch.randint(0, T + 1, (N,), generator=g)
+    texts, scores = ops.ctc_beam_search_strings(
+        lp, lens, charset, K, top_k, blank, options["token_min_logp"], options["blank_skip_threshold"],
+        options["min_length"], options["max_length"], None)
+    assert len(texts) == N and all(len(t) == top_k for t in texts)
+    assert scores.shape == (N, top_k) and scores.dtype == torch.float32 and scores.device.type == "cpu"
+    # The same search as the tokens op, bit for bit...
+    tokens, lengths, token_scores = ops.ctc_beam_search(
+        lp, lens, K, top_k, blank, options["token_min_logp"], options["blank_skip_threshold"],
+        options["min_length"], options["max_length"], None)
+    assert torch.equal(scores, token_scores)
+    for n in range(N):
+        for k in range(top_k):
+            assert texts[n][k] == label_text(tokens[n, k, : lengths[n, k]].tolist(), charset, blank)
+    # ...and the reference's labels: missing hypotheses are "" with score -inf.
+    want = beam_ref(lp, lens, K, top_k, blank, **options)
+    for n in range(N):
+        got = [(texts[n][k], scores[n, k].item()) for k in range(top_k)]
+        assert all(t == "" for t, s in got[len(want[n]):]) and all(s == -math.inf for t, s in got[len(want[n]):])
+        ref = [(label_text(label, charset, blank), s) for label, s in want[n]]
+        assert_same_hypotheses(got[: len(want[n])], ref)
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), T=st.integers(0, 30), N=st.integers(1, 6), C=st.integers(1, 12),
+       peaky=st.booleans(), data=st.data())
+def test_greedy_strings_are_the_reference_labels(seed, T, N, C, peaky, data):
+    g = torch.Generator().manual_seed(seed)
+    blank = data.draw(st.integers(0, C - 1), label="blank")
+    charset = data.draw(st.lists(st.sampled_from(SYMBOL_POOL), min_size=C - 1, max_size=C - 1), label="charset")
+    lp = random_log_probs(T, N, C, peaky=peaky, blank=blank, generator=g)
+    lens = torch.randint(0, T + 1, (N,), generator=g).to(torch.int32)
+    texts, scores = ops.ctc_greedy_decode_strings(lp, lens, charset, blank)
+    assert scores.shape == (N, 1) and scores.dtype == torch.float32
+    for n in range(N):
+        label, score = greedy_decode_reference(lp[: lens[n], n].double().tolist(), blank)
+        assert texts[n] == [label_text(label, charset, blank)]
+        assert scores[n, 0].item() == pytest.approx(score, abs=TOL)
+
+
+def test_strings_of_repeats_and_empty_labels():
+    # frames: a a _ a | _ _ _ _ | b b b b  ->  "aa", "", "b"
+    lp = torch.full((4, 3, 3), -20.0)
+    for n, path in enumerate([[1, 1, 0, 1], [0, 0, 0, 0], [2, 2, 2, 2]]):
+        for t, c in enumerate(path):
+            lp[t, n, c] = 0.0
+    lens = torch.tensor([4, 4, 4])
+    charset = ["x", "yz"]
+    assert ops.ctc_greedy_decode_strings(lp, lens, charset)[0] == [["xx"], [""], ["yz"]]
+    texts, scores = ops.ctc_beam_search_strings(lp, lens, charset, 4, 3)
+    assert [t[0] for t in texts] == ["xx", "", "yz"]
+    assert scores[1, 0] > -1e-3  # "" is certain
+
+
+def test_long_sequences_accumulate_in_double():
+    # T = 5000 identical frames: a float32 running sum drifts by ~0.1 here (a peer's T = 5000
+    # case read -2599.25 for float64's -2599.302); the ops sum in double, so both the best
+    # path and the beam's label probability match the float64 references to float32 precision.
+    T = 5000
+    lp = torch.tensor([1.0, 0.2, 0.1]).log_softmax(-1).expand(T, 1, 3).contiguous()
+    lens = torch.tensor([T])
+    frames = lp[:, 0].double().tolist()
+    _, best_path = greedy_decode_reference(frames)
+    float32_sum = torch.zeros((), dtype=torch.float32)
+    for row in lp[:, 0]:
+        float32_sum += row.max()
+    assert abs(float32_sum.item() - best_path) > 0.05  # the drift is real for this input
+    assert ops.ctc_greedy_decode(lp, lens, 0)[2][0].item() == pytest.approx(best_path, abs=1e-3)
+    ref_label, ref_score = prefix_beam_search(frames, 3)[0]
+    [[(label, score)]] = beam_cpp(lp, lens, 3, 1)
+    assert len(ref_label) == 1000 and label == ref_label
+    assert score == pytest.approx(ref_score, abs=1e-3)  # float32 sums gave -1591.2897 for -1591.3082
+    assert ops.ctc_beam_search_strings(lp, lens, ["a", "b"], 3)[1][0, 0].item() == score
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: ops.ctc_greedy_decode_strings(LP, LENS, ["a", "b", "c"]),
+     r"charset must have one symbol per class except the blank \(C - 1 = 4\), got 3"),
+    (lambda: ops.ctc_beam_search_strings(LP, LENS, ["a"] * 5, 4), r"\(C - 1 = 4\), got 5"),
+    (lambda: ops.ctc_beam_search_strings(LP, torch.tensor([7, 3]), ["a"] * 4, 4),
+     r"input_lengths\[0\] = 7 is outside \[0, T\]"),
+    (lambda: ops.ctc_beam_search_strings(_nan(), LENS, ["a"] * 4, 4), "sequence 1 contain NaN"),
+    (lambda: ops.ctc_greedy_decode_strings(_posinf(), LENS, ["a"] * 4), "sequence 0 contain NaN or \\+inf"),
+    (lambda: ops.ctc_beam_search_strings(LP, LENS, ["a"] * 4, 4, 5), r"top_k must be in \[1, beam_width = 4\]"),
+])
+def test_strings_ops_bad_input_raises_clear_error(call, match):
+    with pytest.raises(RuntimeError, match=match):
+        call()
+
+
+def test_torchscript_calls_the_strings_ops():
+    from typing import List, Tuple
+
+    def decode(lp: torch.Tensor, lens: torch.Tensor, charset: List[str]) -> Tuple[List[List[str]], torch.Tensor,
+                                                                                    List[List[str]]]:
+        texts, scores = torch.ops.captcha_fast.ctc_beam_search_strings(lp, lens, charset, 4, 2, 0, -5.0, None, 0, -1,
+                                                                        None)
+        greedy, _ = torch.ops.captcha_fast.ctc_greedy_decode_strings(lp, lens, charset, 0)
+        return texts, scores, greedy
+
+    lp = random_log_probs(8, 3, 6, generator=torch.Generator().manual_seed(7))
+    lens = torch.tensor([8, 5, 2])
+    charset = ["a", "b", "c", "dd", "é"]
+    want = decode(lp, lens, charset)
+    got = torch.jit.script(decode)(lp, lens, charset)
+    assert got[0] == want[0] and got[2] == want[2] and torch.equal(got[1], want[1])

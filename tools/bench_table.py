@@ -1,14 +1,26 @@
-"""Markdown tables from a pytest-benchmark JSON file (the README's speed tables).
+"""Markdown tables from a pytest-benchmark JSON file.
 
-    pytest --benchmark --benchmark-json=bench.json
-    python tools/bench_table.py bench.json
+    pytest --benchmark benchmarks/bench_decode.py --benchmark-json=b.json
+    python tools/bench_table.py b.json
 
-Rates come from each result's extra_info (seq_per_s or img_per_s: N / best round);
-ratios are to the group's baseline (the seed's Python greedy decoder, or the eager model)."""
+Rates come from each result's extra_info (seq_per_s or img_per_s: N / best round), names
+from extra_info["row"]. Decoding groups get two ratio columns: to (c), the fastest pure-Python
+greedy decoder, and to (a), the seed's decoder (test ids c_fastest_python and a_seed); model
+groups one, to the eager baseline (a). The README's headline decoding table comes from
+benchmarks/decode_table.py instead (rows interleaved in one process)."""
 import json
-import re
 import sys
 from collections import defaultdict
+
+
+def _rate(result) -> float:
+    info = result["extra_info"]
+    return info.get("seq_per_s", info.get("img_per_s"))
+
+
+def _find(rows, marker):
+    hits = [r for r in rows if marker in r["name"]]
+    return _rate(hits[0]) if hits else None
 
 
 def main(path: str) -> None:
@@ -21,16 +33,16 @@ def main(path: str) -> None:
         groups[b["group"]].append(b)
     for group, rows in sorted(groups.items()):
         unit = "seq/s" if "seq_per_s" in rows[0]["extra_info"] else "img/s"
-        key = "seq_per_s" if unit == "seq/s" else "img_per_s"
-        base = [r for r in rows if "seed loop" in r["name"] or "eager_python" in r["name"]]
-        base_rate = base[0]["extra_info"][key] if base else None
-        print(f"| {group} | {unit} | vs baseline |\n|---|---:|---:|")
-        for r in sorted(rows, key=lambda r: r["extra_info"][key]):
-            peer = re.match(r"test_peer_(\w+)\[(\d+)\]", r["name"])
-            name = f"{peer.group(1)} (peer) beam={peer.group(2)}" if peer else re.sub(r"^test_\w+?\[|\]$", "", r["name"])
-            rate = r["extra_info"][key]
-            ratio = f"{rate / base_rate:.1f}x" if base_rate else ""
-            print(f"| {name} | {rate:,.0f} | {ratio} |")
+        if unit == "seq/s":
+            bases = [("vs (c)", _find(rows, "[c_fastest_python")), ("vs (a)", _find(rows, "[a_seed"))]
+        else:
+            bases = [("vs (a)", _find(rows, "eager"))]
+        bases = [(title, rate) for title, rate in bases if rate]
+        print(f"| {group} | {unit} |" + "".join(f" {t} |" for t, _ in bases))
+        print("|---|---:|" + "---:|" * len(bases))
+        for r in sorted(rows, key=_rate):
+            name = r["extra_info"].get("row", r["name"])
+            print(f"| {name} | {_rate(r):,.0f} |" + "".join(f" {_rate(r) / b:.2f}x |" for _, b in bases))
         print()
 
 

@@ -5,10 +5,10 @@
 // Thread mapping
 //  - ctc_greedy_decode: one warp per sequence. Per frame the 32 lanes scan the
 //    classes (lane, lane + 32, ...) and a butterfly reduction picks the argmax
-//    with ties to the lowest index, exactly as the core's frame_argmax; every
+//    with ties to the lowest index, exactly as the core's row_argmax; every
 //    lane then holds the same (value, index) and runs the core's greedy_step
 //    in frame order, so tokens and score are bit-identical to greedy_decode_one.
-//  - ctc_beam_search: one thread per sequence running beam_search_one. Each
+//  - ctc_beam_search: one thread per sequence running beam_search_to_tokens. Each
 //    worker thread owns a 16-byte-aligned slice of one byte tensor from the
 //    caching allocator. There are at most as many workers as can be resident
 //    on the GPU at once (and as fit a workspace cap); they loop over the batch
@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(kGreedyWarpsPerBlock * kWarpSize)
     }
     if (__any_sync(kFullMask, lane_bad)) { bad = true; break; }  // warp-uniform
     // (value desc, index asc) is a total order without NaN, so all lanes agree
-    // on frame_argmax's (index, value).
+    // on row_argmax's (index, value).
     for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
       const float ov = __shfl_xor_sync(kFullMask, best_v, offset);
       const int32_t oi = __shfl_xor_sync(kFullMask, best, offset);
@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(kGreedyWarpsPerBlock * kWarpSize)
   for (int64_t j = state.len + lane; j < T; j += kWarpSize) tok[j] = -1;
   if (lane == 0) {
     out_len[n] = state.len;
-    out_score[n] = state.score;
+    out_score[n] = static_cast<float>(state.score);
   }
 }
 
@@ -111,6 +111,7 @@ __global__ void __launch_bounds__(kBeamThreadsPerBlock)
   const int64_t worker = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (worker >= workers) return;
   BeamWorkspace ws = carve_beam_workspace(workspace + worker * ws_stride, T, C, opts.beam_width);
+  init_beam_workspace(ws, C, blank, opts);
   for (int64_t n = worker; n < N; n += workers) {
     int32_t* tok = tokens + n * top_k * L;
     int32_t* len_out = out_len + n * top_k;
@@ -119,7 +120,7 @@ __global__ void __launch_bounds__(kBeamThreadsPerBlock)
     Status s = kBadValue;
     if (length >= 0 && length <= T) {
       const Frames<scalar_t> f{data + n * sn, st, sc};
-      s = beam_search_one(f, length, C, blank, opts, ws, top_k, L, tok, len_out, score_out);
+      s = beam_search_to_tokens(f, length, C, blank, opts, ws, top_k, L, tok, len_out, score_out);
     }
     if (s != kOk) {
       for (int32_t k = 0; k < top_k; ++k) {
@@ -162,7 +163,7 @@ Decoded beam_search_cuda(const at::Tensor& log_probs, const at::Tensor& input_le
                                         min_length, max_length, allowed_tokens);
   at::cuda::CUDAGuard device_guard(log_probs.device());
   const int64_t L = beam_output_width(T, max_length);
-  // beam_search_one initialises all of its outputs; bad sequences are filled by the kernel.
+  // beam_search_to_tokens writes all of its outputs; bad sequences are filled by the kernel.
   auto tokens = at::empty({N, top_k, L}, log_probs.options().dtype(at::kInt));
   auto lengths = at::empty({N, top_k}, log_probs.options().dtype(at::kInt));
   auto scores = at::empty({N, top_k}, log_probs.options().dtype(at::kFloat));
