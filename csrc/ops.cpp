@@ -1,7 +1,6 @@
 // The op schemas (the one place they are defined) and the shared checks.
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <Python.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -249,11 +248,3 @@ TORCH_LIBRARY_IMPL(captcha_fast, CompositeExplicitAutograd, m) {
 }
 
 }  // namespace captcha_fast
-
-// `import captcha_fast._C` needs a module init; the ops register at load time
-// (loading the library with torch.ops.load_library works the same, no Python
-// module involved).
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
