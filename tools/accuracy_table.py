@@ -44,18 +44,18 @@ def package_renders(width: int, height: int, n: int, seed: int = 12345):
     return images, labels
 
 
-def style_renders(style: str, n: int, seed: int = 12345):
+def style_renders(style: str, n: int, seed: int = 12345, font_dirs=()):
     items = list(synth.SyntheticCaptchas(synth.SynthConfig(style=style, charset=LETTERS, min_len=4, max_len=8,
-                                                           seed=seed), n))
+                                                           seed=seed, font_dirs=tuple(font_dirs)), n))
     return [im for im, _ in items], [t for _, t in items]
 
 
-def held_out_sets(folders, n: int, styles):
+def held_out_sets(folders, n: int, styles, font_dirs=()):
     sets = {f"{name} (val split)": folder_val(path, n) for name, path in folders}
     for w, h in PACKAGE_SIZES:
         sets[f"captcha package {w}x{h}"] = package_renders(w, h, n)
     for style in styles:
-        sets[f"synth {style}"] = style_renders(style, n)
+        sets[f"synth {style}"] = style_renders(style, n, font_dirs=font_dirs)
     return sets
 
 
@@ -71,11 +71,14 @@ def main(argv=None) -> None:
     p.add_argument("--folder", action="append", default=[], metavar="NAME=DIR")
     p.add_argument("-n", type=int, default=300, help="images per set")
     p.add_argument("--styles", default=None, help="synthetic styles, comma-separated (default: the mix)")
+    p.add_argument("--font-dirs", nargs="*", default=[d for d in synth.DEBIAN_FONT_DIRS if Path(d).is_dir()],
+                   help="extra font folders for the synthetic styles (default: the Debian ones present, as the "
+                        "shipped model's build and compare_ddddocr.py's README run use)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     folders = [tuple(spec.split("=", 1)) for spec in args.folder]
     styles = args.styles.split(",") if args.styles else list(synth.MIX)
-    sets = held_out_sets(folders, args.n, styles)
+    sets = held_out_sets(folders, args.n, styles, args.font_dirs)
     rows = []
     header = "| set | images | " + " | ".join(Path(m).name for m in args.models) + " |"
     print(header + "\n|---|---:|" + "---:|" * len(args.models))
