@@ -134,7 +134,7 @@ def shipped_model():
     """The shipped pretrained recognizer (captcha_fast/pretrained/default.pt), float32, CPU."""
     from captcha_fast import api
 
-    return api.load(api.DEFAULT_MODEL, device="cpu", amp=False)
+    return api.load(api.DEFAULT_MODEL, device="cpu", amp=False, compiled=False)
 
 
 def fresh_captchas(N: int, charset: str, seed: int = FRESH_SEED) -> Tuple[List[Tensor], List[str]]:
@@ -341,22 +341,29 @@ def captcha_images(N: int, width: int = 200) -> Tuple[List[Tensor], List[str]]:
     return images, labels
 
 
+BASELINE_PIPELINE = "eager fp32 CRNN (the training nn.Module) + (c) fastest Python greedy (baseline)"
+
+
 def eager_baseline(images: List[Tensor]) -> List[str]:
-    """The predict baseline: the shipped weights run eagerly (an nn.Module, no TorchScript)
-    and decoded by (c)."""
-    rec = eager_shipped_model()
+    """The predict baseline, as a user would run the model by hand: the shipped weights in the
+    training nn.Module (captcha_fast.model.CRNN, eval mode, fp32, batch norms unfolded), the same
+    preprocessing, and decoding by (c)."""
+    from captcha_fast.preprocess import MAX_WIDTH, collate
+
+    model = eager_shipped_model()
+    c = model.config
     with torch.no_grad():
-        batch, widths = rec.preprocess(images)
-        log_probs, lengths = rec.log_probs(batch, widths)
-    return fastest_python_greedy_decode(log_probs, lengths, rec.charset)
+        batch, widths = collate(images, c.height, c.in_channels, MAX_WIDTH, c.ink)
+        log_probs, lengths = model(batch, widths)
+    return fastest_python_greedy_decode(log_probs, lengths, list(c.charset))
 
 
 @lru_cache(maxsize=1)
 def eager_shipped_model():
-    """The shipped recognizer's weights in an eager Recognizer (export.eager_recognizer)."""
-    from captcha_fast import api, export
+    """The shipped model's training weights (pretrained/default.ckpt) in the training CRNN, eval mode."""
+    from captcha_fast.checkpoint import PRETRAINED_CHECKPOINT, load_model
 
-    return export.eager_recognizer(api.DEFAULT_MODEL)
+    return load_model(PRETRAINED_CHECKPOINT)
 
 
 def predict_table(batch: int = 64, rounds: int = 5) -> List[Row]:
@@ -367,7 +374,7 @@ def predict_table(batch: int = 64, rounds: int = 5) -> List[Row]:
     images, _ = captcha_images(batch)
     scripted = shipped_model()
     pipelines = {
-        "eager shipped model + (c) Python greedy (baseline)": lambda: eager_baseline(images),
+        BASELINE_PIPELINE: lambda: eager_baseline(images),
         "scripted recognizer + C++ greedy": lambda: scripted.recognize(images, "greedy", 1, 1)[0],
         "scripted recognizer + C++ beam 10": lambda: scripted.recognize(images, "beam", 10, 1)[0],
     }
@@ -379,6 +386,14 @@ def predict_table(batch: int = 64, rounds: int = 5) -> List[Row]:
     exact = [t[0] for t in _ops.ctc_beam_search_strings(lp, lengths, list(scripted.charset), 10, 1, 0)[0]]
     assert [t[0] for t in pipelines["scripted recognizer + C++ beam 10"]()] == exact, \
         "the scripted beam pipeline's top-1 differs from the exact search's"
+    # what predict_batch runs by default: captcha_fast.load's choice of format and precision
+    from captcha_fast import api, export
+    fastest = api.load(api.DEFAULT_MODEL, device="cpu")
+    dtype = str(getattr(fastest, "dtype", None) or export.resolve_dtype(None, torch.device("cpu"))).split(".")[-1]
+    reads = [t[0] for t in fastest.recognize(images, "beam", 10, 1)[0]]
+    same = sum(r == e for r, e in zip(reads, exact))
+    pipelines[f"captcha_fast.load default: {api.format_of(fastest)}, {dtype} + C++ beam 10 "
+              f"({same}/{len(images)} strings as fp32)"] = lambda: fastest.recognize(images, "beam", 10, 1)[0]
     seconds = interleaved(pipelines, rounds)
-    base = seconds["eager shipped model + (c) Python greedy (baseline)"]
+    base = seconds[BASELINE_PIPELINE]
     return [Row(name, batch / s, base / s, float("nan")) for name, s in seconds.items()]
