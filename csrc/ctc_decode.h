@@ -75,18 +75,23 @@ CF_HOT const float* frame_row(const Frames<scalar_t>& f, int64_t t, int64_t C, f
   return buf;
 }
 
-// Asks for frame t's row ahead of its use (host only). A sequence's frames lie
+// The bytes from the start of a frame's row to its last value, or -1 where
+// prefetching is not worth it (a class-strided frame). A sequence's frames lie
 // N rows apart in the usual (T, N, C) layout, too far for the hardware
 // prefetcher, so each frame would otherwise wait on memory.
 template <typename scalar_t>
-CF_HOT void prefetch_frame(const Frames<scalar_t>& f, int64_t t, int64_t C) {
+CF_HOT int64_t prefetch_span(const Frames<scalar_t>& f, int64_t C) {
+  const int64_t span = (C - 1) * f.stride_c * static_cast<int64_t>(sizeof(scalar_t));
+  return span >= 0 && span <= 1024 ? span : -1;
+}
+
+// Asks for frame t's row (span: prefetch_span) ahead of its use (host only).
+template <typename scalar_t>
+CF_HOT void prefetch_frame(const Frames<scalar_t>& f, int64_t t, int64_t span) {
 #if !defined(__CUDA_ARCH__) && (defined(__GNUC__) || defined(__clang__))
   const char* first = reinterpret_cast<const char*>(f.data + t * f.stride_t);
-  const char* last = reinterpret_cast<const char*>(f.data + t * f.stride_t + (C - 1) * f.stride_c);
-  if (last < first) { const char* tmp = first; first = last; last = tmp; }
-  if (last - first > 1024) return;  // a class-strided frame: not worth it
-  for (const char* p = first; p <= last; p += 64) __builtin_prefetch(p);
-  __builtin_prefetch(last);
+  for (int64_t off = 0; off < span; off += 64) __builtin_prefetch(first + off);
+  __builtin_prefetch(first + span);
 #endif
 }
 
@@ -145,7 +150,54 @@ CF_HOT double log_add(double a, double b) {
 // out[i] = log_add(a[i], b[i]), branch-free so that the n computations overlap
 // (or vectorise); out may alias a or b.
 CF_HOT void log_add_n(const double* a, const double* b, double* out, int32_t n) {
-  for (int32_t i = 0; i < n; ++i) {
+  int32_t i = 0;
+#ifdef CF_SSE2
+  // Four at a time, the same operations in the same order as the loop below
+  // (so the same results): the double parts two-wide, the float parts four-wide.
+  for (; i + 4 <= n; i += 4) {
+    const __m128d a0 = _mm_loadu_pd(a + i), a1 = _mm_loadu_pd(a + i + 2);
+    const __m128d b0 = _mm_loadu_pd(b + i), b1 = _mm_loadu_pd(b + i + 2);
+    const __m128d gt0 = _mm_cmpgt_pd(a0, b0), gt1 = _mm_cmpgt_pd(a1, b1);
+    const __m128d hi0 = _mm_or_pd(_mm_and_pd(gt0, a0), _mm_andnot_pd(gt0, b0));
+    const __m128d hi1 = _mm_or_pd(_mm_and_pd(gt1, a1), _mm_andnot_pd(gt1, b1));
+    const __m128d lo0 = _mm_or_pd(_mm_and_pd(gt0, b0), _mm_andnot_pd(gt0, a0));
+    const __m128d lo1 = _mm_or_pd(_mm_and_pd(gt1, b1), _mm_andnot_pd(gt1, a1));
+    const __m128d d0 = _mm_sub_pd(lo0, hi0), d1 = _mm_sub_pd(lo1, hi1);
+    const __m128d near0 = _mm_cmpgt_pd(d0, _mm_set1_pd(-24.0)), near1 = _mm_cmpgt_pd(d1, _mm_set1_pd(-24.0));
+    // The low 32 bits of each 64-bit mask, as four float lanes.
+    const __m128 near = _mm_shuffle_ps(_mm_castpd_ps(near0), _mm_castpd_ps(near1), _MM_SHUFFLE(2, 0, 2, 0));
+    const __m128 df = _mm_movelh_ps(_mm_cvtpd_ps(d0), _mm_cvtpd_ps(d1));
+    const __m128 x = _mm_or_ps(_mm_and_ps(near, df), _mm_andnot_ps(near, _mm_set1_ps(-24.f)));
+    // exp_nonpositive(x)
+    const __m128 k = _mm_sub_ps(_mm_add_ps(_mm_mul_ps(x, _mm_set1_ps(1.44269504088896341f)), _mm_set1_ps(12582912.f)),
+                                _mm_set1_ps(12582912.f));
+    const __m128 r = _mm_sub_ps(_mm_sub_ps(x, _mm_mul_ps(k, _mm_set1_ps(0.693145751953125f))),
+                                _mm_mul_ps(k, _mm_set1_ps(1.428606765330187045e-06f)));
+    __m128 p = _mm_set1_ps(1.f / 720);
+    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f / 120));
+    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f / 24));
+    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f / 6));
+    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(0.5f));
+    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f));
+    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f));
+    const __m128i bits = _mm_slli_epi32(_mm_add_epi32(_mm_cvttps_epi32(k), _mm_set1_epi32(127)), 23);
+    const __m128 e = _mm_mul_ps(p, _mm_castsi128_ps(bits));
+    // log1p_unit(e) without its branch
+    const __m128 z = _mm_div_ps(e, _mm_add_ps(_mm_set1_ps(2.f), e)), z2 = _mm_mul_ps(z, z);
+    __m128 q = _mm_set1_ps(1.f / 13);
+    q = _mm_add_ps(_mm_mul_ps(q, z2), _mm_set1_ps(1.f / 11));
+    q = _mm_add_ps(_mm_mul_ps(q, z2), _mm_set1_ps(1.f / 9));
+    q = _mm_add_ps(_mm_mul_ps(q, z2), _mm_set1_ps(1.f / 7));
+    q = _mm_add_ps(_mm_mul_ps(q, z2), _mm_set1_ps(1.f / 5));
+    q = _mm_add_ps(_mm_mul_ps(q, z2), _mm_set1_ps(1.f / 3));
+    q = _mm_add_ps(_mm_mul_ps(q, z2), _mm_set1_ps(1.f));
+    const __m128 corr = _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(2.f), z), q);
+    const __m128d sum0 = _mm_add_pd(hi0, _mm_cvtps_pd(corr)), sum1 = _mm_add_pd(hi1, _mm_cvtps_pd(_mm_movehl_ps(corr, corr)));
+    _mm_storeu_pd(out + i, _mm_or_pd(_mm_and_pd(near0, sum0), _mm_andnot_pd(near0, hi0)));
+    _mm_storeu_pd(out + i + 2, _mm_or_pd(_mm_and_pd(near1, sum1), _mm_andnot_pd(near1, hi1)));
+  }
+#endif
+  for (; i < n; ++i) {
     const double hi = a[i] > b[i] ? a[i] : b[i], lo = a[i] > b[i] ? b[i] : a[i];
     const double d = lo - hi;  // NaN when both are -inf
     const bool far = !(d > -24.0);
@@ -196,8 +248,7 @@ CF_HOT float scan_max(const float* row, const float* add, int64_t C, bool* bad) 
 #ifdef CF_SSE2
   if (C >= 8) {
     __m128 m0 = _mm_set1_ps(kNegInf), m1 = m0, s0 = _mm_setzero_ps(), s1 = s0;
-    for (int64_t c = 0;; c += 8) {
-      if (c + 8 > C) c = C - 8;  // the last block may overlap the one before: max and the check do not mind
+    auto block = [&](int64_t c) {
       __m128 a = _mm_loadu_ps(row + c), b = _mm_loadu_ps(row + c + 4);
       s0 = _mm_add_ps(s0, a);
       s1 = _mm_add_ps(s1, b);
@@ -207,8 +258,10 @@ CF_HOT float scan_max(const float* row, const float* add, int64_t C, bool* bad) 
       }
       m0 = _mm_max_ps(m0, a);
       m1 = _mm_max_ps(m1, b);
-      if (c + 8 == C) break;
-    }
+    };
+    int64_t c = 0;
+    for (; c + 8 <= C; c += 8) block(c);
+    if (c < C) block(C - 8);  // overlaps the block before: max and the check do not mind
     *bad = !(cf_hsum(_mm_add_ps(s0, s1)) < INFINITY) && any_bad_value(row, C);
     return cf_hmax(_mm_max_ps(m0, m1));
   }
@@ -220,6 +273,26 @@ CF_HOT float scan_max(const float* row, const float* add, int64_t C, bool* bad) 
   }
   *bad = any_bad_value(row, C);
   return m;
+}
+
+// NaN or +inf anywhere in row[0, C): scan_max's check alone.
+CF_HOT bool row_has_bad_value(const float* row, int64_t C) {
+#ifdef CF_SSE2
+  if (C >= 8) {
+    __m128 s0 = _mm_setzero_ps(), s1 = s0;
+    int64_t c = 0;
+    for (; c + 8 <= C; c += 8) {
+      s0 = _mm_add_ps(s0, _mm_loadu_ps(row + c));
+      s1 = _mm_add_ps(s1, _mm_loadu_ps(row + c + 4));
+    }
+    if (c < C) {
+      s0 = _mm_add_ps(s0, _mm_loadu_ps(row + C - 8));
+      s1 = _mm_add_ps(s1, _mm_loadu_ps(row + C - 4));
+    }
+    return !(cf_hsum(_mm_add_ps(s0, s1)) < INFINITY) && any_bad_value(row, C);
+  }
+#endif
+  return any_bad_value(row, C);
 }
 
 // The first c with row[c] + add[c] >= lo (add == nullptr: row[c] alone) at or
@@ -488,6 +561,14 @@ CF_HOT int32_t push_top(BeamWorkspace& w, int32_t count, int32_t K, double score
   return count;
 }
 
+// push_top for an entry known to enter (count < K, or score beats the K-th).
+CF_HOT int32_t insert_top(Entry* top, int32_t count, int32_t K, double score, int32_t beam, int32_t token) {
+  int32_t i = count < K ? count++ : K - 1;
+  for (; i > 0 && score > top[i - 1].score; --i) top[i] = top[i - 1];
+  top[i] = Entry{score, beam, token};
+  return count;
+}
+
 // A key that orders (log-prob, class) pairs as frame_classes wants them: by
 // log-prob, then by class (the lower first). v is not NaN.
 CF_HOT uint64_t class_key(float v, int64_t c) {
@@ -601,20 +682,23 @@ CF_HD BeamResult beam_search_run(const Frames<scalar_t>& f, int64_t length, int6
   w.beam.pnb[0] = kNegInfD;
   w.beam.total[0] = 0.0;
   bool pnb_live = false;  // some beam may end in a non-blank
+  const float log_blank_skip = o.log_blank_skip;
+  const int64_t span = prefetch_span(f, C);
+  const float min_logp = o.token_min_logp;
+  const int32_t min_len = o.min_len;
+  const int32_t len_cap = o.max_len >= 0 ? o.max_len : INT32_MAX;  // no prefix grows from this length
 
   for (int64_t t = 0; t < length; ++t) {
-    if (t + kPrefetch < length) prefetch_frame(f, t + kPrefetch, C);
+    if (t + kPrefetch < length && span >= 0) prefetch_frame(f, t + kPrefetch, span);
     // 1. Validate the frame; its best extendable class.
     const float* row = frame_row(f, t, C, w.row_buf);
-    bool bad;
-    const float best_v = scan_max(row, w.class_mask, C, &bad);  // the best extendable log-prob
-    if (bad) {
-      r.status = kBadValue;
-      return r;
-    }
     const float lp_blank = row[blank];
     BeamState& beam = w.beam;
-    if (lp_blank >= o.log_blank_skip) {
+    if (lp_blank >= log_blank_skip) {
+      if (row_has_bad_value(row, C)) {
+        r.status = kBadValue;
+        return r;
+      }
       // 2a. A (nearly) certain blank: everything moves to "ends in blank".
       if (pnb_live) {
         for (int32_t b = 0; b < num_beams; ++b) {
@@ -626,8 +710,13 @@ CF_HD BeamResult beam_search_run(const Frames<scalar_t>& f, int64_t length, int6
       r.base += lp_blank;
       continue;
     }
+    bool bad;
+    const float best_v = scan_max(row, w.class_mask, C, &bad);  // the best extendable log-prob
+    if (bad) {
+      r.status = kBadValue;
+      return r;
+    }
     // Extended at this frame: classes at or above token_min_logp, and the best.
-    const float min_logp = o.token_min_logp;
     int64_t best = -1;
     if (best_v > kNegInf && best_v < min_logp) {
       best = 0;
@@ -654,48 +743,55 @@ CF_HD BeamResult beam_search_run(const Frames<scalar_t>& f, int64_t length, int6
       w.next_pnb[b] = stay;
     }
     log_add_n(w.next_pb, w.next_pnb, w.score, num_beams);
+    // num_beams <= K: every existing beam with a chance enters.
+    Entry* const top = w.top;
     int32_t count = 0;
     for (int32_t b = 0; b < num_beams; ++b) {
-      if (w.score[b] == kNegInfD || beam.len[b] + frames_left < o.min_len) continue;
-      count = push_top(w, count, K, w.score[b], b, -1);
+      if (w.score[b] == kNegInfD || beam.len[b] + frames_left < min_len) continue;
+      count = insert_top(top, count, K, w.score[b], b, -1);
     }
+    double bar = count == K ? top[K - 1].score : kNegInfD;  // what a candidate must beat
 
     // 3. New prefixes, from the frame's K + 1 best classes above the bound.
-    const double cut = count == K ? w.top[K - 1].score - beam.total[0] : kNegInfD;
+    const double cut = bar - beam.total[0];
     const int32_t nf = frame_classes(row, w.class_mask, C, best_v, best, min_logp, cut, K + 1, w.frame_key,
                                      w.frame_token, w.frame_logp);
     // Beams are sorted by total and frame classes by log-prob, and a
     // candidate scores at most total + its log-prob: once that bound cannot
     // beat the K-th best, no later class or beam can either.
+    const float* const frame_logp = w.frame_logp;
+    const int32_t* const frame_token = w.frame_token;
     for (int32_t b = 0; b < num_beams && nf > 0; ++b) {
       const double total = beam.total[b];
-      if (count == K && !(total + w.frame_logp[0] > w.top[K - 1].score)) break;
+      if (!(total + frame_logp[0] > bar)) break;
       const int32_t len = beam.len[b];
-      if ((o.max_len >= 0 && len >= o.max_len) || len + 1 + frames_left < o.min_len) continue;
+      if (len >= len_cap || len + 1 + frames_left < min_len) continue;
       const int32_t last = beam.last[b];
       for (int32_t i = 0; i < nf; ++i) {
-        if (count == K && !(total + w.frame_logp[i] > w.top[K - 1].score)) break;
-        const int32_t c = w.frame_token[i];
-        const double s = (c == last ? beam.pb[b] : total) + w.frame_logp[i];
-        if (s == kNegInfD || (count == K && !(s > w.top[K - 1].score))) continue;  // cannot enter
+        const double bound = total + frame_logp[i];
+        if (!(bound > bar)) break;
+        const int32_t c = frame_token[i];
+        const double s = c == last ? beam.pb[b] + frame_logp[i] : bound;
+        if (!(s > bar)) continue;  // cannot enter
         // prefix + c that is already a beam was credited in 2b: not a candidate.
         if (beam.has_child[b]) {
           const int32_t existing = find_node(w, beam.node[b], c);
           if (existing >= 0 && w.node_slot[existing] >= 0) continue;
         }
-        count = push_top(w, count, K, s, b, c);
+        count = insert_top(top, count, K, s, b, c);
+        if (count == K) bar = top[K - 1].score;
       }
     }
     // 4. The survivors become the beam; new prefixes get their trie node.
     //    A frame that kept every beam, in order, updates them in place (the
     //    usual case of the exact search on a blank frame).
     bool unchanged = count == num_beams;
-    for (int32_t k = 0; k < count && unchanged; ++k) unchanged = w.top[k].beam == k && w.top[k].token < 0;
+    for (int32_t k = 0; k < count && unchanged; ++k) unchanged = top[k].beam == k && top[k].token < 0;
     if (unchanged) {
       for (int32_t k = 0; k < count; ++k) {
         beam.pb[k] = w.next_pb[k];
         beam.pnb[k] = w.next_pnb[k];
-        beam.total[k] = w.top[k].score;
+        beam.total[k] = top[k].score;
       }
       pnb_live = true;
       continue;
@@ -704,8 +800,8 @@ CF_HD BeamResult beam_search_run(const Frames<scalar_t>& f, int64_t length, int6
     BeamState& next = w.next;
     for (int32_t b = 0; b < num_beams; ++b) w.node_slot[beam.node[b]] = -1;
     for (int32_t k = 0; k < count; ++k) {
-      const int32_t b = w.top[k].beam;
-      const int32_t c = w.top[k].token;
+      const int32_t b = top[k].beam;
+      const int32_t c = top[k].token;
       if (c < 0) {
         next.node[k] = beam.node[b];
         next.last[k] = beam.last[b];
@@ -717,9 +813,9 @@ CF_HD BeamResult beam_search_run(const Frames<scalar_t>& f, int64_t length, int6
         next.last[k] = c;
         next.len[k] = beam.len[b] + 1;
         next.pb[k] = kNegInfD;
-        next.pnb[k] = w.top[k].score;
+        next.pnb[k] = top[k].score;
       }
-      next.total[k] = w.top[k].score;
+      next.total[k] = top[k].score;
       w.node_slot[next.node[k]] = k;
     }
     for (int32_t k = 0; k < count; ++k) next.has_child[k] = 0;
