@@ -410,15 +410,15 @@ struct BeamOptions {
 // depend only on (T, C, beam_width), so a kernel allocates once per thread or
 // per batch, calls init_beam_workspace once, and reuses it: each search
 // clears only the hash-table slots it filled.
-struct BeamState {        // the beams, sorted by total (descending); [K] each
-  int32_t* node;
-  int32_t* last;          // the node's last token (-1: the empty prefix)
-  int32_t* len;           // the node's label length
-  int32_t* parent;        // beam index of the node's parent in the same beam, else -1
-  int32_t* has_child;     // 1 if some beam's parent is this one
-  double* pb;
-  double* pnb;
-  double* total;          // log_add(pb, pnb)
+struct Beam {             // one beam; a frame's beams are sorted by total (descending)
+  double pb;
+  double pnb;
+  double total;           // log_add(pb, pnb)
+  int32_t node;
+  int32_t last;           // the node's last token (-1: the empty prefix)
+  int32_t len;            // the node's label length
+  int32_t parent;         // beam index of the node's parent in the same beam, else -1
+  int32_t has_child;      // 1 if some beam's parent is this one
 };
 
 // One entry of a frame's selection: a beam as it is, or extended by a class.
@@ -435,13 +435,13 @@ struct BeamWorkspace {
   int32_t* node_slot;     // [max_nodes] beam index of a node in the current beam, else -1
   int32_t* node_entry;    // [max_nodes] the node's slot in table
   int32_t* table;         // [table_size] (parent, token) -> node, -1 empty
-  BeamState beam;         // this frame's beams
-  BeamState next;         // the beams being built (swapped with beam per frame)
+  Beam* beam;             // [K] this frame's beams
+  Beam* next;             // [K] the beams being built (swapped with beam per frame)
   double* next_pb;        // [K] existing beams after this frame
   double* next_pnb;       // [K]
   double* score;          // [K] the existing beams' scores after this frame
-  Entry* top;             // [K] the selection, best first
-  uint64_t* frame_key;    // [K + 1] scratch of frame_classes
+  Entry* top;             // [K] the selection, best first (and a sentinel at top[-1])
+  uint64_t* frame_key;    // [K + 1] scratch of frame_classes (and a sentinel at [-1])
   int32_t* frame_token;   // [K + 1] this frame's best extendable classes, best first
   float* frame_logp;      // [K + 1]
   float* row_buf;         // [C] a frame widened to float
@@ -477,23 +477,15 @@ CF_HD int64_t beam_workspace_layout(char* base, int64_t T, int64_t C, int64_t K,
   w.node_slot = ints(w.max_nodes);
   w.node_entry = ints(w.max_nodes);
   w.table = ints(w.table_size);
-  auto beam_state = [&](BeamState& b) {
-    b.node = ints(K);
-    b.last = ints(K);
-    b.len = ints(K);
-    b.parent = ints(K);
-    b.has_child = ints(K);
-    b.pb = doubles(K);
-    b.pnb = doubles(K);
-    b.total = doubles(K);
-  };
-  beam_state(w.beam);
-  beam_state(w.next);
+  w.beam = reinterpret_cast<Beam*>(take(K * sizeof(Beam)));
+  w.next = reinterpret_cast<Beam*>(take(K * sizeof(Beam)));
   w.next_pb = doubles(K);
   w.next_pnb = doubles(K);
   w.score = doubles(K);
-  w.top = reinterpret_cast<Entry*>(take(K * sizeof(Entry)));
-  w.frame_key = reinterpret_cast<uint64_t*>(take((K + 1) * 8));
+  Entry* const top = reinterpret_cast<Entry*>(take((K + 1) * sizeof(Entry)));
+  w.top = top == nullptr ? nullptr : top + 1;  // top[-1]: insert_top's sentinel
+  uint64_t* const keys = reinterpret_cast<uint64_t*>(take((K + 2) * 8));
+  w.frame_key = keys == nullptr ? nullptr : keys + 1;  // frame_key[-1]: frame_classes' sentinel
   w.frame_token = ints(K + 1);
   w.frame_logp = floats(K + 1);
   w.row_buf = floats(C);
@@ -515,6 +507,8 @@ CF_HD BeamWorkspace carve_beam_workspace(char* base, int64_t T, int64_t C, int64
 // Once per workspace: the empty hash table, the per-class state.
 CF_HD void init_beam_workspace(BeamWorkspace& w, int64_t C, int64_t blank, const BeamOptions& o) {
   for (int32_t i = 0; i < w.table_size; ++i) w.table[i] = -1;
+  w.top[-1] = Entry{static_cast<double>(INFINITY), -1, -1};
+  w.frame_key[-1] = ~uint64_t(0);  // above every class_key
   for (int64_t c = 0; c < C; ++c) {
     const bool allowed = o.allowed == nullptr || o.allowed[c * o.allowed_stride];
     w.class_mask[c] = (c == blank || !allowed) ? kNegInf : 0.f;
@@ -561,10 +555,11 @@ CF_HOT int32_t push_top(BeamWorkspace& w, int32_t count, int32_t K, double score
   return count;
 }
 
-// push_top for an entry known to enter (count < K, or score beats the K-th).
+// push_top for an entry known to enter (count < K, or score beats the K-th);
+// top[-1].score is +inf (a sentinel that ends the shifting).
 CF_HOT int32_t insert_top(Entry* top, int32_t count, int32_t K, double score, int32_t beam, int32_t token) {
   int32_t i = count < K ? count++ : K - 1;
-  for (; i > 0 && score > top[i - 1].score; --i) top[i] = top[i - 1];
+  for (; score > top[i - 1].score; --i) top[i] = top[i - 1];
   top[i] = Entry{score, beam, token};
   return count;
 }
@@ -598,7 +593,7 @@ CF_HOT float logp_of(uint64_t key) {
 // The (at most cap) best extendable classes of a frame whose log-prob is
 // > cut, best first (ties in class order). best_v: the best extendable
 // log-prob; best >= 0 when it is below min_logp (then only it extends).
-// keys: scratch for cap keys.
+// keys: scratch for cap keys, after a sentinel keys[-1] above every key.
 CF_HOT int32_t frame_classes(const float* row, const float* class_mask, int64_t C, float best_v, int64_t best,
                             float min_logp, double cut, int32_t cap, uint64_t* keys, int32_t* token, float* logp) {
   if (!(best_v > cut) || !(best_v > kNegInf)) return 0;  // no class beats the bound
@@ -620,7 +615,7 @@ CF_HOT int32_t frame_classes(const float* row, const float* class_mask, int64_t 
     const uint64_t key = class_key(v, c);
     if (n == cap && !(key > keys[cap - 1])) return;
     int32_t i = n < cap ? n++ : cap - 1;
-    for (; i > 0 && key > keys[i - 1]; --i) keys[i] = keys[i - 1];
+    for (; key > keys[i - 1]; --i) keys[i] = keys[i - 1];  // keys[-1]: a sentinel
     keys[i] = key;
     if (n == cap) lo = lo > logp_of(keys[cap - 1]) ? lo : logp_of(keys[cap - 1]);
   };
@@ -645,14 +640,14 @@ CF_HOT int32_t frame_classes(const float* row, const float* class_mask, int64_t 
 }
 
 // The outcome of beam_search_one: `count` hypotheses, best first; hypothesis k
-// is node w.beam.node[w.top[k].beam] with log-prob base + w.top[k].score.
+// is node w.beam[w.top[k].beam].node with log-prob base + w.top[k].score.
 struct BeamResult {
   Status status;
   int32_t count;
   double base;
 };
 
-CF_HD int32_t hypothesis_node(const BeamWorkspace& w, int32_t k) { return w.beam.node[w.top[k].beam]; }
+CF_HD int32_t hypothesis_node(const BeamWorkspace& w, int32_t k) { return w.beam[w.top[k].beam].node; }
 
 // Writes the label of `node` into out[0, len) and returns len.
 CF_HD int32_t node_label(const BeamWorkspace& w, int32_t node, int32_t* out) {
@@ -673,14 +668,7 @@ CF_HD BeamResult beam_search_run(const Frames<scalar_t>& f, int64_t length, int6
   w.node_len[0] = 0;
   w.node_slot[0] = 0;  // node 0 is beam 0
   int32_t num_beams = 1;
-  w.beam.node[0] = 0;
-  w.beam.last[0] = -1;
-  w.beam.len[0] = 0;
-  w.beam.parent[0] = -1;
-  w.beam.has_child[0] = 0;
-  w.beam.pb[0] = 0.0;
-  w.beam.pnb[0] = kNegInfD;
-  w.beam.total[0] = 0.0;
+  w.beam[0] = Beam{0.0, kNegInfD, 0.0, 0, -1, 0, -1, 0};
   bool pnb_live = false;  // some beam may end in a non-blank
   const float log_blank_skip = o.log_blank_skip;
   const int64_t span = prefetch_span(f, C);
@@ -693,7 +681,7 @@ CF_HD BeamResult beam_search_run(const Frames<scalar_t>& f, int64_t length, int6
     // 1. Validate the frame; its best extendable class.
     const float* row = frame_row(f, t, C, w.row_buf);
     const float lp_blank = row[blank];
-    BeamState& beam = w.beam;
+    Beam* const beam = w.beam;
     if (lp_blank >= log_blank_skip) {
       if (row_has_bad_value(row, C)) {
         r.status = kBadValue;
@@ -702,8 +690,8 @@ CF_HD BeamResult beam_search_run(const Frames<scalar_t>& f, int64_t length, int6
       // 2a. A (nearly) certain blank: everything moves to "ends in blank".
       if (pnb_live) {
         for (int32_t b = 0; b < num_beams; ++b) {
-          beam.pb[b] = beam.total[b];
-          beam.pnb[b] = kNegInfD;
+          beam[b].pb = beam[b].total;
+          beam[b].pnb = kNegInfD;
         }
         pnb_live = false;
       }
@@ -729,31 +717,39 @@ CF_HD BeamResult beam_search_run(const Frames<scalar_t>& f, int64_t length, int6
     //     enter the selection first (token -1).
     //     The log-adds run as one batch: independent, so they overlap.
     for (int32_t b = 0; b < num_beams; ++b) {
-      const int32_t last = beam.last[b];
+      const int32_t last = beam[b].last;
       double stay = kNegInfD;
       if (last >= 0) {
         const float lp_last = row[last];
-        stay = beam.pnb[b] + lp_last;
-        const int32_t p = beam.parent[b];
+        stay = beam[b].pnb + lp_last;
+        const int32_t p = beam[b].parent;
         if (p >= 0 && lp_last > kNegInf && (lp_last >= min_logp || last == best)) {
-          stay = log_add(stay, (beam.last[p] == last ? beam.pb[p] : beam.total[p]) + lp_last);
+          stay = log_add(stay, (beam[p].last == last ? beam[p].pb : beam[p].total) + lp_last);
         }
       }
-      w.next_pb[b] = beam.total[b] + lp_blank;
+      w.next_pb[b] = beam[b].total + lp_blank;
       w.next_pnb[b] = stay;
     }
     log_add_n(w.next_pb, w.next_pnb, w.score, num_beams);
     // num_beams <= K: every existing beam with a chance enters.
     Entry* const top = w.top;
     int32_t count = 0;
+    bool unchanged = true;  // top[k] is beam k, for every beam so far
     for (int32_t b = 0; b < num_beams; ++b) {
-      if (w.score[b] == kNegInfD || beam.len[b] + frames_left < min_len) continue;
-      count = insert_top(top, count, K, w.score[b], b, -1);
+      const double score = w.score[b];
+      if (score == kNegInfD || beam[b].len + frames_left < min_len) {
+        unchanged = false;
+        continue;
+      }
+      int32_t i = count++;
+      for (; score > top[i - 1].score; --i) top[i] = top[i - 1];  // top[-1]: a sentinel
+      top[i] = Entry{score, b, -1};
+      unchanged = unchanged && i == b;
     }
     double bar = count == K ? top[K - 1].score : kNegInfD;  // what a candidate must beat
 
     // 3. New prefixes, from the frame's K + 1 best classes above the bound.
-    const double cut = bar - beam.total[0];
+    const double cut = bar - beam[0].total;
     const int32_t nf = frame_classes(row, w.class_mask, C, best_v, best, min_logp, cut, K + 1, w.frame_key,
                                      w.frame_token, w.frame_logp);
     // Beams are sorted by total and frame classes by log-prob, and a
@@ -762,71 +758,68 @@ CF_HD BeamResult beam_search_run(const Frames<scalar_t>& f, int64_t length, int6
     const float* const frame_logp = w.frame_logp;
     const int32_t* const frame_token = w.frame_token;
     for (int32_t b = 0; b < num_beams && nf > 0; ++b) {
-      const double total = beam.total[b];
+      const double total = beam[b].total;
       if (!(total + frame_logp[0] > bar)) break;
-      const int32_t len = beam.len[b];
+      const int32_t len = beam[b].len;
       if (len >= len_cap || len + 1 + frames_left < min_len) continue;
-      const int32_t last = beam.last[b];
+      const int32_t last = beam[b].last;
       for (int32_t i = 0; i < nf; ++i) {
         const double bound = total + frame_logp[i];
         if (!(bound > bar)) break;
         const int32_t c = frame_token[i];
-        const double s = c == last ? beam.pb[b] + frame_logp[i] : bound;
+        const double s = c == last ? beam[b].pb + frame_logp[i] : bound;
         if (!(s > bar)) continue;  // cannot enter
         // prefix + c that is already a beam was credited in 2b: not a candidate.
-        if (beam.has_child[b]) {
-          const int32_t existing = find_node(w, beam.node[b], c);
+        if (beam[b].has_child) {
+          const int32_t existing = find_node(w, beam[b].node, c);
           if (existing >= 0 && w.node_slot[existing] >= 0) continue;
         }
         count = insert_top(top, count, K, s, b, c);
+        unchanged = false;
         if (count == K) bar = top[K - 1].score;
       }
     }
     // 4. The survivors become the beam; new prefixes get their trie node.
     //    A frame that kept every beam, in order, updates them in place (the
     //    usual case of the exact search on a blank frame).
-    bool unchanged = count == num_beams;
-    for (int32_t k = 0; k < count && unchanged; ++k) unchanged = top[k].beam == k && top[k].token < 0;
     if (unchanged) {
       for (int32_t k = 0; k < count; ++k) {
-        beam.pb[k] = w.next_pb[k];
-        beam.pnb[k] = w.next_pnb[k];
-        beam.total[k] = top[k].score;
+        beam[k].pb = w.next_pb[k];
+        beam[k].pnb = w.next_pnb[k];
+        beam[k].total = top[k].score;
       }
       pnb_live = true;
       continue;
     }
     //    node_slot maps the nodes of the current beams to their index.
-    BeamState& next = w.next;
-    for (int32_t b = 0; b < num_beams; ++b) w.node_slot[beam.node[b]] = -1;
+    Beam* const next = w.next;
+    for (int32_t b = 0; b < num_beams; ++b) w.node_slot[beam[b].node] = -1;
     for (int32_t k = 0; k < count; ++k) {
       const int32_t b = top[k].beam;
       const int32_t c = top[k].token;
+      Beam& nb = next[k];
       if (c < 0) {
-        next.node[k] = beam.node[b];
-        next.last[k] = beam.last[b];
-        next.len[k] = beam.len[b];
-        next.pb[k] = w.next_pb[b];
-        next.pnb[k] = w.next_pnb[b];
+        nb = beam[b];
+        nb.pb = w.next_pb[b];
+        nb.pnb = w.next_pnb[b];
       } else {
-        next.node[k] = child_node(w, num_nodes, beam.node[b], c);
-        next.last[k] = c;
-        next.len[k] = beam.len[b] + 1;
-        next.pb[k] = kNegInfD;
-        next.pnb[k] = top[k].score;
+        nb.node = child_node(w, num_nodes, beam[b].node, c);
+        nb.last = c;
+        nb.len = beam[b].len + 1;
+        nb.pb = kNegInfD;
+        nb.pnb = top[k].score;
       }
-      next.total[k] = top[k].score;
-      w.node_slot[next.node[k]] = k;
+      nb.total = top[k].score;
+      nb.has_child = 0;
+      w.node_slot[nb.node] = k;
     }
-    for (int32_t k = 0; k < count; ++k) next.has_child[k] = 0;
     for (int32_t k = 0; k < count; ++k) {
-      const int32_t parent = w.node_parent[next.node[k]];
-      next.parent[k] = parent >= 0 ? w.node_slot[parent] : -1;
-      if (next.parent[k] >= 0) next.has_child[next.parent[k]] = 1;
+      const int32_t parent = w.node_parent[next[k].node];
+      next[k].parent = parent >= 0 ? w.node_slot[parent] : -1;
+      if (next[k].parent >= 0) next[next[k].parent].has_child = 1;
     }
-    const BeamState swap = w.beam;
-    w.beam = w.next;
-    w.next = swap;
+    w.next = w.beam;
+    w.beam = next;
     num_beams = count;
     pnb_live = true;
     if (num_beams == 0) return r;  // the length bounds cannot be met
@@ -834,8 +827,8 @@ CF_HD BeamResult beam_search_run(const Frames<scalar_t>& f, int64_t length, int6
 
   // 5. The top_k best, in descending order.
   for (int32_t b = 0; b < num_beams; ++b) {
-    const double s = w.beam.total[b];
-    if (s == kNegInfD || w.beam.len[b] < o.min_len) continue;
+    const double s = w.beam[b].total;
+    if (s == kNegInfD || w.beam[b].len < o.min_len) continue;
     r.count = push_top(w, r.count, top_k, s, b, -1);
   }
   return r;
