@@ -710,7 +710,8 @@ CF_HD BeamResult beam_search_run(const Frames<scalar_t>& f, int64_t length, int6
       best = 0;
       while (row[best] + w.class_mask[best] != best_v) ++best;
     }
-    const int64_t frames_left = length - t - 1;
+    // A prefix shorter than this after the frame cannot reach min_len.
+    const int64_t need_len = min_len - (length - t - 1);
 
     // 2b. Existing prefixes: stay by blank or by repeating the last token,
     //     plus the extension of their parent beam that lands on them; they
@@ -737,7 +738,7 @@ CF_HD BeamResult beam_search_run(const Frames<scalar_t>& f, int64_t length, int6
     bool unchanged = true;  // top[k] is beam k, for every beam so far
     for (int32_t b = 0; b < num_beams; ++b) {
       const double score = w.score[b];
-      if (score == kNegInfD || beam[b].len + frames_left < min_len) {
+      if (score == kNegInfD || beam[b].len < need_len) {
         unchanged = false;
         continue;
       }
@@ -761,7 +762,7 @@ CF_HD BeamResult beam_search_run(const Frames<scalar_t>& f, int64_t length, int6
       const double total = beam[b].total;
       if (!(total + frame_logp[0] > bar)) break;
       const int32_t len = beam[b].len;
-      if (len >= len_cap || len + 1 + frames_left < min_len) continue;
+      if (len >= len_cap || len + 1 < need_len) continue;
       const int32_t last = beam[b].last;
       for (int32_t i = 0; i < nf; ++i) {
         const double bound = total + frame_logp[i];
@@ -799,7 +800,9 @@ CF_HD BeamResult beam_search_run(const Frames<scalar_t>& f, int64_t length, int6
       const int32_t c = top[k].token;
       Beam& nb = next[k];
       if (c < 0) {
-        nb = beam[b];
+        nb.node = beam[b].node;
+        nb.last = beam[b].last;
+        nb.len = beam[b].len;
         nb.pb = w.next_pb[b];
         nb.pnb = w.next_pnb[b];
       } else {
