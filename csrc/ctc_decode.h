@@ -443,7 +443,7 @@ struct BeamWorkspace {
   Entry* top;             // [K] the selection, best first (and a sentinel at top[-1])
   uint64_t* frame_key;    // [K + 1] scratch of frame_classes (and a sentinel at [-1])
   int32_t* frame_token;   // [K + 1] this frame's best extendable classes, best first
-  float* frame_logp;      // [K + 1]
+  double* frame_logp;     // [K + 1] their log-probs (floats, held as doubles for the sums)
   float* row_buf;         // [C] a frame widened to float
   float* class_mask;      // [C] 0 for an extendable class, -inf for the blank and disallowed ones
   int32_t max_nodes;
@@ -487,7 +487,7 @@ CF_HD int64_t beam_workspace_layout(char* base, int64_t T, int64_t C, int64_t K,
   uint64_t* const keys = reinterpret_cast<uint64_t*>(take((K + 2) * 8));
   w.frame_key = keys == nullptr ? nullptr : keys + 1;  // frame_key[-1]: frame_classes' sentinel
   w.frame_token = ints(K + 1);
-  w.frame_logp = floats(K + 1);
+  w.frame_logp = doubles(K + 1);
   w.row_buf = floats(C);
   w.class_mask = floats(C);
   return used;
@@ -595,7 +595,7 @@ CF_HOT float logp_of(uint64_t key) {
 // log-prob; best >= 0 when it is below min_logp (then only it extends).
 // keys: scratch for cap keys, after a sentinel keys[-1] above every key.
 CF_HOT int32_t frame_classes(const float* row, const float* class_mask, int64_t C, float best_v, int64_t best,
-                            float min_logp, double cut, int32_t cap, uint64_t* keys, int32_t* token, float* logp) {
+                            float min_logp, double cut, int32_t cap, uint64_t* keys, int32_t* token, double* logp) {
   if (!(best_v > cut) || !(best_v > kNegInf)) return 0;  // no class beats the bound
   if (best >= 0) {
     token[0] = static_cast<int32_t>(best);
@@ -756,7 +756,7 @@ CF_HD BeamResult beam_search_run(const Frames<scalar_t>& f, int64_t length, int6
     // Beams are sorted by total and frame classes by log-prob, and a
     // candidate scores at most total + its log-prob: once that bound cannot
     // beat the K-th best, no later class or beam can either.
-    const float* const frame_logp = w.frame_logp;
+    const double* const frame_logp = w.frame_logp;
     const int32_t* const frame_token = w.frame_token;
     for (int32_t b = 0; b < num_beams && nf > 0; ++b) {
       const double total = beam[b].total;
