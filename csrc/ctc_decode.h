@@ -248,17 +248,18 @@ CF_HOT float scan_max(const float* row, const float* add, int64_t C, bool* bad) 
 #ifdef CF_SSE2
   if (C >= 8) {
     __m128 m0 = _mm_set1_ps(kNegInf), m1 = m0, s0 = _mm_setzero_ps(), s1 = s0;
-    for (int64_t c = 0; c < C; c += 8) {
-      const int64_t at = c + 8 <= C ? c : C - 8;  // the last block may overlap the one before: max and the check do not mind
-      __m128 a = _mm_loadu_ps(row + at), b = _mm_loadu_ps(row + at + 4);
+    for (int64_t c = 0;; c += 8) {
+      if (c + 8 > C) c = C - 8;  // the last block may overlap the one before: max and the check do not mind
+      __m128 a = _mm_loadu_ps(row + c), b = _mm_loadu_ps(row + c + 4);
       s0 = _mm_add_ps(s0, a);
       s1 = _mm_add_ps(s1, b);
       if (add != nullptr) {
-        a = _mm_add_ps(a, _mm_loadu_ps(add + at));
-        b = _mm_add_ps(b, _mm_loadu_ps(add + at + 4));
+        a = _mm_add_ps(a, _mm_loadu_ps(add + c));
+        b = _mm_add_ps(b, _mm_loadu_ps(add + c + 4));
       }
       m0 = _mm_max_ps(m0, a);
       m1 = _mm_max_ps(m1, b);
+      if (c + 8 == C) break;
     }
     *bad = !(cf_hsum(_mm_add_ps(s0, s1)) < INFINITY) && any_bad_value(row, C);
     return cf_hmax(_mm_max_ps(m0, m1));
