@@ -75,18 +75,23 @@ CF_HOT const float* frame_row(const Frames<scalar_t>& f, int64_t t, int64_t C, f
   return buf;
 }
 
-// Asks for frame t's row ahead of its use (host only). A sequence's frames lie
+// The bytes from the start of a frame's row to its last value, or -1 where
+// prefetching is not worth it (a class-strided frame). A sequence's frames lie
 // N rows apart in the usual (T, N, C) layout, too far for the hardware
 // prefetcher, so each frame would otherwise wait on memory.
 template <typename scalar_t>
-CF_HOT void prefetch_frame(const Frames<scalar_t>& f, int64_t t, int64_t C) {
+CF_HOT int64_t prefetch_span(const Frames<scalar_t>& f, int64_t C) {
+  const int64_t span = (C - 1) * f.stride_c * static_cast<int64_t>(sizeof(scalar_t));
+  return span >= 0 && span <= 1024 ? span : -1;
+}
+
+// Asks for frame t's row (span: prefetch_span) ahead of its use (host only).
+template <typename scalar_t>
+CF_HOT void prefetch_frame(const Frames<scalar_t>& f, int64_t t, int64_t span) {
 #if !defined(__CUDA_ARCH__) && (defined(__GNUC__) || defined(__clang__))
   const char* first = reinterpret_cast<const char*>(f.data + t * f.stride_t);
-  const char* last = reinterpret_cast<const char*>(f.data + t * f.stride_t + (C - 1) * f.stride_c);
-  if (last < first) { const char* tmp = first; first = last; last = tmp; }
-  if (last - first > 1024) return;  // a class-strided frame: not worth it
-  for (const char* p = first; p <= last; p += 64) __builtin_prefetch(p);
-  __builtin_prefetch(last);
+  for (int64_t off = 0; off < span; off += 64) __builtin_prefetch(first + off);
+  __builtin_prefetch(first + span);
 #endif
 }
 
@@ -145,7 +150,54 @@ CF_HOT double log_add(double a, double b) {
 // out[i] = log_add(a[i], b[i]), branch-free so that the n computations overlap
 // (or vectorise); out may alias a or b.
 CF_HOT void log_add_n(const double* a, const double* b, double* out, int32_t n) {
-  for (int32_t i = 0; i < n; ++i) {
+  int32_t i = 0;
+#ifdef CF_SSE2
+  // Four at a time, the same operations in the same order as the loop below
+  // (so the same results): the double parts two-wide, the float parts four-wide.
+  for (; i + 4 <= n; i += 4) {
+    const __m128d a0 = _mm_loadu_pd(a + i), a1 = _mm_loadu_pd(a + i + 2);
+    const __m128d b0 = _mm_loadu_pd(b + i), b1 = _mm_loadu_pd(b + i + 2);
+    const __m128d gt0 = _mm_cmpgt_pd(a0, b0), gt1 = _mm_cmpgt_pd(a1, b1);
+    const __m128d hi0 = _mm_or_pd(_mm_and_pd(gt0, a0), _mm_andnot_pd(gt0, b0));
+    const __m128d hi1 = _mm_or_pd(_mm_and_pd(gt1, a1), _mm_andnot_pd(gt1, b1));
+    const __m128d lo0 = _mm_or_pd(_mm_and_pd(gt0, b0), _mm_andnot_pd(gt0, a0));
+    const __m128d lo1 = _mm_or_pd(_mm_and_pd(gt1, b1), _mm_andnot_pd(gt1, a1));
+    const __m128d d0 = _mm_sub_pd(lo0, hi0), d1 = _mm_sub_pd(lo1, hi1);
+    const __m128d near0 = _mm_cmpgt_pd(d0, _mm_set1_pd(-24.0)), near1 = _mm_cmpgt_pd(d1, _mm_set1_pd(-24.0));
+    // The low 32 bits of each 64-bit mask, as four float lanes.
+    const __m128 near = _mm_shuffle_ps(_mm_castpd_ps(near0), _mm_castpd_ps(near1), _MM_SHUFFLE(2, 0, 2, 0));
+    const __m128 df = _mm_movelh_ps(_mm_cvtpd_ps(d0), _mm_cvtpd_ps(d1));
+    const __m128 x = _mm_or_ps(_mm_and_ps(near, df), _mm_andnot_ps(near, _mm_set1_ps(-24.f)));
+    // exp_nonpositive(x)
+    const __m128 k = _mm_sub_ps(_mm_add_ps(_mm_mul_ps(x, _mm_set1_ps(1.44269504088896341f)), _mm_set1_ps(12582912.f)),
+                                _mm_set1_ps(12582912.f));
+    const __m128 r = _mm_sub_ps(_mm_sub_ps(x, _mm_mul_ps(k, _mm_set1_ps(0.693145751953125f))),
+                                _mm_mul_ps(k, _mm_set1_ps(1.428606765330187045e-06f)));
+    __m128 p = _mm_set1_ps(1.f / 720);
+    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f / 120));
+    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f / 24));
+    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f / 6));
+    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(0.5f));
+    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f));
+    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f));
+    const __m128i bits = _mm_slli_epi32(_mm_add_epi32(_mm_cvttps_epi32(k), _mm_set1_epi32(127)), 23);
+    const __m128 e = _mm_mul_ps(p, _mm_castsi128_ps(bits));
+    // log1p_unit(e) without its branch
+    const __m128 z = _mm_div_ps(e, _mm_add_ps(_mm_set1_ps(2.f), e)), z2 = _mm_mul_ps(z, z);
+    __m128 q = _mm_set1_ps(1.f / 13);
+    q = _mm_add_ps(_mm_mul_ps(q, z2), _mm_set1_ps(1.f / 11));
+    q = _mm_add_ps(_mm_mul_ps(q, z2), _mm_set1_ps(1.f / 9));
+    q = _mm_add_ps(_mm_mul_ps(q, z2), _mm_set1_ps(1.f / 7));
+    q = _mm_add_ps(_mm_mul_ps(q, z2), _mm_set1_ps(1.f / 5));
+    q = _mm_add_ps(_mm_mul_ps(q, z2), _mm_set1_ps(1.f / 3));
+    q = _mm_add_ps(_mm_mul_ps(q, z2), _mm_set1_ps(1.f));
+    const __m128 corr = _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(2.f), z), q);
+    const __m128d sum0 = _mm_add_pd(hi0, _mm_cvtps_pd(corr)), sum1 = _mm_add_pd(hi1, _mm_cvtps_pd(_mm_movehl_ps(corr, corr)));
+    _mm_storeu_pd(out + i, _mm_or_pd(_mm_and_pd(near0, sum0), _mm_andnot_pd(near0, hi0)));
+    _mm_storeu_pd(out + i + 2, _mm_or_pd(_mm_and_pd(near1, sum1), _mm_andnot_pd(near1, hi1)));
+  }
+#endif
+  for (; i < n; ++i) {
     const double hi = a[i] > b[i] ? a[i] : b[i], lo = a[i] > b[i] ? b[i] : a[i];
     const double d = lo - hi;  // NaN when both are -inf
     const bool far = !(d > -24.0);
@@ -220,6 +272,26 @@ CF_HOT float scan_max(const float* row, const float* add, int64_t C, bool* bad) 
   }
   *bad = any_bad_value(row, C);
   return m;
+}
+
+// NaN or +inf anywhere in row[0, C): scan_max's check alone.
+CF_HOT bool row_has_bad_value(const float* row, int64_t C) {
+#ifdef CF_SSE2
+  if (C >= 8) {
+    __m128 s0 = _mm_setzero_ps(), s1 = s0;
+    int64_t c = 0;
+    for (; c + 8 <= C; c += 8) {
+      s0 = _mm_add_ps(s0, _mm_loadu_ps(row + c));
+      s1 = _mm_add_ps(s1, _mm_loadu_ps(row + c + 4));
+    }
+    if (c < C) {
+      s0 = _mm_add_ps(s0, _mm_loadu_ps(row + C - 8));
+      s1 = _mm_add_ps(s1, _mm_loadu_ps(row + C - 4));
+    }
+    return !(cf_hsum(_mm_add_ps(s0, s1)) < INFINITY) && any_bad_value(row, C);
+  }
+#endif
+  return any_bad_value(row, C);
 }
 
 // The first c with row[c] + add[c] >= lo (add == nullptr: row[c] alone) at or
@@ -337,15 +409,15 @@ struct BeamOptions {
 // depend only on (T, C, beam_width), so a kernel allocates once per thread or
 // per batch, calls init_beam_workspace once, and reuses it: each search
 // clears only the hash-table slots it filled.
-struct BeamState {        // the beams, sorted by total (descending); [K] each
-  int32_t* node;
-  int32_t* last;          // the node's last token (-1: the empty prefix)
-  int32_t* len;           // the node's label length
-  int32_t* parent;        // beam index of the node's parent in the same beam, else -1
-  int32_t* has_child;     // 1 if some beam's parent is this one
-  double* pb;
-  double* pnb;
-  double* total;          // log_add(pb, pnb)
+struct Beam {             // one beam; a frame's beams are sorted by total (descending)
+  double pb;
+  double pnb;
+  double total;           // log_add(pb, pnb)
+  int32_t node;
+  int32_t last;           // the node's last token (-1: the empty prefix)
+  int32_t len;            // the node's label length
+  int32_t parent;         // beam index of the node's parent in the same beam, else -1
+  int32_t has_child;      // 1 if some beam's parent is this one
 };
 
 // One entry of a frame's selection: a beam as it is, or extended by a class.
@@ -362,15 +434,15 @@ struct BeamWorkspace {
   int32_t* node_slot;     // [max_nodes] beam index of a node in the current beam, else -1
   int32_t* node_entry;    // [max_nodes] the node's slot in table
   int32_t* table;         // [table_size] (parent, token) -> node, -1 empty
-  BeamState beam;         // this frame's beams
-  BeamState next;         // the beams being built (swapped with beam per frame)
+  Beam* beam;             // [K] this frame's beams
+  Beam* next;             // [K] the beams being built (swapped with beam per frame)
   double* next_pb;        // [K] existing beams after this frame
   double* next_pnb;       // [K]
   double* score;          // [K] the existing beams' scores after this frame
-  Entry* top;             // [K] the selection, best first
-  uint64_t* frame_key;    // [K + 1] scratch of frame_classes
+  Entry* top;             // [K] the selection, best first (and a sentinel at top[-1])
+  uint64_t* frame_key;    // [K + 1] scratch of frame_classes (and a sentinel at [-1])
   int32_t* frame_token;   // [K + 1] this frame's best extendable classes, best first
-  float* frame_logp;      // [K + 1]
+  double* frame_logp;     // [K + 1] their log-probs (floats, held as doubles for the sums)
   float* row_buf;         // [C] a frame widened to float
   float* class_mask;      // [C] 0 for an extendable class, -inf for the blank and disallowed ones
   int32_t max_nodes;
@@ -404,25 +476,17 @@ CF_HD int64_t beam_workspace_layout(char* base, int64_t T, int64_t C, int64_t K,
   w.node_slot = ints(w.max_nodes);
   w.node_entry = ints(w.max_nodes);
   w.table = ints(w.table_size);
-  auto beam_state = [&](BeamState& b) {
-    b.node = ints(K);
-    b.last = ints(K);
-    b.len = ints(K);
-    b.parent = ints(K);
-    b.has_child = ints(K);
-    b.pb = doubles(K);
-    b.pnb = doubles(K);
-    b.total = doubles(K);
-  };
-  beam_state(w.beam);
-  beam_state(w.next);
+  w.beam = reinterpret_cast<Beam*>(take(K * sizeof(Beam)));
+  w.next = reinterpret_cast<Beam*>(take(K * sizeof(Beam)));
   w.next_pb = doubles(K);
   w.next_pnb = doubles(K);
   w.score = doubles(K);
-  w.top = reinterpret_cast<Entry*>(take(K * sizeof(Entry)));
-  w.frame_key = reinterpret_cast<uint64_t*>(take((K + 1) * 8));
+  Entry* const top = reinterpret_cast<Entry*>(take((K + 1) * sizeof(Entry)));
+  w.top = top == nullptr ? nullptr : top + 1;  // top[-1]: insert_top's sentinel
+  uint64_t* const keys = reinterpret_cast<uint64_t*>(take((K + 2) * 8));
+  w.frame_key = keys == nullptr ? nullptr : keys + 1;  // frame_key[-1]: frame_classes' sentinel
   w.frame_token = ints(K + 1);
-  w.frame_logp = floats(K + 1);
+  w.frame_logp = doubles(K + 1);
   w.row_buf = floats(C);
   w.class_mask = floats(C);
   return used;
@@ -442,6 +506,8 @@ CF_HD BeamWorkspace carve_beam_workspace(char* base, int64_t T, int64_t C, int64
 // Once per workspace: the empty hash table, the per-class state.
 CF_HD void init_beam_workspace(BeamWorkspace& w, int64_t C, int64_t blank, const BeamOptions& o) {
   for (int32_t i = 0; i < w.table_size; ++i) w.table[i] = -1;
+  w.top[-1] = Entry{static_cast<double>(INFINITY), -1, -1};
+  w.frame_key[-1] = ~uint64_t(0);  // above every class_key
   for (int64_t c = 0; c < C; ++c) {
     const bool allowed = o.allowed == nullptr || o.allowed[c * o.allowed_stride];
     w.class_mask[c] = (c == blank || !allowed) ? kNegInf : 0.f;
@@ -488,6 +554,15 @@ CF_HOT int32_t push_top(BeamWorkspace& w, int32_t count, int32_t K, double score
   return count;
 }
 
+// push_top for an entry known to enter (count < K, or score beats the K-th);
+// top[-1].score is +inf (a sentinel that ends the shifting).
+CF_HOT int32_t insert_top(Entry* top, int32_t count, int32_t K, double score, int32_t beam, int32_t token) {
+  int32_t i = count < K ? count++ : K - 1;
+  for (; score > top[i - 1].score; --i) top[i] = top[i - 1];
+  top[i] = Entry{score, beam, token};
+  return count;
+}
+
 // A key that orders (log-prob, class) pairs as frame_classes wants them: by
 // log-prob, then by class (the lower first). v is not NaN.
 CF_HOT uint64_t class_key(float v, int64_t c) {
@@ -517,9 +592,9 @@ CF_HOT float logp_of(uint64_t key) {
 // The (at most cap) best extendable classes of a frame whose log-prob is
 // > cut, best first (ties in class order). best_v: the best extendable
 // log-prob; best >= 0 when it is below min_logp (then only it extends).
-// keys: scratch for cap keys.
+// keys: scratch for cap keys, after a sentinel keys[-1] above every key.
 CF_HOT int32_t frame_classes(const float* row, const float* class_mask, int64_t C, float best_v, int64_t best,
-                            float min_logp, double cut, int32_t cap, uint64_t* keys, int32_t* token, float* logp) {
+                            float min_logp, double cut, int32_t cap, uint64_t* keys, int32_t* token, double* logp) {
   if (!(best_v > cut) || !(best_v > kNegInf)) return 0;  // no class beats the bound
   if (best >= 0) {
     token[0] = static_cast<int32_t>(best);
@@ -539,7 +614,7 @@ CF_HOT int32_t frame_classes(const float* row, const float* class_mask, int64_t 
     const uint64_t key = class_key(v, c);
     if (n == cap && !(key > keys[cap - 1])) return;
     int32_t i = n < cap ? n++ : cap - 1;
-    for (; i > 0 && key > keys[i - 1]; --i) keys[i] = keys[i - 1];
+    for (; key > keys[i - 1]; --i) keys[i] = keys[i - 1];  // keys[-1]: a sentinel
     keys[i] = key;
     if (n == cap) lo = lo > logp_of(keys[cap - 1]) ? lo : logp_of(keys[cap - 1]);
   };
@@ -564,14 +639,14 @@ CF_HOT int32_t frame_classes(const float* row, const float* class_mask, int64_t 
 }
 
 // The outcome of beam_search_one: `count` hypotheses, best first; hypothesis k
-// is node w.beam.node[w.top[k].beam] with log-prob base + w.top[k].score.
+// is node w.beam[w.top[k].beam].node with log-prob base + w.top[k].score.
 struct BeamResult {
   Status status;
   int32_t count;
   double base;
 };
 
-CF_HD int32_t hypothesis_node(const BeamWorkspace& w, int32_t k) { return w.beam.node[w.top[k].beam]; }
+CF_HD int32_t hypothesis_node(const BeamWorkspace& w, int32_t k) { return w.beam[w.top[k].beam].node; }
 
 // Writes the label of `node` into out[0, len) and returns len.
 CF_HD int32_t node_label(const BeamWorkspace& w, int32_t node, int32_t* out) {
@@ -592,145 +667,161 @@ CF_HD BeamResult beam_search_run(const Frames<scalar_t>& f, int64_t length, int6
   w.node_len[0] = 0;
   w.node_slot[0] = 0;  // node 0 is beam 0
   int32_t num_beams = 1;
-  w.beam.node[0] = 0;
-  w.beam.last[0] = -1;
-  w.beam.len[0] = 0;
-  w.beam.parent[0] = -1;
-  w.beam.has_child[0] = 0;
-  w.beam.pb[0] = 0.0;
-  w.beam.pnb[0] = kNegInfD;
-  w.beam.total[0] = 0.0;
+  w.beam[0] = Beam{0.0, kNegInfD, 0.0, 0, -1, 0, -1, 0};
   bool pnb_live = false;  // some beam may end in a non-blank
+  const float log_blank_skip = o.log_blank_skip;
+  const int64_t span = prefetch_span(f, C);
+  const float min_logp = o.token_min_logp;
+  const int32_t min_len = o.min_len;
+  const int32_t len_cap = o.max_len >= 0 ? o.max_len : INT32_MAX;  // no prefix grows from this length
 
   for (int64_t t = 0; t < length; ++t) {
-    if (t + kPrefetch < length) prefetch_frame(f, t + kPrefetch, C);
+    if (t + kPrefetch < length && span >= 0) prefetch_frame(f, t + kPrefetch, span);
     // 1. Validate the frame; its best extendable class.
     const float* row = frame_row(f, t, C, w.row_buf);
-    bool bad;
-    const float best_v = scan_max(row, w.class_mask, C, &bad);  // the best extendable log-prob
-    if (bad) {
-      r.status = kBadValue;
-      return r;
-    }
     const float lp_blank = row[blank];
-    BeamState& beam = w.beam;
-    if (lp_blank >= o.log_blank_skip) {
+    Beam* const beam = w.beam;
+    if (lp_blank >= log_blank_skip) {
+      if (row_has_bad_value(row, C)) {
+        r.status = kBadValue;
+        return r;
+      }
       // 2a. A (nearly) certain blank: everything moves to "ends in blank".
       if (pnb_live) {
         for (int32_t b = 0; b < num_beams; ++b) {
-          beam.pb[b] = beam.total[b];
-          beam.pnb[b] = kNegInfD;
+          beam[b].pb = beam[b].total;
+          beam[b].pnb = kNegInfD;
         }
         pnb_live = false;
       }
       r.base += lp_blank;
       continue;
     }
+    bool bad;
+    const float best_v = scan_max(row, w.class_mask, C, &bad);  // the best extendable log-prob
+    if (bad) {
+      r.status = kBadValue;
+      return r;
+    }
     // Extended at this frame: classes at or above token_min_logp, and the best.
-    const float min_logp = o.token_min_logp;
     int64_t best = -1;
     if (best_v > kNegInf && best_v < min_logp) {
       best = 0;
       while (row[best] + w.class_mask[best] != best_v) ++best;
     }
-    const int64_t frames_left = length - t - 1;
+    // A prefix shorter than this after the frame cannot reach min_len.
+    const int64_t need_len = min_len - (length - t - 1);
 
     // 2b. Existing prefixes: stay by blank or by repeating the last token,
     //     plus the extension of their parent beam that lands on them; they
     //     enter the selection first (token -1).
     //     The log-adds run as one batch: independent, so they overlap.
     for (int32_t b = 0; b < num_beams; ++b) {
-      const int32_t last = beam.last[b];
+      const int32_t last = beam[b].last;
       double stay = kNegInfD;
       if (last >= 0) {
         const float lp_last = row[last];
-        stay = beam.pnb[b] + lp_last;
-        const int32_t p = beam.parent[b];
+        stay = beam[b].pnb + lp_last;
+        const int32_t p = beam[b].parent;
         if (p >= 0 && lp_last > kNegInf && (lp_last >= min_logp || last == best)) {
-          stay = log_add(stay, (beam.last[p] == last ? beam.pb[p] : beam.total[p]) + lp_last);
+          stay = log_add(stay, (beam[p].last == last ? beam[p].pb : beam[p].total) + lp_last);
         }
       }
-      w.next_pb[b] = beam.total[b] + lp_blank;
+      w.next_pb[b] = beam[b].total + lp_blank;
       w.next_pnb[b] = stay;
     }
     log_add_n(w.next_pb, w.next_pnb, w.score, num_beams);
+    // num_beams <= K: every existing beam with a chance enters.
+    Entry* const top = w.top;
     int32_t count = 0;
+    bool unchanged = true;  // top[k] is beam k, for every beam so far
     for (int32_t b = 0; b < num_beams; ++b) {
-      if (w.score[b] == kNegInfD || beam.len[b] + frames_left < o.min_len) continue;
-      count = push_top(w, count, K, w.score[b], b, -1);
+      const double score = w.score[b];
+      if (score == kNegInfD || beam[b].len < need_len) {
+        unchanged = false;
+        continue;
+      }
+      int32_t i = count++;
+      for (; score > top[i - 1].score; --i) top[i] = top[i - 1];  // top[-1]: a sentinel
+      top[i] = Entry{score, b, -1};
+      unchanged = unchanged && i == b;
     }
+    double bar = count == K ? top[K - 1].score : kNegInfD;  // what a candidate must beat
 
     // 3. New prefixes, from the frame's K + 1 best classes above the bound.
-    const double cut = count == K ? w.top[K - 1].score - beam.total[0] : kNegInfD;
+    const double cut = bar - beam[0].total;
     const int32_t nf = frame_classes(row, w.class_mask, C, best_v, best, min_logp, cut, K + 1, w.frame_key,
                                      w.frame_token, w.frame_logp);
     // Beams are sorted by total and frame classes by log-prob, and a
     // candidate scores at most total + its log-prob: once that bound cannot
     // beat the K-th best, no later class or beam can either.
+    const double* const frame_logp = w.frame_logp;
+    const int32_t* const frame_token = w.frame_token;
     for (int32_t b = 0; b < num_beams && nf > 0; ++b) {
-      const double total = beam.total[b];
-      if (count == K && !(total + w.frame_logp[0] > w.top[K - 1].score)) break;
-      const int32_t len = beam.len[b];
-      if ((o.max_len >= 0 && len >= o.max_len) || len + 1 + frames_left < o.min_len) continue;
-      const int32_t last = beam.last[b];
+      const double total = beam[b].total;
+      if (!(total + frame_logp[0] > bar)) break;
+      const int32_t len = beam[b].len;
+      if (len >= len_cap || len + 1 < need_len) continue;
+      const int32_t last = beam[b].last;
       for (int32_t i = 0; i < nf; ++i) {
-        if (count == K && !(total + w.frame_logp[i] > w.top[K - 1].score)) break;
-        const int32_t c = w.frame_token[i];
-        const double s = (c == last ? beam.pb[b] : total) + w.frame_logp[i];
-        if (s == kNegInfD || (count == K && !(s > w.top[K - 1].score))) continue;  // cannot enter
+        const double bound = total + frame_logp[i];
+        if (!(bound > bar)) break;
+        const int32_t c = frame_token[i];
+        const double s = c == last ? beam[b].pb + frame_logp[i] : bound;
+        if (!(s > bar)) continue;  // cannot enter
         // prefix + c that is already a beam was credited in 2b: not a candidate.
-        if (beam.has_child[b]) {
-          const int32_t existing = find_node(w, beam.node[b], c);
+        if (beam[b].has_child) {
+          const int32_t existing = find_node(w, beam[b].node, c);
           if (existing >= 0 && w.node_slot[existing] >= 0) continue;
         }
-        count = push_top(w, count, K, s, b, c);
+        count = insert_top(top, count, K, s, b, c);
+        unchanged = false;
+        if (count == K) bar = top[K - 1].score;
       }
     }
     // 4. The survivors become the beam; new prefixes get their trie node.
     //    A frame that kept every beam, in order, updates them in place (the
     //    usual case of the exact search on a blank frame).
-    bool unchanged = count == num_beams;
-    for (int32_t k = 0; k < count && unchanged; ++k) unchanged = w.top[k].beam == k && w.top[k].token < 0;
     if (unchanged) {
       for (int32_t k = 0; k < count; ++k) {
-        beam.pb[k] = w.next_pb[k];
-        beam.pnb[k] = w.next_pnb[k];
-        beam.total[k] = w.top[k].score;
+        beam[k].pb = w.next_pb[k];
+        beam[k].pnb = w.next_pnb[k];
+        beam[k].total = top[k].score;
       }
       pnb_live = true;
       continue;
     }
     //    node_slot maps the nodes of the current beams to their index.
-    BeamState& next = w.next;
-    for (int32_t b = 0; b < num_beams; ++b) w.node_slot[beam.node[b]] = -1;
+    Beam* const next = w.next;
+    for (int32_t b = 0; b < num_beams; ++b) w.node_slot[beam[b].node] = -1;
     for (int32_t k = 0; k < count; ++k) {
-      const int32_t b = w.top[k].beam;
-      const int32_t c = w.top[k].token;
+      const int32_t b = top[k].beam;
+      const int32_t c = top[k].token;
+      Beam& nb = next[k];
       if (c < 0) {
-        next.node[k] = beam.node[b];
-        next.last[k] = beam.last[b];
-        next.len[k] = beam.len[b];
-        next.pb[k] = w.next_pb[b];
-        next.pnb[k] = w.next_pnb[b];
+        nb.node = beam[b].node;
+        nb.last = beam[b].last;
+        nb.len = beam[b].len;
+        nb.pb = w.next_pb[b];
+        nb.pnb = w.next_pnb[b];
       } else {
-        next.node[k] = child_node(w, num_nodes, beam.node[b], c);
-        next.last[k] = c;
-        next.len[k] = beam.len[b] + 1;
-        next.pb[k] = kNegInfD;
-        next.pnb[k] = w.top[k].score;
+        nb.node = child_node(w, num_nodes, beam[b].node, c);
+        nb.last = c;
+        nb.len = beam[b].len + 1;
+        nb.pb = kNegInfD;
+        nb.pnb = top[k].score;
       }
-      next.total[k] = w.top[k].score;
-      w.node_slot[next.node[k]] = k;
+      nb.total = top[k].score;
+      nb.has_child = 0;
+      w.node_slot[nb.node] = k;
     }
-    for (int32_t k = 0; k < count; ++k) next.has_child[k] = 0;
     for (int32_t k = 0; k < count; ++k) {
-      const int32_t parent = w.node_parent[next.node[k]];
-      next.parent[k] = parent >= 0 ? w.node_slot[parent] : -1;
-      if (next.parent[k] >= 0) next.has_child[next.parent[k]] = 1;
+      const int32_t parent = w.node_parent[next[k].node];
+      next[k].parent = parent >= 0 ? w.node_slot[parent] : -1;
+      if (next[k].parent >= 0) next[next[k].parent].has_child = 1;
     }
-    const BeamState swap = w.beam;
-    w.beam = w.next;
-    w.next = swap;
+    w.next = w.beam;
+    w.beam = next;
     num_beams = count;
     pnb_live = true;
     if (num_beams == 0) return r;  // the length bounds cannot be met
@@ -738,8 +829,8 @@ CF_HD BeamResult beam_search_run(const Frames<scalar_t>& f, int64_t length, int6
 
   // 5. The top_k best, in descending order.
   for (int32_t b = 0; b < num_beams; ++b) {
-    const double s = w.beam.total[b];
-    if (s == kNegInfD || w.beam.len[b] < o.min_len) continue;
+    const double s = w.beam[b].total;
+    if (s == kNegInfD || w.beam[b].len < o.min_len) continue;
     r.count = push_top(w, r.count, top_k, s, b, -1);
   }
   return r;
