@@ -284,7 +284,7 @@ def format_table(rows: List[Row], title: str, unit: str = "seq/s", markdown: boo
     """The rows as a plain-text (or markdown) table, ratios to (c) with (a) beside."""
     seed = not all(np.isnan(r.vs_seed) for r in rows)
     if markdown:
-        head = f"| {title} | {unit} | vs (c) |" + (" vs (a) |" if seed else "")
+        head = f"| {title} | {unit} | {'vs (c)' if seed else 'vs baseline'} |" + (" vs (a) |" if seed else "")
         lines = [head, "|---|---:|---:|" + ("---:|" if seed else "")]
         for r in rows:
             lines.append(f"| {r.name} | {r.rate:,.0f} | {r.vs_baseline:.2f}x |" + (f" {r.vs_seed:.2f}x |" if seed else ""))

@@ -46,6 +46,7 @@ def run(name: str, folder: str, k: int, init: str | None, minutes: float, out: P
 def plot(results: list, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     sets = sorted({r["set"] for r in results})
     fig = Figure(figsize=(5 * len(sets), 3.6), layout="constrained")
@@ -57,6 +58,9 @@ def plot(results: list, path: Path) -> None:
             if pts:
                 ax.plot(*zip(*pts), style, label=start)
         ax.set_xscale("log")
+        sizes = sorted({r["images"] for r in results if r["set"] == name})
+        ax.set_xticks(sizes, [str(k) for k in sizes])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("labelled training images")
         ax.set_ylabel("held-out whole-captcha accuracy (%)")
         ax.set_ylim(0, 100)
