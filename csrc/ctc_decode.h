@@ -123,8 +123,8 @@ CF_HOT float exp_nonpositive(float x) {
 
 // log(1 + e) for e in [0, 1], absolute error < 2e-7: its series where e is
 // small (the common case in peaky outputs), else 2 atanh(e / (2 + e)).
-CF_HOT float log1p_unit(float e) {
-  if (e < 0.03f) return e * (1.f - e * (0.5f - e * (1.f / 3 - e * 0.25f)));
+// log1p(e) = 2 atanh(e / (2 + e)) by its odd series (e in [0, 1]).
+CF_HOT float log1p_atanh(float e) {
   const float z = e / (2.f + e), z2 = z * z;
   float p = 1.f / 13;
   p = p * z2 + 1.f / 11;
@@ -134,6 +134,11 @@ CF_HOT float log1p_unit(float e) {
   p = p * z2 + 1.f / 3;
   p = p * z2 + 1.f;
   return 2.f * z * p;
+}
+
+CF_HOT float log1p_unit(float e) {
+  if (e < 0.03f) return e * (1.f - e * (0.5f - e * (1.f / 3 - e * 0.25f)));
+  return log1p_atanh(e);
 }
 
 // log(exp(a) + exp(b)) in double. The correction log1p(exp(-|a - b|)) is at
@@ -202,15 +207,7 @@ CF_HOT void log_add_n(const double* a, const double* b, double* out, int32_t n) 
     const double d = lo - hi;  // NaN when both are -inf
     const bool far = !(d > -24.0);
     const float e = exp_nonpositive(far ? -24.f : static_cast<float>(d));
-    const float z = e / (2.f + e), z2 = z * z;  // log1p_unit without its branch
-    float p = 1.f / 13;
-    p = p * z2 + 1.f / 11;
-    p = p * z2 + 1.f / 9;
-    p = p * z2 + 1.f / 7;
-    p = p * z2 + 1.f / 5;
-    p = p * z2 + 1.f / 3;
-    p = p * z2 + 1.f;
-    out[i] = far ? hi : hi + static_cast<double>(2.f * z * p);
+    out[i] = far ? hi : hi + static_cast<double>(log1p_atanh(e));  // log1p_unit without its branch
   }
 }
 
