@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import os
 import random
@@ -121,11 +120,10 @@ def render_chunk(folder: Path, start: int, n: int, n_blank: int, round_no: int):
     rows, styles = [], Counter()
     for i in range(start, start + n):
         path = folder / f"s{i:09d}.png"
-        out, text, style = captchas.rendered(i)
         if not path.exists():
-            out.image.save(path)
-        rows.append((str(path), text.lower()))
-        styles[style] += 1
+            captchas[i][0].save(path)
+        rows.append((str(path), captchas.label(i).lower()))
+        styles[captchas.style(i)] += 1
     for i in range(n_blank):
         path = folder / f"b{round_no:04d}_{i:05d}.png"
         if not path.exists():
@@ -179,10 +177,6 @@ def round_counts(shares: dict, sources: dict, n: int) -> dict:
 
 # ---------------------------------------------------------------------------- held-out sets
 
-def _hash_order(samples, n: int):
-    return sorted(samples, key=lambda s: hashlib.sha256(s.path.encode()).hexdigest())[:n]
-
-
 def held_out_sets(data: Path, real: Path | None, n: int) -> dict:
     """name -> (images, labels, selects): what every round is scored on (see the module doc)."""
     sets = {}
@@ -191,12 +185,9 @@ def held_out_sets(data: Path, real: Path | None, n: int) -> dict:
     for w, h in accuracy_table.PACKAGE_SIZES:
         sets[f"pkg_{w}x{h}"] = (*accuracy_table.package_renders(w, h, n), True)
     for r in real_sets.load_sets(real) if real else []:
-        samples = read_manifest(r["val_tsv"])
-        if r["unseen"]:  # never trained on: the whole set
-            samples += read_manifest(r["train_tsv"])
-        samples = _hash_order(samples, n)
+        items = real_sets.manifest_sample(r["all_tsv"] if r["unseen"] else r["val_tsv"], n)  # unseen: the whole set
         key = f"unseen_{r['name']}" if r["unseen"] else r["name"]
-        sets[key] = ([load_image(s.path) for s in samples], [s.label for s in samples], not r["unseen"])
+        sets[key] = ([load_image(path) for path, _ in items], [label for _, label in items], not r["unseen"])
     sets["blank"] = ([blank(random.Random(f"blank-eval:{i}"), lines=False) for i in range(n)], [""] * n, True)
     return sets
 

@@ -9,7 +9,7 @@ that commit with git (git archive, or the RAR archive the repository stores, ope
 into OUT/<set>/, keeping the repository's paths and the source bytes unchanged:
 `check-training-data` hashes the files, so an image must never be decoded and saved again.
 
-Per set, OUT/<set>/ gets train.tsv and val.tsv (path<TAB>label, paths relative to the manifest):
+Per set, OUT/<set>/ gets train.tsv, val.tsv and all.tsv (both; path<TAB>label, paths relative to the manifest):
 labels case-folded (the model's charset is 0-9a-z), labels outside 0-9a-z and byte-identical
 copies of an earlier image (any set, in SETS order then path order) dropped, unreadable images
 dropped, then data.split_samples (15% by a hash of the file name, seed 0: the split `captcha-fast
@@ -193,6 +193,7 @@ def prepare(rs: RealSet, labelled: Labelled, folder: Path, seen: set) -> dict:
     train, val = split_samples(kept, VAL_FRACTION, SPLIT_SEED)
     write_manifest(folder / "train.tsv", train)
     write_manifest(folder / "val.tsv", val)
+    write_manifest(folder / "all.tsv", kept)
     lengths = sorted({len(s.label) for s in kept})
     return {**asdict(rs), "labelled": len(labelled), "dropped": dropped, "train": len(train), "val": len(val),
             "label_lengths": lengths, "symbols": "".join(sorted({c for s in kept for c in s.label}))}
@@ -221,12 +222,22 @@ def main(argv=None) -> None:
 
 
 def load_sets(folder) -> List[dict]:
-    """OUT/sets.json of a prepared folder, each record with its manifests' paths (train_tsv, val_tsv)."""
+    """OUT/sets.json of a prepared folder, each record with its manifests' paths (train_tsv, val_tsv, all_tsv)."""
     folder = Path(folder)
     records = json.loads((folder / "sets.json").read_text())
     for r in records:
-        r["train_tsv"], r["val_tsv"] = str(folder / r["name"] / "train.tsv"), str(folder / r["name"] / "val.tsv")
+        for part in ("train", "val", "all"):
+            r[f"{part}_tsv"] = str(folder / r["name"] / f"{part}.tsv")
     return records
+
+
+def manifest_sample(tsv, n: int) -> List[Tuple[str, str]]:
+    """(path, label) of n images of a manifest, in the order of the sha256 of the path as the manifest
+    writes it (a fixed sample wherever the data lies; tools/compare_ddddocr.py picks the same)."""
+    tsv = Path(tsv)
+    rows = [line.split("\t") for line in tsv.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows.sort(key=lambda row: hashlib.sha256(row[0].encode()).hexdigest())
+    return [(str(tsv.parent / path), label) for path, label in rows[:n]]
 
 
 if __name__ == "__main__":
