@@ -60,10 +60,10 @@ def manifest_items(tsv: str, n: int):
     return [load_image(path) for path, _ in items], [label for _, label in items]
 
 
-def held_out_sets(folders, n: int, styles, font_dirs=(), manifests=()):
+def held_out_sets(folders, n: int, styles, font_dirs=(), manifests=(), package=True):
     sets = {f"{name} (val split)": folder_val(path, n) for name, path in folders}
     sets.update({f"{name} (manifest)": manifest_items(path, n) for name, path in manifests})
-    for w, h in PACKAGE_SIZES:
+    for w, h in PACKAGE_SIZES if package else ():
         sets[f"captcha package {w}x{h}"] = package_renders(w, h, n)
     for style in styles:
         sets[f"synth {style}"] = style_renders(style, n, font_dirs=font_dirs)
@@ -86,12 +86,13 @@ def main(argv=None) -> None:
     p.add_argument("--font-dirs", nargs="*", default=[d for d in synth.DEBIAN_FONT_DIRS if Path(d).is_dir()],
                    help="extra font folders for the synthetic styles (default: the Debian ones present, as the "
                         "shipped model's build and compare_ddddocr.py's README run use)")
+    p.add_argument("--no-synth", action="store_true", help="skip the package renders and synthetic styles")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     folders = [tuple(spec.split("=", 1)) for spec in args.folder]
-    styles = args.styles.split(",") if args.styles else list(synth.MIX)
+    styles = [] if args.no_synth else args.styles.split(",") if args.styles else list(synth.MIX)
     manifests = [tuple(spec.split("=", 1)) for spec in args.manifest]
-    sets = held_out_sets(folders, args.n, styles, args.font_dirs, manifests)
+    sets = held_out_sets(folders, args.n, styles, args.font_dirs, manifests, package=not args.no_synth)
     rows = []
     header = "| set | images | " + " | ".join(Path(m).name for m in args.models) + " |"
     print(header + "\n|---|---:|" + "---:|" * len(args.models))

@@ -112,6 +112,13 @@ def synth_config() -> synth.SynthConfig:
                              max_len=SYNTH_LENGTHS[1], seed=SYNTH_SEED, font_dirs=dirs)
 
 
+def save_png(image: Image.Image, path: Path) -> None:
+    """Whole or not at all: a build killed mid-write leaves no truncated image to train on."""
+    tmp = path.with_suffix(".tmp.png")
+    image.save(tmp)
+    os.replace(tmp, path)
+
+
 def render_chunk(folder: Path, start: int, n: int, n_blank: int, round_no: int):
     """Synthetic items start..start+n-1 of the seed-1 stream and n_blank images with no text, as PNG
     files in folder: ((path, label) rows, Counter of synthetic styles)."""
@@ -121,13 +128,13 @@ def render_chunk(folder: Path, start: int, n: int, n_blank: int, round_no: int):
     for i in range(start, start + n):
         path = folder / f"s{i:09d}.png"
         if not path.exists():
-            captchas[i][0].save(path)
+            save_png(captchas[i][0], path)
         rows.append((str(path), captchas.label(i).lower()))
         styles[captchas.style(i)] += 1
     for i in range(n_blank):
         path = folder / f"b{round_no:04d}_{i:05d}.png"
         if not path.exists():
-            blank(random.Random(f"blank:{round_no}:{i}")).save(path)
+            save_png(blank(random.Random(f"blank:{round_no}:{i}")), path)
         rows.append((str(path), ""))
     return rows, styles
 
