@@ -52,7 +52,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -316,6 +316,8 @@ def train_round(folder: Path, init: str | None, args) -> float:
                       init_from=init, from_scratch=init is None,
                       val_fraction=0.0, bucket=16, skip_bad=True, threads=args.threads, progress=False,
                       export=False, resume=resume, lr=args.lr, patience=args.epochs_per_round + 1)
+    if "min_steps" in {f.name for f in fields(TrainConfig)}:
+        cfg.min_steps = 0  # a round is one pass per epoch (train.py's small-set floor is for a user's few images)
     train(cfg, log=on_epoch)
     return done[str(args.epochs_per_round)]
 
