@@ -3,20 +3,21 @@
     SyntheticCaptchas(SynthConfig(style="mix", seed=1), n=1000)[7]   ->  (PIL RGB image, "K3q9X")
     SyntheticCaptchas(config, n).label(7)                           ->  "K3q9X"  (nothing rendered)
 
-Sample i is a pure function of (config, i, the fonts found, the PIL version): any order, any
-worker, any rank gives the same image. The label is drawn first from the sample's generator, so
-label(i) needs no rendering.
+Sample i is a pure function of (config, i, the fonts found, the Pillow version and its libjpeg):
+any order, any worker, any rank gives the same image. The label is drawn first from the sample's
+generator, so label(i) needs no rendering.
 
-Styles (STYLES; "mix" draws one per sample, or name several: "v2,varlen"):
+Styles (STYLES; "mix" draws one per sample by its share, mix_shares(); or name several, drawn
+uniformly: "v2,varlen"):
   captcha      the `captcha` package at the config's height/char_width/font_sizes (the default;
                `clean` drops its noise). The package draws from `secrets`; here its module-level
                `secrets` is swapped, for one render, for a shim over the sample's random.Random.
-  captcha_pkg  the `captcha` package as users call it: ImageCaptcha(width, height) at 160x60,
-               200x50, 280x90 or another size, its own font sizes, sometimes another font.
+  captcha_pkg  the `captcha` package as users call it: ImageCaptcha(width, height), 80% at 160x60,
+               200x50 or 280x90 with its own font sizes, else another size; sometimes another font.
   v2           like captcha_images_v2 / Java Kaptcha: 200x50, grey gradient, black ragged glyphs
                touching each other, one thick strike-through curve with a hook, slight blur.
   kaptcha      Kaptcha generalised: coloured ink, light gradients, water-ripple warp, noise
-               curve, sometimes a shadow.
+               curve, sometimes a shadow, half the time a border (Kaptcha's default).
   varlen       like varlen_upper: 80 px high, glyphs in a thin central band with wide gaps, one
                font per captcha (often decorative), vivid or pastel colours on white, thin lines.
   wordpress    plugin-style (Really Simple CAPTCHA and kin): small, clean, dark on a light plain
@@ -26,10 +27,30 @@ Styles (STYLES; "mix" draws one per sample, or name several: "v2,varlen"):
   gradient     two- or three-colour gradient backgrounds, contrasting ink, sometimes a shadow.
   low_contrast ink close to the background's brightness, noisy or textured background, blur.
   textured     cloud/crosshatch/confetti backgrounds, solid or outlined glyphs, filled glyphs.
-  classic      small ASP/JSP-style: per-character random colours, random-coloured lines and dots.
+  classic      small ASP/JSP-style: per-character random colours, random-coloured lines and dots,
+               sometimes a border.
   dense        overlapping wavy glyphs, no noise (reCAPTCHA-like).
   band         small glyphs in a thin band of a tall image, any background, lines and dots.
   generic      every knob drawn at random: the widest coverage.
+  ramp         a dark-to-light grey (or tinted) ramp, mostly left to right, behind per-symbol
+               coloured glyphs.
+  sparse       small text (cap height 10-16 px) in a large image: glyphs cover < 1.2% of it.
+  pale         pale grey/pastel glyphs on white or light: one colour, one per symbol, or a colour
+               ramp inside the glyphs; often outlined (hollow).
+  jumble       rotated (up to 45 degrees), overlapping glyphs of mixed sizes, thin (eroded) or
+               bold (bold faces, wider strokes), dense arcs and dots.
+
+Effects (EFFECTS, applied over any style's finished image; SynthConfig.effects): "mix" gives each
+image each effect at its rate (scaled per style: `captcha_pkg` 0.4, the legacy `captcha` 0;
+effect_rates() gives the resulting fraction of mix images), "none" none, names ("frame,jpeg")
+all of them on every image. They draw from their own generator (effect_rng): an image with
+effects is its effect-free twin plus the effects, and effects(i) needs no rendering.
+  shade        uneven light multiplied in: dark-to-light ramp (across, down, diagonal), vignette,
+               or texture.
+  clutter      dense arcs and dots over everything.
+  frame        1-3 px border lines, one or two (double), black, grey or a contrasting colour.
+  jpeg         JPEG compression at quality 20-90, 4:2:0 or 4:4:4, decoded again in memory.
+mix_table() writes the shares and rates as a Markdown table (for a model card).
 
 Fonts (never downloaded; files already on disk only):
   * shipped with pip packages (always used):
@@ -67,7 +88,7 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequenc
 
 import captcha.image as _captcha_image
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageStat
 
 DIGITS_UPPER = string.digits + string.ascii_uppercase
 DIGITS_LETTERS = string.digits + string.ascii_lowercase + string.ascii_uppercase
@@ -627,7 +648,7 @@ def _grey(image: Image.Image) -> Image.Image:
 # boxes stay right.
 
 def _median_colour(image: Image.Image) -> Colour:
-    return tuple(int(v) for v in np.median(np.asarray(image).reshape(-1, 3), axis=0))
+    return tuple(ImageStat.Stat(image).median)  # per channel, from the histogram (fast)
 
 
 def _frame(image: Image.Image, rng: random.Random) -> Image.Image:
@@ -674,7 +695,7 @@ def _clutter(image: Image.Image, rng: random.Random) -> Image.Image:
     one = _ink(rng, [_median_colour(image)], 60, (_dark, _vivid))
     colour = (lambda: one) if rng.random() < 0.5 else (lambda: _vivid(rng) if rng.random() < 0.6 else _dark(rng))
     _arcs(draw, rng, image.size, rng.randint(3, 10), colour, (1, 2))
-    _dots(draw, rng, image.size, image.width * image.height // rng.randint(25, 120), colour, (0.4, 1.4))
+    _dots(draw, rng, image.size, image.width * image.height // rng.randint(40, 160), colour, (0.4, 1.4))
     return image
 
 
@@ -801,7 +822,8 @@ def _v2(text, rng, pool):
     return Rendered(_grey(_blur(image, rng.uniform(0.3, 0.8))), boxes)
 
 
-@_style("kaptcha", (120, 260, 40, 80), "Kaptcha generalised: light gradient, coloured ink, ripple, noise curve", 6)
+@_style("kaptcha", (120, 260, 40, 80), "Kaptcha generalised: light gradient, coloured ink, ripple, noise curve, border",
+        6)
 def _kaptcha(text, rng, pool):
     h = rng.randint(40, 80)
     image_bg = [_light(rng), _light(rng)] if rng.random() < 0.6 else [(rng.randint(180, 230),) * 3, (255, 255, 255)]
@@ -950,7 +972,7 @@ def _textured(text, rng, pool):
     return Rendered(_blur(image, rng.choice((0, 0, 0.5))), boxes)
 
 
-@_style("classic", (80, 180, 30, 50), "small ASP/JSP-style: per-symbol colours, coloured lines and dots", 6)
+@_style("classic", (80, 180, 30, 50), "small ASP/JSP-style: per-symbol colours, coloured lines and dots, border", 6)
 def _classic(text, rng, pool):
     h = rng.randint(30, 50)
     run = _run(text, rng, [pool.pick_plain(rng) if rng.random() < 0.6 else pool.pick(rng)],
