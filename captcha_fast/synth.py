@@ -34,7 +34,7 @@ uniformly: "v2,varlen"):
   generic      every knob drawn at random: the widest coverage.
   ramp         a dark-to-light grey (or tinted) ramp, mostly left to right, behind per-symbol
                coloured glyphs.
-  sparse       small text (cap height 10-16 px) in a large image: glyphs cover < 1.2% of it.
+  sparse       small text (cap height 10-14 px) in a large image: glyphs cover < 1.6% of it.
   pale         pale grey/pastel glyphs on white or light: one colour, one per symbol, or a colour
                ramp inside the glyphs; often outlined (hollow).
   jumble       rotated (up to 45 degrees), overlapping glyphs of mixed sizes, thin (eroded) or
@@ -1082,13 +1082,13 @@ def _ramp(text, rng, pool):
     return Rendered(_blur(image, rng.choice((0, 0, 0.4))), boxes)
 
 
-SPARSE_INK = 0.012  # style "sparse": the most of the image its glyphs may cover
+SPARSE_INK = 0.016  # style "sparse": the most of the image its glyphs may cover
 
 
-@_style("sparse", (160, 640, 60, 200), "small text in a large image: glyphs cover under 1.2% of the pixels", 4)
+@_style("sparse", (160, 640, 60, 200), "small text in a large image: glyphs cover under 1.6% of the pixels", 4)
 def _sparse(text, rng, pool):
     run = _run(text, rng, [pool.pick_plain(rng) if rng.random() < 0.7 else pool.pick(rng)],
-               rng.uniform(MIN_CAP, 16), rotate=rng.choice((0, 5, 10)), scale_jitter=0.05, gap=(0.05, 0.5))
+               rng.uniform(MIN_CAP, 14), rotate=rng.choice((0, 5, 10)), scale_jitter=0.05, gap=(0.05, 0.5))
     ink = sum(int(np.count_nonzero(np.asarray(g.mask) > 0)) for g in run.glyphs)
     h = rng.randint(60, 140)  # the width grows first to keep the ink sparse, then the height
     w = min(640, max(rng.randint(160, 400), int(run.width * rng.uniform(1.5, 3)), math.ceil(ink / SPARSE_INK / h)))
