@@ -121,22 +121,23 @@ def save_png(image: Image.Image, path: Path) -> None:
 
 def render_chunk(folder: Path, start: int, n: int, n_blank: int, round_no: int):
     """Synthetic items start..start+n-1 of the seed-1 stream and n_blank images with no text, as PNG
-    files in folder: ((path, label) rows, Counter of synthetic styles)."""
+    files in folder: ((path, label) rows, Counter of synthetic styles, Counter of effects)."""
     folder.mkdir(parents=True, exist_ok=True)
     captchas = synth.SyntheticCaptchas(synth_config(), 10 ** 9)
-    rows, styles = [], Counter()
+    rows, styles, effects = [], Counter(), Counter()
     for i in range(start, start + n):
         path = folder / f"s{i:09d}.png"
         if not path.exists():
             save_png(captchas[i][0], path)
         rows.append((str(path), captchas.label(i).lower()))
         styles[captchas.style(i)] += 1
+        effects.update(captchas.effects(i))
     for i in range(n_blank):
         path = folder / f"b{round_no:04d}_{i:05d}.png"
         if not path.exists():
             save_png(blank(random.Random(f"blank:{round_no}:{i}")), path)
         rows.append((str(path), ""))
-    return rows, styles
+    return rows, styles, effects
 
 
 def stream_slice(rows: list, start: int, count: int, name: str) -> list:
@@ -246,7 +247,8 @@ def load_state(out: Path, args) -> dict:
              "font_packages": sorted({*build.get("font_packages", []), *font_packages()}),
              "hours": float(build.get("hours", 0.0)), "next_round": int(build.get("round", 0)) + 1,
              "synth_next": int(build.get("synth_next", 0)), "draws": dict(build.get("draws", {})),
-             "synth_styles": dict(build.get("synth_styles", {})), "offsets": dict(build.get("offsets", {})),
+             "synth_styles": dict(build.get("synth_styles", {})), "synth_effects": dict(build.get("synth_effects", {})),
+             "offsets": dict(build.get("offsets", {})),
              "render_hours": 0.0, "eval_hours": 0.0, "start_scored": init is None or bool(build),  # built: in the log
              # a round is installed only if it beats the start
              "best": {"round": build["round"], "score": build["accuracy"]["score"], "start": True} if build else None}
@@ -284,14 +286,14 @@ def prepare_round(out: Path, state: dict, sources: dict, shares: dict, args) -> 
         return folder
     t0 = time.process_time()
     counts = round_counts(shares, sources, args.round_images)
-    rows, styles = render_chunk(out / "synth" / f"round_{k:04d}", state["synth_next"], counts["synth"],
+    rows, styles, effects = render_chunk(out / "synth" / f"round_{k:04d}", state["synth_next"], counts["synth"],
                                 counts["blank"], k)
     for name, (_, source_rows) in sources.items():
         start = state["offsets"].get(name, 0)
         rows += stream_slice(source_rows, start, counts[name], name)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.tsv").write_text("".join(f"{p}\t{label}\n" for p, label in rows))
-    plan = {"counts": counts, "synth_start": state["synth_next"], "styles": dict(styles),
+    plan = {"counts": counts, "synth_start": state["synth_next"], "styles": dict(styles), "effects": dict(effects),
             "render_hours": (time.process_time() - t0) / 3600}
     plan_path.write_text(json.dumps(plan, indent=1))
     return folder
@@ -358,8 +360,9 @@ def finish_round(out: Path, folder: Path, state: dict, hours: float, sets: dict)
         state["draws"][name] = state["draws"].get(name, 0) + n
         if name not in ("synth", "blank"):
             state["offsets"][name] = state["offsets"].get(name, 0) + n
-    for style, n in plan["styles"].items():
-        state["synth_styles"][style] = state["synth_styles"].get(style, 0) + n
+    for key in ("styles", "effects"):
+        for name, n in plan[key].items():
+            state[f"synth_{key}"][name] = state[f"synth_{key}"].get(name, 0) + n
     row = {"run": state["run"], "round": k, "hours": f"{state['hours']:.4f}", "round_hours": f"{hours:.4f}",
            "render_hours": f"{state['render_hours']:.4f}", "eval_hours": f"{state['eval_hours']:.4f}",
            "images": sum(plan["counts"].values()) * int(load_checkpoint(folder / "last.ckpt")["epoch"] + 1),
@@ -385,6 +388,7 @@ def build_entry(state: dict, row: dict) -> dict:
     """What default.ckpt carries about its build: where the next session continues, and the card's facts."""
     return {"hours": state["hours"], "round": row["round"], "run": state["run"], "synth_next": state["synth_next"],
             "draws": state["draws"], "offsets": state["offsets"], "synth_styles": state["synth_styles"],
+            "synth_effects": state["synth_effects"],
             "started_from": state["started_from"], "font_packages": state["font_packages"],
             "accuracy": {k: float(v) for k, v in row.items() if k not in LOG_KEYS or k in ("score", "unseen")},
             "eval_sizes": state["eval_sizes"]}
@@ -459,11 +463,14 @@ def write_model_card(target: Path, ckpt: dict, args) -> None:
             row = (f"{name}, train split ({r.get('style', '')})", f"{r['repository']} @ {r['commit']}",
                    r["paths"], r["licence"], min(n, r["train"]))
         L.append(f"| {row[0]} | {row[1]} | {row[2]} | {row[3]} | {n:,} | {share} | {row[4]:,} |")
-    styles = b["synth_styles"]
-    n_styles = sum(styles.values())
-    L += ["", "Synthetic styles (synth.STYLES; share of the synthetic images drawn):", "",
-          "| style | images | share |", "|---|---:|---:|"]
-    L += [f"| {st} | {n:,} | {100 * n / n_styles:.1f}% |" for st, n in sorted(styles.items(), key=lambda kv: -kv[1])]
+    styles, effects = b["synth_styles"], b.get("synth_effects", {})
+    n_synth = sum(styles.values())
+    L += ["", "Synthetic styles and effects (synth.STYLES, synth.EFFECTS: an image has one style and any number of "
+          "effects), as drawn: share of the synthetic images.", "",
+          "| style or effect | images | share | what |", "|---|---:|---:|---|"]
+    for kind, table, about in (("style", styles, synth.STYLES), ("effect", effects, getattr(synth, "EFFECTS", {}))):
+        L += [f"| {kind} `{name}` | {n:,} | {100 * n / n_synth:.1f}% | "
+              f"{getattr(about.get(name), 'about', '')} |" for name, n in sorted(table.items(), key=lambda kv: -kv[1])]
     fonts = b.get("font_packages", [])
     L += ["", "Fonts: the `captcha` package's DejaVu plus these Debian packages (licences from their copyright "
           "files, as synth.DEBIAN_FONT_PACKAGES lists): " +
