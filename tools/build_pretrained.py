@@ -541,7 +541,8 @@ def main(argv=None) -> None:
     p.add_argument("--real", type=Path, default=None, help="tools/real_sets.py's --out (sets.json)")
     p.add_argument("--out", type=Path, default=Path("runs/build"))
     p.add_argument("--hours", type=float, default=1.0, help="training hours (CPU time) for this invocation")
-    p.add_argument("--round-images", type=int, default=32000, help="images per round's manifest (2 epochs of 32000: about 16 CPU minutes in float32 at ~68 img/s)")
+    p.add_argument("--round-images", type=int, default=32000,
+                   help="images per round's manifest (2 epochs of 32000: about 16 CPU minutes at ~68 img/s)")
     p.add_argument("--epochs-per-round", type=int, default=2)
     p.add_argument("--shares", default=DEFAULT_SHARES)
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of each round's OneCycle")
