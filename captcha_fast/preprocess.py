@@ -191,12 +191,13 @@ def background(x: Tensor) -> Tensor:
     windows = F.unfold(padded, [7, 13]).view(N, C, 91, sh * sw)          # 7 x 13 = BG_WINDOW
     bg = windows.median(2, keepdim=True).values                         # (N, C, 1, sh * sw)
     # Dense text can hold half a window. The ink's side of each channel (darker or brighter than the
-    # background) shows in its skew over the image; a second median leaves out the samples on that
-    # side of the first, so the text cannot pull the background towards itself.
+    # background) shows in its skew over the image (Pearson's median skewness; a ramp or a plain
+    # background has none); a second median leaves out the samples more than 0.1 beyond the first
+    # on that side, so the text cannot pull the background towards itself.
     flat = samples.flatten(2)
-    skew = flat.mean(2) - flat.median(2).values                          # (N, C): > 0: the ink is brighter
-    side = torch.where(skew > 0.01, 1.0, torch.where(skew < -0.01, -1.0, 0.0)).view(N, C, 1, 1)
-    kept = torch.where(side * (windows - bg) > 0.03, torch.full_like(windows, float("nan")), windows)
+    skew = 3.0 * (flat.mean(2) - flat.quantile(0.5, dim=2)) / flat.std(2).clamp_min(1e-6)   # (N, C)
+    side = torch.where(skew > 0.5, 1.0, torch.where(skew < -0.5, -1.0, 0.0)).view(N, C, 1, 1)
+    kept = torch.where(side * (windows - bg) > 0.1, torch.full_like(windows, float("nan")), windows)
     second = kept.nanmedian(2, keepdim=True).values
     bg = torch.where(second.isnan(), bg, second).view(N, C, sh, sw)
     return F.interpolate(bg, size=[h, w], mode="bilinear", align_corners=True)
@@ -214,8 +215,11 @@ def to_ink(x: Tensor) -> Tensor:
     uniform, a gradient) becomes all zero. Each image of the batch is treated on its own."""
     H, W = x.shape[2], x.shape[3]
     b = _border_band(H, W)
-    # the background from the inside only (a frame there would pass for background), carried out to the edges
-    bg = F.pad(background(x[:, :, b: H - b, b: W - b]), [b, b, b, b], mode="replicate")
+    # the background from the inside only (a frame there would pass for background), extended
+    # linearly over the band (2 f(edge) - f(edge + k) at edge - k: a ramp goes on to the edges)
+    bg = background(x[:, :, b: H - b, b: W - b])
+    if b > 0:
+        bg = 2.0 * F.pad(bg, [b, b, b, b], mode="replicate") - F.pad(bg, [b, b, b, b], mode="reflect")
     dist = (x - bg).abs().amax(1, keepdim=True)                          # (N, 1, H, W)
     # a frame: a row or column of the border band that stands out along 80% of its length
     lines = (dist > 0.06).float()                                        # 0.06 = MIN_CONTRAST
@@ -267,24 +271,23 @@ def ink_boxes(ink: Tensor) -> Tensor:
     (25% at the sides) are kept around the core. An image without ink keeps its whole extent."""
     N, H, W = ink.shape[0], ink.shape[2], ink.shape[3]
     opened = F.max_pool2d(-F.max_pool2d(-ink, (3, 1), 1, (1, 0)), (3, 1), 1, (1, 0))
-    mass = torch.where(opened.sum([1, 2, 3], keepdim=True) > 0.0, opened, ink)[:, 0]      # (N, H, W)
+    opened, faint = (opened - 0.1).clamp_min(0.0), (ink - 0.1).clamp_min(0.0)  # a faint haze does not count
+    mass = torch.where(opened.sum([1, 2, 3], keepdim=True) > 0.0, opened, faint)[:, 0]    # (N, H, W)
     has_ink = mass.sum([1, 2]) > 0.0
     mass = torch.where(has_ink.view(N, 1, 1), mass, torch.ones_like(mass))                # blank: all of it
     rows, cols = mass.sum(2), mass.sum(1)
     top, bottom = _quantile_index(rows, 0.02), _quantile_index(rows, 0.98)
     left, right = _quantile_index(cols, 0.01), _quantile_index(cols, 0.99)
     band = bottom - top + 1
-    solid = opened[:, 0] > 0.5                                   # strong ink at least 3 px tall
+    solid = opened[:, 0] > 0.4                                   # strong ink (> 0.5) at least 3 px tall
     gap, reach = (0.4 * band.float() + 0.5).floor().long(), (0.6 * band.float() + 0.5).floor().long()
-    row_ink, col_ink = solid.any(2), solid.any(1)
-    up = _reach_back(row_ink, top, gap, reach)                   # the far ends: reach back along a flipped axis
+    row_ink = solid.any(2)
+    up = _reach_back(row_ink, top, gap, reach)                   # the bottom: reach back along flipped rows
     down = H - 1 - _reach_back(row_ink.flip(1), H - 1 - bottom, gap, reach)
-    lo = _reach_back(col_ink, left, gap, band)
-    hi = W - 1 - _reach_back(col_ink.flip(1), W - 1 - right, gap, band)
     m = (0.15 * band.float() + 0.5).floor().long().clamp_min(2)
     side = (0.25 * band.float() + 0.5).floor().long().clamp_min(2)
     box = torch.stack([torch.minimum(up, top - m).clamp_min(0), torch.maximum(down, bottom + m).clamp_max(H - 1),
-                       torch.minimum(lo, left - side).clamp_min(0), torch.maximum(hi, right + side).clamp_max(W - 1)], 1)
+                       (left - side).clamp_min(0), (right + side).clamp_max(W - 1)], 1)
     full = torch.tensor([0, H - 1, 0, W - 1], device=ink.device).expand(N, 4)
     return torch.where(has_ink.view(N, 1), box, full)
 
