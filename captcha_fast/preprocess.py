@@ -174,13 +174,14 @@ def _border_band(H: int, W: int) -> int:
 
 
 def background(x: Tensor) -> Tensor:
-    """(N, C, h, w) float -> (N, C, h, w): each image's local background colour, as document
-    binarisation estimates it. The image is sampled on a grid (about 8 points high, the same spacing
-    across), each grid point takes the per-channel median of the 7 x 7 samples around it (a window
-    about as high as the image: text covers well under half of it), and the result is bilinearly
-    interpolated back. A median of a symmetric window follows linear gradients exactly (and,
-    with replicated edges, monotone ones up to the edges), so ramps, vignettes and slowly varying
-    textures become background while glyph strokes, far thinner than the window, do not."""
+    """(N, C, h, w) float -> (N, C, h, w): each image's local background colour, estimated as document
+    binarisation does. The image is sampled on a grid (8 points high, the same spacing across); each
+    grid point takes the per-channel median of the 7 x 13 samples around it (a window about as high
+    as the image and twice as wide, so text covers well under half of it), and the grid is
+    interpolated back bilinearly. A median over a symmetric window follows a linear ramp exactly
+    (with replicated edges, any monotone one), so gradients, mild vignettes and slowly varying
+    textures are background, while glyph strokes, far thinner than the window, are not. Cost: a
+    few thousand samples per image whatever its size, then one bilinear resize."""
     h, w = x.shape[2], x.shape[3]
     step = max(1.0, (h - 1) / 7.0)  # 7 = BG_SAMPLES - 1
     rows = torch.linspace(0.0, h - 1.0, int((h - 1) / step + 0.5) + 1, device=x.device).round().long()
@@ -206,13 +207,14 @@ def background(x: Tensor) -> Tensor:
 def to_ink(x: Tensor) -> Tensor:
     """(N, C, H, W) float in [0, 1], RGB or grey (after compositing) -> (N, 1, H, W) ink in [0, 1]:
     each pixel's distance from the local background (`background`; the largest channel difference),
-    divided by the image's ink strength: the strongest distance that two neighbouring pixels share
-    (so a lone noisy pixel cannot set it, a 1-px stroke can). Pastel glyphs on white, light text on
-    dark, dark text on colour and text on a gradient all become the same bright ink on black,
-    however little of the image the text covers. A thin frame of any colour is not ink: the
-    background is estimated inside the outer 3 px (FRAME), and a row or column there that stands
-    out along 80% of its length is a frame line. An image whose ink strength is below MIN_CONTRAST (blank,
-    uniform, a gradient) becomes all zero. Each image of the batch is treated on its own."""
+    divided by the image's ink strength: the mean distance of the pixels within half of the peak,
+    the strongest distance two neighbouring pixels share (so a lone noisy pixel cannot set it, a
+    1-px stroke can). Pastel glyphs on white, light text on dark, dark text on colour and text on
+    a gradient all become the same bright ink on black, however little of the image the text
+    covers. A thin frame of any colour is not ink: the background is estimated inside the outer
+    3 px (FRAME), and a row or column there that stands out along 80% of its length is a frame
+    line. An image whose peak is below MIN_CONTRAST (blank, uniform, a gradient) becomes all zero.
+    Each image of the batch is treated on its own, without a host sync."""
     H, W = x.shape[2], x.shape[3]
     b = _border_band(H, W)
     # the background from the inside only (a frame there would pass for background), extended
@@ -228,11 +230,10 @@ def to_ink(x: Tensor) -> Tensor:
     frame = ((lines.mean(3, keepdim=True) >= 0.8) & ((rows < b) | (rows >= H - b))) \
         | ((lines.mean(2, keepdim=True) >= 0.8) & ((cols < b) | (cols >= W - b)))
     dist = torch.where(frame, torch.zeros_like(dist), dist)
-    strength = dist.amax([1, 2, 3], keepdim=True)                        # 1-px-thin images: the strongest
+    peak = dist.amax([1, 2, 3], keepdim=True)                            # 1-px-thin images: the strongest
     if H > 1 and W > 1:  # the strongest distance two neighbours share, down or across
-        strength = torch.maximum(torch.minimum(dist[:, :, 1:, :], dist[:, :, :-1, :]).amax([1, 2, 3], keepdim=True),
-                                 torch.minimum(dist[:, :, :, 1:], dist[:, :, :, :-1]).amax([1, 2, 3], keepdim=True))
-    peak = strength
+        peak = torch.maximum(torch.minimum(dist[:, :, 1:, :], dist[:, :, :-1, :]).amax([1, 2, 3], keepdim=True),
+                             torch.minimum(dist[:, :, :, 1:], dist[:, :, :, :-1]).amax([1, 2, 3], keepdim=True))
     strong = (dist >= 0.5 * peak).float()
     strength = (dist * strong).sum([1, 2, 3], keepdim=True) / strong.sum([1, 2, 3], keepdim=True)
     ink = (dist / strength.clamp_min(0.06)).clamp(0.0, 1.0)              # 0.06 = MIN_CONTRAST
@@ -263,12 +264,12 @@ def ink_boxes(ink: Tensor) -> Tensor:
     image's text.
 
     The text's core is the rows and columns holding all but 2% / 1% of the ink mass at either end,
-    measured after a vertical opening (3 px) that erases strike-through lines up to 2 px thick. The
-    core then grows over the glyph parts those trims cut: rows and columns holding strong ink (> 0.5
-    after the opening, so no lone pixels nor thin lines) reached from the core across gaps of
-    at most 40% of the core's height (the dots of i, j, !, :, descenders), up to 60% of the core's
-    height above and below and one core height at the sides. Margins of 15% of the core's height
-    (25% at the sides) are kept around the core. An image without ink keeps its whole extent."""
+    measured after a vertical opening (3 px) that erases strike-through lines up to 2 px thick, and
+    above a haze of 0.1 (what a background estimate leaves). The core then grows up and down over
+    the glyph parts the trim cut (the dots of i, j, !, ;, descenders): rows holding strong ink
+    (> 0.5 after the opening, so no lone pixels nor thin lines) reached from the core across gaps
+    of at most 40% of the core's height, up to 60% of it. Margins of 15% of the core's height (25%
+    at the sides) are kept around the core. An image without ink keeps its whole extent."""
     N, H, W = ink.shape[0], ink.shape[2], ink.shape[3]
     opened = F.max_pool2d(-F.max_pool2d(-ink, (3, 1), 1, (1, 0)), (3, 1), 1, (1, 0))
     opened, faint = (opened - 0.1).clamp_min(0.0), (ink - 0.1).clamp_min(0.0)  # a faint haze does not count
