@@ -25,8 +25,8 @@ def test_ink_is_distance_from_the_background_whatever_the_colours():
     light_on_dark = _ink(_page(bg=(20, 20, 60), fg=(230, 230, 230)))
     for ink in (dark_on_white, pastel_on_white, light_on_dark):
         assert ink.shape == (1, 1, 80, 300)
-        torch.testing.assert_close(ink, dark_on_white, atol=1e-6, rtol=0)  # glyph 1, background 0
-    assert float(dark_on_white[0, 0, 40, 100]) == 1.0 and float(dark_on_white[0, 0, 5, 5]) < 1e-6
+        torch.testing.assert_close(ink, dark_on_white, atol=0.01, rtol=0)  # glyph 1, background 0
+    assert float(dark_on_white[0, 0, 40, 100]) == 1.0 and float(dark_on_white[0, 0, 5, 5]) < 0.01
 
 
 @pytest.mark.parametrize("image", [

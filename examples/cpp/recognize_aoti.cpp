@@ -77,25 +77,37 @@ static torch::Tensor to_channels(torch::Tensor x, int64_t in_channels) {
   return x;
 }
 
-// The local background: per-channel medians of 7 x 13 windows on a sampled grid (8 points high),
-// a second median without the samples far on the ink's side, interpolated back. preprocess.background.
+// The (lower) median of the counted values of each window, by bisection on the value. preprocess._window_median.
+static torch::Tensor window_median(const torch::Tensor& windows, const torch::Tensor& kept, int steps) {
+  torch::Tensor rank = torch::floor_divide(kept.sum(2, true) + 1, 2);
+  torch::Tensor lo = torch::zeros_like(windows.slice(2, 0, 1)), hi = torch::ones_like(lo);
+  for (int i = 0; i < steps; ++i) {
+    torch::Tensor mid = 0.5 * (lo + hi);
+    torch::Tensor enough = ((windows <= mid) & kept).sum(2, true) >= rank;
+    hi = torch::where(enough, mid, hi);
+    lo = torch::where(enough, lo, mid);
+  }
+  return 0.5 * (lo + hi);
+}
+
+// The local background: per-channel medians of 7 x 7 windows on a sampled grid (8 points high, twice
+// the spacing across), a second median without the samples far on the ink's side, interpolated back.
+// preprocess.background.
 static torch::Tensor background(const torch::Tensor& x) {
   const int64_t h = x.size(2), w = x.size(3);
   const double step = std::max(1.0, (h - 1) / 7.0);
-  auto grid = [&](int64_t n) {
-    return torch::linspace(0.0, n - 1.0, static_cast<int64_t>((n - 1) / step + 0.5) + 1, x.options()).round().to(torch::kLong);
+  auto grid = [&](int64_t n, double spacing) {
+    return torch::linspace(0.0, n - 1.0, static_cast<int64_t>((n - 1) / spacing + 0.5) + 1, x.options()).round().to(torch::kLong);
   };
-  torch::Tensor samples = x.index_select(2, grid(h)).index_select(3, grid(w));
+  torch::Tensor samples = x.index_select(2, grid(h, step)).index_select(3, grid(w, 2.0 * step));
   const int64_t N = samples.size(0), C = samples.size(1), sh = samples.size(2), sw = samples.size(3);
-  torch::Tensor padded = F::pad(samples, F::PadFuncOptions({6, 6, 3, 3}).mode(torch::kReplicate));
-  torch::Tensor windows = F::unfold(padded, F::UnfoldFuncOptions({7, 13})).view({N, C, 91, sh * sw});
-  torch::Tensor bg = std::get<0>(windows.median(2, /*keepdim=*/true));
+  torch::Tensor padded = F::pad(samples, F::PadFuncOptions({3, 3, 3, 3}).mode(torch::kReplicate));
+  torch::Tensor windows = F::unfold(padded, F::UnfoldFuncOptions({7, 7})).view({N, C, 49, sh * sw});
+  torch::Tensor bg = window_median(windows, torch::ones_like(windows, torch::kBool), 6);
   torch::Tensor flat = samples.flatten(2);
   torch::Tensor skew = 3.0 * (flat.mean(2) - flat.quantile(0.5, 2)) / flat.std(2).clamp_min(1e-6);
   torch::Tensor side = torch::where(skew > 0.5, 1.0, torch::where(skew < -0.5, -1.0, 0.0)).view({N, C, 1, 1});
-  torch::Tensor kept = torch::where(side * (windows - bg) > 0.1, torch::full_like(windows, NAN), windows);
-  torch::Tensor second = std::get<0>(kept.nanmedian(2, /*keepdim=*/true));
-  bg = torch::where(second.isnan(), bg, second).view({N, C, sh, sw});
+  bg = window_median(windows, side * (windows - bg) <= 0.1, 9).view({N, C, sh, sw});
   return F::interpolate(bg, F::InterpolateFuncOptions().size(std::vector<int64_t>{h, w}).mode(torch::kBilinear).align_corners(true));
 }
 
