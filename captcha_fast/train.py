@@ -104,7 +104,8 @@ class TrainConfig:
     # runtime
     device: str = _opt("auto", "where to train (auto: CUDA when available)", choices=("auto", "cpu", "cuda"))
     threads: int = _opt(0, "torch CPU threads (0: torch's default; 1 is best on a busy machine)")
-    amp: bool = _opt(True, "autocast on CUDA (bf16 where supported, else fp16 with a gradient scaler)")
+    amp: bool = _opt(True, "autocast: bf16 on CUDA where supported (else fp16 with a gradient scaler), bf16 on CPUs "
+                           "with native bf16 (avx512_bf16 or amx_bf16 in /proc/cpuinfo); float32 elsewhere")
     resume: bool = _opt(False, "continue the run in --out from its last.ckpt")
     progress: bool = _opt(True, "progress bars (--quiet: none)", also={"--quiet": False})
     export: bool = _opt(True, "write model.pt, a TorchScript recognizer of the best weights, at the end")
@@ -145,6 +146,27 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): there bf16 convolutions
+    are faster than float32; elsewhere oneDNN emulates them, many times slower. Decided from the
+    CPU's flags: torch's mkldnn check also answers True on AVX-512 CPUs that only emulate bf16."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(cfg: "TrainConfig", device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of the training forward (None: float32), per --amp and the device."""
+    if not cfg.amp:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -227,7 +249,7 @@ def char_warmup(run: "_Run") -> None:
         ones.set_epoch(step)
         for idx in sampler:
             b = collate([ones[i] for i in idx])
-            log_probs, lengths = run.net(b.images.to(device), b.widths.to(device))
+            log_probs, lengths = run.net(_on(device, b.images), b.widths.to(device))
             mask = (torch.arange(log_probs.shape[0], device=device)[:, None] < lengths[None]).float()  # (T, N)
             # Symbols only, renormalised without the blank: the warm-up teaches which symbol, and
             # leaves where (blank or not) to CTC.
@@ -305,7 +327,8 @@ def _setup(cfg: TrainConfig, ddp: Dist) -> _Run:
     for ds in (train_ds, val_ds):
         if ds is not None:
             check_lengths(ds, model, cfg.skip_bad)
-    model = model.to(ddp.device)
+    # Channels-last is oneDNN's (and cuDNN's) native layout: no reorders around each conv.
+    model = model.to(ddp.device, memory_format=torch.channels_last)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -314,9 +337,7 @@ def _setup(cfg: TrainConfig, ddp: Dist) -> _Run:
                                  shuffle=True, bucket=cfg.bucket, rank=ddp.rank, world=ddp.world)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak_lr(cfg), total_steps=cfg.epochs * len(sampler),
                                                 pct_start=cfg.warmup, div_factor=20, final_div_factor=200)
-    amp_dtype = None
-    if cfg.amp and ddp.device.type == "cuda":
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    amp_dtype = autocast_dtype(cfg, ddp.device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     run = _Run(cfg, ddp, out, train_ds, val_ds, charset, model, ddp.wrap(model), opt, sampler, sched, scaler, amp_dtype)
     if state is not None:
@@ -350,6 +371,11 @@ def peak_lr(cfg: TrainConfig) -> float:
     return cfg.lr if cfg.lr is not None else (3e-3 if cfg.from_scratch else 1e-3)
 
 
+def _on(device: torch.device, images: Tensor) -> Tensor:
+    """A batch of images on the device, channels-last (the model's layout)."""
+    return images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
+
 def _exact_reads(log_probs: Tensor, lengths: Tensor, b: Batch) -> Tensor:
     """How many greedy reads (the C++/CUDA op, no strings) equal their targets, on the device."""
     tokens, token_lengths, _ = torch.ops.captcha_fast.ctc_greedy_decode(log_probs, lengths, 0)  # (N, T), -1 padded
@@ -375,7 +401,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     for idx in batches:
         b = collate([run.train_ds[i] for i in idx])
         with torch.autocast(device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
-            log_probs, lengths = run.net(b.images.to(device, non_blocking=True), b.widths.to(device))
+            log_probs, lengths = run.net(_on(device, b.images), b.widths.to(device))
         loss = run.ctc(log_probs.float(), b.targets.to(device), lengths, b.target_lengths.to(device))
         if not torch.isfinite(loss):
             raise RuntimeError(f"CTC loss is {float(loss)} at epoch {epoch + 1} on labels {b.labels}: "
@@ -412,7 +438,7 @@ def _validate(run: _Run) -> dict:
     with torch.no_grad():
         for idx in batches:
             b = collate([ds[i] for i in idx])
-            log_probs, lengths = run.model(b.images.to(device), b.widths.to(device))
+            log_probs, lengths = run.model(_on(device, b.images), b.widths.to(device))
             loss_sum += float(run.ctc(log_probs, b.targets.to(device), lengths, b.target_lengths.to(device))) * len(idx)
             reads += greedy_decode(log_probs, lengths, run.charset)
             truths += b.labels
