@@ -302,19 +302,51 @@ def test_ddp_two_cpu_processes_match_single(tmp_path):
     assert cos > 0.9 and 0.8 < float(da.norm() / db.norm()) < 1.25, (cos, float(da.norm() / db.norm()))
 
 
-def test_fine_tunes_from_the_shipped_model_by_default(tmp_path, monkeypatch):
+def test_start_weights_default_and_conflicts(tmp_path, monkeypatch):
     from captcha_fast import train as train_module
 
-    shipped = tmp_path / "default.ckpt"
-    shipped.write_bytes(b"")
-    monkeypatch.setattr(train_module, "PRETRAINED_CHECKPOINT", shipped)
     cfg = TrainConfig(data="x", out=str(tmp_path))
-    assert train_module.start_weights(cfg) == shipped and train_module.peak_lr(cfg) == 1e-3
-    scratch = TrainConfig(data="x", out=str(tmp_path), from_scratch=True)
-    assert train_module.start_weights(scratch) is None and train_module.peak_lr(scratch) == 3e-3
+    assert train_module.start_weights(cfg) == train_module.PRETRAINED_CHECKPOINT and train_module.peak_lr(cfg) == 1e-3
     assert train_module.start_weights(TrainConfig(data="x", out="o", init_from="run")) == Path("run")
     with pytest.raises(ValueError, match="contradict"):
         train_module.start_weights(TrainConfig(data="x", out="o", init_from="run", from_scratch=True))
     monkeypatch.setattr(train_module, "PRETRAINED_CHECKPOINT", tmp_path / "missing.ckpt")
     with pytest.raises(FileNotFoundError, match="missing.ckpt.*--from-scratch"):
         train_module.start_weights(cfg)
+
+
+def _package_captchas(folder, seed, n):
+    """n `captcha` package captchas at 160x60 (a style the shipped model reads poorly), 0-9a-z, 4-5 long."""
+    from captcha_fast.synth import render_package, sample_rng
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, labels = [], []
+    for i in range(n):
+        rng = sample_rng(seed, i)
+        text = "".join(rng.choice("0123456789abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(4, 5)))
+        render_package(text, rng, 160, 60).save(folder / f"{text}_{i}.png")
+        paths.append(str(folder / f"{text}_{i}.png"))
+        labels.append(text)
+    return paths, labels
+
+
+@pytest.mark.slow
+def test_default_recipe_fine_tunes_the_shipped_model(tmp_path):
+    """The default path for real: `train DIR` with nothing but a short budget fine-tunes the shipped
+    checkpoint (ink map, small-set augmentation, no validation split) on 100 images of a style it
+    reads poorly, and reads held-out images of that style much better afterwards."""
+    _package_captchas(tmp_path / "train", seed=101, n=100)
+    held, truths = _package_captchas(tmp_path / "held", seed=202, n=100)
+
+    def accuracy(model):
+        return sum(r.lower() == t for r, t in zip(api.predict_batch(held, model, decoder="greedy"), truths)) / 100
+
+    before = accuracy(None)  # the shipped model
+    lines = []
+    path = train(TrainConfig(data=str(tmp_path / "train"), out=str(tmp_path / "run"), min_steps=240, epochs=4,
+                             threads=1, progress=False), log=lines.append)
+    assert lines[0] == ("100 training images, 0 for validation; 4 epochs of 15 passes = 240 optimizer steps; "
+                        "no validation split: the model is the last epoch's weights")
+    ckpt = load_checkpoint(tmp_path / "run" / "best.ckpt")
+    assert ckpt["epoch"] == 3 and ckpt["model_config"]["ink"]
+    after = accuracy(path)
+    assert after >= before + 0.25, (before, after)
