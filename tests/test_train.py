@@ -349,4 +349,4 @@ def test_default_recipe_fine_tunes_the_shipped_model(tmp_path):
     ckpt = load_checkpoint(tmp_path / "run" / "best.ckpt")
     assert ckpt["epoch"] == 3 and ckpt["model_config"]["ink"]
     after = accuracy(path)
-    assert after >= before + 0.25, (before, after)
+    assert after >= before + 0.2, (before, after)  # measured: 0.39 -> 0.70 (bf16 CPU)
