@@ -51,6 +51,10 @@ from captcha_fast.preprocess import MAX_WIDTH
 from captcha_fast.synth import DIGITS_UPPER, SynthConfig
 
 
+SMALL_SET = 200      # fewer labelled images: no validation split by default, stronger augmentation
+VAL_FRACTION = 0.15  # the validation share of larger sets
+
+
 def _opt(default, help: str, **cli):
     """A TrainConfig field: its default and the help of its CLI flag (cli.py generates the flags).
     cli: flag (another flag name), metavar, choices, required, also ({flag: value} shortcuts)."""
@@ -97,15 +101,15 @@ class TrainConfig:
     max_minutes: Optional[float] = _opt(None, "stop (as early stopping does) after this much training time")
     stop_after: Optional[int] = _opt(None, "end this invocation after this many epochs (continue with --resume)")
     stop_at_accuracy: Optional[float] = _opt(None, "stop once validation accuracy reaches this (0-1)")
-    augment: bool = _opt(True, "small random distortions of the training images (stronger for sets of fewer than "
-                               "200 images)")
+    augment: bool = _opt(True, f"small random distortions of the training images (stronger for sets of fewer than "
+                               f"{SMALL_SET} images)")
     char_warmup: int = _opt(200, "steps of single-character pretraining on rendered captchas of the charset "
                                  "before CTC, when training from scratch (0: off)")
     char_warmup_lr: float = _opt(2e-3, "learning rate of the single-character warm-up")
     # data
-    val_fraction: Optional[float] = _opt(None, "share of the images held out for validation (by a hash of name and "
-                                               "seed); default 0.15, or 0 for fewer than 200 images (a fixed budget, "
-                                               "the last weights kept)")
+    val_fraction: Optional[float] = _opt(None, f"share of the images held out for validation (by a hash of name and "
+                                               f"seed); default {VAL_FRACTION}, or 0 for fewer than {SMALL_SET} images "
+                                               f"(a fixed budget, the last weights kept)")
     seed: int = _opt(0, "seed of the split, the initialisation, the data order and the augmentation")
     skip_bad: bool = _opt(False, "skip unreadable or too wide images and labels outside the charset, with a warning")
     bucket: int = _opt(0, "sort windows of this many batches by width (less padding for variable widths; 0: off)")
@@ -144,8 +148,6 @@ class TrainConfig:
 # What a --resume must share with the run it continues.
 _RESUME_MUST_MATCH = ("data", "seed", "batch_size", "epochs", "min_steps", "lr", "height", "in_channels", "ink",
                       "channels", "hidden_dim", "val_fraction", "warmup", "bucket", "synth_train", "augment")
-SMALL_SET = 200  # fewer labelled images: no validation split by default, stronger augmentation
-VAL_FRACTION = 0.15
 _CSV_KEYS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_cer", "val_n", "lr", "seconds"]
 
 
@@ -177,7 +179,7 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def autocast_dtype(cfg: "TrainConfig", device: torch.device) -> Optional[torch.dtype]:
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype of the training forward (None: float32), per --amp and the device."""
     if not cfg.amp:
         return None
