@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -319,6 +319,13 @@ def crop_to_ink(ink: Tensor) -> Tensor:
     return ink[:, :, box[0]: box[1] + 1, box[2]: box[3] + 1]
 
 
+def _crop_and_resize(ink: Tensor, box: List[int], height: int, in_channels: int, max_width: int) -> Tensor:
+    """(1, 1, H, W) ink and its box [top, bottom, left, right] -> (1, in_channels, height, W') the crop
+    resized, aspect kept; a text line wider than max_width at `height` is squeezed to it."""
+    x = ink[:, :, box[0]: box[1] + 1, box[2]: box[3] + 1]
+    return _resize(x, height, in_channels, min(resized_width(x.shape[2], x.shape[3], height), max_width))
+
+
 def _resize(x: Tensor, height: int, in_channels: int, new_w: int) -> Tensor:
     """(N, C, H, W) uint8 or float -> (N, in_channels, height, new_w) float32 in [0, 1]."""
     x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
@@ -342,28 +349,58 @@ def prepare_image(img: Tensor, height: int, in_channels: int, max_width: int = 4
     x = img.unsqueeze(0)
     if ink:
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        x = crop_to_ink(to_ink(to_channels(x, 3 if x.shape[1] >= 3 else 1)))
-        new_w = min(resized_width(x.shape[2], x.shape[3], height), max_width)
+        x = to_ink(to_channels(x, 3 if x.shape[1] >= 3 else 1))
+        return _crop_and_resize(x, ink_boxes(x)[0].tolist(), height, in_channels, max_width)[0]
     return _resize(x, height, in_channels, new_w)[0]
 
 
 def collate(images: List[Tensor], height: int, in_channels: int, max_width: int = 4096,
             ink: bool = False) -> Tuple[Tensor, Tensor]:
     """Images (H x W or C x H x W, any sizes) -> (N, in_channels, height, W_max) float32 right-padded
-    with PAD_VALUE, and each image's own width (N,) int64. ink: see prepare_image."""
+    with PAD_VALUE, and each image's own width (N,) int64. ink: see prepare_image.
+
+    Images of one size, dtype and device (a server's batch of one site's captchas) go through
+    together: one resize, or one to_ink and ink_boxes; the boxes of all of them come to the host
+    in one transfer (the only host sync), then each image is cropped and resized on its own."""
     if len(images) == 0:
         raise ValueError("images: the list is empty")
-    first = images[0]
-    same = first.dim() == 3 and not ink
+    groups: Dict[str, List[int]] = {}
+    new_widths: List[int] = []
     for i, img in enumerate(images):
         check_image(img, "images[" + str(i) + "]")
-        same = same and img.shape == first.shape and img.dtype == first.dtype and img.device == first.device
-    if same:  # one batched resize instead of N small ones
-        new_w = check_width(first.shape[1], first.shape[2], height, max_width, "images[0]")
-        x = _resize(torch.stack(images), height, in_channels, new_w)
-        return x.contiguous(), torch.full([len(images)], new_w, dtype=torch.int64, device=x.device)
-    prepared = [prepare_image(img, height, in_channels, max_width, "images[" + str(i) + "]", ink)
-                for i, img in enumerate(images)]
+        new_widths.append(check_width(img.shape[-2], img.shape[-1], height, max_width, "images[" + str(i) + "]"))
+        key = str(img.shape[-3] if img.dim() == 3 else 1) + "x" + str(img.shape[-2]) + "x" + str(img.shape[-1]) \
+            + str(img.dtype) + str(img.device)
+        if key in groups:
+            groups[key].append(i)
+        else:
+            groups[key] = [i]
+    prepared: List[Tensor] = [images[0]] * len(images)
+    inks: List[Tensor] = []
+    boxes: List[Tensor] = []
+    members: List[List[int]] = []
+    for idx in groups.values():
+        x = torch.stack([images[i] if images[i].dim() == 3 else images[i].unsqueeze(0) for i in idx])
+        if not ink:
+            if len(groups) == 1:  # no copy into a padded batch
+                return _resize(x, height, in_channels, new_widths[0]).contiguous(), \
+                    torch.full([len(images)], new_widths[0], dtype=torch.int64, device=x.device)
+            x = _resize(x, height, in_channels, new_widths[idx[0]])
+            for k, i in enumerate(idx):
+                prepared[i] = x[k]
+        else:
+            x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+            x = to_ink(to_channels(x, 3 if x.shape[1] >= 3 else 1))
+            inks.append(x)
+            boxes.append(ink_boxes(x))
+            members.append(idx)
+    if ink:
+        all_boxes: List[List[int]] = torch.cat(boxes).tolist()  # the one host sync
+        n = 0
+        for x, idx in zip(inks, members):
+            for k, i in enumerate(idx):
+                prepared[i] = _crop_and_resize(x[k: k + 1], all_boxes[n], height, in_channels, max_width)[0]
+                n += 1
     widths = [p.shape[2] for p in prepared]
     batch = prepared[0].new_full([len(prepared), in_channels, height, max(widths)], 0.0)  # 0.0 = PAD_VALUE
     for i, p in enumerate(prepared):
