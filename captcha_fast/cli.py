@@ -319,6 +319,34 @@ def _run_bench(args):
                              unit="img/s"))
 
 
+# ---------------------------------------------------------------------------- serve
+
+def _add_serve(p):
+    from captcha_fast.preprocess import MAX_PIXELS
+
+    p.add_argument("--model", default=None, help="recognizer file (.pt or .pt2; default: the shipped model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one, printed at start)")
+    p.add_argument("--max-batch", type=int, default=32, help="most images per model call (default 32; 1: no batching)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long an idle server waits to gather a batch (default 5)")
+    p.add_argument("--max-queue", type=int, default=1024, help="requests waiting; more get 503 (default 1024)")
+    p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body; larger get 413 (default 8)")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help=f"largest image (H x W, read before decoding); larger get 400 (default {MAX_PIXELS})")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def _run_serve(args):
+    from captcha_fast import serve  # ImportError naming the extra when it is not installed
+
+    try:
+        config = serve.ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(serve.ServeConfig)})
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    serve.run(config)
+
+
 # ----------------------------------------------------------------------------- info
 
 def _run_info(args):
@@ -369,6 +397,9 @@ COMMANDS = [
      "  captcha-fast export runs/v2/model.pt --compile     (predict --model runs/v2/model.pt then uses it)",
      _add_export, _run_export),
     ("bench", "decode and predict throughput on this machine", "captcha-fast bench -n 1024", _add_bench, _run_bench),
+    ("serve", "an HTTP server that reads images, batching concurrent requests (needs the serve extra)",
+     "captcha-fast serve --port 8000\n  curl --data-binary @captcha.png -H 'Content-Type: image/png' "
+     "localhost:8000/predict", _add_serve, _run_serve),
     ("info", "versions, compiled kernels, threads and devices", "captcha-fast info", None, _run_info),
 ]
 _ALL = object()
