@@ -15,6 +15,8 @@ measured; the cells alternate (clients x batching, round by round), so both see 
 a cell's throughput is its median over the rounds, its latencies are pooled. Every answer is
 checked against predict_batch's read of the same image: a wrong, failed or refused answer ends
 the run with status 1. Mean batch: images per model call, from the server's /health counters.
+Server CPU ms/req: the server process's CPU time per answered request (from /proc), the figure
+other load on the machine disturbs least.
 
 Soak: one server (batching on), 32 clients, N requests; the server's resident memory (VmRSS) is
 sampled twice a second; after the first 10% (warm-up) it must stay within 10% of its value then."""
@@ -75,6 +77,11 @@ class Server:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         raise RuntimeError("no VmRSS")
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used (user + system): less disturbed by other load than wall time."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> int:
         self.proc.terminate()
@@ -142,7 +149,8 @@ def table(args, requests, texts) -> list:
                             str(args.max_wait_ms)),
                "off": Server("--model", args.model, "--max-batch", "1")}
     try:
-        cells = {(c, b): {"rates": [], "latencies": [], "images": 0, "batches": 0, "client_cpu": 0.0, "wall": 0.0}
+        cells = {(c, b): {"rates": [], "latencies": [], "images": 0, "batches": 0, "client_cpu": 0.0, "wall": 0.0,
+                          "server_cpu": 0.0}
                  for c in args.clients for b in servers}
         for server in servers.values():  # warm-up: first requests set up caches and connections
             asyncio.run(load(server, 8, min(2.0, args.seconds), requests, texts))
@@ -150,8 +158,10 @@ def table(args, requests, texts) -> list:
             for c in args.clients:
                 for b, server in servers.items():
                     before, cpu0, t0 = server.health(), cpu_seconds(), time.perf_counter()
+                    server_cpu0 = server.cpu_seconds()
                     rate, latencies = asyncio.run(load(server, c, args.seconds, requests, texts))
                     after, cell = server.health(), cells[c, b]
+                    cell["server_cpu"] += server.cpu_seconds() - server_cpu0
                     cell["client_cpu"] += cpu_seconds() - cpu0
                     cell["wall"] += time.perf_counter() - t0
                     cell["rates"].append(rate)
@@ -168,6 +178,7 @@ def table(args, requests, texts) -> list:
         rows.append({"clients": c, "batching": b, "req_per_s": statistics.median(cell["rates"]),
                      "p50_ms": 1000 * percentile(lat, 0.5), "p99_ms": 1000 * percentile(lat, 0.99),
                      "mean_batch": cell["images"] / max(1, cell["batches"]),
+                     "server_cpu_ms_per_request": 1000 * cell["server_cpu"] / max(1, len(lat)),
                      "client_cpu_share": cell["client_cpu"] / cell["wall"], "requests": len(lat)})
     return rows
 
@@ -238,14 +249,14 @@ def main() -> int:
         ok = result["flat"]
     else:
         rows = table(args, requests, texts)
-        bar = "|" if args.markdown else ""
-        cols = ["clients", "batching", "req/s", "p50 ms", "p99 ms", "mean batch", "client CPU"]
+        bar = "|" if args.markdown else " "
+        cols = ["clients", "batching", "req/s", "p50 ms", "p99 ms", "mean batch", "server CPU ms/req", "client CPU"]
         print(f"{bar}{bar.join(f'{c:>10}' for c in cols)}{bar}")
         if args.markdown:
             print("|" + "|".join("---:" for _ in cols) + "|")
         for r in rows:
             cells = [r["clients"], r["batching"], f"{r['req_per_s']:.0f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}",
-                     f"{r['mean_batch']:.1f}", f"{100 * r['client_cpu_share']:.0f}%"]
+                     f"{r['mean_batch']:.1f}", f"{r['server_cpu_ms_per_request']:.2f}", f"{100 * r['client_cpu_share']:.0f}%"]
             print(f"{bar}{bar.join(f'{c:>10}' for c in cells)}{bar}")
         by = {(r["clients"], r["batching"]): r["req_per_s"] for r in rows}
         for c in args.clients:
