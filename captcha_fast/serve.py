@@ -187,7 +187,10 @@ class Batcher:
                 batch.append(item)
                 n += len(item.images)
             self.reading = n
-            outcomes = await loop.run_in_executor(self.worker, self._read, batch)
+            try:
+                outcomes = await loop.run_in_executor(self.worker, self._read, batch)
+            except Exception as e:  # noqa: BLE001 - a fault of the server: these requests fail (500), the rest go on
+                outcomes = [e] * len(batch)
             self.reading = 0
             self.counts["batches"] += 1
             self.counts["requests"] += len(batch)
