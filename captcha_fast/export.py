@@ -32,6 +32,7 @@ from torch import Tensor
 
 from captcha_fast import _gru
 from captcha_fast.checkpoint import atomic_write
+from captcha_fast.machine import native_bf16
 from captcha_fast.model import CRNN, CRNNConfig, InferenceCRNN
 from captcha_fast.preprocess import MAX_WIDTH, collate
 from captcha_fast.recognizer import RECOGNIZER_FORMAT, Recognizer, build_recognizer, decode_log_probs
@@ -69,19 +70,18 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) ->
     """The one precision policy: the dtype the convolutions run in on `device`.
 
     dtype: a torch dtype or its name; None/"auto": the device's fastest (CUDA: bfloat16 where
-    supported, else float16; CPU: bfloat16 only where oneDNN has native bf16 (AVX-512 BF16 /
-    AMX), where it measured 1.6x faster than fp32, float32 elsewhere: on an AVX2-only CPU bf16
-    convs measured 25x slower, README "Precision"); "low": the device's low precision (CUDA as
-    auto, CPU bfloat16) whatever its speed."""
+    supported, else float16; CPU: bfloat16 only where the CPU has native bf16 (machine.native_bf16:
+    AVX-512 BF16 / AMX), where it measured 1.6x faster than fp32, float32 elsewhere: on an AVX2-only
+    CPU bf16 convs measured 25x slower, README "Precision"); "low": the device's low precision
+    (CUDA as auto, CPU bfloat16) whatever its speed."""
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype}")
         return dtype
     if dtype in (None, "auto", "low"):
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        return torch.bfloat16 if dtype == "low" or native_bf16 else torch.float32
+            return torch.bfloat16 if native_bf16(device) else torch.float16
+        return torch.bfloat16 if dtype == "low" or native_bf16(device) else torch.float32
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, 'auto' or 'low', got {dtype!r}")
     return _DTYPES[dtype]
