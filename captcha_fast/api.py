@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from captcha_fast import export
 from captcha_fast.decode import Hypothesis, to_hypotheses
 from captcha_fast.preprocess import ImageLike, check_width, to_tensors
-from captcha_fast.recognizer import Recognizer
+from captcha_fast.recognizer import Recognizer, original_error, with_message
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "pretrained" / "default.pt"
 """The shipped pretrained recognizer (predict_batch's default model)."""
@@ -159,21 +160,51 @@ def predict_batch(
         raise ValueError(f"threads must be None (auto) or an int >= 1, got {threads!r}")
     rec = _resolve_model(model, device, amp)
     tensors = to_tensors(images)
+    names = image_names(images, len(tensors))
     height, max_width = int(rec.height), int(rec.max_width)
     # sort by width after the resize, so each chunk pads little; too wide an image fails here, by name
-    widths = [check_width(t.shape[-2], t.shape[-1], height, max_width, f"images[{i}]") for i, t in enumerate(tensors)]
+    widths = [check_width(t.shape[-2], t.shape[-1], height, max_width, names[i]) for i, t in enumerate(tensors)]
     order = sorted(range(len(tensors)), key=widths.__getitem__)
     texts: List[List[str]] = [[] for _ in tensors]
     scores: List[List[float]] = [[] for _ in tensors]
     with num_threads(threads if threads is not None else auto_threads()):
         for start in range(0, len(order), batch_size):
             idx = order[start: start + batch_size]
-            t, s = rec.recognize([tensors[i] for i in idx], decoder, beam_width, top_k)
+            try:
+                t, s = rec.recognize([tensors[i] for i in idx], decoder, beam_width, top_k)
+            except Exception as e:  # noqa: BLE001 - re-raised, naming the user's image
+                raise _naming_user_images(e, [names[i] for i in idx]) from e
             for i, ti, si in zip(idx, t, s.tolist()):
                 texts[i], scores[i] = ti, si
     if top_k == 1 and not return_scores:
         return [t[0] for t in texts]
     return to_hypotheses(texts, torch.tensor(scores))
+
+
+def image_names(images, n: int) -> List[str]:
+    """How errors name each input image: its path where it is one, else images[i] (its index)."""
+    if isinstance(images, (list, tuple)):
+        return [repr(str(x)) if isinstance(x, (str, os.PathLike)) else f"images[{i}]" for i, x in enumerate(images)]
+    return [f"images[{i}]" for i in range(n)]
+
+
+# Where a chunk's error names one of its images: "images[k]: ..." (preprocess) or "sequence k" (the ops).
+_CHUNK_IMAGE = re.compile(r"\bimages\[(\d+)\]|\bsequence (\d+)\b")
+
+
+def _naming_user_images(e: Exception, chunk_names: List[str]) -> BaseException:
+    """The error recognize raised on a chunk of images, as the user should see it: the original
+    message of a TorchScript error (not the interpreter's banner), with the chunk's own image
+    numbers turned into the names of the user's images."""
+    e = original_error(e)
+    message = str(e)
+
+    def user_name(m: re.Match) -> str:
+        k = int(m.group(1) or m.group(2))
+        return chunk_names[k] if k < len(chunk_names) else m.group(0)
+
+    named = _CHUNK_IMAGE.sub(user_name, message)
+    return e if named == message else with_message(type(e), named)
 
 
 def check_decode_args(decoder: str, beam_width: int, top_k: int) -> None:

@@ -15,7 +15,9 @@ low precision while the GRU, classifier, log-softmax and decoding stay float32
 (the CRNN casts to float32 before its projection)."""
 from __future__ import annotations
 
+import builtins
 import json
+import re
 from typing import List, Optional, Tuple
 
 import torch
@@ -128,3 +130,33 @@ def build_recognizer(model: CRNN, decoder: str = "beam", beam_width: int = 10,
     rec = Recognizer(InferenceCRNN(model), decoder=decoder, beam_width=beam_width).eval()
     rec.model.convs.to(dtype)
     return rec
+
+
+INTERPRETER_BANNER = "The following operation failed in the TorchScript interpreter."
+_RAISED = re.compile(r"^(?:builtins\.)?([A-Za-z_]\w*): ", re.M)  # "builtins.ValueError: images[1]: ..."
+
+
+def original_error(e: BaseException) -> BaseException:
+    """The error a scripted method raised, as Python would have raised it: torch.jit.Error (and a
+    RuntimeError from an op called in TorchScript) opens with INTERPRETER_BANNER and two tracebacks
+    before the original "Type: message"; this gives Type(message) (ValueError, RuntimeError, ...;
+    RuntimeError for a type that is not a builtin), or e itself when it is not such an error."""
+    text = str(e)
+    if not text.startswith(INTERPRETER_BANNER):
+        return e
+    last_traceback = text.rfind("\nTraceback of TorchScript")
+    raised = _RAISED.search(text, max(0, last_traceback))
+    if raised is None:
+        return e
+    cls = getattr(builtins, raised.group(1), None)
+    if not (isinstance(cls, type) and issubclass(cls, Exception)):
+        cls = RuntimeError
+    return with_message(cls, text[raised.end():].strip())
+
+
+def with_message(cls: type, message: str) -> Exception:
+    """cls(message), or RuntimeError(message) where cls needs other arguments."""
+    try:
+        return cls(message)
+    except TypeError:
+        return RuntimeError(message)

@@ -7,6 +7,7 @@ from PIL import Image
 
 from captcha_fast import api, export
 from captcha_fast.decode import Hypothesis
+from captcha_fast.recognizer import Recognizer
 from captcha_fast.synth import render, sample_rng
 
 from conftest import tiny_model
@@ -220,3 +221,58 @@ def test_too_wide_an_image_is_refused_by_name_without_the_work(model_path):
     rec.max_width = 8  # configurable per recognizer; the scripted module raises torch.jit.Error
     with pytest.raises(Exception, match="above max_width = 8"):
         rec([torch.zeros(1, 32, 40, dtype=torch.uint8)])
+
+
+# ----------------------------------------------------------------------------- errors inside a chunk
+
+def _bar(width: int = 3000) -> torch.Tensor:
+    """A 200 x `width` white image with a 4-px black bar across: fine at full size (480 px wide at
+    height 32), but its ink, cropped to the bar, is 8 px tall -- 12000 px wide at height 32."""
+    img = torch.full((3, 200, width), 255, dtype=torch.uint8)
+    img[:, 98:102] = 0
+    return img
+
+
+@pytest.fixture(scope="module")
+def ink_model_path(tmp_path_factory):
+    from captcha_fast.model import CRNN, CRNNConfig
+
+    torch.manual_seed(0)
+    model = CRNN(CRNNConfig("0123456789abcdef", channels=(8, 16), hidden_dim=32, ink=True)).eval()
+    return export.save_recognizer(model, tmp_path_factory.mktemp("ink") / "ink.pt")
+
+
+def test_a_refusal_inside_a_sorted_chunk_names_the_users_image(ink_model_path, pil_images, tmp_path):
+    """The ink crop's width refusal happens inside the scripted recognizer, on a chunk of images
+    sorted by width: the error names the image by its index in the user's list (or its path),
+    with the message itself -- not the TorchScript interpreter's banner."""
+    images = [_chw(img) for img in pil_images[:3]] + [_bar()] + [_chw(img) for img in pil_images[3:]]
+    with pytest.raises(ValueError, match=r"^images\[3\]: .* px wide at the model's height 32") as e:
+        api.predict_batch(images, ink_model_path, batch_size=2)  # the bar is alone in the last chunk: its images[0]
+    assert "TorchScript" not in str(e.value)
+    paths = []
+    for i, img in enumerate(images):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(paths[-1])
+    with pytest.raises(ValueError, match=r"^'[^']*3\.png': .* px wide"):
+        api.predict_batch(paths, ink_model_path, batch_size=2)
+
+
+class _NaNForBlackImages(Recognizer):
+    """An eager recognizer whose model "fails" (NaN log-probs) on all-black images, as a CUDA model
+    overflowing in fp16 would: the decoding op refuses that sequence by its number in the chunk."""
+
+    def log_probs(self, batch, widths):
+        log_probs, lengths = super().log_probs(batch, widths)
+        black = batch.flatten(1).amax(1) == 0
+        log_probs[:, black] = float("nan")
+        return log_probs, lengths
+
+
+def test_a_decoding_error_inside_a_sorted_chunk_names_the_users_image(pil_images):
+    rec = _NaNForBlackImages(tiny_model()).eval()
+    images = [_chw(img) for img in pil_images[:4]] + [torch.zeros(3, 50, 1000, dtype=torch.uint8)]
+    for decoder in ("beam", "greedy"):
+        with pytest.raises(RuntimeError, match=r"log_probs of images\[4\] contain NaN") as e:
+            api.predict_batch(images, rec, decoder=decoder, batch_size=2)  # the black image: sequence 0 of its chunk
+        assert "sequence" not in str(e.value)
