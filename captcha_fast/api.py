@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import os
 import re
-import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Union
@@ -21,6 +20,7 @@ import torch
 
 from captcha_fast import export
 from captcha_fast.decode import Hypothesis, to_hypotheses
+from captcha_fast.machine import auto_threads, num_threads, use_auto_threads  # noqa: F401 (auto_threads: API)
 from captcha_fast.preprocess import ImageLike, check_width, to_tensors
 from captcha_fast.recognizer import Recognizer, original_error, with_message
 
@@ -151,8 +151,9 @@ def predict_batch(
     batch_size: images per forward pass; images are sorted by width to reduce padding and
         the results come back in input order.
     threads: CPU threads for this call (torch.set_num_threads, restored after); None: auto_threads()
-        -- torch's thread count, less the cores other processes keep busy (torch's threads wait on
-        each other when one of them has no core: README "Speed under load")."""
+        -- torch's thread count, capped by the CPUs free to this process (affinity, cgroup quota, less
+        what other processes keep busy; torch's threads wait on each other when one of them has no
+        core: README "Speed under load"); torch keeps that count until the decision changes."""
     check_decode_args(decoder, beam_width, top_k)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -167,7 +168,9 @@ def predict_batch(
     order = sorted(range(len(tensors)), key=widths.__getitem__)
     texts: List[List[str]] = [[] for _ in tensors]
     scores: List[List[float]] = [[] for _ in tensors]
-    with num_threads(threads if threads is not None else auto_threads()):
+    if threads is None:
+        use_auto_threads()
+    with num_threads(threads) if threads is not None else contextlib.nullcontext():
         for start in range(0, len(order), batch_size):
             idx = order[start: start + batch_size]
             try:
@@ -217,49 +220,3 @@ def check_decode_args(decoder: str, beam_width: int, top_k: int) -> None:
         raise ValueError(f"the greedy decoder gives one hypothesis per image: top_k must be 1, got {top_k}")
     if top_k < 1 or top_k > beam_width:
         raise ValueError(f"top_k must be in [1, beam_width = {beam_width}], got {top_k}")
-
-
-# ----------------------------------------------------------------------------- threads under load
-
-def busy_cpus() -> int:
-    """CPUs other processes keep busy right now: the runnable tasks of the machine (/proc/loadavg)
-    less this process's own; the 1-minute load average where /proc is missing."""
-    try:
-        running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
-        own = 0
-        for task in Path("/proc/self/task").iterdir():
-            with contextlib.suppress(OSError):  # a thread may end meanwhile
-                own += (task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
-        return max(0, running - own)
-    except (OSError, ValueError, IndexError):
-        return int(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
-
-
-_AUTO_THREADS = [-1.0, 0, 0]  # (when, torch's count, decision): looked at again after 1 s
-
-
-def auto_threads() -> int:
-    """predict_batch's default thread count: torch's (torch.get_num_threads()), capped by the CPUs
-    this process may use that no other process keeps busy, at least 1. A thread without a core of
-    its own stalls every parallel region of the others, so fewer threads beat more under load.
-    The machine is looked at once a second at most (reading /proc costs 0.1 ms)."""
-    now, cap = time.monotonic(), torch.get_num_threads()
-    when, cached_cap, decision = _AUTO_THREADS
-    if now - when > 1.0 or cached_cap != cap:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        decision = max(1, min(cap, cpus - busy_cpus()))
-        _AUTO_THREADS[:] = [now, cap, decision]
-    return decision
-
-
-@contextlib.contextmanager
-def num_threads(n: int):
-    """torch.set_num_threads(n) for the calling thread's work inside the block, restored after."""
-    before = torch.get_num_threads()
-    if n != before:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if n != before:
-            torch.set_num_threads(before)

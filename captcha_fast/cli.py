@@ -375,7 +375,11 @@ def _run_info(args):
                "torchscript": "TorchScript (`captcha-fast export " + str(api.DEFAULT_MODEL) +
                               " --compile` makes it faster: AOTInductor)"}.get(api.format_of(rec), api.format_of(rec))
         print(f"predict uses: {how}, on {device}")
-    print(f"predict threads now: {api.auto_threads()} ({api.busy_cpus()} CPUs busy with other processes)")
+    from captcha_fast.machine import thread_decision
+    d = thread_decision()
+    quota = "none" if d.quota is None else f"{d.quota:g} CPUs"
+    print(f"predict threads now: {d.threads} (torch's {d.cap}; {d.cpus} CPUs in the affinity mask, "
+          f"{d.others:.1f} kept busy by other processes, cgroup quota {quota})")
 
 
 # ----------------------------------------------------------------------------- main

@@ -127,29 +127,6 @@ def test_bad_threads_argument(model_path, threads):
         api.predict_batch([torch.zeros(1, 20, 20, dtype=torch.uint8)], model_path, threads=threads)
 
 
-def test_auto_threads_leave_the_cores_other_processes_keep_busy():
-    """A competitor spinning on a CPU is seen (busy_cpus >= 1 while it runs), and auto_threads stays
-    within [1, torch's thread count]."""
-    import os
-    import subprocess
-    import sys
-    import time
-
-    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        time.sleep(0.5)
-        assert api.busy_cpus() >= 1
-        api._AUTO_THREADS[0] = -1.0  # look again now
-        assert 1 <= api.auto_threads() <= torch.get_num_threads()
-        if len(os.sched_getaffinity(0)) <= torch.get_num_threads():  # all of torch's threads would need a core
-            assert api.auto_threads() < torch.get_num_threads() or torch.get_num_threads() == 1
-    finally:
-        spinner.kill()
-        spinner.wait()
-    with api.num_threads(1):
-        assert torch.get_num_threads() == 1 and api.auto_threads() == 1  # the caller's cap is respected
-
-
 def test_missing_pretrained_model_says_how_to_build_it(monkeypatch, tmp_path):
     monkeypatch.setattr(api, "DEFAULT_MODEL", tmp_path / "pretrained" / "default.pt")
     with pytest.raises(FileNotFoundError, match="default.pt.*missing.*captcha-fast export"):
