@@ -22,7 +22,7 @@ from captcha_fast import export
 from captcha_fast.decode import Hypothesis, to_hypotheses
 from captcha_fast.machine import auto_threads, num_threads, use_auto_threads  # noqa: F401 (auto_threads: API)
 from captcha_fast.preprocess import ImageLike, check_width, to_tensors
-from captcha_fast.recognizer import Recognizer, original_error, with_message
+from captcha_fast.recognizer import Recognizer, check_decode_args, original_error, recognize, with_message
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "pretrained" / "default.pt"
 """The shipped pretrained recognizer (predict_batch's default model)."""
@@ -138,6 +138,9 @@ def predict_batch(
     batch_size: int = 64,
     return_scores: bool = False,
     threads: Optional[int] = None,
+    min_length: int = 0,
+    max_length: Optional[int] = None,
+    allowed: Optional[str] = None,
 ) -> Union[List[str], List[List[Hypothesis]]]:
     """Read the text in each image.
 
@@ -153,8 +156,12 @@ def predict_batch(
     threads: CPU threads for this call (torch.set_num_threads, restored after); None: auto_threads()
         -- torch's thread count, capped by the CPUs free to this process (affinity, cgroup quota, less
         what other processes keep busy; torch's threads wait on each other when one of them has no
-        core: README "Speed under load"); torch keeps that count until the decision changes."""
-    check_decode_args(decoder, beam_width, top_k)
+        core: README "Speed under load"); torch keeps that count until the decision changes.
+    min_length, max_length, allowed: beam search reads only labels of min_length..max_length
+        symbols (None: any length) drawn from `allowed` (None: the model's whole charset) -- for
+        captchas of a known length or alphabet."""
+    max_length = -1 if max_length is None else max_length
+    check_decode_args(decoder, beam_width, top_k, min_length, max_length, allowed is not None)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
@@ -174,7 +181,8 @@ def predict_batch(
         for start in range(0, len(order), batch_size):
             idx = order[start: start + batch_size]
             try:
-                t, s = rec.recognize([tensors[i] for i in idx], decoder, beam_width, top_k)
+                t, s = recognize(rec, [tensors[i] for i in idx], decoder, beam_width, top_k, min_length, max_length,
+                                 allowed)
             except Exception as e:  # noqa: BLE001 - re-raised, naming the user's image
                 raise _naming_user_images(e, [names[i] for i in idx]) from e
             for i, ti, si in zip(idx, t, s.tolist()):
@@ -208,15 +216,3 @@ def _naming_user_images(e: Exception, chunk_names: List[str]) -> BaseException:
 
     named = _CHUNK_IMAGE.sub(user_name, message)
     return e if named == message else with_message(type(e), named)
-
-
-def check_decode_args(decoder: str, beam_width: int, top_k: int) -> None:
-    """ValueError unless (decoder, beam_width, top_k) make sense together (predict_batch and the CLI)."""
-    if decoder not in ("beam", "greedy"):
-        raise ValueError(f"decoder must be 'beam' or 'greedy', got {decoder!r}")
-    if beam_width < 1:
-        raise ValueError(f"beam_width must be >= 1, got {beam_width}")
-    if decoder == "greedy" and top_k != 1:
-        raise ValueError(f"the greedy decoder gives one hypothesis per image: top_k must be 1, got {top_k}")
-    if top_k < 1 or top_k > beam_width:
-        raise ValueError(f"top_k must be in [1, beam_width = {beam_width}], got {top_k}")

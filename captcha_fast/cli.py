@@ -13,6 +13,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import sys
 import time
 import typing
@@ -92,6 +93,10 @@ def _add_predict(p):
     how.add_argument("--beam", type=int, default=10, metavar="WIDTH", help="beam width (default 10)")
     how.add_argument("--greedy", action="store_true", help="greedy (best path) decoding instead of beam search")
     p.add_argument("--top-k", type=int, default=1, help="hypotheses per image (beam search; default 1)")
+    p.add_argument("--min-length", type=int, default=0, metavar="N", help="read labels of at least N symbols (beam search)")
+    p.add_argument("--max-length", type=int, default=None, metavar="N", help="read labels of at most N symbols (beam search)")
+    p.add_argument("--allowed", default=None, metavar="SYMBOLS",
+                   help="read only these symbols, e.g. 0123456789 (beam search; default: the model's charset)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--threads", type=int, default=None,
@@ -102,27 +107,35 @@ def _add_predict(p):
                    help="go on past images that cannot be read (unreadable, too wide, ...); list them at the end")
 
 
+_FLAGS = {"beam_width": "--beam", "top_k": "--top-k", "min_length": "--min-length", "max_length": "--max-length",
+          "allowed": "--allowed"}
+
+
 def _run_predict(args):
     from tqdm import tqdm
 
     from captcha_fast import api
 
-    if args.beam < 1 or args.batch_size < 1:
-        raise UsageError(f"--beam and --batch-size must be >= 1, got {args.beam} and {args.batch_size}")
+    from captcha_fast.recognizer import check_decode_args
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    if args.top_k < 1 or (not args.greedy and args.top_k > args.beam):
-        raise UsageError(f"--top-k must be in [1, --beam], got {args.top_k} with --beam {args.beam}")
-    if args.greedy and args.top_k != 1:
-        raise UsageError("--top-k needs beam search: drop --greedy")
+    decode = dict(decoder="greedy" if args.greedy else "beam", beam_width=args.beam, top_k=args.top_k,
+                  min_length=args.min_length, max_length=-1 if args.max_length is None else args.max_length)
+    try:
+        check_decode_args(**decode, restricted=args.allowed is not None)
+    except ValueError as e:  # the shared check, its arguments named as this command's flags
+        raise UsageError(re.sub(r"\b(beam_width|top_k|min_length|max_length|allowed)\b",
+                                lambda m: _FLAGS[m.group(1)], str(e))) from None
     paths = expand_paths(args.paths)
     model = api.load(args.model, device=args.device) if args.model else api.default_model(device=args.device)
     bar = tqdm(total=len(paths), unit="img", disable=len(paths) < 2 * args.batch_size, file=sys.stderr)
     skipped: List[str] = []  # "path: why", for --skip-bad
 
     def read(chunk: List[Path]):
-        return api.predict_batch([str(p) for p in chunk], model, decoder="greedy" if args.greedy else "beam",
-                                 beam_width=args.beam, top_k=args.top_k, device=args.device,
+        return api.predict_batch([str(p) for p in chunk], model, **decode, allowed=args.allowed, device=args.device,
                                  batch_size=args.batch_size, return_scores=True, threads=args.threads)
 
     for start in range(0, len(paths), args.batch_size):

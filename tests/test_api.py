@@ -253,3 +253,57 @@ def test_a_decoding_error_inside_a_sorted_chunk_names_the_users_image(pil_images
         with pytest.raises(RuntimeError, match=r"log_probs of images\[4\] contain NaN") as e:
             api.predict_batch(images, rec, decoder=decoder, batch_size=2)  # the black image: sequence 0 of its chunk
         assert "sequence" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- known length and alphabet
+
+def _reference_reads(rec, images, min_length, max_length, allowed):
+    """The exact prefix beam search of captcha_fast._reference over the recognizer's own log-probs,
+    held to the constraints: the best label per image."""
+    from captcha_fast._reference import prefix_beam_search
+
+    charset = list(rec.charset)
+    mask = [True] + [c in allowed for c in charset] if allowed is not None else None
+    batch, widths = rec.preprocess(images)
+    with torch.no_grad():
+        log_probs, lengths = rec.log_probs(batch, widths)
+    reads = []
+    for n, T in enumerate(lengths.tolist()):
+        best = prefix_beam_search(log_probs[:T, n].tolist(), 10, min_length=min_length, max_length=max_length,
+                                  allowed=mask)
+        reads.append("".join(charset[c - 1] for c in best[0][0]) if best else "")
+    return reads
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "eager", "program"])
+def test_length_and_alphabet_constraints_reach_the_beam_search(model_path, pil_images, kind, tmp_path):
+    """predict_batch(min_length=, max_length=, allowed=) reads what the exact search held to the same
+    constraints reads, for every kind of recognizer -- also a TorchScript file, whose methods have
+    fixed signatures -- and the constraints change some reads (else this would prove nothing)."""
+    rec = {"torchscript": lambda: api.load(model_path),
+           "eager": lambda: export.eager_recognizer(model_path),
+           "program": lambda: api.load(export.export_program(model_path, tmp_path / "m.pt2"))}[kind]()
+    images = [_chw(img) for img in pil_images]
+    free = api.predict_batch(images, rec, batch_size=4)
+    for min_length, max_length, allowed in ((3, 3, None), (0, None, "0123456789"), (2, 4, "abcdef0")):
+        got = api.predict_batch(images, rec, min_length=min_length, max_length=max_length, allowed=allowed,
+                                batch_size=4)
+        ref = export.load_recognizer(model_path, dtype="float32")
+        assert got == _reference_reads(ref, images, min_length, -1 if max_length is None else max_length, allowed)
+        assert got != free
+        for text in got:
+            assert min_length <= len(text) <= (max_length or 99) and set(text) <= set(allowed or rec.charset)
+
+
+def test_constraint_errors(model_path):
+    imgs = [torch.zeros(1, 20, 20, dtype=torch.uint8)]
+    with pytest.raises(ValueError, match="need the beam decoder"):
+        api.predict_batch(imgs, model_path, decoder="greedy", max_length=4)
+    with pytest.raises(ValueError, match="allowed characters 'XY' are not in the charset"):
+        api.predict_batch(imgs, model_path, allowed="0XY1Y")
+    with pytest.raises(ValueError, match="max_length must be -1 .no limit. or >= max.min_length, 1."):
+        api.predict_batch(imgs, model_path, min_length=5, max_length=4)
+    with pytest.raises(ValueError, match="min_length must be >= 0"):
+        api.predict_batch(imgs, model_path, min_length=-1)
+    with pytest.raises(ValueError, match="beam_width must be in"):
+        api.predict_batch(imgs, model_path, beam_width=5000)

@@ -54,7 +54,13 @@ def test_predict_greedy_matches_api(tiny_model_path, png_folder, capsys):
 @pytest.mark.parametrize("argv, code, match", [
     (["predict", "--model", "{model}", "/no/such/file.png"], 1, "no such file, folder or glob match: /no/such/file.png"),
     (["predict", "--model", "{model}", "--top-k", "5", "--beam", "2", "{folder}"], 2, "--top-k must be in"),
-    (["predict", "--model", "{model}", "--greedy", "--top-k", "2", "{folder}"], 2, "needs beam search"),
+    (["predict", "--model", "{model}", "--greedy", "--top-k", "2", "{folder}"], 2, "greedy decoder gives one hypothesis"),
+    (["predict", "--model", "{model}", "--greedy", "--max-length", "4", "{folder}"], 2,
+     "--min-length, --max-length and --allowed need the beam decoder"),
+    (["predict", "--model", "{model}", "--beam", "0", "{folder}"], 2, "--beam must be in [1, 4096], got 0"),
+    (["predict", "--model", "{model}", "--min-length", "5", "--max-length", "3", "{folder}"], 2,
+     "--max-length must be -1 (no limit) or >= max(--min-length, 1)"),
+    (["predict", "--model", "{model}", "--allowed", "xyz", "{folder}"], 1, "allowed characters 'xyz' are not in"),
     (["predict", "--model", "{folder}/3a7f.png", "{folder}"], 1, "is not a captcha_fast recognizer"),
     (["predict", "--model", "{model}", "{corrupt}"], 1, "corrupt.png"),
     (["demo", "-n", "0"], 2, "-n must be at least 1"),
@@ -277,3 +283,12 @@ def test_errors_from_the_scripted_recognizer_print_their_own_message(png_folder,
     assert out.returncode == 1
     assert out.stderr.startswith(f"captcha-fast predict: error: '{tmp_path / 'bar.png'}': a ")
     assert "px wide" in out.stderr and "TorchScript" not in out.stderr and len(out.stderr.splitlines()) == 1
+
+
+def test_predict_length_and_alphabet_flags(tiny_model_path, png_folder, capsys):
+    paths = sorted(png_folder.glob("*.png"))
+    assert main(["predict", "--model", str(tiny_model_path), "--min-length", "4", "--max-length", "4",
+                 "--allowed", "0123456789", str(png_folder)]) == 0
+    texts = [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()]
+    assert texts == api.predict_batch(paths, tiny_model_path, min_length=4, max_length=4, allowed="0123456789")
+    assert all(len(t) == 4 and t.isdigit() for t in texts)
