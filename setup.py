@@ -60,8 +60,10 @@ def extensions():
         ext_cls = cpp_extension.CUDAExtension
         sources += sorted((csrc / "cuda").glob("*.cu"))
         extra["cxx"] = cxx + ["-DCF_WITH_CUDA"]
+        # --fmad=false: no a*b+c contraction into FMA, which the host compiler does not do on
+        # x86-64, so the CUDA kernels round as the CPU's and return bit-identical beams.
         extra["nvcc"] = [*opt, "-DCF_WITH_CUDA", f'-DCF_TORCH_VERSION="{torch.__version__}"',
-                         "--expt-relaxed-constexpr", *os.environ.get("NVCC_FLAGS", "").split()]
+                         "--expt-relaxed-constexpr", "--fmad=false", *os.environ.get("NVCC_FLAGS", "").split()]
         extra["nvcc"] = [f for f in extra["nvcc"] if f]
     print(
         "captcha_fast build: "

@@ -442,21 +442,32 @@ struct BeamWorkspace {
   double* frame_logp;     // [K + 1] their log-probs (floats, held as doubles for the sums)
   float* row_buf;         // [C] a frame widened to float
   float* class_mask;      // [C] 0 for an extendable class, -inf for the blank and disallowed ones
-  int32_t max_nodes;
-  int32_t table_size;
+  int64_t max_nodes;
+  int64_t table_size;     // a power of two
 };
 
 CF_HD int64_t align16(int64_t x) { return (x + 15) & ~int64_t(15); }
 
-CF_HD int32_t table_size_for(int32_t max_nodes) {
-  int32_t s = 16;
+CF_HD int64_t table_size_for(int64_t max_nodes) {
+  int64_t s = 16;
   while (s < 2 * max_nodes) s <<= 1;
   return s;
 }
 
+// Sizes are computed in 64 bits: with T < 2^30 frames and beam_width <= 4096
+// (the ops' checks), 1 + T * K < 2^43 and every byte count below fits. Node
+// ids and hash-table slots are int32, so a workspace that is used must hold at
+// most kMaxBeamNodes nodes (then table_size <= 2^30); the ops refuse larger
+// work before allocating (csrc/ops.cpp, check_beam_workspace, whose memory
+// limit is tighter than this).
+constexpr int64_t kMaxBeamNodes = int64_t(1) << 29;
+
+// Trie nodes one search may create: the empty prefix, then at most K per frame.
+CF_HD int64_t beam_max_nodes(int64_t T, int64_t K) { return 1 + T * K; }
+
 // Lays the workspace out from `base` (nullptr: only measures); returns its size in bytes.
 CF_HD int64_t beam_workspace_layout(char* base, int64_t T, int64_t C, int64_t K, BeamWorkspace& w) {
-  w.max_nodes = static_cast<int32_t>(1 + T * K);
+  w.max_nodes = beam_max_nodes(T, K);
   w.table_size = table_size_for(w.max_nodes);
   int64_t used = 0;
   auto take = [&](int64_t bytes) {
@@ -502,7 +513,7 @@ CF_HD BeamWorkspace carve_beam_workspace(char* base, int64_t T, int64_t C, int64
 
 // Once per workspace: the empty hash table, the per-class state.
 CF_HD void init_beam_workspace(BeamWorkspace& w, int64_t C, int64_t blank, const BeamOptions& o) {
-  for (int32_t i = 0; i < w.table_size; ++i) w.table[i] = -1;
+  for (int64_t i = 0; i < w.table_size; ++i) w.table[i] = -1;
   w.top[-1] = Entry{static_cast<double>(INFINITY), -1, -1};
   w.frame_key[-1] = ~uint64_t(0);  // above every class_key
   for (int64_t c = 0; c < C; ++c) {
@@ -848,18 +859,19 @@ CF_HD BeamResult beam_search_one(const Frames<scalar_t>& f, int64_t length, int6
 // lengths and float32 log-probs (0 and -inf where fewer hypotheses exist).
 template <typename scalar_t>
 CF_HD Status beam_search_to_tokens(const Frames<scalar_t>& f, int64_t length, int64_t C, int64_t blank,
-                                   const BeamOptions& o, BeamWorkspace& w, int32_t top_k, int32_t max_out,
+                                   const BeamOptions& o, BeamWorkspace& w, int32_t top_k, int64_t max_out,
                                    int32_t* tokens, int32_t* lengths, float* scores) {
   const BeamResult r = beam_search_one(f, length, C, blank, o, w, top_k);
   for (int32_t k = 0; k < top_k; ++k) {
+    int32_t* const row = tokens + k * max_out;  // 64-bit offset
     int32_t len = 0;
     scores[k] = kNegInf;
     if (r.status == kOk && k < r.count) {
-      len = node_label(w, hypothesis_node(w, k), tokens + k * max_out);
+      len = node_label(w, hypothesis_node(w, k), row);
       scores[k] = static_cast<float>(r.base + w.top[k].score);
     }
     lengths[k] = len;
-    for (int32_t j = len; j < max_out; ++j) tokens[k * max_out + j] = -1;
+    for (int64_t j = len; j < max_out; ++j) row[j] = -1;
   }
   return r.status;
 }

@@ -3,7 +3,10 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <c10/util/safe_numerics.h>
+
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <vector>
 
@@ -38,9 +41,39 @@ std::tuple<int64_t, int64_t, int64_t> check_decode_inputs(const at::Tensor& log_
   TORCH_CHECK(input_lengths.device() == log_probs.device(), op,
               ": input_lengths must be on the same device as log_probs (", log_probs.device(), "), got ",
               input_lengths.device());
-  TORCH_CHECK(T < (int64_t(1) << 30) && C < (int64_t(1) << 30), op, ": T and C must be below 2^30");
-  if (input_lengths.is_cpu()) check_lengths_in_range(input_lengths, T, op);
+  TORCH_CHECK(T < (int64_t(1) << 30) && C < (int64_t(1) << 30), op, ": T and C must be below 2^30, got T = ", T,
+              " frames and C = ", C, " classes");
   return {T, N, C};
+}
+
+void check_token_output(int64_t N, int64_t per_sequence, int64_t L, const char* op) {
+  int64_t count = 0, bytes = 0;
+  const bool overflows = c10::mul_overflows(N, per_sequence, &count) || c10::mul_overflows(count, L, &count) ||
+                         c10::mul_overflows(count, int64_t(sizeof(int32_t)), &bytes);
+  TORCH_CHECK(!overflows, op, ": the token output (N = ", N, " sequences x ", per_sequence, " x ", L,
+              " int32 values) is larger than 2^63 bytes; decode fewer sequences at once");
+}
+
+namespace {
+
+std::string gib(int64_t bytes) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.1f GiB", static_cast<double>(bytes) / double(int64_t(1) << 30));
+  return text;
+}
+
+}  // namespace
+
+void check_beam_workspace(int64_t T, int64_t C, int64_t beam_width, const char* op) {
+  const int64_t bytes = beam_workspace_bytes(T, C, beam_width);
+  const int64_t nodes = beam_max_nodes(T, beam_width);
+  // What fits, for the message: the limit over this size's bytes per trie node.
+  const double fits = static_cast<double>(kBeamWorkspaceLimit) * static_cast<double>(nodes) / static_cast<double>(bytes);
+  TORCH_CHECK(bytes <= kBeamWorkspaceLimit, op, ": T = ", T, " frames x beam_width ", beam_width, " needs a ",
+              gib(bytes), " workspace per sequence (a trie of up to 1 + T x beam_width = ", nodes,
+              " prefixes), above the limit of ", gib(kBeamWorkspaceLimit),
+              "; decode shorter sequences or use a smaller beam_width (T x beam_width up to about ",
+              static_cast<int64_t>(fits / 1e6), " million fits)");
 }
 
 BeamOptions check_beam_options(const at::Tensor& log_probs, int64_t beam_width, int64_t top_k,
@@ -69,6 +102,9 @@ BeamOptions check_beam_options(const at::Tensor& log_probs, int64_t beam_width, 
     TORCH_CHECK(a.device() == log_probs.device(), op, ": allowed_tokens must be on ", log_probs.device(),
                 ", got ", a.device());
   }
+  const int64_t T = log_probs.size(0), N = log_probs.size(1);
+  check_beam_workspace(T, C, beam_width, op);
+  check_token_output(N, top_k, beam_output_width(T, max_length), op);
   BeamOptions o;
   o.beam_width = static_cast<int32_t>(beam_width);
   o.token_min_logp = static_cast<float>(min_logp);
@@ -221,6 +257,9 @@ TORCH_LIBRARY(captcha_fast, m) {
   //   blank probability is >= it are applied as blank-only; None = exact),
   //   min_length/max_length (label length bounds; -1 = no maximum),
   //   allowed_tokens (bool mask over classes).
+  // Sizes: its workspace (a trie of up to 1 + T x beam_width prefixes) may
+  //   take at most kBeamWorkspaceLimit = 4 GiB per sequence (T x beam_width
+  //   up to about 120 million); larger work is refused before allocating.
   m.def(
       "ctc_beam_search(Tensor log_probs, Tensor input_lengths, int beam_width=10, int top_k=1, int blank=0, "
       "float? token_min_logp=None, float? blank_skip_threshold=None, int min_length=0, int max_length=-1, "

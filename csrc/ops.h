@@ -19,14 +19,34 @@ using DecodedTexts = std::tuple<Texts, at::Tensor>;
 void check_lengths_in_range(const at::Tensor& input_lengths, int64_t T, const char* op);
 
 // Checks log_probs (T, N, C) and input_lengths (N,); returns (T, N, C).
-// On the CPU it also checks every length lies in [0, T] (on CUDA that would
-// need a host sync: the kernel flags such a sequence with a NaN score).
+// Not the lengths' values: the CPU kernels call check_lengths_in_range once
+// the sizes are checked (on CUDA that would need a host sync: the kernel
+// flags such a sequence with a NaN score).
 std::tuple<int64_t, int64_t, int64_t> check_decode_inputs(const at::Tensor& log_probs,
                                                           const at::Tensor& input_lengths,
                                                           int64_t blank, const char* op);
 
-// Checks the beam-search options and turns them into the core's BeamOptions
-// (without the allowed-mask pointer, which the backend fills in).
+// TORCH_CHECK that an int32 token output of N x per_sequence x L values has a
+// byte count that fits in int64 (whether memory holds it is the allocator's
+// question, which it answers with its own error).
+void check_token_output(int64_t N, int64_t per_sequence, int64_t L, const char* op);
+
+// The most bytes one sequence's beam-search workspace may take (and, on the
+// CPU, all threads' workspaces together; the CUDA kernel has its own, smaller
+// budget for all its workers, but always runs at least one). 4 GiB holds a
+// trie of about 120 million prefixes (T x beam_width), e.g. T = 29,000 frames
+// at the maximum beam of 4096: far beyond any captcha, and well below the
+// int32 node ids' bound (kMaxBeamNodes nodes take at least 28 bytes each).
+constexpr int64_t kBeamWorkspaceLimit = int64_t(4) << 30;
+static_assert(kBeamWorkspaceLimit / 28 < kMaxBeamNodes, "the workspace limit must keep node ids in int32");
+
+// TORCH_CHECK that a beam search over T frames at this width fits the limit,
+// before anything is allocated; the message names T, the width and the bytes.
+void check_beam_workspace(int64_t T, int64_t C, int64_t beam_width, const char* op);
+
+// Checks the beam-search options (the workspace and output sizes included)
+// and turns them into the core's BeamOptions (without the allowed-mask
+// pointer, which the backend fills in).
 BeamOptions check_beam_options(const at::Tensor& log_probs, int64_t beam_width, int64_t top_k,
                                c10::optional<double> token_min_logp, c10::optional<double> blank_skip_threshold,
                                int64_t min_length, int64_t max_length,

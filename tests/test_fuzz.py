@@ -101,3 +101,102 @@ def test_fuzz_ops(T, N, C, data):
             assert s[k] <= truth + 1e-3 + 1e-5 * abs(truth), (label, s[k], truth)
             if exhaustive:
                 assert s[k] == pytest.approx(truth, rel=1e-4, abs=1e-3)
+
+
+# ---------------------------------------------------------------------------- sizes past 2^31
+# Sizes whose products (1 + T x beam trie nodes, N x top_k x L tokens) cross 2^31 or 2^63, with
+# tensors that stay small: one frame expanded (stride 0) over T frames and N sequences. Every case
+# runs in one child process, so a crash fails this test instead of ending pytest.
+
+WORKSPACE_LIMIT = 4 << 30  # csrc/ops.h kBeamWorkspaceLimit: one sequence's beam-search workspace
+
+SIZE_CASES_SCRIPT = r"""
+import json, sys
+import torch
+import captcha_fast  # noqa: F401
+ops = torch.ops.captcha_fast
+for i, (op, T, N, C, K, top_k, max_len) in enumerate(json.loads(sys.argv[1])):
+    print(json.dumps({"start": i}), flush=True)
+    frame = torch.full((C,), float("-inf"))
+    frame[1 % C] = 0.0  # class 1 certain (the blank when C = 1)
+    lp = frame.expand(T, N, C)
+    lens = torch.full((1,), T).expand(N)
+    charset = ["x"] * (C - 1)
+    try:
+        if op == "greedy":
+            tokens, lengths, scores = ops.ctc_greedy_decode(lp, lens, 0)
+            out = [tokens[0, :lengths[0]].tolist(), scores[0].item()]
+        elif op == "greedy_strings":
+            texts, scores = ops.ctc_greedy_decode_strings(lp, lens, charset, 0)
+            out = [texts[0][0], scores[0, 0].item()]
+        elif op == "beam":
+            tokens, lengths, scores = ops.ctc_beam_search(lp, lens, K, top_k, 0, None, None, 0, max_len, None)
+            out = [tokens[0, 0, :lengths[0, 0]].tolist(), scores[0, 0].item()]
+        else:
+            texts, scores = ops.ctc_beam_search_strings(lp, lens, charset, K, top_k, 0, None, None, 0, max_len)
+            out = [texts[0][0], scores[0, 0].item()]
+        print(json.dumps({"done": i, "out": out}), flush=True)
+    except Exception as e:
+        print(json.dumps({"done": i, "error": str(e).splitlines()[0], "type": type(e).__name__}), flush=True)
+"""
+
+
+def size_cases(seed: int = 0):
+    """(op, T, N, C, beam, top_k, max_length) cases: many whose trie or token output is past
+    int32 (refused), a few that fit and run (T x beam up to 2^23, a few seconds)."""
+    import random
+
+    rnd = random.Random(seed)
+    near = lambda p: max(1, 2**p + rnd.choice([-1, 0, 1, rnd.randint(-1000, 1000)]))  # noqa: E731
+    cases = [("beam", 1_048_577, 1, 3, 4096, 1, -1), ("beam_strings", 1_048_577, 1, 3, 4096, 1, -1),
+             ("beam", 600_000, 1, 3, 4096, 1, -1), ("beam", 2**30 - 1, 1, 2, 1, 1, -1)]
+    for _ in range(40):  # 1 + T x beam around 2^31 .. 2^42: far past the limit
+        beam = rnd.choice([1, 2, 7, 64, 1000, 4095, 4096, rnd.randint(1, 4096)])
+        T = min(2**30 - 1, max(1, near(rnd.randint(31, 42)) // beam))
+        cases.append((rnd.choice(["beam", "beam_strings"]), T, rnd.randint(1, 3), rnd.randint(1, 40), beam,
+                      rnd.randint(1, beam), rnd.choice([-1, 1, 10**6])))
+    # Token outputs past 2^63 bytes (N x top_k x L int32), workspace within the limit.
+    cases += [("beam", 2**22, 2**40, 1, 1, 1, -1), ("beam_strings", 2**21, 2**40, 2, 2, 2, -1),
+              ("greedy", 2**22, 2**40, 1, 1, 1, -1), ("greedy_strings", 2**22, 2**40, 1, 1, 1, -1),
+              ("greedy", 2**20, 2**40, 3, 1, 1, -1)]  # 2^62 bytes: representable, refused by the allocator
+    # Within the limit: these run, over 2^20 .. 2^21 frames.
+    cases += [("beam", 2**20 + 1, 1, 3, 3, 2, -1), ("beam_strings", 2**21 - 1, 2, 2, 1, 1, 1),
+              ("greedy", 2**21 + 3, 2, 3, 1, 1, -1), ("greedy_strings", 2**20 + 1, 1, 1, 1, 1, -1),
+              ("beam", 2**20, 1, 1, 4, 1, -1)]
+    return cases
+
+
+def test_sizes_past_int32_are_refused_by_name_or_run():
+    import json
+    import subprocess
+    import sys
+
+    cases = size_cases()
+    proc = subprocess.run([sys.executable, "-c", SIZE_CASES_SCRIPT, json.dumps(cases)], capture_output=True,
+                          text=True, timeout=600)
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    done = {e["done"]: e for e in events if "done" in e}
+    started = [e["start"] for e in events if "start" in e]
+    assert proc.returncode == 0, (f"the process ended (rc {proc.returncode}) in case {cases[started[-1]]}:\n"
+                                  f"{proc.stderr[-2000:]}")
+    assert sorted(done) == list(range(len(cases)))
+    for i, (op, T, N, C, K, top_k, max_len) in enumerate(cases):
+        result = done[i]
+        assert result.get("type", "RuntimeError") == "RuntimeError", (cases[i], result)
+        nodes = 1 + T * K
+        L = T if max_len < 0 else min(T, max_len)
+        tokens = N * (top_k * L if op.startswith("beam") else T)
+        if op.startswith("beam") and 20 * nodes > WORKSPACE_LIMIT:  # 5 int32 per node, table aside
+            assert "error" in result, (cases[i], result)
+            assert f"T = {T} frames x beam_width {K} needs a " in result["error"], result
+            assert "workspace per sequence" in result["error"] and "above the limit of 4.0 GiB" in result["error"]
+        elif tokens * 4 >= 2**63:
+            assert "error" in result and f"N = {N} sequences" in result["error"], (cases[i], result)
+            assert "larger than 2^63 bytes" in result["error"], result
+        elif tokens * 4 >= 2**40:
+            assert "error" in result, (cases[i], result)  # the allocator's refusal, not a crash
+        else:
+            assert 40 * nodes < WORKSPACE_LIMIT and "out" in result, (cases[i], result)
+            text, score = result["out"]
+            one = [1] if C > 1 else []  # class 1 in every frame reads as one character
+            assert text == (one if op in ("beam", "greedy") else "x" * len(one)) and score == 0.0, (cases[i], result)

@@ -4,9 +4,11 @@
 
 // Python's build flags include -fwrapv, which makes the core's loops ~1.5x
 // slower (greedy) and ~1.1x (beam search) with GCC; signed overflow never
-// happens here, so the standard semantics come back for this file.
+// happens here, so the standard semantics come back for this file. And no
+// a*b+c contraction into FMA even where -march allows it: the CUDA build is
+// compiled with --fmad=false (setup.py), so both round every product alike.
 #if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-wrapv")
+#pragma GCC optimize("no-wrapv", "fp-contract=off")
 #endif
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -14,6 +16,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <memory>
+#include <new>
 #include <vector>
 
 #include "../ops.h"
@@ -42,6 +46,8 @@ at::Tensor lengths_as_long(const at::Tensor& input_lengths) {
 
 Decoded greedy_cpu(const at::Tensor& log_probs, const at::Tensor& input_lengths, int64_t blank) {
   const auto [T, N, C] = check_decode_inputs(log_probs, input_lengths, blank, "ctc_greedy_decode");
+  check_token_output(N, 1, T, "ctc_greedy_decode");
+  check_lengths_in_range(input_lengths, T, "ctc_greedy_decode");
   // Every element is written below (the padding after each label too).
   auto tokens = at::empty({N, T}, log_probs.options().dtype(at::kInt));
   auto lengths = at::empty({N}, log_probs.options().dtype(at::kInt));
@@ -79,6 +85,7 @@ Decoded beam_search_cpu(const at::Tensor& log_probs, const at::Tensor& input_len
   const auto [T, N, C] = check_decode_inputs(log_probs, input_lengths, blank, "ctc_beam_search");
   BeamOptions opts = check_beam_options(log_probs, beam_width, top_k, token_min_logp, blank_skip_threshold,
                                         min_length, max_length, allowed_tokens);
+  check_lengths_in_range(input_lengths, T, "ctc_beam_search");
   const int64_t L = beam_output_width(T, max_length);
   // beam_search_to_tokens writes every element.
   auto tokens = at::empty({N, top_k, L}, log_probs.options().dtype(at::kInt));
@@ -91,7 +98,11 @@ Decoded beam_search_cpu(const at::Tensor& log_probs, const at::Tensor& input_len
     allowed = allowed_tokens->contiguous();
     opts.allowed = allowed.const_data_ptr<bool>();
   }
-  const int64_t ws_bytes = beam_workspace_bytes(T, C, beam_width);
+  const int64_t ws_bytes = beam_workspace_bytes(T, C, beam_width);  // within kBeamWorkspaceLimit (checked)
+  // One workspace per parallel chunk: at most kBeamWorkspaceLimit for all of
+  // them together (but one always), by making the chunks large enough.
+  const int64_t max_chunks = std::max<int64_t>(1, kBeamWorkspaceLimit / (ws_bytes + 16));
+  const int64_t grain = std::max<int64_t>(8, (N + max_chunks - 1) / max_chunks);
   FirstBad bad;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, log_probs.scalar_type(), "ctc_beam_search", [&] {
     const scalar_t* data = log_probs.const_data_ptr<scalar_t>();
@@ -100,17 +111,21 @@ Decoded beam_search_cpu(const at::Tensor& log_probs, const at::Tensor& input_len
     int32_t* tok = tokens.mutable_data_ptr<int32_t>();
     int32_t* out_len = lengths.mutable_data_ptr<int32_t>();
     float* out_score = scores.mutable_data_ptr<float>();
-    // Grain 8: beam search costs enough per sequence to split small batches.
-    at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
-      std::vector<char> buffer(ws_bytes + 16);  // one workspace per chunk, reused per sequence
-      char* base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(buffer.data()) + 15) & ~uintptr_t(15));
+    // Grain 8 (unless memory asks for more): beam search costs enough per
+    // sequence to split small batches.
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+      // One workspace per chunk, reused per sequence; not zeroed (init_beam_workspace
+      // writes what is read), so a large one costs only the pages the search touches.
+      std::unique_ptr<char[]> buffer(new (std::nothrow) char[ws_bytes + 16]);
+      TORCH_CHECK(buffer != nullptr, "ctc_beam_search: could not allocate the ", ws_bytes,
+                  "-byte search workspace (T = ", T, " frames x beam_width ", beam_width, ")");
+      char* base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(buffer.get()) + 15) & ~uintptr_t(15));
       BeamWorkspace ws = carve_beam_workspace(base, T, C, beam_width);
       init_beam_workspace(ws, C, blank, opts);
       for (int64_t n = begin; n < end; ++n) {
         const Frames<scalar_t> f{data + n * sn, st, sc};
-        const Status s = beam_search_to_tokens(f, len[n], C, blank, opts, ws, static_cast<int32_t>(top_k),
-                                               static_cast<int32_t>(L), tok + n * top_k * L, out_len + n * top_k,
-                                               out_score + n * top_k);
+        const Status s = beam_search_to_tokens(f, len[n], C, blank, opts, ws, static_cast<int32_t>(top_k), L,
+                                               tok + n * top_k * L, out_len + n * top_k, out_score + n * top_k);
         if (s != kOk) bad.report(n);
       }
     });
