@@ -156,7 +156,7 @@ def predict_batch(
     threads: CPU threads for this call (torch.set_num_threads, restored after); None: auto_threads()
         -- torch's thread count, capped by the CPUs free to this process (affinity, cgroup quota, less
         what other processes keep busy; torch's threads wait on each other when one of them has no
-        core: README "Speed under load"); torch keeps that count until the decision changes.
+        core: docs/speed.md); torch keeps that count until the decision changes.
     min_length, max_length, allowed: beam search reads only labels of min_length..max_length
         symbols (None: any length) drawn from `allowed` (None: the model's whole charset) -- for
         captchas of a known length or alphabet."""

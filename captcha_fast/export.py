@@ -73,7 +73,7 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) ->
     dtype: a torch dtype or its name; None/"auto": the device's fastest (CUDA: bfloat16 where
     supported, else float16; CPU: bfloat16 only where the CPU has native bf16 (machine.native_bf16:
     AVX-512 BF16 / AMX), where it measured 1.6x faster than fp32, float32 elsewhere: on an AVX2-only
-    CPU bf16 convs measured 25x slower, README "Precision"); "low": the device's low precision
+    CPU bf16 convs measured 25x slower, docs/deployment.md "Precision"); "low": the device's low precision
     (CUDA as auto, CPU bfloat16) whatever its speed."""
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():

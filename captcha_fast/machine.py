@@ -150,7 +150,7 @@ class AutoThreads:
     free to this process -- those of its affinity mask that other processes did not keep busy since
     the last look (never its own load), and at most its cgroup's CPU quota -- at least 1. A thread
     without a core of its own stalls every parallel region of the others, so under load fewer
-    threads beat more (README "Speed under load").
+    threads beat more (docs/speed.md).
 
     Looked at once a second at most (from the time since the previous look; the first look measures
     over FIRST_WINDOW seconds). apply() changes torch's count only when the decision changes, and
