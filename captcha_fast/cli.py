@@ -100,7 +100,8 @@ def _add_predict(p):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: torch's, less the cores other processes keep busy)")
+                   help="CPU threads (default: torch's, capped by the CPUs free to this process: affinity, "
+                        "cgroup quota, less what other processes keep busy)")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of path<TAB>text<TAB>score")
     p.add_argument("--ignore-case", action="store_true", help="print the texts in lower case")
     p.add_argument("--skip-bad", action="store_true",
@@ -115,7 +116,6 @@ def _run_predict(args):
     from tqdm import tqdm
 
     from captcha_fast import api
-
     from captcha_fast.recognizer import check_decode_args
 
     if args.batch_size < 1:
@@ -150,7 +150,8 @@ def _run_predict(args):
                 try:
                     results += zip([path], read([path]))
                 except (OSError, ValueError, RuntimeError) as e:
-                    skipped.append(f"{path}: {_message(e)}")
+                    why = _message(e)  # it names the file, as every image error does
+                    skipped.append(why if str(path) in why else f"{path}: {why}")
         for path, hs in results:
             if args.ignore_case:
                 hs = [h._replace(text=h.text.lower()) for h in hs]
