@@ -26,6 +26,7 @@ import binascii
 import contextlib
 import dataclasses
 import json
+import re
 import signal
 import socket
 import sys
@@ -43,8 +44,11 @@ except ImportError as e:  # the optional extra
     raise ImportError(f"captcha-fast serve needs the serve extra: pip install \"captcha_fast[serve]\" "
                       f"({e.name} is missing)") from None
 
+import torch
+
 from captcha_fast import api, preprocess
 from captcha_fast.decode import Hypothesis
+from captcha_fast.recognizer import allowed_tokens, check_decode_args
 
 
 @dataclasses.dataclass
@@ -98,30 +102,24 @@ class Options(NamedTuple):
 
 
 def parse_options(fields: Dict[str, Any], charset: List[str]) -> Options:
-    """A JSON body's decoding options, checked (HTTPError 400 naming what is wrong)."""
-    def integer(key: str, default: Optional[int], least: int) -> Optional[int]:
-        value = fields.get(key, default)
-        if value is None:
-            return None
-        if type(value) is not int or value < least:
-            raise HTTPError(400, f"{key} must be an integer >= {least}, got {json.dumps(value)}")
-        return value
-
-    beam = integer("beam", 10, 1)
-    top_k = integer("top_k", 1, 1)
-    if top_k > beam:
-        raise HTTPError(400, f"top_k must be in [1, beam = {beam}], got {top_k}")
-    min_length, max_length = integer("min_length", None, 0), integer("max_length", None, 1)
-    if min_length is not None and max_length is not None and min_length > max_length:
-        raise HTTPError(400, f"min_length ({min_length}) is above max_length ({max_length})")
+    """A JSON body's decoding options, checked as predict_batch checks them (HTTPError 400 naming
+    what is wrong, by its JSON name), here per request, before it can share a batch."""
+    for key in ("beam", "top_k", "min_length", "max_length"):
+        value = fields.get(key)
+        if value is not None and type(value) is not int:
+            raise HTTPError(400, f"{key} must be an integer, got {json.dumps(value)}")
     allowed = fields.get("allowed")
-    if allowed is not None:
-        if not isinstance(allowed, str) or not allowed:
-            raise HTTPError(400, f"allowed must be a non-empty string of characters, got {json.dumps(allowed)}")
-        unknown = "".join(ch for ch in dict.fromkeys(allowed) if ch not in charset)
-        if unknown:
-            raise HTTPError(400, f"allowed characters {unknown!r} are not in the model's charset {''.join(charset)!r}")
-    return Options(beam, top_k, min_length, max_length, allowed)
+    if allowed is not None and not isinstance(allowed, str):
+        raise HTTPError(400, f"allowed must be a string of symbols, got {json.dumps(allowed)}")
+    options = Options(fields.get("beam", 10), fields.get("top_k", 1), fields.get("min_length"), fields.get("max_length"),
+                      allowed)
+    max_length = -1 if options.max_length is None else options.max_length
+    try:
+        check_decode_args("beam", options.beam, options.top_k, options.min_length or 0, max_length, allowed is not None)
+        allowed_tokens(charset, allowed, torch.device("cpu"))
+    except ValueError as e:
+        raise HTTPError(400, re.sub(r"\bbeam_width\b", "beam", str(e))) from None
+    return options
 
 
 def decode_base64(text: Any, name: str) -> bytes:
@@ -326,8 +324,6 @@ def create_app(config: ServeConfig, model) -> Starlette:
 
 def load_model(config: ServeConfig):
     """The recognizer, after one read of a blank image (first calls set up kernels and caches)."""
-    import torch
-
     model = api.load(config.model, device=config.device) if config.model else api.default_model(device=config.device)
     api.predict_batch([torch.full((1, 50, 200), 255, dtype=torch.uint8)], model)
     return model
