@@ -39,6 +39,7 @@ from torch import Tensor
 from captcha_fast.charset import Charset
 from captcha_fast.checkpoint import (PRETRAINED_CHECKPOINT, atomic_write, init_from_checkpoint, load_checkpoint,
                                      load_model, save_checkpoint)
+from captcha_fast.confidence import calibrate_file
 from captcha_fast.data import (SMALL_SET_AUGMENT, AugmentConfig, Batch, BucketBatchSampler, CaptchaDataset,
                                check_labels, collate, frames_needed, list_samples, split_samples, synthetic_dataset)
 from captcha_fast.decode import greedy_decode
@@ -588,6 +589,9 @@ def train(config: TrainConfig, log: Optional[Callable[[str], None]] = None) -> P
             return run.out / "best.ckpt"
         if ddp.main:
             save_recognizer(load_model(run.out / "best.ckpt"), run.out / "model.pt")
+            if run.val_ds is not None:  # the confidence of reads, fitted on the validation split (both files)
+                calibrate_file(run.out / "model.pt", run.val_ds.images, [s.label for s in run.val_ds.samples],
+                               source="the validation split", prepared=True, also=[run.out / "best.ckpt"])
         ddp.barrier()
         return run.out / "model.pt"
     finally:
