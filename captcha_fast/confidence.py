@@ -175,10 +175,36 @@ def read_labelled(recognizer, images: Sequence[Tensor], labels: Sequence[str], *
     return out
 
 
-def fit_calibration(reads: Dict[str, Reads], source: str = "") -> Calibration:
-    """A Calibration fitted on read_labelled's reads (both decoders)."""
-    fits = {d: fit_platt(reads[d].scores, reads[d].right) for d in DECODERS}
+def fit_calibration(reads: Dict[str, Reads], source: str = "", groups: Optional[Sequence[str]] = None,
+                    min_high: int = 10) -> Calibration:
+    """A Calibration fitted on read_labelled's reads (both decoders). groups: each read's set (its
+    style): then each decoder's intercept is lowered, as little as needed, until on every set with
+    at least min_high reads at confidence >= HIGH those reads are right at least HIGH of the time --
+    the promise made per style, not only on the pool (a style the model is overconfident on would
+    break it), paid for with some under-confidence on the others."""
+    fits = {}
+    for d in DECODERS:
+        slope, intercept = fit_platt(reads[d].scores, reads[d].right)
+        if groups is not None:
+            intercept -= _shift_for_every_group(slope, intercept, reads[d], groups, min_high)
+        fits[d] = (slope, intercept)
     return Calibration(fits["beam"], fits["greedy"], len(reads["beam"].scores), source)
+
+
+def _shift_for_every_group(slope: float, intercept: float, reads: Reads, groups: Sequence[str],
+                           min_high: int) -> float:
+    """The least intercept shift (steps of 0.05) after which every group keeps the >= HIGH promise."""
+    z = _logit_prob(np.asarray(reads.scores))
+    right, groups = np.asarray(reads.right, bool), np.asarray(groups)
+    if len(groups) != len(right):
+        raise ValueError(f"{len(groups)} groups for {len(right)} reads")
+    members = [groups == g for g in np.unique(groups)]
+    for shift in np.arange(0.0, 20.0, 0.05):
+        with np.errstate(invalid="ignore"):
+            high = slope * z + intercept - shift >= math.log(HIGH / (1 - HIGH))
+        if all((high & m).sum() < min_high or right[high & m].mean() >= HIGH for m in members):
+            return float(shift)
+    return 20.0
 
 
 @dataclass

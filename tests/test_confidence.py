@@ -50,6 +50,32 @@ def test_fit_without_information_gives_the_base_rate_and_stays_finite():
         confidence.fit_platt([float("-inf")], [False])
 
 
+def test_groups_keep_the_high_confidence_promise_on_each_set():
+    """On set "b" the score says little (80% right whatever it is): the pooled fit breaks the >= 0.9
+    promise there; with groups the intercept drops, as little as needed, until it holds on both."""
+    rng = np.random.default_rng(2)
+    scores = -rng.exponential(1.0, 8000)
+    groups = np.array(["a", "b"] * 4000)
+    truth = np.array([platt(1.5, 0.5, s) if g == "a" else 0.8 for s, g in zip(scores, groups)])
+    right = rng.random(len(scores)) < truth
+    reads = {d: confidence.Reads([""] * len(scores), scores.tolist(), right.tolist()) for d in confidence.DECODERS}
+
+    def promise(cal, group):  # (reads at >= 0.9, their accuracy) in the group
+        conf = np.array(confidence.apply(cal, "beam", scores))
+        member = (groups == group) & (conf >= 0.9)
+        return int(member.sum()), right[member].mean() if member.any() else float("nan")
+
+    pooled = confidence.fit_calibration(reads)
+    assert promise(pooled, "b")[0] >= 10 and promise(pooled, "b")[1] < 0.9
+    per_set = confidence.fit_calibration(reads, groups=groups.tolist(), min_high=10)
+    assert per_set.beam[0] == pooled.beam[0] and per_set.beam[1] < pooled.beam[1]
+    for group in "ab":
+        n, accuracy = promise(per_set, group)
+        assert n < 10 or accuracy >= 0.9
+    n, accuracy = promise(Calibration((per_set.beam[0], per_set.beam[1] + 0.05), per_set.greedy), "b")
+    assert n >= 10 and accuracy < 0.9  # one step less would break it: the least shift
+
+
 def test_apply_is_monotone_in_the_score_and_in_0_1():
     scores = [float("-inf"), -300.0, -20.0, -5.0, -1.0, -0.1, -1e-3, -1e-9, 0.0, 1e-6]
     for decoder in confidence.DECODERS:

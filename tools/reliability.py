@@ -41,6 +41,14 @@ def val_halves(folder: str, n: int):
     return [([load_image(s.path) for s in h], [s.label for s in h]) for h in halves]
 
 
+def manifest_halves(tsv: str, n: int):
+    """A .tsv manifest's items (tools/real_sets.py) as two halves (even and odd positions), each of at most n."""
+    import real_sets  # tools/real_sets.py, beside this file
+
+    items = real_sets.manifest_sample(tsv, 2 * n)
+    return [([load_image(path) for path, _ in h], [label for _, label in h]) for h in (items[0::2], items[1::2])]
+
+
 def synthetic_sets(seed: int, n: int) -> dict:
     sets = {f"captcha package {w}x{h}": accuracy_table.package_renders(w, h, n, seed)
             for w, h in accuracy_table.PACKAGE_SIZES}
@@ -52,10 +60,16 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model")
     p.add_argument("--folder", action="append", default=[], metavar="NAME=PATH", help="a labelled folder (its val split)")
+    p.add_argument("--manifest", action="append", default=[], metavar="NAME=TSV",
+                   help="a held-out manifest (a real set's val split): fitted on its even half, measured on the odd")
+    p.add_argument("--unseen", action="append", default=[], metavar="NAME=TSV",
+                   help="a manifest of a style never trained on: measured only (odd half), never fitted on")
     p.add_argument("-n", type=int, default=300, help="images per set and side (default 300)")
     p.add_argument("--plot", default=None, help="write the reliability diagram here (PNG)")
     p.add_argument("--json", default=None, help="write the measurements here")
-    p.add_argument("--write-model", default=None, help="a copy of MODEL with the fitted calibration")
+    p.add_argument("--write-model", default=None, help="a copy of MODEL with the fitted calibration (MODEL: in place)")
+    p.add_argument("--also", action="append", default=[], help="another file to store the calibration in (its "
+                                                                  "training checkpoint), in place")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -64,6 +78,12 @@ def main(argv=None) -> None:
     for spec in args.folder:
         name, path = spec.split("=", 1)
         fit_sets[f"{name} (val split, even)"], measure_sets[f"{name} (val split, odd)"] = val_halves(path, args.n)
+    for spec in args.manifest:
+        name, path = spec.split("=", 1)
+        fit_sets[f"{name} (even)"], measure_sets[f"{name} (odd)"] = manifest_halves(path, args.n)
+    for spec in args.unseen:
+        name, path = spec.split("=", 1)
+        measure_sets[f"{name} (unseen style, odd)"] = manifest_halves(path, args.n)[1]
 
     def read(sets):
         return {name: confidence.read_labelled(rec, to_tensors(images), labels, ignore_case=True)
@@ -74,8 +94,9 @@ def main(argv=None) -> None:
                                     confidence.Reads._fields]) for d in confidence.DECODERS}
     source = (f"{args.n} images per set: styles {', '.join(synth.STYLES)} and the captcha package at "
               f"{', '.join(f'{w}x{h}' for w, h in accuracy_table.PACKAGE_SIZES)} (render seed {FIT_SEED})"
-              + "".join(f", {s.split('=')[0]} val split (even half)" for s in args.folder))
-    cal = confidence.fit_calibration(pooled, source)
+              + "".join(f", {s.split('=')[0]} val split (even half)" for s in args.folder + args.manifest))
+    groups = [name for name, r in fit_reads.items() for _ in r["beam"].right]
+    cal = confidence.fit_calibration(pooled, source, groups=groups)
     print(f"fitted on {cal.n} reads: beam slope {cal.beam[0]:.4f} intercept {cal.beam[1]:.4f}; greedy slope "
           f"{cal.greedy[0]:.4f} intercept {cal.greedy[1]:.4f}")
     results, curves = {}, {d: {} for d in confidence.DECODERS}
@@ -117,6 +138,8 @@ def main(argv=None) -> None:
                                                "sets": results}, indent=1))
     if args.write_model:
         print(f"wrote {export.with_calibration(args.model, cal, args.write_model)}")
+    for path in args.also:
+        print(f"wrote {export.with_calibration(path, cal)}")
 
 
 if __name__ == "__main__":
