@@ -226,3 +226,22 @@ def _labelled(folder):
     from captcha_fast.evaluate import load_labelled
     images, labels, _ = load_labelled(str(folder))
     return images, labels
+
+
+def test_training_calibrates_on_its_validation_split(tmp_path, capsys):
+    from captcha_fast.evaluate import load_labelled
+    from captcha_fast.synth import SynthConfig, write_synthetic
+
+    data = tmp_path / "data"
+    write_synthetic(data, SynthConfig(charset="AB12", min_len=2, max_len=3, seed=5), 24)
+    assert main(["train", str(data), "--out", str(tmp_path / "run"), "--val-fraction", "0.4", "--seed", "3",
+                 "--epochs", "2", "--height", "16", "--channels", "8", "16", "--hidden", "32", "--batch-size", "8",
+                 "--char-warmup", "0", "--no-augment", "--quiet", "--threads", "1", "--lr", "1e-2", "--from-scratch",
+                 "--no-ink", "--min-steps", "0"]) == 0
+    cal = export.load_recognizer(tmp_path / "run" / "model.pt").calibration
+    best = load_checkpoint(tmp_path / "run" / "best.ckpt")
+    assert Calibration.from_dict(best["calibration"]) == cal and cal.n == best["best"]["val_n"]
+    # the same fit as on the split's image files read by the saved recognizer
+    images, labels, _ = load_labelled(str(data), split="val", val_fraction=0.4, seed=3)
+    reads = confidence.read_labelled(export.load_recognizer(tmp_path / "run" / "model.pt"), images, labels)
+    assert cal.beam == pytest.approx(confidence.fit_platt(reads["beam"].scores, reads["beam"].right), abs=0.02)
