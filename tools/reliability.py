@@ -70,6 +70,9 @@ def main(argv=None) -> None:
     p.add_argument("--write-model", default=None, help="a copy of MODEL with the fitted calibration (MODEL: in place)")
     p.add_argument("--also", action="append", default=[], help="another file to store the calibration in (its "
                                                                   "training checkpoint), in place")
+    p.add_argument("--per-set", action="store_true",
+                   help="lower the fit until reads at >= 0.9 are >= 90%% right on every fitting set (confidence."
+                        "fit_calibration groups); default: the plain Platt fit of the pooled reads")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -95,7 +98,7 @@ def main(argv=None) -> None:
     source = (f"{args.n} images per set: styles {', '.join(synth.STYLES)} and the captcha package at "
               f"{', '.join(f'{w}x{h}' for w, h in accuracy_table.PACKAGE_SIZES)} (render seed {FIT_SEED})"
               + "".join(f", {s.split('=')[0]} val split (even half)" for s in args.folder + args.manifest))
-    groups = [name for name, r in fit_reads.items() for _ in r["beam"].right]
+    groups = [name for name, r in fit_reads.items() for _ in r["beam"].right] if args.per_set else None
     cal = confidence.fit_calibration(pooled, source, groups=groups)
     print(f"fitted on {cal.n} reads: beam slope {cal.beam[0]:.4f} intercept {cal.beam[1]:.4f}; greedy slope "
           f"{cal.greedy[0]:.4f} intercept {cal.greedy[1]:.4f}")
