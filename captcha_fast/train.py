@@ -372,8 +372,9 @@ def _setup(cfg: TrainConfig, ddp: Dist) -> _Run:
     sampler = BucketBatchSampler([train_ds.width(i) for i in range(len(train_ds))], cfg.batch_size, cfg.seed,
                                  shuffle=True, bucket=cfg.bucket, rank=ddp.rank, world=ddp.world)
     passes = passes_per_epoch(cfg, len(sampler))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak_lr(cfg), total_steps=cfg.epochs * passes * len(sampler),
-                                                pct_start=cfg.warmup, div_factor=20, final_div_factor=200)
+    steps = cfg.epochs * passes * len(sampler)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak_lr(cfg), total_steps=steps, pct_start=cfg.warmup,
+                                                div_factor=20, final_div_factor=200)
     amp_dtype = autocast_dtype(cfg, ddp.device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     run = _Run(cfg, ddp, out, train_ds, val_ds, charset, model, ddp.wrap(model), opt, sampler, sched, scaler, amp_dtype,
