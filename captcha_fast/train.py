@@ -203,7 +203,7 @@ def val_fraction(cfg: TrainConfig, n: int) -> float:
 
 
 def augment_config(cfg: TrainConfig, n: int) -> Optional[AugmentConfig]:
-    """The augmentation of n training images (None: --no-augment)."""
+    """The augmentation of a set of n labelled images (None: --no-augment)."""
     if not cfg.augment:
         return None
     return SMALL_SET_AUGMENT if n < SMALL_SET else AugmentConfig()
@@ -211,8 +211,8 @@ def augment_config(cfg: TrainConfig, n: int) -> Optional[AugmentConfig]:
 
 def build_data(cfg: TrainConfig) -> Tuple[CaptchaDataset, Optional[CaptchaDataset], Charset]:
     """Train and validation sets and the charset for `cfg`."""
-    if cfg.data == "synthetic":
-        aug = augment_config(cfg, cfg.synth_train)
+    if cfg.data == "synthetic":  # rendered sets are as large as asked for: the usual augmentation
+        aug = AugmentConfig() if cfg.augment else None
         charset = Charset(cfg.charset or "".join(sorted(set(cfg.synth_charset))))
         if charset.unknown(cfg.synth_charset):
             raise ValueError(f"synthetic charset has symbols outside --charset: {charset.unknown(cfg.synth_charset)!r}")
