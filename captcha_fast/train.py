@@ -193,7 +193,7 @@ def val_fraction(cfg: TrainConfig, n: int) -> float:
 
 
 def augment_config(cfg: TrainConfig, n: int) -> Optional[AugmentConfig]:
-    """The augmentation of n training images (None: --no-augment)."""
+    """The augmentation of a set of n labelled images (None: --no-augment)."""
     if not cfg.augment:
         return None
     return SMALL_SET_AUGMENT if n < SMALL_SET else AugmentConfig()
@@ -201,8 +201,8 @@ def augment_config(cfg: TrainConfig, n: int) -> Optional[AugmentConfig]:
 
 def build_data(cfg: TrainConfig) -> Tuple[CaptchaDataset, Optional[CaptchaDataset], Charset]:
     """Train and validation sets and the charset for `cfg`."""
-    if cfg.data == "synthetic":
-        aug = augment_config(cfg, cfg.synth_train)
+    if cfg.data == "synthetic":  # rendered sets are as large as asked for: the usual augmentation
+        aug = AugmentConfig() if cfg.augment else None
         charset = Charset(cfg.charset or "".join(sorted(set(cfg.synth_charset))))
         if charset.unknown(cfg.synth_charset):
             raise ValueError(f"synthetic charset has symbols outside --charset: {charset.unknown(cfg.synth_charset)!r}")
@@ -362,8 +362,9 @@ def _setup(cfg: TrainConfig, ddp: Dist) -> _Run:
     sampler = BucketBatchSampler([train_ds.width(i) for i in range(len(train_ds))], cfg.batch_size, cfg.seed,
                                  shuffle=True, bucket=cfg.bucket, rank=ddp.rank, world=ddp.world)
     passes = passes_per_epoch(cfg, len(sampler))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak_lr(cfg), total_steps=cfg.epochs * passes * len(sampler),
-                                                pct_start=cfg.warmup, div_factor=20, final_div_factor=200)
+    steps = cfg.epochs * passes * len(sampler)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak_lr(cfg), total_steps=steps, pct_start=cfg.warmup,
+                                                div_factor=20, final_div_factor=200)
     amp_dtype = autocast_dtype(cfg, ddp.device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     run = _Run(cfg, ddp, out, train_ds, val_ds, charset, model, ddp.wrap(model), opt, sampler, sched, scaler, amp_dtype,
