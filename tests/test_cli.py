@@ -11,7 +11,7 @@ import pytest
 from captcha_fast import api
 from captcha_fast.cli import build_parser, config_from_args, main
 
-COMMANDS = ["demo", "predict", "train", "eval", "export", "bench", "info"]
+COMMANDS = ["demo", "predict", "train", "eval", "calibrate", "export", "bench", "info"]
 TRAINING_MODULES = ["captcha_fast.train", "captcha_fast.data", "captcha_fast.evaluate", "captcha_fast.plots",
                     "captcha_fast.metrics", "captcha_fast.synth", "matplotlib", "captcha"]
 
