@@ -4,7 +4,8 @@ All argument parsing and printing lives here. A command imports what it needs wh
 runs, so `predict` and `info` load no training code.
 
 Exit codes: 0 success, 1 failure (one line on stderr; --debug for the
-traceback), 2 usage error."""
+traceback), 2 usage error, 130 interrupted, 141 (128 + SIGPIPE) when the reader of the output
+left early (`captcha-fast predict DIR | head`)."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import sys
 import time
 import typing
@@ -28,45 +30,74 @@ class UsageError(ValueError):
 # ----------------------------------------------------------------------------- demo
 
 def _add_demo(p):
-    p.add_argument("-n", type=int, default=16, help="how many captchas to render (default 16)")
+    p.add_argument("-n", type=int, default=None,
+                   help="how many captchas to render, the styles taken in turn (default: 2 of each style)")
     p.add_argument("--seed", type=int, default=None, help="render seed (default: a fresh one each run)")
     p.add_argument("--model", default=None, help="recognizer file (default: the shipped pretrained model)")
 
 
+WEAK = 0.5  # a style the demo reads less than half right is named as weak
+
+
 def _run_demo(args):
     from captcha_fast import api
-    from captcha_fast.synth import DIGITS_LETTERS, SynthConfig, SyntheticCaptchas
+    from captcha_fast.synth import DIGITS_LETTERS, MIX, SynthConfig, SyntheticCaptchas
 
-    if args.n < 1:
-        raise UsageError(f"-n must be at least 1, got {args.n}")
+    n = 2 * len(MIX) if args.n is None else args.n
+    if n < 1:
+        raise UsageError(f"-n must be at least 1, got {n}")
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
-    captchas = SyntheticCaptchas(SynthConfig(style="mix", charset=DIGITS_LETTERS, min_len=4, max_len=7, seed=seed),
-                                 args.n)
-    images, truths = zip(*captchas)
+    # Every style in turn, so the ones the model reads badly show too.
+    per_style = {style: SyntheticCaptchas(SynthConfig(style=style, charset=DIGITS_LETTERS, min_len=4, max_len=7,
+                                                      seed=seed), n) for style in MIX}
+    styles = [MIX[i % len(MIX)] for i in range(n)]
+    images, truths = zip(*(per_style[style][i] for i, style in enumerate(styles)))  # item i: its own label
     model = api.load(args.model) if args.model else api.default_model()
     api.predict_batch(list(images[:2]), model)  # warm-up: first-call setup is not throughput
     t0 = time.perf_counter()
-    reads = api.predict_batch(list(images), model)
+    reads = [hs[0] for hs in api.predict_batch(list(images), model, return_scores=True)]
     seconds = time.perf_counter() - t0
-    print(f"{'style':<13} {'size':<8} {'truth':<10} {'read':<10}   (case ignored)")
-    right = 0
-    for i, (image, truth, read) in enumerate(zip(images, truths, reads)):
-        ok = read.lower() == truth.lower()
-        right += ok
+    print(f"{'style':<13} {'size':<8} {'truth':<10} {'read':<10} {'confidence':>10}   (case ignored)")
+    tally = {}  # style -> [right, read, summed confidence]
+    for image, truth, read, style in zip(images, truths, reads, styles):
+        ok = read.text.lower() == truth.lower()
+        t = tally.setdefault(style, [0, 0, 0.0])
+        t[0], t[1], t[2] = t[0] + ok, t[1] + 1, t[2] + read.confidence
         size = f"{image.width}x{image.height}"
-        print(f"{captchas.style(i):<13} {size:<8} {truth:<10} {read:<10} {'ok' if ok else 'WRONG'}")
-    print(f"\n{right}/{len(truths)} read right ({right / len(truths):.0%}), "
-          f"{len(truths) / seconds:.0f} images/s (render seed {seed}, model: {args.model or 'shipped'})")
+        print(f"{style:<13} {size:<8} {truth:<10} {read.text:<10} {read.confidence:>10.2f}   "
+              f"{'ok' if ok else 'WRONG'}")
+    print("\nby style, weakest first:")
+    for style, (ok, k, conf) in sorted(tally.items(), key=lambda kv: (kv[1][0] / kv[1][1], kv[1][2] / kv[1][1])):
+        note = "   <- weak: the model reads this style badly" if ok / k < WEAK else ""
+        print(f"  {style:<13} {ok}/{k} right, mean confidence {conf / k:.2f}{note}")
+    right = sum(t[0] for t in tally.values())
+    sure = [r.text.lower() == t.lower() for r, t in zip(reads, truths) if r.confidence >= 0.9]
+    calibrated = calibration_note(model)
+    print(f"\n{right}/{n} read right ({right / n:.0%}), {n / seconds:.0f} images/s (render seed {seed}, model: "
+          f"{args.model or 'shipped'})\n{len(sure)} reads at confidence >= 0.9, {sum(sure)} of them right; below 0.9, "
+          f"ask for a fresh captcha{calibrated}")
+
+
+def calibration_note(model) -> str:
+    """"" for a calibrated model, else a sentence saying its confidence is the uncalibrated exp(score)."""
+    from captcha_fast.confidence import calibration_of
+
+    return ("" if calibration_of(model) is not None else
+            " (this model has no calibration: confidence is its own, uncalibrated exp(score); "
+            "`captcha-fast calibrate` fits one)")
 
 
 # -------------------------------------------------------------------------- predict
 
 def expand_paths(patterns: List[str]) -> List[Path]:
-    """Files, folders (their images, sorted) and globs, in the order given."""
+    """Files, folders (their images, sorted) and globs, in the order given; "-": the file paths
+    on standard input, one per line."""
     paths: List[Path] = []
     for pattern in patterns:
         p = Path(pattern)
-        if p.is_dir():
+        if pattern == "-":
+            paths += [Path(line.rstrip("\r\n")) for line in sys.stdin if line.strip()]
+        elif p.is_dir():
             paths += sorted(f for f in p.iterdir() if f.suffix.lower() in preprocess.IMAGE_SUFFIXES)
         elif p.exists():
             paths.append(p)
@@ -81,51 +112,91 @@ def expand_paths(patterns: List[str]) -> List[Path]:
 
 
 def _add_predict(p):
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or globs")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="image files, folders or globs; - reads file paths from standard input, one per line")
     p.add_argument("--model", default=None, help="recognizer file (.pt or .pt2; default: the shipped model)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--beam", type=int, default=10, metavar="WIDTH", help="beam width (default 10)")
     how.add_argument("--greedy", action="store_true", help="greedy (best path) decoding instead of beam search")
     p.add_argument("--top-k", type=int, default=1, help="hypotheses per image (beam search; default 1)")
+    p.add_argument("--min-length", type=int, default=0, metavar="N", help="read labels of at least N symbols (beam search)")
+    p.add_argument("--max-length", type=int, default=None, metavar="N", help="read labels of at most N symbols (beam search)")
+    p.add_argument("--allowed", default=None, metavar="SYMBOLS",
+                   help="read only these symbols, e.g. 0123456789 (beam search; default: the model's charset)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: torch's, less the cores other processes keep busy)")
-    p.add_argument("--json", action="store_true", help="one JSON object per line instead of path<TAB>text<TAB>score")
+                   help="CPU threads (default: torch's, capped by the CPUs free to this process: affinity, "
+                        "cgroup quota, less what other processes keep busy)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per line instead of path<TAB>text<TAB>score<TAB>confidence")
     p.add_argument("--ignore-case", action="store_true", help="print the texts in lower case")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="go on past images that cannot be read (unreadable, too wide, ...); list them at the end")
+
+
+_FLAGS = {"beam_width": "--beam", "top_k": "--top-k", "min_length": "--min-length", "max_length": "--max-length",
+          "allowed": "--allowed"}
 
 
 def _run_predict(args):
     from tqdm import tqdm
 
     from captcha_fast import api
+    from captcha_fast.recognizer import check_decode_args
 
-    if args.beam < 1 or args.batch_size < 1:
-        raise UsageError(f"--beam and --batch-size must be >= 1, got {args.beam} and {args.batch_size}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    if args.top_k < 1 or (not args.greedy and args.top_k > args.beam):
-        raise UsageError(f"--top-k must be in [1, --beam], got {args.top_k} with --beam {args.beam}")
-    if args.greedy and args.top_k != 1:
-        raise UsageError("--top-k needs beam search: drop --greedy")
+    decode = dict(decoder="greedy" if args.greedy else "beam", beam_width=args.beam, top_k=args.top_k,
+                  min_length=args.min_length, max_length=-1 if args.max_length is None else args.max_length)
+    try:
+        check_decode_args(**decode, restricted=args.allowed is not None)
+    except ValueError as e:  # the shared check, its arguments named as this command's flags
+        raise UsageError(re.sub(r"\b(beam_width|top_k|min_length|max_length|allowed)\b",
+                                lambda m: _FLAGS[m.group(1)], str(e))) from None
     paths = expand_paths(args.paths)
     model = api.load(args.model, device=args.device) if args.model else api.default_model(device=args.device)
     bar = tqdm(total=len(paths), unit="img", disable=len(paths) < 2 * args.batch_size, file=sys.stderr)
+    skipped: List[str] = []  # "path: why", for --skip-bad
+
+    def read(chunk: List[Path]):
+        return api.predict_batch([str(p) for p in chunk], model, **decode, allowed=args.allowed, device=args.device,
+                                 batch_size=args.batch_size, return_scores=True, threads=args.threads)
+
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start:start + args.batch_size]
-        hyps = api.predict_batch([str(p) for p in chunk], model, decoder="greedy" if args.greedy else "beam",
-                                 beam_width=args.beam, top_k=args.top_k, device=args.device,
-                                 batch_size=args.batch_size, return_scores=True, threads=args.threads)
-        for path, hs in zip(chunk, hyps):
+        try:
+            results = list(zip(chunk, read(chunk)))
+        except (OSError, ValueError, RuntimeError):
+            if not args.skip_bad:
+                raise
+            results = []
+            for path in chunk:  # one at a time, to keep the readable ones
+                try:
+                    results += zip([path], read([path]))
+                except (OSError, ValueError, RuntimeError) as e:
+                    why = _message(e)  # it names the file, as every image error does
+                    skipped.append(why if str(path) in why else f"{path}: {why}")
+        for path, hs in results:
             if args.ignore_case:
                 hs = [h._replace(text=h.text.lower()) for h in hs]
             if args.json:
                 print(json.dumps({"path": str(path), "text": hs[0].text, "score": hs[0].score,
-                                  "hypotheses": [{"text": h.text, "score": h.score} for h in hs]}))
+                                  "confidence": hs[0].confidence,
+                                  "hypotheses": [{"text": h.text, "score": h.score, "confidence": h.confidence}
+                                                 for h in hs]}))
             else:
-                print("\t".join([str(path)] + [f"{h.text}\t{h.score:.4f}" for h in hs]))
+                print("\t".join([str(path)] + [f"{h.text}\t{h.score:.4f}\t{h.confidence:.4f}" for h in hs]))
         bar.update(len(chunk))
     bar.close()
+    if skipped:
+        sys.stdout.flush()
+        print(f"captcha-fast predict: skipped {len(skipped)} of {len(paths)} images:\n  " + "\n  ".join(skipped),
+              file=sys.stderr)
+        if len(skipped) == len(paths):
+            raise ValueError("no image could be read")
 
 
 # ---------------------------------------------------------------------------- train
@@ -281,12 +352,15 @@ def _run_export(args):
         raise UsageError("--out is required, except with --compile from a recognizer .pt (then the cache)")
     if args.out is not None and args.compile and not args.out.endswith(".pt2"):
         raise UsageError(f"--compile writes a .pt2 package: --out must end in .pt2, got {args.out}")
-    if export.file_kind(args.source) == "torchscript":  # a recognizer: keeps its own decoder settings
+    settings = dict(decoder="greedy" if args.greedy else "beam", beam_width=args.beam)
+    if export.file_kind(args.source) == "torchscript":  # a recognizer: keeps its own decoder settings, calibration
         model = args.source
     else:
-        from captcha_fast.checkpoint import load_model
-        model = load_model(args.source)
-    settings = dict(decoder="greedy" if args.greedy else "beam", beam_width=args.beam)
+        from captcha_fast.checkpoint import load_checkpoint, model_from_checkpoint
+        from captcha_fast.confidence import Calibration
+        ckpt = load_checkpoint(args.source)
+        model = model_from_checkpoint(ckpt)
+        settings["calibration"] = Calibration.from_dict(ckpt.get("calibration"))
     if args.compile:
         out = export.compile_package(model, args.out or api.compiled_path(args.source, args.device),
                                      device=args.device, **settings)
@@ -294,6 +368,63 @@ def _run_export(args):
         out = export.export_program(model, args.out, device=args.device, **settings)
     else:
         out = export.save_recognizer(model, args.out, **settings)
+    print(f"wrote {out}")
+
+
+# ------------------------------------------------------------------------ calibrate
+
+def _add_calibrate(p):
+    a = p.add_argument
+    a("model", help="a recognizer (.pt or .pt2) or a training checkpoint (RUN_DIR/best.ckpt)")
+    a("data", help="labelled images the model never trained on: a folder of LABEL.png files, a .tsv manifest, or "
+                   "`synthetic`")
+    a("--out", required=True, help="where to write the calibrated copy (the model's own path replaces it)")
+    a("--ignore-case", action="store_true", help="a read that differs from its label only in case counts as right")
+    a("--split", default="all", choices=["all", "val"],
+      help="val: only the split `captcha-fast train` held out (pass the run's --val-fraction and --seed)")
+    a("--val-fraction", type=float, default=0.15, help="as `train` (default: 0.15)")
+    a("--seed", type=int, default=0, help="split seed, as `train` (default: 0)")
+    a("--skip-bad", action="store_true", help="skip unreadable images with a warning")
+    a("--synth-n", type=int, default=2000, help="synthetic: how many captchas (default: 2000)")
+    a("--synth-seed", type=int, default=424242, help="synthetic: render seed (not one training renders)")
+    a("--synth-style", default="mix", help="synthetic: a style of captcha_fast.synth, 'mix', or names joined by ','")
+    a("--plot", default=None, help="also write a reliability diagram of the fit here (PNG)")
+
+
+def _run_calibrate(args):
+    from captcha_fast import api, confidence, export
+    from captcha_fast.evaluate import load_labelled
+    from captcha_fast.synth import DIGITS_LETTERS, SynthConfig
+
+    if export.file_kind(args.model) == "unknown":  # a training checkpoint (load_checkpoint names a foreign file)
+        from captcha_fast.checkpoint import load_model
+        from captcha_fast.recognizer import build_recognizer
+        rec = build_recognizer(load_model(args.model))
+    else:
+        rec = api.load(args.model, device="cpu", compiled=False)
+    synth = SynthConfig(style=args.synth_style, charset=DIGITS_LETTERS, min_len=4, max_len=8, seed=args.synth_seed)
+    images, labels, _ = load_labelled(args.data, args.skip_bad, args.split, args.val_fraction, args.seed, synth,
+                                      args.synth_n)
+    reads = confidence.read_labelled(rec, images, labels, ignore_case=args.ignore_case)
+    source = (f"{args.data}" + (f" (val split {args.val_fraction:g}, seed {args.seed})" if args.split == "val" else "")
+              + (f" ({args.synth_n} of style {args.synth_style}, seed {args.synth_seed})" if args.data == "synthetic"
+                 else ""))
+    cal = confidence.fit_calibration(reads, source)
+    out = export.with_calibration(args.model, cal, args.out)
+    rels = {}
+    for d in confidence.DECODERS:
+        r = reads[d]
+        rels[d] = {name: confidence.reliability(confidence.apply(c, d, r.scores), r.right)
+                   for name, c in (("exp(score), uncalibrated", None), ("calibrated", cal))}
+        slope, intercept = getattr(cal, d)
+        cal_rel = rels[d]["calibrated"]
+        print(f"{d}: confidence = sigmoid({slope:.4f} * logit(exp(score)) + {intercept:.4f}); on these {cal_rel.n} "
+              f"reads ({cal_rel.accuracy:.1%} right): ECE {rels[d]['exp(score), uncalibrated'].ece:.3f} uncalibrated, "
+              f"{cal_rel.ece:.3f} calibrated; {cal_rel.n_high} at confidence >= 0.9, {cal_rel.accuracy_high:.1%} right")
+    if args.plot:
+        from captcha_fast.plots import plot_reliability
+        plot_reliability({f"{d} decoding": rels[d] for d in confidence.DECODERS}, args.plot,
+                         title=f"{Path(args.model).name} on {source} (the reads it was fitted on)")
     print(f"wrote {out}")
 
 
@@ -317,6 +448,34 @@ def _run_bench(args):
     print(bench.format_table(bench.predict_table(batch=args.batch),
                              f"reading {args.batch} fresh 50x200 captchas with the shipped model, {threads} threads",
                              unit="img/s"))
+
+
+# ---------------------------------------------------------------------------- serve
+
+def _add_serve(p):
+    from captcha_fast.preprocess import MAX_PIXELS
+
+    p.add_argument("--model", default=None, help="recognizer file (.pt or .pt2; default: the shipped model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one, printed at start)")
+    p.add_argument("--max-batch", type=int, default=32, help="most images per model call (default 32; 1: no batching)")
+    p.add_argument("--max-wait-ms", type=float, default=2.0,
+                   help="how long an idle server waits to gather a batch (default 2)")
+    p.add_argument("--max-queue", type=int, default=1024, help="requests waiting; more get 503 (default 1024)")
+    p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body; larger get 413 (default 8)")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help=f"largest image (H x W, read before decoding); larger get 400 (default {MAX_PIXELS})")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def _run_serve(args):
+    from captcha_fast import serve  # ImportError naming the extra when it is not installed
+
+    try:
+        config = serve.ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(serve.ServeConfig)})
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    serve.run(config)
 
 
 # ----------------------------------------------------------------------------- info
@@ -347,7 +506,11 @@ def _run_info(args):
                "torchscript": "TorchScript (`captcha-fast export " + str(api.DEFAULT_MODEL) +
                               " --compile` makes it faster: AOTInductor)"}.get(api.format_of(rec), api.format_of(rec))
         print(f"predict uses: {how}, on {device}")
-    print(f"predict threads now: {api.auto_threads()} ({api.busy_cpus()} CPUs busy with other processes)")
+    from captcha_fast.machine import thread_decision
+    d = thread_decision()
+    quota = "none" if d.quota is None else f"{d.quota:g} CPUs"
+    print(f"predict threads now: {d.threads} (torch's {d.cap}; {d.cpus} CPUs in the affinity mask, "
+          f"{d.others:.1f} kept busy by other processes, cgroup quota {quota})")
 
 
 # ----------------------------------------------------------------------------- main
@@ -356,7 +519,7 @@ def _run_info(args):
 COMMANDS = [
     ("demo", "render fresh captchas and read them with the shipped model", "captcha-fast demo -n 32",
      _add_demo, _run_demo),
-    ("predict", "read images: one line per image, path<TAB>text<TAB>score",
+    ("predict", "read images: one line per image, path<TAB>text<TAB>score<TAB>confidence (P(right), 0-1)",
      "captcha-fast predict --model runs/v2/model.pt captchas/ 'more/*.png' --top-k 3", _add_predict, _run_predict),
     ("train", "train a recognizer on a folder of images named by their labels (DATA: folder, .tsv or `synthetic`)",
      "captcha-fast train ../shared/data/captcha_images_v2 --out runs/v2\n"
@@ -368,7 +531,13 @@ COMMANDS = [
      "captcha-fast export runs/v2/best.ckpt --out model.pt\n"
      "  captcha-fast export runs/v2/model.pt --compile     (predict --model runs/v2/model.pt then uses it)",
      _add_export, _run_export),
+    ("calibrate", "fit a model's confidence (P(right) of a read) on labelled held-out images; write it into a copy",
+     "captcha-fast calibrate runs/v2/model.pt ../shared/data/captcha_images_v2 --split val --out runs/v2/model.pt",
+     _add_calibrate, _run_calibrate),
     ("bench", "decode and predict throughput on this machine", "captcha-fast bench -n 1024", _add_bench, _run_bench),
+    ("serve", "an HTTP server that reads images, batching concurrent requests (needs the serve extra)",
+     "captcha-fast serve --port 8000\n  curl --data-binary @captcha.png -H 'Content-Type: image/png' "
+     "localhost:8000/predict", _add_serve, _run_serve),
     ("info", "versions, compiled kernels, threads and devices", "captcha-fast info", None, _run_info),
 ]
 _ALL = object()
@@ -395,19 +564,34 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser(only=command).parse_args(argv)  # usage errors exit 2
     try:
         args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
     except UsageError as e:
         print(f"captcha-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("captcha-fast: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader left (`captcha-fast predict DIR | head`): stop quietly, with the status of a
+        # process ended by SIGPIPE as other Unix tools; stdout goes to /dev/null so that Python's
+        # final flush does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
     except Exception as e:  # noqa: BLE001 - one clear line for users, the traceback with --debug
         if args.debug:
             raise
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"captcha-fast {args.command}: error: {message}", file=sys.stderr)
+        print(f"captcha-fast {args.command}: error: {_message(e)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _message(e: BaseException) -> str:
+    """The first line of an error's own message (a TorchScript error's, not the interpreter's banner)."""
+    if "The following operation failed in the TorchScript interpreter" in str(e):
+        from captcha_fast.recognizer import original_error
+        e = original_error(e)
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 if __name__ == "__main__":

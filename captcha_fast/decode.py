@@ -4,7 +4,7 @@ saved Recognizer (captcha_fast.recognizer.decode_log_probs).
 
 log_probs are (T, N, C) = (frames, batch, classes), as the model emits them and
 nn.CTCLoss takes them; class 0 is the blank. As predict_batch: one string per
-sequence, or Hypothesis(text, score) lists when scores or top_k > 1 are asked for."""
+sequence, or Hypothesis(text, score, confidence) lists when scores or top_k > 1 are asked for."""
 from __future__ import annotations
 
 from typing import List, NamedTuple, Optional, Union
@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from captcha_fast.charset import Charset
-from captcha_fast.recognizer import BLANK_SKIP_THRESHOLD, TOKEN_MIN_LOGP, decode_log_probs
+from captcha_fast.recognizer import BLANK_SKIP_THRESHOLD, TOKEN_MIN_LOGP, allowed_tokens, decode_log_probs
 
 __all__ = ["Hypothesis", "greedy_decode", "beam_search", "allowed_mask", "TOKEN_MIN_LOGP", "BLANK_SKIP_THRESHOLD"]
 
@@ -26,6 +26,10 @@ class Hypothesis(NamedTuple):
     score: float
     """Its log-probability: the best path's for greedy decoding; the sum over
     the alignments the beam kept for beam search."""
+    confidence: float = float("nan")
+    """The probability that it is right, in [0, 1] (captcha_fast.confidence): predict_batch maps the
+    score through the model's calibration (without one: exp(score), the model's own belief);
+    NaN from this module's functions, which decode bare log-probs and know no model."""
 
 
 def _symbols(charset: Union[Charset, str]) -> List[str]:
@@ -50,15 +54,8 @@ def greedy_decode(log_probs: Tensor, input_lengths: Tensor, charset: Union[Chars
 
 
 def allowed_mask(charset: Union[Charset, str], allowed: str, device: Union[str, torch.device] = "cpu") -> Tensor:
-    """Bool mask over classes that admits the blank and the symbols of `allowed`."""
-    symbols = _symbols(charset)
-    bad = "".join(ch for ch in dict.fromkeys(allowed) if ch not in symbols)
-    if bad:
-        raise ValueError(f"allowed characters {bad!r} are not in the charset {''.join(symbols)!r}")
-    mask = torch.zeros(len(symbols) + 1, dtype=torch.bool)
-    mask[0] = True
-    mask[[symbols.index(ch) + 1 for ch in allowed]] = True
-    return mask.to(device)
+    """Bool mask over classes that admits the blank and the symbols of `allowed` (recognizer.allowed_tokens)."""
+    return allowed_tokens(_symbols(charset), allowed, torch.device(device))
 
 
 def beam_search(

@@ -39,10 +39,12 @@ from torch import Tensor
 from captcha_fast.charset import Charset
 from captcha_fast.checkpoint import (PRETRAINED_CHECKPOINT, atomic_write, init_from_checkpoint, load_checkpoint,
                                      load_model, save_checkpoint)
+from captcha_fast.confidence import calibrate_file
 from captcha_fast.data import (SMALL_SET_AUGMENT, AugmentConfig, Batch, BucketBatchSampler, CaptchaDataset,
                                check_labels, collate, frames_needed, list_samples, split_samples, synthetic_dataset)
 from captcha_fast.decode import greedy_decode
 from captcha_fast.distributed import Dist
+from captcha_fast.machine import native_bf16
 from captcha_fast.export import save_recognizer
 from captcha_fast.metrics import score
 from captcha_fast.model import CRNN, CRNNConfig
@@ -167,25 +169,13 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): there bf16 convolutions
-    are faster than float32; elsewhere oneDNN emulates them, many times slower. Decided from the
-    CPU's flags: torch's mkldnn check also answers True on AVX-512 CPUs that only emulate bf16."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype of the training forward (None: float32), per --amp and the device."""
     if not cfg.amp:
         return None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+    return torch.bfloat16 if device.type == "cpu" and native_bf16(device) else None
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -203,7 +193,7 @@ def val_fraction(cfg: TrainConfig, n: int) -> float:
 
 
 def augment_config(cfg: TrainConfig, n: int) -> Optional[AugmentConfig]:
-    """The augmentation of n training images (None: --no-augment)."""
+    """The augmentation of a set of n labelled images (None: --no-augment)."""
     if not cfg.augment:
         return None
     return SMALL_SET_AUGMENT if n < SMALL_SET else AugmentConfig()
@@ -211,8 +201,8 @@ def augment_config(cfg: TrainConfig, n: int) -> Optional[AugmentConfig]:
 
 def build_data(cfg: TrainConfig) -> Tuple[CaptchaDataset, Optional[CaptchaDataset], Charset]:
     """Train and validation sets and the charset for `cfg`."""
-    if cfg.data == "synthetic":
-        aug = augment_config(cfg, cfg.synth_train)
+    if cfg.data == "synthetic":  # rendered sets are as large as asked for: the usual augmentation
+        aug = AugmentConfig() if cfg.augment else None
         charset = Charset(cfg.charset or "".join(sorted(set(cfg.synth_charset))))
         if charset.unknown(cfg.synth_charset):
             raise ValueError(f"synthetic charset has symbols outside --charset: {charset.unknown(cfg.synth_charset)!r}")
@@ -372,8 +362,9 @@ def _setup(cfg: TrainConfig, ddp: Dist) -> _Run:
     sampler = BucketBatchSampler([train_ds.width(i) for i in range(len(train_ds))], cfg.batch_size, cfg.seed,
                                  shuffle=True, bucket=cfg.bucket, rank=ddp.rank, world=ddp.world)
     passes = passes_per_epoch(cfg, len(sampler))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak_lr(cfg), total_steps=cfg.epochs * passes * len(sampler),
-                                                pct_start=cfg.warmup, div_factor=20, final_div_factor=200)
+    steps = cfg.epochs * passes * len(sampler)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak_lr(cfg), total_steps=steps, pct_start=cfg.warmup,
+                                                div_factor=20, final_div_factor=200)
     amp_dtype = autocast_dtype(cfg, ddp.device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     run = _Run(cfg, ddp, out, train_ds, val_ds, charset, model, ddp.wrap(model), opt, sampler, sched, scaler, amp_dtype,
@@ -599,6 +590,9 @@ def train(config: TrainConfig, log: Optional[Callable[[str], None]] = None) -> P
             return run.out / "best.ckpt"
         if ddp.main:
             save_recognizer(load_model(run.out / "best.ckpt"), run.out / "model.pt")
+            if run.val_ds is not None:  # the confidence of reads, fitted on the validation split (both files)
+                calibrate_file(run.out / "model.pt", run.val_ds.images, [s.label for s in run.val_ds.samples],
+                               source="the validation split", prepared=True, also=[run.out / "best.ckpt"])
         ddp.barrier()
         return run.out / "model.pt"
     finally:
