@@ -113,8 +113,22 @@ def transfer_weights(model: CRNN, state: Dict[str, Tensor], charset: str) -> Lis
     return skipped
 
 
+# What the weights were trained to see: a start from weights that saw another input (grey vs ink
+# map, another height, colour) would copy every layer whose shape happens to match and fine-tune
+# features of the wrong input.
+INPUT_OPTIONS = ("ink", "height", "in_channels")
+
+
 def init_from_checkpoint(model: CRNN, path: PathLike) -> List[str]:
     """transfer_weights from the checkpoint at `path` (a model pretrained on one charset starts
-    another). Returns the names left at their init."""
+    another). ValueError naming the file if its input options (INPUT_OPTIONS) differ from the
+    model's. Returns the names left at their init."""
     ckpt = load_checkpoint(path)
-    return transfer_weights(model, ckpt["model"], ckpt["model_config"]["charset"])
+    source = CRNNConfig(**ckpt["model_config"])
+    differ = [f"{k}={getattr(model.config, k)!r} (the checkpoint's: {getattr(source, k)!r})" for k in INPUT_OPTIONS
+              if getattr(model.config, k) != getattr(source, k)]
+    if differ:
+        raise ValueError(f"cannot start from {str(checkpoint_file(path))!r}: its weights were trained on another "
+                         f"input than this model's: {', '.join(differ)}; use the checkpoint's settings, or train "
+                         f"from scratch (--from-scratch)")
+    return transfer_weights(model, ckpt["model"], source.charset)

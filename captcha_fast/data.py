@@ -171,14 +171,35 @@ class AugmentConfig:
     p: float = 0.9               # probability that a sample is distorted at all
 
 
+# For small sets (train.SMALL_SET): a hundred images of one style show the model few glyph
+# shapes, positions and stroke widths; larger distortions keep it from memorising them.
+SMALL_SET_AUGMENT = AugmentConfig(rotate_deg=5.0, shear=0.3, scale=0.12, translate_y=0.08, width_scale=0.2,
+                                  brightness=0.2, contrast=0.35, noise=0.06, p=0.95)
+
+
 def frames_needed(label: str) -> int:
     """CTC needs one frame per symbol plus a blank between equal neighbours."""
     return len(label) + sum(a == b for a, b in zip(label, label[1:]))
 
 
-def augment(image: Tensor, g: torch.Generator, cfg: AugmentConfig, min_width: int = 8) -> Tensor:
+def background_level(image: Tensor, ink: bool) -> Tensor:
+    """(C, 1, 1): the value of the image's background. An ink map's is 0 by construction; a grey
+    or colour image's is the median of its border pixels, per channel."""
+    C, H, W = image.shape
+    if ink:
+        return image.new_zeros(C, 1, 1)
+    border = torch.cat([image[:, 0, :], image[:, H - 1, :], image[:, :, 0], image[:, :, W - 1]], 1)  # (C, 2W + 2H)
+    return border.median(1).values.view(C, 1, 1)
+
+
+def augment(image: Tensor, g: torch.Generator, cfg: AugmentConfig, min_width: int = 8, ink: bool = False) -> Tensor:
     """(C, H, W) in [0, 1] -> a distorted copy (C, H, W'), all randomness from `g`.
-    W' >= min_width (or W if that is smaller), so a label never outgrows its frames."""
+    W' >= min_width (or W if that is smaller), so a label never outgrows its frames.
+
+    Pixels pulled in from outside the image take its background (background_level), and the
+    photometric jitter scales contrast around that background, so the edges and the background
+    look as they do at inference. An ink map (ink=True: background 0, ink up to 1) gets a gain
+    instead of a brightness shift, which would lift its black background everywhere."""
     def u(a: float, b: float) -> float:
         return a + (b - a) * float(torch.rand((), generator=g))
 
@@ -189,7 +210,9 @@ def augment(image: Tensor, g: torch.Generator, cfg: AugmentConfig, min_width: in
     if new_w != W:
         image = F.interpolate(image[None], size=(H, new_w), mode="bilinear", align_corners=False)[0]
         W = new_w
-    # Affine in normalised coordinates; pixels pulled from outside are white.
+    background = background_level(image, ink)
+    # Affine in normalised coordinates, sampling the difference from the background (zeros
+    # outside the image: the background there).
     angle = math.radians(u(-cfg.rotate_deg, cfg.rotate_deg))
     s = 1 + u(-cfg.scale, cfg.scale)
     sh = u(-cfg.shear, cfg.shear)
@@ -199,10 +222,12 @@ def augment(image: Tensor, g: torch.Generator, cfg: AugmentConfig, min_width: in
     theta = torch.tensor([[cos, -sin / aspect + sh / aspect, 0.0],
                           [sin * aspect, cos, ty]], dtype=image.dtype)
     grid = F.affine_grid(theta[None], [1, C, H, W], align_corners=False)
-    image = 1 - F.grid_sample(1 - image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-    # Photometric: contrast around the mean, brightness, sensor noise.
-    mean = image.mean()
-    image = (image - mean) * (1 + u(-cfg.contrast, cfg.contrast)) + mean + u(-cfg.brightness, cfg.brightness)
+    detail = F.grid_sample((image - background)[None], grid, mode="bilinear", padding_mode="zeros",
+                           align_corners=False)[0]
+    # Photometric: contrast around the background, brightness (grey/colour only), sensor noise.
+    gain = 1 + u(-cfg.contrast, cfg.contrast)
+    shift = 0.0 if ink else u(-cfg.brightness, cfg.brightness)
+    image = background + shift + gain * detail
     std = u(0, cfg.noise)
     if std > 0:
         image = image + std * torch.randn(image.shape, generator=g)
@@ -231,7 +256,7 @@ class CaptchaDataset(torch.utils.data.Dataset):
                  images: Optional[Sequence[Tensor]] = None, max_width: int = MAX_WIDTH, ink: bool = False):
         samples = check_labels(samples, charset, skip_bad)
         self.charset, self.height, self.in_channels = charset, height, in_channels
-        self.augment, self.seed, self.epoch = augment, seed, 0
+        self.augment, self.seed, self.epoch, self.ink = augment, seed, 0, ink
         if images is None:
             samples, images = load_samples(
                 samples, skip_bad, lambda image, name: _resized_uint8(image, height, in_channels, max_width, name, ink))
@@ -261,11 +286,11 @@ class CaptchaDataset(torch.utils.data.Dataset):
         image = self.images[index].float() / 255.0
         if self.augment is not None:
             min_width = 4 * frames_needed(self.samples[index].label) + 4  # the CRNN gives W // 4 frames
-            image = augment(image, item_generator(self.seed, self.epoch, index), self.augment, min_width)
+            image = augment(image, item_generator(self.seed, self.epoch, index), self.augment, min_width, self.ink)
         return image, self.samples[index].label, self.targets[index]
 
 
-_SYNTH_CACHE_FORMAT = 2  # bump when rendering or preprocessing changes what a cached set holds
+_SYNTH_CACHE_FORMAT = 3  # bump when rendering or preprocessing changes what a cached set holds
 
 
 def synth_cache_key(config, n: int, height: int, in_channels: int, ink: bool = False) -> str:
@@ -300,7 +325,7 @@ def synthetic_dataset(config, n: int, charset: Charset, height: int = 32, in_cha
         if cache is not None:
             atomic_write(cache, lambda tmp: torch.save({"labels": labels, "images": images}, tmp))
     samples = [Sample(f"synthetic:{config.seed}:{i}", text) for i, text in enumerate(labels)]
-    return CaptchaDataset(samples, charset, height, in_channels, augment, seed, images=images)
+    return CaptchaDataset(samples, charset, height, in_channels, augment, seed, images=images, ink=ink)
 
 
 class Batch(NamedTuple):

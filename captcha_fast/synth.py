@@ -3,20 +3,21 @@
     SyntheticCaptchas(SynthConfig(style="mix", seed=1), n=1000)[7]   ->  (PIL RGB image, "K3q9X")
     SyntheticCaptchas(config, n).label(7)                           ->  "K3q9X"  (nothing rendered)
 
-Sample i is a pure function of (config, i, the fonts found, the PIL version): any order, any
-worker, any rank gives the same image. The label is drawn first from the sample's generator, so
-label(i) needs no rendering.
+Sample i is a pure function of (config, i, the fonts found, the Pillow version and its libjpeg):
+any order, any worker, any rank gives the same image. The label is drawn first from the sample's
+generator, so label(i) needs no rendering.
 
-Styles (STYLES; "mix" draws one per sample, or name several: "v2,varlen"):
+Styles (STYLES; "mix" draws one per sample by its share, mix_shares(); or name several, drawn
+uniformly: "v2,varlen"):
   captcha      the `captcha` package at the config's height/char_width/font_sizes (the default;
                `clean` drops its noise). The package draws from `secrets`; here its module-level
                `secrets` is swapped, for one render, for a shim over the sample's random.Random.
-  captcha_pkg  the `captcha` package as users call it: ImageCaptcha(width, height) at 160x60,
-               200x50, 280x90 or another size, its own font sizes, sometimes another font.
+  captcha_pkg  the `captcha` package as users call it: ImageCaptcha(width, height), 80% at 160x60,
+               200x50 or 280x90 with its own font sizes, else another size; sometimes another font.
   v2           like captcha_images_v2 / Java Kaptcha: 200x50, grey gradient, black ragged glyphs
                touching each other, one thick strike-through curve with a hook, slight blur.
   kaptcha      Kaptcha generalised: coloured ink, light gradients, water-ripple warp, noise
-               curve, sometimes a shadow.
+               curve, sometimes a shadow, half the time a border (Kaptcha's default).
   varlen       like varlen_upper: 80 px high, glyphs in a thin central band with wide gaps, one
                font per captcha (often decorative), vivid or pastel colours on white, thin lines.
   wordpress    plugin-style (Really Simple CAPTCHA and kin): small, clean, dark on a light plain
@@ -26,10 +27,30 @@ Styles (STYLES; "mix" draws one per sample, or name several: "v2,varlen"):
   gradient     two- or three-colour gradient backgrounds, contrasting ink, sometimes a shadow.
   low_contrast ink close to the background's brightness, noisy or textured background, blur.
   textured     cloud/crosshatch/confetti backgrounds, solid or outlined glyphs, filled glyphs.
-  classic      small ASP/JSP-style: per-character random colours, random-coloured lines and dots.
+  classic      small ASP/JSP-style: per-character random colours, random-coloured lines and dots,
+               sometimes a border.
   dense        overlapping wavy glyphs, no noise (reCAPTCHA-like).
   band         small glyphs in a thin band of a tall image, any background, lines and dots.
   generic      every knob drawn at random: the widest coverage.
+  ramp         a dark-to-light grey (or tinted) ramp, mostly left to right, behind per-symbol
+               coloured glyphs.
+  sparse       small text (cap height 10-14 px) in a large image: glyphs cover < 1.6% of it.
+  pale         pale grey/pastel glyphs on white or light: one colour, one per symbol, or a colour
+               ramp inside the glyphs; often outlined (hollow).
+  jumble       rotated (up to 45 degrees), overlapping glyphs of mixed sizes, thin (eroded) or
+               bold (bold faces, wider strokes), dense arcs and dots.
+
+Effects (EFFECTS, applied over any style's finished image; SynthConfig.effects): "mix" gives each
+image each effect at its rate (scaled per style: `captcha_pkg` 0.4, the legacy `captcha` 0;
+effect_rates() gives the resulting fraction of mix images), "none" none, names ("frame,jpeg")
+all of them on every image. They draw from their own generator (effect_rng): an image with
+effects is its effect-free twin plus the effects, and effects(i) needs no rendering.
+  shade        uneven light multiplied in: dark-to-light ramp (across, down, diagonal), vignette,
+               or texture.
+  clutter      dense arcs and dots over everything.
+  frame        1-3 px border lines, one or two (double), black, grey or a contrasting colour.
+  jpeg         JPEG compression at quality 20-90, 4:2:0 or 4:4:4, decoded again in memory.
+mix_table() writes the shares and rates as a Markdown table (for a model card).
 
 Fonts (never downloaded; files already on disk only):
   * shipped with pip packages (always used):
@@ -54,6 +75,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import math
 import random
@@ -66,7 +88,7 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequenc
 
 import captcha.image as _captcha_image
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageStat
 
 DIGITS_UPPER = string.digits + string.ascii_uppercase
 DIGITS_LETTERS = string.digits + string.ascii_lowercase + string.ascii_uppercase
@@ -134,8 +156,10 @@ class SynthConfig:
     font_sizes: Tuple[int, ...] = (32, 36, 40)  # style "captcha" only (its defaults clip at height 50)
     seed: int = 0
     clean: bool = False                # style "captcha" only: no noise dots or arc, dark ink
-    style: str = "captcha"             # a STYLES name, "mix" (all but "captcha"), or names joined by ","
+    style: str = "captcha"             # a STYLES name, "mix" (all but "captcha", by share), or names joined by ","
     font_dirs: Tuple[str, ...] = ()    # extra font folders (e.g. DEBIAN_FONT_DIRS) beside the pip fonts
+    effects: str = "mix"               # "mix" (each EFFECTS entry at its rate), "none", or names joined by ","
+                                       # (those on every image)
 
     def __post_init__(self):
         self.font_sizes = tuple(self.font_sizes)
@@ -149,6 +173,7 @@ class SynthConfig:
         if self.height < 16 or self.char_width < 8:
             raise ValueError(f"height must be >= 16 and char_width >= 8, got {self.height}, {self.char_width}")
         self.styles()  # names checked here, not at the first render
+        self.forced_effects()
         for d in self.font_dirs:
             if not Path(d).is_dir():
                 raise ValueError(f"font folder {d!r} does not exist")
@@ -162,6 +187,16 @@ class SynthConfig:
         if unknown:
             raise ValueError(f"unknown synthetic style(s) {unknown}; choose from {sorted(STYLES)} or 'mix'")
         return names
+
+    def forced_effects(self) -> Tuple[str, ...]:
+        """The effects every image gets ("mix" and "none": none forced)."""
+        if self.effects in ("mix", "none"):
+            return ()
+        names = tuple(s.strip() for s in self.effects.split(","))
+        unknown = [s for s in names if s not in EFFECTS]
+        if unknown:
+            raise ValueError(f"unknown synthetic effect(s) {unknown}; choose from {sorted(EFFECTS)}, 'mix' or 'none'")
+        return tuple(name for name in EFFECTS if name in names)  # applied in EFFECTS order
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -415,13 +450,17 @@ class Glyph(NamedTuple):
 
 
 def _glyph(ch: str, font: ImageFont.FreeTypeFont, cap: float, angle: float, stroke: int = 0,
-           hollow: bool = False) -> Glyph:
+           hollow: bool = False, thin: bool = False) -> Glyph:
     l, t, r, b = font.getbbox(ch, anchor="ls", stroke_width=stroke)
     pad = 2 + stroke
     mask = Image.new("L", (r - l + 2 * pad, b - t + 2 * pad), 0)
     origin = (pad - l, pad - t)  # where the baseline-left point lands
     ImageDraw.Draw(mask).text(origin, ch, font=font, anchor="ls", fill=0 if hollow else 255,
                               stroke_width=stroke, stroke_fill=255)
+    if thin and cap >= 18:  # a lighter weight than the face has: erode by a pixel, if a stroke survives
+        eroded = mask.filter(ImageFilter.MinFilter(3))
+        if eroded.getbbox() is not None and np.count_nonzero(np.asarray(eroded) > 128) >= 0.3 * cap:
+            mask = eroded
     rx, ry = mask.width / 2, origin[1] - cap / 2
     if angle:
         cx, cy = mask.width / 2, mask.height / 2
@@ -488,9 +527,10 @@ class Run:
 
 def _run(text: str, rng: random.Random, fonts: Sequence[str], cap: float, *, rotate: float = 0.0,
          scale_jitter: float = 0.0, gap: Tuple[float, float] = (0.05, 0.2), stroke: int = 0,
-         hollow_p: float = 0.0) -> Run:
+         hollow_p: float = 0.0, thin: bool = False) -> Run:
     """Glyphs of `text` whose cap height is about `cap` px; fonts[i % len] draws symbol i.
-    gap: the space between glyphs as a fraction of cap, drawn uniformly per gap."""
+    gap: the space between glyphs as a fraction of cap, drawn uniformly per gap (< 0: overlap);
+    stroke: px added around each glyph (bolder); thin: a pixel eroded (lighter)."""
     glyphs = []
     cap = max(cap, MIN_CAP)
     for i, ch in enumerate(text):
@@ -499,7 +539,7 @@ def _run(text: str, rng: random.Random, fonts: Sequence[str], cap: float, *, rot
         c, font = size * _cap_ratio(path), _font(path, size)
         hollow = hollow_p > 0 and rng.random() < hollow_p
         glyphs.append(_glyph(ch, font, c, rng.uniform(-rotate, rotate) if rotate else 0.0,
-                             stroke=max(stroke, 1 if hollow else 0), hollow=hollow))
+                             stroke=max(stroke, 1 if hollow else 0), hollow=hollow, thin=thin and not hollow))
     gaps = [rng.uniform(*gap) * cap for _ in range(len(text) - 1)]
     return Run(glyphs, gaps)
 
@@ -603,6 +643,98 @@ def _grey(image: Image.Image) -> Image.Image:
     return image.convert("L").convert("RGB")
 
 
+# ------------------------------------------------------------------------------------ effects
+# Applied over a finished image of any style (EFFECTS, below): none moves a pixel, so the glyph
+# boxes stay right.
+
+def _median_colour(image: Image.Image) -> Colour:
+    return tuple(ImageStat.Stat(image).median)  # per channel, from the histogram (fast)
+
+
+def _frame(image: Image.Image, rng: random.Random) -> Image.Image:
+    """1-3 px lines around the edge, sometimes two (a double frame), sometimes a pixel in: black,
+    grey or a colour that stands out from the background (Kaptcha's default, PHP/ASP sites)."""
+    image = image.copy()
+    bg = _median_colour(image)
+    draw = ImageDraw.Draw(image)
+    w, h = image.size
+    at = rng.choice((0, 0, 0, 1))
+    for _ in range(2 if rng.random() < 0.25 else 1):
+        colour = rng.choice(((0, 0, 0), (rng.randint(40, 140),) * 3, None))
+        if colour is None or abs(_luma(colour) - _luma(bg)) < 60:
+            colour = _ink(rng, [bg], 60, (_dark, _vivid))
+        width = rng.choice((1, 1, 2, 3))
+        draw.rectangle([at, at, w - 1 - at, h - 1 - at], outline=colour, width=width)
+        at += width + rng.randint(1, 2)
+    return image
+
+
+def _shade(image: Image.Image, rng: random.Random) -> Image.Image:
+    """Multiplied by uneven light: a dark-to-light ramp (across, down or diagonal), a vignette, or
+    a texture; light ink on a dark background darkens with it."""
+    w, h = image.size
+    kind = rng.choice(("ramp", "ramp", "vignette", "texture"))
+    low = rng.randint(90, 210)
+    if kind == "ramp":
+        tint = (low,) * 3 if rng.random() < 0.6 else tuple(min(255, low + rng.randint(-30, 30)) for _ in range(3))
+        angle = rng.choice((0.0, math.pi, math.pi / 2, -math.pi / 2, rng.uniform(0, 2 * math.pi)))
+        light = np.asarray(_gradient((w, h), [tint, (255, 255, 255)], angle), np.float32)
+    elif kind == "vignette":
+        cx, cy = rng.uniform(0.3, 0.7) * w, rng.uniform(0.3, 0.7) * h
+        r2 = ((np.arange(w)[None, :] - cx) / w) ** 2 + ((np.arange(h)[:, None] - cy) / h) ** 2
+        light = (255 - (255 - low) * np.minimum(1.0, 2.5 * r2))[..., None].astype(np.float32)
+    else:
+        light = np.asarray(_texture((w, h), rng, (255, 255, 255)), np.float32)
+    return Image.fromarray((np.asarray(image, np.float32) * (light / 255)).astype(np.uint8), "RGB")
+
+
+def _clutter(image: Image.Image, rng: random.Random) -> Image.Image:
+    """Dense arcs and dots over everything, in one colour or many."""
+    image = image.copy()
+    draw = ImageDraw.Draw(image)
+    one = _ink(rng, [_median_colour(image)], 60, (_dark, _vivid))
+    colour = (lambda: one) if rng.random() < 0.5 else (lambda: _vivid(rng) if rng.random() < 0.6 else _dark(rng))
+    _arcs(draw, rng, image.size, rng.randint(3, 10), colour, (1, 2))
+    _dots(draw, rng, image.size, image.width * image.height // rng.randint(40, 160), colour, (0.4, 1.4))
+    return image
+
+
+def _jpeg(image: Image.Image, rng: random.Random) -> Image.Image:
+    """Encoded as JPEG at quality 20-90 (4:2:0 or 4:4:4 chroma) and decoded again, in memory."""
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=rng.randint(20, 90), subsampling=rng.choice((0, 2)))
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+class Effect(NamedTuple):
+    apply: Callable[[Image.Image, random.Random], Image.Image]
+    rate: float   # the chance that a style with effect weight 1 gets it (SynthConfig.effects == "mix")
+    about: str
+
+
+# Applied in this order (JPEG last: it compresses what a site would serve).
+EFFECTS: Dict[str, Effect] = {
+    "shade": Effect(_shade, 0.15, "uneven light: dark-to-light ramp, vignette or texture, multiplied in"),
+    "clutter": Effect(_clutter, 0.10, "dense arcs and dots over the text"),
+    "frame": Effect(_frame, 0.20, "1-3 px border lines, single or double, black, grey or coloured"),
+    "jpeg": Effect(_jpeg, 0.25, "JPEG artefacts, quality 20-90"),
+}
+
+
+def apply_effects(image: Image.Image, names: Sequence[str], rng: random.Random) -> Image.Image:
+    """`image` with the EFFECTS `names` applied in order, every choice drawn from `rng`."""
+    for name in names:
+        image = EFFECTS[name].apply(image, rng)
+    return image
+
+
+def effect_rng(seed: int, index: int) -> random.Random:
+    """The generator of sample `index`'s effects: apart from the style's, so that an image with
+    effects is its effect-free twin plus the effects."""
+    return random.Random(f"captcha_fast.synth:{seed}:{index}:effects")
+
+
 # ------------------------------------------------------------------------------------ styles
 
 class Rendered(NamedTuple):
@@ -614,14 +746,19 @@ class Style(NamedTuple):
     draw: Callable[[str, random.Random, FontPool], Rendered]
     size: Tuple[int, int, int, int]   # (min width, max width, min height, max height) of its images
     about: str
+    share: int = 0          # its weight in the mix (percent; 0: not in the mix)
+    effects: float = 1.0    # scales the EFFECTS rates in the mix (0: never any)
 
 
 STYLES: Dict[str, Style] = {}
 
 
-def _style(name: str, size: Tuple[int, int, int, int], about: str):
+PACKAGE_SIZES = ((160, 60), (200, 50), (280, 90))  # the `captcha` package's most common ImageCaptcha sizes
+
+
+def _style(name: str, size: Tuple[int, int, int, int], about: str, share: int, effects: float = 1.0):
     def register(fn):
-        STYLES[name] = Style(fn, size, about)
+        STYLES[name] = Style(fn, size, about, share, effects)
         return fn
     return register
 
@@ -648,20 +785,20 @@ def _text_fonts(rng: random.Random, pool: FontPool, n: int, per_char: float) -> 
     return [pool.pick(rng)]
 
 
-@_style("captcha_pkg", (120, 320, 40, 100), "the captcha package's ImageCaptcha at common sizes")
+@_style("captcha_pkg", (120, 320, 40, 100), "the captcha package's ImageCaptcha at common sizes", 14, effects=0.4)
 def _captcha_pkg(text, rng, pool):
-    if rng.random() < 0.6:
-        width, height = rng.choice([(160, 60), (200, 50), (280, 90)])
+    if rng.random() < 0.8:  # as its users call it: ImageCaptcha(width, height) at the sizes most seen
+        width, height = rng.choice(PACKAGE_SIZES)
         sizes = None  # the package's own (42, 50, 56)
     else:
         height = rng.randint(40, 100)
         width = min(320, max(120, int(height * rng.uniform(2.2, 4.0))))
         sizes = tuple(int(height * f) for f in (0.7, 0.83, 0.93))
-    font = None if rng.random() < 0.7 else pool.pick(rng)
+    font = None if rng.random() < 0.85 else pool.pick(rng)
     return Rendered(render_package(text, rng, width, height, font, sizes), None)
 
 
-@_style("v2", (150, 260, 40, 70), "captcha_images_v2 / Kaptcha: grey gradient, ragged black glyphs, hooked strike")
+@_style("v2", (150, 260, 40, 70), "captcha_images_v2 / Kaptcha: grey gradient, ragged black glyphs, hooked strike", 6)
 def _v2(text, rng, pool):
     w, h = (200, 50) if rng.random() < 0.7 else (rng.randint(150, 260), rng.randint(40, 70))
     left, right = rng.randint(175, 210), rng.randint(235, 255)
@@ -685,7 +822,8 @@ def _v2(text, rng, pool):
     return Rendered(_grey(_blur(image, rng.uniform(0.3, 0.8))), boxes)
 
 
-@_style("kaptcha", (120, 260, 40, 80), "Kaptcha generalised: light gradient, coloured ink, ripple, noise curve")
+@_style("kaptcha", (120, 260, 40, 80), "Kaptcha generalised: light gradient, coloured ink, ripple, noise curve, border",
+        6)
 def _kaptcha(text, rng, pool):
     h = rng.randint(40, 80)
     image_bg = [_light(rng), _light(rng)] if rng.random() < 0.6 else [(rng.randint(180, 230),) * 3, (255, 255, 255)]
@@ -700,10 +838,11 @@ def _kaptcha(text, rng, pool):
     draw = ImageDraw.Draw(image)
     _curves(draw, rng, image.size, rng.randint(1, 2), lambda: ink, (1, 2))
     image = _warp(image, rng, rng.uniform(0, 2), rng.uniform(1.5, 4))
-    return Rendered(_blur(image, rng.uniform(0, 0.6)), boxes)
+    image = _blur(image, rng.uniform(0, 0.6))
+    return Rendered(_frame(image, rng) if rng.random() < 0.5 else image, boxes)  # Kaptcha's default has a border
 
 
-@_style("varlen", (100, 900, 60, 100), "varlen_upper: thin central band, wide gaps, many fonts, pastel on white")
+@_style("varlen", (100, 900, 60, 100), "varlen_upper: thin central band, wide gaps, many fonts, pastel on white", 6)
 def _varlen(text, rng, pool):
     h = 80 if rng.random() < 0.7 else rng.randint(60, 100)
     fonts = _text_fonts(rng, pool, len(text), 0.15)
@@ -720,7 +859,7 @@ def _varlen(text, rng, pool):
     return Rendered(image, boxes)
 
 
-@_style("wordpress", (90, 200, 30, 60), "plugin-style: small, clean, dark ink on a light plain background")
+@_style("wordpress", (90, 200, 30, 60), "plugin-style: small, clean, dark ink on a light plain background", 6)
 def _wordpress(text, rng, pool):
     h = rng.randint(30, 60)
     font = pool.pick_plain(rng) if rng.random() < 0.7 else pool.pick(rng)
@@ -743,7 +882,7 @@ def _wordpress(text, rng, pool):
     return Rendered(image, boxes)
 
 
-@_style("php_heavy", (150, 300, 50, 100), "heavy occlusion: many lines and arcs over the text, dots, sine warp")
+@_style("php_heavy", (150, 300, 50, 100), "heavy occlusion: many lines and arcs over the text, dots, sine warp", 5)
 def _php_heavy(text, rng, pool):
     h = rng.randint(50, 100)
     w = min(300, max(150, int(h * rng.uniform(2.2, 3.6))))
@@ -765,7 +904,7 @@ def _php_heavy(text, rng, pool):
     return Rendered(_blur(image, rng.choice((0, 0, 0.5))), boxes)
 
 
-@_style("gradient", (110, 320, 35, 90), "two- or three-colour gradient background, contrasting ink")
+@_style("gradient", (110, 320, 35, 90), "two- or three-colour gradient background, contrasting ink", 5)
 def _gradient_style(text, rng, pool):
     h = rng.randint(35, 90)
     dark_bg = rng.random() < 0.4
@@ -789,7 +928,7 @@ def _gradient_style(text, rng, pool):
     return Rendered(_blur(image, rng.choice((0, 0, 0.4))), boxes)
 
 
-@_style("low_contrast", (100, 320, 30, 90), "ink close to the background's brightness, noise, blur")
+@_style("low_contrast", (100, 320, 30, 90), "ink close to the background's brightness, noise, blur", 5)
 def _low_contrast(text, rng, pool):
     h = rng.randint(30, 90)
     run = _run(text, rng, [pool.pick(rng)], h * rng.uniform(0.4, 0.7), rotate=rng.choice((0, 10, 20)),
@@ -815,7 +954,7 @@ def _low_contrast(text, rng, pool):
     return Rendered(_grey(image) if rng.random() < 0.3 else image, boxes)
 
 
-@_style("textured", (120, 360, 40, 100), "patterned backgrounds, solid, outlined or pattern-filled glyphs")
+@_style("textured", (120, 360, 40, 100), "patterned backgrounds, solid, outlined or pattern-filled glyphs", 5)
 def _textured(text, rng, pool):
     h = rng.randint(40, 100)
     run = _run(text, rng, _text_fonts(rng, pool, len(text), 0.3), h * rng.uniform(0.4, 0.7),
@@ -833,7 +972,7 @@ def _textured(text, rng, pool):
     return Rendered(_blur(image, rng.choice((0, 0, 0.5))), boxes)
 
 
-@_style("classic", (80, 180, 30, 50), "small ASP/JSP-style: per-symbol colours, coloured lines and dots")
+@_style("classic", (80, 180, 30, 50), "small ASP/JSP-style: per-symbol colours, coloured lines and dots, border", 6)
 def _classic(text, rng, pool):
     h = rng.randint(30, 50)
     run = _run(text, rng, [pool.pick_plain(rng) if rng.random() < 0.6 else pool.pick(rng)],
@@ -846,10 +985,10 @@ def _classic(text, rng, pool):
     _lines(draw, rng, image.size, rng.randint(2, 6), lambda: _vivid(rng) if rng.random() < 0.7 else _pastel(rng),
            (1, 1), across=rng.random() < 0.5)
     _dots(draw, rng, image.size, rng.randint(20, 100), lambda: _vivid(rng), (0.3, 1.0))
-    return Rendered(image, boxes)
+    return Rendered(_frame(image, rng) if rng.random() < 0.3 else image, boxes)
 
 
-@_style("dense", (110, 300, 40, 90), "overlapping, wavy glyphs, no noise (reCAPTCHA-like)")
+@_style("dense", (110, 300, 40, 90), "overlapping, wavy glyphs, no noise (reCAPTCHA-like)", 5)
 def _dense(text, rng, pool):
     h = rng.randint(40, 90)
     run = _run(text, rng, [pool.pick_plain(rng) if rng.random() < 0.7 else pool.pick(rng)],
@@ -861,7 +1000,7 @@ def _dense(text, rng, pool):
     return Rendered(_blur(image, rng.uniform(0, 0.6)), boxes)
 
 
-@_style("band", (150, 400, 60, 100), "small glyphs in a thin band of a tall image, any background")
+@_style("band", (150, 400, 60, 100), "small glyphs in a thin band of a tall image, any background", 4)
 def _band(text, rng, pool):
     h = rng.randint(60, 100)
     run = _run(text, rng, _text_fonts(rng, pool, len(text), 0.2), h * rng.uniform(0.15, 0.3),
@@ -880,7 +1019,7 @@ def _band(text, rng, pool):
     return Rendered(image, boxes)
 
 
-@_style("generic", (100, 400, 30, 100), "every knob at random")
+@_style("generic", (100, 400, 30, 100), "every knob at random", 6)
 def _generic(text, rng, pool):
     h = rng.randint(30, 100)
     hard = rng.random() < 0.5  # the noise budget: light or heavy, never everything at once
@@ -923,12 +1062,133 @@ def _generic(text, rng, pool):
     return Rendered(_grey(image) if rng.random() < 0.2 else image, boxes)
 
 
-@_style("captcha", (20, 10_000, 16, 10_000), "the captcha package at the config's fixed size (legacy default)")
+@_style("ramp", (100, 320, 30, 90), "a dark-to-light grey (or tinted) ramp behind per-symbol coloured glyphs", 5)
+def _ramp(text, rng, pool):
+    h = rng.randint(30, 90)
+    run = _run(text, rng, _text_fonts(rng, pool, len(text), 0.2), h * rng.uniform(0.45, 0.7),
+               rotate=rng.choice((0, 10, 20)), scale_jitter=0.1, gap=(-0.1, 0.3), stroke=rng.choice((0, 0, 1)))
+    w = _width_for(run, rng, (100, 320), (0.1, 0.6), h)
+    dark, light = rng.randint(30, 120), rng.randint(190, 255)
+    stops = [(dark,) * 3, (light,) * 3]
+    if rng.random() < 0.3:
+        stops = [tuple(min(255, max(0, v + rng.randint(-25, 25))) for v in c) for c in stops]
+    angle = rng.choice((0.0, 0.0, math.pi, math.pi / 2, rng.uniform(0, 2 * math.pi)))  # mostly across
+    image = _gradient((w, h), stops[::-1] if rng.random() < 0.5 else stops, angle)
+    fills = [_hsv(rng.random(), rng.uniform(0.6, 1.0), rng.uniform(0.55, 1.0)) for _ in text]
+    boxes = _place(run, image, rng, fills, h * rng.uniform(0.45, 0.55), jitter=h * 0.06)
+    draw = ImageDraw.Draw(image)
+    _lines(draw, rng, image.size, rng.choice((0, 0, 1, 3)), lambda: rng.choice(fills), (1, 2))
+    _dots(draw, rng, image.size, rng.choice((0, 0, 30)), lambda: rng.choice(fills), (0.5, 1.2))
+    return Rendered(_blur(image, rng.choice((0, 0, 0.4))), boxes)
+
+
+SPARSE_INK = 0.016  # style "sparse": the most of the image its glyphs may cover
+
+
+@_style("sparse", (160, 640, 60, 200), "small text in a large image: glyphs cover under 1.6% of the pixels", 4)
+def _sparse(text, rng, pool):
+    run = _run(text, rng, [pool.pick_plain(rng) if rng.random() < 0.7 else pool.pick(rng)],
+               rng.uniform(MIN_CAP, 14), rotate=rng.choice((0, 5, 10)), scale_jitter=0.05, gap=(0.05, 0.5))
+    ink = sum(int(np.count_nonzero(np.asarray(g.mask) > 0)) for g in run.glyphs)
+    h = rng.randint(60, 140)  # the width grows first to keep the ink sparse, then the height
+    w = min(640, max(rng.randint(160, 400), int(run.width * rng.uniform(1.5, 3)), math.ceil(ink / SPARSE_INK / h)))
+    h = min(200, max(h, math.ceil(ink / SPARSE_INK / w)))
+    run = run.scaled(min(1.0, math.sqrt(SPARSE_INK * w * h / max(1, ink))))  # the largest labels only
+    bg = (255, 255, 255) if rng.random() < 0.4 else _light(rng)
+    image = _clouds((w, h), rng, bg, _light(rng), rng.randint(8, 30)) if rng.random() < 0.3 else _solid((w, h), bg)
+    ink_colour = _dark(rng) if rng.random() < 0.7 else _ink(rng, [bg], 80, (_vivid,))
+    x = rng.uniform(2, max(2.0, w - 2 - run.width))
+    boxes = run.draw(image, x, rng.uniform(0.15, 0.85) * h, [ink_colour])
+    _dots(ImageDraw.Draw(image), rng, image.size, rng.choice((0, 0, 20)), lambda: _pastel(rng), (0.5, 1.0))
+    return Rendered(image, boxes)
+
+
+def _pale_ink(rng: random.Random, bg: Colour) -> Colour:
+    """A colour 25-90 levels of brightness below the (light) background: pale grey, pastel."""
+    for _ in range(12):
+        c = _hsv(rng.random(), rng.uniform(0, 0.7), rng.uniform(0.55, 0.92))
+        if 25 <= _luma(bg) - _luma(c) <= 90:
+            return c
+    return tuple(max(0, int(_luma(bg)) - 60) for _ in range(3))
+
+
+@_style("pale", (100, 320, 30, 90), "pale glyphs on white or light: one colour, per symbol or a ramp, often hollow", 5)
+def _pale(text, rng, pool):
+    h = rng.randint(30, 90)
+    hollow = rng.choice((0, 0, 0.5, 1.0))
+    run = _run(text, rng, _text_fonts(rng, pool, len(text), 0.2), h * rng.uniform(0.45, 0.7),
+               rotate=rng.choice((0, 10, 20)), scale_jitter=0.1, gap=(-0.05, 0.4), hollow_p=hollow,
+               stroke=rng.choice((1, 2)) if hollow else rng.choice((0, 0, 1)))
+    w = _width_for(run, rng, (100, 320), (0.1, 0.6), h)
+    bg = (255, 255, 255) if rng.random() < 0.6 else _light(rng)
+    image = _solid((w, h), bg)
+    kind = rng.choice(("one", "each", "ramp"))
+    if kind == "ramp":  # colour changing across the text, inside the glyphs
+        fills = [_gradient((w, h), [_pale_ink(rng, bg) for _ in range(3)], rng.uniform(-0.5, 0.5))]
+    else:
+        fills = [_pale_ink(rng, bg) for _ in (text if kind == "each" else "x")]
+    boxes = _place(run, image, rng, fills, h * rng.uniform(0.45, 0.55), jitter=h * 0.06)
+    draw = ImageDraw.Draw(image)
+    _lines(draw, rng, image.size, rng.choice((0, 0, 2)), lambda: _pale_ink(rng, bg), (1, 1))
+    _dots(draw, rng, image.size, rng.choice((0, 0, 40)), lambda: _pale_ink(rng, bg), (0.5, 1.2))
+    return Rendered(image, boxes)
+
+
+_BOLD = re.compile(r"(bold|black|heavy|cmb10)", re.I)
+
+
+@_style("jumble", (100, 320, 35, 90), "rotated, overlapping glyphs of mixed sizes, thin or bold, dense arcs, dots", 7)
+def _jumble(text, rng, pool):
+    h = rng.randint(35, 90)
+    weight = rng.choice(("thin", "regular", "bold", "bold"))
+    bold_faces = [p for g in pool.groups for p in g if _BOLD.search(Path(p).name)]
+    fonts = [rng.choice(bold_faces)] if weight == "bold" and bold_faces and rng.random() < 0.6 else [pool.pick(rng)]
+    run = _run(text, rng, fonts, h * rng.uniform(0.45, 0.62), rotate=rng.choice((20, 30, 45)),
+               scale_jitter=rng.uniform(0.15, 0.35), gap=(-0.4, -0.1), thin=weight == "thin",
+               stroke=rng.choice((1, 2)) if weight == "bold" and fonts[0] not in bold_faces else 0)
+    w = _width_for(run, rng, (100, 320), (0.1, 0.5), h)
+    bg = _light(rng)
+    image = _gradient((w, h), [bg, _light(rng)], rng.uniform(0, 2 * math.pi)) if rng.random() < 0.4 \
+        else _solid((w, h), bg)
+    fills = [_dark(rng)] if rng.random() < 0.5 else [_dark(rng) if rng.random() < 0.5 else _vivid(rng) for _ in text]
+    boxes = _place(run, image, rng, fills, h * rng.uniform(0.45, 0.55), jitter=h * 0.1)
+    draw = ImageDraw.Draw(image)
+    noise = (lambda: fills[0]) if rng.random() < 0.5 else (lambda: _ink(rng, [bg], 60, (_dark, _vivid)))
+    _arcs(draw, rng, image.size, rng.randint(0, 8), noise, (1, 2))
+    _dots(draw, rng, image.size, rng.choice((0, 50, 200)), noise, (0.4, 1.4))
+    return Rendered(_blur(image, rng.choice((0, 0, 0.5))), boxes)
+
+
+@_style("captcha", (20, 10_000, 16, 10_000),
+        "the captcha package at the config's fixed size (legacy default)", 0, effects=0.0)
 def _captcha_legacy(text, rng, pool):  # rendered through render() with the config; see SyntheticCaptchas
     return Rendered(render(text, rng), None)
 
 
-MIX = tuple(name for name in STYLES if name != "captcha")
+MIX = tuple(name for name, style in STYLES.items() if style.share > 0)
+_MIX_CUMULATIVE = tuple(np.cumsum([STYLES[name].share for name in MIX]).tolist())
+
+
+def mix_shares() -> Dict[str, float]:
+    """style -> the fraction of "mix" images drawn in it (sums to 1)."""
+    total = sum(STYLES[name].share for name in MIX)
+    return {name: STYLES[name].share / total for name in MIX}
+
+
+def effect_rates() -> Dict[str, float]:
+    """effect -> the fraction of "mix" images (SynthConfig.effects "mix") that get it."""
+    shares = mix_shares()
+    return {e: sum(share * min(1.0, effect.rate * STYLES[s].effects) for s, share in shares.items())
+            for e, effect in EFFECTS.items()}
+
+
+def mix_table() -> str:
+    """The mix as a Markdown table (for a model card): each style's share, each effect's rate."""
+    rows = [f"| style `{name}` | {100 * share:.0f}% of images | {STYLES[name].about} |"
+            for name, share in mix_shares().items()]
+    rows += [f"| effect `{name}` | {100 * rate:.1f}% of images | {EFFECTS[name].about} |"
+             for name, rate in effect_rates().items()]
+    return "| synthetic | share | what |\n|---|---:|---|\n" + "\n".join(rows) + "\n"
 
 
 # ------------------------------------------------------------------------------------ the captcha package
@@ -1040,6 +1300,7 @@ class SyntheticCaptchas:
         self.config = config
         self.n = n
         self._styles = config.styles()
+        self._forced = config.forced_effects()
 
     def __len__(self) -> int:
         return self.n
@@ -1058,12 +1319,32 @@ class SyntheticCaptchas:
         self._check(index)
         return self._draw_label(sample_rng(self.config.seed, index))
 
+    def _draw_style(self, rng: random.Random) -> str:
+        if self.config.style == "mix":  # by share
+            return rng.choices(MIX, cum_weights=_MIX_CUMULATIVE)[0]
+        return rng.choice(self._styles) if len(self._styles) > 1 else self._styles[0]
+
     def style(self, index: int) -> str:
         """The style item `index` is drawn in, without rendering it."""
         self._check(index)
         rng = sample_rng(self.config.seed, index)
         self._draw_label(rng)
-        return rng.choice(self._styles) if len(self._styles) > 1 else self._styles[0]
+        return self._draw_style(rng)
+
+    def _effect_plan(self, index: int, style: str) -> Tuple[Tuple[str, ...], random.Random]:
+        """The effects item `index` gets and the generator, drawn that far, that applies them."""
+        rng = effect_rng(self.config.seed, index)
+        if self.config.effects == "none":
+            return (), rng
+        if self.config.effects == "mix":
+            weight = STYLES[style].effects
+            draws = [(name, rng.random()) for name in EFFECTS]  # one draw each, applied or not
+            return tuple(name for name, u in draws if u < EFFECTS[name].rate * weight), rng
+        return self._forced, rng
+
+    def effects(self, index: int) -> Tuple[str, ...]:
+        """The EFFECTS item `index` gets, in the order applied, without rendering it."""
+        return self._effect_plan(index, self.style(index))[0]
 
     def rendered(self, index: int) -> Tuple[Rendered, str, str]:
         """(Rendered(image, glyph boxes), label, style) of item `index`."""
@@ -1071,12 +1352,16 @@ class SyntheticCaptchas:
         c = self.config
         rng = sample_rng(c.seed, index)
         text = self._draw_label(rng)
-        style = rng.choice(self._styles) if len(self._styles) > 1 else self._styles[0]
+        style = self._draw_style(rng)
         if style == "captcha":
-            image = render(text, rng, height=c.height, width=c.char_width * len(text) + c.margin,
-                           font_sizes=c.font_sizes, clean=c.clean)
-            return Rendered(image, None), text, style
-        return STYLES[style].draw(text, rng, font_pool(c.charset, c.font_dirs)), text, style
+            out = Rendered(render(text, rng, height=c.height, width=c.char_width * len(text) + c.margin,
+                                  font_sizes=c.font_sizes, clean=c.clean), None)
+        else:
+            out = STYLES[style].draw(text, rng, font_pool(c.charset, c.font_dirs))
+        names, fx_rng = self._effect_plan(index, style)
+        if names:
+            out = out._replace(image=apply_effects(out.image, names, fx_rng))
+        return out, text, style
 
     def item(self, index: int) -> Tuple[Image.Image, str]:
         out, text, _ = self.rendered(index)

@@ -7,21 +7,30 @@
 -m captcha_fast train DATA --out RUN_DIR`, DistributedDataParallel.)
 
 RUN_DIR gets metrics.csv, curves.png, last.ckpt (everything needed to --resume), best.ckpt
-(the weights of the best validation epoch) and model.pt (a TorchScript recognizer of them).
+(the weights of the best validation epoch, or of the last epoch when there is no validation
+split) and model.pt (a TorchScript recognizer of them).
 
-Determinism: the data order comes from (seed, epoch), each sample's augmentation from
-(seed, epoch, index) and dropout from a generator reseeded with (seed, epoch, rank) at
+Small sets (fewer than SMALL_SET labelled images, as a user's own hundred captchas): no
+validation split unless --val-fraction asks for one (15% of 100 images is 15 images, one image
+is 7 points of accuracy: too coarse to pick an epoch or stop on), a fixed budget of at least
+--min-steps optimizer steps (each epoch makes as many passes over the images as that needs), the
+last weights kept (the schedule anneals the learning rate to nearly zero), and stronger
+augmentation (data.SMALL_SET_AUGMENT).
+
+Determinism: the data order comes from (seed, pass), each sample's augmentation from
+(seed, pass, index) and dropout from a generator reseeded with (seed, epoch, rank) at
 the start of every epoch, so a resumed run repeats what an uninterrupted run does."""
 from __future__ import annotations
 
 import csv
+import math
 import os
 import random
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -30,8 +39,8 @@ from torch import Tensor
 from captcha_fast.charset import Charset
 from captcha_fast.checkpoint import (PRETRAINED_CHECKPOINT, atomic_write, init_from_checkpoint, load_checkpoint,
                                      load_model, save_checkpoint)
-from captcha_fast.data import (AugmentConfig, Batch, BucketBatchSampler, CaptchaDataset, check_labels, collate,
-                               frames_needed, list_samples, split_samples, synthetic_dataset)
+from captcha_fast.data import (SMALL_SET_AUGMENT, AugmentConfig, Batch, BucketBatchSampler, CaptchaDataset,
+                               check_labels, collate, frames_needed, list_samples, split_samples, synthetic_dataset)
 from captcha_fast.decode import greedy_decode
 from captcha_fast.distributed import Dist
 from captcha_fast.export import save_recognizer
@@ -40,6 +49,10 @@ from captcha_fast.model import CRNN, CRNNConfig
 from captcha_fast.plots import plot_curves
 from captcha_fast.preprocess import MAX_WIDTH
 from captcha_fast.synth import DIGITS_UPPER, SynthConfig
+
+
+SMALL_SET = 200      # fewer labelled images: no validation split by default, stronger augmentation
+VAL_FRACTION = 0.15  # the validation share of larger sets
 
 
 def _opt(default, help: str, **cli):
@@ -74,7 +87,10 @@ class TrainConfig:
     max_width: int = _opt(MAX_WIDTH, "widest image allowed after resizing to --height: a wider one is an error "
                                      "naming its file (skipped with --skip-bad)")
     # optimisation
-    epochs: int = _opt(30, "epochs (the OneCycle schedule spans them all)")
+    epochs: int = _opt(30, "epochs (the OneCycle schedule spans them all); an epoch is one pass over the training "
+                           "images, or several when one pass per epoch would give fewer than --min-steps steps")
+    min_steps: int = _opt(1000, "fewest optimizer steps of a run: a small set makes several passes per epoch (0: "
+                                "one pass per epoch)")
     batch_size: int = _opt(32, "global batch size (split over torchrun ranks)")
     lr: Optional[float] = _opt(None, "peak learning rate (OneCycle; default 3e-3 from scratch, 1e-3 when "
                                      "fine-tuning)")
@@ -85,12 +101,15 @@ class TrainConfig:
     max_minutes: Optional[float] = _opt(None, "stop (as early stopping does) after this much training time")
     stop_after: Optional[int] = _opt(None, "end this invocation after this many epochs (continue with --resume)")
     stop_at_accuracy: Optional[float] = _opt(None, "stop once validation accuracy reaches this (0-1)")
-    augment: bool = _opt(True, "small random distortions of the training images")
+    augment: bool = _opt(True, f"small random distortions of the training images (stronger for sets of fewer than "
+                               f"{SMALL_SET} images)")
     char_warmup: int = _opt(200, "steps of single-character pretraining on rendered captchas of the charset "
                                  "before CTC, when training from scratch (0: off)")
     char_warmup_lr: float = _opt(2e-3, "learning rate of the single-character warm-up")
     # data
-    val_fraction: float = _opt(0.15, "share of the images held out for validation (by a hash of name and seed)")
+    val_fraction: Optional[float] = _opt(None, f"share of the images held out for validation (by a hash of name and "
+                                               f"seed); default {VAL_FRACTION}, or 0 for fewer than {SMALL_SET} images "
+                                               f"(a fixed budget, the last weights kept)")
     seed: int = _opt(0, "seed of the split, the initialisation, the data order and the augmentation")
     skip_bad: bool = _opt(False, "skip unreadable or too wide images and labels outside the charset, with a warning")
     bucket: int = _opt(0, "sort windows of this many batches by width (less padding for variable widths; 0: off)")
@@ -104,7 +123,8 @@ class TrainConfig:
     # runtime
     device: str = _opt("auto", "where to train (auto: CUDA when available)", choices=("auto", "cpu", "cuda"))
     threads: int = _opt(0, "torch CPU threads (0: torch's default; 1 is best on a busy machine)")
-    amp: bool = _opt(True, "autocast on CUDA (bf16 where supported, else fp16 with a gradient scaler)")
+    amp: bool = _opt(True, "autocast: bf16 on CUDA where supported (else fp16 with a gradient scaler), bf16 on CPUs "
+                           "with native bf16 (avx512_bf16 or amx_bf16 in /proc/cpuinfo); float32 elsewhere")
     resume: bool = _opt(False, "continue the run in --out from its last.ckpt")
     progress: bool = _opt(True, "progress bars (--quiet: none)", also={"--quiet": False})
     export: bool = _opt(True, "write model.pt, a TorchScript recognizer of the best weights, at the end")
@@ -126,8 +146,8 @@ class TrainConfig:
 
 
 # What a --resume must share with the run it continues.
-_RESUME_MUST_MATCH = ("data", "seed", "batch_size", "epochs", "lr", "height", "in_channels", "ink", "channels",
-                      "hidden_dim", "val_fraction", "warmup", "bucket", "synth_train")
+_RESUME_MUST_MATCH = ("data", "seed", "batch_size", "epochs", "min_steps", "lr", "height", "in_channels", "ink",
+                      "channels", "hidden_dim", "val_fraction", "warmup", "bucket", "synth_train", "augment")
 _CSV_KEYS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_cer", "val_n", "lr", "seconds"]
 
 
@@ -147,16 +167,52 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): there bf16 convolutions
+    are faster than float32; elsewhere oneDNN emulates them, many times slower. Decided from the
+    CPU's flags: torch's mkldnn check also answers True on AVX-512 CPUs that only emulate bf16."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of the training forward (None: float32), per --amp and the device."""
+    if not cfg.amp:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+
+
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 1009 + rank) % (2 ** 31)
 
 
 # ---------------------------------------------------------------------------- data and model
 
+def val_fraction(cfg: TrainConfig, n: int) -> float:
+    """The validation share of a set of n labelled images: --val-fraction, else VAL_FRACTION, or
+    0 for a small set (fewer than SMALL_SET images)."""
+    if cfg.val_fraction is not None:
+        return cfg.val_fraction
+    return 0.0 if n < SMALL_SET else VAL_FRACTION
+
+
+def augment_config(cfg: TrainConfig, n: int) -> Optional[AugmentConfig]:
+    """The augmentation of n training images (None: --no-augment)."""
+    if not cfg.augment:
+        return None
+    return SMALL_SET_AUGMENT if n < SMALL_SET else AugmentConfig()
+
+
 def build_data(cfg: TrainConfig) -> Tuple[CaptchaDataset, Optional[CaptchaDataset], Charset]:
     """Train and validation sets and the charset for `cfg`."""
-    aug = AugmentConfig() if cfg.augment else None
     if cfg.data == "synthetic":
+        aug = augment_config(cfg, cfg.synth_train)
         charset = Charset(cfg.charset or "".join(sorted(set(cfg.synth_charset))))
         if charset.unknown(cfg.synth_charset):
             raise ValueError(f"synthetic charset has symbols outside --charset: {charset.unknown(cfg.synth_charset)!r}")
@@ -168,12 +224,13 @@ def build_data(cfg: TrainConfig) -> Tuple[CaptchaDataset, Optional[CaptchaDatase
         return train_ds, val_ds, charset
     samples = list_samples(cfg.data)
     charset = Charset(cfg.charset) if cfg.charset else Charset.from_labels(s.label for s in samples)
-    train_s, val_s = split_samples(check_labels(samples, charset, cfg.skip_bad), cfg.val_fraction, cfg.seed)
+    samples = check_labels(samples, charset, cfg.skip_bad)
+    train_s, val_s = split_samples(samples, val_fraction(cfg, len(samples)), cfg.seed)
     if not train_s:
         raise ValueError(f"no training images left after the validation split of {cfg.data!r}")
     kw = dict(height=cfg.height, in_channels=cfg.in_channels, seed=cfg.seed, skip_bad=cfg.skip_bad,
               max_width=cfg.max_width, ink=cfg.ink)
-    train_ds = CaptchaDataset(train_s, charset, augment=aug, **kw)
+    train_ds = CaptchaDataset(train_s, charset, augment=augment_config(cfg, len(samples)), **kw)
     val_ds = CaptchaDataset(val_s, charset, **kw) if val_s else None
     return train_ds, val_ds, charset
 
@@ -227,7 +284,7 @@ def char_warmup(run: "_Run") -> None:
         ones.set_epoch(step)
         for idx in sampler:
             b = collate([ones[i] for i in idx])
-            log_probs, lengths = run.net(b.images.to(device), b.widths.to(device))
+            log_probs, lengths = run.net(_on(device, b.images), b.widths.to(device))
             mask = (torch.arange(log_probs.shape[0], device=device)[:, None] < lengths[None]).float()  # (T, N)
             # Symbols only, renormalised without the blank: the warm-up teaches which symbol, and
             # leaves where (blank or not) to CTC.
@@ -261,6 +318,7 @@ class _Run:
     sched: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     amp_dtype: Optional[torch.dtype]
+    passes: int = 1  # passes over the training images per epoch
     ctc: nn.CTCLoss = field(default_factory=lambda: nn.CTCLoss(blank=0, reduction="mean"))
     start_epoch: int = 0
     rows: List[dict] = field(default_factory=list)
@@ -305,20 +363,21 @@ def _setup(cfg: TrainConfig, ddp: Dist) -> _Run:
     for ds in (train_ds, val_ds):
         if ds is not None:
             check_lengths(ds, model, cfg.skip_bad)
-    model = model.to(ddp.device)
+    # Channels-last is oneDNN's (and cuDNN's) native layout: no reorders around each conv.
+    model = model.to(ddp.device, memory_format=torch.channels_last)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=peak_lr(cfg))
     sampler = BucketBatchSampler([train_ds.width(i) for i in range(len(train_ds))], cfg.batch_size, cfg.seed,
                                  shuffle=True, bucket=cfg.bucket, rank=ddp.rank, world=ddp.world)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak_lr(cfg), total_steps=cfg.epochs * len(sampler),
+    passes = passes_per_epoch(cfg, len(sampler))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak_lr(cfg), total_steps=cfg.epochs * passes * len(sampler),
                                                 pct_start=cfg.warmup, div_factor=20, final_div_factor=200)
-    amp_dtype = None
-    if cfg.amp and ddp.device.type == "cuda":
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    amp_dtype = autocast_dtype(cfg, ddp.device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    run = _Run(cfg, ddp, out, train_ds, val_ds, charset, model, ddp.wrap(model), opt, sampler, sched, scaler, amp_dtype)
+    run = _Run(cfg, ddp, out, train_ds, val_ds, charset, model, ddp.wrap(model), opt, sampler, sched, scaler, amp_dtype,
+               passes)
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -330,6 +389,13 @@ def _setup(cfg: TrainConfig, ddp: Dist) -> _Run:
     elif cfg.char_warmup > 0 and init is None:
         char_warmup(run)
     return run
+
+
+def passes_per_epoch(cfg: TrainConfig, batches_per_pass: int) -> int:
+    """One pass over the data per epoch, or as many as --epochs epochs need to reach --min-steps
+    optimizer steps: a set of 100 images gives 4 batches of 32, and 30 epochs of 4 steps cannot
+    move a model; an epoch of several passes keeps the epoch count (validation, checkpoints)."""
+    return max(1, math.ceil(cfg.min_steps / (cfg.epochs * batches_per_pass)))
 
 
 def start_weights(cfg: TrainConfig) -> Optional[Path]:
@@ -350,6 +416,11 @@ def peak_lr(cfg: TrainConfig) -> float:
     return cfg.lr if cfg.lr is not None else (3e-3 if cfg.from_scratch else 1e-3)
 
 
+def _on(device: torch.device, images: Tensor) -> Tensor:
+    """A batch of images on the device, channels-last (the model's layout)."""
+    return images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
+
 def _exact_reads(log_probs: Tensor, lengths: Tensor, b: Batch) -> Tensor:
     """How many greedy reads (the C++/CUDA op, no strings) equal their targets, on the device."""
     tokens, token_lengths, _ = torch.ops.captcha_fast.ctc_greedy_decode(log_probs, lengths, 0)  # (N, T), -1 padded
@@ -360,22 +431,29 @@ def _exact_reads(log_probs: Tensor, lengths: Tensor, b: Batch) -> Tensor:
     return ((token_lengths == target_lengths) & (tokens[:, :L] == want).all(1)).sum()
 
 
+def _passes(run: _Run, epoch: int) -> Iterator[List[int]]:
+    """The batches of an epoch's passes; pass k of the run has its own order and augmentation."""
+    for k in range(epoch * run.passes, (epoch + 1) * run.passes):
+        run.sampler.set_epoch(k)
+        run.train_ds.set_epoch(k)
+        yield from run.sampler
+
+
 def _train_epoch(run: _Run, epoch: int) -> dict:
     cfg, device = run.cfg, run.device
     torch.manual_seed(_epoch_seed(cfg.seed, epoch, run.ddp.rank))  # dropout stream of this epoch
-    run.sampler.set_epoch(epoch)
-    run.train_ds.set_epoch(epoch)
     run.net.train()
-    batches = iter(run.sampler)
+    batches = _passes(run, epoch)
     bar = None
     if cfg.progress and run.ddp.main:
         from tqdm import tqdm
-        batches = bar = tqdm(batches, total=len(run.sampler), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        batches = bar = tqdm(batches, total=run.passes * len(run.sampler), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                             leave=False)
     loss_sum, correct, n = 0.0, torch.zeros((), dtype=torch.long, device=device), 0
     for idx in batches:
         b = collate([run.train_ds[i] for i in idx])
         with torch.autocast(device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
-            log_probs, lengths = run.net(b.images.to(device, non_blocking=True), b.widths.to(device))
+            log_probs, lengths = run.net(_on(device, b.images), b.widths.to(device))
         loss = run.ctc(log_probs.float(), b.targets.to(device), lengths, b.target_lengths.to(device))
         if not torch.isfinite(loss):
             raise RuntimeError(f"CTC loss is {float(loss)} at epoch {epoch + 1} on labels {b.labels}: "
@@ -412,7 +490,7 @@ def _validate(run: _Run) -> dict:
     with torch.no_grad():
         for idx in batches:
             b = collate([ds[i] for i in idx])
-            log_probs, lengths = run.model(b.images.to(device), b.widths.to(device))
+            log_probs, lengths = run.model(_on(device, b.images), b.widths.to(device))
             loss_sum += float(run.ctc(log_probs, b.targets.to(device), lengths, b.target_lengths.to(device))) * len(idx)
             reads += greedy_decode(log_probs, lengths, run.charset)
             truths += b.labels
@@ -424,9 +502,7 @@ def _validate(run: _Run) -> dict:
 
 def _rank(row: dict) -> tuple:
     """The one rule for the best epoch: more exact reads, then a lower CER, then a lower loss.
-    Without a validation split, the training accuracy and loss."""
-    if row["val_n"] == 0:
-        return row["train_acc"], -row["train_loss"]
+    (Without a validation split, _record keeps the last epoch.)"""
     return row["val_acc"], -row["val_cer"], -row["val_loss"]
 
 
@@ -445,7 +521,8 @@ def _checkpoint(run: _Run, epoch: int, resumable: bool) -> dict:
 def _record(run: _Run, epoch: int, row: dict) -> bool:
     """Keep the row, write the checkpoints, metrics.csv and curves.png; True if the epoch is the best."""
     run.rows.append(row)
-    improved = run.best is None or _rank(row) > _rank(run.best)
+    # Without a validation split the latest epoch is the model (the schedule ends annealed).
+    improved = run.best is None or row["val_n"] == 0 or _rank(row) > _rank(run.best)
     run.best, run.bad_epochs = (dict(row), 0) if improved else (run.best, run.bad_epochs + 1)
     if run.ddp.main:
         if improved:
@@ -465,7 +542,7 @@ def _write_csv(rows: List[dict], path: str) -> None:
 
 def _stop_reason(run: _Run, row: dict) -> Optional[str]:
     cfg = run.cfg
-    if run.bad_epochs >= cfg.patience:
+    if row["val_n"] and run.bad_epochs >= cfg.patience:
         return f"no better validation score for {cfg.patience} epochs (--patience)"
     # Ranks time themselves apart: stop when any of them is out of time, all together.
     if cfg.max_minutes is not None and run.ddp.sum([float(run.elapsed >= cfg.max_minutes * 60)])[0] > 0:
@@ -496,6 +573,10 @@ def train(config: TrainConfig, log: Optional[Callable[[str], None]] = None) -> P
     try:
         run = _setup(cfg, ddp)
         say = log if log is not None and ddp.main else (lambda line: None)
+        n_val = len(run.val_ds) if run.val_ds is not None else 0
+        say(f"{len(run.train_ds)} training images, {n_val} for validation; {cfg.epochs} epochs of {run.passes} "
+            f"pass{'es' if run.passes > 1 else ''} = {cfg.epochs * run.passes * len(run.sampler)} optimizer steps"
+            + ("" if n_val else "; no validation split: the model is the last epoch's weights"))
         for epoch in range(run.start_epoch, cfg.epochs):
             if cfg.stop_after is not None and epoch - run.start_epoch >= cfg.stop_after:
                 ddp.barrier()

@@ -98,3 +98,19 @@ def test_a_case_folded_source_starts_both_cases(tmp_path):
     torch.testing.assert_close(w[2], s[2])  # "B" from "b"
     torch.testing.assert_close(w[3], s[1])  # "a" itself
     torch.testing.assert_close(w[4], fresh[4])  # "9": new
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(ink=True), "ink=True (the checkpoint's: False)"),      # same shapes: would copy every layer
+    (dict(height=20), "height=20 (the checkpoint's: 16)"),       # convs would copy, the projection not
+    (dict(in_channels=3), "in_channels=3 (the checkpoint's: 1)"),
+])
+def test_init_from_refuses_weights_trained_on_another_input(tmp_path, change, named):
+    src = _crnn("AB1")
+    save_checkpoint({"model": src.state_dict(), "model_config": src.config.to_dict()}, tmp_path / "best.ckpt")
+    dst = CRNN(CRNNConfig("AB1", **{**dict(height=16, channels=(8, 16), hidden_dim=32), **change}))
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"best\.ckpt'.*another input.*{named.replace('(', '.').replace(')', '.')}"
+                                         r".*--from-scratch"):
+        init_from_checkpoint(dst, tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())  # nothing copied

@@ -163,13 +163,44 @@ def test_colour_rgba_composited_on_white(tmp_path):
     assert torch.allclose(x[:, 10, 15], torch.tensor([1.0, 0, 0]), atol=1 / 255)
 
 
-def test_augment_is_seeded_and_readable():
-    img = torch.rand(1, 32, 100)
-    a = augment(img, item_generator(1, 2, 3), AugmentConfig(p=1.0))
-    b = augment(img, item_generator(1, 2, 3), AugmentConfig(p=1.0))
-    c = augment(img, item_generator(1, 3, 3), AugmentConfig(p=1.0))
+def _text_block(background: float, ink: float) -> torch.Tensor:
+    """(1, 32, 120): 'text' (vertical strokes) in the middle, a plain background around it, with
+    the ink-map crop's margins."""
+    img = torch.full((1, 32, 120), background)
+    for x in range(24, 96, 8):
+        img[:, 10:22, x:x + 3] = ink
+    return img
+
+
+def test_augment_fills_with_the_background():
+    """Pixels pulled in from outside the image are the image's own background, not white: an ink
+    map (black background) stays black at its edges and keeps its ink mass; a grey image's edges
+    take its grey. (The old fill was 1.0: a white wedge at every rotated edge of an ink map.)"""
+    strong = AugmentConfig(p=1.0, rotate_deg=6, shear=0.3, noise=0.0)
+    ink_map = _text_block(background=0.0, ink=1.0)
+    mass = float(ink_map.sum())
+    for seed in range(20):
+        a = augment(ink_map, item_generator(seed, 0, 0), strong, ink=True)
+        edges = torch.cat([a[0, 0], a[0, -1], a[0, :, 0], a[0, :, -1]])
+        assert float(edges.max()) < 0.05, (seed, float(edges.max()))
+        # the affine resamples and the gain scales the ink (+-25%), the width stretch (+-10%)
+        assert 0.6 * mass < float(a.sum()) < 1.45 * mass, (seed, float(a.sum()) / mass)
+    grey = _text_block(background=0.7, ink=0.1)
+    for seed in range(20):
+        a = augment(grey, item_generator(seed, 0, 0), AugmentConfig(p=1.0, rotate_deg=8, shear=0.3, noise=0.0),
+                    ink=False)
+        inside = a[0, 2:5, 2:-2].median()  # background just inside the top edge
+        corners = torch.stack([a[0, 0, 0], a[0, 0, -1], a[0, -1, 0], a[0, -1, -1]])
+        assert float((corners - inside).abs().max()) < 0.02, seed
+
+
+def test_augment_is_seeded():
+    img = _text_block(0.0, 1.0)
+    a = augment(img, item_generator(1, 2, 3), AugmentConfig(p=1.0), ink=True)
+    b = augment(img, item_generator(1, 2, 3), AugmentConfig(p=1.0), ink=True)
+    c = augment(img, item_generator(1, 3, 3), AugmentConfig(p=1.0), ink=True)
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert a.shape[1] == 32 and 85 <= a.shape[2] <= 115 and 0 <= float(a.min()) and float(a.max()) <= 1
+    assert a.shape[1] == 32 and 108 <= a.shape[2] <= 132 and 0 <= float(a.min()) and float(a.max()) <= 1
 
 
 def test_bucket_sampler_deterministic_and_sharded():

@@ -25,8 +25,8 @@ def test_ink_is_distance_from_the_background_whatever_the_colours():
     light_on_dark = _ink(_page(bg=(20, 20, 60), fg=(230, 230, 230)))
     for ink in (dark_on_white, pastel_on_white, light_on_dark):
         assert ink.shape == (1, 1, 80, 300)
-        assert torch.equal(ink, dark_on_white)                 # glyph 1, background 0, exactly
-    assert float(dark_on_white[0, 0, 40, 100]) == 1.0 and float(dark_on_white[0, 0, 5, 5]) == 0.0
+        torch.testing.assert_close(ink, dark_on_white, atol=0.01, rtol=0)  # glyph 1, background 0
+    assert float(dark_on_white[0, 0, 40, 100]) == 1.0 and float(dark_on_white[0, 0, 5, 5]) < 0.01
 
 
 @pytest.mark.parametrize("image", [
@@ -75,3 +75,140 @@ def test_max_width_bounds_the_work_and_names_the_image():
     with pytest.raises(ValueError, match=r"images\[1\]: a 1 x 100000 image is 3200000 px wide.*max_width = 4096"):
         pp.collate([torch.zeros(1, 10, 10), torch.zeros(1, 1, 100000)], 32, 1)
     assert pp.collate([torch.zeros(1, 1, 100000)], 32, 1, max_width=4_000_000)[1].tolist() == [3_200_000]
+
+
+# ----------------------------------------------------------------------------- the ink map on rendered text
+# Each case draws text with a known font at a known place; the reference is that drawing: the mask of
+# the pixels the text covers (the same text drawn alone) and its bounding box.
+
+def _font(size):
+    from PIL import ImageFont
+
+    from captcha_fast import synth
+    path = next(f for f in synth.pip_fonts() if f.endswith("DejaVuSans.ttf"))
+    return ImageFont.truetype(path, size)
+
+
+def _render(text, size=(200, 60), font_px=32, at=(20, 8), fg=(20, 20, 20), bg=(255, 255, 255)):
+    """(3, H, W) uint8 of `text` drawn at `at` on `bg` (a colour, or an H x W x 3 uint8 array),
+    and the drawn text's mask (H, W) bool."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    W, H = size
+    canvas = Image.fromarray(bg) if isinstance(bg, np.ndarray) else Image.new("RGB", size, bg)
+    ImageDraw.Draw(canvas).text(at, text, fill=fg, font=_font(font_px))
+    alone = Image.new("L", size, 0)
+    ImageDraw.Draw(alone).text(at, text, fill=255, font=_font(font_px))
+    image = torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).contiguous()
+    return image, torch.from_numpy(np.asarray(alone) > 127)
+
+
+def _frame(img, colour, at=0, width=1):
+    """Draws a rectangle `width` px wide, `at` px in from the edges, in place."""
+    c = torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1)
+    H, W = img.shape[1:]
+    img[:, at: at + width, at: W - at] = c
+    img[:, H - at - width: H - at, at: W - at] = c
+    img[:, at: H - at, at: at + width] = c
+    img[:, at: H - at, W - at - width: W - at] = c
+    return img
+
+
+def _iou(ink, mask):
+    found = ink[0, 0] > 0.5
+    return float((found & mask).sum()) / float((found | mask).sum())
+
+
+def _around(mask):
+    """The pixels at least 2 px from the drawn text (its anti-aliased rim is neither ink nor not)."""
+    return ~torch.nn.functional.max_pool2d(mask[None].float(), 5, 1, 2)[0].bool()
+
+
+def _box(mask):
+    rows, cols = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
+    return int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+
+
+def _horizontal_gradient(W, H, lo, hi):
+    import numpy as np
+    return np.linspace(lo, hi, W).astype(np.uint8)[None, :, None].repeat(H, 0).repeat(3, 2)
+
+
+PASTEL = (225, 240, 200)
+
+
+@pytest.mark.parametrize("frame", ["black 1 px", "red 2 px", "double"])
+def test_a_thin_frame_of_any_colour_is_not_the_background(frame):
+    img, mask = _render("4827", bg=PASTEL)
+    if frame == "black 1 px":
+        _frame(img, (0, 0, 0))
+    elif frame == "red 2 px":
+        _frame(img, (200, 30, 30), width=2)
+    else:  # black outside, a grey line 2 px in
+        _frame(_frame(img, (0, 0, 0)), (120, 120, 120), at=2)
+    ink = _ink(img)
+    assert _iou(ink, mask) > 0.8                       # the digits, not the pastel background, are the ink
+    assert float(ink[0, 0, :3].max()) < 0.01 and float(ink[0, 0, :, -3:].max()) < 0.01  # no frame
+
+
+def test_text_on_a_dark_to_light_gradient_is_the_only_ink_and_the_crop_narrows_to_it():
+    import numpy as np
+    img, mask = _render("k7pw", size=(240, 60), at=(80, 8), fg=(200, 30, 30),
+                        bg=np.ascontiguousarray(_horizontal_gradient(240, 60, 40, 235)))
+    ink = _ink(img)
+    assert _iou(ink, mask) > 0.7
+    assert float(ink[0, 0][_around(mask)].mean()) < 0.02  # the ramp itself is (nearly) no ink
+    top, bottom, left, right = pp.ink_boxes(ink)[0].tolist()
+    t, b, l, r = _box(mask)
+    assert left <= l and right >= r and top <= t and bottom >= b
+    assert right - left + 1 < (r - l + 1) + 2 * (b - t + 1)  # at most a text height of margin, not the width
+
+
+@pytest.mark.parametrize("fg", [(20, 20, 20), (200, 200, 235)], ids=["dark", "pale"])
+def test_text_covering_under_one_percent_of_the_image_is_found(fg):
+    img, mask = _render("a7k3", size=(600, 300), font_px=14, at=(260, 140), fg=fg)
+    assert float(mask.float().mean()) < 0.01
+    ink = _ink(img)
+    assert _iou(ink, mask) > 0.5
+    assert float(ink[0, 0][_around(mask)].max()) < 0.1  # no noise stretched to ink
+    top, bottom, left, right = pp.ink_boxes(ink)[0].tolist()
+    t, b, l, r = _box(mask)
+    assert top <= t and bottom >= b and left <= l and right >= r
+
+
+@pytest.mark.parametrize("text", ["maximummum", "wwwwwi", "mmmmj", "mmmmm!", "nmnm;"])
+def test_the_crop_keeps_the_dots(text):
+    img, mask = _render(text, size=(260, 64), font_px=30, at=(20, 10))
+    top, bottom, left, right = pp.ink_boxes(_ink(img))[0].tolist()
+    t, b, l, r = _box(mask)
+    assert top <= t and bottom >= b and left <= l and right >= r, ((top, bottom, left, right), (t, b, l, r))
+
+
+def _vignette(H, W):
+    import numpy as np
+    y, x = np.mgrid[0:H, 0:W]
+    r2 = ((y - H / 2) / H) ** 2 + ((x - W / 2) / W) ** 2
+    return (235 - 80 * r2).astype(np.uint8)[:, :, None].repeat(3, 2)  # 40 grey levels darker in the corners
+
+
+@pytest.mark.parametrize("background", ["white", "one colour", "dark to light", "light to dark, steep", "vignette"])
+def test_an_image_without_text_has_no_ink(background):
+    import numpy as np
+    image = {"white": np.full((50, 200, 3), 255, np.uint8),
+             "one colour": np.full((60, 160, 3), (120, 160, 200), np.uint8),
+             "dark to light": _horizontal_gradient(200, 50, 0, 255),
+             "light to dark, steep": _horizontal_gradient(120, 60, 255, 0),
+             "vignette": _vignette(60, 200)}[background]
+    assert not _ink(torch.from_numpy(image.copy()).permute(2, 0, 1)).any()
+
+
+def test_max_width_is_checked_on_the_callers_image_and_names_it():
+    # 10 x 2000 is 6400 px wide at height 32: refused, quoting that size, whatever its crop
+    thin, _ = _render("abc", size=(2000, 10), font_px=8, at=(900, 0))
+    with pytest.raises(ValueError, match=r"images\[1\]: a 10 x 2000 image is 6400 px wide.*max_width = 4096"):
+        pp.collate([_page(), thin], 32, 1, 4096, True)
+    # a 60 x 6000 image fits (3200 px), though its 20-px text band alone would not: kept, squeezed
+    wide, _ = _render("textline " * 60, size=(6000, 60), font_px=16, at=(4, 20))
+    batch, widths = pp.collate([wide], 32, 1, 4096, True)
+    assert widths.tolist() == [4096] and batch.shape == (1, 1, 32, 4096)

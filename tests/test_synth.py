@@ -1,5 +1,6 @@
 """Synthetic captchas: seeded, every style draws every symbol inside its size range, labels
 without rendering, fonts checked against the charset."""
+import random
 import string
 
 import numpy as np
@@ -110,6 +111,9 @@ def test_bad_configs_say_what_is_wrong(tmp_path):
         SynthConfig(charset="ab c")
     with pytest.raises(ValueError, match="min_len"):
         SynthConfig(min_len=0)
+    with pytest.raises(ValueError, match="unknown synthetic effect"):
+        SynthConfig(effects="jpeg,blurry")
+    assert SynthConfig(effects="jpeg, frame").forced_effects() == ("frame", "jpeg")  # EFFECTS order
     assert SynthConfig(style="v2, varlen").styles() == ("v2", "varlen")
 
 
@@ -118,3 +122,144 @@ def test_extra_font_folders_join_the_pool(tmp_path):
     shutil.copy(synth.pip_fonts()[0], tmp_path / "Extra.ttf")
     pool = synth.font_pool(LETTERS, [str(tmp_path)])
     assert (str(tmp_path / "Extra.ttf"),) in pool.groups
+
+
+# ------------------------------------------------------------------------------------ the mix's breadth
+
+def _glyph_ink(captchas, index, monkeypatch):
+    """(rendered, label, the pixels the glyphs changed): the sample against its glyph-free twin."""
+    out, label, _ = captchas.rendered(index)
+    with monkeypatch.context() as m:
+        _no_glyphs(m)
+        bare = _pixels(captchas.rendered(index)[0].image)
+    return out, label, np.abs(_pixels(out.image) - bare).sum(axis=2) > 40
+
+
+def _luma(pixels):
+    return pixels[..., 0] * 0.299 + pixels[..., 1] * 0.587 + pixels[..., 2] * 0.114
+
+
+def test_mix_draws_styles_by_share_and_effects_by_rate():
+    n = 3000
+    captchas = SyntheticCaptchas(SynthConfig(style="mix", charset=LETTERS, seed=4), n)
+    styles = [captchas.style(i) for i in range(n)]
+    for name, share in synth.mix_shares().items():
+        assert abs(styles.count(name) / n - share) < 4 * (share / n) ** 0.5 + 1e-3, name
+    effects = [e for i in range(n) for e in captchas.effects(i)]
+    for name, rate in synth.effect_rates().items():
+        assert abs(effects.count(name) / n - rate) < 4 * (rate / n) ** 0.5, name
+    assert abs(sum(synth.mix_shares().values()) - 1) < 1e-9 and "captcha" not in synth.mix_shares()
+    table = synth.mix_table()
+    assert all(f"`{name}`" in table for name in list(MIX) + list(synth.EFFECTS))
+
+
+@pytest.mark.parametrize("effect", list(synth.EFFECTS))
+def test_each_effect_is_seeded_and_changes_only_the_look(effect, monkeypatch):
+    config = dict(style="mix", charset=LETTERS, min_len=3, max_len=10, seed=21)
+    plain = SyntheticCaptchas(SynthConfig(effects="none", **config), 8)
+    a, b = (SyntheticCaptchas(SynthConfig(effects=effect, **config), 8) for _ in range(2))
+    firsts = [a.rendered(i) for i in range(8)]
+    for i in (7, 3, 0):
+        assert b[i][0].tobytes() == firsts[i][0].image.tobytes()
+    for i, (out, label, style) in enumerate(firsts):
+        assert a.effects(i) == (effect,)
+        base, base_label, base_style = plain.rendered(i)
+        assert (label, style, out.boxes) == (base_label, base_style, base.boxes)  # same captcha underneath
+        assert out.image.size == base.image.size and out.image.tobytes() != base.image.tobytes()
+
+
+def test_frame_draws_a_line_round_every_edge():
+    captchas = SyntheticCaptchas(SynthConfig(style="mix", charset=LETTERS, seed=2, effects="frame"), 40)
+    for i in range(len(captchas)):
+        a = _pixels(captchas[i][0])
+        centre = np.median(_luma(a[a.shape[0] // 4: -a.shape[0] // 4, a.shape[1] // 4: -a.shape[1] // 4]))
+        for edge in (a[:4], a[-4:][::-1], a[:, :4].transpose(1, 0, 2), a[:, -4:][:, ::-1].transpose(1, 0, 2)):
+            # some line among the 4 outermost is one colour all along, standing out from the middle
+            uniform = [np.all(line == line[line.shape[0] // 2]) for line in edge[:, 2:-2]]
+            contrast = [abs(_luma(line[line.shape[0] // 2]) - centre) >= 40 for line in edge]
+            assert any(u and c for u, c in zip(uniform, contrast)), (i, captchas.style(i))
+
+
+def _mse(a, b):
+    return float(((_pixels(a) - _pixels(b)).astype(np.float64) ** 2).mean())
+
+
+def test_jpeg_stays_close_to_the_image_it_compresses():
+    config = dict(style="mix", charset=LETTERS, seed=6)
+    plain = SyntheticCaptchas(SynthConfig(effects="none", **config), 30)
+    jpeg = SyntheticCaptchas(SynthConfig(effects="jpeg", **config), 30)
+    for i in range(30):
+        mse = _mse(jpeg[i][0], plain[i][0])
+        assert 0 < mse and 10 * np.log10(255 ** 2 / mse) > 18, i  # lossy, never wrecked
+    # one image, many draws: many qualities (each its own error), not one or two settings
+    errors = {_mse(synth.apply_effects(plain[0][0], ["jpeg"], random.Random(k)), plain[0][0]) for k in range(20)}
+    assert len(errors) >= 10 and max(errors) > 2 * min(errors)
+
+
+def test_sparse_text_covers_under_two_percent(monkeypatch):
+    captchas = SyntheticCaptchas(SynthConfig(style="sparse", charset=LETTERS, min_len=3, max_len=10, seed=8,
+                                             effects="none"), 20)
+    for i in range(len(captchas)):
+        out, label, ink = _glyph_ink(captchas, i, monkeypatch)
+        assert 0 < ink.mean() < 0.02, (label, out.image.size, ink.mean())
+        assert len(out.boxes) == len(label)
+        assert max(y1 - y0 for _, y0, _, y1 in out.boxes) < 0.4 * out.image.height  # small text, large image
+
+
+def test_pale_glyphs_are_pale(monkeypatch):
+    captchas = SyntheticCaptchas(SynthConfig(style="pale", charset=LETTERS, seed=10, effects="none"), 20)
+    for i in range(len(captchas)):
+        out, label, ink = _glyph_ink(captchas, i, monkeypatch)
+        lumas = _luma(_pixels(out.image)[ink])
+        assert ink.sum() > 0 and lumas.min() > 90, (label, lumas.min())
+
+
+def test_ramp_runs_dark_to_light_behind_coloured_glyphs(monkeypatch):
+    captchas = SyntheticCaptchas(SynthConfig(style="ramp", charset=LETTERS, seed=12, effects="none"), 20)
+    for i in range(len(captchas)):
+        out, label, ink = _glyph_ink(captchas, i, monkeypatch)
+        a = _luma(_pixels(out.image)).astype(np.float64)
+        a[ink] = np.nan  # the background alone
+        spread = [np.nanmax(m) - np.nanmin(m) for m in (np.nanmedian(a, axis=0), np.nanmedian(a, axis=1))]
+        assert max(spread) > 40, (label, spread)  # across (mostly) or down
+        colours = {tuple(c) for c in _pixels(out.image)[ink].tolist()}
+        assert len(colours) > 5  # coloured (and antialiased), not one grey
+
+
+def test_jumble_overlaps_rotated_glyphs_of_mixed_sizes():
+    # one symbol only, so that box heights differ by rotation (at most ~1.3x here) and size alone
+    captchas = SyntheticCaptchas(SynthConfig(style="jumble", charset="H", min_len=4, max_len=8, seed=14,
+                                             effects="none"), 40)
+    spreads = []
+    for i in range(len(captchas)):
+        out, label, _ = captchas.rendered(i)
+        overlaps = [a[2] > b[0] for a, b in zip(out.boxes, out.boxes[1:])]
+        assert sum(overlaps) >= len(overlaps) / 2, (label, out.boxes)
+        heights = [y1 - y0 for _, y0, _, y1 in out.boxes]
+        spreads.append(max(heights) / min(heights))
+    assert np.median(spreads) > 1.35
+
+
+def test_thin_glyphs_have_less_ink_than_regular_ones():
+    font = next(f for f in synth.pip_fonts() if f.endswith("DejaVuSans.ttf"))
+    regular, thin = (synth._glyph("W", synth._font(font, 40), 29, 0, thin=t) for t in (False, True))
+    ink = [np.count_nonzero(np.asarray(g.mask) > 128) for g in (regular, thin)]
+    assert 0.3 * ink[0] < ink[1] < 0.8 * ink[0]
+
+
+def test_captcha_package_style_is_mostly_at_its_common_sizes():
+    captchas = SyntheticCaptchas(SynthConfig(style="captcha_pkg", charset=LETTERS, seed=16), 60)
+    sizes = [captchas[i][0].size for i in range(len(captchas))]
+    assert set(synth.PACKAGE_SIZES) <= set(sizes)
+    assert sum(s in synth.PACKAGE_SIZES for s in sizes) >= 0.6 * len(sizes)
+
+
+@pytest.mark.parametrize("style", MIX)
+def test_every_style_renders_every_label_length(style):
+    min_w, max_w, min_h, max_h = STYLES[style].size
+    for length in range(1, 13):
+        config = SynthConfig(style=style, charset=LETTERS, min_len=length, max_len=length, seed=length)
+        image, label = SyntheticCaptchas(config, 1)[0]
+        assert len(label) == length
+        assert min_w <= image.width <= max_w and min_h <= image.height <= max_h, (length, image.size)
+        assert _pixels(image).std() > 5, length

@@ -1,11 +1,14 @@
 """Accuracy of recognizers on the README's held-out sets, case-insensitive, as one table.
 
     python tools/accuracy_table.py MODEL [MODEL ...] --folder v2=../shared/data/captcha_images_v2 \
-        --folder varlen=../shared/data/varlen_upper -n 300 --json acc.json
+        --folder varlen=../shared/data/varlen_upper -n 300 --json acc.json \
+        --manifest thsr=../shared/data/real/thsr/val.tsv --manifest tii=../shared/data/real/tii/all.tsv
 
 Sets (the same as tools/compare_ddddocr.py's, so the peer's numbers sit beside ours):
   NAME (val split)          a labelled folder's validation split (data.split_samples: 15%, seed 0 —
                             what `captcha-fast train` holds out), first n in name order
+  NAME (manifest)           n images of a path<TAB>label manifest (tools/real_sets.py writes each real
+                            set's val.tsv and all.tsv), picked by real_sets.manifest_sample
   captcha package WxH       fresh `captcha` package images (its defaults), 0-9a-zA-Z, 4-6 long,
                             render seed 12345 (never used for training)
   synth STYLE               each synthetic style, 0-9a-zA-Z, 4-8 long, render seed 12345
@@ -50,9 +53,17 @@ def style_renders(style: str, n: int, seed: int = 12345, font_dirs=()):
     return [im for im, _ in items], [t for _, t in items]
 
 
-def held_out_sets(folders, n: int, styles, font_dirs=()):
+def manifest_items(tsv: str, n: int):
+    import real_sets  # tools/real_sets.py, beside this file
+
+    items = real_sets.manifest_sample(tsv, n)
+    return [load_image(path) for path, _ in items], [label for _, label in items]
+
+
+def held_out_sets(folders, n: int, styles, font_dirs=(), manifests=(), package=True):
     sets = {f"{name} (val split)": folder_val(path, n) for name, path in folders}
-    for w, h in PACKAGE_SIZES:
+    sets.update({f"{name} (manifest)": manifest_items(path, n) for name, path in manifests})
+    for w, h in PACKAGE_SIZES if package else ():
         sets[f"captcha package {w}x{h}"] = package_renders(w, h, n)
     for style in styles:
         sets[f"synth {style}"] = style_renders(style, n, font_dirs=font_dirs)
@@ -69,16 +80,19 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", help="recognizer files (.pt / .pt2)")
     p.add_argument("--folder", action="append", default=[], metavar="NAME=DIR")
+    p.add_argument("--manifest", action="append", default=[], metavar="NAME=TSV")
     p.add_argument("-n", type=int, default=300, help="images per set")
     p.add_argument("--styles", default=None, help="synthetic styles, comma-separated (default: the mix)")
     p.add_argument("--font-dirs", nargs="*", default=[d for d in synth.DEBIAN_FONT_DIRS if Path(d).is_dir()],
                    help="extra font folders for the synthetic styles (default: the Debian ones present, as the "
                         "shipped model's build and compare_ddddocr.py's README run use)")
+    p.add_argument("--no-synth", action="store_true", help="skip the package renders and synthetic styles")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     folders = [tuple(spec.split("=", 1)) for spec in args.folder]
-    styles = args.styles.split(",") if args.styles else list(synth.MIX)
-    sets = held_out_sets(folders, args.n, styles, args.font_dirs)
+    styles = [] if args.no_synth else args.styles.split(",") if args.styles else list(synth.MIX)
+    manifests = [tuple(spec.split("=", 1)) for spec in args.manifest]
+    sets = held_out_sets(folders, args.n, styles, args.font_dirs, manifests, package=not args.no_synth)
     rows = []
     header = "| set | images | " + " | ".join(Path(m).name for m in args.models) + " |"
     print(header + "\n|---|---:|" + "---:|" * len(args.models))

@@ -1,43 +1,90 @@
-"""Rebuild the shipped model, captcha_fast/pretrained/default.pt (+ default.ckpt, its training
-weights, where `captcha-fast train` starts fine-tuning):
+"""Build the shipped model, captcha_fast/pretrained/default.pt (+ default.ckpt, its training weights,
+where `captcha-fast train` starts fine-tuning, and MODEL_CARD.md): a long, resumable run on one core.
 
-    sudo apt-get install -y --no-install-recommends $(python -c "from captcha_fast.synth import \
-        DEBIAN_FONT_PACKAGES as p; print(*p)")                 # optional: more fonts for the mix
-    python tools/build_pretrained.py --data ../shared/data --out runs/general --threads 1
+    python tools/real_sets.py --repos CLONES --out ../shared/data/real         # once: the real sets
+    nohup python tools/build_pretrained.py --data ../shared/data --real ../shared/data/real \\
+        --out runs/build --hours 8 --threads 1 > runs/build.log 2>&1 &
+    python tools/build_pretrained.py ... --out runs/build --hours 8             # continue (same command)
+    python tools/build_pretrained.py ... --out runs/build --hours 0 --install   # ship the best so far
 
-Stage 1 ("synthetic"): a CRNN from scratch on seeded synthetic captchas of every style in
-synth.MIX (0-9a-zA-Z, 3-10 characters), plus images with no text (uniform, gradient, noise,
-lines) labelled "": a model that has never seen the shared sets (the learning curve's start).
-Stage 2 ("shipped"): stage 1 fine-tuned on part of the same synthetic mix plus the TRAIN split of
-each folder in --data (data.split_samples: 15% held out by a hash of the file name, seed 0 — the
-validation split that `captcha-fast train`/`eval --split val` use is never read here).
-Labels are case-folded (lower case): the charset is 0-9a-z. The images of --data are read in
-place, never copied."""
+Rounds. Each round is one `captcha_fast.train` run (a OneCycle schedule over --epochs-per-round
+epochs) on a fresh manifest of --round-images images, starting from the previous round's weights
+(the first from --init-from, default the shipped default.ckpt, or --from-scratch), so the learning
+rate restarts each round and anneals before each evaluation. A round's manifest mixes (--shares):
+  synth    fresh synthetic captchas (synth.SynthConfig(style="mix"), 0-9a-zA-Z, 3-8 long, seed 1;
+           round k renders its own indices of that stream, so no two rounds share an image)
+  real     the train splits of the real sets prepared by tools/real_sets.py (those not `unseen`), equally
+  varlen   the train split of ../shared/data/varlen_upper (data.split_samples: 15%, seed 0)
+  v2       the train split of ../shared/data/captcha_images_v2 (same rule)
+  blank    images with no text (uniform, gradient, noise, lines) labelled ""
+Each fixed source is read as an endless stream of seeded shuffles, so successive rounds walk through
+all of it. Labels are case-folded: the charset is 0-9a-z.
+
+Held-out evaluation after each round (images never trained on; case ignored): the validation splits
+of v2, varlen and every real set, the `captcha` package at 160x60 / 200x50 / 280x90 (render seed
+12345, as tools/accuracy_table.py), images with no text (uniform, gradient, noise; another seed)
+which must read "", and the unseen real sets (whole, never trained on). The round's score is the mean
+accuracy over all of these but the unseen sets (kept clean as the unseen-style check); the best round
+is kept in OUT/best/. A row per round goes to OUT/build_log.csv; --install copies OUT/best into
+captcha_fast/pretrained/ (or --install-dir), the log into docs/build_log.csv, plots docs/build_curve.png
+and writes the model card.
+
+Hours. The budget and the curve count training hours as the CPU time (time.process_time) of the
+train() calls, setup and per-epoch bookkeeping included; rendering and held-out evaluation are
+counted apart (render_hours, eval_hours in the log: this run's totals). CPU time, not wall time: it does not run while
+the process is paused (SIGSTOP) or waiting for a busy core, and with --threads 1 it is the single
+core's working time. A round starts only if the budget left covers the previous round's hours.
+
+Stopping and continuing. Kill it any time: a round resumes from its last finished epoch (train's
+--resume), finished rounds are kept, and the hours of a killed epoch are not counted (nor kept).
+OUT/ is lost across sessions: a new OUT starts from the shipped default.ckpt, whose "build" entry
+holds the hours and round it was trained to, and from docs/build_log.csv, so the curve goes on."""
 from __future__ import annotations
 
 import argparse
+import csv
+import json
+import os
 import random
 import shutil
 import string
+import subprocess
+import sys
 import time
+from collections import Counter
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
-from captcha_fast import synth
-from captcha_fast.checkpoint import PRETRAINED_CHECKPOINT, load_checkpoint, save_checkpoint
-from captcha_fast.cli import main as cli
-from captcha_fast.data import list_samples, split_samples
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+
+import captcha_fast  # noqa: E402
+from captcha_fast import synth  # noqa: E402
+from captcha_fast.checkpoint import PRETRAINED_CHECKPOINT, load_checkpoint, load_model, save_checkpoint  # noqa: E402
+from captcha_fast.data import list_samples, read_manifest, split_samples  # noqa: E402
+from captcha_fast.export import save_recognizer  # noqa: E402
+from captcha_fast.preprocess import load_image  # noqa: E402
+from captcha_fast.train import TrainConfig, train  # noqa: E402
+
+import accuracy_table  # noqa: E402
+import real_sets  # noqa: E402
 
 CHARSET = string.digits + string.ascii_lowercase
 SYNTH_SEED = 1  # evaluation renders use 12345 (tools/accuracy_table.py)
+SYNTH_LENGTHS = (3, 8)
+DEFAULT_SHARES = "synth=0.56,real=0.20,varlen=0.14,v2=0.06,blank=0.04"
+LOG_NAME = "build_log.csv"
+LOG_KEYS = ["run", "round", "hours", "round_hours", "render_hours", "eval_hours", "images", "score", "unseen"]
 
 
-def blank(rng: random.Random) -> Image.Image:
-    """An image with no text: a uniform or gradient background, maybe noise, maybe lines."""
+# ---------------------------------------------------------------------------- data
+
+def blank(rng: random.Random, lines: bool = True) -> Image.Image:
+    """An image with no text: a uniform or gradient background, maybe noise, maybe (lines) lines."""
     w, h = rng.randint(80, 400), rng.randint(30, 100)
     c0, c1 = (np.array([rng.randint(0, 255) for _ in range(3)], float) for _ in range(2))
     t = np.linspace(0, 1, w)[None, :, None] if rng.random() < 0.5 else np.linspace(0, 1, h)[:, None, None]
@@ -47,79 +94,504 @@ def blank(rng: random.Random) -> Image.Image:
         a += np.random.default_rng(rng.randint(0, 2 ** 31)).normal(0, rng.uniform(3, 30), a.shape)
     image = Image.fromarray(a.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
-    for _ in range(rng.choice([0, 0, 1, 2, 4])):
+    for _ in range(rng.choice([0, 0, 1, 2, 4]) if lines else 0):
         colour = tuple(rng.randint(0, 255) for _ in range(3))
         draw.line([(rng.randint(0, w), rng.randint(0, h)), (rng.randint(0, w), rng.randint(0, h))], colour,
                   rng.randint(1, 2))
     return image
 
 
-def render(folder: Path, n: int, n_blank: int) -> list:
-    """Render n mix captchas and n_blank images with no text into folder; (path, label) rows."""
-    folder = folder.resolve()
-    folder.mkdir(parents=True, exist_ok=True)
+def font_packages() -> list:
+    """The Debian font packages of synth.DEBIAN_FONT_PACKAGES installed here (the synthetic styles draw from them)."""
+    return [p for p in synth.DEBIAN_FONT_PACKAGES if Path("/usr/share/doc", p).is_dir()]
+
+
+def synth_config() -> synth.SynthConfig:
     dirs = tuple(d for d in synth.DEBIAN_FONT_DIRS if Path(d).is_dir())
-    cfg = synth.SynthConfig(style="mix", charset=synth.DIGITS_LETTERS, min_len=3, max_len=10, seed=SYNTH_SEED,
-                            font_dirs=dirs)
-    captchas = synth.SyntheticCaptchas(cfg, n)
-    rows = []
-    for i in tqdm(range(n), desc="rendering", mininterval=10):
-        path = folder / f"s{i:06d}.png"
+    return synth.SynthConfig(style="mix", charset=synth.DIGITS_LETTERS, min_len=SYNTH_LENGTHS[0],
+                             max_len=SYNTH_LENGTHS[1], seed=SYNTH_SEED, font_dirs=dirs)
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """Whole or not at all: a build killed mid-write leaves no truncated image to train on."""
+    tmp = path.with_suffix(".tmp.png")
+    image.save(tmp)
+    os.replace(tmp, path)
+
+
+def render_chunk(folder: Path, start: int, n: int, n_blank: int, round_no: int):
+    """Synthetic items start..start+n-1 of the seed-1 stream and n_blank images with no text, as PNG
+    files in folder: ((path, label) rows, Counter of synthetic styles, Counter of effects)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    captchas = synth.SyntheticCaptchas(synth_config(), 10 ** 9)
+    rows, styles, effects = [], Counter(), Counter()
+    for i in range(start, start + n):
+        path = folder / f"s{i:09d}.png"
         if not path.exists():
-            captchas[i][0].save(path)
-        rows.append((path, captchas.label(i).lower()))
+            save_png(captchas[i][0], path)
+        rows.append((str(path), captchas.label(i).lower()))
+        styles[captchas.style(i)] += 1
+        effects.update(captchas.effects(i))
     for i in range(n_blank):
-        path = folder / f"b{i:05d}.png"
+        path = folder / f"b{round_no:04d}_{i:05d}.png"
         if not path.exists():
-            blank(random.Random(f"blank:{i}")).save(path)
-        rows.append((path, ""))
-    return rows
+            save_png(blank(random.Random(f"blank:{round_no}:{i}")), path)
+        rows.append((str(path), ""))
+    return rows, styles, effects
 
 
-def train_split(folder: str, copies: int) -> list:
-    train, _ = split_samples(list_samples(folder), 0.15, 0)
-    return [(Path(s.path), s.label.lower()) for s in train] * copies
+def stream_slice(rows: list, start: int, count: int, name: str) -> list:
+    """Items start..start+count-1 of the endless stream of seeded shuffles of `rows` (pass p is
+    shuffled by (name, p)), so successive slices walk through all of them."""
+    out, n = [], len(rows)
+    for j in range(start, start + count):
+        p, i = divmod(j, n)
+        if i == 0 or not out:
+            order = list(range(n))
+            random.Random(f"{name}:{p}").shuffle(order)
+        out.append(rows[order[i]])
+    return out
 
 
-def manifest(path: Path, rows) -> Path:
-    path.write_text("".join(f"{p}\t{label}\n" for p, label in rows))
-    return path
+def fixed_sources(data: Path, real: Path | None) -> dict:
+    """name -> (share group, [(path, label)]): the shared train splits and the real train manifests."""
+    sources = {}
+    for name, folder in (("v2", "captcha_images_v2"), ("varlen", "varlen_upper")):
+        train_s, _ = split_samples(list_samples(data / folder), 0.15, 0)
+        sources[name] = (name, [(str(Path(s.path).resolve()), s.label.lower()) for s in train_s])
+    for r in real_sets.load_sets(real) if real else []:
+        if not r["unseen"]:
+            sources[r["name"]] = ("real", [(s.path, s.label) for s in read_manifest(r["train_tsv"])])
+    return sources
 
 
-def main() -> None:
+def parse_shares(spec: str) -> dict:
+    shares = {k: float(v) for k, v in (item.split("=") for item in spec.split(","))}
+    unknown = set(shares) - {"synth", "real", "varlen", "v2", "blank"}
+    if unknown or abs(sum(shares.values()) - 1) > 1e-6:
+        raise SystemExit(f"--shares {spec!r}: groups synth, real, varlen, v2, blank summing to 1")
+    return shares
+
+
+def round_counts(shares: dict, sources: dict, n: int) -> dict:
+    """Images per source in a round of n: each group's share, a group split equally over its sources."""
+    counts = {"synth": round(shares.get("synth", 0) * n), "blank": round(shares.get("blank", 0) * n)}
+    for group in ("real", "varlen", "v2"):
+        members = [name for name, (g, _) in sources.items() if g == group]
+        for name in members:
+            counts[name] = round(shares.get(group, 0) * n / len(members))
+    return counts
+
+
+# ---------------------------------------------------------------------------- held-out sets
+
+def held_out_sets(data: Path, real: Path | None, n: int) -> dict:
+    """name -> (images, labels, selects): what every round is scored on (see the module doc)."""
+    sets = {}
+    for name, folder in (("v2", "captcha_images_v2"), ("varlen", "varlen_upper")):
+        sets[name] = (*accuracy_table.folder_val(str(data / folder), n), True)
+    for w, h in accuracy_table.PACKAGE_SIZES:
+        sets[f"pkg_{w}x{h}"] = (*accuracy_table.package_renders(w, h, n), True)
+    for r in real_sets.load_sets(real) if real else []:
+        items = real_sets.manifest_sample(r["all_tsv"] if r["unseen"] else r["val_tsv"], n)  # unseen: the whole set
+        key = f"unseen_{r['name']}" if r["unseen"] else r["name"]
+        sets[key] = ([load_image(path) for path, _ in items], [label for _, label in items], not r["unseen"])
+    sets["blank"] = ([blank(random.Random(f"blank-eval:{i}"), lines=False) for i in range(n)], [""] * n, True)
+    return sets
+
+
+def evaluate(model_path: Path, sets: dict) -> dict:
+    """Case-insensitive accuracy per set, the selection score and the unseen mean."""
+    acc = {}
+    for name, (images, labels, _) in sets.items():
+        reads = captcha_fast.predict_batch(images, str(model_path), device="cpu", threads=1)
+        acc[name] = sum(r.lower() == t.lower() for r, t in zip(reads, labels)) / len(labels)
+    chosen = [acc[k] for k, (_, _, selects) in sets.items() if selects]
+    unseen = [acc[k] for k, (_, _, selects) in sets.items() if not selects]
+    acc["score"] = sum(chosen) / len(chosen)
+    acc["unseen"] = sum(unseen) / len(unseen) if unseen else float("nan")
+    return acc
+
+
+# ---------------------------------------------------------------------------- state and log
+
+def read_log(path: Path) -> list:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_log(path: Path, rows: list) -> None:
+    keys = LOG_KEYS + sorted({k for r in rows for k in r} - set(LOG_KEYS))
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def load_state(out: Path, args) -> dict:
+    """OUT/state.json, or a fresh state continuing the checkpoint the build starts from."""
+    path = out / "state.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    init = None if args.from_scratch else Path(args.init_from).resolve()
+    build = load_checkpoint(init).get("build", {}) if init else {}
+    # The curve is the lineage of the starting checkpoint: rounds of its run after it were not kept.
+    history = [r for r in read_log(Path(args.log))
+               if not (r["run"] == build.get("run") and int(r["round"]) > int(build.get("round", 0)))]
+    started = list(build.get("started_from", [])) + [f"{describe(init)} (at {float(build.get('hours', 0.0)):.2f} h)"]
+    state = {"run": time.strftime("%Y%m%d-%H%M%S"), "init": str(init) if init else None, "started_from": started,
+             "font_packages": sorted({*build.get("font_packages", []), *font_packages()}),
+             "hours": float(build.get("hours", 0.0)), "next_round": int(build.get("round", 0)) + 1,
+             "synth_next": int(build.get("synth_next", 0)), "draws": dict(build.get("draws", {})),
+             "synth_styles": dict(build.get("synth_styles", {})), "synth_effects": dict(build.get("synth_effects", {})),
+             "offsets": dict(build.get("offsets", {})),
+             "render_hours": 0.0, "eval_hours": 0.0, "start_scored": init is None or bool(build),  # built: in the log
+             # a round is installed only if it beats the start
+             "best": {"round": build["round"], "score": build["accuracy"]["score"], "start": True} if build else None}
+    out.mkdir(parents=True, exist_ok=True)
+    write_log(out / LOG_NAME, history)  # the committed history, continued by this run
+    save_state(out, state)
+    return state
+
+
+def describe(init: Path | None) -> str:
+    """Where a run starts, for the card: the shipped checkpoint of a commit, another file, or random weights."""
+    if init is None:
+        return "random weights"
+    if init == PRETRAINED_CHECKPOINT.resolve():
+        commit = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h", "--", str(init)],
+                                capture_output=True, text=True).stdout.strip()
+        return f"the shipped captcha_fast/pretrained/default.ckpt of commit {commit or '(uncommitted)'}"
+    return str(init)
+
+
+def save_state(out: Path, state: dict) -> None:
+    tmp = out / "state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, out / "state.json")
+
+
+# ---------------------------------------------------------------------------- rounds
+
+def prepare_round(out: Path, state: dict, sources: dict, shares: dict, args) -> Path:
+    """Write round k's manifest (rendering its synthetic chunk) once; its plan goes into the state."""
+    k = state["next_round"]
+    folder = out / f"round_{k:04d}"
+    plan_path = folder / "plan.json"
+    if plan_path.is_file():
+        return folder
+    t0 = time.process_time()
+    counts = round_counts(shares, sources, args.round_images)
+    rows, styles, effects = render_chunk(out / "synth" / f"round_{k:04d}", state["synth_next"], counts["synth"],
+                                counts["blank"], k)
+    for name, (_, source_rows) in sources.items():
+        start = state["offsets"].get(name, 0)
+        rows += stream_slice(source_rows, start, counts[name], name)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.tsv").write_text("".join(f"{p}\t{label}\n" for p, label in rows))
+    plan = {"counts": counts, "synth_start": state["synth_next"], "styles": dict(styles), "effects": dict(effects),
+            "render_hours": (time.process_time() - t0) / 3600}
+    plan_path.write_text(json.dumps(plan, indent=1))
+    return folder
+
+
+def train_round(folder: Path, init: str | None, args) -> float:
+    """Train (or resume) round `folder`; returns the training hours of its kept epochs."""
+    hours_file = folder / "hours.json"
+    done = json.loads(hours_file.read_text()) if hours_file.is_file() else {}  # epoch -> hours so far
+    resume = (folder / "last.ckpt").is_file()
+    base = done.get(str(load_checkpoint(folder / "last.ckpt")["epoch"] + 1), 0.0) if resume else 0.0
+    t0 = time.process_time()
+
+    def on_epoch(line: str) -> None:
+        print(f"  {folder.name}: {line}", flush=True)
+        if line.startswith("epoch "):
+            epoch = line.split()[1].split("/")[0]
+            done[epoch] = base + (time.process_time() - t0) / 3600
+            hours_file.write_text(json.dumps(done))
+
+    cfg = TrainConfig(data=str(folder / "train.tsv"), out=str(folder), charset=CHARSET, epochs=args.epochs_per_round,
+                      init_from=init, from_scratch=init is None,
+                      val_fraction=0.0, bucket=16, skip_bad=True, threads=args.threads, progress=False,
+                      export=False, resume=resume, lr=args.lr, patience=args.epochs_per_round + 1)
+    if "min_steps" in {f.name for f in fields(TrainConfig)}:
+        cfg.min_steps = 0  # a round is one pass per epoch (train.py's small-set floor is for a user's few images)
+    train(cfg, log=on_epoch)
+    return done[str(args.epochs_per_round)]
+
+
+def score_checkpoint(ckpt: Path, model_pt: Path, sets: dict, state: dict) -> dict:
+    """Export `ckpt` as the recognizer `model_pt` and score it on the held-out sets (eval hours counted)."""
+    t0 = time.process_time()
+    model_pt.parent.mkdir(parents=True, exist_ok=True)
+    save_recognizer(load_model(ckpt), model_pt)
+    acc = evaluate(model_pt, sets)
+    state["eval_hours"] += (time.process_time() - t0) / 3600
+    return acc
+
+
+def score_start(out: Path, state: dict, sets: dict) -> None:
+    """Round 0: the checkpoint a new OUT starts from, scored once, so the curve has its starting point."""
+    acc = score_checkpoint(Path(state["init"]), out / "round_0000" / "model.pt", sets, state)
+    row = {"run": state["run"], "round": state["next_round"] - 1, "hours": f"{state['hours']:.4f}",
+           "round_hours": "0", "render_hours": "0", "eval_hours": f"{state['eval_hours']:.4f}", "images": 0,
+           **{name: f"{v:.4f}" for name, v in acc.items()}}
+    write_log(out / LOG_NAME, read_log(out / LOG_NAME) + [row])
+    state["start_scored"] = True
+    state["best"] = {"round": row["round"], "score": acc["score"], "start": True}
+    save_state(out, state)
+    print(f"start ({state['init']}): score {acc['score']:.4f}, unseen {acc['unseen']:.4f}", flush=True)
+
+
+def finish_round(out: Path, folder: Path, state: dict, hours: float, sets: dict) -> dict:
+    """Export and score the round, append its log row, keep it in OUT/best if it is the best."""
+    plan = json.loads((folder / "plan.json").read_text())
+    model_pt = folder / "model.pt"
+    acc = score_checkpoint(folder / "last.ckpt", model_pt, sets, state)
+    k = state["next_round"]
+    state["hours"] += hours
+    state["render_hours"] += plan["render_hours"]
+    state["synth_next"] = plan["synth_start"] + plan["counts"]["synth"]
+    for name, n in plan["counts"].items():
+        state["draws"][name] = state["draws"].get(name, 0) + n
+        if name not in ("synth", "blank"):
+            state["offsets"][name] = state["offsets"].get(name, 0) + n
+    for key in ("styles", "effects"):
+        for name, n in plan[key].items():
+            state[f"synth_{key}"][name] = state[f"synth_{key}"].get(name, 0) + n
+    row = {"run": state["run"], "round": k, "hours": f"{state['hours']:.4f}", "round_hours": f"{hours:.4f}",
+           "render_hours": f"{state['render_hours']:.4f}", "eval_hours": f"{state['eval_hours']:.4f}",
+           "images": sum(plan["counts"].values()) * int(load_checkpoint(folder / "last.ckpt")["epoch"] + 1),
+           **{name: f"{v:.4f}" for name, v in acc.items()}}
+    log = read_log(out / LOG_NAME) + [row]
+    write_log(out / LOG_NAME, log)
+    if state["best"] is None or acc["score"] > state["best"]["score"]:
+        best = out / "best"
+        best.mkdir(exist_ok=True)
+        shutil.copy(model_pt, best / "default.pt")
+        ckpt = load_checkpoint(folder / "last.ckpt")
+        keep = {key: ckpt[key] for key in ("model", "model_config", "charset", "epoch")}
+        save_checkpoint({**keep, "best": ckpt["metrics"][-1], "build": build_entry(state, row)}, best / "default.ckpt")
+        state["best"] = {"round": k, "score": acc["score"], "row": row}
+    state["next_round"] = k + 1
+    state["last_round_hours"] = hours
+    save_state(out, state)
+    shutil.rmtree(out / "synth" / folder.name, ignore_errors=True)  # a finished round never reads its images again
+    return row
+
+
+def build_entry(state: dict, row: dict) -> dict:
+    """What default.ckpt carries about its build: where the next session continues, and the card's facts."""
+    return {"hours": state["hours"], "round": row["round"], "run": state["run"], "synth_next": state["synth_next"],
+            "draws": state["draws"], "offsets": state["offsets"], "synth_styles": state["synth_styles"],
+            "synth_effects": state["synth_effects"],
+            "started_from": state["started_from"], "font_packages": state["font_packages"],
+            "accuracy": {k: float(v) for k, v in row.items() if k not in LOG_KEYS or k in ("score", "unseen")},
+            "eval_sizes": state["eval_sizes"]}
+
+
+# ---------------------------------------------------------------------------- install, card, curve
+
+def install(out: Path, target: Path, log_target: Path, args) -> None:
+    best = out / "best"
+    if not (best / "default.pt").is_file():
+        raise SystemExit(f"--install: no round of {out} has beaten the checkpoint it started from yet: nothing to "
+                         f"install")
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy(best / "default.pt", target / "default.pt")
+    shutil.copy(best / "default.ckpt", target / "default.ckpt")
+    log_target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(out / LOG_NAME, log_target)
+    plot_log(read_log(log_target), log_target.with_name("build_curve.png"))
+    write_model_card(target, load_checkpoint(best / "default.ckpt"), args)
+    print(f"installed {target / 'default.pt'}, default.ckpt, MODEL_CARD.md; {log_target} and build_curve.png")
+
+
+SET_TITLES = {"v2": "captcha_images_v2, val split", "varlen": "varlen_upper, val split",
+              "pkg_160x60": "`captcha` package 160x60, render seed 12345", "pkg_200x50": "`captcha` package 200x50, "
+              "render seed 12345", "pkg_280x90": "`captcha` package 280x90, render seed 12345",
+              "blank": "no text (uniform, gradient, noise; reads \"\")"}
+SHARED = {"v2": "captcha_images_v2", "varlen": "varlen_upper"}
+
+
+def write_model_card(target: Path, ckpt: dict, args) -> None:
+    """MODEL_CARD.md beside the weights, from the build entry of the installed checkpoint and the real
+    sets' sets.json: every source with its provenance and use, the synthetic styles, the held-out scores."""
+    from captcha_fast.checkpoint import model_from_checkpoint
+
+    b, cfg = ckpt["build"], ckpt["model_config"]
+    params = sum(p.numel() for p in model_from_checkpoint(ckpt).parameters())
+    size = (target / "default.pt").stat().st_size / 2 ** 20
+    draws, total = b["draws"], sum(b["draws"].values())
+    sets = {r["name"]: r for r in real_sets.load_sets(args.real)} if args.real else {}
+    L = ["# Model card: captcha_fast's shipped model", "",
+         "`default.pt` (TorchScript recognizer) and `default.ckpt` (its training weights, where `captcha-fast train` "
+         "starts fine-tuning). Written by `tools/build_pretrained.py --install`.", "",
+         "## Model", "",
+         f"- CRNN: two conv blocks of {cfg['channels'][0]} and {cfg['channels'][1]} channels, a "
+         f"{cfg['hidden_dim']}-unit bidirectional GRU, CTC; {params:,} parameters, {size:.1f} MB as TorchScript.",
+         f"- Input: {'the ink map cropped to the text (preprocess.to_ink)' if cfg.get('ink') else 'grey'}, "
+         f"height {cfg['height']}. Output: 0-9a-z (labels were case-folded; upper case reads as lower case).",
+         f"- Training: {b['hours']:.2f} training hours (CPU time of one core) in rounds of a one-cycle schedule "
+         f"(AdamW, CTC), up to build round {b['round']} (run {b['run']}); started from: "
+         f"{'; then '.join(b['started_from'])}. The held-out accuracy against training hours is "
+         "docs/build_curve.png (docs/build_log.csv).", "",
+         "## Training data", "",
+         f"{total:,} training images drawn in all, each round a fresh mix; a fixed source is walked through in seeded "
+         "shuffles, so `distinct` is how many of its images were used at least once. Labels case-folded. No image "
+         "of any source is in this package.", "",
+         "| source | repository @ commit | path | licence | drawn | share | distinct |",
+         "|---|---|---|---|---:|---:|---:|"]
+    for name, n in sorted(draws.items(), key=lambda kv: -kv[1]):
+        share = f"{100 * n / total:.1f}%"
+        if name == "synth":
+            row = (f"synthetic captchas: synth.SynthConfig(style=\"mix\"), seed {SYNTH_SEED}, 0-9a-zA-Z, "
+                   f"{SYNTH_LENGTHS[0]}-{SYNTH_LENGTHS[1]} long", "this package", "captcha_fast/synth.py",
+                   "MIT (this package); fonts below", n)
+        elif name == "blank":
+            row = ("images with no text, label \"\"", "this package", "tools/build_pretrained.py (blank)", "MIT", n)
+        elif name in SHARED:
+            n_train = len(split_samples(list_samples(Path(args.data) / SHARED[name]), 0.15, 0)[0])
+            row = (f"{SHARED[name]}, train split (data.split_samples: 15% val, seed 0)", "the project's shared data",
+                   f"{SHARED[name]}/", "none stated: train and evaluate, never redistribute", min(n, n_train))
+        else:
+            r = sets.get(name, {"repository": "?", "commit": "?", "paths": "?", "licence": "?", "train": n})
+            row = (f"{name}, train split ({r.get('style', '')})", f"{r['repository']} @ {r['commit']}",
+                   r["paths"], r["licence"], min(n, r["train"]))
+        L.append(f"| {row[0]} | {row[1]} | {row[2]} | {row[3]} | {n:,} | {share} | {row[4]:,} |")
+    styles, effects = b["synth_styles"], b.get("synth_effects", {})
+    n_synth = sum(styles.values())
+    L += ["", "Synthetic styles and effects (synth.STYLES, synth.EFFECTS: an image has one style and any number of "
+          "effects), as drawn: share of the synthetic images.", "",
+          "| style or effect | images | share | what |", "|---|---:|---:|---|"]
+    for kind, table, about in (("style", styles, synth.STYLES), ("effect", effects, getattr(synth, "EFFECTS", {}))):
+        L += [f"| {kind} `{name}` | {n:,} | {100 * n / n_synth:.1f}% | "
+              f"{getattr(about.get(name), 'about', '')} |" for name, n in sorted(table.items(), key=lambda kv: -kv[1])]
+    fonts = b.get("font_packages", [])
+    L += ["", "Fonts: the `captcha` package's DejaVu plus these Debian packages (licences from their copyright "
+          "files, as synth.DEBIAN_FONT_PACKAGES lists): " +
+          (", ".join(f"{f} ({synth.DEBIAN_FONT_PACKAGES.get(f, '?')})" for f in fonts) or "none") + ".", "",
+          "## Held out (never trained on)", "",
+          "Real sets kept out of training entirely, to measure styles the model has never seen:", "",
+          "| set | repository @ commit | path | licence | images |", "|---|---|---|---|---:|"]
+    for r in sets.values():
+        if r["unseen"]:
+            L.append(f"| {r['name']} ({r['style']}) | {r['repository']} @ {r['commit']} | {r['paths']} | "
+                     f"{r['licence']} | {r['train'] + r['val']:,} |")
+    acc, sizes = b["accuracy"], b.get("eval_sizes", {})
+    L += ["", f"Accuracy of this model (whole captcha, case ignored) on held-out images, as the build scores every "
+          f"round (at most {args.eval_n} images a set):", "",
+          "| set | images | accuracy |", "|---|---:|---:|"]
+    for name, v in acc.items():
+        if name in ("score", "unseen"):
+            continue
+        title = SET_TITLES.get(name)
+        if title is None:
+            real_name = name.removeprefix("unseen_")
+            r = sets.get(real_name, {})
+            title = (f"{real_name} ({r.get('repository', '?')}), "
+                     f"{'unseen: whole set' if name.startswith('unseen_') else 'val split'}")
+        L.append(f"| {title} | {sizes.get(name, '')} | {100 * v:.1f}% |")
+    L += [f"| mean of the above but the unseen sets (what picks the shipped round) | | {100 * acc['score']:.1f}% |",
+          f"| mean of the unseen real styles | | {100 * acc['unseen']:.1f}% |", ""]
+    (target / "MODEL_CARD.md").write_text("\n".join(L))
+
+
+def plot_log(rows: list, path: Path) -> None:
+    """Held-out accuracy per set against cumulative training hours."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not rows:
+        return
+    import matplotlib
+
+    fig = Figure(figsize=(9, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    hours = [float(r["hours"]) for r in rows]
+    names = [k for k in rows[-1] if k not in LOG_KEYS] + ["score", "unseen"]
+    colours = matplotlib.colormaps["tab20"].colors
+    for i, name in enumerate(names):
+        pts = [(h, 100 * float(r[name])) for h, r in zip(hours, rows) if r.get(name) not in (None, "", "nan")]
+        if not pts:
+            continue
+        if name in ("score", "unseen"):
+            label = {"score": "mean (picks the round)", "unseen": "unseen real styles (mean)"}[name]
+            ax.plot(*zip(*pts), "k-" if name == "score" else "k--", label=label, lw=2)
+        else:
+            ax.plot(*zip(*pts), ".-", color=colours[2 * i % 20 + (2 * i // 20) % 2], label=name, lw=1, ms=3)
+    ax.set_xlabel("training hours (CPU time, one core)")
+    ax.set_ylabel("held-out accuracy (%, case ignored)")
+    ax.set_ylim(0, 100)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.savefig(path, dpi=110)
+
+
+# ---------------------------------------------------------------------------- main
+
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="folder holding captcha_images_v2/ and varlen_upper/")
-    p.add_argument("--out", default="runs/general")
-    p.add_argument("--synth", type=int, default=40000, help="synthetic captchas for stage 1")
-    p.add_argument("--epochs1", type=int, default=3)
-    p.add_argument("--epochs2", type=int, default=2)
+    p.add_argument("--data", type=Path, required=True, help="folder holding captcha_images_v2/ and varlen_upper/")
+    p.add_argument("--real", type=Path, default=None, help="tools/real_sets.py's --out (sets.json)")
+    p.add_argument("--out", type=Path, default=Path("runs/build"))
+    p.add_argument("--hours", type=float, default=1.0, help="training hours (CPU time) for this invocation")
+    p.add_argument("--round-images", type=int, default=32000,
+                   help="images per round's manifest (2 epochs of 32000: about 16 CPU minutes at ~68 img/s)")
+    p.add_argument("--epochs-per-round", type=int, default=2)
+    p.add_argument("--shares", default=DEFAULT_SHARES)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of each round's OneCycle")
+    p.add_argument("--init-from", default=str(PRETRAINED_CHECKPOINT), help="weights of a new OUT's first round")
+    p.add_argument("--from-scratch", action="store_true", help="a new OUT starts from random weights")
+    p.add_argument("--eval-n", type=int, default=300, help="images per held-out set")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--install", action="store_true", help="copy the result into captcha_fast/pretrained/")
-    args = p.parse_args()
-    out = Path(args.out)
-    t0 = time.time()
-    rows = render(out / "images", args.synth, args.synth // 40)
-    common = ["--charset", CHARSET, "--bucket", "16", "--batch-size", "32", "--threads", str(args.threads),
-              "--skip-bad", "--no-progress"]
-    stage1 = out / "stage1"
-    if not (stage1 / "model.pt").exists():
-        assert cli(["train", str(manifest(out / "stage1.tsv", rows)), "--out", str(stage1), "--from-scratch",
-                    "--epochs", str(args.epochs1), "--val-fraction", "0.02", *common]) == 0
-    print(f"stage 1 done after {time.time() - t0:.0f} s")
-    data = Path(args.data)
-    real = train_split(data / "captcha_images_v2", 4) + train_split(data / "varlen_upper", 2)
-    mixed = rows[: len(real)] + rows[args.synth:] + real  # as much synthetic as real, and the blanks
-    stage2 = out / "stage2"
-    if not (stage2 / "model.pt").exists():
-        assert cli(["train", str(manifest(out / "stage2.tsv", mixed)), "--out", str(stage2), "--init-from",
-                    str(stage1 / "best.ckpt"), "--epochs", str(args.epochs2), "--val-fraction", "0.05", *common]) == 0
-    print(f"stage 2 done after {time.time() - t0:.0f} s")
+    p.add_argument("--log", default=str(ROOT / "docs" / LOG_NAME), help="the committed build log (history; "
+                                                                         "--install writes it)")
+    p.add_argument("--install", action="store_true", help="copy the best round into --install-dir at the end")
+    p.add_argument("--install-dir", type=Path, default=PRETRAINED_CHECKPOINT.parent)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    shares = parse_shares(args.shares)
+    out = args.out.resolve()  # manifests hold absolute paths
+    state = load_state(out, args)
+    sources = fixed_sources(args.data, args.real)
+    sets = None
+    spent = 0.0
+    if state["init"] and not state.get("start_scored"):
+        sets = held_out_sets(args.data, args.real, args.eval_n)
+        state["eval_sizes"] = {name: len(labels) for name, (_, labels, _) in sets.items()}
+        score_start(out, state, sets)
+    print(f"build {state['run']}: at {state['hours']:.2f} training hours, round {state['next_round']}; "
+          f"budget {args.hours:g} h", flush=True)
+    while True:
+        k = state["next_round"]
+        folder = out / f"round_{k:04d}"
+        started = (folder / "last.ckpt").is_file()
+        if not started and spent + state.get("last_round_hours", 0.0) > args.hours:
+            break
+        if spent >= args.hours:
+            break
+        prepare_round(out, state, sources, shares, args)
+        previous = out / f"round_{k - 1:04d}" / "last.ckpt"
+        init = str(previous) if previous.is_file() else state["init"]
+        hours = train_round(folder, init, args)
+        if sets is None:
+            t0 = time.process_time()
+            sets = held_out_sets(args.data, args.real, args.eval_n)
+            state["eval_sizes"] = {name: len(labels) for name, (_, labels, _) in sets.items()}
+            state["eval_hours"] += (time.process_time() - t0) / 3600
+        row = finish_round(out, folder, state, hours, sets)
+        spent += hours
+        print(f"round {k}: {hours:.3f} h (total {state['hours']:.3f} h): score {float(row['score']):.4f}, unseen "
+              f"{float(row['unseen']):.4f} | " + " ".join(f"{k2} {float(v):.3f}" for k2, v in row.items()
+                                                      if k2 not in LOG_KEYS), flush=True)
     if args.install:
-        shutil.copy(stage2 / "model.pt", "captcha_fast/pretrained/default.pt")
-        ckpt = load_checkpoint(stage2 / "best.ckpt")
-        save_checkpoint({"model": ckpt["model"], "model_config": ckpt["model_config"], "charset": ckpt["charset"],
-                         "epoch": ckpt["epoch"], "best": ckpt["best"]}, PRETRAINED_CHECKPOINT)
-        print(f"installed captcha_fast/pretrained/default.pt and {PRETRAINED_CHECKPOINT}")
+        install(out, args.install_dir, Path(args.log), args)
 
 
 if __name__ == "__main__":

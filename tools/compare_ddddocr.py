@@ -8,11 +8,14 @@ imported by path, so the package and torch are not needed):
     /work/venv-ddddocr/bin/pip install ddddocr captcha matplotlib
     OMP_NUM_THREADS=1 /work/venv-ddddocr/bin/python tools/compare_ddddocr.py \\
         --folder v2=../shared/data/captcha_images_v2 --folder varlen=../shared/data/varlen_upper \\
+        --manifest tii=../shared/data/real/tii/all.tsv --manifest sysu=../shared/data/real/sysu/all.tsv \
         -n 300 --json ddddocr.json
 
 Folders: LABEL.png / LABEL_x.png files; only the validation split is read, by the rule of
 captcha_fast.data.split_samples (sha256 of f"{seed}:{file name}" as a fraction < val_fraction),
-so the numbers are on the same held-out images as ours. Nothing is copied anywhere.
+so the numbers are on the same held-out images as ours. Manifests (path<TAB>label, tools/real_sets.py's
+val.tsv / all.tsv): n images in real_sets.manifest_sample's order (the sha256 of the path as written),
+as tools/accuracy_table.py and tools/build_pretrained.py pick them. Nothing is copied anywhere.
 ddddocr is scored as a user calls it (classification(png bytes)), and again restricted to the
 symbols 0-9a-zA-Z (set_ranges), its option for a known charset."""
 import argparse
@@ -64,6 +67,15 @@ def folder_val(folder: Path, val_fraction: float, seed: int, n: int):
     return [(p.read_bytes(), label_from_name(p)) for p in files[:n]]
 
 
+def manifest_sample(tsv: Path, n: int):
+    """(file bytes, label) of n images of a manifest: tools/real_sets.manifest_sample's pick, without its imports."""
+    if not tsv.is_file():
+        raise SystemExit(f"manifest {str(tsv)!r} does not exist")
+    rows = [line.split("\t") for line in tsv.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows.sort(key=lambda row: hashlib.sha256(row[0].encode()).hexdigest())
+    return [((tsv.parent / path).read_bytes(), label) for path, label in rows[:n]]
+
+
 def png(image) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG")
@@ -108,6 +120,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--folder", action="append", default=[], metavar="NAME=DIR",
                    help="a labelled image folder; its validation split is scored (repeatable)")
+    p.add_argument("--manifest", action="append", default=[], metavar="NAME=TSV",
+                   help="a path<TAB>label manifest; n of its images are scored (repeatable)")
+    p.add_argument("--no-synth", action="store_true", help="skip the package renders and synthetic styles")
     p.add_argument("-n", type=int, default=300, help="images per set (default 300; a split may have fewer)")
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--split-seed", type=int, default=0)
@@ -128,9 +143,14 @@ def main(argv=None) -> None:
         if not sep:
             p.error(f"--folder wants NAME=DIR, got {spec!r}")
         sets[f"{name} (val split)"] = folder_val(Path(folder), args.val_fraction, args.split_seed, args.n)
-    for w, h in PACKAGE_SIZES:
+    for spec in args.manifest:
+        name, sep, tsv = spec.partition("=")
+        if not sep:
+            p.error(f"--manifest wants NAME=TSV, got {spec!r}")
+        sets[f"{name} (manifest)"] = manifest_sample(Path(tsv), args.n)
+    for w, h in () if args.no_synth else PACKAGE_SIZES:
         sets[f"captcha package {w}x{h}"] = package_renders(synth, w, h, args.n, args.seed)
-    for style in styles:
+    for style in () if args.no_synth else styles:
         sets[f"synth {style}"] = style_renders(synth, style, args.n, args.seed, tuple(args.font_dirs))
 
     ocr = ddddocr.DdddOcr(show_ad=False)

@@ -77,53 +77,136 @@ static torch::Tensor to_channels(torch::Tensor x, int64_t in_channels) {
   return x;
 }
 
-// Each pixel's distance from the background colour (median of the border pixels), stretched so the
-// 99th percentile is 1; a blank image (below 0.06 everywhere) becomes zeros. preprocess.to_ink.
+// The (lower) median of the counted values of each window, by bisection on the value. preprocess._window_median.
+static torch::Tensor window_median(const torch::Tensor& windows, const torch::Tensor& kept, int steps) {
+  torch::Tensor rank = torch::floor_divide(kept.sum(2, true) + 1, 2);
+  torch::Tensor lo = torch::zeros_like(windows.slice(2, 0, 1)), hi = torch::ones_like(lo);
+  for (int i = 0; i < steps; ++i) {
+    torch::Tensor mid = 0.5 * (lo + hi);
+    torch::Tensor enough = ((windows <= mid) & kept).sum(2, true) >= rank;
+    hi = torch::where(enough, mid, hi);
+    lo = torch::where(enough, lo, mid);
+  }
+  return 0.5 * (lo + hi);
+}
+
+// The local background: per-channel medians of 7 x 7 windows on a sampled grid (8 points high, twice
+// the spacing across), a second median without the samples far on the ink's side, interpolated back.
+// preprocess.background.
+static torch::Tensor background(const torch::Tensor& x) {
+  const int64_t h = x.size(2), w = x.size(3);
+  const double step = std::max(1.0, (h - 1) / 7.0);
+  auto grid = [&](int64_t n, double spacing) {
+    return torch::linspace(0.0, n - 1.0, static_cast<int64_t>((n - 1) / spacing + 0.5) + 1, x.options()).round().to(torch::kLong);
+  };
+  torch::Tensor samples = x.index_select(2, grid(h, step)).index_select(3, grid(w, 2.0 * step));
+  const int64_t N = samples.size(0), C = samples.size(1), sh = samples.size(2), sw = samples.size(3);
+  torch::Tensor padded = F::pad(samples, F::PadFuncOptions({3, 3, 3, 3}).mode(torch::kReplicate));
+  torch::Tensor windows = F::unfold(padded, F::UnfoldFuncOptions({7, 7})).view({N, C, 49, sh * sw});
+  torch::Tensor bg = window_median(windows, torch::ones_like(windows, torch::kBool), 6);
+  torch::Tensor flat = samples.flatten(2);
+  torch::Tensor skew = 3.0 * (flat.mean(2) - flat.quantile(0.5, 2)) / flat.std(2).clamp_min(1e-6);
+  torch::Tensor side = torch::where(skew > 0.5, 1.0, torch::where(skew < -0.5, -1.0, 0.0)).view({N, C, 1, 1});
+  bg = window_median(windows, side * (windows - bg) <= 0.1, 9).view({N, C, sh, sw});
+  return F::interpolate(bg, F::InterpolateFuncOptions().size(std::vector<int64_t>{h, w}).mode(torch::kBilinear).align_corners(true));
+}
+
+// Each pixel's distance from the local background (estimated inside the outer 3 px, extended
+// linearly over them), frame lines in the outer 3 px removed, divided by the mean distance of the
+// pixels within half of the peak; an image whose peak is below 0.06 becomes zeros. preprocess.to_ink.
 static torch::Tensor to_ink(const torch::Tensor& x) {
-  const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
-  torch::Tensor border = torch::cat({x[0].select(1, 0), x[0].select(1, H - 1), x[0].select(2, 0), x[0].select(2, W - 1)}, 1);
-  torch::Tensor background = std::get<0>(border.median(1)).view({1, C, 1, 1});
-  torch::Tensor ink = (x - background).abs().amax({1}, /*keepdim=*/true);
-  torch::Tensor flat = ink.flatten();
-  const int64_t k = std::max<int64_t>(1, static_cast<int64_t>(0.99 * flat.numel()));
-  torch::Tensor strongest = std::get<0>(flat.kthvalue(k));
-  if (strongest.item<float>() < 0.06) return torch::zeros_like(ink);
-  return (ink / strongest).clamp(0.0, 1.0);
+  const int64_t H = x.size(2), W = x.size(3);
+  const int64_t b = std::min<int64_t>({3, (H - 1) / 4, (W - 1) / 4});
+  torch::Tensor bg = background(x.index({Slice(), Slice(), Slice(b, H - b), Slice(b, W - b)}));
+  if (b > 0)
+    bg = 2.0 * F::pad(bg, F::PadFuncOptions({b, b, b, b}).mode(torch::kReplicate)) -
+         F::pad(bg, F::PadFuncOptions({b, b, b, b}).mode(torch::kReflect));
+  torch::Tensor dist = (x - bg).abs().amax({1}, /*keepdim=*/true);
+  torch::Tensor lines = (dist > 0.06).to(torch::kFloat);
+  torch::Tensor rows = torch::arange(H, torch::TensorOptions().device(x.device())).view({1, 1, H, 1});
+  torch::Tensor cols = torch::arange(W, torch::TensorOptions().device(x.device())).view({1, 1, 1, W});
+  torch::Tensor frame = ((lines.mean({3}, true) >= 0.8) & ((rows < b) | (rows >= H - b))) |
+                        ((lines.mean({2}, true) >= 0.8) & ((cols < b) | (cols >= W - b)));
+  dist = torch::where(frame, torch::zeros_like(dist), dist);
+  torch::Tensor peak = dist.amax({1, 2, 3}, true);
+  if (H > 1 && W > 1)
+    peak = torch::maximum(torch::minimum(dist.slice(2, 1), dist.slice(2, 0, H - 1)).amax({1, 2, 3}, true),
+                          torch::minimum(dist.slice(3, 1), dist.slice(3, 0, W - 1)).amax({1, 2, 3}, true));
+  torch::Tensor strong = (dist >= 0.5 * peak).to(torch::kFloat);
+  torch::Tensor strength = (dist * strong).sum({1, 2, 3}, true) / strong.sum({1, 2, 3}, true);
+  torch::Tensor ink = (dist / strength.clamp_min(0.06)).clamp(0.0, 1.0);
+  return torch::where(peak >= 0.06, ink, torch::zeros_like(ink));
 }
 
-// First and last index between which `mass` holds all but lo / 1 - hi of its total. preprocess._quantile_span.
-static std::pair<int64_t, int64_t> quantile_span(const torch::Tensor& mass, double lo, double hi) {
-  torch::Tensor cum = mass.cumsum(0) / mass.sum();
-  const int64_t first = torch::searchsorted(cum, torch::tensor({lo}, cum.options()))[0].item<int64_t>();
-  const int64_t last = torch::searchsorted(cum, torch::tensor({hi}, cum.options()))[0].item<int64_t>();
-  return {first, std::min(last, mass.size(0) - 1)};
+// (N, L) mass -> (N,) the first index where the cumulative share reaches q. preprocess._quantile_index.
+static torch::Tensor quantile_index(const torch::Tensor& mass, double q) {
+  torch::Tensor share = mass.cumsum(1) / mass.sum(1, true);
+  return (share < q).sum(1).clamp_max(mass.size(1) - 1);
 }
 
-// The box around the text with margins. preprocess.crop_to_ink.
-static torch::Tensor crop_to_ink(const torch::Tensor& ink) {
-  const int64_t H = ink.size(2), W = ink.size(3);
+// The lowest index reached from `start` stepping back through inked positions no more than `gap`
+// apart, at most `limit` before it. preprocess._reach_back.
+static torch::Tensor reach_back(torch::Tensor inked, const torch::Tensor& start, const torch::Tensor& gap,
+                                const torch::Tensor& limit) {
+  const int64_t L = inked.size(1);
+  torch::Tensor idx = torch::arange(L, torch::TensorOptions().device(inked.device())).expand({inked.size(0), L});
+  inked = inked | (idx == start.unsqueeze(1));
+  torch::Tensor previous = std::get<0>(torch::where(inked, idx, torch::full_like(idx, -L - 1)).cummax(1));
+  previous = torch::cat({torch::full_like(idx.slice(1, 0, 1), -L - 1), previous.slice(1, 0, L - 1)}, 1);
+  torch::Tensor opens_run = inked & (idx - previous - 1 > gap.unsqueeze(1));
+  torch::Tensor first = torch::where(opens_run & (idx <= start.unsqueeze(1)), idx, torch::full_like(idx, -1)).amax(1);
+  return torch::maximum(first, start - limit);
+}
+
+// The box around the text: mass quantiles, grown up and down over dots, with margins. preprocess.ink_boxes.
+static torch::Tensor ink_boxes(const torch::Tensor& ink) {
+  const int64_t N = ink.size(0), H = ink.size(2), W = ink.size(3);
   auto opts = F::MaxPool2dFuncOptions({3, 1}).stride(1).padding({1, 0});
   torch::Tensor opened = F::max_pool2d(-F::max_pool2d(-ink, opts), opts);
-  torch::Tensor mass = opened.sum().item<float>() > 0.0 ? opened[0][0] : ink[0][0];
-  if (mass.sum().item<float>() <= 0.0) return ink;
-  auto [top, bottom] = quantile_span(mass.sum(1), 0.02, 0.98);
-  auto [left, right] = quantile_span(mass.sum(0), 0.01, 0.99);
-  const int64_t band = bottom - top + 1;
-  int64_t m = std::max<int64_t>(2, static_cast<int64_t>(0.15 * band + 0.5));
-  top = std::max<int64_t>(0, top - m), bottom = std::min(H - 1, bottom + m);
-  m = std::max<int64_t>(2, static_cast<int64_t>(0.25 * band + 0.5));
-  left = std::max<int64_t>(0, left - m), right = std::min(W - 1, right + m);
-  return ink.index({Slice(), Slice(), Slice(top, bottom + 1), Slice(left, right + 1)});
+  opened = (opened - 0.1).clamp_min(0.0);
+  torch::Tensor faint = (ink - 0.1).clamp_min(0.0);
+  torch::Tensor mass = torch::where(opened.sum({1, 2, 3}, true) > 0.0, opened, faint).select(1, 0);
+  torch::Tensor has_ink = mass.sum({1, 2}) > 0.0;
+  mass = torch::where(has_ink.view({N, 1, 1}), mass, torch::ones_like(mass));
+  torch::Tensor rows = mass.sum(2), cols = mass.sum(1);
+  torch::Tensor top = quantile_index(rows, 0.02), bottom = quantile_index(rows, 0.98);
+  torch::Tensor left = quantile_index(cols, 0.01), right = quantile_index(cols, 0.99);
+  torch::Tensor band = bottom - top + 1;
+  torch::Tensor row_ink = (opened.select(1, 0) > 0.4).any(2);
+  torch::Tensor gap = (0.4 * band.to(torch::kFloat) + 0.5).floor().to(torch::kLong);
+  torch::Tensor reach = (0.6 * band.to(torch::kFloat) + 0.5).floor().to(torch::kLong);
+  torch::Tensor up = reach_back(row_ink, top, gap, reach);
+  torch::Tensor down = H - 1 - reach_back(row_ink.flip(1), H - 1 - bottom, gap, reach);
+  torch::Tensor m = (0.15 * band.to(torch::kFloat) + 0.5).floor().to(torch::kLong).clamp_min(2);
+  torch::Tensor side = (0.25 * band.to(torch::kFloat) + 0.5).floor().to(torch::kLong).clamp_min(2);
+  torch::Tensor box = torch::stack({torch::minimum(up, top - m).clamp_min(0), torch::maximum(down, bottom + m).clamp_max(H - 1),
+                                    (left - side).clamp_min(0), (right + side).clamp_max(W - 1)}, 1);
+  torch::Tensor full = torch::tensor({int64_t{0}, H - 1, int64_t{0}, W - 1}, torch::TensorOptions().device(ink.device())).expand({N, 4});
+  return torch::where(has_ink.view({N, 1}), box, full);
+}
+
+// The part of (1, 1, H, W) ink inside its box. preprocess.crop_to_ink.
+static torch::Tensor crop_to_ink(const torch::Tensor& ink) {
+  torch::Tensor box = ink_boxes(ink)[0].contiguous();
+  const int64_t* b = box.data_ptr<int64_t>();
+  return ink.index({Slice(), Slice(), Slice(b[0], b[1] + 1), Slice(b[2], b[3] + 1)});
 }
 
 // (C, H, W) uint8 -> (in_channels, height, W') float in [0, 1], aspect kept. preprocess.prepare_image.
 static torch::Tensor prepare_image(const torch::Tensor& img, const Settings& s, const std::string& name) {
-  torch::Tensor x = img.unsqueeze(0).to(torch::kFloat) / 255.0;
-  if (s.ink) x = crop_to_ink(to_ink(to_channels(x, x.size(1) >= 3 ? 3 : 1)));
-  const int64_t H = x.size(2), W = x.size(3);
-  const int64_t new_w = std::max<int64_t>(4, static_cast<int64_t>(W * s.height / static_cast<double>(H) + 0.5));
+  auto resized_width = [&](int64_t H, int64_t W) {
+    return std::max<int64_t>(4, static_cast<int64_t>(W * s.height / static_cast<double>(H) + 0.5));
+  };
+  // max_width is checked on the image as given; a crop still wider at the model's height is squeezed
+  int64_t new_w = resized_width(img.size(1), img.size(2));
   if (new_w > s.max_width)
-    throw std::runtime_error(name + ": " + std::to_string(new_w) + " px wide at the model's height, above max_width");
+    throw std::runtime_error(name + ": a " + std::to_string(img.size(1)) + " x " + std::to_string(img.size(2)) +
+                             " image is " + std::to_string(new_w) + " px wide at the model's height, above max_width");
+  torch::Tensor x = img.unsqueeze(0).to(torch::kFloat) / 255.0;
+  if (s.ink) {
+    x = crop_to_ink(to_ink(to_channels(x, x.size(1) >= 3 ? 3 : 1)));
+    new_w = std::min(resized_width(x.size(2), x.size(3)), s.max_width);
+  }
   x = to_channels(x, s.in_channels);
   if (x.size(2) != s.height || x.size(3) != new_w)
     x = F::interpolate(x, F::InterpolateFuncOptions()

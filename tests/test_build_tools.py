@@ -1,0 +1,100 @@
+"""The model build's data tools (tools/real_sets.py, tools/build_pretrained.py): a real set read from
+a git commit keeps the source bytes, drops duplicates and labels outside 0-9a-z and splits as
+data.split_samples does; a build round's sources are walked through without repeats."""
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from captcha_fast.data import Sample, split_samples
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import build_pretrained  # noqa: E402
+import real_sets  # noqa: E402
+
+
+def _png(path: Path, shade: int) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (40, 16), shade).save(path)
+    return path.read_bytes()
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A git repository shaped like cloudchamb3r/captcha-ds: 02.labeled/LABEL[.N].png."""
+    work = tmp_path / "src"
+    names = {"1234.png": 10, "1234.1.png": 20, "5678.png": 30, "dup9.png": 10, "AB12.png": 40, "a-b1.png": 50}
+    for i in range(40):
+        names[f"{i:04d}.png"] = 60 + i
+    for name, shade in names.items():
+        _png(work / "02.labeled" / name, shade)
+    _png(work / "other" / "0000.png", 5)  # outside the set's folder
+    _git(work, "init", "-q")
+    _git(work, "add", ".")
+    _git(work, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "data")
+    return work, _git(work, "rev-parse", "HEAD").strip()
+
+
+def test_a_set_is_read_from_its_commit_with_the_source_bytes(repo, tmp_path):
+    work, commit = repo
+    rs = real_sets.RealSet("demo", "o/n", commit, "02.labeled/*.png", "MIT", "test", False)
+    folder = tmp_path / "out" / "demo"
+    labelled = real_sets._cloudchamb3r(real_sets.Repo(work / ".git", commit), folder)
+    record = real_sets.prepare(rs, labelled, folder, set())
+
+    assert not (folder / "other").exists()
+    train = (folder / "train.tsv").read_text().splitlines()
+    val = (folder / "val.tsv").read_text().splitlines()
+    rows = [line.split("\t") for line in train + val]
+    for path, _ in rows:  # the bytes git stores, so check-training-data's hashes match the source
+        assert (folder / path).read_bytes() == (work / path).read_bytes()
+    labels = {Path(p).name: t for p, t in rows}
+    # dup9.png is 1234.png's bytes (dropped as a duplicate); a-b1 has '-', outside 0-9a-z; AB12 is case-folded
+    assert "dup9.png" not in labels and "a-b1.png" not in labels
+    assert labels["AB12.png"] == "ab12" and labels["1234.1.png"] == "1234"
+    assert record["dropped"] == {"label outside 0-9a-z": 1, "duplicate image": 1, "unreadable": 0}
+    assert record["train"] + record["val"] == len(rows) == 44
+    # the split is data.split_samples' (15% by a hash of the file name, seed 0)
+    kept = [Sample(str(folder / p), t) for p, t in rows]
+    want_val = {Path(s.path).name for s in split_samples(kept, 0.15, 0)[1]}
+    assert {Path(line.split("\t")[0]).name for line in val} == want_val
+    assert 0 < len(want_val) < len(rows)
+
+
+def test_a_missing_commit_is_an_error_naming_it(repo):
+    work, _ = repo
+    with pytest.raises(SystemExit, match="0123456789abcdef0123456789abcdef01234567"):
+        real_sets.Repo(work / ".git", "0123456789abcdef0123456789abcdef01234567")
+
+
+def test_manifest_sample_picks_by_the_hash_of_the_written_path(tmp_path):
+    rows = [(f"x/{i}.png", str(i)) for i in range(30)]
+    (tmp_path / "m.tsv").write_text("".join(f"{p}\t{t}\n" for p, t in rows))
+    got = real_sets.manifest_sample(tmp_path / "m.tsv", 7)
+    want = sorted(rows, key=lambda r: hashlib.sha256(r[0].encode()).hexdigest())[:7]
+    assert got == [(str(tmp_path / p), t) for p, t in want]
+
+
+def test_stream_slices_walk_every_item_once_per_pass():
+    rows = list(range(10))
+    first = build_pretrained.stream_slice(rows, 0, 4, "s") + build_pretrained.stream_slice(rows, 4, 6, "s")
+    assert sorted(first) == rows and first != rows  # one pass: each item once, shuffled
+    second = build_pretrained.stream_slice(rows, 10, 10, "s")
+    assert sorted(second) == rows and second != first  # the next pass: reshuffled
+    assert build_pretrained.stream_slice(rows, 7, 5, "s") == (first + second)[7:12]  # slices across passes agree
+
+
+def test_round_counts_split_a_group_equally_over_its_sources():
+    sources = {"v2": ("v2", []), "varlen": ("varlen", []), "a": ("real", []), "b": ("real", [])}
+    shares = build_pretrained.parse_shares("synth=0.5,real=0.2,varlen=0.2,v2=0.05,blank=0.05")
+    counts = build_pretrained.round_counts(shares, sources, 1000)
+    assert counts == {"synth": 500, "blank": 50, "a": 100, "b": 100, "varlen": 200, "v2": 50}
+    with pytest.raises(SystemExit, match="summing to 1"):
+        build_pretrained.parse_shares("synth=0.5,real=0.2")

@@ -1,0 +1,106 @@
+"""The small-set recipe, measured: `captcha-fast train` with its defaults (fine-tuning the shipped
+model) on k labelled images of one style, then the held-out accuracy on other images of that
+style (case ignored), the optimizer steps, the time and the steps per CPU second.
+
+    python tools/small_set_recipe.py --set pkg160 --set php_heavy --set varlen=../shared/data/varlen_upper \
+        --set v2=../shared/data/captcha_images_v2 --labels 25 100 400 --threads 1 --out runs/recipe
+
+A set is NAME=FOLDER (a labelled folder: k images from its training split, data.split_samples
+(..., 0.15, 0), seeded shuffle; held out: the first 200 of its validation split, never trained on)
+or a rendered style: `pkg160` (the `captcha` package at 160x60) or a captcha_fast.synth style name
+(0-9a-z, 4-6 long; training renders seed 777, held out seed 12345). One JSON line per run
+(also appended to OUT/results.jsonl)."""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import time
+from pathlib import Path
+
+from captcha_fast import api, synth
+from captcha_fast.cli import main as cli
+from captcha_fast.data import list_samples, split_samples
+
+SYMBOLS = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN), resource.getrusage(resource.RUSAGE_SELF)
+    return sum(x.ru_utime + x.ru_stime for x in r)
+
+
+def rendered(style: str, seed: int, n: int, folder: Path) -> list:
+    """n captchas of `style` written to folder as LABEL_i.png; (path, label) rows."""
+    folder.mkdir(parents=True, exist_ok=True)
+    styled = None if style == "pkg160" else synth.SyntheticCaptchas(
+        synth.SynthConfig(style=style, charset=SYMBOLS, min_len=4, max_len=6, seed=seed), n)
+    rows = []
+    for i in range(n):
+        if styled is None:
+            rng = synth.sample_rng(seed, i)
+            text = "".join(rng.choice(SYMBOLS) for _ in range(rng.randint(4, 6)))
+            image = synth.render_package(text, rng, 160, 60)
+        else:
+            image, text = styled[i]
+        path = folder / f"{text}_{i}.png"
+        if not path.exists():
+            image.save(path)
+        rows.append((str(path.resolve()), text))
+    return rows
+
+
+def split(spec: str, k: int, out: Path):
+    """(training rows, held-out rows) of a set spec."""
+    name, _, folder = spec.partition("=")
+    if folder:
+        train, val = split_samples(list_samples(folder), 0.15, 0)
+        random.Random(0).shuffle(train)
+        return ([(str(Path(s.path).resolve()), s.label) for s in train[:k]],
+                [(s.path, s.label) for s in sorted(val, key=lambda s: Path(s.path).name)[:200]])
+    return rendered(name, 777, k, out / "images" / name / "train"), rendered(name, 12345, 200, out / "images" / name / "held")
+
+
+def accuracy(model, held) -> float:
+    reads = api.predict_batch([p for p, _ in held], model)
+    return sum(r.lower() == t.lower() for r, (_, t) in zip(reads, held)) / len(held)
+
+
+def run(spec: str, k: int, out: Path, threads: int, extra: list) -> dict:
+    name = spec.partition("=")[0]
+    train_rows, held = split(spec, k, out)
+    run_dir = out / f"{name}_{k}"
+    manifest = out / f"{name}_{k}.tsv"
+    manifest.write_text("".join(f"{p}\t{t}\n" for p, t in train_rows))
+    cpu, wall = _cpu_seconds(), time.time()
+    assert cli(["train", str(manifest), "--out", str(run_dir), "--threads", str(threads), "--quiet", *extra]) == 0
+    cpu, wall = _cpu_seconds() - cpu, time.time() - wall
+    from captcha_fast.checkpoint import load_checkpoint
+    last = load_checkpoint(run_dir / "last.ckpt")
+    steps = last["scheduler"]["total_steps"]
+    return dict(set=name, labels=len(train_rows), held_out=len(held), shipped=accuracy(None, held),
+                accuracy=accuracy(run_dir / "model.pt", held), steps=steps, wall_s=round(wall, 1),
+                cpu_s=round(cpu, 1), steps_per_cpu_s=round(steps / cpu, 2), threads=threads, options=" ".join(extra))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--set", action="append", required=True, metavar="NAME[=FOLDER]")
+    p.add_argument("--labels", type=int, nargs="+", default=[25, 100, 400])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=Path("runs/recipe"))
+    p.add_argument("train_options", nargs=argparse.REMAINDER, help="after --: more `captcha-fast train` options")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    extra = [a for a in args.train_options if a != "--"]
+    for spec in args.set:
+        for k in args.labels:
+            result = run(spec, k, args.out, args.threads, extra)
+            print(json.dumps(result), flush=True)
+            with open(args.out / "results.jsonl", "a") as f:
+                f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
