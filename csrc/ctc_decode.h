@@ -901,9 +901,10 @@ CF_HD BeamResult beam_search_one(const Frames<scalar_t>& f, int64_t length, int6
 // (1) is tested with a margin of kCertSlackPerFrame per frame, four times
 // that, so the claim holds for the search as implemented. Each Σ_c p_t(c) /
 // p_t(π_t) is bounded from above (frame_ratio_bound, within 1% of its value),
-// so the test can only err towards searching. The pass stops at the first
-// frame where the product reaches the bound. Long sequences get a margin above
-// log 2 and are never certified.
+// so the test can only err towards searching. Long sequences get a margin
+// above log 2 and are never certified. A first pass over the path gives up as
+// soon as the path is below half for normalised frames (frames shifted down by
+// a constant may then search where (1) would hold: never the reverse).
 //
 // The score returned for ℓ is log P(ℓ) over ALL its alignments (the CTC
 // forward algorithm: the prefix beam search's own recursion over ℓ's
@@ -974,14 +975,18 @@ CF_HOT double frame_ratio_bound(const float* row, int64_t C, float m) {
 // constraints. If it holds, writes ℓ to label (at most max_out tokens) and its
 // length, and log P(π) to *log_path, fills w.frame_max, and returns true.
 // Bad values (NaN, +inf) return false: the search then reports them.
+// Two passes: the path, stopped once -Σ_t max_t passes log 2 (the log of (1)'s
+// product when frames are normalised; giving up early is always sound), then
+// (1) itself with frame_ratio_bound, which holds for any frames.
 template <typename scalar_t>
 CF_HD bool certify_best_path(const Frames<scalar_t>& f, int64_t length, int64_t C, int64_t blank,
                              const BeamOptions& o, BeamWorkspace& w, int64_t max_out, int32_t* label,
                              int32_t* label_len, double* log_path) {
   if (length < o.min_len) return false;
   const double bound = 2.0 * exp(-(kCertSlackPerFrame * static_cast<double>(length) + 1e-9));
+  const double log_bound = log(bound);
   const int64_t span = prefetch_span(f, C);
-  double ratio = 1.0, path = 0.0;
+  double path = 0.0;
   int32_t len = 0;
   int64_t prev = -1;
   for (int64_t t = 0; t < length; ++t) {
@@ -990,18 +995,22 @@ CF_HD bool certify_best_path(const Frames<scalar_t>& f, int64_t length, int64_t 
     bool bad;
     const float m = scan_max(row, nullptr, C, &bad);
     if (bad || !(m > kNegInf)) return false;
-    ratio *= frame_ratio_bound(row, C, m);
-    if (!(ratio < bound)) return false;  // the product only grows
+    path += m;
+    if (!(-path < log_bound)) return false;  // normalised frames: P(π) <= Z / 2 already
     const int64_t best = row[0] == m ? 0 : find_at_least(row, nullptr, 1, C, m);
     if (best != blank && best != prev) {
       if (w.class_mask[best] != 0.f || len >= max_out) return false;  // not allowed, or past max_length
       label[len++] = static_cast<int32_t>(best);
     }
     prev = best;
-    path += m;
     w.frame_max[t] = m;
   }
   if (len < o.min_len) return false;
+  double ratio = 1.0;
+  for (int64_t t = 0; t < length; ++t) {
+    ratio *= frame_ratio_bound(frame_row(f, t, C, w.row_buf), C, w.frame_max[t]);
+    if (!(ratio < bound)) return false;  // the product only grows
+  }
   *label_len = len;
   *log_path = path;
   return true;
