@@ -85,7 +85,9 @@ def extensions():
 
 setup(
     packages=find_packages(include=["captcha_fast", "captcha_fast.*"]),
-    package_data={"captcha_fast": ["pretrained/*.pt"]},
+    # Everything under pretrained/: default.pt (predict's model), default.ckpt (its training weights,
+    # where `captcha-fast train` fine-tunes from by default) and the model card.
+    package_data={"captcha_fast": ["pretrained/*"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

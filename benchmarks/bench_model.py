@@ -10,15 +10,23 @@ model (captcha_fast/pretrained/default.pt), batch 1, 64, 256:
 
     pytest --benchmark benchmarks/bench_model.py
 
+    pytest --benchmark --benchmark-disable benchmarks/bench_model.py   # each once: the checks only (CI)
+
 img/s = N / best round (extra_info), also GFLOP/s and the fraction of an estimated CPU peak.
-Every variant's strings are checked: (b) against (a)'s, (c)-(e) against the exact beam search
-on the eager model's log-probs (all of them in float32 on the CPU, 90% in low precision)."""
+Every variant's strings are checked: (b) against (a)'s (all of them in float32 on the CPU);
+(c)-(e) against the exact beam search over their own log-probs (the pruning changes no top-1),
+and, where the convolutions run in low precision, against float32 on LOW_PRECISION_AGREEMENT
+of the images."""
 import pytest
 import torch
 
 from captcha_fast import api, bench, export
+from captcha_fast.machine import native_bf16
 
 Ns = [1, 64, 256]
+LOW_PRECISION_AGREEMENT = 0.95
+"""Share of images whose top-1 in bf16/fp16 must equal float32's (measured 0.988 at N = 256 on an
+AVX-512 BF16 EPYC; bf16 reads our held-out sets within 0.3 points of fp32's accuracy)."""
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -36,6 +44,8 @@ def _run(benchmark, fn, N, device):
 
     rounds = {1: 10, 64: 3, 256: 2}[N]
     out = benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
+    if benchmark.disabled:  # --benchmark-disable: run once, nothing measured
+        return out
     best = benchmark.stats.stats.min
     cfg = _config()
     flops = bench.flops_per_image(cfg, round(200 * cfg.height / 50))  # a 50 x 200 image at the model's height
@@ -46,9 +56,9 @@ def _run(benchmark, fn, N, device):
     return out
 
 
-def _exact_top1(images):
-    """Top-1 of the exact beam search over the eager model's log-probs."""
-    rec = bench.shipped_model()
+def _exact_top1(images, rec=None):
+    """Top-1 of the exact beam search over the log-probs of `rec` (default: the shipped model, float32)."""
+    rec = rec if rec is not None else bench.shipped_model()
     with torch.no_grad():
         lp, lengths = rec.log_probs(*rec.preprocess(images))
     texts, _ = torch.ops.captcha_fast.ctc_beam_search_strings(lp, lengths, list(rec.charset), 10, 1, 0)
@@ -72,7 +82,7 @@ def test_scripted(benchmark, N, variant, device):
     benchmark.group = f"model N={N} {device}"
     dtype = {"b_greedy": "float32", "c_beam10": "float32", "d_beam10_lowp": "low", "e_beam10_default": None}[variant]
     if dtype == "low":
-        if device == "cpu" and not bench.cpu_has_native_bf16():
+        if device == "cpu" and not native_bf16("cpu"):
             pytest.skip("this CPU has no native bf16 (avx512_bf16/amx_bf16): bf16 convs measured ~25x slower "
                         "than fp32 on an AVX2 EPYC, so captcha_fast keeps fp32 on it (amp=None)")
         dtype = torch.float16 if device == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
@@ -83,6 +93,12 @@ def test_scripted(benchmark, N, variant, device):
     decoder, beam = ("greedy", 1) if variant == "b_greedy" else ("beam", 10)
     texts, _ = _run(benchmark, lambda: rec.recognize(on_device, decoder, beam, 1), N, device)
     texts = [t[0] for t in texts]
-    want = bench.eager_baseline(images) if variant == "b_greedy" else _exact_top1(images)
-    agree = sum(a == b for a, b in zip(texts, want)) / N
-    assert agree >= (1.0 if dtype in ("float32", None) and device == "cpu" else 0.9), agree
+    if variant == "b_greedy":  # float32: the eager CPU baseline's strings (CUDA's float32 kernels differ a little)
+        agree = sum(a == b for a, b in zip(texts, bench.eager_baseline(images))) / N
+        assert agree >= (1.0 if device == "cpu" else LOW_PRECISION_AGREEMENT), agree
+        return
+    assert texts == _exact_top1(on_device, rec)  # the pruned search finds the exact top-1 in any precision
+    if export.resolve_dtype(dtype, torch.device(device)) != torch.float32 and N >= 64:
+        agree = sum(a == b for a, b in zip(texts, _exact_top1(images))) / N
+        benchmark.extra_info["agreement_with_float32"] = agree
+        assert agree >= LOW_PRECISION_AGREEMENT, agree

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import time
+import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Union
@@ -20,8 +20,9 @@ import torch
 
 from captcha_fast import export
 from captcha_fast.decode import Hypothesis, to_hypotheses
+from captcha_fast.machine import auto_threads, num_threads, use_auto_threads  # noqa: F401 (auto_threads: API)
 from captcha_fast.preprocess import ImageLike, check_width, to_tensors
-from captcha_fast.recognizer import Recognizer
+from captcha_fast.recognizer import Recognizer, check_decode_args, original_error, recognize, with_message
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "pretrained" / "default.pt"
 """The shipped pretrained recognizer (predict_batch's default model)."""
@@ -137,6 +138,9 @@ def predict_batch(
     batch_size: int = 64,
     return_scores: bool = False,
     threads: Optional[int] = None,
+    min_length: int = 0,
+    max_length: Optional[int] = None,
+    allowed: Optional[str] = None,
 ) -> Union[List[str], List[List[Hypothesis]]]:
     """Read the text in each image.
 
@@ -150,25 +154,37 @@ def predict_batch(
     batch_size: images per forward pass; images are sorted by width to reduce padding and
         the results come back in input order.
     threads: CPU threads for this call (torch.set_num_threads, restored after); None: auto_threads()
-        -- torch's thread count, less the cores other processes keep busy (torch's threads wait on
-        each other when one of them has no core: README "Speed under load")."""
-    check_decode_args(decoder, beam_width, top_k)
+        -- torch's thread count, capped by the CPUs free to this process (affinity, cgroup quota, less
+        what other processes keep busy; torch's threads wait on each other when one of them has no
+        core: docs/speed.md); torch keeps that count until the decision changes.
+    min_length, max_length, allowed: beam search reads only labels of min_length..max_length
+        symbols (None: any length) drawn from `allowed` (None: the model's whole charset) -- for
+        captchas of a known length or alphabet."""
+    max_length = -1 if max_length is None else max_length
+    check_decode_args(decoder, beam_width, top_k, min_length, max_length, allowed is not None)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be None (auto) or an int >= 1, got {threads!r}")
     rec = _resolve_model(model, device, amp)
     tensors = to_tensors(images)
+    names = image_names(images, len(tensors))
     height, max_width = int(rec.height), int(rec.max_width)
     # sort by width after the resize, so each chunk pads little; too wide an image fails here, by name
-    widths = [check_width(t.shape[-2], t.shape[-1], height, max_width, f"images[{i}]") for i, t in enumerate(tensors)]
+    widths = [check_width(t.shape[-2], t.shape[-1], height, max_width, names[i]) for i, t in enumerate(tensors)]
     order = sorted(range(len(tensors)), key=widths.__getitem__)
     texts: List[List[str]] = [[] for _ in tensors]
     scores: List[List[float]] = [[] for _ in tensors]
-    with num_threads(threads if threads is not None else auto_threads()):
+    if threads is None:
+        use_auto_threads()
+    with num_threads(threads) if threads is not None else contextlib.nullcontext():
         for start in range(0, len(order), batch_size):
             idx = order[start: start + batch_size]
-            t, s = rec.recognize([tensors[i] for i in idx], decoder, beam_width, top_k)
+            try:
+                t, s = recognize(rec, [tensors[i] for i in idx], decoder, beam_width, top_k, min_length, max_length,
+                                 allowed)
+            except Exception as e:  # noqa: BLE001 - re-raised, naming the user's image
+                raise _naming_user_images(e, [names[i] for i in idx]) from e
             for i, ti, si in zip(idx, t, s.tolist()):
                 texts[i], scores[i] = ti, si
     if top_k == 1 and not return_scores:
@@ -176,59 +192,27 @@ def predict_batch(
     return to_hypotheses(texts, torch.tensor(scores))
 
 
-def check_decode_args(decoder: str, beam_width: int, top_k: int) -> None:
-    """ValueError unless (decoder, beam_width, top_k) make sense together (predict_batch and the CLI)."""
-    if decoder not in ("beam", "greedy"):
-        raise ValueError(f"decoder must be 'beam' or 'greedy', got {decoder!r}")
-    if beam_width < 1:
-        raise ValueError(f"beam_width must be >= 1, got {beam_width}")
-    if decoder == "greedy" and top_k != 1:
-        raise ValueError(f"the greedy decoder gives one hypothesis per image: top_k must be 1, got {top_k}")
-    if top_k < 1 or top_k > beam_width:
-        raise ValueError(f"top_k must be in [1, beam_width = {beam_width}], got {top_k}")
+def image_names(images, n: int) -> List[str]:
+    """How errors name each input image: its path where it is one, else images[i] (its index)."""
+    if isinstance(images, (list, tuple)):
+        return [repr(str(x)) if isinstance(x, (str, os.PathLike)) else f"images[{i}]" for i, x in enumerate(images)]
+    return [f"images[{i}]" for i in range(n)]
 
 
-# ----------------------------------------------------------------------------- threads under load
-
-def busy_cpus() -> int:
-    """CPUs other processes keep busy right now: the runnable tasks of the machine (/proc/loadavg)
-    less this process's own; the 1-minute load average where /proc is missing."""
-    try:
-        running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
-        own = 0
-        for task in Path("/proc/self/task").iterdir():
-            with contextlib.suppress(OSError):  # a thread may end meanwhile
-                own += (task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
-        return max(0, running - own)
-    except (OSError, ValueError, IndexError):
-        return int(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+# Where a chunk's error names one of its images: "images[k]: ..." (preprocess) or "sequence k" (the ops).
+_CHUNK_IMAGE = re.compile(r"\bimages\[(\d+)\]|\bsequence (\d+)\b")
 
 
-_AUTO_THREADS = [-1.0, 0, 0]  # (when, torch's count, decision): looked at again after 1 s
+def _naming_user_images(e: Exception, chunk_names: List[str]) -> BaseException:
+    """The error recognize raised on a chunk of images, as the user should see it: the original
+    message of a TorchScript error (not the interpreter's banner), with the chunk's own image
+    numbers turned into the names of the user's images."""
+    e = original_error(e)
+    message = str(e)
 
+    def user_name(m: re.Match) -> str:
+        k = int(m.group(1) or m.group(2))
+        return chunk_names[k] if k < len(chunk_names) else m.group(0)
 
-def auto_threads() -> int:
-    """predict_batch's default thread count: torch's (torch.get_num_threads()), capped by the CPUs
-    this process may use that no other process keeps busy, at least 1. A thread without a core of
-    its own stalls every parallel region of the others, so fewer threads beat more under load.
-    The machine is looked at once a second at most (reading /proc costs 0.1 ms)."""
-    now, cap = time.monotonic(), torch.get_num_threads()
-    when, cached_cap, decision = _AUTO_THREADS
-    if now - when > 1.0 or cached_cap != cap:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        decision = max(1, min(cap, cpus - busy_cpus()))
-        _AUTO_THREADS[:] = [now, cap, decision]
-    return decision
-
-
-@contextlib.contextmanager
-def num_threads(n: int):
-    """torch.set_num_threads(n) for the calling thread's work inside the block, restored after."""
-    before = torch.get_num_threads()
-    if n != before:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if n != before:
-            torch.set_num_threads(before)
+    named = _CHUNK_IMAGE.sub(user_name, message)
+    return e if named == message else with_message(type(e), named)

@@ -335,12 +335,6 @@ def cpu_peak_gflops() -> float:
     return torch.get_num_threads() * mhz / 1e3 * 2 * lanes * 2
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX: where bf16 convolutions run natively (and faster than fp32)."""
-    flags = open("/proc/cpuinfo").read()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 @lru_cache(maxsize=4)
 def captcha_images(N: int, width: int = 200) -> Tuple[List[Tensor], List[str]]:
     """N fresh captchas of 5 symbols of the shipped model's charset, rendered 50 x `width`

@@ -4,7 +4,8 @@ All argument parsing and printing lives here. A command imports what it needs wh
 runs, so `predict` and `info` load no training code.
 
 Exit codes: 0 success, 1 failure (one line on stderr; --debug for the
-traceback), 2 usage error."""
+traceback), 2 usage error, 130 interrupted, 141 (128 + SIGPIPE) when the reader of the output
+left early (`captcha-fast predict DIR | head`)."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import sys
 import time
 import typing
@@ -62,11 +64,14 @@ def _run_demo(args):
 # -------------------------------------------------------------------------- predict
 
 def expand_paths(patterns: List[str]) -> List[Path]:
-    """Files, folders (their images, sorted) and globs, in the order given."""
+    """Files, folders (their images, sorted) and globs, in the order given; "-": the file paths
+    on standard input, one per line."""
     paths: List[Path] = []
     for pattern in patterns:
         p = Path(pattern)
-        if p.is_dir():
+        if pattern == "-":
+            paths += [Path(line.rstrip("\r\n")) for line in sys.stdin if line.strip()]
+        elif p.is_dir():
             paths += sorted(f for f in p.iterdir() if f.suffix.lower() in preprocess.IMAGE_SUFFIXES)
         elif p.exists():
             paths.append(p)
@@ -81,42 +86,73 @@ def expand_paths(patterns: List[str]) -> List[Path]:
 
 
 def _add_predict(p):
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or globs")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="image files, folders or globs; - reads file paths from standard input, one per line")
     p.add_argument("--model", default=None, help="recognizer file (.pt or .pt2; default: the shipped model)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--beam", type=int, default=10, metavar="WIDTH", help="beam width (default 10)")
     how.add_argument("--greedy", action="store_true", help="greedy (best path) decoding instead of beam search")
     p.add_argument("--top-k", type=int, default=1, help="hypotheses per image (beam search; default 1)")
+    p.add_argument("--min-length", type=int, default=0, metavar="N", help="read labels of at least N symbols (beam search)")
+    p.add_argument("--max-length", type=int, default=None, metavar="N", help="read labels of at most N symbols (beam search)")
+    p.add_argument("--allowed", default=None, metavar="SYMBOLS",
+                   help="read only these symbols, e.g. 0123456789 (beam search; default: the model's charset)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: torch's, less the cores other processes keep busy)")
+                   help="CPU threads (default: torch's, capped by the CPUs free to this process: affinity, "
+                        "cgroup quota, less what other processes keep busy)")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of path<TAB>text<TAB>score")
     p.add_argument("--ignore-case", action="store_true", help="print the texts in lower case")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="go on past images that cannot be read (unreadable, too wide, ...); list them at the end")
+
+
+_FLAGS = {"beam_width": "--beam", "top_k": "--top-k", "min_length": "--min-length", "max_length": "--max-length",
+          "allowed": "--allowed"}
 
 
 def _run_predict(args):
     from tqdm import tqdm
 
     from captcha_fast import api
+    from captcha_fast.recognizer import check_decode_args
 
-    if args.beam < 1 or args.batch_size < 1:
-        raise UsageError(f"--beam and --batch-size must be >= 1, got {args.beam} and {args.batch_size}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    if args.top_k < 1 or (not args.greedy and args.top_k > args.beam):
-        raise UsageError(f"--top-k must be in [1, --beam], got {args.top_k} with --beam {args.beam}")
-    if args.greedy and args.top_k != 1:
-        raise UsageError("--top-k needs beam search: drop --greedy")
+    decode = dict(decoder="greedy" if args.greedy else "beam", beam_width=args.beam, top_k=args.top_k,
+                  min_length=args.min_length, max_length=-1 if args.max_length is None else args.max_length)
+    try:
+        check_decode_args(**decode, restricted=args.allowed is not None)
+    except ValueError as e:  # the shared check, its arguments named as this command's flags
+        raise UsageError(re.sub(r"\b(beam_width|top_k|min_length|max_length|allowed)\b",
+                                lambda m: _FLAGS[m.group(1)], str(e))) from None
     paths = expand_paths(args.paths)
     model = api.load(args.model, device=args.device) if args.model else api.default_model(device=args.device)
     bar = tqdm(total=len(paths), unit="img", disable=len(paths) < 2 * args.batch_size, file=sys.stderr)
+    skipped: List[str] = []  # "path: why", for --skip-bad
+
+    def read(chunk: List[Path]):
+        return api.predict_batch([str(p) for p in chunk], model, **decode, allowed=args.allowed, device=args.device,
+                                 batch_size=args.batch_size, return_scores=True, threads=args.threads)
+
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start:start + args.batch_size]
-        hyps = api.predict_batch([str(p) for p in chunk], model, decoder="greedy" if args.greedy else "beam",
-                                 beam_width=args.beam, top_k=args.top_k, device=args.device,
-                                 batch_size=args.batch_size, return_scores=True, threads=args.threads)
-        for path, hs in zip(chunk, hyps):
+        try:
+            results = list(zip(chunk, read(chunk)))
+        except (OSError, ValueError, RuntimeError):
+            if not args.skip_bad:
+                raise
+            results = []
+            for path in chunk:  # one at a time, to keep the readable ones
+                try:
+                    results += zip([path], read([path]))
+                except (OSError, ValueError, RuntimeError) as e:
+                    why = _message(e)  # it names the file, as every image error does
+                    skipped.append(why if str(path) in why else f"{path}: {why}")
+        for path, hs in results:
             if args.ignore_case:
                 hs = [h._replace(text=h.text.lower()) for h in hs]
             if args.json:
@@ -126,6 +162,12 @@ def _run_predict(args):
                 print("\t".join([str(path)] + [f"{h.text}\t{h.score:.4f}" for h in hs]))
         bar.update(len(chunk))
     bar.close()
+    if skipped:
+        sys.stdout.flush()
+        print(f"captcha-fast predict: skipped {len(skipped)} of {len(paths)} images:\n  " + "\n  ".join(skipped),
+              file=sys.stderr)
+        if len(skipped) == len(paths):
+            raise ValueError("no image could be read")
 
 
 # ---------------------------------------------------------------------------- train
@@ -319,6 +361,34 @@ def _run_bench(args):
                              unit="img/s"))
 
 
+# ---------------------------------------------------------------------------- serve
+
+def _add_serve(p):
+    from captcha_fast.preprocess import MAX_PIXELS
+
+    p.add_argument("--model", default=None, help="recognizer file (.pt or .pt2; default: the shipped model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one, printed at start)")
+    p.add_argument("--max-batch", type=int, default=32, help="most images per model call (default 32; 1: no batching)")
+    p.add_argument("--max-wait-ms", type=float, default=2.0,
+                   help="how long an idle server waits to gather a batch (default 2)")
+    p.add_argument("--max-queue", type=int, default=1024, help="requests waiting; more get 503 (default 1024)")
+    p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body; larger get 413 (default 8)")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help=f"largest image (H x W, read before decoding); larger get 400 (default {MAX_PIXELS})")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def _run_serve(args):
+    from captcha_fast import serve  # ImportError naming the extra when it is not installed
+
+    try:
+        config = serve.ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(serve.ServeConfig)})
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    serve.run(config)
+
+
 # ----------------------------------------------------------------------------- info
 
 def _run_info(args):
@@ -347,7 +417,11 @@ def _run_info(args):
                "torchscript": "TorchScript (`captcha-fast export " + str(api.DEFAULT_MODEL) +
                               " --compile` makes it faster: AOTInductor)"}.get(api.format_of(rec), api.format_of(rec))
         print(f"predict uses: {how}, on {device}")
-    print(f"predict threads now: {api.auto_threads()} ({api.busy_cpus()} CPUs busy with other processes)")
+    from captcha_fast.machine import thread_decision
+    d = thread_decision()
+    quota = "none" if d.quota is None else f"{d.quota:g} CPUs"
+    print(f"predict threads now: {d.threads} (torch's {d.cap}; {d.cpus} CPUs in the affinity mask, "
+          f"{d.others:.1f} kept busy by other processes, cgroup quota {quota})")
 
 
 # ----------------------------------------------------------------------------- main
@@ -369,6 +443,9 @@ COMMANDS = [
      "  captcha-fast export runs/v2/model.pt --compile     (predict --model runs/v2/model.pt then uses it)",
      _add_export, _run_export),
     ("bench", "decode and predict throughput on this machine", "captcha-fast bench -n 1024", _add_bench, _run_bench),
+    ("serve", "an HTTP server that reads images, batching concurrent requests (needs the serve extra)",
+     "captcha-fast serve --port 8000\n  curl --data-binary @captcha.png -H 'Content-Type: image/png' "
+     "localhost:8000/predict", _add_serve, _run_serve),
     ("info", "versions, compiled kernels, threads and devices", "captcha-fast info", None, _run_info),
 ]
 _ALL = object()
@@ -395,19 +472,34 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser(only=command).parse_args(argv)  # usage errors exit 2
     try:
         args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
     except UsageError as e:
         print(f"captcha-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("captcha-fast: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader left (`captcha-fast predict DIR | head`): stop quietly, with the status of a
+        # process ended by SIGPIPE as other Unix tools; stdout goes to /dev/null so that Python's
+        # final flush does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
     except Exception as e:  # noqa: BLE001 - one clear line for users, the traceback with --debug
         if args.debug:
             raise
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"captcha-fast {args.command}: error: {message}", file=sys.stderr)
+        print(f"captcha-fast {args.command}: error: {_message(e)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _message(e: BaseException) -> str:
+    """The first line of an error's own message (a TorchScript error's, not the interpreter's banner)."""
+    if "The following operation failed in the TorchScript interpreter" in str(e):
+        from captcha_fast.recognizer import original_error
+        e = original_error(e)
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 if __name__ == "__main__":

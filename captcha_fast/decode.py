@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from captcha_fast.charset import Charset
-from captcha_fast.recognizer import BLANK_SKIP_THRESHOLD, TOKEN_MIN_LOGP, decode_log_probs
+from captcha_fast.recognizer import BLANK_SKIP_THRESHOLD, TOKEN_MIN_LOGP, allowed_tokens, decode_log_probs
 
 __all__ = ["Hypothesis", "greedy_decode", "beam_search", "allowed_mask", "TOKEN_MIN_LOGP", "BLANK_SKIP_THRESHOLD"]
 
@@ -51,15 +51,8 @@ def greedy_decode(log_probs: Tensor, input_lengths: Tensor, charset: Union[Chars
 
 
 def allowed_mask(charset: Union[Charset, str], allowed: str, device: Union[str, torch.device] = "cpu") -> Tensor:
-    """Bool mask over classes that admits the blank and the symbols of `allowed`."""
-    symbols = _symbols(charset)
-    bad = "".join(ch for ch in dict.fromkeys(allowed) if ch not in symbols)
-    if bad:
-        raise ValueError(f"allowed characters {bad!r} are not in the charset {''.join(symbols)!r}")
-    mask = torch.zeros(len(symbols) + 1, dtype=torch.bool)
-    mask[0] = True
-    mask[[symbols.index(ch) + 1 for ch in allowed]] = True
-    return mask.to(device)
+    """Bool mask over classes that admits the blank and the symbols of `allowed` (recognizer.allowed_tokens)."""
+    return allowed_tokens(_symbols(charset), allowed, torch.device(device))
 
 
 def beam_search(

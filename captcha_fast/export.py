@@ -32,9 +32,11 @@ from torch import Tensor
 
 from captcha_fast import _gru
 from captcha_fast.checkpoint import atomic_write
+from captcha_fast.machine import native_bf16
 from captcha_fast.model import CRNN, CRNNConfig, InferenceCRNN
 from captcha_fast.preprocess import MAX_WIDTH, collate
-from captcha_fast.recognizer import RECOGNIZER_FORMAT, Recognizer, build_recognizer, decode_log_probs
+from captcha_fast.recognizer import (RECOGNIZER_FORMAT, Recognizer, allowed_tokens, build_recognizer,
+                                     decode_log_probs)
 
 # Attributes and methods that torch.jit.freeze must keep.
 _PRESERVED = ["recognize", "preprocess", "log_probs", "decode", "config_json", "charset", "height",
@@ -69,19 +71,18 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) ->
     """The one precision policy: the dtype the convolutions run in on `device`.
 
     dtype: a torch dtype or its name; None/"auto": the device's fastest (CUDA: bfloat16 where
-    supported, else float16; CPU: bfloat16 only where oneDNN has native bf16 (AVX-512 BF16 /
-    AMX), where it measured 1.6x faster than fp32, float32 elsewhere: on an AVX2-only CPU bf16
-    convs measured 25x slower, README "Precision"); "low": the device's low precision (CUDA as
-    auto, CPU bfloat16) whatever its speed."""
+    supported, else float16; CPU: bfloat16 only where the CPU has native bf16 (machine.native_bf16:
+    AVX-512 BF16 / AMX), where it measured 1.6x faster than fp32, float32 elsewhere: on an AVX2-only
+    CPU bf16 convs measured 25x slower, docs/deployment.md "Precision"); "low": the device's low precision
+    (CUDA as auto, CPU bfloat16) whatever its speed."""
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype}")
         return dtype
     if dtype in (None, "auto", "low"):
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        return torch.bfloat16 if dtype == "low" or native_bf16 else torch.float32
+            return torch.bfloat16 if native_bf16(device) else torch.float16
+        return torch.bfloat16 if dtype == "low" or native_bf16(device) else torch.float32
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, 'auto' or 'low', got {dtype!r}")
     return _DTYPES[dtype]
@@ -121,6 +122,7 @@ def load_recognizer(path: Union[str, os.PathLike], device: Union[None, str, torc
         rec.model.convs.to(conv_dtype)
     if freeze:
         rec = torch.jit.freeze(rec, preserved_attrs=_PRESERVED)
+    rec.device = device  # a Python attribute (as ExportedRecognizer's): where recognizer.recognize sends images
     return rec
 
 
@@ -207,7 +209,7 @@ class ExportedRecognizer:
     kind: "program" (torch.export programs, run op by op) or "compiled" (AOTInductor models,
     fused C++ kernels for this machine). device and dtype (the convs') are fixed at export."""
 
-    def __init__(self, parts: dict, meta: dict, kind: str):
+    def __init__(self, parts: dict, meta: dict, kind: str, device: Optional[torch.device] = None):
         self.parts = parts  # "features" + "head" callables, or "model" (PROGRAM_FORMAT 1)
         self.kind = kind
         self.config_json: str = meta["config_json"]
@@ -223,7 +225,7 @@ class ExportedRecognizer:
         self.max_width: int = meta.get("max_width", MAX_WIDTH)
         self.format: int = meta["format"]
         self.program_format: int = meta.get("program_format", 1)
-        self.device = torch.device(meta.get("device", "cpu"))
+        self.device = device or torch.device(meta.get("device", "cpu"))  # with its index (cuda:1)
         self.dtype: torch.dtype = _DTYPES[meta.get("dtype", "float32")]
         self.chunk: int = meta.get("chunk", 16)
 
@@ -234,11 +236,12 @@ class ExportedRecognizer:
         texts, scores = self.recognize(images, self.decoder, self.beam_width, 1)
         return [t[0] for t in texts], scores[:, 0]
 
-    def recognize(self, images: List[Tensor], decoder: str, beam_width: int, top_k: int) -> Tuple[List[List[str]], Tensor]:
+    def recognize(self, images: List[Tensor], decoder: str, beam_width: int, top_k: int, min_length: int = 0,
+                  max_length: int = -1, allowed: Optional[str] = None) -> Tuple[List[List[str]], Tensor]:
         with torch.no_grad():
             batch, widths = self.preprocess([img.to(self.device) for img in images])
             log_probs, lengths = self.log_probs(batch, widths)
-            return self.decode(log_probs, lengths, decoder, beam_width, top_k)
+            return self.decode(log_probs, lengths, decoder, beam_width, top_k, min_length, max_length, allowed)
 
     def preprocess(self, images: List[Tensor]) -> Tuple[Tensor, Tensor]:
         return collate(images, self.height, self.in_channels, self.max_width, self.ink)
@@ -278,9 +281,11 @@ class ExportedRecognizer:
         parts = [features(batch[a:b], widths[a:b]) for a, b in zip(bounds, bounds[1:])]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def decode(self, log_probs: Tensor, lengths: Tensor, decoder: str, beam_width: int, top_k: int) -> Tuple[List[List[str]], Tensor]:
+    def decode(self, log_probs: Tensor, lengths: Tensor, decoder: str, beam_width: int, top_k: int,
+               min_length: int = 0, max_length: int = -1, allowed: Optional[str] = None) -> Tuple[List[List[str]], Tensor]:
         return decode_log_probs(log_probs, lengths, self.charset, decoder, beam_width, top_k,
-                                self.token_min_logp, self.blank_skip_threshold)
+                                self.token_min_logp, self.blank_skip_threshold, min_length, max_length,
+                                allowed_tokens(self.charset, allowed, log_probs.device))
 
 
 def _as_recognizer(model: Union[CRNN, Recognizer, str, os.PathLike], decoder: str, beam_width: int) -> Recognizer:
@@ -389,7 +394,8 @@ def load_program(path: Union[str, os.PathLike], device: Union[None, str, torch.d
                  dtype: Union[None, str, torch.dtype] = None) -> ExportedRecognizer:
     """An ExportedRecognizer from a .pt2 file written by export_program (kind "program") or
     compile_package (kind "compiled"). Device and precision are fixed in the file: `device`
-    (None: the file's) and `dtype` (None/"auto": the file's) must match it, else ValueError."""
+    (None: the file's) and `dtype` (None/"auto": the file's) must match it, else ValueError;
+    a device index (cuda:1) picks the GPU it runs on."""
     from torch.export.pt2_archive._package import load_pt2
 
     path = Path(path)
@@ -406,8 +412,9 @@ def load_program(path: Union[str, os.PathLike], device: Union[None, str, torch.d
     compiled = "cpu_isa" in meta
     if compiled:
         _check_machine(path, meta)
+    device = torch.device(device) if device is not None else file_device
     try:
-        contents = load_pt2(str(path))
+        contents = load_pt2(str(path), device_index=-1 if device.index is None else device.index)
     except Exception as e:  # torch raises several types for a damaged file
         raise _not_a_recognizer(path, f"loading it failed: {type(e).__name__}: {str(e).strip()[:200]}") from e
     if compiled:
@@ -416,12 +423,15 @@ def load_program(path: Union[str, os.PathLike], device: Union[None, str, torch.d
             raise _not_a_recognizer(path, f"compiled models {sorted(runners)}, expected {list(_PARTS)}")
         # loader.boxed_run: the flat call, without the pytree round trip of AOTICompiledModel.__call__
         parts = {name: (lambda *xs, run=runners[name].loader.boxed_run: run(list(xs))) for name in _PARTS}
-        return ExportedRecognizer(parts, meta, "compiled")
+        return ExportedRecognizer(parts, meta, "compiled", device)
     programs = contents.exported_programs
     expected = ["model"] if meta.get("program_format", 1) == 1 else list(_PARTS)
     if not set(expected) <= set(programs):
         raise _not_a_recognizer(path, f"programs {sorted(programs)}, expected {expected}")
-    return ExportedRecognizer({name: _runnable(p) for name, p in programs.items()}, meta, "program")
+    if device.index is not None:  # the weights and the devices written in the graph (exported on cuda:0)
+        from torch.export.passes import move_to_device_pass
+        programs = {name: move_to_device_pass(p, device) for name, p in programs.items()}
+    return ExportedRecognizer({name: _runnable(p) for name, p in programs.items()}, meta, "program", device)
 
 
 def _runnable(program) -> torch.fx.GraphModule:

@@ -1,6 +1,7 @@
 """Images -> model input, in one place, for inference and training alike.
 
-    paths / PIL / numpy / tensors --to_tensors--> [(C, H, W) uint8 or float in [0, 1]]   (Python)
+    paths / bytes / files / PIL / numpy / tensors
+                                  --to_tensors--> [(C, H, W) uint8 or float in [0, 1]]   (Python)
                                   --collate----> (N, in_channels, height, W_max) float32, widths (N,)
                                                  (TorchScript: the saved Recognizer runs it too)
 
@@ -13,15 +14,16 @@ same functions, so a model sees at inference exactly what it saw in training.
 Every error names the culprit (its index in the input, or its path)."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
-from typing import Any, List, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ImageLike = Any  # str | os.PathLike | PIL.Image.Image | numpy.ndarray | Tensor
+ImageLike = Any  # str | os.PathLike | bytes | binary file | PIL.Image.Image | numpy.ndarray | Tensor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 PAD_VALUE = 0.0     # the CRNN masks padding, so the value only has to be one value everywhere
@@ -31,23 +33,50 @@ MAX_WIDTH = 4096    # default bound on a resized width: 128:1 at height 32, far 
 
 # ----------------------------------------------------------------------------- Python: anything -> tensors
 
-def _check_tensor(t: Tensor, name: str) -> Tensor:
-    """A (C, H, W) view of `t` (H x W or C x H x W), after the scripted checks and a value-range
-    check for floats (NaN included), which the scripted path leaves out for speed."""
-    if t.dim() == 2:
-        t = t.unsqueeze(0)
-    check_image(t, name)
+MAX_PIXELS = 4_000_000
+"""Default bound on an input image's pixels (H x W, any kind of input): larger ones are refused by
+name -- for encoded images from the file's header, before decoding. A 175 kB PNG can hold a
+20000 x 8000 white page, which takes seconds and gigabytes to decode and read; a captcha is a few
+thousand pixels. Raise it here (or pass max_pixels= to to_tensors) for larger inputs."""
+
+
+def check_pixels(H: int, W: int, name: str, max_pixels: Optional[int] = None) -> None:
+    """ValueError naming the image if H x W exceeds max_pixels (None: MAX_PIXELS)."""
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    if H * W > limit:
+        raise ValueError(f"{name}: a {W} x {H} image has {H * W:,} pixels, above max_pixels = {limit:,} "
+                         f"(a decompression bomb?): crop or shrink it, or raise captcha_fast.preprocess.MAX_PIXELS")
+
+
+def _check_range(t: Tensor, name: str) -> None:
+    """ValueError naming the image unless a float image holds values in [0, 1] (NaN fails): the
+    scripted path leaves this check out for speed."""
     if t.is_floating_point():
         lo, hi = torch.aminmax(t)
         if not (0.0 <= float(lo) and float(hi) <= 1.0):  # also catches NaN
             raise ValueError(f"{name}: a float image must hold values in [0, 1], got [{float(lo):.4g}, {float(hi):.4g}]")
+
+
+def _check_tensor(t: Tensor, name: str, max_pixels: Optional[int] = None) -> Tensor:
+    """A (C, H, W) view of the one image `t` (H x W or C x H x W), after the scripted checks, the
+    pixel bound and the value range."""
+    if t.dim() == 2:
+        t = t.unsqueeze(0)
+    if t.dim() == 4:  # check_image takes N x C x H x W (a batch): one image is not one
+        raise ValueError(f"{name}: one image must be H x W or C x H x W, got a 4-D tensor of shape "
+                         f"{tuple(t.shape)}; pass an N x C x H x W batch as the whole `images`, not inside a list")
+    check_image(t, name)
+    check_pixels(t.shape[-2], t.shape[-1], name, max_pixels)
+    _check_range(t, name)
     return t
 
 
-def from_pil(img, name: str) -> Tensor:
-    """A PIL image as a (C, H, W) uint8 tensor, C = 1 (L), 3 (RGB) or 4 (RGBA)."""
+def from_pil(img, name: str, max_pixels: Optional[int] = None) -> Tensor:
+    """A PIL image as a (C, H, W) uint8 tensor, C = 1 (L), 3 (RGB) or 4 (RGBA). The pixel bound is
+    checked on its size first, so a lazily opened image (Image.open) is not decoded when too large."""
     import numpy as np
 
+    check_pixels(img.height, img.width, name, max_pixels)
     if img.mode not in ("L", "RGB", "RGBA"):
         # palette / grey+alpha / 1-bit / 16-bit: RGBA keeps any transparency, L the rest
         has_alpha = img.mode in ("LA", "PA") or (img.mode == "P" and "transparency" in img.info)
@@ -59,60 +88,94 @@ def from_pil(img, name: str) -> Tensor:
     return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()  # (C, H, W)
 
 
-def load_image(path: str | os.PathLike) -> Tensor:
-    """The image file at `path` as a (C, H, W) uint8 tensor (C = 1, 3 or 4).
-    FileNotFoundError, or ValueError naming the file if it is not a readable image."""
+def decode_image(source, name: str, max_pixels: Optional[int] = None) -> Tensor:
+    """An encoded image -- a path, or a binary file object, seekable or not -- as a (C, H, W) uint8
+    tensor; ValueError naming it if it is not a readable image, or if its header gives more than
+    max_pixels pixels (None: MAX_PIXELS): then nothing is decoded."""
     from PIL import Image, UnidentifiedImageError
 
+    unreadable = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+    try:
+        img = Image.open(source)  # reads the header only
+    except unreadable as e:
+        raise ValueError(f"{name} is not a readable image ({type(e).__name__}: {e})") from None
+    with img:
+        check_pixels(img.height, img.width, name, max_pixels)
+        try:
+            img.load()  # decodes now, so a truncated/corrupt image fails here with its name
+        except unreadable as e:
+            raise ValueError(f"{name} is not a readable image ({type(e).__name__}: {e})") from None
+        return from_pil(img, name, max_pixels)
+
+
+def load_image(path: str | os.PathLike, max_pixels: Optional[int] = None) -> Tensor:
+    """The image file at `path` as a (C, H, W) uint8 tensor (C = 1, 3 or 4).
+    FileNotFoundError, or ValueError naming the file if it is not a readable image or has more
+    than max_pixels pixels (None: MAX_PIXELS)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"image file not found: {str(p)!r}")
-    try:
-        with Image.open(p) as img:
-            img.load()  # decodes now, so a truncated/corrupt file fails here with its name
-            return from_pil(img, str(p))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{str(p)!r} is not a readable image ({type(e).__name__}: {e})") from None
+    return decode_image(p, repr(str(p)), max_pixels)
 
 
-def to_tensor(image: ImageLike, name: str = "image") -> Tensor:
-    """One image (path, PIL image, numpy H x W [x C] array, or H x W / C x H x W tensor)
-    as a (C, H, W) tensor, uint8 or float in [0, 1]."""
+def to_tensor(image: ImageLike, name: str = "image", max_pixels: Optional[int] = None) -> Tensor:
+    """One image -- a path, encoded bytes (bytes, bytearray, memoryview) or a binary file object,
+    a PIL image, a numpy H x W [x C] array, or an H x W / C x H x W tensor -- as a (C, H, W) tensor,
+    uint8 or float in [0, 1]. Images of more than max_pixels pixels (None: MAX_PIXELS) are refused."""
     if isinstance(image, Tensor):
-        return _check_tensor(image, name)
+        return _check_tensor(image, name, max_pixels)
     if isinstance(image, (str, os.PathLike)):
-        return load_image(image)
+        return load_image(image, max_pixels)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        size = memoryview(image).nbytes
+        if size == 0:
+            raise ValueError(f"{name}: the encoded image is empty (0 bytes)")
+        return decode_image(io.BytesIO(image), f"{name} ({size} bytes)", max_pixels)
+    if isinstance(image, io.TextIOBase):
+        raise TypeError(f"{name}: a text-mode file; open images in binary mode ('rb')")
+    if hasattr(image, "read"):  # a binary file object: open file, BytesIO, a stream
+        return decode_image(image, f"{name} ({getattr(image, 'name', type(image).__name__)})", max_pixels)
     from PIL import Image
 
     if isinstance(image, Image.Image):
-        return from_pil(image, name)
+        return from_pil(image, name, max_pixels)
     if type(image).__module__ == "numpy":
-        a = image
-        if a.ndim == 3:  # numpy images are H x W x C (PIL / OpenCV order)
-            a = a.transpose(2, 0, 1)
-        return _check_tensor(torch.from_numpy(a.copy()), f"{name} (numpy, H x W x C)")
-    raise TypeError(f"{name}: expected a file path, PIL image, numpy array or tensor, got {type(image).__name__}")
+        if image.ndim not in (2, 3):
+            raise ValueError(f"{name}: a numpy image must be H x W or H x W x C, got {image.ndim}-D, shape "
+                             f"{image.shape}")
+        a = image.transpose(2, 0, 1) if image.ndim == 3 else image  # numpy images are H x W x C (PIL, OpenCV)
+        try:
+            t = torch.from_numpy(a.copy())
+        except TypeError:
+            raise TypeError(f"{name}: a numpy image must be uint8 or float in [0, 1], got dtype {image.dtype}") from None
+        return _check_tensor(t, f"{name} (numpy, H x W x C)", max_pixels)
+    raise TypeError(f"{name}: expected a file path, encoded image bytes, a binary file object, a PIL image, "
+                    f"a numpy array or a tensor, got {type(image).__name__}")
 
 
-def to_tensors(images: ImageLike | Sequence[ImageLike]) -> List[Tensor]:
+def to_tensors(images: ImageLike | Sequence[ImageLike], max_pixels: Optional[int] = None) -> List[Tensor]:
     """A batch of images as a list of (C, H, W) tensors.
 
     `images` is an N x C x H x W tensor, or a list/tuple of images of any kind that
     `to_tensor` takes (widths and heights may differ). A single path or image is
-    not a batch: wrap it in a list."""
+    not a batch: wrap it in a list. Images of more than max_pixels pixels (None: MAX_PIXELS,
+    read at call time) are refused by name."""
     if isinstance(images, Tensor):
         if images.dim() != 4:
             raise ValueError(f"images: a batch tensor must be N x C x H x W, got a {images.dim()}-D tensor of shape "
                              f"{tuple(images.shape)}; pass a list for single images")
         if images.shape[0] == 0:
             raise ValueError("images: the batch is empty (N = 0)")
-        _check_tensor(images, "images")  # one range check for the whole batch
+        check_image(images, "images")  # one set of checks for the whole batch
+        check_pixels(images.shape[-2], images.shape[-1], "images", max_pixels)
+        _check_range(images, "images")
         return list(images.unbind(0))
-    if isinstance(images, (str, os.PathLike)) or not isinstance(images, (list, tuple)):
-        raise TypeError(f"images: expected a list of images or an N x C x H x W tensor, got {type(images).__name__}")
+    if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview)) or not isinstance(images, (list, tuple)):
+        raise TypeError(f"images: expected a list of images or an N x C x H x W tensor, got {type(images).__name__}"
+                        + ("; wrap one image in a list" if isinstance(images, (str, os.PathLike, bytes)) else ""))
     if len(images) == 0:
         raise ValueError("images: the list is empty")
-    return [to_tensor(img, f"images[{i}]") for i, img in enumerate(images)]
+    return [to_tensor(img, f"images[{i}]", max_pixels) for i, img in enumerate(images)]
 
 
 # ----------------------------------------------------------------------------- TorchScript: tensors -> batch

@@ -15,7 +15,9 @@ low precision while the GRU, classifier, log-softmax and decoding stay float32
 (the CRNN casts to float32 before its projection)."""
 from __future__ import annotations
 
+import builtins
 import json
+import re
 from typing import List, Optional, Tuple
 
 import torch
@@ -27,6 +29,8 @@ from captcha_fast.model import CRNN, InferenceCRNN
 from captcha_fast.preprocess import collate
 
 RECOGNIZER_FORMAT = 2  # bumped when the saved module's interface changes (2: log_probs, max_width)
+
+MAX_BEAM_WIDTH = 4096  # the beam search op's limit
 
 # Default pruning of beam search: measured on model-like (peaky) log-probs, it
 # changes no top-1 label while making the search several times faster
@@ -49,10 +53,7 @@ class Recognizer(nn.Module):
         super().__init__()
         if not isinstance(model, InferenceCRNN):
             model = InferenceCRNN(model)  # a copy: batch norms folded, eval mode
-        if decoder not in ("greedy", "beam"):
-            raise ValueError(f"decoder must be 'greedy' or 'beam', got {decoder!r}")
-        if beam_width < 1:
-            raise ValueError(f"beam_width must be >= 1, got {beam_width}")
+        check_decode_args(decoder, beam_width, 1)
         self.model = model
         self.config_json: str = json.dumps(model.config.to_dict())
         self.charset: List[str] = list(model.config.charset)
@@ -74,7 +75,8 @@ class Recognizer(nn.Module):
 
     @torch.jit.export
     def recognize(self, images: List[Tensor], decoder: str, beam_width: int, top_k: int) -> Tuple[List[List[str]], Tensor]:
-        """The top_k strings per image (best first) and their scores (N, top_k) float32."""
+        """The top_k strings per image (best first) and their scores (N, top_k) float32.
+        (Length and charset constraints: recognizer.recognize.)"""
         device = self.model.classifier.weight.device
         with torch.no_grad():
             batch, widths = self.preprocess([img.to(device) for img in images])
@@ -110,15 +112,77 @@ def decode_log_probs(log_probs: Tensor, lengths: Tensor, charset: List[str], dec
     both pruning rules is the exact search). Bad input raises the same error on CPU and CUDA."""
     # The strings ops build the strings in C++ (on the host for CUDA inputs, after the kernels) and
     # raise for a sequence the CUDA kernels flag as bad what the CPU kernels raise for it.
+    check_decode_args(decoder, beam_width, top_k, min_length, max_length, allowed_tokens is not None)
+    if decoder == "greedy":
+        return torch.ops.captcha_fast.ctc_greedy_decode_strings(log_probs, lengths, charset, 0)
+    return torch.ops.captcha_fast.ctc_beam_search_strings(
+        log_probs, lengths, charset, beam_width, top_k, 0, token_min_logp, blank_skip_threshold, min_length,
+        max_length, allowed_tokens)
+
+
+def check_decode_args(decoder: str, beam_width: int, top_k: int, min_length: int = 0, max_length: int = -1,
+                      restricted: bool = False) -> None:
+    """ValueError unless the decoding arguments make sense together: the one check, run by
+    predict_batch, the CLI (its flags named as the arguments are), every recognizer's decode (also
+    inside a saved TorchScript recognizer) and the Recognizer's defaults. restricted: an `allowed`
+    set is given."""
+    if decoder != "beam" and decoder != "greedy":
+        raise ValueError("decoder must be 'beam' or 'greedy', got '" + decoder + "'")
+    if beam_width < 1 or beam_width > 4096:  # 4096 = MAX_BEAM_WIDTH (TorchScript can't read globals)
+        raise ValueError("beam_width must be in [1, 4096], got " + str(beam_width))
     if decoder == "greedy":
         if top_k != 1:
-            raise ValueError("the greedy decoder gives one hypothesis: top_k must be 1, got " + str(top_k))
-        return torch.ops.captcha_fast.ctc_greedy_decode_strings(log_probs, lengths, charset, 0)
-    if decoder == "beam":
-        return torch.ops.captcha_fast.ctc_beam_search_strings(
-            log_probs, lengths, charset, beam_width, top_k, 0, token_min_logp, blank_skip_threshold, min_length,
-            max_length, allowed_tokens)
-    raise ValueError("decoder must be 'greedy' or 'beam', got '" + decoder + "'")
+            raise ValueError("the greedy decoder gives one hypothesis per image: top_k must be 1, got " + str(top_k))
+        if min_length != 0 or max_length != -1 or restricted:
+            raise ValueError("min_length, max_length and allowed need the beam decoder, not greedy")
+    if top_k < 1 or top_k > beam_width:
+        raise ValueError("top_k must be in [1, beam_width = " + str(beam_width) + "], got " + str(top_k))
+    if min_length < 0:
+        raise ValueError("min_length must be >= 0, got " + str(min_length))
+    if max_length != -1 and max_length < max(min_length, 1):
+        raise ValueError("max_length must be -1 (no limit) or >= max(min_length, 1), got " + str(max_length)
+                         + " with min_length = " + str(min_length))
+
+
+def allowed_tokens(charset: List[str], allowed: Optional[str], device: torch.device) -> Optional[Tensor]:
+    """The beam search's allowed_tokens mask (classes, bool, on `device`; the blank and the symbols
+    of `allowed`), None for None (all symbols). ValueError naming symbols not in the charset."""
+    if allowed is None:
+        return None
+    if len(allowed) == 0:
+        raise ValueError("allowed is empty: give the symbols the labels may hold (None: all)")
+    mask = torch.zeros(len(charset) + 1, dtype=torch.bool)
+    mask[0] = True  # the blank
+    unknown = ""
+    for ch in allowed:
+        if ch in charset:
+            mask[charset.index(ch) + 1] = True
+        elif ch not in unknown:
+            unknown += ch
+    if len(unknown) > 0:
+        raise ValueError("allowed characters '" + unknown + "' are not in the charset '" + "".join(charset) + "'")
+    return mask.to(device)
+
+
+def recognize(rec, images: List[Tensor], decoder: str, beam_width: int, top_k: int, min_length: int = 0,
+              max_length: int = -1, allowed: Optional[str] = None) -> Tuple[List[List[str]], Tensor]:
+    """rec.recognize(images, decoder, beam_width, top_k) for any recognizer, with beam search held
+    to labels of min_length..max_length symbols (-1: any) drawn from `allowed` (None: all). A
+    scripted recognizer's methods have fixed signatures (also in files saved long ago), so with
+    constraints its own preprocess and log_probs run, and decode_log_probs decodes here."""
+    if min_length == 0 and max_length == -1 and allowed is None:
+        return rec.recognize(images, decoder, beam_width, top_k)
+    if not isinstance(rec, nn.Module):  # an ExportedRecognizer: Python methods that take them
+        return rec.recognize(images, decoder, beam_width, top_k, min_length, max_length, allowed)
+    device = getattr(rec, "device", None)  # load_recognizer sets it; else the weights'
+    if device is None:
+        device = next(iter(rec.parameters()), torch.empty(0)).device
+    with torch.no_grad():
+        batch, widths = rec.preprocess([img.to(device) for img in images])
+        log_probs, lengths = rec.log_probs(batch, widths)
+    return decode_log_probs(log_probs, lengths, list(rec.charset), decoder, beam_width, top_k, rec.token_min_logp,
+                            rec.blank_skip_threshold, min_length, max_length,
+                            allowed_tokens(list(rec.charset), allowed, log_probs.device))
 
 
 def build_recognizer(model: CRNN, decoder: str = "beam", beam_width: int = 10,
@@ -128,3 +192,33 @@ def build_recognizer(model: CRNN, decoder: str = "beam", beam_width: int = 10,
     rec = Recognizer(InferenceCRNN(model), decoder=decoder, beam_width=beam_width).eval()
     rec.model.convs.to(dtype)
     return rec
+
+
+INTERPRETER_BANNER = "The following operation failed in the TorchScript interpreter."
+_RAISED = re.compile(r"^(?:builtins\.)?([A-Za-z_]\w*): ", re.M)  # "builtins.ValueError: images[1]: ..."
+
+
+def original_error(e: BaseException) -> BaseException:
+    """The error a scripted method raised, as Python would have raised it: torch.jit.Error (and a
+    RuntimeError from an op called in TorchScript) opens with INTERPRETER_BANNER and two tracebacks
+    before the original "Type: message"; this gives Type(message) (ValueError, RuntimeError, ...;
+    RuntimeError for a type that is not a builtin), or e itself when it is not such an error."""
+    text = str(e)
+    if not text.startswith(INTERPRETER_BANNER):
+        return e
+    last_traceback = text.rfind("\nTraceback of TorchScript")
+    raised = _RAISED.search(text, max(0, last_traceback))
+    if raised is None:
+        return e
+    cls = getattr(builtins, raised.group(1), None)
+    if not (isinstance(cls, type) and issubclass(cls, Exception)):
+        cls = RuntimeError
+    return with_message(cls, text[raised.end():].strip())
+
+
+def with_message(cls: type, message: str) -> Exception:
+    """cls(message), or RuntimeError(message) where cls needs other arguments."""
+    try:
+        return cls(message)
+    except TypeError:
+        return RuntimeError(message)

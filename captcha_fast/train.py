@@ -43,6 +43,7 @@ from captcha_fast.data import (SMALL_SET_AUGMENT, AugmentConfig, Batch, BucketBa
                                check_labels, collate, frames_needed, list_samples, split_samples, synthetic_dataset)
 from captcha_fast.decode import greedy_decode
 from captcha_fast.distributed import Dist
+from captcha_fast.machine import native_bf16
 from captcha_fast.export import save_recognizer
 from captcha_fast.metrics import score
 from captcha_fast.model import CRNN, CRNNConfig
@@ -167,25 +168,13 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): there bf16 convolutions
-    are faster than float32; elsewhere oneDNN emulates them, many times slower. Decided from the
-    CPU's flags: torch's mkldnn check also answers True on AVX-512 CPUs that only emulate bf16."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype of the training forward (None: float32), per --amp and the device."""
     if not cfg.amp:
         return None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+    return torch.bfloat16 if device.type == "cpu" and native_bf16(device) else None
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:

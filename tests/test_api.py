@@ -7,6 +7,7 @@ from PIL import Image
 
 from captcha_fast import api, export
 from captcha_fast.decode import Hypothesis
+from captcha_fast.recognizer import Recognizer
 from captcha_fast.synth import render, sample_rng
 
 from conftest import tiny_model
@@ -126,29 +127,6 @@ def test_bad_threads_argument(model_path, threads):
         api.predict_batch([torch.zeros(1, 20, 20, dtype=torch.uint8)], model_path, threads=threads)
 
 
-def test_auto_threads_leave_the_cores_other_processes_keep_busy():
-    """A competitor spinning on a CPU is seen (busy_cpus >= 1 while it runs), and auto_threads stays
-    within [1, torch's thread count]."""
-    import os
-    import subprocess
-    import sys
-    import time
-
-    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        time.sleep(0.5)
-        assert api.busy_cpus() >= 1
-        api._AUTO_THREADS[0] = -1.0  # look again now
-        assert 1 <= api.auto_threads() <= torch.get_num_threads()
-        if len(os.sched_getaffinity(0)) <= torch.get_num_threads():  # all of torch's threads would need a core
-            assert api.auto_threads() < torch.get_num_threads() or torch.get_num_threads() == 1
-    finally:
-        spinner.kill()
-        spinner.wait()
-    with api.num_threads(1):
-        assert torch.get_num_threads() == 1 and api.auto_threads() == 1  # the caller's cap is respected
-
-
 def test_missing_pretrained_model_says_how_to_build_it(monkeypatch, tmp_path):
     monkeypatch.setattr(api, "DEFAULT_MODEL", tmp_path / "pretrained" / "default.pt")
     with pytest.raises(FileNotFoundError, match="default.pt.*missing.*captcha-fast export"):
@@ -220,3 +198,105 @@ def test_too_wide_an_image_is_refused_by_name_without_the_work(model_path):
     rec.max_width = 8  # configurable per recognizer; the scripted module raises torch.jit.Error
     with pytest.raises(Exception, match="above max_width = 8"):
         rec([torch.zeros(1, 32, 40, dtype=torch.uint8)])
+
+
+# ----------------------------------------------------------------------------- errors inside a chunk
+
+@pytest.fixture(scope="module")
+def nan_model_path(tmp_path_factory):
+    """A saved TorchScript recognizer whose model emits NaN log-probs (a NaN classifier bias), as a
+    model overflowing in fp16 would: the decoding op inside the script refuses the chunk's first
+    sequence, by its number in the chunk."""
+    model = tiny_model()
+    model.classifier.bias.data[1] = float("nan")
+    return export.save_recognizer(model, tmp_path_factory.mktemp("nan") / "nan.pt")
+
+
+def test_an_error_inside_the_scripted_recognizer_names_the_users_image(nan_model_path, pil_images, tmp_path):
+    """Raised inside the TorchScript recognizer, on a chunk of images sorted by width: the error
+    names the image by its index in the user's list (or its path), with the message itself -- not
+    the TorchScript interpreter's banner."""
+    images = [_chw(img) for img in pil_images]  # the narrowest, first in the sorted chunks, is TEXTS[5] = "9"
+    with pytest.raises(RuntimeError, match=r"log_probs of images\[5\] contain NaN") as e:
+        api.predict_batch(images, nan_model_path, batch_size=2)
+    assert "TorchScript" not in str(e.value) and "sequence" not in str(e.value)
+    paths = []
+    for i, img in enumerate(pil_images):
+        paths.append(tmp_path / f"{i}.png")
+        img.save(paths[-1])
+    with pytest.raises(RuntimeError, match=r"log_probs of '[^']*5\.png' contain NaN"):
+        api.predict_batch(paths, nan_model_path, batch_size=2)
+
+
+class _NaNForBlackImages(Recognizer):
+    """An eager recognizer whose model "fails" (NaN log-probs) on all-black images, as a CUDA model
+    overflowing in fp16 would: the decoding op refuses that sequence by its number in the chunk."""
+
+    def log_probs(self, batch, widths):
+        log_probs, lengths = super().log_probs(batch, widths)
+        black = batch.flatten(1).amax(1) == 0
+        log_probs[:, black] = float("nan")
+        return log_probs, lengths
+
+
+def test_a_decoding_error_inside_a_sorted_chunk_names_the_users_image(pil_images):
+    rec = _NaNForBlackImages(tiny_model()).eval()
+    images = [_chw(img) for img in pil_images[:4]] + [torch.zeros(3, 50, 1000, dtype=torch.uint8)]
+    for decoder in ("beam", "greedy"):
+        with pytest.raises(RuntimeError, match=r"log_probs of images\[4\] contain NaN") as e:
+            api.predict_batch(images, rec, decoder=decoder, batch_size=2)  # the black image: sequence 0 of its chunk
+        assert "sequence" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- known length and alphabet
+
+def _reference_reads(rec, images, min_length, max_length, allowed):
+    """The exact prefix beam search of captcha_fast._reference over the recognizer's own log-probs,
+    held to the constraints: the best label per image."""
+    from captcha_fast._reference import prefix_beam_search
+
+    charset = list(rec.charset)
+    mask = [True] + [c in allowed for c in charset] if allowed is not None else None
+    batch, widths = rec.preprocess(images)
+    with torch.no_grad():
+        log_probs, lengths = rec.log_probs(batch, widths)
+    reads = []
+    for n, T in enumerate(lengths.tolist()):
+        best = prefix_beam_search(log_probs[:T, n].tolist(), 10, min_length=min_length, max_length=max_length,
+                                  allowed=mask)
+        reads.append("".join(charset[c - 1] for c in best[0][0]) if best else "")
+    return reads
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "eager", "program"])
+def test_length_and_alphabet_constraints_reach_the_beam_search(model_path, pil_images, kind, tmp_path):
+    """predict_batch(min_length=, max_length=, allowed=) reads what the exact search held to the same
+    constraints reads, for every kind of recognizer -- also a TorchScript file, whose methods have
+    fixed signatures -- and the constraints change some reads (else this would prove nothing)."""
+    rec = {"torchscript": lambda: api.load(model_path),
+           "eager": lambda: export.eager_recognizer(model_path),
+           "program": lambda: api.load(export.export_program(model_path, tmp_path / "m.pt2"))}[kind]()
+    images = [_chw(img) for img in pil_images]
+    free = api.predict_batch(images, rec, batch_size=4)
+    for min_length, max_length, allowed in ((3, 3, None), (0, None, "0123456789"), (2, 4, "abcdef0")):
+        got = api.predict_batch(images, rec, min_length=min_length, max_length=max_length, allowed=allowed,
+                                batch_size=4)
+        ref = export.load_recognizer(model_path, dtype="float32")
+        assert got == _reference_reads(ref, images, min_length, -1 if max_length is None else max_length, allowed)
+        assert got != free
+        for text in got:
+            assert min_length <= len(text) <= (max_length or 99) and set(text) <= set(allowed or rec.charset)
+
+
+def test_constraint_errors(model_path):
+    imgs = [torch.zeros(1, 20, 20, dtype=torch.uint8)]
+    with pytest.raises(ValueError, match="need the beam decoder"):
+        api.predict_batch(imgs, model_path, decoder="greedy", max_length=4)
+    with pytest.raises(ValueError, match="allowed characters 'XY' are not in the charset"):
+        api.predict_batch(imgs, model_path, allowed="0XY1Y")
+    with pytest.raises(ValueError, match="max_length must be -1 .no limit. or >= max.min_length, 1."):
+        api.predict_batch(imgs, model_path, min_length=5, max_length=4)
+    with pytest.raises(ValueError, match="min_length must be >= 0"):
+        api.predict_batch(imgs, model_path, min_length=-1)
+    with pytest.raises(ValueError, match="beam_width must be in"):
+        api.predict_batch(imgs, model_path, beam_width=5000)

@@ -54,7 +54,13 @@ def test_predict_greedy_matches_api(tiny_model_path, png_folder, capsys):
 @pytest.mark.parametrize("argv, code, match", [
     (["predict", "--model", "{model}", "/no/such/file.png"], 1, "no such file, folder or glob match: /no/such/file.png"),
     (["predict", "--model", "{model}", "--top-k", "5", "--beam", "2", "{folder}"], 2, "--top-k must be in"),
-    (["predict", "--model", "{model}", "--greedy", "--top-k", "2", "{folder}"], 2, "needs beam search"),
+    (["predict", "--model", "{model}", "--greedy", "--top-k", "2", "{folder}"], 2, "greedy decoder gives one hypothesis"),
+    (["predict", "--model", "{model}", "--greedy", "--max-length", "4", "{folder}"], 2,
+     "--min-length, --max-length and --allowed need the beam decoder"),
+    (["predict", "--model", "{model}", "--beam", "0", "{folder}"], 2, "--beam must be in [1, 4096], got 0"),
+    (["predict", "--model", "{model}", "--min-length", "5", "--max-length", "3", "{folder}"], 2,
+     "--max-length must be -1 (no limit) or >= max(--min-length, 1)"),
+    (["predict", "--model", "{model}", "--allowed", "xyz", "{folder}"], 1, "allowed characters 'xyz' are not in"),
     (["predict", "--model", "{folder}/3a7f.png", "{folder}"], 1, "is not a captcha_fast recognizer"),
     (["predict", "--model", "{model}", "{corrupt}"], 1, "corrupt.png"),
     (["demo", "-n", "0"], 2, "-n must be at least 1"),
@@ -197,3 +203,87 @@ def test_ignore_case_scores_and_prints_case_free(tiny_model_path, png_folder, tm
     assert main(["predict", "--model", str(tiny_model_path), "--ignore-case", str(upper)]) == 0
     texts = [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()]
     assert texts == [t.lower() for t in api.predict_batch(sorted(upper.glob("*.png")), tiny_model_path)]
+
+
+# ----------------------------------------------------------------------------- predict: bad files, stdin, pipes
+
+def _mixed_folder(png_folder, tmp_path):
+    """png_folder's five captchas plus a text file and a truncated PNG, both named .png."""
+    import shutil
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for p in png_folder.glob("*.png"):
+        shutil.copy(p, folder / p.name)
+    (folder / "notes.png").write_text("this is not an image")
+    (folder / "truncated.png").write_bytes((png_folder / "3a7f.png").read_bytes()[:100])
+    return folder
+
+
+def test_predict_skip_bad_goes_on_and_lists_the_bad_files_at_the_end(tiny_model_path, png_folder, tmp_path, capsys):
+    folder = _mixed_folder(png_folder, tmp_path)
+    assert main(["predict", "--model", str(tiny_model_path), str(folder)]) == 1  # without it: the first bad file
+    assert "notes.png" in capsys.readouterr().err
+    assert main(["predict", "--model", str(tiny_model_path), "--skip-bad", "--batch-size", "2", str(folder)]) == 0
+    out, err = capsys.readouterr()
+    good = sorted(png_folder.glob("*.png"))
+    lines = out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(folder / p.name) for p in good]
+    assert [line.split("\t")[1] for line in lines] == api.predict_batch(good, tiny_model_path)
+    assert "skipped 2 of 7 images" in err
+    for name in ("notes.png", "truncated.png"):
+        assert any(name in line and "not a readable image" in line for line in err.splitlines()), err
+
+
+def _cli(*argv, **kw):
+    return subprocess.run([sys.executable, "-m", "captcha_fast", *argv], capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+def test_predict_dash_reads_paths_from_stdin(tiny_model_path, png_folder):
+    paths = sorted(png_folder.glob("*.png"), reverse=True)[:3]  # any order: kept
+    out = _cli("predict", "--model", str(tiny_model_path), "-", input="\n".join(map(str, paths)) + "\n\n")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(p) for p in paths]
+    assert [line.split("\t")[1] for line in lines] == api.predict_batch(paths, tiny_model_path)
+
+
+def test_predict_into_a_closed_pipe_ends_quietly(tiny_model_path, png_folder):
+    """`captcha-fast predict DIR | head`: once the reader has gone, predict stops without an error
+    message, with the status of a process ended by SIGPIPE (141), as other Unix tools."""
+    proc = subprocess.Popen([sys.executable, "-m", "captcha_fast", "predict", "--model", str(tiny_model_path),
+                             str(png_folder)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader leaves before the first line
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 141, err.decode()
+    assert err.decode().strip() == ""
+    shell = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m captcha_fast predict --model "
+                            f"{tiny_model_path} {png_folder} {png_folder} | head -n 1; echo status=${{PIPESTATUS[0]}}"],
+                           capture_output=True, text=True, timeout=300)
+    assert shell.stdout.splitlines()[-1] in ("status=0", "status=141") and len(shell.stdout.splitlines()) == 2
+    assert shell.stderr.strip() == ""
+
+
+def test_errors_from_the_scripted_recognizer_print_their_own_message(png_folder, tmp_path):
+    """An error raised inside the TorchScript recognizer (its model emits NaN, which the decoding op
+    refuses) reaches the user as its own sentence naming the file, not the interpreter's banner."""
+    from captcha_fast import export
+
+    from conftest import tiny_model
+
+    model = tiny_model()
+    model.classifier.bias.data[1] = float("nan")
+    path = export.save_recognizer(model, tmp_path / "nan.pt")
+    out = _cli("predict", "--model", str(path), str(png_folder / "3a7f.png"))
+    assert out.returncode == 1
+    assert out.stderr.startswith(f"captcha-fast predict: error: ctc_beam_search: log_probs of '{png_folder / '3a7f.png'}'")
+    assert "TorchScript" not in out.stderr and len(out.stderr.splitlines()) == 1
+
+
+def test_predict_length_and_alphabet_flags(tiny_model_path, png_folder, capsys):
+    paths = sorted(png_folder.glob("*.png"))
+    assert main(["predict", "--model", str(tiny_model_path), "--min-length", "4", "--max-length", "4",
+                 "--allowed", "0123456789", str(png_folder)]) == 0
+    texts = [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()]
+    assert texts == api.predict_batch(paths, tiny_model_path, min_length=4, max_length=4, allowed="0123456789")
+    assert all(len(t) == 4 and t.isdigit() for t in texts)

@@ -420,3 +420,33 @@ def test_cli_export_compile_fills_the_cache_load_uses(tmp_path, monkeypatch, cap
     assert api.format_of(scripted) == "torchscript"
     assert api.predict_batch(mixed_images(3), rec) == api.predict_batch(mixed_images(3), scripted)
     api._CACHE.clear()
+
+
+def test_load_program_runs_on_the_device_index_asked_for(program_path, tmp_path, monkeypatch):
+    """device="cuda:1" loads the parts for GPU 1 (AOTInductor: device_index; programs: moved there,
+    the devices written in their graphs too), not for the default GPU. Checked on the plumbing here;
+    on a machine with two GPUs, by running (below)."""
+    import torch.export.passes
+    from torch.export.pt2_archive import _package
+
+    cuda_file = _rewrite_meta(program_path, tmp_path / "cuda.pt2", device="cuda")
+    seen = {}
+    real_load = _package.load_pt2
+    monkeypatch.setattr(_package, "load_pt2", lambda f, **kw: (seen.update(kw), real_load(f))[1])
+    monkeypatch.setattr(torch.export.passes, "move_to_device_pass",
+                        lambda program, device: (seen.setdefault("moved_to", []).append(str(device)), program)[1])
+    rec = export.load_program(cuda_file, device="cuda:1")
+    assert rec.device == torch.device("cuda:1") and seen["device_index"] == 1
+    assert seen["moved_to"] == ["cuda:1"] * len(rec.parts)  # every part (features, features_unpadded, head)
+    assert export.load_program(program_path).device == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_program_on_the_second_gpu_reads_as_on_the_cpu(tiny_model_path, tmp_path, pt):
+    path = export.export_program(tiny_model_path, tmp_path / "cuda.pt2", device="cuda", dtype="float32")
+    rec = export.load_program(path, device="cuda:1")
+    images = [torch.randint(0, 256, (3, 50, 120), dtype=torch.uint8)]
+    batch, widths = rec.preprocess([i.to("cuda:1") for i in images])
+    log_probs, _ = rec.log_probs(batch, widths)
+    assert log_probs.device == torch.device("cuda:1")
+    assert rec.recognize(images, "beam", 10, 1)[0] == pt.recognize(images, "beam", 10, 1)[0]

@@ -1,9 +1,13 @@
-"""Packaging: a clear error for a missing or mismatched extension, a light import,
-and setup.py's one sentence when torch is missing."""
+"""Packaging: a wheel that holds the whole package, a clear error for a missing or mismatched
+extension, a light import, and setup.py's one sentence when torch is missing."""
+import re
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
+import pytest
 import torch
 
 import captcha_fast
@@ -58,3 +62,29 @@ def test_extension_reports_its_build():
     for op in ("ctc_greedy_decode", "ctc_beam_search"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"captcha_fast::{op}", "CUDA") == captcha_fast.CUDA_KERNELS
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"captcha_fast::{op}", "CPU")
+
+
+@pytest.mark.slow
+def test_wheel_holds_every_file_of_the_package(tmp_path):
+    """A non-editable install (`pip install --no-build-isolation .`) has only what the wheel holds:
+    every file of the source package -- the shipped model, its training weights (where `captcha-fast
+    train` fine-tunes from by default), the model card -- and the compiled library. Builds the wheel
+    from a copy of the sources (compiles the extension: about a minute)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    skip = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info", "build")
+    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in"):
+        if (ROOT / name).is_file():
+            shutil.copy(ROOT / name, src / name)
+    for name in ("csrc", "captcha_fast"):
+        shutil.copytree(ROOT / name, src / name, ignore=skip)
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q",
+                          "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    [wheel] = (tmp_path / "dist").glob("captcha_fast-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    package = src / "captcha_fast"
+    sources = {"captcha_fast/" + p.relative_to(package).as_posix() for p in package.rglob("*") if p.is_file()}
+    assert "captcha_fast/pretrained/default.ckpt" in sources and "captcha_fast/pretrained/default.pt" in sources
+    assert sorted(sources - names) == []
+    assert [n for n in names if re.fullmatch(r"captcha_fast/_C\.[^/]*\.so", n)], sorted(names)

@@ -161,7 +161,7 @@ def fixed_sources(data: Path, real: Path | None) -> dict:
         sources[name] = (name, [(str(Path(s.path).resolve()), s.label.lower()) for s in train_s])
     for r in real_sets.load_sets(real) if real else []:
         if not r["unseen"]:
-            sources[r["name"]] = ("real", [(s.path, s.label) for s in read_manifest(r["train_tsv"])])
+            sources[r["name"]] = ("real", [(str(Path(s.path).resolve()), s.label) for s in read_manifest(r["train_tsv"])])
     return sources
 
 

@@ -1,0 +1,354 @@
+"""`captcha-fast serve` through a real HTTP client (http.client) against a real server process on
+127.0.0.1: answers equal predict_batch's, every error kind, concurrent clients, batching bounds,
+a full queue, and a clean stop on SIGTERM/SIGINT."""
+import base64
+import http.client
+import importlib.util
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from captcha_fast import api, cli
+from captcha_fast.synth import render, sample_rng
+
+from test_preprocess_input import _png
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_serve = pytest.mark.skipif(importlib.util.find_spec("starlette") is None
+                                 or importlib.util.find_spec("uvicorn") is None,
+                                 reason="the serve extra is not installed: pip install '.[serve]'")
+TEXTS = ("3a7f", "0b1c", "c4d5e6", "ffff", "12ab", "9e", "d00d", "abc123")
+
+
+def _encode(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    """Rendered captchas of several widths, as PNG bytes."""
+    return [_encode(render(t, sample_rng(5, i), height=50)) for i, t in enumerate(TEXTS)]
+
+
+@pytest.fixture(scope="module")
+def expected(blobs):
+    """The shipped model's reads: one text per image, so that a mixed-up answer shows."""
+    hyps = api.predict_batch(blobs, api.DEFAULT_MODEL, return_scores=True)
+    assert len({h[0].text for h in hyps}) == len(blobs)
+    return hyps
+
+
+class Server:
+    """`python -m captcha_fast serve --port 0 ...` in a child process, ready once /health answers."""
+
+    def __init__(self, tmp_path: Path, *args: str):
+        self.log = tmp_path / f"serve-{time.monotonic_ns()}.log"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                   OMP_NUM_THREADS="1")
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "captcha_fast", "serve", "--port", "0", *args],
+                                         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        deadline = time.monotonic() + 120
+        while "listening on http://" not in self.log.read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the server did not start:\n{self.log.read_text()}")
+            time.sleep(0.1)
+        line = next(l for l in self.log.read_text().splitlines() if "listening on http://" in l)
+        self.host, self.port = line.split("http://")[1].split()[0].rsplit(":", 1)
+        assert self.request("GET", "/health")[0] == 200
+
+    def request(self, method: str, path: str, body: bytes = b"", headers=None, timeout: float = 60):
+        """(status, parsed JSON body, response headers) over a fresh connection."""
+        conn = http.client.HTTPConnection(self.host, int(self.port), timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, json.loads(response.read()), response.headers
+        finally:
+            conn.close()
+
+    def raw(self, image: bytes, content_type: str = "image/png"):
+        return self.request("POST", "/predict", image, {"Content-Type": content_type})[:2]
+
+    def json(self, payload, raw_body: bytes = None):
+        body = raw_body if raw_body is not None else json.dumps(payload).encode()
+        return self.request("POST", "/predict", body, {"Content-Type": "application/json"})[:2]
+
+    def health(self):
+        return self.request("GET", "/health")[1]
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def _b64(blob: bytes) -> str:
+    return base64.b64encode(blob).decode()
+
+
+def _same(result, hyp):
+    assert result["text"] == hyp.text and result["score"] == pytest.approx(hyp.score, rel=1e-4, abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("serve"), "--model", str(api.DEFAULT_MODEL), "--max-batch", "8",
+               "--max-wait-ms", "50", "--max-body-mb", "0.5")
+    yield s
+    assert s.stop() == 0
+
+
+@needs_serve
+def test_raw_answers_equal_predict_batch(server, blobs, expected):
+    for blob, hyps in zip(blobs, expected):
+        status, body = server.raw(blob)
+        assert status == 200 and set(body) == {"text", "score"}
+        _same(body, hyps[0])
+    jpeg = _encode(Image.open(io.BytesIO(blobs[0])).convert("RGB"), "JPEG")
+    status, body = server.raw(jpeg, "application/octet-stream")
+    assert status == 200 and body["text"] == api.predict_batch([jpeg], server_model(server))[0]
+
+
+def server_model(server):
+    return server.proc.args[server.proc.args.index("--model") + 1]
+
+
+@needs_serve
+def test_json_answers_equal_predict_batch_in_order(server, blobs, expected):
+    status, body = server.json({"images": [_b64(b) for b in blobs]})
+    assert status == 200 and len(body["results"]) == len(blobs)
+    for result, hyps in zip(body["results"], expected):
+        assert set(result) == {"text", "score"}
+        _same(result, hyps[0])
+    top3 = api.predict_batch(blobs, api.DEFAULT_MODEL, beam_width=5, top_k=3)
+    status, body = server.json({"images": [_b64(b) for b in blobs], "beam": 5, "top_k": 3})
+    assert status == 200
+    for result, hyps in zip(body["results"], top3):
+        _same(result, hyps[0])
+        assert len(result["hypotheses"]) == len(hyps)
+        for h, want in zip(result["hypotheses"], hyps):
+            _same(h, want)
+    data_url = "data:image/png;base64," + _b64(blobs[2])  # as canvas.toDataURL() gives it
+    assert server.json({"images": [data_url]})[1]["results"][0]["text"] == expected[2][0].text
+
+
+@needs_serve
+def test_json_length_and_charset_constraints_reach_the_beam_search(server, blobs):
+    for constraints in [{"min_length": 5, "max_length": 6}, {"max_length": 2}, {"allowed": "0123456789"}]:
+        want = api.predict_batch(blobs, api.DEFAULT_MODEL, return_scores=True, **constraints)
+        status, body = server.json({"images": [_b64(b) for b in blobs], **constraints})
+        assert status == 200
+        for result, hyps in zip(body["results"], want):
+            if not hyps:  # no label within the pruned beam meets the constraints
+                assert result == {"text": "", "score": None}
+                continue
+            _same(result, hyps[0])
+            lo, hi = constraints.get("min_length", 0), constraints.get("max_length", 99)
+            assert lo <= len(result["text"]) <= hi
+            assert set(result["text"]) <= set(constraints.get("allowed", result["text"]))
+
+
+ERRORS = [  # (name, method, headers, body, status, what the error says)
+    ("empty body", "POST", {"Content-Type": "image/png"}, b"", 400, "the body is empty"),
+    ("unreadable image", "POST", {"Content-Type": "image/png"}, b"not a png", 400,
+     r"image \(9 bytes\) is not a readable image"),
+    ("truncated image", "POST", {"Content-Type": "image/png"}, "TRUNCATED", 400, "is not a readable image"),
+    ("too many pixels", "POST", {"Content-Type": "image/png"}, _png(20000, 8000, rows=2), 400,
+     "a 20000 x 8000 image has 160,000,000 pixels, above max_pixels"),
+    ("too wide", "POST", {"Content-Type": "image/png"}, _png(20000, 4, rows=4), 400,
+     "4 x 20000 image is 160000 px wide.*above max_width = 4096"),
+    ("bad JSON", "POST", {"Content-Type": "application/json"}, b"{\"images\": [", 400, "bad JSON"),
+    ("JSON not an object", "POST", {"Content-Type": "application/json"}, b"[1, 2]", 400, "must be an object"),
+    ("no images", "POST", {"Content-Type": "application/json"}, b"{\"images\": []}", 400, "non-empty list"),
+    ("bad base64", "POST", {"Content-Type": "application/json"}, b"{\"images\": [\"AAAA\", \"@@@\"]}", 400,
+     r"images\[1\]: bad base64"),
+    ("not a string", "POST", {"Content-Type": "application/json"}, b"{\"images\": [3]}", 400,
+     r"images\[0\]: an image must be a base64 string, got int"),
+    ("bad image in JSON", "POST", {"Content-Type": "application/json"}, b"{\"images\": [\"PNG64\", \"AAAA\"]}", 400,
+     r"images\[1\] \(3 bytes\) is not a readable image"),
+    ("unknown field", "POST", {"Content-Type": "application/json"}, b"{\"images\": [\"OK\"], \"beam_width\": 3}",
+     400, "unknown field.*beam_width"),
+    ("beam 0", "POST", {"Content-Type": "application/json"}, b"{\"images\": [\"OK\"], \"beam\": 0}", 400,
+     r"beam must be in \[1, 4096\], got 0"),
+    ("top_k > beam", "POST", {"Content-Type": "application/json"}, b"{\"images\": [\"OK\"], \"beam\": 2, \"top_k\": 3}",
+     400, r"top_k must be in \[1, beam = 2\], got 3"),
+    ("top_k a string", "POST", {"Content-Type": "application/json"}, b"{\"images\": [\"OK\"], \"top_k\": \"3\"}", 400,
+     "top_k must be an integer"),
+    ("min above max", "POST", {"Content-Type": "application/json"},
+     b"{\"images\": [\"OK\"], \"min_length\": 5, \"max_length\": 4}", 400,
+     "max_length must be -1 .no limit. or >= max.min_length, 1., got 4 with min_length = 5"),
+    ("allowed outside the charset", "POST", {"Content-Type": "application/json"},
+     b"{\"images\": [\"OK\"], \"allowed\": \"abXY\"}", 400, "allowed characters 'XY' are not in the charset"),
+    ("allowed empty", "POST", {"Content-Type": "application/json"},
+     b"{\"images\": [\"OK\"], \"allowed\": \"\"}", 400, "allowed is empty"),
+    ("unsupported content type", "POST", {"Content-Type": "text/plain"}, b"abc", 415, "Content-Type must be"),
+    ("form content type (curl's default)", "POST", {"Content-Type": "application/x-www-form-urlencoded"}, b"abc",
+     415, "application/x-www-form-urlencoded"),
+    ("declared body over the limit", "POST", {"Content-Type": "image/png", "Content-Length": str(2 ** 30)}, b"x", 413,
+     "1,073,741,824 bytes, above the limit of 524,288"),
+    ("streamed body over the limit", "POST", {"Content-Type": "image/png"}, "CHUNKED", 413,
+     "above the limit of 524,288 bytes"),
+    ("unknown path", "POST", {"Content-Type": "image/png"}, b"x", 404, "POST /read.*GET /health and POST /predict"),
+    ("wrong method", "GET", {}, b"", 405, "GET /predict"),
+]
+
+
+@needs_serve
+@pytest.mark.parametrize("name, method, headers, body, status, match", ERRORS, ids=[e[0] for e in ERRORS])
+def test_errors_answer_4xx_json_and_the_server_goes_on(server, blobs, expected, name, method, headers, body, status,
+                                                        match):
+    import re
+
+    path = "/read" if name == "unknown path" else "/predict"
+    if body == "TRUNCATED":
+        body = blobs[0][:len(blobs[0]) // 2]
+    elif isinstance(body, bytes):
+        body = body.replace(b"PNG64", _b64(blobs[0]).encode())  # a good image before the bad one
+    conn = http.client.HTTPConnection(server.host, int(server.port), timeout=60)
+    try:
+        if body == "CHUNKED":  # no Content-Length: the limit is met while reading
+            conn.request(method, path, body=iter([b"\0" * 65536] * 9), headers=headers, encode_chunked=True)
+        elif "Content-Length" in headers:  # declares a huge body and sends 1 byte: refused from the header
+            conn.putrequest(method, path)
+            for k, v in headers.items():
+                conn.putheader(k, v)
+            conn.endheaders(body)
+        else:
+            conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        got_status, got = response.status, json.loads(response.read())
+    finally:
+        conn.close()
+    assert got_status == status and set(got) == {"error"} and re.search(match, got["error"]), got
+    status, good = server.raw(blobs[1])  # and the server goes on
+    assert status == 200 and good["text"] == expected[1][0].text
+
+
+@needs_serve
+def test_concurrent_clients_each_get_their_own_answer_in_shared_batches(server, blobs, expected):
+    """24 clients at once, 4 requests each, raw and JSON mixed: every answer is its own image's,
+    and the batches were shared (and no larger than --max-batch 8)."""
+    before = server.health()
+    start, answers, failures = threading.Barrier(24), {}, []
+
+    def client(c: int):
+        start.wait()
+        for r in range(4):
+            i = (c + r) % len(blobs)
+            try:
+                if (c + r) % 3:
+                    status, body = server.raw(blobs[i])
+                else:
+                    status, body = server.json({"images": [_b64(blobs[i]), _b64(blobs[(i + 1) % len(blobs)])]})
+                    assert [x["text"] for x in body["results"]] == [expected[i][0].text,
+                                                                     expected[(i + 1) % len(blobs)][0].text]
+                    body = body["results"][0]
+                assert status == 200
+                answers[c, r] = (i, body)
+            except Exception as e:  # noqa: BLE001 - reported below, with the client
+                failures.append((c, r, repr(e)))
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures
+    assert len(answers) == 96
+    for i, body in answers.values():
+        _same(body, expected[i][0])
+    after = server.health()
+    requests, batches = after["requests"] - before["requests"], after["batches"] - before["batches"]
+    assert requests == 96 and batches < requests
+    assert after["largest_batch"] <= 8
+
+
+def _slow_request(server, blobs, n: int = 12):
+    """A JSON request long enough on the worker (n images 4000 px wide, read one at a time with
+    --max-batch 1) to queue others behind it."""
+    wide = _encode(Image.new("L", (4000, 32), 255))
+    return {"images": [_b64(wide)] * n + [_b64(blobs[0])]}
+
+
+@needs_serve
+def test_a_full_queue_answers_503_and_the_server_goes_on(tiny_model_path, tmp_path, blobs):
+    expected = api.predict_batch(blobs, tiny_model_path)
+    s = Server(tmp_path, "--model", str(tiny_model_path), "--max-batch", "1", "--max-queue", "1")
+    try:
+        results = {}
+        slow = threading.Thread(target=lambda: results.setdefault("slow", s.json(_slow_request(s, blobs))))
+        slow.start()
+        _wait(lambda: s.health()["reading"] > 0)  # the slow request is on the worker
+        queued = threading.Thread(target=lambda: results.setdefault("queued", s.raw(blobs[2])))
+        queued.start()
+        _wait(lambda: s.health()["queued"] == 1)  # the queue is full
+        status, body, headers = s.request("POST", "/predict", blobs[3], {"Content-Type": "image/png"})
+        assert status == 503 and "busy" in body["error"] and headers["Retry-After"] == "1"
+        slow.join()
+        queued.join()
+        assert results["slow"][0] == 200 and results["slow"][1]["results"][-1]["text"] == expected[0]
+        assert results["queued"][0] == 200 and results["queued"][1]["text"] == expected[2]
+        status, body = s.raw(blobs[3])
+        assert status == 200 and body["text"] == expected[3]
+    finally:
+        assert s.stop() == 0
+
+
+def _wait(condition, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+@needs_serve
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_server_after_its_open_requests_with_status_0(tiny_model_path, tmp_path, blobs, sig):
+    expected = api.predict_batch(blobs[:1], tiny_model_path)
+    s = Server(tmp_path, "--model", str(tiny_model_path), "--max-batch", "1")
+    results = {}
+    slow = threading.Thread(target=lambda: results.setdefault("slow", s.json(_slow_request(s, blobs, n=24))))
+    slow.start()
+    _wait(lambda: s.health()["reading"] > 0)
+    assert s.stop(sig) == 0
+    slow.join()
+    assert results["slow"][0] == 200 and results["slow"][1]["results"][-1]["text"] == expected[0]
+    assert "Traceback" not in s.log.read_text()
+
+
+def test_serve_without_the_extra_says_which_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "captcha_fast.serve", raising=False)
+    assert cli.main(["serve", "--port", "0"]) == 1
+    assert "pip install \"captcha_fast[serve]\"" in capsys.readouterr().err
+
+
+@needs_serve
+def test_serve_usage_errors(capsys):
+    assert cli.main(["serve", "--max-batch", "0"]) == 2
+    assert "max_batch must be >= 1" in capsys.readouterr().err
+
+
+@needs_serve
+def test_a_taken_port_fails_at_once_by_name(tiny_model_path, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        assert cli.main(["serve", "--model", str(tiny_model_path), "--port", str(port)]) == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
