@@ -5,6 +5,7 @@
     rec = captcha_fast.load("runs/x/model.pt")                       # TorchScript or .pt2
     captcha_fast.predict_batch(tensors, rec, decoder="greedy")
     captcha_fast.predict_batch(tensors, rec, top_k=3)                # -> List[List[Hypothesis]]
+    captcha_fast.predict_batch(paths, return_scores=True)[0][0].confidence  # P(right), in [0, 1]
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from typing import Any, List, Optional, Sequence, Union
 import torch
 
 from captcha_fast import export
+from captcha_fast.confidence import apply as apply_calibration
+from captcha_fast.confidence import calibration_of
 from captcha_fast.decode import Hypothesis, to_hypotheses
 from captcha_fast.machine import auto_threads, num_threads, use_auto_threads  # noqa: F401 (auto_threads: API)
 from captcha_fast.preprocess import ImageLike, check_width, to_tensors
@@ -149,7 +152,10 @@ def predict_batch(
     model: None (the shipped pretrained model), a .pt/.pt2 path, or a loaded recognizer.
     decoder: "beam" (CTC prefix beam search, `beam_width` beams) or "greedy".
     top_k: 1 returns one string per image; > 1 (or return_scores=True) returns, per image, up
-        to top_k Hypothesis(text, score) best first (top_k > 1: beam search only).
+        to top_k Hypothesis(text, score, confidence) best first (top_k > 1: beam search only);
+        confidence: the probability that the read is right, calibrated on held-out images
+        (captcha_fast.confidence; fitted on the best reads, the same map for the others), or
+        exp(score) for a model saved without a calibration.
     device, amp: used when the model is loaded here (see `load`); a loaded model keeps its own.
     batch_size: images per forward pass; images are sorted by width to reduce padding and
         the results come back in input order.
@@ -189,7 +195,14 @@ def predict_batch(
                 texts[i], scores[i] = ti, si
     if top_k == 1 and not return_scores:
         return [t[0] for t in texts]
-    return to_hypotheses(texts, torch.tensor(scores))
+    return with_confidence(to_hypotheses(texts, torch.tensor(scores)), calibration_of(rec), decoder)
+
+
+def with_confidence(hyps: List[List[Hypothesis]], calibration, decoder: str) -> List[List[Hypothesis]]:
+    """The hypotheses with their confidence: the score through the model's calibration (captcha_fast.confidence)."""
+    scores = [h.score for hs in hyps for h in hs]
+    conf = iter(apply_calibration(calibration, decoder, scores) if scores else [])
+    return [[h._replace(confidence=next(conf)) for h in hs] for hs in hyps]
 
 
 def image_names(images, n: int) -> List[str]:

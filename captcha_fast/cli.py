@@ -30,35 +30,61 @@ class UsageError(ValueError):
 # ----------------------------------------------------------------------------- demo
 
 def _add_demo(p):
-    p.add_argument("-n", type=int, default=16, help="how many captchas to render (default 16)")
+    p.add_argument("-n", type=int, default=None,
+                   help="how many captchas to render, the styles taken in turn (default: 2 of each style)")
     p.add_argument("--seed", type=int, default=None, help="render seed (default: a fresh one each run)")
     p.add_argument("--model", default=None, help="recognizer file (default: the shipped pretrained model)")
 
 
+WEAK = 0.5  # a style the demo reads less than half right is named as weak
+
+
 def _run_demo(args):
     from captcha_fast import api
-    from captcha_fast.synth import DIGITS_LETTERS, SynthConfig, SyntheticCaptchas
+    from captcha_fast.synth import DIGITS_LETTERS, MIX, SynthConfig, SyntheticCaptchas
 
-    if args.n < 1:
-        raise UsageError(f"-n must be at least 1, got {args.n}")
+    n = 2 * len(MIX) if args.n is None else args.n
+    if n < 1:
+        raise UsageError(f"-n must be at least 1, got {n}")
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
-    captchas = SyntheticCaptchas(SynthConfig(style="mix", charset=DIGITS_LETTERS, min_len=4, max_len=7, seed=seed),
-                                 args.n)
-    images, truths = zip(*captchas)
+    # Every style in turn, so the ones the model reads badly show too.
+    per_style = {style: SyntheticCaptchas(SynthConfig(style=style, charset=DIGITS_LETTERS, min_len=4, max_len=7,
+                                                      seed=seed), n) for style in MIX}
+    styles = [MIX[i % len(MIX)] for i in range(n)]
+    images, truths = zip(*(per_style[style][i] for i, style in enumerate(styles)))  # item i: its own label
     model = api.load(args.model) if args.model else api.default_model()
     api.predict_batch(list(images[:2]), model)  # warm-up: first-call setup is not throughput
     t0 = time.perf_counter()
-    reads = api.predict_batch(list(images), model)
+    reads = [hs[0] for hs in api.predict_batch(list(images), model, return_scores=True)]
     seconds = time.perf_counter() - t0
-    print(f"{'style':<13} {'size':<8} {'truth':<10} {'read':<10}   (case ignored)")
-    right = 0
-    for i, (image, truth, read) in enumerate(zip(images, truths, reads)):
-        ok = read.lower() == truth.lower()
-        right += ok
+    print(f"{'style':<13} {'size':<8} {'truth':<10} {'read':<10} {'confidence':>10}   (case ignored)")
+    tally = {}  # style -> [right, read, summed confidence]
+    for image, truth, read, style in zip(images, truths, reads, styles):
+        ok = read.text.lower() == truth.lower()
+        t = tally.setdefault(style, [0, 0, 0.0])
+        t[0], t[1], t[2] = t[0] + ok, t[1] + 1, t[2] + read.confidence
         size = f"{image.width}x{image.height}"
-        print(f"{captchas.style(i):<13} {size:<8} {truth:<10} {read:<10} {'ok' if ok else 'WRONG'}")
-    print(f"\n{right}/{len(truths)} read right ({right / len(truths):.0%}), "
-          f"{len(truths) / seconds:.0f} images/s (render seed {seed}, model: {args.model or 'shipped'})")
+        print(f"{style:<13} {size:<8} {truth:<10} {read.text:<10} {read.confidence:>10.2f}   "
+              f"{'ok' if ok else 'WRONG'}")
+    print("\nby style, weakest first:")
+    for style, (ok, k, conf) in sorted(tally.items(), key=lambda kv: (kv[1][0] / kv[1][1], kv[1][2] / kv[1][1])):
+        note = "   <- weak: the model reads this style badly" if ok / k < WEAK else ""
+        print(f"  {style:<13} {ok}/{k} right, mean confidence {conf / k:.2f}{note}")
+    right = sum(t[0] for t in tally.values())
+    sure = [r.text.lower() == t.lower() for r, t in zip(reads, truths) if r.confidence >= 0.9]
+    calibrated = calibration_note(model)
+    print(f"\n{right}/{n} read right ({right / n:.0%}), {n / seconds:.0f} images/s (render seed {seed}, model: "
+          f"{args.model or 'shipped'})\n{len(sure)} reads at confidence >= 0.9, {sum(sure)} of them right; below 0.9, "
+          f"ask for a fresh captcha{calibrated}")
+
+
+def calibration_note(model) -> str:
+    """"" for a calibrated model, else a sentence saying its confidence is the uncalibrated exp(score)."""
+    from captcha_fast.confidence import calibration_of
+
+    return ("" if calibration_of(model) is not None else
+            " (this model has no calibration: confidence is its own, uncalibrated exp(score); "
+            "`captcha-fast calibrate` fits one)")
 
 
 # -------------------------------------------------------------------------- predict
@@ -102,7 +128,8 @@ def _add_predict(p):
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: torch's, capped by the CPUs free to this process: affinity, "
                         "cgroup quota, less what other processes keep busy)")
-    p.add_argument("--json", action="store_true", help="one JSON object per line instead of path<TAB>text<TAB>score")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per line instead of path<TAB>text<TAB>score<TAB>confidence")
     p.add_argument("--ignore-case", action="store_true", help="print the texts in lower case")
     p.add_argument("--skip-bad", action="store_true",
                    help="go on past images that cannot be read (unreadable, too wide, ...); list them at the end")
@@ -157,9 +184,11 @@ def _run_predict(args):
                 hs = [h._replace(text=h.text.lower()) for h in hs]
             if args.json:
                 print(json.dumps({"path": str(path), "text": hs[0].text, "score": hs[0].score,
-                                  "hypotheses": [{"text": h.text, "score": h.score} for h in hs]}))
+                                  "confidence": hs[0].confidence,
+                                  "hypotheses": [{"text": h.text, "score": h.score, "confidence": h.confidence}
+                                                 for h in hs]}))
             else:
-                print("\t".join([str(path)] + [f"{h.text}\t{h.score:.4f}" for h in hs]))
+                print("\t".join([str(path)] + [f"{h.text}\t{h.score:.4f}\t{h.confidence:.4f}" for h in hs]))
         bar.update(len(chunk))
     bar.close()
     if skipped:
@@ -323,12 +352,15 @@ def _run_export(args):
         raise UsageError("--out is required, except with --compile from a recognizer .pt (then the cache)")
     if args.out is not None and args.compile and not args.out.endswith(".pt2"):
         raise UsageError(f"--compile writes a .pt2 package: --out must end in .pt2, got {args.out}")
-    if export.file_kind(args.source) == "torchscript":  # a recognizer: keeps its own decoder settings
+    settings = dict(decoder="greedy" if args.greedy else "beam", beam_width=args.beam)
+    if export.file_kind(args.source) == "torchscript":  # a recognizer: keeps its own decoder settings, calibration
         model = args.source
     else:
-        from captcha_fast.checkpoint import load_model
-        model = load_model(args.source)
-    settings = dict(decoder="greedy" if args.greedy else "beam", beam_width=args.beam)
+        from captcha_fast.checkpoint import load_checkpoint, model_from_checkpoint
+        from captcha_fast.confidence import Calibration
+        ckpt = load_checkpoint(args.source)
+        model = model_from_checkpoint(ckpt)
+        settings["calibration"] = Calibration.from_dict(ckpt.get("calibration"))
     if args.compile:
         out = export.compile_package(model, args.out or api.compiled_path(args.source, args.device),
                                      device=args.device, **settings)
@@ -336,6 +368,63 @@ def _run_export(args):
         out = export.export_program(model, args.out, device=args.device, **settings)
     else:
         out = export.save_recognizer(model, args.out, **settings)
+    print(f"wrote {out}")
+
+
+# ------------------------------------------------------------------------ calibrate
+
+def _add_calibrate(p):
+    a = p.add_argument
+    a("model", help="a recognizer (.pt or .pt2) or a training checkpoint (RUN_DIR/best.ckpt)")
+    a("data", help="labelled images the model never trained on: a folder of LABEL.png files, a .tsv manifest, or "
+                   "`synthetic`")
+    a("--out", required=True, help="where to write the calibrated copy (the model's own path replaces it)")
+    a("--ignore-case", action="store_true", help="a read that differs from its label only in case counts as right")
+    a("--split", default="all", choices=["all", "val"],
+      help="val: only the split `captcha-fast train` held out (pass the run's --val-fraction and --seed)")
+    a("--val-fraction", type=float, default=0.15, help="as `train` (default: 0.15)")
+    a("--seed", type=int, default=0, help="split seed, as `train` (default: 0)")
+    a("--skip-bad", action="store_true", help="skip unreadable images with a warning")
+    a("--synth-n", type=int, default=2000, help="synthetic: how many captchas (default: 2000)")
+    a("--synth-seed", type=int, default=424242, help="synthetic: render seed (not one training renders)")
+    a("--synth-style", default="mix", help="synthetic: a style of captcha_fast.synth, 'mix', or names joined by ','")
+    a("--plot", default=None, help="also write a reliability diagram of the fit here (PNG)")
+
+
+def _run_calibrate(args):
+    from captcha_fast import api, confidence, export
+    from captcha_fast.evaluate import load_labelled
+    from captcha_fast.synth import DIGITS_LETTERS, SynthConfig
+
+    if export.file_kind(args.model) == "unknown":  # a training checkpoint (load_checkpoint names a foreign file)
+        from captcha_fast.checkpoint import load_model
+        from captcha_fast.recognizer import build_recognizer
+        rec = build_recognizer(load_model(args.model))
+    else:
+        rec = api.load(args.model, device="cpu", compiled=False)
+    synth = SynthConfig(style=args.synth_style, charset=DIGITS_LETTERS, min_len=4, max_len=8, seed=args.synth_seed)
+    images, labels, _ = load_labelled(args.data, args.skip_bad, args.split, args.val_fraction, args.seed, synth,
+                                      args.synth_n)
+    reads = confidence.read_labelled(rec, images, labels, ignore_case=args.ignore_case)
+    source = (f"{args.data}" + (f" (val split {args.val_fraction:g}, seed {args.seed})" if args.split == "val" else "")
+              + (f" ({args.synth_n} of style {args.synth_style}, seed {args.synth_seed})" if args.data == "synthetic"
+                 else ""))
+    cal = confidence.fit_calibration(reads, source)
+    out = export.with_calibration(args.model, cal, args.out)
+    rels = {}
+    for d in confidence.DECODERS:
+        r = reads[d]
+        rels[d] = {name: confidence.reliability(confidence.apply(c, d, r.scores), r.right)
+                   for name, c in (("exp(score), uncalibrated", None), ("calibrated", cal))}
+        slope, intercept = getattr(cal, d)
+        cal_rel = rels[d]["calibrated"]
+        print(f"{d}: confidence = sigmoid({slope:.4f} * logit(exp(score)) + {intercept:.4f}); on these {cal_rel.n} "
+              f"reads ({cal_rel.accuracy:.1%} right): ECE {rels[d]['exp(score), uncalibrated'].ece:.3f} uncalibrated, "
+              f"{cal_rel.ece:.3f} calibrated; {cal_rel.n_high} at confidence >= 0.9, {cal_rel.accuracy_high:.1%} right")
+    if args.plot:
+        from captcha_fast.plots import plot_reliability
+        plot_reliability({f"{d} decoding": rels[d] for d in confidence.DECODERS}, args.plot,
+                         title=f"{Path(args.model).name} on {source} (the reads it was fitted on)")
     print(f"wrote {out}")
 
 
@@ -430,7 +519,7 @@ def _run_info(args):
 COMMANDS = [
     ("demo", "render fresh captchas and read them with the shipped model", "captcha-fast demo -n 32",
      _add_demo, _run_demo),
-    ("predict", "read images: one line per image, path<TAB>text<TAB>score",
+    ("predict", "read images: one line per image, path<TAB>text<TAB>score<TAB>confidence (P(right), 0-1)",
      "captcha-fast predict --model runs/v2/model.pt captchas/ 'more/*.png' --top-k 3", _add_predict, _run_predict),
     ("train", "train a recognizer on a folder of images named by their labels (DATA: folder, .tsv or `synthetic`)",
      "captcha-fast train ../shared/data/captcha_images_v2 --out runs/v2\n"
@@ -442,6 +531,9 @@ COMMANDS = [
      "captcha-fast export runs/v2/best.ckpt --out model.pt\n"
      "  captcha-fast export runs/v2/model.pt --compile     (predict --model runs/v2/model.pt then uses it)",
      _add_export, _run_export),
+    ("calibrate", "fit a model's confidence (P(right) of a read) on labelled held-out images; write it into a copy",
+     "captcha-fast calibrate runs/v2/model.pt ../shared/data/captcha_images_v2 --split val --out runs/v2/model.pt",
+     _add_calibrate, _run_calibrate),
     ("bench", "decode and predict throughput on this machine", "captcha-fast bench -n 1024", _add_bench, _run_bench),
     ("serve", "an HTTP server that reads images, batching concurrent requests (needs the serve extra)",
      "captcha-fast serve --port 8000\n  curl --data-binary @captcha.png -H 'Content-Type: image/png' "

@@ -4,7 +4,7 @@ saved Recognizer (captcha_fast.recognizer.decode_log_probs).
 
 log_probs are (T, N, C) = (frames, batch, classes), as the model emits them and
 nn.CTCLoss takes them; class 0 is the blank. As predict_batch: one string per
-sequence, or Hypothesis(text, score) lists when scores or top_k > 1 are asked for."""
+sequence, or Hypothesis(text, score, confidence) lists when scores or top_k > 1 are asked for."""
 from __future__ import annotations
 
 from typing import List, NamedTuple, Optional, Union
@@ -27,6 +27,10 @@ class Hypothesis(NamedTuple):
     """Its log-probability. Greedy decoding: the best path's. Beam search: the
     label's, summed over the alignments the beam kept; over all of them (the
     CTC forward algorithm, log P(label)) when the best-path certificate answered."""
+    confidence: float = float("nan")
+    """The probability that it is right, in [0, 1] (captcha_fast.confidence): predict_batch maps the
+    score through the model's calibration (without one: exp(score), the model's own belief);
+    NaN from this module's functions, which decode bare log-probs and know no model."""
 
 
 def _symbols(charset: Union[Charset, str]) -> List[str]:

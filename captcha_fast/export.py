@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from captcha_fast import _gru
-from captcha_fast.checkpoint import atomic_write
+from captcha_fast.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from captcha_fast.confidence import Calibration, calibration_of
 from captcha_fast.machine import native_bf16
 from captcha_fast.model import CRNN, CRNNConfig, InferenceCRNN
 from captcha_fast.preprocess import MAX_WIDTH, collate
@@ -43,6 +44,9 @@ _PRESERVED = ["recognize", "preprocess", "log_probs", "decode", "config_json", "
               "in_channels", "decoder", "beam_width", "token_min_logp",
               "blank_skip_threshold", "max_width", "ink", "format"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CALIBRATION_FILE = "calibration.json"
+"""The TorchScript archive's extra file holding the confidence calibration (captcha_fast.confidence);
+a .pt2 keeps it under "calibration" in its settings, a training checkpoint under "calibration"."""
 
 
 def script_recognizer(model: Union[CRNN, Recognizer], decoder: str = "beam", beam_width: int = 10) -> torch.jit.ScriptModule:
@@ -52,14 +56,21 @@ def script_recognizer(model: Union[CRNN, Recognizer], decoder: str = "beam", bea
 
 
 def save_recognizer(model: Union[CRNN, Recognizer], path: Union[str, os.PathLike], decoder: str = "beam",
-                    beam_width: int = 10) -> Path:
+                    beam_width: int = 10, calibration: Optional[Calibration] = None) -> Path:
     """Script `model` into a Recognizer and save it to `path` (atomically: temp file + os.replace).
 
-    The file holds the float32 weights (batch norms folded), the config as JSON and the
-    charset; `load_recognizer` (or plain `torch.jit.load` after loading the captcha_fast
+    The file holds the float32 weights (batch norms folded), the config as JSON, the charset
+    and the confidence calibration (`calibration`, else the model's own, if any) as the extra file
+    CALIBRATION_FILE; `load_recognizer` (or plain `torch.jit.load` after loading the captcha_fast
     library) reads it back. `model` is not changed. Returns the path."""
     scripted = script_recognizer(model, decoder=decoder, beam_width=beam_width)
-    return atomic_write(Path(path), lambda tmp: torch.jit.save(scripted, tmp))
+    return _save_scripted(scripted, path, calibration or calibration_of(model))
+
+
+def _save_scripted(scripted: torch.jit.ScriptModule, path: Union[str, os.PathLike],
+                   calibration: Optional[Calibration]) -> Path:
+    extra = {CALIBRATION_FILE: calibration.to_json()} if calibration is not None else {}
+    return atomic_write(Path(path), lambda tmp: torch.jit.save(scripted, tmp, _extra_files=extra))
 
 
 def _not_a_recognizer(path: Path, why: str) -> ValueError:
@@ -106,8 +117,9 @@ def load_recognizer(path: Union[str, os.PathLike], device: Union[None, str, torc
         raise FileNotFoundError(f"recognizer file not found: {str(path)!r}")
     device = torch.device(device) if device is not None else torch.device("cpu")
     conv_dtype = resolve_dtype(dtype, device)
+    extra = {CALIBRATION_FILE: ""}  # stays "" when the file has none
     try:
-        rec = torch.jit.load(str(path), map_location=device)
+        rec = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     except RuntimeError as e:
         raise _not_a_recognizer(path, f"torch.jit.load failed: {str(e).strip().splitlines()[0]}") from e
     if not (hasattr(rec, "format") and hasattr(rec, "config_json") and hasattr(rec, "recognize")):
@@ -123,7 +135,16 @@ def load_recognizer(path: Union[str, os.PathLike], device: Union[None, str, torc
     if freeze:
         rec = torch.jit.freeze(rec, preserved_attrs=_PRESERVED)
     rec.device = device  # a Python attribute (as ExportedRecognizer's): where recognizer.recognize sends images
+    rec.calibration = _calibration(path, extra[CALIBRATION_FILE])  # another (confidence.calibration_of)
     return rec
+
+
+def _calibration(path: Path, text) -> Optional[Calibration]:
+    """The calibration stored in `path` (JSON text or a dict), None if none; ValueError naming the file if unreadable."""
+    try:
+        return Calibration.from_json(text) if isinstance(text, (str, bytes)) else Calibration.from_dict(text)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{str(path)!r}: its confidence calibration cannot be read: {e}") from None
 
 
 def config_of(recognizer) -> CRNNConfig:
@@ -144,7 +165,10 @@ def _rebuild(saved) -> Recognizer:
 def eager_recognizer(path: Union[str, os.PathLike]) -> Recognizer:
     """An eager Recognizer (float32, CPU) with the weights and settings of a saved TorchScript
     recognizer, e.g. to export it as a .pt2 program."""
-    return _rebuild(load_recognizer(path, dtype="float32", freeze=False))  # full-precision weights
+    saved = load_recognizer(path, dtype="float32", freeze=False)  # full-precision weights
+    rec = _rebuild(saved)
+    rec.calibration = saved.calibration  # a plain attribute: scripting leaves it out, save_recognizer writes it
+    return rec
 
 
 # ----------------------------------------------------------------------------- torch.export (.pt2)
@@ -228,6 +252,7 @@ class ExportedRecognizer:
         self.device = device or torch.device(meta.get("device", "cpu"))  # with its index (cuda:1)
         self.dtype: torch.dtype = _DTYPES[meta.get("dtype", "float32")]
         self.chunk: int = meta.get("chunk", 16)
+        self.calibration: Optional[Calibration] = Calibration.from_dict(meta.get("calibration"))
 
     def __call__(self, images: List[Tensor]) -> Tuple[List[str], Tensor]:
         return self.forward(images)
@@ -320,16 +345,18 @@ def _export_parts(rec: Recognizer, device: torch.device, dtype: torch.dtype, unp
     return parts
 
 
-def _meta(rec: Recognizer, device: torch.device, dtype: torch.dtype, chunk: int) -> dict:
+def _meta(rec: Recognizer, device: torch.device, dtype: torch.dtype, chunk: int,
+          calibration: Optional[Calibration]) -> dict:
     return {"config_json": rec.config_json, "decoder": rec.decoder, "beam_width": rec.beam_width,
             "token_min_logp": rec.token_min_logp, "blank_skip_threshold": rec.blank_skip_threshold,
             "max_width": rec.max_width, "format": RECOGNIZER_FORMAT, "program_format": PROGRAM_FORMAT,
-            "device": device.type, "dtype": str(dtype).removeprefix("torch."), "chunk": chunk}
+            "device": device.type, "dtype": str(dtype).removeprefix("torch."), "chunk": chunk,
+            "calibration": calibration.to_dict() if calibration is not None else None}
 
 
 def export_program(model: Union[CRNN, Recognizer, str, os.PathLike], path: Union[str, os.PathLike],
                    decoder: str = "beam", beam_width: int = 10, device: Union[str, torch.device] = "cpu",
-                   dtype: Union[None, str, torch.dtype] = None) -> Path:
+                   dtype: Union[None, str, torch.dtype] = None, calibration: Optional[Calibration] = None) -> Path:
     """torch.export the recognizer's CRNN (dynamic batch and width) to a .pt2 file holding the
     programs (PROGRAM_FORMAT) plus the config, charset and decoder settings; `load_program` or
     `captcha_fast.load` reads it back. `model` is a CRNN, an eager Recognizer or the path of a
@@ -342,7 +369,7 @@ def export_program(model: Union[CRNN, Recognizer, str, os.PathLike], path: Union
     dtype = torch.float32 if dtype is None and device.type == "cpu" else resolve_dtype(dtype, device)
     rec = _as_recognizer(model, decoder, beam_width)
     programs = _export_parts(rec, device, dtype, unpadded=device.type == "cpu")
-    meta = _meta(rec, device, dtype, rec.model.chunk)
+    meta = _meta(rec, device, dtype, rec.model.chunk, calibration or calibration_of(rec))
 
     def write(tmp: str):
         with warnings.catch_warnings():  # torch's note on non-contiguous (channels-last) weights: saved exactly
@@ -360,7 +387,7 @@ def _machine() -> dict:
 
 def compile_package(model: Union[CRNN, Recognizer, str, os.PathLike], path: Union[str, os.PathLike],
                     decoder: str = "beam", beam_width: int = 10, device: Union[str, torch.device] = "cpu",
-                    dtype: Union[None, str, torch.dtype] = None) -> Path:
+                    dtype: Union[None, str, torch.dtype] = None, calibration: Optional[Calibration] = None) -> Path:
     """AOTInductor-compile the recognizer's CRNN for this machine into a .pt2 package ("features" and
     "head" models, dynamic batch and width, plus the settings): Inductor fuses the elementwise work
     (masks, pooling, ReLU, log-softmax) into C++ loops; convolutions, matmuls and captcha_fast::gru
@@ -374,11 +401,12 @@ def compile_package(model: Union[CRNN, Recognizer, str, os.PathLike], path: Unio
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device)
     rec = _as_recognizer(model, decoder, beam_width)
-    meta = {**_meta(rec, device, dtype, rec.model.chunk), **_machine()}
+    meta = {**_meta(rec, device, dtype, rec.model.chunk, calibration or calibration_of(rec)), **_machine()}
     # Flat strings for C++ readers (AOTIModelPackageLoader::get_metadata()); Python reads _META.
     cfg = json.loads(rec.config_json)
     flat = {"captcha_fast." + k: str(v if not isinstance(v, bool) else int(v)) for k, v in
-            {**{k: v for k, v in meta.items() if k != "config_json"}, **cfg}.items() if v is not None}
+            {**{k: v for k, v in meta.items() if k not in ("config_json", "calibration")}, **cfg}.items()
+            if v is not None}
     options = {"aot_inductor.package": True, "aot_inductor.metadata": flat, "compile_threads": 1,
                # threads chosen at run time (torch.set_num_threads), not frozen at compile time
                "cpp.dynamic_threads": True}
@@ -498,3 +526,28 @@ def file_kind(path: Union[str, os.PathLike]) -> str:
 def _is_export_archive(path: Path) -> bool:
     """Whether `path` is a .pt2 archive (program or compiled) rather than a TorchScript file."""
     return file_kind(path) in ("program", "compiled")
+
+
+# ----------------------------------------------------------------------------- calibration
+
+def with_calibration(path: Union[str, os.PathLike], calibration: Calibration,
+                     out: Union[None, str, os.PathLike] = None) -> Path:
+    """Write the recognizer or checkpoint at `path` to `out` (default: `path`, replaced atomically) with
+    `calibration` as its confidence calibration; weights and settings unchanged. A TorchScript
+    .pt gets CALIBRATION_FILE, a .pt2 (program or compiled) its settings' "calibration", a
+    training checkpoint its "calibration" key."""
+    path = Path(path)
+    out = Path(out) if out is not None else path
+    kind = file_kind(path)
+    if kind == "torchscript":
+        return _save_scripted(torch.jit.load(str(path), map_location="cpu"), out, calibration)
+    if kind in ("program", "compiled"):
+        meta = {**_read_meta(path), "calibration": calibration.to_dict()}
+
+        def rewrite(tmp: str):
+            with zipfile.ZipFile(path) as src, zipfile.ZipFile(tmp, "w") as dst:
+                for info in src.infolist():
+                    data = src.read(info)
+                    dst.writestr(info, json.dumps(meta) if info.filename.endswith("/extra/" + _META) else data)
+        return atomic_write(out, rewrite)
+    return save_checkpoint({**load_checkpoint(path), "calibration": calibration.to_dict()}, out)

@@ -78,3 +78,27 @@ def plot_gallery(images: Sequence[Tensor], truths: Sequence[str], reads: Sequenc
         ax.set(xticks=[], yticks=[])  # a frame, so white images show their extent
         ax.set_title(f"{truth} -> {read or '(nothing)'}", fontsize=10, color="darkred", family="monospace")
     return _save(fig, path)
+
+
+def plot_reliability(panels: dict, path, title: str = "") -> Path:
+    """Reliability diagrams, one panel per entry of `panels` (panel title -> {curve label ->
+    confidence.Reliability}): accuracy against mean confidence per bin, the diagonal as the ideal,
+    marker area by the bin's share of reads, ECE in the legend."""
+    fig = Figure(figsize=(5.2 * len(panels), 4.8), layout="constrained")
+    if title:
+        fig.suptitle(title)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (name, curves) in zip(axes, panels.items()):
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="ideal")
+        for label, rel in curves.items():
+            xs = [b["confidence"] for b in rel.bins]
+            ys = [b["accuracy"] for b in rel.bins]
+            sizes = [max(6.0, 400.0 * b["n"] / rel.n) for b in rel.bins]
+            line, = ax.plot(xs, ys, marker="", label=f"{label} (ECE {rel.ece:.3f})")
+            ax.scatter(xs, ys, s=sizes, color=line.get_color(), alpha=0.6)
+        ax.axvline(0.9, color="grey", linewidth=0.8)
+        ax.set(title=name, xlabel="confidence (mean per bin)", ylabel="fraction read right", xlim=(-0.02, 1.02),
+               ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize=9)
+    return _save(fig, path)

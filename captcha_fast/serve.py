@@ -3,10 +3,11 @@
     GET  /health   200 {"status": "ok", "queued", "reading", "requests", "batches", "images",
                    "largest_batch", ...} once the model is loaded (and warmed up)
     POST /predict  one image's bytes, Content-Type image/* or application/octet-stream
-                   -> {"text": "k3q9", "score": -0.12}
+                   -> {"text": "k3q9", "score": -0.12, "confidence": 0.97}
     POST /predict  application/json {"images": ["<base64>", ...], "beam": 10, "top_k": 1,
                    "min_length": 4, "max_length": 6, "allowed": "0123456789"} (all but images optional)
-                   -> {"results": [{"text", "score"[, "hypotheses": [{"text", "score"}, ...]]}, ...]}
+                   -> {"results": [{"text", "score", "confidence"[, "hypotheses": [{"text", "score",
+                   "confidence"}, ...]]}, ...]}  (confidence: P(right) in [0, 1], captcha_fast.confidence)
     errors         4xx {"error": "<what is wrong>"}: 400 bad input, 413 body over the limit, 415 content
                    type, 503 queue full (Retry-After: 1); 500 only for a fault of the server itself.
 
@@ -234,11 +235,11 @@ class Batcher:
 
 
 def _result(hyps: List[Hypothesis], top_k: int) -> Dict[str, Any]:
-    """One image's answer; score null when no label meets the constraints."""
-    best = hyps[0] if hyps else Hypothesis("", None)
-    result: Dict[str, Any] = {"text": best.text, "score": best.score}
+    """One image's answer; score null and confidence 0 when no label meets the constraints."""
+    best = hyps[0] if hyps else Hypothesis("", None, 0.0)
+    result: Dict[str, Any] = {"text": best.text, "score": best.score, "confidence": best.confidence}
     if top_k > 1:
-        result["hypotheses"] = [{"text": h.text, "score": h.score} for h in hyps]
+        result["hypotheses"] = [{"text": h.text, "score": h.score, "confidence": h.confidence} for h in hyps]
     return result
 
 

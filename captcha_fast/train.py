@@ -39,6 +39,7 @@ from torch import Tensor
 from captcha_fast.charset import Charset
 from captcha_fast.checkpoint import (PRETRAINED_CHECKPOINT, atomic_write, init_from_checkpoint, load_checkpoint,
                                      load_model, save_checkpoint)
+from captcha_fast.confidence import calibrate_file
 from captcha_fast.data import (SMALL_SET_AUGMENT, AugmentConfig, Batch, BucketBatchSampler, CaptchaDataset,
                                check_labels, collate, frames_needed, list_samples, split_samples, synthetic_dataset)
 from captcha_fast.decode import greedy_decode
@@ -192,7 +193,7 @@ def val_fraction(cfg: TrainConfig, n: int) -> float:
 
 
 def augment_config(cfg: TrainConfig, n: int) -> Optional[AugmentConfig]:
-    """The augmentation of n training images (None: --no-augment)."""
+    """The augmentation of a set of n labelled images (None: --no-augment)."""
     if not cfg.augment:
         return None
     return SMALL_SET_AUGMENT if n < SMALL_SET else AugmentConfig()
@@ -200,8 +201,8 @@ def augment_config(cfg: TrainConfig, n: int) -> Optional[AugmentConfig]:
 
 def build_data(cfg: TrainConfig) -> Tuple[CaptchaDataset, Optional[CaptchaDataset], Charset]:
     """Train and validation sets and the charset for `cfg`."""
-    if cfg.data == "synthetic":
-        aug = augment_config(cfg, cfg.synth_train)
+    if cfg.data == "synthetic":  # rendered sets are as large as asked for: the usual augmentation
+        aug = AugmentConfig() if cfg.augment else None
         charset = Charset(cfg.charset or "".join(sorted(set(cfg.synth_charset))))
         if charset.unknown(cfg.synth_charset):
             raise ValueError(f"synthetic charset has symbols outside --charset: {charset.unknown(cfg.synth_charset)!r}")
@@ -361,8 +362,9 @@ def _setup(cfg: TrainConfig, ddp: Dist) -> _Run:
     sampler = BucketBatchSampler([train_ds.width(i) for i in range(len(train_ds))], cfg.batch_size, cfg.seed,
                                  shuffle=True, bucket=cfg.bucket, rank=ddp.rank, world=ddp.world)
     passes = passes_per_epoch(cfg, len(sampler))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak_lr(cfg), total_steps=cfg.epochs * passes * len(sampler),
-                                                pct_start=cfg.warmup, div_factor=20, final_div_factor=200)
+    steps = cfg.epochs * passes * len(sampler)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak_lr(cfg), total_steps=steps, pct_start=cfg.warmup,
+                                                div_factor=20, final_div_factor=200)
     amp_dtype = autocast_dtype(cfg, ddp.device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     run = _Run(cfg, ddp, out, train_ds, val_ds, charset, model, ddp.wrap(model), opt, sampler, sched, scaler, amp_dtype,
@@ -588,6 +590,9 @@ def train(config: TrainConfig, log: Optional[Callable[[str], None]] = None) -> P
             return run.out / "best.ckpt"
         if ddp.main:
             save_recognizer(load_model(run.out / "best.ckpt"), run.out / "model.pt")
+            if run.val_ds is not None:  # the confidence of reads, fitted on the validation split (both files)
+                calibrate_file(run.out / "model.pt", run.val_ds.images, [s.label for s in run.val_ds.samples],
+                               source="the validation split", prepared=True, also=[run.out / "best.ckpt"])
         ddp.barrier()
         return run.out / "model.pt"
     finally:

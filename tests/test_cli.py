@@ -11,7 +11,7 @@ import pytest
 from captcha_fast import api
 from captcha_fast.cli import build_parser, config_from_args, main
 
-COMMANDS = ["demo", "predict", "train", "eval", "export", "bench", "info"]
+COMMANDS = ["demo", "predict", "train", "eval", "calibrate", "export", "bench", "info"]
 TRAINING_MODULES = ["captcha_fast.train", "captcha_fast.data", "captcha_fast.evaluate", "captcha_fast.plots",
                     "captcha_fast.metrics", "captcha_fast.synth", "matplotlib", "captcha"]
 
@@ -88,14 +88,25 @@ def test_info_and_module_entry_point():
 
 
 def test_demo_reads_fresh_captchas_with_the_shipped_model(capsys):
+    from captcha_fast.synth import MIX
+
     assert api.DEFAULT_MODEL.is_file(), "the shipped model is missing: run tools/build_pretrained.py"
-    assert main(["demo", "-n", "8", "--seed", "3"]) == 0
+    n = len(MIX) + 2
+    assert main(["demo", "-n", str(n), "--seed", "3"]) == 0
     out = capsys.readouterr().out
     assert "read right" in out and "images/s" in out
-    lines = out.split("read right")[0].strip().splitlines()
-    right = int(lines[-1].split("/")[0])
-    assert right == sum(line.endswith(" ok") for line in lines[1:-1])
-    assert right >= 1  # a floor well below the shipped model's ~45% on the hardest style mix (README)
+    table, by_style = out.split("by style, weakest first:")
+    rows = table.strip().splitlines()[1:]
+    assert len(rows) == n and {row.split()[0] for row in rows} == set(MIX)  # every style shown, none hidden
+    assert all(0 <= float(row.split()[-2]) <= 1 for row in rows)  # the confidence column
+    right = sum(row.endswith(" ok") for row in rows)
+    assert f"\n{right}/{n} read right" in out
+    summary = by_style.strip().split("\n\n")[0].splitlines()
+    assert len(summary) == len(MIX)
+    for line in summary:  # a style read less than half right is named as weak
+        ok, k = map(int, line.split()[1].split("/"))
+        assert ("<- weak" in line) == (ok / k < 0.5)
+    assert right >= 1  # a floor well below the shipped model's accuracy on the style mix (README)
 
 
 def test_bench_prints_both_tables(capsys):

@@ -71,6 +71,26 @@ def test_scripted_collate_equals_eager_and_pads_with_pad_value():
             assert (want[0][n, :, :, w:] == pp.PAD_VALUE).all()
 
 
+def test_a_batch_of_one_size_is_prepared_together_as_each_image_alone():
+    # collate stacks same-size images (one to_ink, one ink_boxes, one host sync); each row must be
+    # what prepare_image makes of that image alone, whatever else is in the batch
+    texts = ["7b2x", "q j!", "W4", "mmmmmm"]
+    same = [_render(t, at=(10 + 9 * k, 6 + 3 * k), fg=(40 * k, 20, 160 - 30 * k))[0] for k, t in enumerate(texts)]
+    same[2] = _frame(same[2], (200, 30, 30))
+    other = _render("ab", size=(120, 40), font_px=24, at=(30, 4))[0]
+    blank = torch.full((3, 60, 200), 222, dtype=torch.uint8)
+    imgs = same[:2] + [other] + same[2:] + [blank]
+    for scripted in (False, True):
+        fn = torch.jit.script(pp.collate) if scripted else pp.collate
+        batch, widths = fn(imgs, 32, 1, 4096, True)
+        for n, img in enumerate(imgs):
+            alone = pp.prepare_image(img, 32, 1, ink=True)
+            assert widths[n] == alone.shape[2]
+            torch.testing.assert_close(batch[n, :, :, : alone.shape[2]], alone, atol=1e-5, rtol=0)
+            assert (batch[n, :, :, alone.shape[2]:] == pp.PAD_VALUE).all()
+    assert len(set(widths.tolist())) > 2  # the crops differ: not one width for the whole group
+
+
 def test_max_width_bounds_the_work_and_names_the_image():
     with pytest.raises(ValueError, match=r"images\[1\]: a 1 x 100000 image is 3200000 px wide.*max_width = 4096"):
         pp.collate([torch.zeros(1, 10, 10), torch.zeros(1, 1, 100000)], 32, 1)

@@ -101,6 +101,7 @@ def _b64(blob: bytes) -> str:
 
 def _same(result, hyp):
     assert result["text"] == hyp.text and result["score"] == pytest.approx(hyp.score, rel=1e-4, abs=1e-4)
+    assert 0 <= result["confidence"] <= 1 and result["confidence"] == pytest.approx(hyp.confidence, abs=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,7 @@ def server(tmp_path_factory):
 def test_raw_answers_equal_predict_batch(server, blobs, expected):
     for blob, hyps in zip(blobs, expected):
         status, body = server.raw(blob)
-        assert status == 200 and set(body) == {"text", "score"}
+        assert status == 200 and set(body) == {"text", "score", "confidence"}
         _same(body, hyps[0])
     jpeg = _encode(Image.open(io.BytesIO(blobs[0])).convert("RGB"), "JPEG")
     status, body = server.raw(jpeg, "application/octet-stream")
@@ -131,7 +132,7 @@ def test_json_answers_equal_predict_batch_in_order(server, blobs, expected):
     status, body = server.json({"images": [_b64(b) for b in blobs]})
     assert status == 200 and len(body["results"]) == len(blobs)
     for result, hyps in zip(body["results"], expected):
-        assert set(result) == {"text", "score"}
+        assert set(result) == {"text", "score", "confidence"}
         _same(result, hyps[0])
     top3 = api.predict_batch(blobs, api.DEFAULT_MODEL, beam_width=5, top_k=3)
     status, body = server.json({"images": [_b64(b) for b in blobs], "beam": 5, "top_k": 3})
@@ -153,7 +154,7 @@ def test_json_length_and_charset_constraints_reach_the_beam_search(server, blobs
         assert status == 200
         for result, hyps in zip(body["results"], want):
             if not hyps:  # no label within the pruned beam meets the constraints
-                assert result == {"text": "", "score": None}
+                assert result == {"text": "", "score": None, "confidence": 0.0}
                 continue
             _same(result, hyps[0])
             lo, hi = constraints.get("min_length", 0), constraints.get("max_length", 99)

@@ -240,7 +240,8 @@ def test_eval_split_val_is_trainings_split(tmp_path, capsys):
     write_synthetic(data, SynthConfig(charset="AB12", min_len=2, max_len=3, seed=5), 24)
     argv = ["train", str(data), "--out", str(tmp_path / "run"), "--val-fraction", "0.4", "--seed", "3", "--epochs", "3",
             "--height", "16", "--channels", "8", "16", "--hidden", "32", "--batch-size", "8", "--char-warmup", "0",
-            "--no-augment", "--quiet", "--threads", "1", "--lr", "1e-2", "--from-scratch", "--no-ink", "--min-steps", "0"]
+            "--no-augment", "--quiet", "--threads", "1", "--lr", "1e-2", "--from-scratch", "--no-ink",
+            "--min-steps", "0"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     best = load_checkpoint(tmp_path / "run" / "best.ckpt")

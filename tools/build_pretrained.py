@@ -407,8 +407,25 @@ def install(out: Path, target: Path, log_target: Path, args) -> None:
     log_target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(out / LOG_NAME, log_target)
     plot_log(read_log(log_target), log_target.with_name("build_curve.png"))
+    calibrate(target, args)
     write_model_card(target, load_checkpoint(best / "default.ckpt"), args)
     print(f"installed {target / 'default.pt'}, default.ckpt, MODEL_CARD.md; {log_target} and build_curve.png")
+
+
+def calibrate(target: Path, args) -> None:
+    """The installed model's confidence (tools/reliability.py): fitted on renders of seed 424242 and the even half of
+    each validation split, measured on seed 12345, the odd halves and the unseen sets; stored in default.pt and
+    default.ckpt; docs/reliability.png and docs/reliability.json."""
+    import reliability
+
+    folders = [f"{name}={args.data / folder}" for name, folder in SHARED.items()]
+    sets = real_sets.load_sets(args.real) if args.real else []
+    reliability.main([str(target / "default.pt"), "--write-model", str(target / "default.pt"), "--also",
+                      str(target / "default.ckpt"), "--plot", str(ROOT / "docs" / "reliability.png"), "--json",
+                      str(ROOT / "docs" / "reliability.json"), "-n", str(args.eval_n), "--threads", str(args.threads),
+                      *[x for f in folders for x in ("--folder", f)],
+                      *[x for r in sets for x in ("--unseen" if r["unseen"] else "--manifest",
+                                                  f"{r['name']}={r['all_tsv'] if r['unseen'] else r['val_tsv']}")]])
 
 
 SET_TITLES = {"v2": "captcha_images_v2, val split", "varlen": "varlen_upper, val split",

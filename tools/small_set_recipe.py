@@ -59,7 +59,8 @@ def split(spec: str, k: int, out: Path):
         random.Random(0).shuffle(train)
         return ([(str(Path(s.path).resolve()), s.label) for s in train[:k]],
                 [(s.path, s.label) for s in sorted(val, key=lambda s: Path(s.path).name)[:200]])
-    return rendered(name, 777, k, out / "images" / name / "train"), rendered(name, 12345, 200, out / "images" / name / "held")
+    images = out / "images" / name
+    return rendered(name, 777, k, images / "train"), rendered(name, 12345, 200, images / "held")
 
 
 def accuracy(model, held) -> float:

@@ -13,7 +13,6 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <dlfcn.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
-#include <torch/nn/functional/pooling.h>
 #include <torch/nn/functional/upsampling.h>
 #include <torch/torch.h>
 
@@ -77,17 +76,14 @@ static torch::Tensor to_channels(torch::Tensor x, int64_t in_channels) {
   return x;
 }
 
-// The (lower) median of the counted values of each window, by bisection on the value. preprocess._window_median.
-static torch::Tensor window_median(const torch::Tensor& windows, const torch::Tensor& kept, int steps) {
-  torch::Tensor rank = torch::floor_divide(kept.sum(2, true) + 1, 2);
-  torch::Tensor lo = torch::zeros_like(windows.slice(2, 0, 1)), hi = torch::ones_like(lo);
-  for (int i = 0; i < steps; ++i) {
-    torch::Tensor mid = 0.5 * (lo + hi);
-    torch::Tensor enough = ((windows <= mid) & kept).sum(2, true) >= rank;
-    hi = torch::where(enough, mid, hi);
-    lo = torch::where(enough, lo, mid);
-  }
-  return 0.5 * (lo + hi);
+// The (lower) median of the counted values of each 49-value window, exactly, by one kthvalue at a
+// fixed rank: of the dropped values, 25 - ceil(k / 2) go below every value, the rest above.
+// preprocess._kept_median.
+static torch::Tensor kept_median(torch::Tensor windows, const torch::Tensor& dropped) {
+  torch::Tensor kept = 49 - dropped.sum(2, true);
+  torch::Tensor below = dropped & (dropped.cumsum(2) <= 25 - torch::floor_divide(kept + 1, 2));
+  windows = torch::where(below, -1.0, torch::where(dropped, 2.0, windows));
+  return std::get<0>(windows.kthvalue(25, 2, true));
 }
 
 // The local background: per-channel medians of 7 x 7 windows on a sampled grid (8 points high, twice
@@ -103,11 +99,11 @@ static torch::Tensor background(const torch::Tensor& x) {
   const int64_t N = samples.size(0), C = samples.size(1), sh = samples.size(2), sw = samples.size(3);
   torch::Tensor padded = F::pad(samples, F::PadFuncOptions({3, 3, 3, 3}).mode(torch::kReplicate));
   torch::Tensor windows = F::unfold(padded, F::UnfoldFuncOptions({7, 7})).view({N, C, 49, sh * sw});
-  torch::Tensor bg = window_median(windows, torch::ones_like(windows, torch::kBool), 6);
+  torch::Tensor bg = std::get<0>(windows.kthvalue(25, 2, true));
   torch::Tensor flat = samples.flatten(2);
   torch::Tensor skew = 3.0 * (flat.mean(2) - flat.quantile(0.5, 2)) / flat.std(2).clamp_min(1e-6);
   torch::Tensor side = torch::where(skew > 0.5, 1.0, torch::where(skew < -0.5, -1.0, 0.0)).view({N, C, 1, 1});
-  bg = window_median(windows, side * (windows - bg) <= 0.1, 9).view({N, C, sh, sw});
+  bg = kept_median(windows, side * (windows - bg) > 0.1).view({N, C, sh, sw});
   return F::interpolate(bg, F::InterpolateFuncOptions().size(std::vector<int64_t>{h, w}).mode(torch::kBilinear).align_corners(true));
 }
 
@@ -138,6 +134,17 @@ static torch::Tensor to_ink(const torch::Tensor& x) {
   return torch::where(peak >= 0.06, ink, torch::zeros_like(ink));
 }
 
+// The minimum then the maximum over 3 px down each column (windows clipped at the edges).
+// preprocess._vertical_opening.
+static torch::Tensor vertical_opening(const torch::Tensor& x) {
+  auto pad = F::PadFuncOptions({0, 0, 1, 1}).mode(torch::kReplicate);
+  torch::Tensor p = F::pad(x, pad);
+  const int64_t H = x.size(2);
+  torch::Tensor eroded = torch::minimum(torch::minimum(p.slice(2, 0, H), p.slice(2, 1, H + 1)), p.slice(2, 2, H + 2));
+  p = F::pad(eroded, pad);
+  return torch::maximum(torch::maximum(p.slice(2, 0, H), p.slice(2, 1, H + 1)), p.slice(2, 2, H + 2));
+}
+
 // (N, L) mass -> (N,) the first index where the cumulative share reaches q. preprocess._quantile_index.
 static torch::Tensor quantile_index(const torch::Tensor& mass, double q) {
   torch::Tensor share = mass.cumsum(1) / mass.sum(1, true);
@@ -161,9 +168,7 @@ static torch::Tensor reach_back(torch::Tensor inked, const torch::Tensor& start,
 // The box around the text: mass quantiles, grown up and down over dots, with margins. preprocess.ink_boxes.
 static torch::Tensor ink_boxes(const torch::Tensor& ink) {
   const int64_t N = ink.size(0), H = ink.size(2), W = ink.size(3);
-  auto opts = F::MaxPool2dFuncOptions({3, 1}).stride(1).padding({1, 0});
-  torch::Tensor opened = F::max_pool2d(-F::max_pool2d(-ink, opts), opts);
-  opened = (opened - 0.1).clamp_min(0.0);
+  torch::Tensor opened = (vertical_opening(ink) - 0.1).clamp_min(0.0);
   torch::Tensor faint = (ink - 0.1).clamp_min(0.0);
   torch::Tensor mass = torch::where(opened.sum({1, 2, 3}, true) > 0.0, opened, faint).select(1, 0);
   torch::Tensor has_ink = mass.sum({1, 2}) > 0.0;
