@@ -202,18 +202,27 @@ GREEDY: Dict[str, Decoder] = {
                              lambda x, k: decode.greedy_decode(x.log_probs, x.lengths, _charset(x)),
                              list),
 }
+# The beam rows' defaults include the best-path certificate (certify=True); the reference row,
+# EXACT, searches every sequence (certify=False), so the checks compare against the search itself.
 BEAM: Dict[str, Decoder] = {
     "cpp_beam_pruned_strings": Decoder(
-        "C++ beam search, default pruning, strings op (ctc_beam_search_strings)",
+        "C++ beam search, default pruning + certificate, strings op (ctc_beam_search_strings)",
         lambda x, k: _ops.ctc_beam_search_strings(x.log_probs, x.lengths, x.charset, k, 1, 0,
                                                   decode.TOKEN_MIN_LOGP, decode.BLANK_SKIP_THRESHOLD),
         _first_texts),
-    "beam_search": Decoder("captcha_fast.beam_search (default pruning)",
+    "beam_search": Decoder("captcha_fast.beam_search (default pruning + certificate)",
                            lambda x, k: decode.beam_search(x.log_probs, x.lengths, _charset(x), k),
                            list),
+    "cpp_beam_pruned_search_strings": Decoder(
+        "C++ beam search, default pruning, no certificate (search every sequence)",
+        lambda x, k: _ops.ctc_beam_search_strings(x.log_probs, x.lengths, x.charset, k, 1, 0,
+                                                  decode.TOKEN_MIN_LOGP, decode.BLANK_SKIP_THRESHOLD,
+                                                  0, -1, None, False),
+        _first_texts),
     "cpp_beam_exact_strings": Decoder(
-        "C++ beam search, exact, strings op (ctc_beam_search_strings)",
-        lambda x, k: _ops.ctc_beam_search_strings(x.log_probs, x.lengths, x.charset, k, 1, 0, None, None),
+        "C++ beam search, exact, no certificate, strings op (ctc_beam_search_strings)",
+        lambda x, k: _ops.ctc_beam_search_strings(x.log_probs, x.lengths, x.charset, k, 1, 0, None, None,
+                                                  0, -1, None, False),
         _first_texts),
 }
 DECODERS = {**GREEDY, **BEAM}
@@ -269,11 +278,15 @@ class Row(NamedTuple):
     vs_seed: float     # rate / (a)'s rate (nan in predict tables)
 
 
-def decode_table(N: int = 1024, beam_width: int = 10, inputs: str = "model", rounds: int = 7) -> List[Row]:
+def decode_table(N: int = 1024, beam_width: int = 10, inputs="model", rounds: int = 7) -> List[Row]:
     """Every decoder on the same inputs ("model": the shipped model's log-probs for N fresh
-    captchas; "synthetic": peaky random log-probs, T=50, C=37), timed interleaved in this
-    process; raises unless all rows agree (check_agreement)."""
-    x = model_inputs(N) if inputs == "model" else synthetic_inputs(N)
+    captchas; "synthetic": peaky random log-probs, T=50, C=37; or DecodeInputs), timed
+    interleaved in this process; raises unless all rows agree (check_agreement)."""
+    if isinstance(inputs, DecodeInputs):
+        x = inputs
+    else:
+        x = model_inputs(N) if inputs == "model" else synthetic_inputs(N)
+    N = x.log_probs.shape[1]
     check_agreement(x, beam_width, {name: d.call(x, beam_width) for name, d in DECODERS.items()})
     seconds = interleaved({name: (lambda d=d: d.call(x, beam_width)) for name, d in DECODERS.items()}, rounds)
     return [Row(d.label if name in GREEDY else f"{d.label}, beam {beam_width}", N / seconds[name],

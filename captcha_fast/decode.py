@@ -24,8 +24,9 @@ class Hypothesis(NamedTuple):
     text: str
     """The label, as charset symbols."""
     score: float
-    """Its log-probability: the best path's for greedy decoding; the sum over
-    the alignments the beam kept for beam search."""
+    """Its log-probability. Greedy decoding: the best path's. Beam search: the
+    label's, summed over the alignments the beam kept; over all of them (the
+    CTC forward algorithm, log P(label)) when the best-path certificate answered."""
     confidence: float = float("nan")
     """The probability that it is right, in [0, 1] (captcha_fast.confidence): predict_batch maps the
     score through the model's calibration (without one: exp(score), the model's own belief);
@@ -79,7 +80,13 @@ def beam_search(
     Pruning (token_min_logp, blank_skip_threshold) is on by default; pass
     None for both to run the exact search. min_length/max_length bound the
     label length (captchas often have a known one); `allowed` restricts the
-    symbols (e.g. "0123456789" for a meter reading)."""
+    symbols (e.g. "0123456789" for a meter reading).
+
+    Best-path certificate (top_k = 1): when the greedy path alone holds more than
+    half of all the probability, its label is provably the exact search's top-1
+    at any beam width (and the most probable label), so it is returned without
+    searching, with score log P(label) over all alignments. Proof and rounding
+    margin: csrc/ctc_decode.h; most confident model outputs take this path."""
     symbols = _symbols(charset)
     mask = None if allowed is None else allowed_mask(charset, allowed, log_probs.device)
     texts, scores = decode_log_probs(log_probs, input_lengths, symbols, "beam", beam_width, top_k, token_min_logp,

@@ -22,7 +22,7 @@ def _greedy_fake(log_probs, input_lengths, blank=0):
 
 @torch.library.register_fake("captcha_fast::ctc_beam_search")
 def _beam_fake(log_probs, input_lengths, beam_width=10, top_k=1, blank=0, token_min_logp=None,
-               blank_skip_threshold=None, min_length=0, max_length=-1, allowed_tokens=None):
+               blank_skip_threshold=None, min_length=0, max_length=-1, allowed_tokens=None, certify=True):
     T, N, _ = log_probs.shape
     L = T if max_length < 0 else min(T, max_length)
     return (

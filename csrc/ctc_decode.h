@@ -392,6 +392,7 @@ CF_HD Status greedy_decode_one(const Frames<scalar_t>& f, int64_t length, int64_
 //    cannot reach min_len in the frames left is dropped, none grows past
 //    max_len.
 //  - allowed: optional mask over classes (nullptr = all).
+//  - certify: see "The best-path certificate" below.
 struct BeamOptions {
   int32_t beam_width;
   float token_min_logp;
@@ -400,6 +401,7 @@ struct BeamOptions {
   int32_t max_len;  // < 0: no limit
   const bool* allowed;
   int64_t allowed_stride;
+  bool certify;  // top_k = 1: return the best path's label when the certificate below proves it
 };
 
 // Workspace of one sequence at a time, carved out of one byte buffer. Sizes
@@ -442,6 +444,9 @@ struct BeamWorkspace {
   double* frame_logp;     // [K + 1] their log-probs (floats, held as doubles for the sums)
   float* row_buf;         // [C] a frame widened to float
   float* class_mask;      // [C] 0 for an extendable class, -inf for the blank and disallowed ones
+  double* label_pb;       // [T + 1] the certificate's forward pass over the prefixes of one label
+  double* label_pnb;      // [T + 1]
+  float* frame_max;       // [T] the certificate's per-frame maxima
   int64_t max_nodes;
   int64_t table_size;     // a power of two
 };
@@ -497,6 +502,9 @@ CF_HD int64_t beam_workspace_layout(char* base, int64_t T, int64_t C, int64_t K,
   w.frame_logp = doubles(K + 1);
   w.row_buf = floats(C);
   w.class_mask = floats(C);
+  w.label_pb = doubles(T + 1);
+  w.label_pnb = doubles(T + 1);
+  w.frame_max = floats(T);
   return used;
 }
 
@@ -855,12 +863,226 @@ CF_HD BeamResult beam_search_one(const Frames<scalar_t>& f, int64_t length, int6
   return r;
 }
 
+// ---------------------------------------------------------------------------
+// The best-path certificate (top_k = 1): when one path holds more than half
+// of all the probability, the search's answer is known without searching.
+//
+// Claim. Let π be the greedy path (argmax per frame), ℓ its label, p_t(c) the
+// frame probabilities, Z_t = Σ_c p_t(c) (1 for normalised log-probs), and
+// Z = Π_t Z_t, the mass of all paths. If
+//     P(π) > Z / 2,   i.e.   Π_t Σ_c p_t(c) / p_t(π_t) < 2,                (1)
+// and ℓ meets the options' constraints (min/max length, allowed classes), then
+// the exact prefix beam search (no pruning options) of ANY beam width K >= 1
+// returns ℓ as its best hypothesis, and ℓ is the most probable label (of
+// those that meet the constraints).
+//
+// Proof. Let Z_{1:t} = Π_{t' <= t} Z_t' and π_{1:t} the first t frames of π.
+// The frames after t contribute at most Z_{t+1:T} to P(π), so (1) gives
+// P(π_{1:t}) > Z_{1:t} / 2 for every t. The search's score for a prefix sums
+// paths that collapse to it; distinct prefixes sum disjoint sets of paths, so
+// the candidates of one frame score at most Z_{1:t} together. Induction on t:
+// if the prefixes π_{1:t'} collapse to were kept at every t' < t, the
+// candidate for π_{1:t}'s prefix counts π_{1:t}, so it scores more than
+// Z_{1:t} / 2 and every other candidate less: it ranks first and is kept,
+// whatever K >= 1. After the last frame ℓ scores more than Z / 2 and any
+// other label at most its probability, at most Z - P(ℓ) < Z / 2. The
+// constraints only drop prefixes off π (π's prefix at frame t still reaches
+// |ℓ| >= min_length in the frames π takes), so the induction holds under
+// them. Finally every label other than ℓ has probability <= Z - P(ℓ) < P(ℓ).
+// The argument never uses that π is the best path: any path with (1) works,
+// so ties in the argmax do not matter. A finite beam CAN miss the most
+// probable label when only P(ℓ) > Z / 2 holds (ℓ's mass may be spread over
+// prefixes that a narrow beam drops; tests/test_ops.py has such inputs), which
+// is why the test is on P(π), not P(ℓ).
+//
+// As computed: a search score drifts from its exact value by less than
+// ~1e-6 per frame (two log-adds of error < 5e-7 each on any chain, and a
+// log-add is never below its larger argument, so π's own term is never lost);
+// (1) is tested with a margin of kCertSlackPerFrame per frame, four times
+// that, so the claim holds for the search as implemented. Each Σ_c p_t(c) /
+// p_t(π_t) is bounded from above (frame_ratio_bound, within 1% of its value),
+// so the test can only err towards searching. Long sequences get a margin
+// above log 2 and are never certified. A first pass over the path gives up as
+// soon as the path is below half for normalised frames (frames shifted down by
+// a constant may then search where (1) would hold: never the reverse).
+//
+// The score returned for ℓ is log P(ℓ) over ALL its alignments (the CTC
+// forward algorithm: the prefix beam search's own recursion over ℓ's
+// prefixes): what the search returns for ℓ when its beam keeps every
+// alignment of ℓ, and never less than what it returns otherwise.
+// top_k > 1 searches: (1) says nothing about the second-best label.
+constexpr double kCertSlackPerFrame = 4e-6;
+
+// exp(x) for any x <= 0 (0 below -87, where exp_nonpositive does not reach).
+CF_HOT float exp_or_zero(float x) { return x < -87.f ? 0.f : exp_nonpositive(x); }
+
+// An upper bound of exp(x) for x <= 0 (relative excess < 0.8%; -inf and
+// x < -87 count as e^-87): with y = x log2(e) = k + f, k = floor(y),
+// exp(x) = 2^k 2^f and 2^f <= 1 + f (0.7 + 0.3 f) on [0, 1] (equal at both
+// ends; the gap is >= 0 inside, its derivatives at 0 and 1 allow 0.3).
+CF_HOT float exp_upper(float x) {
+  x = x > -87.f ? x : -87.f;
+  const float y = x * 1.44269504f;
+  float k = floorf(y);
+  const float f = y - k;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+#if defined(__CUDA_ARCH__)
+  const float scale = __int_as_float(bits);
+#else
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+#endif
+  return (1.f + f * (0.7f + 0.3f * f)) * scale;
+}
+
+// An upper bound of Σ_c exp(row[c] - m), m the row's (finite) maximum: the
+// sum of exp_upper, times 1 + 3e-5 for the float rounding of row[c] - m, of
+// y (< 8e-6 relative at |x| <= 87) and of the sums (partial float sums of at
+// most 64 terms, < 4e-6). Four classes all below m - 16 (the usual case in a
+// confident frame) count e^-16 each without computing.
+CF_HOT double frame_ratio_bound(const float* row, int64_t C, float m) {
+  double sum = 0.0;
+  int64_t c = 0;
+#ifdef CF_SSE2
+  float far_below = m - 16.f;  // <= m - 16 exactly
+  if (static_cast<double>(far_below) > static_cast<double>(m) - 16.0) far_below = nextafterf(far_below, kNegInf);
+  const __m128 m4 = _mm_set1_ps(m), lo4 = _mm_set1_ps(-87.f), log2e = _mm_set1_ps(1.44269504f);
+  const __m128 one = _mm_set1_ps(1.f), a = _mm_set1_ps(0.7f), b = _mm_set1_ps(0.3f), far4 = _mm_set1_ps(far_below);
+  int64_t far = 0;
+  while (c + 4 <= C) {
+    __m128 part = _mm_setzero_ps();
+    for (int i = 0; i < 16 && c + 4 <= C; ++i, c += 4) {  // exp_upper, four lanes
+      const __m128 v = _mm_loadu_ps(row + c);
+      if (_mm_movemask_ps(_mm_cmpge_ps(v, far4)) == 0) {
+        far += 4;
+        continue;
+      }
+      const __m128 x = _mm_max_ps(_mm_sub_ps(v, m4), lo4);  // -inf -> -87
+      const __m128 y = _mm_mul_ps(x, log2e);
+      __m128i k = _mm_cvttps_epi32(y);
+      __m128 kf = _mm_cvtepi32_ps(k);
+      const __m128 up = _mm_cmpgt_ps(kf, y);  // truncation went up: floor is one less
+      k = _mm_add_epi32(k, _mm_castps_si128(up));
+      kf = _mm_sub_ps(kf, _mm_and_ps(up, one));
+      const __m128 f = _mm_sub_ps(y, kf);
+      const __m128 poly = _mm_add_ps(one, _mm_mul_ps(f, _mm_add_ps(a, _mm_mul_ps(b, f))));
+      const __m128 scale = _mm_castsi128_ps(_mm_slli_epi32(_mm_add_epi32(k, _mm_set1_epi32(127)), 23));
+      part = _mm_add_ps(part, _mm_mul_ps(poly, scale));
+    }
+    sum += static_cast<double>(cf_hsum(part));
+  }
+  sum += static_cast<double>(far) * 1.1254e-7;  // e^-16 = 1.12535e-7
+#endif
+  float part = 0.f;
+  for (int i = 0; c < C; ++c, ++i) {
+    if (i == 64) { sum += part; part = 0.f; i = 0; }
+    part += exp_upper(row[c] - m);
+  }
+  return (sum + static_cast<double>(part)) * (1.0 + 3e-5);
+}
+
+// Tests (1) for the greedy path of frames [0, length) and the options'
+// constraints. If it holds, writes ℓ to label (at most max_out tokens) and its
+// length, and log P(π) to *log_path, fills w.frame_max, and returns true.
+// Bad values (NaN, +inf) return false: the search then reports them.
+// Two passes: the path, stopped once -Σ_t max_t passes log 2 (the log of (1)'s
+// product when frames are normalised; giving up early is always sound), then
+// (1) itself with frame_ratio_bound, which holds for any frames.
+template <typename scalar_t>
+CF_HD bool certify_best_path(const Frames<scalar_t>& f, int64_t length, int64_t C, int64_t blank,
+                             const BeamOptions& o, BeamWorkspace& w, int64_t max_out, int32_t* label,
+                             int32_t* label_len, double* log_path) {
+  if (length < o.min_len) return false;
+  const double bound = 2.0 * exp(-(kCertSlackPerFrame * static_cast<double>(length) + 1e-9));
+  const double log_bound = log(bound);
+  const int64_t span = prefetch_span(f, C);
+  double path = 0.0;
+  int32_t len = 0;
+  int64_t prev = -1;
+  for (int64_t t = 0; t < length; ++t) {
+    if (t + kPrefetch < length && span >= 0) prefetch_frame(f, t + kPrefetch, span);
+    const float* row = frame_row(f, t, C, w.row_buf);
+    bool bad;
+    const float m = scan_max(row, nullptr, C, &bad);
+    if (bad || !(m > kNegInf)) return false;
+    path += m;
+    if (!(-path < log_bound)) return false;  // normalised frames: P(π) <= Z / 2 already
+    const int64_t best = row[0] == m ? 0 : find_at_least(row, nullptr, 1, C, m);
+    if (best != blank && best != prev) {
+      if (w.class_mask[best] != 0.f || len >= max_out) return false;  // not allowed, or past max_length
+      label[len++] = static_cast<int32_t>(best);
+    }
+    prev = best;
+    w.frame_max[t] = m;
+  }
+  if (len < o.min_len) return false;
+  double ratio = 1.0;
+  for (int64_t t = 0; t < length; ++t) {
+    ratio *= frame_ratio_bound(frame_row(f, t, C, w.row_buf), C, w.frame_max[t]);
+    if (!(ratio < bound)) return false;  // the product only grows
+  }
+  *label_len = len;
+  *log_path = path;
+  return true;
+}
+
+// log P(label) over all its alignments in frames [0, length), less log_path
+// (= Σ_t frame_max[t]): the CTC forward algorithm, i.e. the prefix beam
+// search's recursion (pb, pnb) over the label's own prefixes, in probabilities
+// relative to each frame's maximum, where the certified path weighs exactly 1
+// (so the sums stay within [1, 2) and never underflow). Terms below
+// kNegligible are dropped: the prefixes at either end of the band that hold
+// less, and frame probabilities below e^-30 of the frame's best (together a
+// relative change below 1e-11 per frame, far below float32 output).
+constexpr double kNegligible = 1e-13;
+CF_HOT double exp_rel(float x) { return x < -30.f ? 0.0 : static_cast<double>(exp_nonpositive(x)); }
+
+template <typename scalar_t>
+CF_HD double label_log_prob_rel(const Frames<scalar_t>& f, int64_t length, int64_t C, int64_t blank,
+                                BeamWorkspace& w, const int32_t* label, int32_t L) {
+  double* pb = w.label_pb;
+  double* pnb = w.label_pnb;
+  pb[0] = 1.0;
+  pnb[0] = 0.0;
+  int32_t lo = 0, hi = 0;  // prefixes [lo, hi] hold mass
+  for (int64_t t = 0; t < length; ++t) {
+    const float* row = frame_row(f, t, C, w.row_buf);
+    const float m = w.frame_max[t];
+    const double e_blank = exp_rel(row[blank] - m);
+    const int32_t top = hi < L ? hi + 1 : hi;
+    for (int32_t j = top; j >= (lo > 0 ? lo : 1); --j) {  // descending: j - 1 still holds frame t - 1
+      const int32_t c = label[j - 1];
+      const double e = exp_rel(row[c] - m);
+      const bool old = j <= hi;
+      double from = 0.0;  // prefix j - 1 extended by c (a repeat needs the blank in between)
+      if (j - 1 >= lo) from = (j >= 2 && label[j - 2] == c) ? pb[j - 1] : pb[j - 1] + pnb[j - 1];
+      const double stay = old ? pnb[j] : 0.0;
+      pb[j] = old ? (pb[j] + pnb[j]) * e_blank : 0.0;
+      pnb[j] = (stay + from) * e;
+    }
+    if (lo == 0) pb[0] *= e_blank;  // pnb[0] stays 0
+    if (!(top > hi && top < L && pb[top] + pnb[top] < kNegligible)) hi = top;  // a new prefix holding ~0: not yet
+    while (lo < hi && pb[lo] + pnb[lo] < kNegligible) ++lo;
+  }
+  return log(pb[L] + pnb[L]);
+}
+
 // beam_search_one into padded outputs: tokens [top_k, max_out] (-1 padded),
 // lengths and float32 log-probs (0 and -inf where fewer hypotheses exist).
+// With o.certify and top_k = 1, a sequence the certificate covers skips the
+// search (same label; its score is log P(label) over all alignments).
 template <typename scalar_t>
 CF_HD Status beam_search_to_tokens(const Frames<scalar_t>& f, int64_t length, int64_t C, int64_t blank,
                                    const BeamOptions& o, BeamWorkspace& w, int32_t top_k, int64_t max_out,
                                    int32_t* tokens, int32_t* lengths, float* scores) {
+  int32_t len;
+  double log_path;
+  if (o.certify && top_k == 1 && certify_best_path(f, length, C, blank, o, w, max_out, tokens, &len, &log_path)) {
+    lengths[0] = len;
+    scores[0] = static_cast<float>(log_path + label_log_prob_rel(f, length, C, blank, w, tokens, len));
+    for (int64_t j = len; j < max_out; ++j) tokens[j] = -1;
+    return kOk;
+  }
   const BeamResult r = beam_search_one(f, length, C, blank, o, w, top_k);
   for (int32_t k = 0; k < top_k; ++k) {
     int32_t* const row = tokens + k * max_out;  // 64-bit offset

@@ -79,7 +79,7 @@ void check_beam_workspace(int64_t T, int64_t C, int64_t beam_width, const char* 
 BeamOptions check_beam_options(const at::Tensor& log_probs, int64_t beam_width, int64_t top_k,
                                c10::optional<double> token_min_logp, c10::optional<double> blank_skip_threshold,
                                int64_t min_length, int64_t max_length,
-                               const c10::optional<at::Tensor>& allowed_tokens) {
+                               const c10::optional<at::Tensor>& allowed_tokens, bool certify) {
   const char* op = "ctc_beam_search";
   const int64_t C = log_probs.size(2);
   TORCH_CHECK(beam_width >= 1 && beam_width <= 4096, op, ": beam_width must be in [1, 4096], got ", beam_width);
@@ -114,6 +114,7 @@ BeamOptions check_beam_options(const at::Tensor& log_probs, int64_t beam_width, 
   o.max_len = static_cast<int32_t>(max_length);
   o.allowed = nullptr;
   o.allowed_stride = 1;
+  o.certify = certify;
   return o;
 }
 
@@ -211,7 +212,7 @@ DecodedTexts beam_search_strings(const at::Tensor& log_probs, const at::Tensor& 
                                  const c10::List<std::string>& charset, int64_t beam_width, int64_t top_k,
                                  int64_t blank, c10::optional<double> token_min_logp,
                                  c10::optional<double> blank_skip_threshold, int64_t min_length, int64_t max_length,
-                                 const c10::optional<at::Tensor>& allowed_tokens) {
+                                 const c10::optional<at::Tensor>& allowed_tokens, bool certify) {
   const char* op = "ctc_beam_search";
   const auto [T, N, C] = check_decode_inputs(log_probs, input_lengths, blank, op);
   const Symbols symbols(charset, C, blank, "ctc_beam_search_strings");
@@ -219,9 +220,9 @@ DecodedTexts beam_search_strings(const at::Tensor& log_probs, const at::Tensor& 
                                .findSchemaOrThrow("captcha_fast::ctc_beam_search", "")
                                .typed<Decoded(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,
                                               c10::optional<double>, c10::optional<double>, int64_t, int64_t,
-                                              const c10::optional<at::Tensor>&)>();
+                                              const c10::optional<at::Tensor>&, bool)>();
   const Decoded decoded = beam.call(log_probs, input_lengths, beam_width, top_k, blank, token_min_logp,
-                                    blank_skip_threshold, min_length, max_length, allowed_tokens);
+                                    blank_skip_threshold, min_length, max_length, allowed_tokens, certify);
   return to_texts(decoded, input_lengths, T, symbols, op);
 }
 
@@ -257,13 +258,19 @@ TORCH_LIBRARY(captcha_fast, m) {
   //   blank probability is >= it are applied as blank-only; None = exact),
   //   min_length/max_length (label length bounds; -1 = no maximum),
   //   allowed_tokens (bool mask over classes).
+  // certify (top_k = 1 only): a sequence whose greedy path holds more than half
+  //   of all the probability (with a rounding margin) is answered without
+  //   searching: that path's label is provably the exact search's top-1 at any
+  //   beam width and the most probable label (proof: csrc/ctc_decode.h, "The
+  //   best-path certificate"); its score is then log P(label) over all its
+  //   alignments (the CTC forward algorithm). False: always search.
   // Sizes: its workspace (a trie of up to 1 + T x beam_width prefixes) may
   //   take at most kBeamWorkspaceLimit = 4 GiB per sequence (T x beam_width
   //   up to about 120 million); larger work is refused before allocating.
   m.def(
       "ctc_beam_search(Tensor log_probs, Tensor input_lengths, int beam_width=10, int top_k=1, int blank=0, "
       "float? token_min_logp=None, float? blank_skip_threshold=None, int min_length=0, int max_length=-1, "
-      "Tensor? allowed_tokens=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor? allowed_tokens=None, bool certify=True) -> (Tensor, Tensor, Tensor)");
   // The same two decoders, returning strings: texts[n][k] is hypothesis k of
   // sequence n (k < 1 for greedy, k < top_k for beam search; a missing one is
   // "" with score -inf) and scores (N, k) float32 on the CPU. charset: the
@@ -277,7 +284,7 @@ TORCH_LIBRARY(captcha_fast, m) {
   m.def(
       "ctc_beam_search_strings(Tensor log_probs, Tensor input_lengths, str[] charset, int beam_width=10, "
       "int top_k=1, int blank=0, float? token_min_logp=None, float? blank_skip_threshold=None, int min_length=0, "
-      "int max_length=-1, Tensor? allowed_tokens=None) -> (str[][] texts, Tensor scores)");
+      "int max_length=-1, Tensor? allowed_tokens=None, bool certify=True) -> (str[][] texts, Tensor scores)");
   m.def("_build_info() -> str", &build_info);
 }
 

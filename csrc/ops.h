@@ -50,7 +50,7 @@ void check_beam_workspace(int64_t T, int64_t C, int64_t beam_width, const char* 
 BeamOptions check_beam_options(const at::Tensor& log_probs, int64_t beam_width, int64_t top_k,
                                c10::optional<double> token_min_logp, c10::optional<double> blank_skip_threshold,
                                int64_t min_length, int64_t max_length,
-                               const c10::optional<at::Tensor>& allowed_tokens);
+                               const c10::optional<at::Tensor>& allowed_tokens, bool certify);
 
 // Width of the token output: T, or max_length when that is smaller.
 int64_t beam_output_width(int64_t T, int64_t max_length);

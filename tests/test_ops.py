@@ -3,7 +3,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+import torch.nn.functional as F
+from hypothesis import event, given, settings, strategies as st
 
 import captcha_fast  # noqa: F401  (registers the ops)
 from captcha_fast._reference import greedy_decode_reference, prefix_beam_search
@@ -13,10 +14,12 @@ ops = torch.ops.captcha_fast
 TOL = 1e-4
 
 
-def beam_cpp(lp, lens, K, top_k, blank=0, **opt):
+def beam_cpp(lp, lens, K, top_k, blank=0, certify=False, **opt):
+    """The op's hypotheses as (label, score) lists; by default the search itself (no
+    certificate), which is what the reference implements."""
     tokens, lengths, scores = ops.ctc_beam_search(
         lp, lens, K, top_k, blank, opt.get("token_min_logp"), opt.get("blank_skip_threshold"),
-        opt.get("min_length", 0), opt.get("max_length", -1), opt.get("allowed"))
+        opt.get("min_length", 0), opt.get("max_length", -1), opt.get("allowed"), certify)
     out = []
     for n in range(lp.shape[1]):
         out.append([(tuple(tokens[n, k, : lengths[n, k]].tolist()), scores[n, k].item())
@@ -311,13 +314,13 @@ def test_beam_strings_are_the_reference_labels(seed, T, N, C, K, peaky, options,
     lens = torch.randint(0, T + 1, (N,), generator=g)
     texts, scores = ops.ctc_beam_search_strings(
         lp, lens, charset, K, top_k, blank, options["token_min_logp"], options["blank_skip_threshold"],
-        options["min_length"], options["max_length"], None)
+        options["min_length"], options["max_length"], None, False)
     assert len(texts) == N and all(len(t) == top_k for t in texts)
     assert scores.shape == (N, top_k) and scores.dtype == torch.float32 and scores.device.type == "cpu"
     # The same search as the tokens op, bit for bit...
     tokens, lengths, token_scores = ops.ctc_beam_search(
         lp, lens, K, top_k, blank, options["token_min_logp"], options["blank_skip_threshold"],
-        options["min_length"], options["max_length"], None)
+        options["min_length"], options["max_length"], None, False)
     assert torch.equal(scores, token_scores)
     for n in range(N):
         for k in range(top_k):
@@ -414,3 +417,127 @@ def test_torchscript_calls_the_strings_ops():
     want = decode(lp, lens, charset)
     got = torch.jit.script(decode)(lp, lens, charset)
     assert got[0] == want[0] and got[2] == want[2] and torch.equal(got[1], want[1])
+
+
+# ---------------------------------------------------------------------------- the best-path certificate
+# csrc/ctc_decode.h: when the greedy path pi holds more than half of all the probability,
+# prod_t sum_c p_t(c) / p_t(pi_t) < 2 (with a margin of 4e-6 per frame), and its label meets the
+# constraints, the op returns that label without searching: provably the search's top-1 at any
+# beam width, with score log P(label) over all alignments. Checked here against the search itself
+# (certify=False) and torch's CTC forward algorithm, independently of the C++ test of (1).
+
+CERT_SLACK = 4e-6  # kCertSlackPerFrame
+
+
+def path_ratio(frames: torch.Tensor) -> float:
+    """prod_t sum_c p_t(c) / max_c p_t(c) for (T, C) log-probs, in float64."""
+    x = frames.double()
+    return math.exp(float((x - x.max(-1, keepdim=True).values).logsumexp(-1).sum())) if len(x) else 1.0
+
+
+def greedy_label(frames: torch.Tensor, blank: int):
+    return greedy_decode_reference(frames.double().tolist(), blank)[0]
+
+
+def label_log_prob(frames: torch.Tensor, label, blank: int) -> float:
+    """log P(label | frames) over all alignments: torch's CTC forward algorithm (frames need not be normalised)."""
+    x = frames.double()
+    if not label:
+        return float(x[:, blank].sum())
+    loss = F.ctc_loss(x[:, None, :], torch.tensor([list(label)]), torch.tensor([len(x)]), torch.tensor([len(label)]),
+                      blank=blank, reduction="none", zero_infinity=False)
+    return -float(loss[0])
+
+
+def near_half_log_probs(T: int, N: int, C: int, blank: int, g: torch.Generator) -> torch.Tensor:
+    """(T, N, C) log-probs whose greedy path holds about a share r in [0.3, 0.7] of the mass
+    (r drawn per sequence): each frame gives its best class r^(1/T) and spreads the rest."""
+    r = 0.3 + 0.4 * torch.rand(N, generator=g, dtype=torch.float64)
+    q = r ** (1.0 / max(T, 1))
+    rest = torch.rand(T, N, C, generator=g, dtype=torch.float64) + 1e-3
+    best = torch.where(torch.rand(T, N, generator=g) < 0.5, torch.full((T, N), blank),
+                       torch.randint(0, C, (T, N), generator=g))
+    rest.scatter_(2, best[..., None], 0.0)
+    p = rest / rest.sum(-1, keepdim=True) * (1 - q)[None, :, None]
+    p.scatter_(2, best[..., None], q[None, :, None].expand(T, N, 1))
+    return p.log().float()
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), T=st.integers(0, 14), N=st.integers(1, 4), C=st.integers(2, 7),
+       K=st.integers(1, 8), kind=st.sampled_from(["near_half", "peaky", "flat"]), options=search_options,
+       data=st.data())
+def test_certificate_returns_the_search_top1(seed, T, N, C, K, kind, options, data):
+    g = torch.Generator().manual_seed(seed)
+    blank = data.draw(st.integers(0, C - 1), label="blank")
+    top_k = data.draw(st.sampled_from([1, 1, 1, min(2, K)]), label="top_k")
+    if options["max_length"] != -1:
+        options["max_length"] = max(options["max_length"], options["min_length"], 1)
+    if data.draw(st.booleans(), label="use mask"):
+        options["allowed"] = torch.rand(C, generator=g) < 0.8
+    if kind == "near_half":
+        lp = near_half_log_probs(T, N, C, blank, g)
+    else:
+        lp = random_log_probs(T, N, C, peaky=kind == "peaky", blank=blank, generator=g)
+    unnormalised = data.draw(st.booleans(), label="unnormalised")
+    if unnormalised:  # a constant per frame changes no ratio in (1)
+        lp = lp + torch.randn(T, N, 1, generator=g) * 3
+    lens = torch.randint(0, T + 1, (N,), generator=g)
+    got = beam_cpp(lp, lens, K, top_k, blank, certify=True, **options)
+    search = beam_cpp(lp, lens, K, top_k, blank, certify=False, **options)  # with the pruning options
+    constraints = {k: v for k, v in options.items() if k in ("min_length", "max_length", "allowed")}
+    exact = beam_cpp(lp, lens, K, top_k, blank, certify=False, **constraints)  # the exact search
+    for n in range(N):
+        if top_k > 1:  # the certificate says nothing about the second label: always the search
+            assert got[n] == search[n]
+            continue
+        frames = lp[: lens[n], n]
+        label = greedy_label(frames, blank)
+        allowed = options.get("allowed")
+        meets = (options["min_length"] <= len(label) and (options["max_length"] < 0 or len(label) <= options["max_length"])
+                 and (allowed is None or all(allowed[c] for c in label)))
+        bound = 2 * math.exp(-CERT_SLACK * len(frames))
+        ratio = path_ratio(frames)
+        certified = got[n] != search[n]
+        # (1) holds clearly (the op bounds it within 1%; on frames shifted by constants its first pass
+        # may give up early, which is allowed): the op must certify...
+        if meets and ratio < bound / 1.01 and not unnormalised:
+            certified = True
+        elif not meets or ratio > bound:  # ...(1) fails: the op must search (with the options given)
+            assert got[n] == search[n]
+        event("certified" if certified else "searched")
+        if certified:  # the greedy label, which IS the exact search's top-1, with its full probability
+            assert got[n][0][0] == label == exact[n][0][0], (got[n], exact[n])
+            assert got[n][0][1] == pytest.approx(label_log_prob(frames, label, blank), abs=1e-4, rel=1e-5)
+            assert got[n][0][1] >= exact[n][0][1] - 1e-5  # all alignments, not only those the beam kept
+
+
+def test_certificate_scores_are_label_log_probs_on_model_like_inputs():
+    g = torch.Generator().manual_seed(11)
+    lp = random_log_probs(40, 300, 37, generator=g)
+    lens = torch.randint(20, 41, (300,), generator=g)
+    tokens, lengths, scores = ops.ctc_beam_search(lp, lens, 10, 1, 0)
+    search = ops.ctc_beam_search(lp, lens, 10, 1, 0, None, None, 0, -1, None, False)
+    assert torch.equal(tokens, search[0]) and torch.equal(lengths, search[1])
+    certified = 0
+    for n in range(300):
+        frames = lp[: lens[n], n]
+        if path_ratio(frames) < 1.9:
+            certified += 1
+            label = tokens[n, 0, : lengths[n, 0]].tolist()
+            assert scores[n, 0].item() == pytest.approx(label_log_prob(frames, label, 0), abs=1e-5)
+    assert certified > 100  # the certificate is exercised
+
+
+def test_a_narrow_beam_can_miss_the_most_probable_label_and_the_certificate_does_not_claim_it():
+    # Label (2,) has probability 0.511 > 1/2, but a beam of 3 returns (1, 2): (2,)'s alignments sit
+    # in prefixes "" and "2" that it drops. The greedy path (blank, 2, 2) holds only 0.395, so the
+    # certificate, which tests the path and not the label, leaves this to the search.
+    p = torch.tensor([[0.768, 0.23, 0.002], [0.106, 0.322, 0.572], [0.093, 0.007, 0.9]], dtype=torch.float64)
+    lp = (p / p.sum(-1, keepdim=True)).log()[:, None, :].float()
+    assert math.exp(label_log_prob(lp[:, 0], (2,), 0)) > 0.5 and path_ratio(lp[:, 0]) > 2
+    for certify in (True, False):
+        [[(label, _)]] = beam_cpp(lp, torch.tensor([3]), 3, 1, certify=certify)
+        assert label == (1, 2)
+    [[(label, score)]] = beam_cpp(lp, torch.tensor([3]), 4, 1, certify=True)
+    assert label == (2,) and score == pytest.approx(math.log(0.51064385), abs=1e-6)

@@ -81,10 +81,11 @@ Decoded greedy_cpu(const at::Tensor& log_probs, const at::Tensor& input_lengths,
 
 Decoded beam_search_cpu(const at::Tensor& log_probs, const at::Tensor& input_lengths, int64_t beam_width,
                         int64_t top_k, int64_t blank, c10::optional<double> token_min_logp, c10::optional<double> blank_skip_threshold,
-                        int64_t min_length, int64_t max_length, const c10::optional<at::Tensor>& allowed_tokens) {
+                        int64_t min_length, int64_t max_length, const c10::optional<at::Tensor>& allowed_tokens,
+                        bool certify) {
   const auto [T, N, C] = check_decode_inputs(log_probs, input_lengths, blank, "ctc_beam_search");
   BeamOptions opts = check_beam_options(log_probs, beam_width, top_k, token_min_logp, blank_skip_threshold,
-                                        min_length, max_length, allowed_tokens);
+                                        min_length, max_length, allowed_tokens, certify);
   check_lengths_in_range(input_lengths, T, "ctc_beam_search");
   const int64_t L = beam_output_width(T, max_length);
   // beam_search_to_tokens writes every element.
