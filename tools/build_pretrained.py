@@ -402,8 +402,10 @@ def install(out: Path, target: Path, log_target: Path, args) -> None:
         raise SystemExit(f"--install: no round of {out} has beaten the checkpoint it started from yet: nothing to "
                          f"install")
     target.mkdir(parents=True, exist_ok=True)
-    shutil.copy(best / "default.pt", target / "default.pt")
     shutil.copy(best / "default.ckpt", target / "default.ckpt")
+    # exported anew, not copied: the round's default.pt holds the preprocessing code of the process that
+    # trained it, which may predate this checkout's (TorchScript saves the code with the weights)
+    save_recognizer(load_model(target / "default.ckpt"), target / "default.pt")
     log_target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(out / LOG_NAME, log_target)
     plot_log(read_log(log_target), log_target.with_name("build_curve.png"))
