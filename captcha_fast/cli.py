@@ -278,19 +278,26 @@ def _add_eval(p):
     a("--beam", type=int, default=None, help="beam width (default: the model's)")
     a("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     a("--merge", default=None, help="also report accuracy with look-alikes merged, e.g. '0O,1I'")
-    a("--ignore-case", action="store_true", help="score 'AbC' read as 'abc' as right")
-    a("--skip-bad", action="store_true", help="skip unreadable images with a warning")
-    a("--split", default="all", choices=["all", "train", "val"],
-      help="evaluate one side of the training split (pass the run's --val-fraction and --seed)")
-    a("--val-fraction", type=float, default=0.15, help="as `train` (default: 0.15)")
-    a("--seed", type=int, default=0, help="split seed, as `train` (default: 0)")
     a("--device", default="cpu", help="cpu (default) or cuda")
-    a("--synth-n", type=int, default=1000, help="synthetic: how many captchas (default: 1000)")
-    a("--synth-seed", type=int, default=12345, help="synthetic: render seed (training uses SEED and SEED + 1000000)")
+    _add_labelled_data(a, ["all", "train", "val"], synth_n=1000, synth_seed=12345, synth_style="captcha")
     a("--synth-min-len", type=int, default=4)
     a("--synth-max-len", type=int, default=8)
     a("--synth-charset", default=DIGITS_UPPER)
-    a("--synth-style", default="captcha", help="synthetic: a style of captcha_fast.synth, 'mix', or names joined by ','")
+
+
+def _add_labelled_data(a, splits, synth_n: int, synth_seed: int, synth_style: str):
+    """The options of evaluate.load_labelled, shared by `eval` and `calibrate`."""
+    a("--ignore-case", action="store_true", help="a read that differs from its label only in case counts as right")
+    a("--skip-bad", action="store_true", help="skip unreadable images with a warning")
+    a("--split", default="all", choices=splits,
+      help="one side of the split `captcha-fast train` made (pass the run's --val-fraction and --seed)")
+    a("--val-fraction", type=float, default=0.15, help="as `train` (default: 0.15)")
+    a("--seed", type=int, default=0, help="split seed, as `train` (default: 0)")
+    a("--synth-n", type=int, default=synth_n, help=f"synthetic: how many captchas (default: {synth_n})")
+    a("--synth-seed", type=int, default=synth_seed,
+      help=f"synthetic: render seed (default {synth_seed}; training renders with SEED and SEED + 1000000)")
+    a("--synth-style", default=synth_style,
+      help="synthetic: a style of captcha_fast.synth, 'mix', or names joined by ','")
 
 
 def _run_eval(args):
@@ -379,15 +386,7 @@ def _add_calibrate(p):
     a("data", help="labelled images the model never trained on: a folder of LABEL.png files, a .tsv manifest, or "
                    "`synthetic`")
     a("--out", required=True, help="where to write the calibrated copy (the model's own path replaces it)")
-    a("--ignore-case", action="store_true", help="a read that differs from its label only in case counts as right")
-    a("--split", default="all", choices=["all", "val"],
-      help="val: only the split `captcha-fast train` held out (pass the run's --val-fraction and --seed)")
-    a("--val-fraction", type=float, default=0.15, help="as `train` (default: 0.15)")
-    a("--seed", type=int, default=0, help="split seed, as `train` (default: 0)")
-    a("--skip-bad", action="store_true", help="skip unreadable images with a warning")
-    a("--synth-n", type=int, default=2000, help="synthetic: how many captchas (default: 2000)")
-    a("--synth-seed", type=int, default=424242, help="synthetic: render seed (not one training renders)")
-    a("--synth-style", default="mix", help="synthetic: a style of captcha_fast.synth, 'mix', or names joined by ','")
+    _add_labelled_data(a, ["all", "val"], synth_n=2000, synth_seed=424242, synth_style="mix")
     a("--plot", default=None, help="also write a reliability diagram of the fit here (PNG)")
 
 
