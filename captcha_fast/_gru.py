@@ -1,6 +1,6 @@
 """torch.ops.captcha_fast.gru (csrc/gru.cpp): the multi-layer (bi)directional GRU over each sample's
-own frames as one op, so torch.export keeps the sequence length symbolic and the native GRU kernel
-runs; and its fake kernel (output shape from input shapes only)."""
+own frames as one op (InferenceCRNN's BiGRU in every format), so torch.export keeps the sequence
+length symbolic; and its fake kernel (output shape from input shapes only)."""
 from __future__ import annotations
 
 from typing import List

@@ -30,7 +30,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from captcha_fast import _gru
 from captcha_fast.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from captcha_fast.confidence import Calibration, calibration_of
 from captcha_fast.machine import native_bf16
@@ -173,31 +172,13 @@ def eager_recognizer(path: Union[str, os.PathLike]) -> Recognizer:
 
 # ----------------------------------------------------------------------------- torch.export (.pt2)
 
-class _ExportableCRNN(InferenceCRNN):
-    """The InferenceCRNN without data-dependent control flow, for torch.export with a dynamic
-    batch and width; it overrides only that: the conv stack never chunks (the runner does; _Features
-    picks masked or not), and the
-    packed BiGRU is one captcha_fast::gru op (csrc/gru.cpp; the native GRU kernel, each sample
-    over its own frames), which export keeps as one node with a symbolic length (nn.GRU itself
-    cannot be exported with a dynamic sequence length: export specialises it)."""
-
-    def __init__(self, model: InferenceCRNN):
-        nn.Module.__init__(self)
-        self.config, self.chunk = model.config, model.chunk
-        self.convs, self.project, self.rnn, self.classifier = model.convs, model.project, model.rnn, model.classifier
-        self.dropout = nn.Identity()
-
-    def recurrent(self, x: Tensor, lengths: Tensor) -> Tensor:
-        return _gru.gru(self.rnn, x, lengths)
-
-
 class _Features(nn.Module):
     """images (N, C_in, H, W) float32, widths (N,) -> conv features (N, C, H / 4, W / 4) in the convs'
     dtype, widths / 4: the part the runner calls a chunk of images at a time. unpadded: without
     the padding masks, for batches where every width is W (the masks cost a third of the conv
     stack run op by op; torch.cond cannot choose here: export rejects its branches' strides)."""
 
-    def __init__(self, net: _ExportableCRNN, unpadded: bool = False):
+    def __init__(self, net: InferenceCRNN, unpadded: bool = False):
         super().__init__()
         self.net, self.unpadded = net, unpadded
 
@@ -208,7 +189,7 @@ class _Features(nn.Module):
 class _Head(nn.Module):
     """Conv features, frame counts -> log-probs (T, N, K) float32, frame counts: the whole batch at once."""
 
-    def __init__(self, net: _ExportableCRNN):
+    def __init__(self, net: InferenceCRNN):
         super().__init__()
         self.net = net
 
@@ -323,7 +304,7 @@ def _as_recognizer(model: Union[CRNN, Recognizer, str, os.PathLike], decoder: st
 def _export_parts(rec: Recognizer, device: torch.device, dtype: torch.dtype, unpadded: bool) -> dict:
     """torch.export the "features" and "head" parts of rec's CRNN on `device`, convs in `dtype`,
     with a dynamic batch and width (and "features_unpadded" if unpadded)."""
-    net = _ExportableCRNN(copy.deepcopy(rec.model)).to(device).eval()
+    net = copy.deepcopy(rec.model).to(device).eval()
     net.convs.to(dtype)
     for conv in net.convs:
         # Channels-last weights make every conv run channels-last: with a 1-channel input,

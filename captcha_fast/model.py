@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from captcha_fast import _gru  # noqa: F401  (registers captcha_fast::gru and its fake kernel)
 from captcha_fast.charset import Charset
 
 
@@ -145,7 +146,10 @@ class InferenceCRNN(CRNN):
     - batch norms folded into the convs (no BN passes), no dropout;
     - channels-last activations (oneDNN's native layout) and a 2x2 max-pool made of maxima;
     - the conv stack runs `chunk` images at a time, so each activation stays in cache;
-    - the column masks are skipped when no sample is padded (they would multiply by 1).
+    - the column masks are skipped when no sample is padded (they would multiply by 1);
+    - the BiGRU is one captcha_fast::gru op (csrc/gru.cpp): each sample over its own frames without
+      packing or a host sync, with a path for small CPU batches that skips ATen's per-frame ops
+      (one image per call), and export keeps the sequence length symbolic.
 
     The convs run in their weights' dtype (cast them for bf16/fp16); projection, GRU,
     classifier and log-softmax run in float32."""
@@ -167,6 +171,10 @@ class InferenceCRNN(CRNN):
         parts = [self.conv_stack(images[i: i + self.chunk], widths[i: i + self.chunk], unpadded)
                  for i in range(0, N, self.chunk)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def recurrent(self, x: Tensor, lengths: Tensor) -> Tensor:
+        return torch.ops.captcha_fast.gru(x, lengths, self.rnn._flat_weights, self.rnn.num_layers,
+                                          self.rnn.bidirectional)
 
     def conv_stack(self, images: Tensor, widths: Tensor, unpadded: bool) -> Tuple[Tensor, Tensor]:
         """(n, C_in, H, W) -> (n, C, H / 4, W / 4) conv features (channels-last), widths / 4."""

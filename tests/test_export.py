@@ -41,11 +41,11 @@ def packed_gru(rnn: nn.GRU, x: torch.Tensor, lengths: torch.Tensor) -> torch.Ten
 
 
 @pytest.mark.parametrize("num_layers, bidirectional", [(2, True), (1, True), (2, False)])
-@pytest.mark.parametrize("lengths", [[13, 13, 13], [13, 7, 1, 13, 4], [5, 0, 13, 2]])
+@pytest.mark.parametrize("lengths", [[13], [13, 7, 1], [5, 0, 13, 2],  # CPU batches <= 4: the small-batch loops
+                                     [13, 13, 13, 13, 13], [13, 7, 1, 13, 4],  # nn.GRU's own path, unpacked and packed
+                                     [5, 0, 13, 2, 9]])  # a length 0: the device-agnostic path CUDA runs
 @torch.no_grad()
 def test_gru_op_matches_packed_nn_gru(num_layers, bidirectional, lengths):
-    """CPU: the packed/unpacked nn.GRU path; a length-0 sample takes the device-agnostic path
-    (per-sample reversal, no host sync), which CUDA runs."""
     torch.manual_seed(0)
     rnn = nn.GRU(12, 8, num_layers=num_layers, bidirectional=bidirectional).eval()
     x = torch.randn(13, len(lengths), 12)

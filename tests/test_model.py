@@ -1,4 +1,4 @@
-"""The inference model: folded batch norms, InferenceCRNN and the exportable GRU agree with
+"""The inference model: folded batch norms and InferenceCRNN (its captcha_fast::gru BiGRU) agree with
 the training CRNN (eager, random weights), per sample in padded batches, scripted and in low
 precision."""
 import pytest
@@ -46,13 +46,15 @@ def test_max_pool_2x2_equals_max_pool2d(shape):
     assert torch.equal(max_pool_2x2(x), F.max_pool2d(x, 2))
 
 
+@pytest.mark.parametrize("widths", [[64, 37, 12, 64, 50], [37], [64, 12, 50]])  # GRU: ATen's batched path, small-batch path
 @pytest.mark.parametrize("chunk", [2, 64])
 @torch.no_grad()
-def test_inference_crnn_matches_crnn_per_sample(chunk):
-    """Mixed widths and chunking: each sample's frames equal the CRNN's on that sample alone."""
+def test_inference_crnn_matches_crnn_per_sample(chunk, widths):
+    """Mixed widths and chunking: each sample's frames equal the CRNN's (nn.GRU on packed
+    sequences) on that sample alone."""
     m = _model()
     fast = InferenceCRNN(m, chunk=chunk).eval()
-    x, w = _batch([64, 37, 12, 64, 50])
+    x, w = _batch(widths)
     got, gl = fast(x, w)
     for n in range(len(w)):
         alone, al = m(x[n:n + 1, :, :, : int(w[n])], w[n:n + 1])
@@ -69,21 +71,6 @@ def test_inference_crnn_scripts_and_matches_eager():
         x, w = _batch(widths)
         want = fast(x, w)[0]
         torch.testing.assert_close(scripted(x, w)[0], want, atol=0, rtol=0)
-
-
-@torch.no_grad()
-def test_exportable_gru_matches_packed_gru():
-    from captcha_fast.export import _ExportableCRNN
-
-    fast = InferenceCRNN(_model()).eval()
-    exp = _ExportableCRNN(fast).eval()
-    x, w = _batch([64, 30, 9])
-    want, wl = fast(x, w)
-    got, gl = exp(x, w)
-    assert torch.equal(gl, wl)
-    for n in range(len(w)):
-        T = int(wl[n])
-        torch.testing.assert_close(got[:T, n], want[:T, n], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
