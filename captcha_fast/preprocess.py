@@ -236,45 +236,48 @@ def _border_band(H: int, W: int) -> int:
     return min(3, (H - 1) // 4, (W - 1) // 4)  # 3 = FRAME (TorchScript can't read globals)
 
 
-def _kept_median(windows: Tensor, dropped: Tensor) -> Tensor:
-    """(N, C, 49, P) values in [0, 1] and which of them not to count -> (N, C, 1, P): the (lower)
-    median of the counted values of each window (k of them: the ceil(k / 2)-th smallest), exactly,
-    by one kthvalue at a fixed rank: of the dropped values, 25 - ceil(k / 2) are put below every
-    value and the rest above, so the 25th of the 49 is the counted median (torch.median or sort
-    over many short rows cost far more)."""
-    kept = 49 - dropped.sum(2, keepdim=True)                            # 49 = BG_WINDOW ** 2
-    below = dropped & (dropped.cumsum(2) <= 25 - (kept + 1) // 2)       # 25 - ceil(k / 2) <= 49 - k
-    windows = torch.where(below, -1.0, torch.where(dropped, 2.0, windows))
-    return windows.kthvalue(25, 2, keepdim=True).values
+def _grid_medians(samples: Tensor) -> Tensor:
+    """(N, C, sh, sw) samples -> (N, C, sh, sw): at each grid point the per-channel median of the
+    7 x 7 samples around it (edges replicated), then the median of those without the samples more
+    than 0.1 beyond it on the ink's side (see background). Exact lower medians, by one sort per
+    window: the median is the 25th of 49 values, and the samples left out are the top of the
+    order (ink brighter than the background) or its bottom (darker), so the second median is the
+    ceil(k / 2)-th of the k values kept, read from the same order."""
+    N, C, sh, sw = samples.shape
+    padded = F.pad(samples, [3, 3, 3, 3], mode="replicate")              # BG_WINDOW // 2 at each side
+    windows = padded.unfold(2, 7, 1).unfold(3, 7, 1).reshape(N, C, sh * sw, 49)   # 7 x 7 = BG_WINDOW
+    ordered = windows.sort(3).values                                     # (N, C, sh * sw, 49) ascending
+    median = ordered[:, :, :, 24:25]                                     # the 25th of 49
+    # Dense text can hold half a window. The ink's side of each channel (darker or brighter than the
+    # background) shows in its skew over the image (Pearson's median skewness; a ramp or a plain
+    # background has none); the second median leaves out the samples more than 0.1 beyond the first
+    # on that side, so the text cannot pull the background towards itself.
+    flat = samples.flatten(2)
+    skew = 3.0 * (flat.mean(2) - flat.quantile(0.5, dim=2)) / flat.std(2).clamp_min(1e-6)   # (N, C)
+    side = torch.where(skew > 0.5, 1.0, torch.where(skew < -0.5, -1.0, 0.0)).view(N, C, 1, 1)
+    dropped = (side * (ordered - median) > 0.1).sum(3, keepdim=True)     # the top or the bottom of the order
+    kept = 49 - dropped
+    rank = (kept + 1) // 2 - 1 + torch.where(side < 0.0, dropped, torch.zeros_like(dropped))
+    return ordered.gather(3, rank).view(N, C, sh, sw)
 
 
 def background(x: Tensor) -> Tensor:
     """(N, C, h, w) float -> (N, C, h, w): each image's local background colour, estimated as document
     binarisation does. The image is sampled on a grid (8 points high, twice that spacing across); each
     grid point takes the per-channel median of the 7 x 7 samples around it (a window about as high
-    as the image and twice as wide, so text covers well under half of it), and the grid is
-    interpolated back bilinearly. A median over a symmetric window follows a linear ramp exactly
-    (with replicated edges, any monotone one), so gradients, mild vignettes and slowly varying
-    textures are background, while glyph strokes, far thinner than the window, are not. Cost: a
-    few thousand samples per image whatever its size, then one bilinear resize."""
+    as the image and twice as wide, so text covers well under half of it; _grid_medians), and the
+    grid is interpolated back bilinearly. A median over a symmetric window follows a linear ramp
+    exactly (with replicated edges, any monotone one), so gradients, mild vignettes and slowly
+    varying textures are background, while glyph strokes, far thinner than the window, are not.
+    Cost: a few thousand samples per image whatever its size, then one bilinear resize. (The resize
+    stays F.interpolate, bit for bit: the ink map has ties at its thresholds on uint8 images, which
+    other arithmetic with the same weights, rounding differently, would break.)"""
     h, w = x.shape[2], x.shape[3]
     step = max(1.0, (h - 1) / 7.0)  # 7 = BG_SAMPLES - 1
     rows = torch.linspace(0.0, h - 1.0, int((h - 1) / step + 0.5) + 1, device=x.device).round().long()
     cols = torch.linspace(0.0, w - 1.0, int((w - 1) / (2.0 * step) + 0.5) + 1, device=x.device).round().long()
-    samples = x.index_select(2, rows).index_select(3, cols)               # (N, C, sh, sw)
-    N, C, sh, sw = samples.shape
-    padded = F.pad(samples, [3, 3, 3, 3], mode="replicate")              # BG_WINDOW // 2 at each side
-    windows = F.unfold(padded, 7).view(N, C, 49, sh * sw)                # 7 x 7 = BG_WINDOW
-    bg = windows.kthvalue(25, 2, keepdim=True).values                   # (N, C, 1, sh * sw): the medians
-    # Dense text can hold half a window. The ink's side of each channel (darker or brighter than the
-    # background) shows in its skew over the image (Pearson's median skewness; a ramp or a plain
-    # background has none); a second median leaves out the samples more than 0.1 beyond the first
-    # on that side, so the text cannot pull the background towards itself.
-    flat = samples.flatten(2)
-    skew = 3.0 * (flat.mean(2) - flat.quantile(0.5, dim=2)) / flat.std(2).clamp_min(1e-6)   # (N, C)
-    side = torch.where(skew > 0.5, 1.0, torch.where(skew < -0.5, -1.0, 0.0)).view(N, C, 1, 1)
-    bg = _kept_median(windows, side * (windows - bg) > 0.1).view(N, C, sh, sw)
-    return F.interpolate(bg, size=[h, w], mode="bilinear", align_corners=True)
+    grid = _grid_medians(x.index_select(2, rows).index_select(3, cols))   # (N, C, sh, sw)
+    return F.interpolate(grid, size=[h, w], mode="bilinear", align_corners=True)
 
 
 def to_ink(x: Tensor) -> Tensor:
@@ -295,7 +298,10 @@ def to_ink(x: Tensor) -> Tensor:
     bg = background(x[:, :, b: H - b, b: W - b])
     if b > 0:
         bg = 2.0 * F.pad(bg, [b, b, b, b], mode="replicate") - F.pad(bg, [b, b, b, b], mode="reflect")
-    dist = (x - bg).abs().amax(1, keepdim=True)                          # (N, 1, H, W)
+    diff = (x - bg).abs_()
+    dist = diff[:, :1]
+    for c in range(1, x.shape[1]):  # the largest channel difference (amax over 3 channels costs 10x more)
+        dist = torch.maximum(dist, diff[:, c: c + 1])                    # (N, 1, H, W)
     # a frame: a row or column of the border band that stands out along 80% of its length
     lines = (dist > 0.06).float()                                        # 0.06 = MIN_CONTRAST
     rows = torch.arange(H, device=x.device).view(1, 1, H, 1)
