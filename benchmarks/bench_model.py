@@ -1,12 +1,12 @@
 """End-to-end recognition throughput (uint8 50x200 fresh captchas -> strings) of the shipped
 model (captcha_fast/pretrained/default.pt), batch 1, 64, 256:
 
-    (a) baseline: the shipped weights run eagerly (export.eager_recognizer: an nn.Module, no
+    (a) baseline: the shipped weights run eagerly (formats.eager_recognizer: an nn.Module, no
         TorchScript) + (c), the fastest pure-Python greedy decoder (captcha_fast.bench)
     (b) the scripted shipped recognizer + C++ greedy
     (c) the scripted shipped recognizer + C++ beam search, beam 10
     (d) (c) with low-precision convolutions (bf16; fp16 on GPUs without bf16)
-    (e) (c) with the shipped default precision (amp=None: export.resolve_dtype)
+    (e) (c) with the shipped default precision (amp=None: formats.resolve_dtype)
 
     pytest --benchmark benchmarks/bench_model.py
 
@@ -20,7 +20,7 @@ of the images."""
 import pytest
 import torch
 
-from captcha_fast import api, bench, export
+from captcha_fast import api, bench, formats
 from captcha_fast.machine import native_bf16
 
 Ns = [1, 64, 256]
@@ -31,7 +31,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _config():
-    return export.config_of(bench.shipped_model())
+    return formats.config_of(bench.shipped_model())
 
 
 def _run(benchmark, fn, N, device):
@@ -87,7 +87,7 @@ def test_scripted(benchmark, N, variant, device):
                         "than fp32 on an AVX2 EPYC, so captcha_fast keeps fp32 on it (amp=None)")
         dtype = torch.float16 if device == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
     benchmark.extra_info["row"] = f"({variant[0]}) scripted shipped model, {variant[2:]}, {device}"
-    rec = export.load_recognizer(api.DEFAULT_MODEL, device=device, dtype=dtype)
+    rec = formats.load_recognizer(api.DEFAULT_MODEL, device=device, dtype=dtype)
     images, _ = bench.captcha_images(N)
     on_device = [i.to(device) for i in images]
     decoder, beam = ("greedy", 1) if variant == "b_greedy" else ("beam", 10)
@@ -98,7 +98,7 @@ def test_scripted(benchmark, N, variant, device):
         assert agree >= (1.0 if device == "cpu" else LOW_PRECISION_AGREEMENT), agree
         return
     assert texts == _exact_top1(on_device, rec)  # the pruned search finds the exact top-1 in any precision
-    if export.resolve_dtype(dtype, torch.device(device)) != torch.float32 and N >= 64:
+    if formats.resolve_dtype(dtype, torch.device(device)) != torch.float32 and N >= 64:
         agree = sum(a == b for a, b in zip(texts, _exact_top1(images))) / N
         benchmark.extra_info["agreement_with_float32"] = agree
         assert agree >= LOW_PRECISION_AGREEMENT, agree

@@ -19,7 +19,7 @@ from typing import Any, List, Optional, Sequence, Union
 
 import torch
 
-from captcha_fast import export
+from captcha_fast import formats
 from captcha_fast.confidence import apply as apply_calibration
 from captcha_fast.confidence import calibration_of
 from captcha_fast.decode import Hypothesis, to_hypotheses
@@ -51,7 +51,7 @@ def load(path: Union[str, os.PathLike], device: Union[None, str, torch.device] =
     - a .pt2 file as it is: torch.export programs, or an AOTInductor package (compiled models),
       which fix their device and precision (a different `device`/`amp` raises ValueError);
     - a TorchScript .pt on `device` (default: CUDA if available, else CPU), convolutions in the
-      precision export.resolve_dtype picks for `amp` (None: the device's fastest; True: low
+      precision formats.resolve_dtype picks for `amp` (None: the device's fastest; True: low
       precision; False: float32) -- unless an AOTInductor package compiled from this very file
       for this device, torch version, CPU and precision is at compiled_path(path, device):
       then that (measured 1.05-1.2x the TorchScript module's speed on a 2-core AVX-512 CPU).
@@ -62,23 +62,23 @@ def load(path: Union[str, os.PathLike], device: Union[None, str, torch.device] =
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recognizer file not found: {str(path)!r}")
-    kind = export.file_kind(path)
+    kind = formats.file_kind(path)
     is_pt2 = kind in ("program", "compiled")
     if device is not None:
         dev = torch.device(device)
     else:
         dev = None if is_pt2 else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = export.amp_dtype(amp)
+    dtype = formats.amp_dtype(amp)
     key = (str(path.resolve()), path.stat().st_mtime_ns, str(dev), dtype, compiled)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
     if is_pt2:
-        rec = export.load_program(path, device=dev, dtype=dtype)
+        rec = formats.load_program(path, device=dev, dtype=dtype)
     else:
         rec = _compiled_for(path, dev, dtype, required=compiled is True) if compiled is not False else None
         if rec is None:
-            rec = export.load_recognizer(path, device=dev, dtype=dtype)
+            rec = formats.load_recognizer(path, device=dev, dtype=dtype)
     _CACHE[key] = rec
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
@@ -93,7 +93,7 @@ def _compiled_for(path: Path, device: torch.device, dtype: str, required: bool):
         if not package.is_file():
             raise FileNotFoundError(f"no AOTInductor package compiled from {str(path)!r} for {device.type} at "
                                     f"{str(package)!r}: make one with `captcha-fast export {path} --compile`")
-        return export.load_program(package, device=device, dtype=dtype)
+        return formats.load_program(package, device=device, dtype=dtype)
     except (FileNotFoundError, ValueError):
         if required:
             raise
@@ -103,7 +103,7 @@ def _compiled_for(path: Path, device: torch.device, dtype: str, required: bool):
 def format_of(recognizer) -> str:
     """Which format a loaded recognizer runs: "compiled" (AOTInductor package), "program"
     (torch.export programs, .pt2), "torchscript" (.pt) or "eager" (a Python Recognizer)."""
-    if isinstance(recognizer, export.ExportedRecognizer):
+    if isinstance(recognizer, formats.ExportedRecognizer):
         return recognizer.kind
     return "torchscript" if isinstance(recognizer, torch.jit.ScriptModule) else "eager"
 
@@ -123,7 +123,7 @@ def _resolve_model(model, device, amp):
         return default_model(device=device, amp=amp)
     if isinstance(model, (str, os.PathLike)):
         return load(model, device=device, amp=amp)
-    if isinstance(model, (Recognizer, torch.jit.ScriptModule, export.ExportedRecognizer)) and hasattr(model, "recognize"):
+    if isinstance(model, (Recognizer, torch.jit.ScriptModule, formats.ExportedRecognizer)) and hasattr(model, "recognize"):
         return model
     raise TypeError(f"model must be None (the pretrained model), a recognizer file path or a loaded recognizer "
                     f"(captcha_fast.load), got {type(model).__name__}")

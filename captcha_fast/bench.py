@@ -394,9 +394,9 @@ def predict_table(batch: int = 64, rounds: int = 5) -> List[Row]:
     assert [t[0] for t in pipelines["scripted recognizer + C++ beam 10"]()] == exact, \
         "the scripted beam pipeline's top-1 differs from the exact search's"
     # what predict_batch runs by default: captcha_fast.load's choice of format and precision
-    from captcha_fast import api, export
+    from captcha_fast import api, formats
     fastest = api.load(api.DEFAULT_MODEL, device="cpu")
-    dtype = str(getattr(fastest, "dtype", None) or export.resolve_dtype(None, torch.device("cpu"))).split(".")[-1]
+    dtype = str(getattr(fastest, "dtype", None) or formats.resolve_dtype(None, torch.device("cpu"))).split(".")[-1]
     reads = [t[0] for t in fastest.recognize(images, "beam", 10, 1)[0]]
     same = sum(r == e for r, e in zip(reads, exact))
     pipelines[f"captcha_fast.load default: {api.format_of(fastest)}, {dtype} + C++ beam 10 "

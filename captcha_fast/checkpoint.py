@@ -1,4 +1,4 @@
-"""Training checkpoints: atomic writes, a version checked on load, models from checkpoints.
+"""Training checkpoints: written atomically (files.atomic_write), a version checked on load, models from checkpoints.
 
     RUN_DIR/best.ckpt   the best validation epoch (weights only: not resumable)
     RUN_DIR/last.ckpt   the last epoch, with optimizer, scheduler, scaler and RNG states (--resume)
@@ -12,36 +12,19 @@ This module knows no training code, so export and the CLI's export command can u
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Union
 
 import torch
 from torch import Tensor
 
+from captcha_fast.files import atomic_write
 from captcha_fast.model import CRNN, CRNNConfig
 
 CHECKPOINT_VERSION = 1  # bump when the dict changes; load_checkpoint refuses newer ones
 PRETRAINED_CHECKPOINT = Path(__file__).resolve().parent / "pretrained" / "default.ckpt"
 """The shipped model's training weights (batch norms unfolded): where `captcha-fast train` starts."""
 PathLike = Union[str, os.PathLike]
-
-
-def atomic_write(path: PathLike, write) -> Path:
-    """write(tmp_path) then os.replace, so a reader never sees a half-written file. The temp
-    file has the final name (in a temp folder beside it): torch names the archive root after
-    it, and matplotlib picks the format from its suffix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    tmp = tmp_dir / path.name
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp_dir.rmdir()
-    return path
 
 
 def save_checkpoint(checkpoint: dict, path: PathLike) -> Path:

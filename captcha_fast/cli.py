@@ -353,14 +353,14 @@ def _add_export(p):
 
 
 def _run_export(args):
-    from captcha_fast import api, export
+    from captcha_fast import api, export, formats
 
     if args.out is None and not (args.compile and args.source.endswith(".pt")):
         raise UsageError("--out is required, except with --compile from a recognizer .pt (then the cache)")
     if args.out is not None and args.compile and not args.out.endswith(".pt2"):
         raise UsageError(f"--compile writes a .pt2 package: --out must end in .pt2, got {args.out}")
     settings = dict(decoder="greedy" if args.greedy else "beam", beam_width=args.beam)
-    if export.file_kind(args.source) == "torchscript":  # a recognizer: keeps its own decoder settings, calibration
+    if formats.file_kind(args.source) == "torchscript":  # a recognizer: keeps its own decoder settings, calibration
         model = args.source
     else:
         from captcha_fast.checkpoint import load_checkpoint, model_from_checkpoint
@@ -391,11 +391,11 @@ def _add_calibrate(p):
 
 
 def _run_calibrate(args):
-    from captcha_fast import api, confidence, export
+    from captcha_fast import api, confidence, export, formats
     from captcha_fast.evaluate import load_labelled
     from captcha_fast.synth import DIGITS_LETTERS, SynthConfig
 
-    if export.file_kind(args.model) == "unknown":  # a training checkpoint (load_checkpoint names a foreign file)
+    if formats.file_kind(args.model) == "unknown":  # a training checkpoint (load_checkpoint names a foreign file)
         from captcha_fast.checkpoint import load_model
         from captcha_fast.recognizer import build_recognizer
         rec = build_recognizer(load_model(args.model))

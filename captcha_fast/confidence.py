@@ -7,7 +7,7 @@ So the confidence is a map fitted on labelled images the model never trained on 
 
     confidence = sigmoid(slope * logit(exp(score)) + intercept),    slope >= 0
 
-two numbers per decoder, monotone in the score, kept in the model file (export.CALIBRATION_FILE in
+two numbers per decoder, monotone in the score, kept in the model file (formats.CALIBRATION_FILE in
 a TorchScript .pt, the settings JSON of a .pt2, the "calibration" key of a training checkpoint).
 A model without them (one saved before this existed, or trained without a validation split)
 gives exp(score): the model's own, uncalibrated, probability. A hypothesis decoded from bare
@@ -69,7 +69,7 @@ class Calibration:
 
 
 def calibration_of(recognizer) -> Optional[Calibration]:
-    """The calibration a loaded recognizer carries (export.load_recognizer and load_program set it), or None."""
+    """The calibration a loaded recognizer carries (formats.load_recognizer and load_program set it), or None."""
     return getattr(recognizer, "calibration", None)
 
 
@@ -248,9 +248,9 @@ def calibrate_file(model_path, images: Sequence[Tensor], labels: Sequence[str], 
                    ignore_case: bool = False, prepared: bool = False, also: Sequence = ()) -> Calibration:
     """Fit the calibration of the recognizer file `model_path` on these held-out images and store it
     in the file (export.with_calibration) and in each file of `also` (e.g. its training checkpoint)."""
-    from captcha_fast import export
+    from captcha_fast import export, formats
 
-    recognizer = export.load_recognizer(model_path, dtype="float32")
+    recognizer = formats.load_recognizer(model_path, dtype="float32")
     reads = read_labelled(recognizer, images, labels, ignore_case=ignore_case, prepared=prepared)
     calibration = fit_calibration(reads, source)
     for path in (model_path, *also):

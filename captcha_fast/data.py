@@ -28,7 +28,7 @@ from torch import Tensor
 
 from captcha_fast import preprocess
 from captcha_fast.charset import Charset
-from captcha_fast.checkpoint import atomic_write
+from captcha_fast.files import atomic_write
 from captcha_fast.preprocess import IMAGE_SUFFIXES, MAX_WIDTH
 
 

@@ -38,7 +38,7 @@ def _cpu_flags_under(root: Path) -> FrozenSet[str]:
 
 
 def native_bf16(device: Union[str, torch.device] = "cpu", root: Optional[Path] = None) -> bool:
-    """Whether `device` runs bf16 natively, the one bf16 decision (export.resolve_dtype, training):
+    """Whether `device` runs bf16 natively, the one bf16 decision (formats.resolve_dtype, training):
     CUDA: torch.cuda.is_bf16_supported(); CPU: a NATIVE_BF16_FLAGS flag in /proc/cpuinfo -- not
     torch.ops.mkldnn._is_mkldnn_bf16_supported(), which answers True for any AVX-512 CPU."""
     device = torch.device(device)

@@ -37,13 +37,14 @@ import torch.nn as nn
 from torch import Tensor
 
 from captcha_fast.charset import Charset
-from captcha_fast.checkpoint import (PRETRAINED_CHECKPOINT, atomic_write, init_from_checkpoint, load_checkpoint,
+from captcha_fast.checkpoint import (PRETRAINED_CHECKPOINT, init_from_checkpoint, load_checkpoint,
                                      load_model, save_checkpoint)
 from captcha_fast.confidence import calibrate_file
 from captcha_fast.data import (SMALL_SET_AUGMENT, AugmentConfig, Batch, BucketBatchSampler, CaptchaDataset,
                                check_labels, collate, frames_needed, list_samples, split_samples, synthetic_dataset)
 from captcha_fast.decode import greedy_decode
 from captcha_fast.distributed import Dist
+from captcha_fast.files import atomic_write
 from captcha_fast.machine import native_bf16
 from captcha_fast.export import save_recognizer
 from captcha_fast.metrics import score

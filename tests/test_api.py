@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from captcha_fast import api, export
+from captcha_fast import api, export, formats
 from captcha_fast.decode import Hypothesis
 from captcha_fast.recognizer import Recognizer
 from captcha_fast.synth import render, sample_rng
@@ -91,7 +91,7 @@ def test_loaded_model_and_load_cache(model_path, pil_images, expected):
     rec = api.load(model_path)
     assert api.load(model_path) is rec  # cached
     assert api.predict_batch(pil_images, rec) == expected
-    assert api.predict_batch(pil_images, export.load_recognizer(model_path, freeze=False)) == expected
+    assert api.predict_batch(pil_images, formats.load_recognizer(model_path, freeze=False)) == expected
 
 
 @pytest.mark.slow
@@ -100,7 +100,7 @@ def test_exported_program_predicts_the_same(model_path, pil_images, expected, tm
     tests/test_export.py compares the formats in depth."""
     pt2 = export.export_program(model_path, tmp_path / "model.pt2")  # from the saved TorchScript file
     rec = api.load(pt2)
-    assert isinstance(rec, export.ExportedRecognizer) and api.format_of(rec) == "program"
+    assert isinstance(rec, formats.ExportedRecognizer) and api.format_of(rec) == "program"
     for bs in (1, 4):
         assert api.predict_batch(pil_images, rec, batch_size=bs) == expected
     scripted = api.load(model_path).recognize([_chw(i) for i in pil_images], "beam", 10, 2)
@@ -194,7 +194,7 @@ def test_too_wide_an_image_is_refused_by_name_without_the_work(model_path):
         api.predict_batch([torch.zeros(1, 20, 20, dtype=torch.uint8), torch.zeros(1, 1, 100000, dtype=torch.uint8)],
                           model_path)
     assert time.perf_counter() - t0 < 10
-    rec = export.load_recognizer(model_path, freeze=False)
+    rec = formats.load_recognizer(model_path, freeze=False)
     rec.max_width = 8  # configurable per recognizer; the scripted module raises torch.jit.Error
     with pytest.raises(Exception, match="above max_width = 8"):
         rec([torch.zeros(1, 32, 40, dtype=torch.uint8)])
@@ -274,14 +274,14 @@ def test_length_and_alphabet_constraints_reach_the_beam_search(model_path, pil_i
     constraints reads, for every kind of recognizer -- also a TorchScript file, whose methods have
     fixed signatures -- and the constraints change some reads (else this would prove nothing)."""
     rec = {"torchscript": lambda: api.load(model_path),
-           "eager": lambda: export.eager_recognizer(model_path),
+           "eager": lambda: formats.eager_recognizer(model_path),
            "program": lambda: api.load(export.export_program(model_path, tmp_path / "m.pt2"))}[kind]()
     images = [_chw(img) for img in pil_images]
     free = api.predict_batch(images, rec, batch_size=4)
     for min_length, max_length, allowed in ((3, 3, None), (0, None, "0123456789"), (2, 4, "abcdef0")):
         got = api.predict_batch(images, rec, min_length=min_length, max_length=max_length, allowed=allowed,
                                 batch_size=4)
-        ref = export.load_recognizer(model_path, dtype="float32")
+        ref = formats.load_recognizer(model_path, dtype="float32")
         assert got == _reference_reads(ref, images, min_length, -1 if max_length is None else max_length, allowed)
         assert got != free
         for text in got:

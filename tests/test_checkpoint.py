@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from captcha_fast.checkpoint import (CHECKPOINT_VERSION, atomic_write, init_from_checkpoint, load_checkpoint,
+from captcha_fast.checkpoint import (CHECKPOINT_VERSION, init_from_checkpoint, load_checkpoint,
                                      load_model, save_checkpoint)
 from captcha_fast.model import CRNN, CRNNConfig
 
@@ -71,20 +71,6 @@ def test_init_from_maps_classifier_rows_per_symbol(tmp_path):
     wider = CRNN(CRNNConfig("AB", height=16, channels=(8, 16), hidden_dim=48))
     skipped = init_from_checkpoint(wider, tmp_path)
     assert "project.weight" in skipped and "convs.0.0.weight" not in skipped
-
-
-def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
-    path = tmp_path / "f.txt"
-    path.write_text("old")
-
-    def failing(tmp):
-        open(tmp, "w").write("half")
-        raise OSError("disk full")
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write(path, failing)
-    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
-    atomic_write(path, lambda tmp: open(tmp, "w").write("new"))
-    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
 
 
 def test_a_case_folded_source_starts_both_cases(tmp_path):

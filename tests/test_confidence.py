@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from captcha_fast import api, confidence, export
+from captcha_fast import api, confidence, export, formats
 from captcha_fast.checkpoint import load_checkpoint, save_checkpoint
 from captcha_fast.cli import main
 from captcha_fast.confidence import Calibration
@@ -116,13 +116,13 @@ def files(tmp_path_factory):
 
 def test_torchscript_file_carries_the_calibration(files):
     folder, plain, calibrated = files
-    assert export.load_recognizer(calibrated).calibration == CAL
-    assert export.load_recognizer(plain).calibration is None
-    extra = {export.CALIBRATION_FILE: ""}  # readable without captcha_fast's loader too
+    assert formats.load_recognizer(calibrated).calibration == CAL
+    assert formats.load_recognizer(plain).calibration is None
+    extra = {formats.CALIBRATION_FILE: ""}  # readable without captcha_fast's loader too
     torch.jit.load(str(calibrated), _extra_files=extra)
-    assert json.loads(extra[export.CALIBRATION_FILE])["beam"] == [0.6, -0.8]
+    assert json.loads(extra[formats.CALIBRATION_FILE])["beam"] == [0.6, -0.8]
     rewritten = export.with_calibration(plain, CAL, folder / "rewritten.pt")
-    assert export.load_recognizer(rewritten).calibration == CAL
+    assert formats.load_recognizer(rewritten).calibration == CAL
     images = [torch.randint(0, 256, (1, 32, 90), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
               for i in range(3)]
     assert api.predict_batch(images, str(rewritten)) == api.predict_batch(images, str(plain))  # same weights
@@ -131,11 +131,11 @@ def test_torchscript_file_carries_the_calibration(files):
 def test_pt2_file_carries_the_calibration(files):
     folder, plain, calibrated = files
     program = export.export_program(str(calibrated), folder / "calibrated.pt2")  # from the .pt: kept
-    assert export.load_program(program).calibration == CAL
+    assert formats.load_program(program).calibration == CAL
     bare = export.export_program(str(plain), folder / "plain.pt2")
-    assert export.load_program(bare).calibration is None
+    assert formats.load_program(bare).calibration is None
     other = Calibration((1.5, 2.0), (1.0, 0.0), 7, "other")
-    rec = export.load_program(export.with_calibration(bare, other, folder / "other.pt2"))
+    rec = formats.load_program(export.with_calibration(bare, other, folder / "other.pt2"))
     assert rec.calibration == other
     image = torch.randint(0, 256, (1, 32, 90), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     (h,), = api.predict_batch([image], rec, return_scores=True)
@@ -150,7 +150,7 @@ def test_checkpoint_carries_the_calibration_into_export(tmp_path):
     export.with_calibration(ckpt, CAL)
     assert Calibration.from_dict(load_checkpoint(ckpt)["calibration"]) == CAL
     assert main(["export", str(ckpt), "--out", str(tmp_path / "m.pt")]) == 0
-    assert export.load_recognizer(tmp_path / "m.pt").calibration == CAL
+    assert formats.load_recognizer(tmp_path / "m.pt").calibration == CAL
 
 
 # ---------------------------------------------------------------------------- in every output
@@ -199,7 +199,7 @@ def test_cli_predict_prints_the_confidence(files, tmp_path, capsys):
 def test_read_labelled_on_prepared_images_matches_the_recognizer(files):
     """Training calibrates on its validation set's prepared images: the reads must be the recognizer's."""
     _, _, calibrated = files
-    rec = export.load_recognizer(calibrated)
+    rec = formats.load_recognizer(calibrated)
     images = [torch.from_numpy(np.array(im.convert("L"))).unsqueeze(0) for im in _images()]
     labels = ["3a7f", "0b1c", "c4d5e6", "ffff", "12ab", "9"]
     raw = confidence.read_labelled(rec, images, labels)
@@ -216,10 +216,10 @@ def test_cli_calibrate_fits_on_labelled_images_and_writes_a_copy(files, png_fold
     out = tmp_path / "calibrated.pt"
     assert main(["calibrate", str(plain), str(png_folder), "--out", str(out), "--plot", str(tmp_path / "r.png")]) == 0
     assert "confidence = sigmoid(" in capsys.readouterr().out and (tmp_path / "r.png").stat().st_size > 0
-    cal = export.load_recognizer(out).calibration
-    reads = confidence.read_labelled(export.load_recognizer(plain), *_labelled(png_folder))
+    cal = formats.load_recognizer(out).calibration
+    reads = confidence.read_labelled(formats.load_recognizer(plain), *_labelled(png_folder))
     assert cal.n == 5 and cal.beam == pytest.approx(confidence.fit_platt(reads["beam"].scores, reads["beam"].right))
-    assert export.load_recognizer(plain).calibration is None  # the source is left alone
+    assert formats.load_recognizer(plain).calibration is None  # the source is left alone
 
 
 def _labelled(folder):
@@ -238,10 +238,10 @@ def test_training_calibrates_on_its_validation_split(tmp_path, capsys):
                  "--epochs", "2", "--height", "16", "--channels", "8", "16", "--hidden", "32", "--batch-size", "8",
                  "--char-warmup", "0", "--no-augment", "--quiet", "--threads", "1", "--lr", "1e-2", "--from-scratch",
                  "--no-ink", "--min-steps", "0"]) == 0
-    cal = export.load_recognizer(tmp_path / "run" / "model.pt").calibration
+    cal = formats.load_recognizer(tmp_path / "run" / "model.pt").calibration
     best = load_checkpoint(tmp_path / "run" / "best.ckpt")
     assert Calibration.from_dict(best["calibration"]) == cal and cal.n == best["best"]["val_n"]
     # the same fit as on the split's image files read by the saved recognizer
     images, labels, _ = load_labelled(str(data), split="val", val_fraction=0.4, seed=3)
-    reads = confidence.read_labelled(export.load_recognizer(tmp_path / "run" / "model.pt"), images, labels)
+    reads = confidence.read_labelled(formats.load_recognizer(tmp_path / "run" / "model.pt"), images, labels)
     assert cal.beam == pytest.approx(confidence.fit_platt(reads["beam"].scores, reads["beam"].right), abs=0.02)

@@ -17,7 +17,7 @@ import torch.nn as nn
 from PIL import Image
 
 import captcha_fast
-from captcha_fast import _gru, api, export
+from captcha_fast import _gru, api, export, formats
 from captcha_fast.model import CRNN, CRNNConfig
 from captcha_fast.preprocess import load_image
 from captcha_fast.synth import render, sample_rng
@@ -97,7 +97,7 @@ def mixed_images(n: int, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def pt(tiny_model_path):
-    return export.load_recognizer(tiny_model_path, dtype="float32")
+    return formats.load_recognizer(tiny_model_path, dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +127,8 @@ def assert_same_reads(rec, pt, images):
 
 @pytest.mark.parametrize("n", [1, 3, 40])  # 40: the conv stack runs in chunks
 def test_program_reads_as_the_pt(program_path, pt, n):
-    rec = export.load_program(program_path)
-    assert rec.kind == "program" and rec.program_format == export.PROGRAM_FORMAT
+    rec = formats.load_program(program_path)
+    assert rec.kind == "program" and rec.program_format == formats.PROGRAM_FORMAT
     assert_same_reads(rec, pt, mixed_images(n))
     same_size = [torch.randint(0, 256, (1, 50, 200), dtype=torch.uint8) for _ in range(n)]  # unpadded path
     assert_same_reads(rec, pt, same_size)
@@ -137,7 +137,7 @@ def test_program_reads_as_the_pt(program_path, pt, n):
 @pytest.mark.slow
 @pytest.mark.parametrize("n", [1, 3, 40])
 def test_compiled_package_reads_as_the_pt(compiled_path, pt, n):
-    rec = export.load_program(compiled_path)
+    rec = formats.load_program(compiled_path)
     assert rec.kind == "compiled" and rec.dtype == torch.float32
     assert_same_reads(rec, pt, mixed_images(n))
     assert_same_reads(rec, pt, [torch.randint(0, 256, (1, 50, 200), dtype=torch.uint8) for _ in range(n)])
@@ -176,7 +176,7 @@ def test_corrupt_or_foreign_pt2_is_refused_clearly(program_path, tmp_path):
     torch.export.save(torch.export.export(nn.Linear(3, 2), (torch.randn(1, 3),)), str(foreign))
     with pytest.raises(ValueError, match="linear.pt2.*not a captcha_fast recognizer.*without captcha_fast settings"):
         api.load(foreign)
-    future = _rewrite_meta(program_path, tmp_path / "future.pt2", program_format=export.PROGRAM_FORMAT + 1)
+    future = _rewrite_meta(program_path, tmp_path / "future.pt2", program_format=formats.PROGRAM_FORMAT + 1)
     with pytest.raises(ValueError, match="future.pt2.*program format 3.*upgrade captcha_fast"):
         api.load(future)
     damaged = tmp_path / "damaged.pt2"  # the settings are fine, a program is not
@@ -196,23 +196,23 @@ def test_pt2_device_and_precision_are_fixed(program_path):
 
 
 def test_compiled_for_another_machine_is_refused_clearly(tmp_path):
-    here = export._machine()
+    here = formats.compile_target()
     meta = {"device": "cpu", **here}
-    export._check_machine(tmp_path / "x.pt2", meta)  # this machine: fine
+    formats.check_machine(tmp_path / "x.pt2", meta)  # this machine: fine
     with pytest.raises(ValueError, match=r"x.pt2.*compiled for torch 0.1.*compile it again here"):
-        export._check_machine(tmp_path / "x.pt2", {**meta, "torch": "0.1"})
+        formats.check_machine(tmp_path / "x.pt2", {**meta, "torch": "0.1"})
     with pytest.raises(ValueError, match=r"x.pt2.*for a CPU with amx_fp64.*compile it again here"):
-        export._check_machine(tmp_path / "x.pt2", {**meta, "cpu_isa": "amx_fp64"})
+        formats.check_machine(tmp_path / "x.pt2", {**meta, "cpu_isa": "amx_fp64"})
 
 
 def test_file_kinds(tiny_model_path, program_path, tmp_path):
-    assert export.file_kind(tiny_model_path) == "torchscript"
-    assert export.file_kind(program_path) == "program"
+    assert formats.file_kind(tiny_model_path) == "torchscript"
+    assert formats.file_kind(program_path) == "program"
     (tmp_path / "x.txt").write_text("hello")
-    assert export.file_kind(tmp_path / "x.txt") == "unknown"
+    assert formats.file_kind(tmp_path / "x.txt") == "unknown"
     torch.save({"model": tiny_model().state_dict()}, tmp_path / "best.ckpt")  # a zip too, not a recognizer
-    assert export.file_kind(tmp_path / "best.ckpt") == "unknown"
-    assert export.file_kind(tmp_path) == "unknown"
+    assert formats.file_kind(tmp_path / "best.ckpt") == "unknown"
+    assert formats.file_kind(tmp_path) == "unknown"
 
 
 # ----------------------------------------------------------------------------- fresh processes, C++
@@ -359,7 +359,7 @@ def test_cuda_program_low_precision_convs_read_as_the_pt_without_host_sync(tiny_
     path = export.export_program(tiny_model_path, tmp_path / "cuda.pt2", device="cuda", dtype=dtype)
     rec = api.load(path)
     assert rec.device.type == "cuda" and rec.dtype == getattr(torch, dtype)
-    pt_cuda = export.load_recognizer(tiny_model_path, device="cuda", dtype=dtype)
+    pt_cuda = formats.load_recognizer(tiny_model_path, device="cuda", dtype=dtype)
     images = mixed_images(20)
     assert rec.recognize(images, "beam", 10, 1)[0] == pt_cuda.recognize(images, "beam", 10, 1)[0]
     batch, widths = rec.preprocess([i.cuda() for i in images])
@@ -379,7 +379,7 @@ def test_cuda_compiled_package_reads_as_the_pt(tiny_model_path, tmp_path):
     path = export.compile_package(tiny_model_path, tmp_path / "cuda_aoti.pt2", device="cuda")
     rec = api.load(path)
     assert rec.kind == "compiled" and rec.device.type == "cuda"
-    pt_cuda = export.load_recognizer(tiny_model_path, device="cuda", dtype=rec.dtype)
+    pt_cuda = formats.load_recognizer(tiny_model_path, device="cuda", dtype=rec.dtype)
     images = mixed_images(20)
     assert rec.recognize(images, "beam", 10, 1)[0] == pt_cuda.recognize(images, "beam", 10, 1)[0]
 
@@ -391,7 +391,7 @@ def test_cli_export_program_from_a_recognizer_and_predict_with_threads(tiny_mode
 
     out = tmp_path / "cli.pt2"
     assert main(["export", str(tiny_model_path), "--out", str(out)]) == 0
-    assert export.file_kind(out) == "program"
+    assert formats.file_kind(out) == "program"
     files = []
     for i, img in enumerate(mixed_images(3)):
         files.append(tmp_path / f"{i}.png")
@@ -415,7 +415,7 @@ def test_cli_export_compile_fills_the_cache_load_uses(tmp_path, monkeypatch, cap
     assert str(api.compiled_path(pt_path)) in capsys.readouterr().out
     api._CACHE.clear()
     rec = api.load(pt_path, device="cpu")
-    assert api.format_of(rec) == "compiled" and rec.dtype == export.resolve_dtype(None, torch.device("cpu"))
+    assert api.format_of(rec) == "compiled" and rec.dtype == formats.resolve_dtype(None, torch.device("cpu"))
     scripted = api.load(pt_path, device="cpu", compiled=False)  # same precision (the device's fastest)
     assert api.format_of(scripted) == "torchscript"
     assert api.predict_batch(mixed_images(3), rec) == api.predict_batch(mixed_images(3), scripted)
@@ -435,16 +435,16 @@ def test_load_program_runs_on_the_device_index_asked_for(program_path, tmp_path,
     monkeypatch.setattr(_package, "load_pt2", lambda f, **kw: (seen.update(kw), real_load(f))[1])
     monkeypatch.setattr(torch.export.passes, "move_to_device_pass",
                         lambda program, device: (seen.setdefault("moved_to", []).append(str(device)), program)[1])
-    rec = export.load_program(cuda_file, device="cuda:1")
+    rec = formats.load_program(cuda_file, device="cuda:1")
     assert rec.device == torch.device("cuda:1") and seen["device_index"] == 1
     assert seen["moved_to"] == ["cuda:1"] * len(rec.parts)  # every part (features, features_unpadded, head)
-    assert export.load_program(program_path).device == torch.device("cpu")
+    assert formats.load_program(program_path).device == torch.device("cpu")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_a_program_on_the_second_gpu_reads_as_on_the_cpu(tiny_model_path, tmp_path, pt):
     path = export.export_program(tiny_model_path, tmp_path / "cuda.pt2", device="cuda", dtype="float32")
-    rec = export.load_program(path, device="cuda:1")
+    rec = formats.load_program(path, device="cuda:1")
     images = [torch.randint(0, 256, (3, 50, 120), dtype=torch.uint8)]
     batch, widths = rec.preprocess([i.to("cuda:1") for i in images])
     log_probs, _ = rec.log_probs(batch, widths)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from captcha_fast import export, machine
+from captcha_fast import formats, machine
 
 BASE = "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr sse sse2 ssse3 sse4_1 sse4_2 popcnt aes xsave avx f16c"
 CPUS = {  # flags of each kind of x86 server CPU (abridged to what matters here)
@@ -58,10 +58,10 @@ def test_resolve_dtype_takes_bf16_only_on_native_bf16_cpus(monkeypatch, tmp_path
     flags, native = CPUS[kind]
     monkeypatch.setattr(machine, "ROOT", fake_root(tmp_path, {"proc/cpuinfo": cpuinfo(flags)}))
     cpu = torch.device("cpu")
-    assert export.resolve_dtype(None, cpu) == (torch.bfloat16 if native else torch.float32)
-    assert export.resolve_dtype("auto", cpu) == export.resolve_dtype(None, cpu)
-    assert export.resolve_dtype("low", cpu) == torch.bfloat16
-    assert export.resolve_dtype("float32", cpu) == torch.float32
+    assert formats.resolve_dtype(None, cpu) == (torch.bfloat16 if native else torch.float32)
+    assert formats.resolve_dtype("auto", cpu) == formats.resolve_dtype(None, cpu)
+    assert formats.resolve_dtype("low", cpu) == torch.bfloat16
+    assert formats.resolve_dtype("float32", cpu) == torch.float32
 
 
 # ----------------------------------------------------------------------------- CPUs free to this process

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import captcha_fast
-from captcha_fast import _reference, export
+from captcha_fast import _reference, export, formats
 from captcha_fast.preprocess import collate, load_image, prepare_image
 from captcha_fast.recognizer import Recognizer, build_recognizer
 from captcha_fast.synth import render, sample_rng
@@ -98,17 +98,17 @@ def test_eager_scripted_saved_loaded_agree(model, saved):
     rec = build_recognizer(model, decoder="greedy")
     want = rec.recognize(imgs, "beam", 8, 3)
     scripted = torch.jit.script(rec)
-    for other in (scripted, torch.jit.load(str(saved)), export.load_recognizer(saved)):
+    for other in (scripted, torch.jit.load(str(saved)), formats.load_recognizer(saved)):
         got = other.recognize(imgs, "beam", 8, 3)
         assert got[0] == want[0]
         torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-4)  # freezing reorders float ops
-    loaded = export.load_recognizer(saved)
-    assert export.config_of(loaded) == model.config
+    loaded = formats.load_recognizer(saved)
+    assert formats.config_of(loaded) == model.config
     assert list(loaded.charset) == list(CHARSET) and loaded.decoder == "greedy"
 
 
 def test_mixed_width_batch_equals_one_at_a_time(saved):
-    rec = export.load_recognizer(saved)
+    rec = formats.load_recognizer(saved)
     imgs = captchas(("12", "abcdef01", "7", "9e9e"))
     texts, scores = rec(imgs)
     for n, img in enumerate(imgs):
@@ -119,10 +119,10 @@ def test_mixed_width_batch_equals_one_at_a_time(saved):
 
 def test_low_precision_agrees_with_fp32(saved):
     imgs = captchas(("3a7f", "0b1", "c4d5e6", "ffff", "0"))
-    fp32 = export.load_recognizer(saved, dtype="float32")
+    fp32 = formats.load_recognizer(saved, dtype="float32")
     for dtype in ("bfloat16", "float16"):
-        low = export.load_recognizer(saved, dtype=dtype, freeze=False)
-        assert getattr(getattr(low.model.convs, "0"), "weight").dtype == export.resolve_dtype(dtype, torch.device("cpu"))
+        low = formats.load_recognizer(saved, dtype=dtype, freeze=False)
+        assert getattr(getattr(low.model.convs, "0"), "weight").dtype == formats.resolve_dtype(dtype, torch.device("cpu"))
         (t32, s32), (tl, sl) = fp32(imgs), low(imgs)
         assert tl == t32
         assert not torch.equal(sl, s32)  # really computed differently
@@ -133,7 +133,7 @@ def test_runs_with_only_torch_and_the_library(saved, tmp_path):
     """No captcha_fast Python code in the child: torch.ops.load_library + torch.jit.load."""
     imgs = captchas()
     torch.save(imgs, tmp_path / "imgs.pt")
-    want = export.load_recognizer(saved).recognize(imgs, "beam", 10, 2)[0]
+    want = formats.load_recognizer(saved).recognize(imgs, "beam", 10, 2)[0]
     code = f"""
 import json, sys, torch
 torch.ops.load_library({captcha_fast.LIBRARY_PATH!r})
@@ -172,17 +172,17 @@ def test_load_rejects_files_that_are_not_recognizers(tmp_path, model):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a model at all")
     with pytest.raises(ValueError, match="garbage.pt.*not a captcha_fast recognizer"):
-        export.load_recognizer(garbage)
+        formats.load_recognizer(garbage)
     other = tmp_path / "other.pt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(other))
     with pytest.raises(ValueError, match="other.pt.*not a captcha_fast recognizer"):
-        export.load_recognizer(other)
+        formats.load_recognizer(other)
     state = tmp_path / "state.pt"
     torch.save(model.state_dict(), state)
     with pytest.raises(ValueError, match="state.pt.*not a captcha_fast recognizer"):
-        export.load_recognizer(state)
+        formats.load_recognizer(state)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
-        export.load_recognizer(tmp_path / "missing.pt")
+        formats.load_recognizer(tmp_path / "missing.pt")
 
 
 def test_bad_recognizer_arguments(model):
@@ -215,7 +215,7 @@ def test_cpp_example_prints_the_same_strings(saved, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     got = [line.split("\t")[1] for line in out.stdout.strip().splitlines()]
-    rec = export.load_recognizer(saved)
+    rec = formats.load_recognizer(saved)
     assert got == rec([load_image(f) for f in files])[0]
 
 
@@ -226,7 +226,7 @@ def test_format_1_files_are_migrated(model, tmp_path):
     scripted.format = 1
     old = tmp_path / "old.pt"
     torch.jit.save(scripted, str(old))
-    loaded = export.load_recognizer(old)
+    loaded = formats.load_recognizer(old)
     assert loaded.format == 2 and loaded.max_width == 4096
     imgs = captchas()
     assert loaded(imgs)[0] == rec(imgs)[0]

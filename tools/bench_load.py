@@ -69,7 +69,8 @@ def measure(args) -> list:
     import torch
 
     import captcha_fast
-    from captcha_fast import api, export
+    from captcha_fast import api
+    from captcha_fast.formats import resolve_dtype
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -101,7 +102,7 @@ def measure(args) -> list:
                     os.killpg(c.pid, 15)
                     c.wait()
         print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
-    ts_dtype = export.resolve_dtype(None, torch.device("cpu"))  # what api.load gave the .pt
+    ts_dtype = resolve_dtype(None, torch.device("cpu"))  # what api.load gave the .pt
     env = {"torch": torch.__version__, "captcha_fast": captcha_fast.__version__, "cpu": platform.processor() or platform.machine(),
            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"), "competitors": args.competitors,
