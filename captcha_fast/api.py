@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import re
+import stat
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Union
@@ -58,21 +59,25 @@ def load(path: Union[str, os.PathLike], device: Union[None, str, torch.device] =
       compiled=False keeps the TorchScript module; compiled=True requires the package.
 
     format_of(recognizer) says which. Loaded files are cached (by path, modification time,
-    device, precision and `compiled`)."""
+    device, precision and `compiled`); a call that finds its file there costs one stat, not a
+    look inside the file (predict_batch loads its model on every call)."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode):
         raise FileNotFoundError(f"recognizer file not found: {str(path)!r}")
-    kind = formats.file_kind(path)
-    is_pt2 = kind in ("program", "compiled")
+    dtype = formats.amp_dtype(amp)
+    key = (os.path.abspath(path), st.st_mtime_ns, None if device is None else str(torch.device(device)), dtype, compiled)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    is_pt2 = formats.file_kind(path) in ("program", "compiled")
     if device is not None:
         dev = torch.device(device)
     else:
         dev = None if is_pt2 else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = formats.amp_dtype(amp)
-    key = (str(path.resolve()), path.stat().st_mtime_ns, str(dev), dtype, compiled)
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
     if is_pt2:
         rec = formats.load_program(path, device=dev, dtype=dtype)
     else:

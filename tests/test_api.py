@@ -1,5 +1,8 @@
 """captcha_fast.api: predict_batch over every input kind, chunking and order, top-k, precision,
 load() of both file kinds, and clear errors for bad input."""
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -87,9 +90,18 @@ def test_greedy_decoder_and_amp(model_path, pil_images):
     assert api.predict_batch(pil_images, model_path, amp=True) == api.predict_batch(pil_images, model_path, amp=False)
 
 
-def test_loaded_model_and_load_cache(model_path, pil_images, expected):
+def test_loaded_model_and_load_cache(model_path, pil_images, expected, monkeypatch, tmp_path):
     rec = api.load(model_path)
-    assert api.load(model_path) is rec  # cached
+    # cached: a call with the file unchanged does not look inside it again (predict_batch loads on every call)
+    monkeypatch.setattr(api.formats, "file_kind", lambda path: pytest.fail("the file was read again"))
+    assert api.load(model_path) is rec
+    assert api.load(str(model_path)) is rec
+    monkeypatch.undo()
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(Path(model_path).read_bytes())
+    first = api.load(copy)
+    os.utime(copy, ns=(0, 10**9))  # a rewritten file (new modification time) is loaded again
+    assert api.load(copy) is not first
     assert api.predict_batch(pil_images, rec) == expected
     assert api.predict_batch(pil_images, formats.load_recognizer(model_path, freeze=False)) == expected
 
