@@ -302,21 +302,20 @@ def to_ink(x: Tensor) -> Tensor:
     dist = diff[:, :1]
     for c in range(1, x.shape[1]):  # the largest channel difference (amax over 3 channels costs 10x more)
         dist = torch.maximum(dist, diff[:, c: c + 1])                    # (N, 1, H, W)
-    # a frame: a row or column of the border band that stands out along 80% of its length
-    lines = (dist > 0.06).float()                                        # 0.06 = MIN_CONTRAST
-    rows = torch.arange(H, device=x.device).view(1, 1, H, 1)
-    cols = torch.arange(W, device=x.device).view(1, 1, 1, W)
-    frame = ((lines.mean(3, keepdim=True) >= 0.8) & ((rows < b) | (rows >= H - b))) \
-        | ((lines.mean(2, keepdim=True) >= 0.8) & ((cols < b) | (cols >= W - b)))
-    dist = torch.where(frame, torch.zeros_like(dist), dist)
+    if b > 0:  # a frame: a row or column of the border band that stands out along 80% of its length
+        top, bottom, left, right = dist[:, :, :b], dist[:, :, H - b:], dist[:, :, :, :b], dist[:, :, :, W - b:]
+        keep = [((edge > 0.06).float().mean(3 if k < 2 else 2, keepdim=True) < 0.8).float()  # 0.06 = MIN_CONTRAST
+                for k, edge in enumerate([top, bottom, left, right])]
+        for edge, kept in zip([top, bottom, left, right], keep):  # in place: dist is ours, the edges views of it
+            edge.mul_(kept)
     peak = dist.amax([1, 2, 3], keepdim=True)                            # 1-px-thin images: the strongest
     if H > 1 and W > 1:  # the strongest distance two neighbours share, down or across
         peak = torch.maximum(torch.minimum(dist[:, :, 1:, :], dist[:, :, :-1, :]).amax([1, 2, 3], keepdim=True),
                              torch.minimum(dist[:, :, :, 1:], dist[:, :, :, :-1]).amax([1, 2, 3], keepdim=True))
     strong = (dist >= 0.5 * peak).float()
     strength = (dist * strong).sum([1, 2, 3], keepdim=True) / strong.sum([1, 2, 3], keepdim=True)
-    ink = (dist / strength.clamp_min(0.06)).clamp(0.0, 1.0)              # 0.06 = MIN_CONTRAST
-    return torch.where(peak >= 0.06, ink, torch.zeros_like(ink))
+    ink = (dist / strength.clamp_min(0.06)).clamp_max_(1.0)              # 0.06 = MIN_CONTRAST; dist >= 0
+    return ink.mul_((peak >= 0.06).float())                              # no ink where the peak is below it
 
 
 def _quantile_index(mass: Tensor, q: float) -> Tensor:
@@ -449,7 +448,10 @@ def collate(images: List[Tensor], height: int, in_channels: int, max_width: int 
     boxes: List[Tensor] = []
     members: List[List[int]] = []
     for idx in groups.values():
-        x = torch.stack([images[i] if images[i].dim() == 3 else images[i].unsqueeze(0) for i in idx])
+        if len(idx) == 1:  # one image per call: no copy unless it is a strided view
+            x = (images[idx[0]] if images[idx[0]].dim() == 3 else images[idx[0]].unsqueeze(0)).unsqueeze(0).contiguous()
+        else:
+            x = torch.stack([images[i] if images[i].dim() == 3 else images[i].unsqueeze(0) for i in idx])
         if not ink:
             if len(groups) == 1:  # no copy into a padded batch
                 return _resize(x, height, in_channels, new_widths[0]).contiguous(), \
