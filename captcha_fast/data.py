@@ -168,16 +168,13 @@ class AugmentConfig:
     brightness: float = 0.15
     contrast: float = 0.25
     noise: float = 0.04          # max std of added Gaussian noise
-    distort: float = 0.0         # max local displacement (fraction of the height) of a smooth random warp
     p: float = 0.9               # probability that a sample is distorted at all
 
 
 # For small sets (train.SMALL_SET): a hundred images of one style show the model few glyph
-# shapes, positions and stroke widths; larger distortions keep it from memorising them, and a
-# smooth local warp bends each glyph on its own (as random elastic/TPS distortion does for
-# handwriting), giving new glyph shapes rather than new poses of the same ones.
+# shapes, positions and stroke widths; larger distortions keep it from memorising them.
 SMALL_SET_AUGMENT = AugmentConfig(rotate_deg=5.0, shear=0.3, scale=0.12, translate_y=0.08, width_scale=0.2,
-                                  brightness=0.2, contrast=0.35, noise=0.06, distort=0.06, p=0.95)
+                                  brightness=0.2, contrast=0.35, noise=0.06, p=0.95)
 
 
 def frames_needed(label: str) -> int:
@@ -225,8 +222,6 @@ def augment(image: Tensor, g: torch.Generator, cfg: AugmentConfig, min_width: in
     theta = torch.tensor([[cos, -sin / aspect + sh / aspect, 0.0],
                           [sin * aspect, cos, ty]], dtype=image.dtype)
     grid = F.affine_grid(theta[None], [1, C, H, W], align_corners=False)
-    if cfg.distort > 0:
-        grid = grid + _warp_field(H, W, cfg.distort, g)
     detail = F.grid_sample((image - background)[None], grid, mode="bilinear", padding_mode="zeros",
                            align_corners=False)[0]
     # Photometric: contrast around the background, brightness (grey/colour only), sensor noise.
@@ -237,16 +232,6 @@ def augment(image: Tensor, g: torch.Generator, cfg: AugmentConfig, min_width: in
     if std > 0:
         image = image + std * torch.randn(image.shape, generator=g)
     return image.clamp_(0, 1)
-
-
-def _warp_field(H: int, W: int, distort: float, g: torch.Generator) -> Tensor:
-    """(1, H, W, 2) offsets for grid_sample: random displacements of at most distort * H pixels at
-    control points about H / 2 apart, interpolated smoothly (bilinear, so the bound holds between
-    them too). Normalised units: the height spans 2, the width 2 as well, hence x is divided by W / H."""
-    rows, cols = 3, max(3, round(2 * W / H) + 1)
-    knots = (torch.rand((1, 2, rows, cols), generator=g) * 2 - 1) * (2 * distort)
-    knots[:, 0] *= H / W
-    return F.interpolate(knots, size=(H, W), mode="bilinear", align_corners=True).permute(0, 2, 3, 1)
 
 
 def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
