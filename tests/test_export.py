@@ -134,6 +134,17 @@ def test_program_reads_as_the_pt(program_path, pt, n):
     assert_same_reads(rec, pt, same_size)
 
 
+def test_program_preprocesses_as_the_pt_and_names_a_bad_image(program_path, pt):
+    """The .pt2 recognizer's preprocessing is the scripted collate: the same batch as the .pt's, and
+    a bad image raises the ValueError naming it that Python would (not the interpreter's error)."""
+    rec = formats.load_program(program_path)
+    images = mixed_images(5)
+    for got, want in zip(rec.preprocess(images), pt.preprocess(images)):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match=r"images\[1\]: a 1 x 100000 image is .* px wide.*max_width"):
+        rec.preprocess([images[0], torch.zeros(1, 1, 100000, dtype=torch.uint8)])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("n", [1, 3, 40])
 def test_compiled_package_reads_as_the_pt(compiled_path, pt, n):
