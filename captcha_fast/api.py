@@ -69,7 +69,8 @@ def load(path: Union[str, os.PathLike], device: Union[None, str, torch.device] =
     if st is None or not stat.S_ISREG(st.st_mode):
         raise FileNotFoundError(f"recognizer file not found: {str(path)!r}")
     dtype = formats.amp_dtype(amp)
-    key = (os.path.abspath(path), st.st_mtime_ns, None if device is None else str(torch.device(device)), dtype, compiled)
+    dev_key = None if device is None else str(torch.device(device))
+    key = (os.path.abspath(path), st.st_mtime_ns, dev_key, dtype, compiled)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
