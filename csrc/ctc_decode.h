@@ -426,22 +426,6 @@ struct Entry {
   int32_t token;  // -1: the beam itself; else the class extending it
 };
 
-// The probability-domain search's beams, one array per field (sorted by total,
-// descending): probabilities relative to the search's running scale.
-struct ProbBeams {
-  double* pb;
-  double* pnb;
-  double* total;          // pb + pnb
-  int32_t* node;
-  int32_t* last;          // the node's last token (-1: the empty prefix)
-  int32_t* len;           // the node's label length
-  int32_t* parent;        // beam index of the node's parent among these beams, else -1
-  uint64_t* children;     // bit c: prefix + c is one of these beams
-};
-
-// The probability-domain search handles classes 0..63 (one bit each in a uint64).
-constexpr int64_t kMaxProbClasses = 64;
-
 struct BeamWorkspace {
   int32_t* node_parent;   // [max_nodes]
   int32_t* node_token;    // [max_nodes]
@@ -463,11 +447,6 @@ struct BeamWorkspace {
   double* label_pb;       // [T + 1] the certificate's forward pass over the prefixes of one label
   double* label_pnb;      // [T + 1]
   float* frame_max;       // [T] the certificate's per-frame maxima
-  ProbBeams pbeam;        // [K] the probability-domain search's beams (prob_search_run)
-  ProbBeams pnext;        // [K] the beams being built (swapped with pbeam per frame)
-  double* sel_score;      // [K] its selection, best first (and a sentinel at [-1])
-  int32_t* sel_src;       // [K] (source beam << 7) | (class + 1), class -1: the beam itself
-  double* class_prob;     // [kMaxProbClasses] this frame's probabilities, relative to its offset
   int64_t max_nodes;
   int64_t table_size;     // a power of two
 };
@@ -526,22 +505,6 @@ CF_HD int64_t beam_workspace_layout(char* base, int64_t T, int64_t C, int64_t K,
   w.label_pb = doubles(T + 1);
   w.label_pnb = doubles(T + 1);
   w.frame_max = floats(T);
-  auto prob_beams = [&](ProbBeams& p) {
-    p.pb = doubles(K);
-    p.pnb = doubles(K);
-    p.total = doubles(K);
-    p.node = ints(K);
-    p.last = ints(K);
-    p.len = ints(K);
-    p.parent = ints(K);
-    p.children = reinterpret_cast<uint64_t*>(take(K * 8));
-  };
-  prob_beams(w.pbeam);
-  prob_beams(w.pnext);
-  double* const sel = doubles(K + 1);
-  w.sel_score = sel == nullptr ? nullptr : sel + 1;  // sel_score[-1]: a sentinel
-  w.sel_src = ints(K);
-  w.class_prob = doubles(kMaxProbClasses);
   return used;
 }
 
@@ -561,7 +524,6 @@ CF_HD void init_beam_workspace(BeamWorkspace& w, int64_t C, int64_t blank, const
   for (int64_t i = 0; i < w.table_size; ++i) w.table[i] = -1;
   w.top[-1] = Entry{static_cast<double>(INFINITY), -1, -1};
   w.frame_key[-1] = ~uint64_t(0);  // above every class_key
-  w.sel_score[-1] = static_cast<double>(INFINITY);
   for (int64_t c = 0; c < C; ++c) {
     const bool allowed = o.allowed == nullptr || o.allowed[c * o.allowed_stride];
     w.class_mask[c] = (c == blank || !allowed) ? kNegInf : 0.f;
@@ -890,332 +852,13 @@ CF_HD BeamResult beam_search_run(const Frames<scalar_t>& f, int64_t length, int6
   return r;
 }
 
-// ---------------------------------------------------------------------------
-// The same search in the probability domain, for C <= kMaxProbClasses: the
-// same recursion, options, bounds and tie order as beam_search_run, but pb and
-// pnb are plain doubles relative to a running scale (its log is `base`), so a
-// merge is an addition and an extension a product, where beam_search_run pays
-// a log_add (an exp and a log1p) for each. A frame's probabilities are
-// exp(log_prob - offset), offset = max(blank, best extendable class), computed
-// only for the classes the frame uses (the blank, the classes that may extend,
-// the beams' last tokens), once each. A beam's children are one bit per class,
-// so "prefix + c is already a beam" needs no hash lookup.
-//
-// Exact where doubles hold the numbers: it gives up (*gave_up) when a frame
-// probability it needs is finite but below e^-115 of the frame's offset, or a
-// kept beam falls below 1e-200 of the best one; the caller then runs
-// beam_search_run. Within those bounds every product of a kept beam and a
-// frame probability is a normal double (the scale keeps the best beam above
-// 1e-20), so the only error is rounding (~1e-16 per operation, and the float
-// exponential's 3e-7). Model outputs (log-probs above about -30) never give up.
-
-// The lowest set bit of x != 0.
-CF_HOT int ctz64(uint64_t x) {
-#if defined(__CUDA_ARCH__)
-  return __ffsll(static_cast<long long>(x)) - 1;
-#elif defined(__GNUC__) || defined(__clang__)
-  return __builtin_ctzll(x);
-#else
-  int i = 0;
-  while (!((x >> i) & 1)) ++i;
-  return i;
-#endif
-}
-
-// Bit c set where row[c] + add[c] >= lo (C <= 64; lo > -inf, values not NaN).
-CF_HOT uint64_t classes_at_least(const float* row, const float* add, int64_t C, float lo) {
-  uint64_t bits = 0;
-  int64_t c = 0;
-#ifdef CF_SSE2
-  const __m128 lo4 = _mm_set1_ps(lo);
-  for (; c + 4 <= C; c += 4) {
-    const __m128 v = _mm_add_ps(_mm_loadu_ps(row + c), _mm_loadu_ps(add + c));
-    bits |= static_cast<uint64_t>(_mm_movemask_ps(_mm_cmpge_ps(v, lo4))) << c;
-  }
-#endif
-  for (; c < C; ++c) bits |= static_cast<uint64_t>(row[c] + add[c] >= lo) << c;
-  return bits;
-}
-
-// exp(x) for x <= 0 as a double: the float polynomial down to -87, libm below,
-// 0 for -inf. A finite x below -115 gives 0 and sets *lost.
-CF_HOT double frame_prob(float x, bool* lost) {
-  if (x >= -87.f) return static_cast<double>(exp_nonpositive(x));
-  if (x >= -115.f) return exp(static_cast<double>(x));
-  *lost = *lost || x > kNegInf;
-  return 0.0;
-}
-
-constexpr double kProbRescaleBelow = 1e-20;  // the best beam's total is kept above this
-constexpr double kProbKeptRange = 1e-200;    // kept beams below this share of the best: give up
-
-template <typename scalar_t>
-CF_HD BeamResult prob_search_run(const Frames<scalar_t>& f, int64_t length, int64_t C, int64_t blank,
-                                 const BeamOptions& o, BeamWorkspace& w, int32_t top_k, int32_t& num_nodes,
-                                 bool* gave_up) {
-  const int32_t K = o.beam_width;
-  BeamResult r{kOk, 0, 0.0};
-  *gave_up = false;
-  if (length < o.min_len) return r;  // no label of min_len fits: no hypothesis
-
-  w.node_parent[0] = -1;
-  w.node_token[0] = -1;
-  w.node_len[0] = 0;
-  w.node_slot[0] = 0;  // node 0 is beam 0
-  ProbBeams bm = w.pbeam, nx = w.pnext;
-  bm.pb[0] = 1.0;
-  bm.pnb[0] = 0.0;
-  bm.total[0] = 1.0;
-  bm.node[0] = 0;
-  bm.last[0] = -1;
-  bm.len[0] = 0;
-  bm.parent[0] = -1;
-  bm.children[0] = 0;
-  int32_t num_beams = 1;
-  bool pnb_live = false;  // some beam may end in a non-blank
-  bool lost = false;      // a needed probability was below e^-115
-  const float log_blank_skip = o.log_blank_skip;
-  const int64_t span = prefetch_span(f, C);
-  const float min_logp = o.token_min_logp;
-  const int32_t min_len = o.min_len;
-  const int32_t len_cap = o.max_len >= 0 ? o.max_len : INT32_MAX;
-  double* const prob = w.class_prob;  // valid where bit c of `have` is set
-  double* const npb = w.next_pb;      // existing beams after this frame
-  double* const npnb = w.next_pnb;
-  double* const nscore = w.score;
-  double* const sel = w.sel_score;
-  int32_t* const src = w.sel_src;
-  double* const cls_prob = w.frame_logp;  // the frame's extending classes, best first
-  int32_t* const cls = w.frame_token;
-
-  for (int64_t t = 0; t < length; ++t) {
-    if (t + kPrefetch < length && span >= 0) prefetch_frame(f, t + kPrefetch, span);
-    const float* row = frame_row(f, t, C, w.row_buf);
-    const float lp_blank = row[blank];
-    if (lp_blank >= log_blank_skip) {
-      if (row_has_bad_value(row, C)) {
-        r.status = kBadValue;
-        return r;
-      }
-      // A (nearly) certain blank: everything moves to "ends in blank"; the order stays.
-      if (pnb_live) {
-        for (int32_t b = 0; b < num_beams; ++b) {
-          bm.pb[b] = bm.total[b];
-          bm.pnb[b] = 0.0;
-        }
-        pnb_live = false;
-      }
-      r.base += lp_blank;
-      continue;
-    }
-    bool bad;
-    const float best_v = scan_max(row, w.class_mask, C, &bad);  // the best extendable log-prob
-    if (bad) {
-      r.status = kBadValue;
-      return r;
-    }
-    int64_t best = -1;  // >= 0: only this class extends (it is below token_min_logp)
-    if (best_v > kNegInf && best_v < min_logp) {
-      best = 0;
-      while (row[best] + w.class_mask[best] != best_v) ++best;
-    }
-    const int64_t need_len = min_len - (length - t - 1);
-    float offset = lp_blank > best_v ? lp_blank : best_v;  // every probability used is <= 1
-    if (!(offset > kNegInf)) offset = 0.f;
-    r.base += offset;
-    uint64_t have = 0;
-    auto class_p = [&](int64_t c) -> double {
-      if (!((have >> c) & 1)) {
-        prob[c] = frame_prob(row[c] - offset, &lost);
-        have |= uint64_t(1) << c;
-      }
-      return prob[c];
-    };
-
-    // Existing prefixes: stay by blank or by repeating the last token, plus the
-    // extension of their parent beam that lands on them.
-    const double p_blank = frame_prob(lp_blank - offset, &lost);
-    int32_t count = 0;
-    bool unchanged = true;  // selection entry k is beam k, for every beam so far
-    for (int32_t b = 0; b < num_beams; ++b) {
-      const int32_t last = bm.last[b];
-      double stay = 0.0;
-      if (last >= 0) {
-        double mass = bm.pnb[b];
-        const int32_t p = bm.parent[b];
-        const float lp_last = row[last];
-        if (p >= 0 && lp_last > kNegInf && (lp_last >= min_logp || last == best)) {
-          mass += bm.last[p] == last ? bm.pb[p] : bm.total[p];
-        }
-        stay = mass * class_p(last);
-      }
-      const double pb = bm.total[b] * p_blank;
-      npb[b] = pb;
-      npnb[b] = stay;
-      const double score = pb + stay;
-      nscore[b] = score;
-      if (!(score > 0.0) || bm.len[b] < need_len) {
-        unchanged = false;
-        continue;
-      }
-      int32_t i = count++;  // num_beams <= K: every existing beam with a chance enters
-      for (; score > sel[i - 1]; --i) {  // sel[-1]: a sentinel
-        sel[i] = sel[i - 1];
-        src[i] = src[i - 1];
-      }
-      sel[i] = score;
-      src[i] = b << 7;
-      unchanged = unchanged && i == b;
-    }
-    double bar = count == K ? sel[K - 1] : 0.0;  // what a candidate must beat
-
-    // The frame's K + 1 best extending classes that can beat the bar, best first
-    // (ties in class order): a log-domain prefilter (loose by a margin), then the
-    // exact test. Only these K + 1 can enter from any one beam (see beam_search_run).
-    const double top_total = bm.total[0];
-    int32_t nf = 0;
-    if (best >= 0) {
-      const double e = class_p(best);
-      if (e * top_total > bar) {
-        cls[0] = static_cast<int32_t>(best);
-        cls_prob[0] = e;
-        nf = 1;
-      }
-    } else if (best_v > kNegInf) {
-      double lo = min_logp > -3.0e38f ? min_logp : -3.0e38;  // above -inf: leaves masked classes out
-      if (bar > 0.0) {
-        const double cut = offset + log(bar / top_total) - (1e-3 + 1e-6 * fabs(static_cast<double>(offset)));
-        lo = cut > lo ? cut : lo;
-      }
-      float lo_f = static_cast<float>(lo);
-      if (static_cast<double>(lo_f) > lo) lo_f = nextafterf(lo_f, kNegInf);
-      const int32_t cap = K + 1;
-      for (uint64_t bits = classes_at_least(row, w.class_mask, C, lo_f); bits != 0; bits &= bits - 1) {
-        const int32_t c = ctz64(bits);
-        const double e = class_p(c);
-        if (!(e * top_total > bar) || (nf == cap && !(e > cls_prob[cap - 1]))) continue;
-        int32_t i = nf < cap ? nf++ : cap - 1;
-        for (; i > 0 && e > cls_prob[i - 1]; --i) {
-          cls_prob[i] = cls_prob[i - 1];
-          cls[i] = cls[i - 1];
-        }
-        cls_prob[i] = e;
-        cls[i] = c;
-      }
-    }
-
-    // New prefixes. Beams are sorted by total and classes by probability, and a
-    // candidate scores at most total x probability: once that cannot beat the
-    // bar, no later class or beam can either.
-    for (int32_t b = 0; b < num_beams && nf > 0; ++b) {
-      const double total = bm.total[b];
-      if (!(total * cls_prob[0] > bar)) break;
-      const int32_t len = bm.len[b];
-      if (len >= len_cap || len + 1 < need_len) continue;
-      const int32_t last = bm.last[b];
-      const uint64_t children = bm.children[b];
-      for (int32_t i = 0; i < nf; ++i) {
-        const double bound = total * cls_prob[i];
-        if (!(bound > bar)) break;
-        const int32_t c = cls[i];
-        const double s = c == last ? bm.pb[b] * cls_prob[i] : bound;  // a repeat needs the blank between
-        if (!(s > bar) || ((children >> c) & 1)) continue;  // cannot enter, or is a beam (credited above)
-        int32_t j = count < K ? count++ : K - 1;
-        for (; s > sel[j - 1]; --j) {
-          sel[j] = sel[j - 1];
-          src[j] = src[j - 1];
-        }
-        sel[j] = s;
-        src[j] = (b << 7) | (c + 1);
-        unchanged = false;
-        if (count == K) bar = sel[K - 1];
-      }
-    }
-
-    // The survivors become the beams (in place when they are the same beams in the same order).
-    if (unchanged) {
-      for (int32_t k = 0; k < count; ++k) {
-        bm.pb[k] = npb[k];
-        bm.pnb[k] = npnb[k];
-        bm.total[k] = sel[k];
-      }
-    } else {
-      for (int32_t b = 0; b < num_beams; ++b) w.node_slot[bm.node[b]] = -1;
-      for (int32_t k = 0; k < count; ++k) {
-        const int32_t b = src[k] >> 7, c = (src[k] & 127) - 1;
-        if (c < 0) {
-          nx.node[k] = bm.node[b];
-          nx.last[k] = bm.last[b];
-          nx.len[k] = bm.len[b];
-          nx.pb[k] = npb[b];
-          nx.pnb[k] = npnb[b];
-        } else {
-          nx.node[k] = child_node(w, num_nodes, bm.node[b], c);
-          nx.last[k] = c;
-          nx.len[k] = bm.len[b] + 1;
-          nx.pb[k] = 0.0;
-          nx.pnb[k] = sel[k];
-        }
-        nx.total[k] = sel[k];
-        nx.children[k] = 0;
-        w.node_slot[nx.node[k]] = k;
-      }
-      for (int32_t k = 0; k < count; ++k) {
-        const int32_t parent_node = w.node_parent[nx.node[k]];
-        const int32_t p = parent_node >= 0 ? w.node_slot[parent_node] : -1;
-        nx.parent[k] = p;
-        if (p >= 0) nx.children[p] |= uint64_t(1) << nx.last[k];
-      }
-      const ProbBeams tmp = bm;
-      bm = nx;
-      nx = tmp;
-      num_beams = count;
-      if (num_beams == 0) return r;  // the length bounds cannot be met
-    }
-    pnb_live = true;
-    const double best_total = sel[0];
-    if (lost || sel[count - 1] < kProbKeptRange * best_total) {
-      *gave_up = true;
-      return r;
-    }
-    if (best_total < kProbRescaleBelow) {
-      const double inv = 1.0 / best_total;
-      for (int32_t k = 0; k < count; ++k) {
-        bm.pb[k] *= inv;
-        bm.pnb[k] *= inv;
-        bm.total[k] *= inv;
-      }
-      r.base += log(best_total);
-    }
-  }
-
-  // The top_k best (beams are sorted), as beam_search_run leaves them: hypothesis
-  // k is node w.beam[w.top[k].beam].node with log-prob base + w.top[k].score.
-  for (int32_t b = 0; b < num_beams && r.count < top_k; ++b) {
-    if (bm.len[b] < min_len) continue;
-    w.top[r.count] = Entry{log(bm.total[b]), r.count, -1};
-    w.beam[r.count].node = bm.node[b];
-    ++r.count;
-  }
-  return r;
-}
-
 // Decodes one sequence; the hypotheses are read with hypothesis_node and
 // node_label until the next call. w must have been through init_beam_workspace.
-// The probability-domain search when it applies, else (or when it gives up)
-// the log-domain one.
 template <typename scalar_t>
 CF_HD BeamResult beam_search_one(const Frames<scalar_t>& f, int64_t length, int64_t C, int64_t blank,
                                  const BeamOptions& o, BeamWorkspace& w, int32_t top_k) {
   int32_t num_nodes = 1;
-  BeamResult r{kOk, 0, 0.0};
-  bool gave_up = true;
-  if (C <= kMaxProbClasses) r = prob_search_run(f, length, C, blank, o, w, top_k, num_nodes, &gave_up);
-  if (gave_up) {
-    for (int32_t node = 1; node < num_nodes; ++node) w.table[w.node_entry[node]] = -1;
-    num_nodes = 1;
-    r = beam_search_run(f, length, C, blank, o, w, top_k, num_nodes);
-  }
+  const BeamResult r = beam_search_run(f, length, C, blank, o, w, top_k, num_nodes);
   for (int32_t node = 1; node < num_nodes; ++node) w.table[w.node_entry[node]] = -1;  // leave the table empty
   return r;
 }
