@@ -39,8 +39,10 @@ def _check(rows, folder, tiny_model_path):
         row = by_path[path]
         assert row["error"] == "" and row["text"] == hyps[0].text
         assert row["score"] == pytest.approx(hyps[0].score, rel=1e-4, abs=1e-4)
+        assert 0 <= row["confidence"] <= 1 and row["confidence"] == pytest.approx(hyps[0].confidence, abs=1e-4)
     bad = by_path[str(folder / "notes.png")]
-    assert bad["text"] == "" and math.isnan(bad["score"]) and "notes.png" in bad["error"] \
+    assert bad["text"] == "" and math.isnan(bad["score"]) and math.isnan(bad["confidence"]) \
+        and "notes.png" in bad["error"] \
         and "not a readable image" in bad["error"]
 
 

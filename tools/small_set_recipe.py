@@ -8,11 +8,14 @@ style (case ignored), the optimizer steps, the time and the steps per CPU second
 A set is NAME=FOLDER (a labelled folder: k images from its training split, data.split_samples
 (..., 0.15, 0), seeded shuffle; held out: the first 200 of its validation split, never trained on)
 or a rendered style: `pkg160` (the `captcha` package at 160x60) or a captcha_fast.synth style name
-(0-9a-z, 4-6 long; training renders seed 777, held out seed 12345). One JSON line per run
-(also appended to OUT/results.jsonl)."""
+(0-9a-z, 4-6 long; training renders seed 777, held out seed 12345). One JSON line per run, also
+appended to OUT/results.jsonl; a run already there (same set, labels and options) is not run again,
+so the command resumes. OUT/curve.png plots held-out accuracy against the labels, per set, with
+the shipped model's own accuracy on the same images (this replaces the old learning-curve tool)."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import resource
@@ -71,8 +74,8 @@ def accuracy(model, held) -> float:
 def run(spec: str, k: int, out: Path, threads: int, extra: list) -> dict:
     name = spec.partition("=")[0]
     train_rows, held = split(spec, k, out)
-    run_dir = out / f"{name}_{k}"
-    manifest = out / f"{name}_{k}.tsv"
+    tag = f"{name}_{k}" + ("_" + hashlib.sha1(" ".join(extra).encode()).hexdigest()[:8] if extra else "")
+    run_dir, manifest = out / tag, out / f"{tag}.tsv"
     manifest.write_text("".join(f"{p}\t{t}\n" for p, t in train_rows))
     cpu, wall = _cpu_seconds(), time.time()
     assert cli(["train", str(manifest), "--out", str(run_dir), "--threads", str(threads), "--quiet", *extra]) == 0
@@ -80,9 +83,35 @@ def run(spec: str, k: int, out: Path, threads: int, extra: list) -> dict:
     from captcha_fast.checkpoint import load_checkpoint
     last = load_checkpoint(run_dir / "last.ckpt")
     steps = last["scheduler"]["total_steps"]
-    return dict(set=name, labels=len(train_rows), held_out=len(held), shipped=accuracy(None, held),
+    return dict(set=name, requested=k, labels=len(train_rows), held_out=len(held), shipped=accuracy(None, held),
                 accuracy=accuracy(run_dir / "model.pt", held), steps=steps, wall_s=round(wall, 1),
                 cpu_s=round(cpu, 1), steps_per_cpu_s=round(steps / cpu, 2), threads=threads, options=" ".join(extra))
+
+
+def plot(results: list, path: Path) -> None:
+    """Held-out accuracy against labelled images, one panel per set; the shipped model's start dashed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
+
+    sets = list(dict.fromkeys(r["set"] for r in results))
+    fig = Figure(figsize=(3.2 * len(sets), 3.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, name in enumerate(sets):
+        rows = sorted((r for r in results if r["set"] == name), key=lambda r: r["labels"])
+        ax = fig.add_subplot(1, len(sets), i + 1)
+        ax.plot([r["labels"] for r in rows], [100 * r["accuracy"] for r in rows], "o-", label="fine-tuned")
+        ax.axhline(100 * rows[0]["shipped"], color="grey", linestyle="--", label="shipped model")
+        ax.axhline(90, color="tab:red", linestyle=":", label="target 90%")
+        ax.set_xscale("log")
+        ax.set_xticks([r["labels"] for r in rows], [str(r["labels"]) for r in rows])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set(title=name, xlabel="labelled images", ylim=(0, 100))
+        ax.grid(True, alpha=0.3)
+        if i == 0:
+            ax.set_ylabel("held-out accuracy (%)")
+            ax.legend(loc="lower right", fontsize=8)
+    fig.savefig(path, dpi=100)
 
 
 def main() -> None:
@@ -95,12 +124,20 @@ def main() -> None:
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     extra = [a for a in args.train_options if a != "--"]
+    log = args.out / "results.jsonl"
+    done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    results = []
     for spec in args.set:
         for k in args.labels:
-            result = run(spec, k, args.out, args.threads, extra)
+            name, options = spec.partition("=")[0], " ".join(extra)
+            result = next((r for r in done if (r["set"], r.get("requested", r["labels"]), r["options"]) == (name, k, options)), None)
+            if result is None:
+                result = run(spec, k, args.out, args.threads, extra)
+                with open(log, "a") as f:
+                    f.write(json.dumps(result) + "\n")
             print(json.dumps(result), flush=True)
-            with open(args.out / "results.jsonl", "a") as f:
-                f.write(json.dumps(result) + "\n")
+            results.append(result)
+    plot(results, args.out / "curve.png")
 
 
 if __name__ == "__main__":
