@@ -109,7 +109,7 @@ def test_peer_pyctcdecode(benchmark, inputs):
     assert len(out) == len(logits)
 
 
-CUDA_ROWS = ["cpp_greedy_strings", "cpp_beam_pruned_strings", "cpp_beam_exact_strings"]
+CUDA_ROWS = ["cpp_greedy_strings", "cpp_greedy_labels", "cpp_beam_pruned_strings", "cpp_beam_exact_strings"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")

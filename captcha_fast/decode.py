@@ -47,11 +47,13 @@ def to_hypotheses(texts: List[List[str]], scores: Tensor) -> List[List[Hypothesi
 def greedy_decode(log_probs: Tensor, input_lengths: Tensor, charset: Union[Charset, str], *,
                   return_scores: bool = False) -> Union[List[str], List[Hypothesis]]:
     """Best-path decoding with the C++/CUDA op: one string per sequence, or (return_scores)
-    one Hypothesis per sequence (score: the best path's log-probability)."""
-    texts, scores = decode_log_probs(log_probs, input_lengths, _symbols(charset), "greedy", 1, 1)
+    one Hypothesis per sequence (score: the best path's log-probability). The op,
+    ctc_greedy_decode_labels, returns one string per sequence (no list each, as the recognizer's
+    top-k form has) and raises for a bad sequence as the recognizer's decode does, on every device."""
+    texts, scores = torch.ops.captcha_fast.ctc_greedy_decode_labels(log_probs, input_lengths, _symbols(charset), 0)
     if not return_scores:
-        return [t[0] for t in texts]
-    return [Hypothesis(t[0], s) for t, s in zip(texts, scores[:, 0].tolist())]
+        return texts
+    return [Hypothesis(t, s) for t, s in zip(texts, scores.tolist())]
 
 
 def allowed_mask(charset: Union[Charset, str], allowed: str, device: Union[str, torch.device] = "cpu") -> Tensor:

@@ -162,38 +162,59 @@ class Symbols {
   std::vector<int64_t> begin_;
 };
 
-// tokens (N, k, L), lengths (N, k), scores (N, k) from the tensor op -> texts
-// (N lists of k) and the scores, on the host.
-DecodedTexts to_texts(const Decoded& decoded, const at::Tensor& input_lengths, int64_t T, const Symbols& symbols,
-                      const char* op) {
-  const at::Tensor tokens = std::get<0>(decoded).cpu().contiguous();
-  const at::Tensor lengths = std::get<1>(decoded).cpu().contiguous();
-  const at::Tensor scores = std::get<2>(decoded).cpu().contiguous();
-  const int64_t N = tokens.size(0), K = tokens.size(1), L = tokens.size(2);
+// The tensor op's outputs, tokens (N, k, L), lengths (N, k), scores (N, k), on the host; a
+// sequence the device kernels flagged (NaN score) raises the error the CPU kernels raise.
+Decoded to_host(const Decoded& decoded, const at::Tensor& input_lengths, int64_t T, const char* op) {
+  at::Tensor tokens = std::get<0>(decoded).cpu().contiguous();
+  at::Tensor lengths = std::get<1>(decoded).cpu().contiguous();
+  at::Tensor scores = std::get<2>(decoded).cpu().contiguous();
   if (!std::get<2>(decoded).is_cpu()) {
-    // The device kernels flag a bad sequence with NaN scores instead of raising.
     check_lengths_in_range(input_lengths.cpu(), T, op);
+    const int64_t K = scores.dim() == 2 ? scores.size(1) : 1;
     const float* s = scores.const_data_ptr<float>();
-    for (int64_t i = 0; i < N * K; ++i) {
+    for (int64_t i = 0; i < scores.numel(); ++i) {
       TORCH_CHECK(!std::isnan(s[i]), op, ": log_probs of sequence ", i / K,
                   " contain NaN or +inf (log-probabilities must be finite or -inf)");
     }
   }
+  return {tokens, lengths, scores};
+}
+
+// Every label of tokens (..., L) with lengths (...) as a string, in row-major order (host tensors).
+std::vector<std::string> label_strings(const at::Tensor& tokens, const at::Tensor& lengths, const Symbols& symbols) {
+  const int64_t rows = lengths.numel(), L = tokens.size(-1);
   const int32_t* tok = tokens.const_data_ptr<int32_t>();
   const int32_t* len = lengths.const_data_ptr<int32_t>();
-  std::vector<c10::List<std::string>> rows(N);
-  at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      c10::List<std::string> row;
-      row.reserve(K);
-      for (int64_t k = 0; k < K; ++k) row.push_back(symbols.text(tok + (n * K + k) * L, len[n * K + k]));
-      rows[n] = std::move(row);
-    }
+  std::vector<std::string> out(static_cast<size_t>(rows));
+  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) out[r] = symbols.text(tok + r * L, len[r]);
   });
+  return out;
+}
+
+// tokens (N, k, L), lengths (N, k), scores (N, k) from the tensor op -> texts
+// (N lists of k) and the scores, on the host.
+DecodedTexts to_texts(const Decoded& decoded, const at::Tensor& input_lengths, int64_t T, const Symbols& symbols,
+                      const char* op) {
+  const auto [tokens, lengths, scores] = to_host(decoded, input_lengths, T, op);
+  const int64_t N = tokens.size(0), K = tokens.size(1);
+  std::vector<std::string> strings = label_strings(tokens, lengths, symbols);
   Texts texts;
   texts.reserve(N);
-  for (auto& row : rows) texts.push_back(std::move(row));
+  for (int64_t n = 0; n < N; ++n) {
+    c10::List<std::string> row;
+    row.reserve(K);
+    for (int64_t k = 0; k < K; ++k) row.push_back(std::move(strings[n * K + k]));
+    texts.push_back(std::move(row));
+  }
   return {std::move(texts), scores};
+}
+
+Decoded greedy_tokens(const at::Tensor& log_probs, const at::Tensor& input_lengths, int64_t blank) {
+  static const auto greedy = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("captcha_fast::ctc_greedy_decode", "")
+                                 .typed<Decoded(const at::Tensor&, const at::Tensor&, int64_t)>();
+  return greedy.call(log_probs, input_lengths, blank);
 }
 
 DecodedTexts greedy_strings(const at::Tensor& log_probs, const at::Tensor& input_lengths,
@@ -201,11 +222,24 @@ DecodedTexts greedy_strings(const at::Tensor& log_probs, const at::Tensor& input
   const char* op = "ctc_greedy_decode";
   const auto [T, N, C] = check_decode_inputs(log_probs, input_lengths, blank, op);
   const Symbols symbols(charset, C, blank, "ctc_greedy_decode_strings");
-  static const auto greedy = c10::Dispatcher::singleton()
-                                 .findSchemaOrThrow("captcha_fast::ctc_greedy_decode", "")
-                                 .typed<Decoded(const at::Tensor&, const at::Tensor&, int64_t)>();
-  const auto [tokens, lengths, scores] = greedy.call(log_probs, input_lengths, blank);
+  const auto [tokens, lengths, scores] = greedy_tokens(log_probs, input_lengths, blank);
   return to_texts({tokens.unsqueeze(1), lengths.unsqueeze(1), scores.unsqueeze(1)}, input_lengths, T, symbols, op);
+}
+
+// One string per sequence, as Python's greedy_decode returns them: a str[] converts to a Python
+// list in half the work of str[][] (no list per sequence) and builds in one allocation per string.
+std::tuple<c10::List<std::string>, at::Tensor> greedy_labels(const at::Tensor& log_probs,
+                                                            const at::Tensor& input_lengths,
+                                                            const c10::List<std::string>& charset, int64_t blank) {
+  const char* op = "ctc_greedy_decode";
+  const auto [T, N, C] = check_decode_inputs(log_probs, input_lengths, blank, op);
+  const Symbols symbols(charset, C, blank, "ctc_greedy_decode_labels");
+  const auto [tokens, lengths, scores] = to_host(greedy_tokens(log_probs, input_lengths, blank), input_lengths, T, op);
+  std::vector<std::string> strings = label_strings(tokens, lengths, symbols);
+  c10::List<std::string> labels;
+  labels.reserve(N);
+  for (std::string& s : strings) labels.push_back(std::move(s));
+  return {std::move(labels), scores};
 }
 
 DecodedTexts beam_search_strings(const at::Tensor& log_probs, const at::Tensor& input_lengths,
@@ -281,6 +315,11 @@ TORCH_LIBRARY(captcha_fast, m) {
   // so these ops have no fake kernels: torch.compile/export use the tensor ops.
   m.def("ctc_greedy_decode_strings(Tensor log_probs, Tensor input_lengths, str[] charset, int blank=0) "
         "-> (str[][] texts, Tensor scores)");
+  // ctc_greedy_decode_labels: the greedy labels as one string per sequence (labels[n]) and
+  // scores (N,) float32 on the CPU: ctc_greedy_decode_strings without the list per sequence,
+  // which Python's greedy_decode returns (and converts in about half the work).
+  m.def("ctc_greedy_decode_labels(Tensor log_probs, Tensor input_lengths, str[] charset, int blank=0) "
+        "-> (str[] labels, Tensor scores)");
   m.def(
       "ctc_beam_search_strings(Tensor log_probs, Tensor input_lengths, str[] charset, int beam_width=10, "
       "int top_k=1, int blank=0, float? token_min_logp=None, float? blank_skip_threshold=None, int min_length=0, "
@@ -290,6 +329,7 @@ TORCH_LIBRARY(captcha_fast, m) {
 
 TORCH_LIBRARY_IMPL(captcha_fast, CompositeExplicitAutograd, m) {
   m.impl("ctc_greedy_decode_strings", &greedy_strings);
+  m.impl("ctc_greedy_decode_labels", &greedy_labels);
   m.impl("ctc_beam_search_strings", &beam_search_strings);
 }
 

@@ -344,11 +344,14 @@ def test_greedy_strings_are_the_reference_labels(seed, T, N, C, peaky, data):
     lp = random_log_probs(T, N, C, peaky=peaky, blank=blank, generator=g)
     lens = torch.randint(0, T + 1, (N,), generator=g).to(torch.int32)
     texts, scores = ops.ctc_greedy_decode_strings(lp, lens, charset, blank)
+    labels, label_scores = ops.ctc_greedy_decode_labels(lp, lens, charset, blank)
     assert scores.shape == (N, 1) and scores.dtype == torch.float32
+    assert label_scores.shape == (N,) and label_scores.dtype == torch.float32
     for n in range(N):
         label, score = greedy_decode_reference(lp[: lens[n], n].double().tolist(), blank)
-        assert texts[n] == [label_text(label, charset, blank)]
+        assert texts[n] == [label_text(label, charset, blank)] and labels[n] == label_text(label, charset, blank)
         assert scores[n, 0].item() == pytest.approx(score, abs=TOL)
+        assert label_scores[n].item() == scores[n, 0].item()
 
 
 def test_strings_of_repeats_and_empty_labels():
@@ -360,6 +363,7 @@ def test_strings_of_repeats_and_empty_labels():
     lens = torch.tensor([4, 4, 4])
     charset = ["x", "yz"]
     assert ops.ctc_greedy_decode_strings(lp, lens, charset)[0] == [["xx"], [""], ["yz"]]
+    assert ops.ctc_greedy_decode_labels(lp, lens, charset)[0] == ["xx", "", "yz"]
     texts, scores = ops.ctc_beam_search_strings(lp, lens, charset, 4, 3)
     assert [t[0] for t in texts] == ["xx", "", "yz"]
     assert scores[1, 0] > -1e-3  # "" is certain
@@ -394,6 +398,9 @@ def test_long_sequences_accumulate_in_double():
      r"input_lengths\[0\] = 7 is outside \[0, T\]"),
     (lambda: ops.ctc_beam_search_strings(_nan(), LENS, ["a"] * 4, 4), "sequence 1 contain NaN"),
     (lambda: ops.ctc_greedy_decode_strings(_posinf(), LENS, ["a"] * 4), "sequence 0 contain NaN or \\+inf"),
+    (lambda: ops.ctc_greedy_decode_labels(LP, LENS, ["a"] * 5), r"\(C - 1 = 4\), got 5"),
+    (lambda: ops.ctc_greedy_decode_labels(_nan(), LENS, ["a"] * 4), "sequence 1 contain NaN"),
+    (lambda: ops.ctc_greedy_decode_labels(LP, torch.tensor([6, 7]), ["a"] * 4), r"input_lengths\[1\] = 7"),
     (lambda: ops.ctc_beam_search_strings(LP, LENS, ["a"] * 4, 4, 5), r"top_k must be in \[1, beam_width = 4\]"),
 ])
 def test_strings_ops_bad_input_raises_clear_error(call, match):
@@ -405,18 +412,20 @@ def test_torchscript_calls_the_strings_ops():
     from typing import List, Tuple
 
     def decode(lp: torch.Tensor, lens: torch.Tensor, charset: List[str]) -> Tuple[List[List[str]], torch.Tensor,
-                                                                                    List[List[str]]]:
+                                                                                    List[List[str]], List[str]]:
         texts, scores = torch.ops.captcha_fast.ctc_beam_search_strings(lp, lens, charset, 4, 2, 0, -5.0, None, 0, -1,
                                                                         None)
         greedy, _ = torch.ops.captcha_fast.ctc_greedy_decode_strings(lp, lens, charset, 0)
-        return texts, scores, greedy
+        labels, _ = torch.ops.captcha_fast.ctc_greedy_decode_labels(lp, lens, charset, 0)
+        return texts, scores, greedy, labels
 
     lp = random_log_probs(8, 3, 6, generator=torch.Generator().manual_seed(7))
     lens = torch.tensor([8, 5, 2])
     charset = ["a", "b", "c", "dd", "é"]
     want = decode(lp, lens, charset)
     got = torch.jit.script(decode)(lp, lens, charset)
-    assert got[0] == want[0] and got[2] == want[2] and torch.equal(got[1], want[1])
+    assert got[0] == want[0] and got[2] == want[2] and got[3] == want[3] and torch.equal(got[1], want[1])
+    assert want[3] == [t[0] for t in want[2]]
 
 
 # ---------------------------------------------------------------------------- the best-path certificate
@@ -541,3 +550,80 @@ def test_a_narrow_beam_can_miss_the_most_probable_label_and_the_certificate_does
         assert label == (1, 2)
     [[(label, score)]] = beam_cpp(lp, torch.tensor([3]), 4, 1, certify=True)
     assert label == (2,) and score == pytest.approx(math.log(0.51064385), abs=1e-6)
+
+
+# ---------------------------------------------------------------------------- the greedy kernel's AVX2 path
+# On a CPU with AVX2 the greedy CPU kernel scans float32 frames 8 classes at a time; with
+# ATEN_CPU_CAPABILITY=default (as torch's own kernels) it takes the SSE2/plain path. Both must give
+# the same tokens, lengths and scores bit for bit, and raise for the same sequence.
+
+GREEDY_PATH_SCRIPT = r"""
+import sys
+import torch
+import captcha_fast  # noqa: F401
+cases = torch.load(sys.argv[1])
+out = []
+for lp, lens in cases:
+    try:
+        out.append(torch.ops.captcha_fast.ctc_greedy_decode(lp, lens, 0))
+    except RuntimeError as e:
+        out.append(str(e).splitlines()[0])
+torch.save(out, sys.argv[2])
+"""
+
+
+def greedy_path_cases():
+    """float32, class-contiguous inputs (the AVX2 path's) around its 8-class blocks: ties (rounded
+    values, equal maxima in one block and across blocks, the maximum in the overlapping tail
+    block), -inf (whole frames too), +-0, huge finite values (sums overflow: the quick NaN test
+    must not misfire), and NaN or +inf in one sequence, which both paths must name."""
+    g = torch.Generator().manual_seed(19)
+    cases = []
+    for C in (8, 9, 15, 16, 17, 24, 37, 63, 64, 65, 100):
+        T, N = 30, 24
+        lp = random_log_probs(T, N, C, peaky=bool(C % 2), generator=g).round(decimals=1)
+        lp[:, 0] = 0.0  # sequence 0: every class ties, class 0 wins
+        lp[:, 1] = -math.inf
+        lp[:, 1, C - 1] = -1.0  # the last class, only in the overlapping tail block
+        lp[::2, 2] = -math.inf  # whole frames of -inf
+        lp[:, 3] = -0.0
+        lp[:, 3, C // 2] = 0.0
+        lp[:, 4] = -3e38  # finite, but any sum of them is -inf
+        lp[:, 4, 3] = 3e38
+        lp[:, 5] = 3e38  # sums overflow to +inf: the exact test must clear them
+        cases.append((lp, torch.randint(0, T + 1, (N,), generator=g)))
+        for bad in (math.nan, math.inf):
+            x = lp.clone()
+            x[T - 1, N - 2, C - 1] = bad  # the last value of the tail block
+            cases.append((x, torch.full((N,), T)))
+    return cases
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() == "DEFAULT", reason="this CPU has no AVX2 path")
+def test_greedy_avx2_path_equals_the_sse2_path_and_the_argmax_reference(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    cases = greedy_path_cases()
+    torch.save(cases, tmp_path / "cases.pt")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", GREEDY_PATH_SCRIPT, str(tmp_path / "cases.pt"), str(tmp_path / "out.pt")],
+                   env=env, check=True, timeout=300)
+    sse2 = torch.load(tmp_path / "out.pt")
+    for (lp, lens), plain in zip(cases, sse2):
+        try:
+            avx2 = ops.ctc_greedy_decode(lp, lens, 0)
+        except RuntimeError as e:
+            assert str(e).splitlines()[0] == plain and "sequence 22 contain NaN or +inf" in plain
+            continue
+        assert not isinstance(plain, str), plain
+        for a, b in zip(avx2, plain):
+            assert torch.equal(a, b)
+        tokens, lengths, scores = avx2
+        for n in range(lp.shape[1]):
+            path = lp[: lens[n], n].argmax(-1).tolist()  # torch.argmax: the first maximum
+            label = [c for i, c in enumerate(path) if c != 0 and (i == 0 or c != path[i - 1])]
+            assert tokens[n, : lengths[n]].tolist() == label
+            best_path = lp[: lens[n], n].max(-1).values.double().sum().float()  # float32 output: may be +-inf
+            assert scores[n].item() == pytest.approx(best_path.item(), rel=1e-6)

@@ -12,6 +12,7 @@
 #endif
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -21,6 +22,11 @@
 #include <vector>
 
 #include "../ops.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define CF_AVX2_GREEDY 1
+#endif
 
 namespace captcha_fast {
 namespace {
@@ -44,6 +50,79 @@ at::Tensor lengths_as_long(const at::Tensor& input_lengths) {
   return input_lengths.to(at::kLong).contiguous();
 }
 
+#ifdef CF_AVX2_GREEDY
+// Greedy decoding of one float32 sequence whose classes are contiguous (C >= 8), 8 classes per
+// AVX2 instruction: greedy_decode_one's results bit for bit (the same maximum, exact in any
+// order; its first index, as torch.argmax; the same double sum of the frames' maxima). The
+// NaN/+inf test is one per sequence: a lane's running sum of the values it saw turns NaN or
+// +inf with the first such value and stays so; then the exact test (any_bad_value) decides.
+__attribute__((target("avx2"))) Status greedy_decode_one_avx2(const float* data, int64_t stride_t, int64_t length,
+                                                              int64_t C, int64_t blank, int32_t* tokens,
+                                                              int32_t* out_len, float* score) {
+  GreedyState s;
+  __m256 sums = _mm256_setzero_ps();
+  const int64_t tail = C - 8;  // the last block, overlapping the one before unless 8 divides C
+  for (int64_t t = 0; t < length; ++t) {
+    const float* row = data + t * stride_t;
+    if (t + kPrefetch < length) {  // frames lie N rows apart: too far for the hardware prefetcher
+      _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetch * stride_t), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetch * stride_t + C - 1), _MM_HINT_T0);
+    }
+    __m256 m = _mm256_loadu_ps(row);
+    sums = _mm256_add_ps(sums, m);
+    for (int64_t c = 8; c < tail; c += 8) {
+      const __m256 v = _mm256_loadu_ps(row + c);
+      m = _mm256_max_ps(m, v);
+      sums = _mm256_add_ps(sums, v);
+    }
+    const __m256 last = _mm256_loadu_ps(row + tail);
+    m = _mm256_max_ps(m, last);
+    sums = _mm256_add_ps(sums, last);
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+    const float best_v = _mm_cvtss_f32(h);
+    int64_t best = 0;
+    if (!(row[0] == best_v)) {  // the first c with row[c] >= the maximum (C for a NaN maximum: flagged)
+      const __m256 m8 = _mm256_set1_ps(best_v);
+      best = C;
+      for (int64_t c = 0;; c += 8) {
+        if (c > tail) c = tail;
+        const int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + c), m8, _CMP_GE_OQ));
+        if (mask != 0) {
+          best = c + __builtin_ctz(static_cast<unsigned>(mask));
+          break;
+        }
+        if (c == tail) break;
+      }
+    }
+    greedy_step(s, best, best_v, blank, tokens);
+  }
+  *out_len = s.len;
+  *score = static_cast<float>(s.score);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+  if (!(_mm_cvtss_f32(h) < INFINITY)) {
+    for (int64_t t = 0; t < length; ++t) {
+      if (any_bad_value(data + t * stride_t, C)) return kBadValue;
+    }
+  }
+  return kOk;
+}
+#endif
+
+// Whether the greedy kernel takes its AVX2 path: the CPU has AVX2 and torch's own kernels use
+// it or AVX-512 (ATEN_CPU_CAPABILITY=default turns both off, e.g. to test the SSE2 path).
+bool greedy_uses_avx2() {
+#ifdef CF_AVX2_GREEDY
+  static const bool avx2 = __builtin_cpu_supports("avx2") && at::get_cpu_capability() != "DEFAULT";
+  return avx2;
+#else
+  return false;
+#endif
+}
+
 Decoded greedy_cpu(const at::Tensor& log_probs, const at::Tensor& input_lengths, int64_t blank) {
   const auto [T, N, C] = check_decode_inputs(log_probs, input_lengths, blank, "ctc_greedy_decode");
   check_token_output(N, 1, T, "ctc_greedy_decode");
@@ -64,13 +143,22 @@ Decoded greedy_cpu(const at::Tensor& log_probs, const at::Tensor& input_lengths,
     float* out_score = scores.mutable_data_ptr<float>();
     // One sequence at a time, whatever the layout: a frame is a few cache lines
     // wherever it lies, and the state stays in registers.
+    const bool avx2 = std::is_same<scalar_t, float>::value && sc == 1 && C >= 8 && greedy_uses_avx2();
     at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
       std::vector<float> buf(C);  // a frame widened to float, when it is not one already
       for (int64_t n = begin; n < end; ++n) {
         const Frames<scalar_t> f{data + n * sn, st, sc};
-        if (greedy_decode_one(f, len[n], C, blank, buf.data(), tok + n * T, out_len + n, out_score + n) != kOk) {
-          bad.report(n);
+        Status status;
+#ifdef CF_AVX2_GREEDY
+        if (avx2) {
+          status = greedy_decode_one_avx2(reinterpret_cast<const float*>(f.data), st, len[n], C, blank, tok + n * T,
+                                          out_len + n, out_score + n);
+        } else
+#endif
+        {
+          status = greedy_decode_one(f, len[n], C, blank, buf.data(), tok + n * T, out_len + n, out_score + n);
         }
+        if (status != kOk) bad.report(n);
         std::fill(tok + n * T + out_len[n], tok + (n + 1) * T, -1);
       }
     });
