@@ -8,12 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from captcha_fast.preprocess import check_width, resized_width, to_channels
-
-
-def _border_band(H: int, W: int) -> int:
-    """The FRAME band, narrower on images too small to lose 3 px at each side."""
-    return min(3, (H - 1) // 4, (W - 1) // 4)  # 3 = FRAME (TorchScript can't read globals)
+# The crop (ink_boxes and its helpers) and the frame band did not change with the speed-up: the
+# reference uses preprocess's own, and holds only the ink map itself to the old code.
+from captcha_fast.preprocess import _border_band, check_width, ink_boxes, resized_width, to_channels
 
 
 def _kept_median(windows: Tensor, dropped: Tensor) -> Tensor:
@@ -91,69 +88,6 @@ def to_ink(x: Tensor) -> Tensor:
     strength = (dist * strong).sum([1, 2, 3], keepdim=True) / strong.sum([1, 2, 3], keepdim=True)
     ink = (dist / strength.clamp_min(0.06)).clamp(0.0, 1.0)              # 0.06 = MIN_CONTRAST
     return torch.where(peak >= 0.06, ink, torch.zeros_like(ink))
-
-
-def _quantile_index(mass: Tensor, q: float) -> Tensor:
-    """(N, L) mass >= 0 with positive sums -> (N,) the first index where the cumulative share reaches q."""
-    share = mass.cumsum(1) / mass.sum(1, keepdim=True)
-    return (share < q).sum(1).clamp_max(mass.shape[1] - 1)
-
-
-def _reach_back(inked: Tensor, start: Tensor, gap: Tensor, limit: Tensor) -> Tensor:
-    """(N, L) bool, (N,) start/gap/limit -> (N,) the lowest index reached from `start` stepping back
-    through inked positions no more than `gap` apart, at most `limit` before `start`."""
-    L = inked.shape[1]
-    idx = torch.arange(L, device=inked.device).expand(inked.shape[0], L)
-    inked = inked | (idx == start.unsqueeze(1))
-    previous = torch.where(inked, idx, torch.full_like(idx, -L - 1)).cummax(1).values  # last inked at or before
-    previous = torch.cat([torch.full_like(idx[:, :1], -L - 1), previous[:, :-1]], 1)   # last inked before
-    opens_run = inked & (idx - previous - 1 > gap.unsqueeze(1))  # an inked index after a wider gap
-    first = torch.where(opens_run & (idx <= start.unsqueeze(1)), idx, torch.full_like(idx, -1)).amax(1)
-    return torch.maximum(first, start - limit)
-
-
-def _vertical_opening(x: Tensor) -> Tensor:
-    """(N, C, H, W) -> the minimum then the maximum over 3 px down each column (windows clipped at
-    the edges): what two (3, 1) max_pool2d give, in a few elementwise ops (max_pool2d's generic
-    CPU kernel costs ~150 instructions a pixel)."""
-    p = F.pad(x, [0, 0, 1, 1], mode="replicate")
-    eroded = torch.minimum(torch.minimum(p[:, :, :-2], p[:, :, 1:-1]), p[:, :, 2:])
-    p = F.pad(eroded, [0, 0, 1, 1], mode="replicate")
-    return torch.maximum(torch.maximum(p[:, :, :-2], p[:, :, 1:-1]), p[:, :, 2:])
-
-
-def ink_boxes(ink: Tensor) -> Tensor:
-    """(N, 1, H, W) ink -> (N, 4) int64 [top, bottom, left, right] (inclusive): the box around each
-    image's text.
-
-    The text's core is the rows and columns holding all but 2% / 1% of the ink mass at either end,
-    measured after a vertical opening (3 px) that erases strike-through lines up to 2 px thick, and
-    above a haze of 0.1 (what a background estimate leaves). The core then grows up and down over
-    the glyph parts the trim cut (the dots of i, j, !, ;, descenders): rows holding strong ink
-    (> 0.5 after the opening, so no lone pixels nor thin lines) reached from the core across gaps
-    of at most 40% of the core's height, up to 60% of it. Margins of 15% of the core's height (25%
-    at the sides) are kept around the core. An image without ink keeps its whole extent."""
-    N, H, W = ink.shape[0], ink.shape[2], ink.shape[3]
-    opened = _vertical_opening(ink)
-    opened, faint = (opened - 0.1).clamp_min(0.0), (ink - 0.1).clamp_min(0.0)  # a faint haze does not count
-    mass = torch.where(opened.sum([1, 2, 3], keepdim=True) > 0.0, opened, faint)[:, 0]    # (N, H, W)
-    has_ink = mass.sum([1, 2]) > 0.0
-    mass = torch.where(has_ink.view(N, 1, 1), mass, torch.ones_like(mass))                # blank: all of it
-    rows, cols = mass.sum(2), mass.sum(1)
-    top, bottom = _quantile_index(rows, 0.02), _quantile_index(rows, 0.98)
-    left, right = _quantile_index(cols, 0.01), _quantile_index(cols, 0.99)
-    band = bottom - top + 1
-    solid = opened[:, 0] > 0.4                                   # strong ink (> 0.5) at least 3 px tall
-    gap, reach = (0.4 * band.float() + 0.5).floor().long(), (0.6 * band.float() + 0.5).floor().long()
-    row_ink = solid.any(2)
-    up = _reach_back(row_ink, top, gap, reach)                   # the bottom: reach back along flipped rows
-    down = H - 1 - _reach_back(row_ink.flip(1), H - 1 - bottom, gap, reach)
-    m = (0.15 * band.float() + 0.5).floor().long().clamp_min(2)
-    side = (0.25 * band.float() + 0.5).floor().long().clamp_min(2)
-    box = torch.stack([torch.minimum(up, top - m).clamp_min(0), torch.maximum(down, bottom + m).clamp_max(H - 1),
-                       (left - side).clamp_min(0), (right + side).clamp_max(W - 1)], 1)
-    full = torch.tensor([0, H - 1, 0, W - 1], device=ink.device).expand(N, 4)
-    return torch.where(has_ink.view(N, 1), box, full)
 
 
 def prepare(img: Tensor, height: int, max_width: int = 4096) -> Tensor:
