@@ -317,7 +317,7 @@ def train_round(folder: Path, init: str | None, args) -> float:
     cfg = TrainConfig(data=str(folder / "train.tsv"), out=str(folder), charset=CHARSET, epochs=args.epochs_per_round,
                       init_from=init, from_scratch=init is None,
                       val_fraction=0.0, bucket=16, skip_bad=True, threads=args.threads, progress=False,
-                      export=False, resume=resume, lr=args.lr, patience=args.epochs_per_round + 1)
+                      export=False, resume=resume, lr=args.lr, batch_size=args.batch_size, patience=args.epochs_per_round + 1)
     if "min_steps" in {f.name for f in fields(TrainConfig)}:
         cfg.min_steps = 0  # a round is one pass per epoch (train.py's small-set floor is for a user's few images)
     train(cfg, log=on_epoch)
@@ -565,6 +565,7 @@ def main(argv=None) -> None:
     p.add_argument("--epochs-per-round", type=int, default=2)
     p.add_argument("--shares", default=DEFAULT_SHARES)
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of each round's OneCycle")
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--init-from", default=str(PRETRAINED_CHECKPOINT), help="weights of a new OUT's first round")
     p.add_argument("--from-scratch", action="store_true", help="a new OUT starts from random weights")
     p.add_argument("--eval-n", type=int, default=300, help="images per held-out set")
