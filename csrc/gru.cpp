@@ -83,11 +83,11 @@ constexpr int64_t kSmallBatch = 4;  // above it ATen's batched GEMM per frame wi
 #define CF_VECTOR_CLONES
 #endif
 
-// exp(x) for a loop the compiler vectorizes (std::exp is a libm call per element: libm exp and tanh
-// took 2.3M of the op's 7.9M instructions on one image). Cephes' expf: x = n ln2 + r with |r| <=
-// ln2 / 2, exp(r) by a polynomial, 2^n built in the exponent bits: within 1 ulp of exp for every float in
-// [-87, 88] (tanh from it: within 1.8e-7), clamped outside (sigmoid and tanh saturate there). Rounding to n adds and
-// subtracts 1.5 * 2^23, exact under round-to-nearest (the build has no -ffast-math).
+// exp(x) for a loop the compiler vectorizes (std::exp is a libm call per element: libm's exp and
+// tanh took 2.3M of the op's 7.9M instructions on one image). Cephes' expf: x = n ln2 + r with
+// |r| <= ln2 / 2, exp(r) by a polynomial, 2^n built in the exponent bits: within 1 ulp of exp for
+// every float in [-87, 88] (tanh from it: within 1.8e-7), clamped outside, where sigmoid and tanh
+// saturate. Rounding to n adds and subtracts 1.5 * 2^23: exact under round-to-nearest (no -ffast-math).
 __attribute__((always_inline)) inline float vector_exp(float x) {
   x = std::min(std::max(x, -87.3f), 88.3f);
   const float n = (x * 1.44269504f + 12582912.f) - 12582912.f;
