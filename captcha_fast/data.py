@@ -290,7 +290,7 @@ class CaptchaDataset(torch.utils.data.Dataset):
         return image, self.samples[index].label, self.targets[index]
 
 
-_SYNTH_CACHE_FORMAT = 3  # bump when rendering or preprocessing changes what a cached set holds
+_SYNTH_CACHE_FORMAT = 4  # bump when rendering or preprocessing changes what a cached set holds
 
 
 def synth_cache_key(config, n: int, height: int, in_channels: int, ink: bool = False) -> str:
