@@ -53,6 +53,17 @@ def test_gru_op_matches_packed_nn_gru(num_layers, bidirectional, lengths):
     torch.testing.assert_close(_gru.gru(rnn, x, lengths), packed_gru(rnn, x, lengths), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("hidden", [13, 128])  # 3 * 13 rows: the small-batch loop's tail after blocks of 8
+@pytest.mark.parametrize("scale", [0.1, 3.0, 200.0])  # gates near 0.5, spread, saturated (exp clamped)
+@torch.no_grad()
+def test_small_batch_gru_activations_match_nn_gru(hidden, scale):
+    torch.manual_seed(1)
+    rnn = nn.GRU(16, hidden, num_layers=2, bidirectional=True).eval()
+    x = torch.randn(9, 2, 16) * scale
+    lengths = torch.tensor([9, 6])
+    torch.testing.assert_close(_gru.gru(rnn, x, lengths), packed_gru(rnn, x, lengths), atol=2e-6, rtol=1e-5)
+
+
 def test_gru_op_passes_opcheck():
     torch.manual_seed(0)
     rnn = nn.GRU(6, 4, num_layers=2, bidirectional=True)
