@@ -12,11 +12,14 @@
 // zero after them, and its padding frames get no gradient. nn.GRU's equations:
 //   r = sigmoid(W_ir x + b_ir + W_hr h + b_hr), z = sigmoid(W_iz x + b_iz + W_hz h + b_hz),
 //   n = tanh(W_in x + b_in + r * (W_hn h + b_hn)), h' = (1 - z) * n + z * h.
+// Both ops run in the input's dtype under autocast too (the CRNN's GRU is float32 by design; the
+// GEMMs inside would otherwise be autocast to bf16).
 // The samples run sorted by length, longest first, so the samples still running at a step are the
 // first rows of the state: each step's GEMM covers only them (as packing does).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 #include <cmath>
@@ -132,6 +135,7 @@ std::tuple<at::Tensor, at::Tensor> gru_train_layer(const at::Tensor& input, cons
                                                    const at::Tensor& bias_ih, const at::Tensor& bias_hh,
                                                    bool reverse) {
   check_layer_inputs("gru_train_layer", input, lengths, weight_ih, weight_hh, bias_ih, bias_hh);
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t T = input.size(0), N = input.size(1), F = input.size(2), H = weight_hh.size(1);
   // The input gates of every frame: one GEMM.
   const at::Tensor gi = at::addmm(bias_ih, input.reshape({T * N, F}), weight_ih.t()).view({T, N, 3 * H});
@@ -211,6 +215,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_train
     const at::Tensor& gates, bool reverse) {
   const char* op = "gru_train_layer_backward";
   check_layer_inputs(op, input, lengths, weight_ih, weight_hh, bias_ih, bias_hh);
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t T = input.size(0), N = input.size(1), F = input.size(2), H = weight_hh.size(1);
   const std::vector<int64_t> out_shape = {T, N, H}, gates_shape = {T, N, 4 * H};
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(out_shape) && grad_output.scalar_type() == input.scalar_type(),
