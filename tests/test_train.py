@@ -350,7 +350,9 @@ def test_default_recipe_fine_tunes_the_shipped_model(tmp_path):
     ckpt = load_checkpoint(tmp_path / "run" / "best.ckpt")
     assert ckpt["epoch"] == 3 and ckpt["model_config"]["ink"]
     after = accuracy(path)
-    # The same 100 held-out images before and after (a paired comparison). Measured on a bf16 CPU:
-    # 0.39 -> 0.70 from the round-2 model, 0.65 -> 0.77 from round 11 (which reads this style better).
-    assert before < 0.8, f"the shipped model reads this style well already ({before}): pick a weaker one"
-    assert after >= before + 0.08, (before, after)
+    # The same 100 held-out images before and after (a paired comparison). The margin is a share of
+    # the shipped model's errors, as each build reads this style better: measured on a bf16 CPU,
+    # 0.39 -> 0.70 from the round-2 model (51% of the errors gone), 0.65 -> 0.77 from round 11 (34%),
+    # 0.75 -> 0.84 from round 18 (36%).
+    assert before < 0.9, f"the shipped model reads this style well already ({before}): pick a weaker one"
+    assert after >= before + 0.25 * (1 - before), (before, after)
