@@ -46,7 +46,7 @@ def extensions():
     with_cuda = _cuda_wanted()
     debug, sanitize = _flag("CAPTCHA_FAST_DEBUG"), _flag("CAPTCHA_FAST_SANITIZE")
     csrc = ROOT / "csrc"
-    sources = [csrc / "ops.cpp", csrc / "gru.cpp", csrc / "python_module.cpp", *sorted((csrc / "cpu").glob("*.cpp"))]
+    sources = [csrc / "ops.cpp", csrc / "gru.cpp", csrc / "gru_train.cpp", csrc / "python_module.cpp", *sorted((csrc / "cpu").glob("*.cpp"))]
     # The C++ standard is left to torch (its 2.13 headers need C++20; our code is C++17-clean).
     opt = ["-O0", "-g"] if debug or sanitize else ["-O3"]
     cxx = [*opt, "-fopenmp", f'-DCF_TORCH_VERSION="{torch.__version__}"']

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from captcha_fast import _gru  # noqa: F401  (registers captcha_fast::gru and its fake kernel)
+from captcha_fast import _gru  # registers captcha_fast::gru and its fake kernel; train_gru
 from captcha_fast.charset import Charset
 
 
@@ -108,6 +108,10 @@ class CRNN(nn.Module):
 
     def recurrent(self, x: Tensor, lengths: Tensor) -> Tensor:
         """The BiGRU over each sample's own frames (packed when lengths differ)."""
+        if self.training and torch.is_grad_enabled() and x.device.type == "cpu" and x.is_floating_point():
+            # ATen's CPU GRU runs ~10 small ops and autograd nodes per frame: a third of a step.
+            # Under bf16 autocast too, in float32, as head() promises (and inference runs it).
+            return _gru.train_gru(self.rnn, x if x.dtype == torch.float64 else x.float(), lengths)
         T = x.shape[0]
         if bool((lengths == T).all()):
             return self.rnn(x)[0]
