@@ -18,6 +18,7 @@
 #include <vector>
 #include <torch/library.h>
 
+#include "ops.h"
 #include "vector_exp.h"
 
 namespace captcha_fast {
@@ -59,13 +60,8 @@ void check_gru_inputs(const at::Tensor& input, const at::Tensor& lengths, at::Te
       }
     }
   }
-  if (lengths.is_cpu()) {  // on CUDA this would be a host sync: lengths are clamped instead
-    const at::Tensor len = lengths.to(at::kLong).contiguous();
-    const int64_t* l = len.data_ptr<int64_t>();
-    for (int64_t i = 0; i < N; ++i)
-      TORCH_CHECK(l[i] >= 0 && l[i] <= T, op, ": lengths[", i, "] = ", l[i], " is outside [0, T] with T = ", T,
-                  " frames");
-  }
+  if (lengths.is_cpu())  // on CUDA this would be a host sync: lengths are clamped instead
+    check_lengths_in_range(lengths, T, op, "lengths");
 }
 
 // A small batch on the CPU (one image per call): ATen's GRU runs about ten small ops per frame,

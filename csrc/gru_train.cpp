@@ -27,6 +27,7 @@
 #include <vector>
 #include <torch/library.h>
 
+#include "ops.h"
 #include "vector_exp.h"
 
 namespace captcha_fast {
@@ -59,11 +60,7 @@ void check_layer_inputs(const char* op, const at::Tensor& input, const at::Tenso
               ": lengths must be 1-D with one length per sample (", N, "), got shape ", lengths.sizes());
   TORCH_CHECK((lengths.scalar_type() == at::kLong || lengths.scalar_type() == at::kInt) && lengths.is_cpu(), op,
               ": lengths must be int64 or int32 on the CPU, got ", lengths.scalar_type(), " on ", lengths.device());
-  const at::Tensor len = lengths.to(at::kLong).contiguous();
-  const int64_t* l = len.data_ptr<int64_t>();
-  for (int64_t i = 0; i < N; ++i)
-    TORCH_CHECK(l[i] >= 0 && l[i] <= T, op, ": lengths[", i, "] = ", l[i], " is outside [0, T] with T = ", T,
-                " frames");
+  check_lengths_in_range(lengths, T, op, "lengths");
 }
 
 // The samples by length, longest first (stable), and their lengths in that order.
@@ -209,7 +206,7 @@ template <typename scalar_t>
 void backward_loop(const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& gates,
                    const at::Tensor& weight_hh, const std::vector<int64_t>& order, const std::vector<int64_t>& len,
                    bool reverse, at::Tensor& grad_gi, at::Tensor& grad_gh) {
-  const int64_t T = output.size(0), N = output.size(1), H = output.size(2);
+  const int64_t N = output.size(1), H = output.size(2);
   at::Tensor dh_state = at::zeros({N, H}, output.options());      // dL/dh after the step, sorted order
   const at::Tensor dh_next = at::empty({N, H}, output.options());  // dL/dh before it (through z only)
   const at::Tensor dgh_state = at::empty({N, 3 * H}, output.options());
@@ -245,7 +242,6 @@ void backward_loop(const at::Tensor& grad_output, const at::Tensor& output, cons
     at::Tensor dh = dh_state.narrow(0, 0, active);
     at::addmm_out(dh, dh_next.narrow(0, 0, active), dgh_state.narrow(0, 0, active), weight_hh);
   }
-  (void)T;
 }
 
 // The gradients of gru_train_layer's output: (input, weight_ih, weight_hh, bias_ih, bias_hh).

@@ -14,11 +14,11 @@
 
 namespace captcha_fast {
 
-void check_lengths_in_range(const at::Tensor& input_lengths, int64_t T, const char* op) {
-  const at::Tensor lens = input_lengths.to(at::kLong).contiguous();
+void check_lengths_in_range(const at::Tensor& lengths, int64_t T, const char* op, const char* name) {
+  const at::Tensor lens = lengths.to(at::kLong).contiguous();
   const int64_t* len = lens.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < lens.numel(); ++i) {
-    TORCH_CHECK(len[i] >= 0 && len[i] <= T, op, ": input_lengths[", i, "] = ", len[i],
+    TORCH_CHECK(len[i] >= 0 && len[i] <= T, op, ": ", name, "[", i, "] = ", len[i],
                 " is outside [0, T] with T = ", T, " frames");
   }
 }

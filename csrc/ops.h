@@ -15,8 +15,9 @@ using Decoded = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Texts = c10::List<c10::List<std::string>>;
 using DecodedTexts = std::tuple<Texts, at::Tensor>;
 
-// TORCH_CHECK that every input_lengths[i] (a CPU tensor) lies in [0, T].
-void check_lengths_in_range(const at::Tensor& input_lengths, int64_t T, const char* op);
+// TORCH_CHECK that every lengths[i] (a CPU tensor) lies in [0, T]; the message calls it `name`.
+void check_lengths_in_range(const at::Tensor& lengths, int64_t T, const char* op,
+                            const char* name = "input_lengths");
 
 // Checks log_probs (T, N, C) and input_lengths (N,); returns (T, N, C).
 // Not the lengths' values: the CPU kernels call check_lengths_in_range once
