@@ -232,3 +232,25 @@ def test_max_width_is_checked_on_the_callers_image_and_names_it():
     wide, _ = _render("textline " * 60, size=(6000, 60), font_px=16, at=(4, 20))
     batch, widths = pp.collate([wide], 32, 1, 4096, True)
     assert widths.tolist() == [4096] and batch.shape == (1, 1, 32, 4096)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_background_grids_cpu_op_equals_its_aten_ops(dtype):
+    """csrc/cpu/ink_cpu.cpp picks the same samples as the ATen path (sort, skew, gather) on grids of
+    any size: ties (uint8-like levels), ink brighter or darker than the background on part of the
+    grid (both sides of the second median), grids smaller than the window, and NaN samples."""
+    g = torch.Generator().manual_seed(0)
+    for k in range(120):
+        N, C = int(torch.randint(1, 4, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
+        sh, sw = int(torch.randint(2, 10, (1,), generator=g)), int(torch.randint(1, 20, (1,), generator=g))
+        x = torch.rand(N, C, sh, sw, generator=g, dtype=dtype)
+        if k % 3 == 0:
+            x = (x * 8).round() / 8
+        elif k % 3 == 1:  # a bright or dark patch over part of each channel: a skewed grid
+            x[:, :, :, : sw // 3] = torch.where(torch.rand(N, C, 1, 1, generator=g, dtype=dtype) > 0.5, 1.0, 0.0)
+        if k % 10 == 0:
+            x[0, 0, 0, 0] = float("nan")
+        got, want = pp._grid_medians(x), pp._grid_medians_aten(x)
+        assert got.dtype == dtype and got.shape == want.shape
+        assert torch.equal(got.isnan(), want.isnan()), k
+        assert torch.equal(got.nan_to_num(-1.0), want.nan_to_num(-1.0)), k
