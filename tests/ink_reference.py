@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # The crop (ink_boxes and its helpers) and the frame band did not change with the speed-up: the
-# reference uses preprocess's own, and holds only the ink map itself to the old code.
-from captcha_fast.preprocess import _border_band, check_width, ink_boxes, resized_width, to_channels
+# reference uses preprocess's own (the ATen path of the crop, not its CPU op), and holds only the
+# ink map itself to the old code.
+from captcha_fast.preprocess import _border_band, check_width, resized_width, to_channels
+from captcha_fast.preprocess import _ink_boxes_aten as ink_boxes
 
 
 def _kept_median(windows: Tensor, dropped: Tensor) -> Tensor:

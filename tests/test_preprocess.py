@@ -1,5 +1,6 @@
 """captcha_fast.preprocess: the ink map and the crop to the text (against hand-made images with a
 known answer), bounded work for extreme aspect ratios, scripted == eager."""
+import numpy as np
 import pytest
 import torch
 
@@ -254,3 +255,29 @@ def test_the_background_grids_cpu_op_equals_its_aten_ops(dtype):
         assert got.dtype == dtype and got.shape == want.shape
         assert torch.equal(got.isnan(), want.isnan()), k
         assert torch.equal(got.nan_to_num(-1.0), want.nan_to_num(-1.0)), k
+
+
+def test_the_crops_cpu_op_equals_its_aten_ops():
+    """csrc/cpu/ink_cpu.cpp's ink_boxes gives the ATen path's boxes: on ink maps of rendered captchas
+    of every style (one at a time and as a batch), on random maps (sparse, level-quantised: ties at
+    the thresholds), blank ones, lines 1 px high or wide, float64, and maps holding NaN."""
+    from captcha_fast.synth import STYLES, SynthConfig, SyntheticCaptchas
+
+    inks = []
+    for k, style in enumerate(sorted(STYLES)):
+        for image, _ in SyntheticCaptchas(SynthConfig(style=style, seed=k, charset="abcil1ij!"), 2):
+            inks.append(_ink(torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)))
+    g = torch.Generator().manual_seed(0)
+    for k in range(60):
+        H, W = int(torch.randint(1, 40, (1,), generator=g)), int(torch.randint(1, 120, (1,), generator=g))
+        x = torch.rand(2, 1, H, W, generator=g) * (torch.rand(2, 1, H, W, generator=g) < 0.1 * (k % 5))
+        inks.append((x * 10).round() / 10 if k % 2 else x)
+    inks += [torch.zeros(1, 1, 30, 90), torch.full((1, 1, 1, 50), 0.7), torch.full((1, 1, 50, 1), 0.7)]
+    nan = torch.rand(2, 1, 20, 60, generator=g)
+    nan[1, 0, 5, 7] = float("nan")
+    inks += [nan, inks[0].double()]
+    for k, ink in enumerate(inks):
+        assert torch.equal(pp.ink_boxes(ink), pp._ink_boxes_aten(ink)), k
+    same_size = [i for i in inks if i.shape[2:] == inks[0].shape[2:]]
+    batch = torch.cat(same_size)
+    assert torch.equal(pp.ink_boxes(batch), pp._ink_boxes_aten(batch))

@@ -1,10 +1,13 @@
-// captcha_fast::grid_medians on the CPU: preprocess._grid_medians (the background estimate of the ink
-// map) as one loop over the grid instead of ~25 small ATen ops and a sort of every 7 x 7 window,
-// which took half of one image's preprocessing. Order statistics are picked by selection
-// (nth_element), not computed, so every value is one of the samples, as the ATen path's sort and
-// gather give; the side decision uses ATen's own mean and std and the same float arithmetic.
-// preprocess._grid_medians calls it on the CPU and runs its ATen ops elsewhere;
-// tests/test_preprocess.py checks the two are equal.
+// The ink map's two CPU ops, each one loop instead of dozens of small ATen ops (one 50 x 200 image's
+// preprocessing was ~900 us, most of it per-op overhead; the values are the ATen paths' own):
+// - captcha_fast::grid_medians: preprocess._grid_medians, the background estimate. Order statistics
+//   are picked by selection (nth_element), so every value is one of the samples, as the ATen path's
+//   sort and gather give; the side decision uses ATen's own mean and std and the same float math.
+// - captcha_fast::ink_boxes: preprocess.ink_boxes, the crop. Elementwise steps and integer logic
+//   here, the float sums (row and column mass, their running and total sums) by ATen, so that
+//   every threshold compares the very numbers the ATen path compares.
+// preprocess calls them on the CPU and runs its ATen ops elsewhere; tests/test_preprocess.py checks
+// the two are equal.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-wrapv", "fp-contract=off")
 #endif
@@ -15,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 namespace captcha_fast {
 namespace {
@@ -98,10 +102,130 @@ at::Tensor grid_medians_cpu(const at::Tensor& samples) {
   return out;
 }
 
+// NaN-propagating min / max / clamp_min, as torch.minimum / maximum / clamp_min.
+template <typename T>
+T nan_min(T a, T b) { return std::isnan(a) ? a : (std::isnan(b) ? b : std::min(a, b)); }
+template <typename T>
+T nan_max(T a, T b) { return std::isnan(a) ? a : (std::isnan(b) ? b : std::max(a, b)); }
+template <typename T>
+T nan_clamp_min(T a, T lo) { return std::isnan(a) ? a : std::max(a, lo); }
+
+// "sum(x) > 0" for x >= 0 (or NaN) without summing: some element positive and none NaN.
+template <typename T>
+bool positive_sum(const T* x, int64_t n) {
+  bool positive = false;
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(x[i])) return false;
+    positive |= x[i] > T(0);
+  }
+  return positive;
+}
+
+// _quantile_index: the first index where running / total reaches q.
+template <typename T>
+int64_t quantile_index(const T* running, T total, int64_t L, double q) {
+  int64_t below = 0;
+  for (int64_t i = 0; i < L; ++i) below += running[i] / total < T(q);
+  return std::min(below, L - 1);
+}
+
+// _reach_back: the lowest index reached from `start` stepping back through inked positions no more
+// than `gap` apart, at most `limit` before it. step(k) is the k-th position of the walk's order.
+template <typename Inked>
+int64_t reach_back(Inked inked, int64_t L, int64_t start, int64_t gap, int64_t limit) {
+  int64_t previous = -L - 1, first = -1;
+  for (int64_t i = 0; i <= start && i < L; ++i) {
+    if (!(inked(i) || i == start)) continue;
+    if (i - previous - 1 > gap) first = i;  // opens a run
+    previous = i;
+  }
+  return std::max(first, start - limit);
+}
+
+int64_t rounded(float scale, int64_t v) { return static_cast<int64_t>(std::floor(scale * static_cast<float>(v) + 0.5f)); }
+
+at::Tensor ink_boxes_cpu(const at::Tensor& ink_in) {
+  TORCH_CHECK(ink_in.dim() == 4 && ink_in.size(1) == 1, "ink_boxes: ink must be (N, 1, H, W), got shape ",
+              ink_in.sizes());
+  TORCH_CHECK(ink_in.scalar_type() == at::kFloat || ink_in.scalar_type() == at::kDouble,
+              "ink_boxes: ink must be float32 or float64, got ", ink_in.scalar_type());
+  TORCH_CHECK(ink_in.numel() > 0, "ink_boxes: ink must not be empty, got shape ", ink_in.sizes());
+  const at::Tensor ink = ink_in.contiguous();
+  const int64_t N = ink.size(0), H = ink.size(2), W = ink.size(3), P = H * W;
+  at::Tensor mass = at::empty({N, H, W}, ink.options());
+  at::Tensor solid_rows = at::empty({N, H}, ink.options().dtype(at::kBool));
+  std::vector<uint8_t> has_ink(N);
+  AT_DISPATCH_FLOATING_TYPES(ink.scalar_type(), "ink_boxes", [&] {
+    std::vector<scalar_t> eroded(P), opened(P);
+    for (int64_t n = 0; n < N; ++n) {
+      const scalar_t* x = ink.data_ptr<scalar_t>() + n * P;
+      // the vertical opening (3 px, edges replicated), then the haze of 0.1 off
+      auto row = [&](int64_t h) { return std::min(std::max(h, int64_t(0)), H - 1) * W; };
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t w = 0; w < W; ++w)
+          eroded[h * W + w] = nan_min(nan_min(x[row(h - 1) + w], x[h * W + w]), x[row(h + 1) + w]);
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t w = 0; w < W; ++w)
+          opened[h * W + w] = nan_clamp_min(
+              nan_max(nan_max(eroded[row(h - 1) + w], eroded[h * W + w]), eroded[row(h + 1) + w]) - scalar_t(0.1),
+              scalar_t(0));
+      bool* solid = solid_rows.data_ptr<bool>() + n * H;
+      for (int64_t h = 0; h < H; ++h) {
+        solid[h] = false;
+        for (int64_t w = 0; w < W; ++w) solid[h] |= opened[h * W + w] > scalar_t(0.4);
+      }
+      // the mass: the opened map, or the faint one where opening left nothing; all ones without ink
+      scalar_t* m = mass.data_ptr<scalar_t>() + n * P;
+      if (positive_sum(opened.data(), P)) {
+        std::copy(opened.begin(), opened.end(), m);
+      } else {
+        for (int64_t i = 0; i < P; ++i) m[i] = nan_clamp_min(x[i] - scalar_t(0.1), scalar_t(0));
+      }
+      has_ink[n] = positive_sum(m, P);
+      if (!has_ink[n]) std::fill(m, m + P, scalar_t(1));
+    }
+  });
+  // the float sums as the ATen path computes them
+  const at::Tensor rows = mass.sum(2), cols = mass.sum(1);
+  const at::Tensor rows_run = rows.cumsum(1), cols_run = cols.cumsum(1);
+  const at::Tensor rows_total = rows.sum(1), cols_total = cols.sum(1);
+  at::Tensor boxes = at::empty({N, 4}, ink.options().dtype(at::kLong));
+  int64_t* box = boxes.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(ink.scalar_type(), "ink_boxes", [&] {
+    for (int64_t n = 0; n < N; ++n, box += 4) {
+      if (!has_ink[n]) {
+        box[0] = 0, box[1] = H - 1, box[2] = 0, box[3] = W - 1;
+        continue;
+      }
+      const scalar_t* rr = rows_run.data_ptr<scalar_t>() + n * H;
+      const scalar_t* cr = cols_run.data_ptr<scalar_t>() + n * W;
+      const scalar_t rt = rows_total.data_ptr<scalar_t>()[n], ct = cols_total.data_ptr<scalar_t>()[n];
+      const int64_t top = quantile_index(rr, rt, H, 0.02), bottom = quantile_index(rr, rt, H, 0.98);
+      const int64_t left = quantile_index(cr, ct, W, 0.01), right = quantile_index(cr, ct, W, 0.99);
+      const int64_t band = bottom - top + 1, gap = rounded(0.4f, band), reach = rounded(0.6f, band);
+      const bool* solid = solid_rows.data_ptr<bool>() + n * H;
+      const int64_t up = reach_back([&](int64_t i) { return solid[i]; }, H, top, gap, reach);
+      const int64_t down = H - 1 - reach_back([&](int64_t i) { return solid[H - 1 - i]; }, H, H - 1 - bottom, gap, reach);
+      const int64_t margin = std::max<int64_t>(rounded(0.15f, band), 2), side = std::max<int64_t>(rounded(0.25f, band), 2);
+      box[0] = std::max<int64_t>(std::min(up, top - margin), 0);
+      box[1] = std::min(std::max(down, bottom + margin), H - 1);
+      box[2] = std::max<int64_t>(left - side, 0);
+      box[3] = std::min(right + side, W - 1);
+    }
+  });
+  return boxes;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(captcha_fast, m) { m.def("grid_medians(Tensor samples) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(captcha_fast, m) {
+  m.def("grid_medians(Tensor samples) -> Tensor");
+  m.def("ink_boxes(Tensor ink) -> Tensor");
+}
 
-TORCH_LIBRARY_IMPL(captcha_fast, CPU, m) { m.impl("grid_medians", &grid_medians_cpu); }
+TORCH_LIBRARY_IMPL(captcha_fast, CPU, m) {
+  m.impl("grid_medians", &grid_medians_cpu);
+  m.impl("ink_boxes", &ink_boxes_cpu);
+}
 
 }  // namespace captcha_fast
