@@ -156,34 +156,36 @@ at::Tensor ink_boxes_cpu(const at::Tensor& ink_in) {
   at::Tensor solid_rows = at::empty({N, H}, ink.options().dtype(at::kBool));
   std::vector<uint8_t> has_ink(N);
   AT_DISPATCH_FLOATING_TYPES(ink.scalar_type(), "ink_boxes", [&] {
-    std::vector<scalar_t> eroded(P), opened(P);
-    for (int64_t n = 0; n < N; ++n) {
-      const scalar_t* x = ink.data_ptr<scalar_t>() + n * P;
-      // the vertical opening (3 px, edges replicated), then the haze of 0.1 off
-      auto row = [&](int64_t h) { return std::min(std::max(h, int64_t(0)), H - 1) * W; };
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t w = 0; w < W; ++w)
-          eroded[h * W + w] = nan_min(nan_min(x[row(h - 1) + w], x[h * W + w]), x[row(h + 1) + w]);
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t w = 0; w < W; ++w)
-          opened[h * W + w] = nan_clamp_min(
-              nan_max(nan_max(eroded[row(h - 1) + w], eroded[h * W + w]), eroded[row(h + 1) + w]) - scalar_t(0.1),
-              scalar_t(0));
-      bool* solid = solid_rows.data_ptr<bool>() + n * H;
-      for (int64_t h = 0; h < H; ++h) {
-        solid[h] = false;
-        for (int64_t w = 0; w < W; ++w) solid[h] |= opened[h * W + w] > scalar_t(0.4);
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> eroded(P), opened(P);
+      for (int64_t n = begin; n < end; ++n) {
+        const scalar_t* x = ink.data_ptr<scalar_t>() + n * P;
+        // the vertical opening (3 px, edges replicated), then the haze of 0.1 off
+        auto row = [&](int64_t h) { return std::min(std::max(h, int64_t(0)), H - 1) * W; };
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t w = 0; w < W; ++w)
+            eroded[h * W + w] = nan_min(nan_min(x[row(h - 1) + w], x[h * W + w]), x[row(h + 1) + w]);
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t w = 0; w < W; ++w)
+            opened[h * W + w] = nan_clamp_min(
+                nan_max(nan_max(eroded[row(h - 1) + w], eroded[h * W + w]), eroded[row(h + 1) + w]) - scalar_t(0.1),
+                scalar_t(0));
+        bool* solid = solid_rows.data_ptr<bool>() + n * H;
+        for (int64_t h = 0; h < H; ++h) {
+          solid[h] = false;
+          for (int64_t w = 0; w < W; ++w) solid[h] |= opened[h * W + w] > scalar_t(0.4);
+        }
+        // the mass: the opened map, or the faint one where opening left nothing; all ones without ink
+        scalar_t* m = mass.data_ptr<scalar_t>() + n * P;
+        if (positive_sum(opened.data(), P)) {
+          std::copy(opened.begin(), opened.end(), m);
+        } else {
+          for (int64_t i = 0; i < P; ++i) m[i] = nan_clamp_min(x[i] - scalar_t(0.1), scalar_t(0));
+        }
+        has_ink[n] = positive_sum(m, P);
+        if (!has_ink[n]) std::fill(m, m + P, scalar_t(1));
       }
-      // the mass: the opened map, or the faint one where opening left nothing; all ones without ink
-      scalar_t* m = mass.data_ptr<scalar_t>() + n * P;
-      if (positive_sum(opened.data(), P)) {
-        std::copy(opened.begin(), opened.end(), m);
-      } else {
-        for (int64_t i = 0; i < P; ++i) m[i] = nan_clamp_min(x[i] - scalar_t(0.1), scalar_t(0));
-      }
-      has_ink[n] = positive_sum(m, P);
-      if (!has_ink[n]) std::fill(m, m + P, scalar_t(1));
-    }
+    });
   });
   // the float sums as the ATen path computes them
   const at::Tensor rows = mass.sum(2), cols = mass.sum(1);
