@@ -18,7 +18,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 #include <vector>
+
+#include "../vector_exp.h"
 
 namespace captcha_fast {
 namespace {
@@ -67,6 +70,72 @@ void grid_medians_plane(const T* in, T* out, int64_t sh, int64_t sw, T side, Les
   }
 }
 
+// float planes without NaN: kLanes windows side by side, sorted at once by a sorting network (one
+// vector min and max per comparator) instead of one selection each: ~4x faster.
+constexpr int64_t kLanes = 16;
+
+// Batcher's odd-even merge sort for 64 inputs, less the comparators that touch positions 49..63
+// (were those +inf, they would never move): a network that sorts 49.
+const std::vector<std::pair<int, int>>& window_network() {
+  static const std::vector<std::pair<int, int>> pairs = [] {
+    std::vector<std::pair<int, int>> out;
+    const int n = 64;
+    for (int p = 1; p < n; p <<= 1)
+      for (int k = p; k >= 1; k >>= 1)
+        for (int j = k % p; j + k < n; j += 2 * k)
+          for (int i = 0; i < std::min(k, n - j - k); ++i)
+            if ((i + j) / (2 * p) == (i + j + k) / (2 * p) && i + j + k < kWindow) out.emplace_back(i + j, i + j + k);
+    return out;
+  }();
+  return pairs;
+}
+
+// Sorts the windows in v (window l in lane l of v[0..48]) and counts, per window, the samples more
+// than 0.1 beyond its median on the ink's side.
+CF_VECTOR_CLONES void sort_window_lanes(float (*v)[kLanes], const std::pair<int, int>* pairs, int64_t n_pairs,
+                                        float side, int32_t* dropped) {
+  for (int64_t c = 0; c < n_pairs; ++c) {
+    float* a = v[pairs[c].first];
+    float* b = v[pairs[c].second];
+    float lo[kLanes], hi[kLanes];  // all reads before the writes: a vector min and max (a != b)
+    for (int64_t l = 0; l < kLanes; ++l) lo[l] = std::min(a[l], b[l]), hi[l] = std::max(a[l], b[l]);
+    std::copy_n(lo, kLanes, a);
+    std::copy_n(hi, kLanes, b);
+  }
+  for (int64_t l = 0; l < kLanes; ++l) dropped[l] = 0;
+  for (int64_t m = 0; m < kWindow; ++m)
+    for (int64_t l = 0; l < kLanes; ++l) dropped[l] += side * (v[m][l] - v[kMedian][l]) > 0.1f;
+}
+
+void grid_medians_plane_no_nan(const float* in, float* out, int64_t sh, int64_t sw, float side) {
+  // the plane with kHalf replicated samples at each side, and kLanes more at the right for the last lanes
+  const int64_t ph = sh + 2 * kHalf, pw = sw + 2 * kHalf + kLanes;
+  std::vector<float> padded(ph * pw);
+  for (int64_t i = 0; i < ph; ++i) {
+    const float* src = in + std::min(std::max(i - kHalf, int64_t(0)), sh - 1) * sw;
+    for (int64_t j = 0; j < pw; ++j) padded[i * pw + j] = src[std::min(std::max(j - kHalf, int64_t(0)), sw - 1)];
+  }
+  const auto& net = window_network();
+  alignas(64) float v[kWindow][kLanes];
+  alignas(64) int32_t dropped[kLanes];
+  for (int64_t i = 0; i < sh; ++i) {
+    for (int64_t j0 = 0; j0 < sw; j0 += kLanes) {
+      for (int64_t di = 0; di < 2 * kHalf + 1; ++di)
+        for (int64_t dj = 0; dj < 2 * kHalf + 1; ++dj)
+          std::copy_n(&padded[(i + di) * pw + j0 + dj], kLanes, v[di * (2 * kHalf + 1) + dj]);
+      sort_window_lanes(v, net.data(), static_cast<int64_t>(net.size()), side, dropped);
+      for (int64_t l = 0; l < std::min(kLanes, sw - j0); ++l) {
+        const int64_t rank = (kWindow - dropped[l] + 1) / 2 - 1 + (side < 0.0f ? dropped[l] : 0);
+        out[i * sw + j0 + l] = v[rank][l];
+      }
+    }
+  }
+}
+
+void grid_medians_plane_no_nan(const double* in, double* out, int64_t sh, int64_t sw, double side) {
+  grid_medians_plane(in, out, sh, sw, side, [](double a, double b) { return a < b; });
+}
+
 at::Tensor grid_medians_cpu(const at::Tensor& samples) {
   TORCH_CHECK(samples.dim() == 4, "grid_medians: samples must be (N, C, sh, sw), got shape ", samples.sizes());
   TORCH_CHECK(samples.scalar_type() == at::kFloat || samples.scalar_type() == at::kDouble,
@@ -94,7 +163,7 @@ at::Tensor grid_medians_cpu(const at::Tensor& samples) {
           grid_medians_plane(in + p * S, o + p * S, sh, sw, side,
                              [](scalar_t a, scalar_t b) { return a < b || (!std::isnan(a) && std::isnan(b)); });
         } else {
-          grid_medians_plane(in + p * S, o + p * S, sh, sw, side, [](scalar_t a, scalar_t b) { return a < b; });
+          grid_medians_plane_no_nan(in + p * S, o + p * S, sh, sw, side);
         }
       }
     });
