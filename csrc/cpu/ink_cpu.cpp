@@ -1,8 +1,9 @@
 // The ink map's two CPU ops, each one loop instead of dozens of small ATen ops (one 50 x 200 image's
 // preprocessing was ~900 us, most of it per-op overhead; the values are the ATen paths' own):
-// - captcha_fast::grid_medians: preprocess._grid_medians, the background estimate. Order statistics
-//   are picked by selection (nth_element), so every value is one of the samples, as the ATen path's
-//   sort and gather give; the side decision uses ATen's own mean and std and the same float math.
+// - captcha_fast::grid_medians: preprocess._grid_medians, the background estimate. Each 7 x 7 window
+//   is sorted by a sorting network, 16 windows at once (float; selection by nth_element for float64
+//   or NaN), so every value is one of the samples, as the ATen path's sort and gather give; the
+//   side decision uses ATen's own mean and std and the same float math.
 // - captcha_fast::ink_boxes: preprocess.ink_boxes, the crop. Elementwise steps and integer logic
 //   here, the float sums (row and column mass, their running and total sums) by ATen, so that
 //   every threshold compares the very numbers the ATen path compares.
