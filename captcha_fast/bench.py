@@ -404,13 +404,14 @@ def predict_table(batch: int = 64, rounds: int = 5) -> List[Row]:
             exact += [t[0] for t in _ops.ctc_beam_search_strings(lp, lengths, list(scripted.charset), 10, 1, 0)[0]]
     assert [t[0] for t in pipelines["scripted recognizer + C++ beam 10"]()] == exact, \
         "the scripted beam pipeline's top-1 differs from the exact search's"
-    # what predict_batch runs by default: captcha_fast.load's choice of format and precision
+    # what a user calls: predict_batch with its defaults (captcha_fast.load's choice of format and
+    # precision, the automatic thread count, the input checks), its strings
     from captcha_fast import api, formats
     fastest = api.load(api.DEFAULT_MODEL, device="cpu")
     dtype = str(getattr(fastest, "dtype", None) or formats.resolve_dtype(None, torch.device("cpu"))).split(".")[-1]
-    default = each(lambda c: fastest.recognize(c, "beam", 10, 1)[0])
-    same = sum(r[0] == e for r, e in zip(default(), exact))
-    pipelines[f"captcha_fast.load default: {api.format_of(fastest)}, {dtype} + C++ beam 10 "
+    default = each(lambda c: api.predict_batch(c))
+    same = sum(r == e for r, e in zip(default(), exact))
+    pipelines[f"captcha_fast.predict_batch, its defaults: {api.format_of(fastest)}, {dtype} + C++ beam 10 "
               f"({same}/{len(exact)} strings as fp32)"] = default
     seconds = interleaved(pipelines, rounds)
     base = seconds[BASELINE_PIPELINE]

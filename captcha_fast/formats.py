@@ -12,6 +12,7 @@ file_kind tells the formats apart by their contents; captcha_fast.load picks the
 Nothing here writes files or compiles (captcha_fast.export does)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import zipfile
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from captcha_fast.confidence import Calibration
-from captcha_fast.machine import native_bf16
+from captcha_fast.machine import native_bf16, num_threads
 from captcha_fast.model import CRNN, CRNNConfig, InferenceCRNN
 from captcha_fast.preprocess import MAX_WIDTH, collate
 from captcha_fast.recognizer import RECOGNIZER_FORMAT, Recognizer, allowed_tokens, decode_log_probs, original_error
@@ -192,7 +193,10 @@ class ExportedRecognizer:
 
     def recognize(self, images: List[Tensor], decoder: str, beam_width: int, top_k: int, min_length: int = 0,
                   max_length: int = -1, allowed: Optional[str] = None) -> Tuple[List[List[str]], Tensor]:
-        with torch.no_grad():
+        # One image through a compiled model runs on one CPU thread: its fused kernels are too small to
+        # split, and waking a second thread for each cost up to 40% of the call (docs/speed.md).
+        one_thread = self.kind == "compiled" and self.device.type == "cpu" and len(images) == 1
+        with torch.no_grad(), num_threads(1) if one_thread else contextlib.nullcontext():
             batch, widths = self.preprocess([img.to(self.device) for img in images])
             log_probs, lengths = self.log_probs(batch, widths)
             return self.decode(log_probs, lengths, decoder, beam_width, top_k, min_length, max_length, allowed)

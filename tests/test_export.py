@@ -18,6 +18,7 @@ from PIL import Image
 
 import captcha_fast
 from captcha_fast import _gru, api, export, formats
+from captcha_fast.machine import num_threads
 from captcha_fast.model import CRNN, CRNNConfig
 from captcha_fast.preprocess import load_image
 from captcha_fast.synth import render, sample_rng
@@ -163,6 +164,20 @@ def test_compiled_package_reads_as_the_pt(compiled_path, pt, n):
     assert rec.kind == "compiled" and rec.dtype == torch.float32
     assert_same_reads(rec, pt, mixed_images(n))
     assert_same_reads(rec, pt, [torch.randint(0, 256, (1, 50, 200), dtype=torch.uint8) for _ in range(n)])
+
+
+@pytest.mark.slow
+def test_one_image_runs_the_compiled_model_on_one_thread(compiled_path, monkeypatch):
+    """A single image's fused kernels are too small to split across threads (docs/speed.md): one
+    image runs on one thread, a batch on the caller's count, which is restored after."""
+    rec = formats.load_program(compiled_path)
+    seen, log_probs = [], rec.log_probs
+    monkeypatch.setattr(rec, "log_probs", lambda b, w: (seen.append(torch.get_num_threads()), log_probs(b, w))[1])
+    with num_threads(2):
+        rec.recognize(mixed_images(1), "greedy", 1, 1)
+        rec.recognize(mixed_images(3), "greedy", 1, 1)
+        assert torch.get_num_threads() == 2
+    assert seen == [1, 2]
 
 
 def test_old_scan_program_still_loads(pt):
