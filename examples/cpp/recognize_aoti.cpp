@@ -3,8 +3,8 @@
 // from C++ with libtorch only: torch.jit is not used. The package holds two compiled models,
 // "features" (the conv stack, run a chunk of images at a time) and "head" (projection, GRU,
 // classifier, log-softmax), and the settings as metadata; the preprocessing below is
-// captcha_fast.preprocess.prepare_image's, and the decoding calls the torch.ops.captcha_fast.*
-// decoders through the dispatcher. The compiled head calls captcha_fast::gru, so the captcha_fast
+// captcha_fast.preprocess.prepare_image's (its background grid and crop are the library's ops), and
+// the decoding calls the torch.ops.captcha_fast.* decoders, all through the dispatcher. The compiled head calls captcha_fast::gru, so the captcha_fast
 // library must be loaded first.
 //
 //   recognize_aoti <captcha_fast library .so> <compiled .pt2> <image.pgm|ppm> [...]
@@ -65,6 +65,20 @@ static Settings read_settings(const std::unordered_map<std::string, std::string>
           number("blank_skip_threshold")};
 }
 
+// Calls torch.ops.captcha_fast.<op> with arguments by name; the schema's defaults fill the rest.
+static std::vector<c10::IValue> call_op(const char* op, const std::map<std::string, c10::IValue>& args) {
+  auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(op, "");
+  std::vector<c10::IValue> stack;
+  for (const auto& a : handle.schema().arguments()) {
+    auto it = args.find(a.name());
+    if (it != args.end()) stack.push_back(it->second);
+    else if (a.default_value()) stack.push_back(*a.default_value());
+    else throw std::runtime_error(std::string(op) + ": no value for argument " + a.name());
+  }
+  handle.callBoxed(&stack);
+  return stack;
+}
+
 // ---- captcha_fast.preprocess.prepare_image, step for step
 
 // (1, C, H, W) float, C = 1 or 3 -> (1, in_channels, H, W): grey as ITU-R 601 luma, or grey repeated.
@@ -76,19 +90,9 @@ static torch::Tensor to_channels(torch::Tensor x, int64_t in_channels) {
   return x;
 }
 
-// The (lower) median of the counted values of each 49-value window, exactly, by one kthvalue at a
-// fixed rank: of the dropped values, 25 - ceil(k / 2) go below every value, the rest above.
-// preprocess._kept_median.
-static torch::Tensor kept_median(torch::Tensor windows, const torch::Tensor& dropped) {
-  torch::Tensor kept = 49 - dropped.sum(2, true);
-  torch::Tensor below = dropped & (dropped.cumsum(2) <= 25 - torch::floor_divide(kept + 1, 2));
-  windows = torch::where(below, -1.0, torch::where(dropped, 2.0, windows));
-  return std::get<0>(windows.kthvalue(25, 2, true));
-}
-
 // The local background: per-channel medians of 7 x 7 windows on a sampled grid (8 points high, twice
-// the spacing across), a second median without the samples far on the ink's side, interpolated back.
-// preprocess.background.
+// the spacing across), a second median without the samples far on the ink's side (the library's
+// grid_medians op), interpolated back. preprocess.background.
 static torch::Tensor background(const torch::Tensor& x) {
   const int64_t h = x.size(2), w = x.size(3);
   const double step = std::max(1.0, (h - 1) / 7.0);
@@ -96,14 +100,7 @@ static torch::Tensor background(const torch::Tensor& x) {
     return torch::linspace(0.0, n - 1.0, static_cast<int64_t>((n - 1) / spacing + 0.5) + 1, x.options()).round().to(torch::kLong);
   };
   torch::Tensor samples = x.index_select(2, grid(h, step)).index_select(3, grid(w, 2.0 * step));
-  const int64_t N = samples.size(0), C = samples.size(1), sh = samples.size(2), sw = samples.size(3);
-  torch::Tensor padded = F::pad(samples, F::PadFuncOptions({3, 3, 3, 3}).mode(torch::kReplicate));
-  torch::Tensor windows = F::unfold(padded, F::UnfoldFuncOptions({7, 7})).view({N, C, 49, sh * sw});
-  torch::Tensor bg = std::get<0>(windows.kthvalue(25, 2, true));
-  torch::Tensor flat = samples.flatten(2);
-  torch::Tensor skew = 3.0 * (flat.mean(2) - flat.quantile(0.5, 2)) / flat.std(2).clamp_min(1e-6);
-  torch::Tensor side = torch::where(skew > 0.5, 1.0, torch::where(skew < -0.5, -1.0, 0.0)).view({N, C, 1, 1});
-  bg = kept_median(windows, side * (windows - bg) > 0.1).view({N, C, sh, sw});
+  torch::Tensor bg = call_op("captcha_fast::grid_medians", {{"samples", samples}})[0].toTensor();
   return F::interpolate(bg, F::InterpolateFuncOptions().size(std::vector<int64_t>{h, w}).mode(torch::kBilinear).align_corners(true));
 }
 
@@ -134,65 +131,9 @@ static torch::Tensor to_ink(const torch::Tensor& x) {
   return torch::where(peak >= 0.06, ink, torch::zeros_like(ink));
 }
 
-// The minimum then the maximum over 3 px down each column (windows clipped at the edges).
-// preprocess._vertical_opening.
-static torch::Tensor vertical_opening(const torch::Tensor& x) {
-  auto pad = F::PadFuncOptions({0, 0, 1, 1}).mode(torch::kReplicate);
-  torch::Tensor p = F::pad(x, pad);
-  const int64_t H = x.size(2);
-  torch::Tensor eroded = torch::minimum(torch::minimum(p.slice(2, 0, H), p.slice(2, 1, H + 1)), p.slice(2, 2, H + 2));
-  p = F::pad(eroded, pad);
-  return torch::maximum(torch::maximum(p.slice(2, 0, H), p.slice(2, 1, H + 1)), p.slice(2, 2, H + 2));
-}
-
-// (N, L) mass -> (N,) the first index where the cumulative share reaches q. preprocess._quantile_index.
-static torch::Tensor quantile_index(const torch::Tensor& mass, double q) {
-  torch::Tensor share = mass.cumsum(1) / mass.sum(1, true);
-  return (share < q).sum(1).clamp_max(mass.size(1) - 1);
-}
-
-// The lowest index reached from `start` stepping back through inked positions no more than `gap`
-// apart, at most `limit` before it. preprocess._reach_back.
-static torch::Tensor reach_back(torch::Tensor inked, const torch::Tensor& start, const torch::Tensor& gap,
-                                const torch::Tensor& limit) {
-  const int64_t L = inked.size(1);
-  torch::Tensor idx = torch::arange(L, torch::TensorOptions().device(inked.device())).expand({inked.size(0), L});
-  inked = inked | (idx == start.unsqueeze(1));
-  torch::Tensor previous = std::get<0>(torch::where(inked, idx, torch::full_like(idx, -L - 1)).cummax(1));
-  previous = torch::cat({torch::full_like(idx.slice(1, 0, 1), -L - 1), previous.slice(1, 0, L - 1)}, 1);
-  torch::Tensor opens_run = inked & (idx - previous - 1 > gap.unsqueeze(1));
-  torch::Tensor first = torch::where(opens_run & (idx <= start.unsqueeze(1)), idx, torch::full_like(idx, -1)).amax(1);
-  return torch::maximum(first, start - limit);
-}
-
-// The box around the text: mass quantiles, grown up and down over dots, with margins. preprocess.ink_boxes.
-static torch::Tensor ink_boxes(const torch::Tensor& ink) {
-  const int64_t N = ink.size(0), H = ink.size(2), W = ink.size(3);
-  torch::Tensor opened = (vertical_opening(ink) - 0.1).clamp_min(0.0);
-  torch::Tensor faint = (ink - 0.1).clamp_min(0.0);
-  torch::Tensor mass = torch::where(opened.sum({1, 2, 3}, true) > 0.0, opened, faint).select(1, 0);
-  torch::Tensor has_ink = mass.sum({1, 2}) > 0.0;
-  mass = torch::where(has_ink.view({N, 1, 1}), mass, torch::ones_like(mass));
-  torch::Tensor rows = mass.sum(2), cols = mass.sum(1);
-  torch::Tensor top = quantile_index(rows, 0.02), bottom = quantile_index(rows, 0.98);
-  torch::Tensor left = quantile_index(cols, 0.01), right = quantile_index(cols, 0.99);
-  torch::Tensor band = bottom - top + 1;
-  torch::Tensor row_ink = (opened.select(1, 0) > 0.4).any(2);
-  torch::Tensor gap = (0.4 * band.to(torch::kFloat) + 0.5).floor().to(torch::kLong);
-  torch::Tensor reach = (0.6 * band.to(torch::kFloat) + 0.5).floor().to(torch::kLong);
-  torch::Tensor up = reach_back(row_ink, top, gap, reach);
-  torch::Tensor down = H - 1 - reach_back(row_ink.flip(1), H - 1 - bottom, gap, reach);
-  torch::Tensor m = (0.15 * band.to(torch::kFloat) + 0.5).floor().to(torch::kLong).clamp_min(2);
-  torch::Tensor side = (0.25 * band.to(torch::kFloat) + 0.5).floor().to(torch::kLong).clamp_min(2);
-  torch::Tensor box = torch::stack({torch::minimum(up, top - m).clamp_min(0), torch::maximum(down, bottom + m).clamp_max(H - 1),
-                                    (left - side).clamp_min(0), (right + side).clamp_max(W - 1)}, 1);
-  torch::Tensor full = torch::tensor({int64_t{0}, H - 1, int64_t{0}, W - 1}, torch::TensorOptions().device(ink.device())).expand({N, 4});
-  return torch::where(has_ink.view({N, 1}), box, full);
-}
-
-// The part of (1, 1, H, W) ink inside its box. preprocess.crop_to_ink.
+// The part of (1, 1, H, W) ink inside its box (the library's ink_boxes op). preprocess.crop_to_ink.
 static torch::Tensor crop_to_ink(const torch::Tensor& ink) {
-  torch::Tensor box = ink_boxes(ink)[0].contiguous();
+  torch::Tensor box = call_op("captcha_fast::ink_boxes", {{"ink", ink}})[0].toTensor()[0].contiguous();
   const int64_t* b = box.data_ptr<int64_t>();
   return ink.index({Slice(), Slice(), Slice(b[0], b[1] + 1), Slice(b[2], b[3] + 1)});
 }
@@ -222,26 +163,12 @@ static torch::Tensor prepare_image(const torch::Tensor& img, const Settings& s, 
   return x[0];
 }
 
-// Calls torch.ops.captcha_fast.<op> with arguments by name; the schema's defaults fill the rest.
-static std::vector<c10::IValue> call_op(const char* op, const std::map<std::string, c10::IValue>& args) {
-  auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(op, "");
-  std::vector<c10::IValue> stack;
-  for (const auto& a : handle.schema().arguments()) {
-    auto it = args.find(a.name());
-    if (it != args.end()) stack.push_back(it->second);
-    else if (a.default_value()) stack.push_back(*a.default_value());
-    else throw std::runtime_error(std::string(op) + ": no value for argument " + a.name());
-  }
-  handle.callBoxed(&stack);
-  return stack;
-}
-
 int main(int argc, char** argv) {
   if (argc < 4) {
     std::cerr << "usage: " << argv[0] << " <captcha_fast library .so> <compiled .pt2> <image.pgm|ppm> [...]\n";
     return 2;
   }
-  // Registers torch.ops.captcha_fast.* (the decoders and the gru op the head calls). RTLD_LAZY:
+  // Registers torch.ops.captcha_fast.* (the decoders, the ink ops and the gru op the head calls). RTLD_LAZY:
   // the library's Python entry point refers to libpython, which this program never calls.
   if (!dlopen(argv[1], RTLD_LAZY | RTLD_GLOBAL)) {
     std::cerr << "cannot load the captcha_fast library: " << dlerror() << "\n";
