@@ -281,3 +281,36 @@ def test_the_crops_cpu_op_equals_its_aten_ops():
     same_size = [i for i in inks if i.shape[2:] == inks[0].shape[2:]]
     batch = torch.cat(same_size)
     assert torch.equal(pp.ink_boxes(batch), pp._ink_boxes_aten(batch))
+
+
+def test_the_ink_maps_cpu_op_equals_its_aten_ops():
+    """csrc/cpu/ink_cpu.cpp's ink_from_background gives the ATen path's ink map bit for bit: rendered
+    captchas of every style, framed (frame lines dropped) and not, one at a time and as a batch; random
+    and level-quantised images; images 1-4 px thin (no border band, no neighbour pairs); float64;
+    a NaN pixel."""
+    from captcha_fast.synth import STYLES, SynthConfig, SyntheticCaptchas
+
+    def both(x):
+        H, W = x.shape[2], x.shape[3]
+        b = pp._border_band(H, W)
+        bg = pp.background(x[:, :, b: H - b, b: W - b])
+        return torch.ops.captcha_fast.ink_from_background(x, bg, b), pp._ink_from_background_aten(x, bg, b)
+
+    images = []
+    for k, style in enumerate(sorted(STYLES)):
+        for effects in ("none", "frame"):
+            for image, _ in SyntheticCaptchas(SynthConfig(style=style, effects=effects, seed=k), 1):
+                rgb = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+                images.append(pp.to_channels(rgb.unsqueeze(0).float() / 255, 3))
+    g = torch.Generator().manual_seed(0)
+    for k in range(30):
+        H, W = int(torch.randint(1, 40, (1,), generator=g)), int(torch.randint(1, 90, (1,), generator=g))
+        x = torch.rand(2, 1 + 2 * (k % 2), H, W, generator=g)
+        images.append((x * 4).round() / 4 if k % 3 == 0 else x)
+    nan = images[0].clone()
+    nan[0, 1, 10, 20] = float("nan")
+    images += [images[1].double(), nan, torch.cat([images[0], images[0].flip(3)])]
+    for k, x in enumerate(images):
+        got, want = both(x)
+        assert got.dtype == want.dtype and torch.equal(got.isnan(), want.isnan()), k
+        assert torch.equal(got.nan_to_num(-1.0), want.nan_to_num(-1.0)), k

@@ -4,6 +4,8 @@
 //   is sorted by a sorting network, 16 windows at once (float; selection by nth_element for float64
 //   or NaN), so every value is one of the samples, as the ATen path's sort and gather give; the
 //   side decision uses ATen's own mean and std and the same float math.
+// - captcha_fast::ink_from_background: the rest of preprocess.to_ink (distance, frame lines, strength),
+//   elementwise here, the strong pixels' sum by ATen.
 // - captcha_fast::ink_boxes: preprocess.ink_boxes, the crop. Elementwise steps and integer logic
 //   here, the float sums (row and column mass, their running and total sums) by ATen, so that
 //   every threshold compares the very numbers the ATen path compares.
@@ -19,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -288,16 +291,127 @@ at::Tensor ink_boxes_cpu(const at::Tensor& ink_in) {
   return boxes;
 }
 
+// to_ink after the background estimate: the distance from the background (extended linearly over
+// the border band), frame lines of the band removed, divided by the ink's strength.
+at::Tensor ink_from_background_cpu(const at::Tensor& x_in, const at::Tensor& bg_in, int64_t b) {
+  TORCH_CHECK(x_in.dim() == 4 && x_in.numel() > 0, "ink_from_background: x must be a non-empty (N, C, H, W), got shape ",
+              x_in.sizes());
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
+              "ink_from_background: x must be float32 or float64, got ", x_in.scalar_type());
+  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
+  TORCH_CHECK(b >= 0 && 2 * b < H && 2 * b < W, "ink_from_background: border ", b, " too wide for ", H, " x ", W);
+  const int64_t h = H - 2 * b, w = W - 2 * b;
+  TORCH_CHECK(bg_in.scalar_type() == x_in.scalar_type() && bg_in.dim() == 4 && bg_in.size(0) == N &&
+                  bg_in.size(1) == C && bg_in.size(2) == h && bg_in.size(3) == w,
+              "ink_from_background: the background must be x's inside its border, (", N, ", ", C, ", ", h, ", ", w,
+              ") ", x_in.scalar_type(), ", got ", bg_in.sizes(), " ", bg_in.scalar_type());
+  TORCH_CHECK(b == 0 || (b < h && b < w), "ink_from_background: border ", b, " too wide for ", H, " x ", W);
+  const at::Tensor x = x_in.contiguous(), bg = bg_in.contiguous();
+  at::Tensor dist = at::empty({N, 1, H, W}, x.options()), masked = at::empty_like(dist);
+  at::Tensor peaks = at::empty({N}, x.options());
+  const int64_t P = H * W;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ink_from_background", [&] {
+    using T = scalar_t;
+    const T threshold = T(0.06);  // MIN_CONTRAST
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const T* xn = x.data_ptr<T>() + n * C * P;
+        const T* bn = bg.data_ptr<T>() + n * C * h * w;
+        T* d = dist.data_ptr<T>() + n * P;
+        auto replicate = [](int64_t i, int64_t size) { return std::min(std::max(i, int64_t(0)), size - 1); };
+        auto reflect = [](int64_t i, int64_t size) { return i < 0 ? -i : (i >= size ? 2 * (size - 1) - i : i); };
+        for (int64_t i = 0; i < H; ++i) {
+          const int64_t ir = replicate(i - b, h), if_ = reflect(i - b, h);
+          for (int64_t j = 0; j < W; ++j) {
+            const int64_t jr = replicate(j - b, w), jf = reflect(j - b, w);
+            T m = 0;
+            for (int64_t c = 0; c < C; ++c) {
+              const T* bc = bn + c * h * w;
+              const T back = b > 0 ? T(2) * bc[ir * w + jr] - bc[if_ * w + jf] : bc[i * w + j];
+              const T diff = std::abs(xn[c * P + i * W + j] - back);
+              m = c == 0 ? diff : nan_max(m, diff);
+            }
+            d[i * W + j] = m;
+          }
+        }
+        if (b > 0) {  // frame lines: a row or column of the band that stands out along 80% of its length
+          std::vector<uint8_t> drop_row(H, 0), drop_col(W, 0);
+          for (int64_t i = 0; i < H; ++i) {
+            if (i >= b && i < H - b) continue;
+            int64_t count = 0;
+            for (int64_t j = 0; j < W; ++j) count += d[i * W + j] > threshold;
+            drop_row[i] = !(T(count) / T(W) < T(0.8));
+          }
+          for (int64_t j = 0; j < W; ++j) {
+            if (j >= b && j < W - b) continue;
+            int64_t count = 0;
+            for (int64_t i = 0; i < H; ++i) count += d[i * W + j] > threshold;
+            drop_col[j] = !(T(count) / T(H) < T(0.8));
+          }
+          for (int64_t i = 0; i < H; ++i)
+            for (int64_t j = 0; j < W; ++j)
+              if (drop_row[i] || drop_col[j]) d[i * W + j] = d[i * W + j] * T(0);
+        }
+        // the peak: the strongest distance two neighbouring pixels share (the strongest on 1-px-thin images)
+        bool nan = false;
+        T peak = -std::numeric_limits<T>::infinity();
+        auto take = [&](T v) {
+          nan |= std::isnan(v);
+          peak = std::max(peak, v);
+        };
+        if (H > 1 && W > 1) {
+          for (int64_t i = 0; i < H; ++i)
+            for (int64_t j = 0; j < W; ++j) {
+              if (i + 1 < H) take(nan_min(d[(i + 1) * W + j], d[i * W + j]));
+              if (j + 1 < W) take(nan_min(d[i * W + j + 1], d[i * W + j]));
+            }
+        } else {
+          for (int64_t i = 0; i < P; ++i) take(d[i]);
+        }
+        peaks.data_ptr<T>()[n] = nan ? std::numeric_limits<T>::quiet_NaN() : peak;
+        T* mk = masked.data_ptr<T>() + n * P;
+        const T half = T(0.5) * peaks.data_ptr<T>()[n];
+        for (int64_t i = 0; i < P; ++i) mk[i] = d[i] * (d[i] >= half ? T(1) : T(0));
+      }
+    });
+  });
+  // the strength: the mean distance of the strong pixels, the sum by ATen as the ATen path's
+  const at::Tensor strong_sum = masked.sum({1, 2, 3});
+  at::Tensor ink = at::empty_like(dist);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ink_from_background", [&] {
+    using T = scalar_t;
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const T* d = dist.data_ptr<T>() + n * P;
+        const T peak = peaks.data_ptr<T>()[n];
+        const T half = T(0.5) * peak;
+        int64_t count = 0;
+        for (int64_t i = 0; i < P; ++i) count += d[i] >= half;
+        const T strength = nan_clamp_min(strong_sum.data_ptr<T>()[n] / T(count), T(0.06));
+        const T on = peak >= T(0.06) ? T(1) : T(0);
+        T* out = ink.data_ptr<T>() + n * P;
+        for (int64_t i = 0; i < P; ++i) {
+          const T v = d[i] / strength;
+          out[i] = (std::isnan(v) ? v : std::min(v, T(1))) * on;
+        }
+      }
+    });
+  });
+  return ink;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(captcha_fast, m) {
   m.def("grid_medians(Tensor samples) -> Tensor");
   m.def("ink_boxes(Tensor ink) -> Tensor");
+  m.def("ink_from_background(Tensor x, Tensor background, int border) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(captcha_fast, CPU, m) {
   m.impl("grid_medians", &grid_medians_cpu);
   m.impl("ink_boxes", &ink_boxes_cpu);
+  m.impl("ink_from_background", &ink_from_background_cpu);
 }
 
 }  // namespace captcha_fast
