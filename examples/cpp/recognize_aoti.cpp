@@ -104,31 +104,14 @@ static torch::Tensor background(const torch::Tensor& x) {
   return F::interpolate(bg, F::InterpolateFuncOptions().size(std::vector<int64_t>{h, w}).mode(torch::kBilinear).align_corners(true));
 }
 
-// Each pixel's distance from the local background (estimated inside the outer 3 px, extended
-// linearly over them), frame lines in the outer 3 px removed, divided by the mean distance of the
-// pixels within half of the peak; an image whose peak is below 0.06 becomes zeros. preprocess.to_ink.
+// Each pixel's distance from the local background (estimated inside the outer 3 px), frame lines
+// in the outer 3 px removed, divided by the ink's strength (the library's ink_from_background op).
+// preprocess.to_ink.
 static torch::Tensor to_ink(const torch::Tensor& x) {
   const int64_t H = x.size(2), W = x.size(3);
   const int64_t b = std::min<int64_t>({3, (H - 1) / 4, (W - 1) / 4});
   torch::Tensor bg = background(x.index({Slice(), Slice(), Slice(b, H - b), Slice(b, W - b)}));
-  if (b > 0)
-    bg = 2.0 * F::pad(bg, F::PadFuncOptions({b, b, b, b}).mode(torch::kReplicate)) -
-         F::pad(bg, F::PadFuncOptions({b, b, b, b}).mode(torch::kReflect));
-  torch::Tensor dist = (x - bg).abs().amax({1}, /*keepdim=*/true);
-  torch::Tensor lines = (dist > 0.06).to(torch::kFloat);
-  torch::Tensor rows = torch::arange(H, torch::TensorOptions().device(x.device())).view({1, 1, H, 1});
-  torch::Tensor cols = torch::arange(W, torch::TensorOptions().device(x.device())).view({1, 1, 1, W});
-  torch::Tensor frame = ((lines.mean({3}, true) >= 0.8) & ((rows < b) | (rows >= H - b))) |
-                        ((lines.mean({2}, true) >= 0.8) & ((cols < b) | (cols >= W - b)));
-  dist = torch::where(frame, torch::zeros_like(dist), dist);
-  torch::Tensor peak = dist.amax({1, 2, 3}, true);
-  if (H > 1 && W > 1)
-    peak = torch::maximum(torch::minimum(dist.slice(2, 1), dist.slice(2, 0, H - 1)).amax({1, 2, 3}, true),
-                          torch::minimum(dist.slice(3, 1), dist.slice(3, 0, W - 1)).amax({1, 2, 3}, true));
-  torch::Tensor strong = (dist >= 0.5 * peak).to(torch::kFloat);
-  torch::Tensor strength = (dist * strong).sum({1, 2, 3}, true) / strong.sum({1, 2, 3}, true);
-  torch::Tensor ink = (dist / strength.clamp_min(0.06)).clamp(0.0, 1.0);
-  return torch::where(peak >= 0.06, ink, torch::zeros_like(ink));
+  return call_op("captcha_fast::ink_from_background", {{"x", x}, {"background", bg}, {"border", b}})[0].toTensor();
 }
 
 // The part of (1, 1, H, W) ink inside its box (the library's ink_boxes op). preprocess.crop_to_ink.
