@@ -321,7 +321,7 @@ def recognize_aoti(tmp_path_factory):
 @pytest.mark.parametrize("ink", [False, True])
 def test_cpp_aoti_example_prints_predict_batchs_strings(recognize_aoti, tmp_path, ink, request):
     """examples/cpp/recognize_aoti reads PPM/PGM files with a compiled package: strings equal
-    predict_batch's. ink=True: its C++ port of the ink preprocessing."""
+    predict_batch's. ink=True: the ink preprocessing from C++ (through the library's ink ops)."""
     if ink:
         torch.manual_seed(0)
         model = CRNN(CRNNConfig(TINY_CHARSET, channels=(8, 16), hidden_dim=32, ink=True)).eval()
