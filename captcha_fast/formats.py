@@ -193,10 +193,7 @@ class ExportedRecognizer:
 
     def recognize(self, images: List[Tensor], decoder: str, beam_width: int, top_k: int, min_length: int = 0,
                   max_length: int = -1, allowed: Optional[str] = None) -> Tuple[List[List[str]], Tensor]:
-        # One image through a compiled model runs on one CPU thread: its fused kernels are too small to
-        # split, and waking a second thread for each cost up to 40% of the call (docs/speed.md).
-        one_thread = self.kind == "compiled" and self.device.type == "cpu" and len(images) == 1
-        with torch.no_grad(), num_threads(1) if one_thread else contextlib.nullcontext():
+        with torch.no_grad():
             batch, widths = self.preprocess([img.to(self.device) for img in images])
             log_probs, lengths = self.log_probs(batch, widths)
             return self.decode(log_probs, lengths, decoder, beam_width, top_k, min_length, max_length, allowed)
@@ -238,7 +235,12 @@ class ExportedRecognizer:
             features = self.parts["features_unpadded"]
         n_chunks = 1 if self.device.type != "cpu" else max(1, N // self.chunk)
         if n_chunks == 1:
-            return features(batch, widths)
+            # One image's compiled convs run on one CPU thread: its fused kernels are too small to split,
+            # and waking a second thread for each cost up to 40% of the call (docs/speed.md); the head
+            # keeps the caller's threads (the GRU's two directions run in parallel).
+            one = N == 1 and self.kind == "compiled" and self.device.type == "cpu"
+            with num_threads(1) if one else contextlib.nullcontext():
+                return features(batch, widths)
         bounds = [N * i // n_chunks for i in range(n_chunks + 1)]
         parts = [features(batch[a:b], widths[a:b]) for a, b in zip(bounds, bounds[1:])]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

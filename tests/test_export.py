@@ -167,17 +167,20 @@ def test_compiled_package_reads_as_the_pt(compiled_path, pt, n):
 
 
 @pytest.mark.slow
-def test_one_image_runs_the_compiled_model_on_one_thread(compiled_path, monkeypatch):
-    """A single image's fused kernels are too small to split across threads (docs/speed.md): one
-    image runs on one thread, a batch on the caller's count, which is restored after."""
+def test_one_images_compiled_convs_run_on_one_thread(compiled_path, monkeypatch):
+    """A single image's fused conv kernels are too small to split across threads (docs/speed.md):
+    one image's convs run on one thread, a batch's on the caller's count, as does the head; the
+    count is restored after."""
     rec = formats.load_program(compiled_path)
-    seen, log_probs = [], rec.log_probs
-    monkeypatch.setattr(rec, "log_probs", lambda b, w: (seen.append(torch.get_num_threads()), log_probs(b, w))[1])
+    seen = []
+    for part in ("features", "head"):
+        run = rec.parts[part]
+        monkeypatch.setitem(rec.parts, part, lambda *a, run=run, part=part: (seen.append((part, torch.get_num_threads())), run(*a))[1])
     with num_threads(2):
         rec.recognize(mixed_images(1), "greedy", 1, 1)
         rec.recognize(mixed_images(3), "greedy", 1, 1)
         assert torch.get_num_threads() == 2
-    assert seen == [1, 2]
+    assert seen == [("features", 1), ("head", 2), ("features", 2), ("head", 2)]
 
 
 def test_old_scan_program_still_loads(pt):
