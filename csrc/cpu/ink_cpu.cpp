@@ -1,4 +1,4 @@
-// The ink map's two CPU ops, each one loop instead of dozens of small ATen ops (one 50 x 200 image's
+// The ink map's three CPU ops, each one loop instead of dozens of small ATen ops (one 50 x 200 image's
 // preprocessing was ~900 us, most of it per-op overhead; the values are the ATen paths' own):
 // - captcha_fast::grid_medians: preprocess._grid_medians, the background estimate. Each 7 x 7 window
 //   is sorted by a sorting network, 16 windows at once (float; selection by nth_element for float64
@@ -75,7 +75,7 @@ void grid_medians_plane(const T* in, T* out, int64_t sh, int64_t sw, T side, Les
 }
 
 // float planes without NaN: kLanes windows side by side, sorted at once by a sorting network (one
-// vector min and max per comparator) instead of one selection each: ~4x faster.
+// vector min and max per comparator) instead of one selection each: ~3x faster.
 constexpr int64_t kLanes = 16;
 
 // Batcher's odd-even merge sort for 64 inputs, less the comparators that touch positions 49..63
@@ -203,7 +203,7 @@ int64_t quantile_index(const T* running, T total, int64_t L, double q) {
 }
 
 // _reach_back: the lowest index reached from `start` stepping back through inked positions no more
-// than `gap` apart, at most `limit` before it. step(k) is the k-th position of the walk's order.
+// than `gap` apart, at most `limit` before it; inked(i): whether position i holds strong ink.
 template <typename Inked>
 int64_t reach_back(Inked inked, int64_t L, int64_t start, int64_t gap, int64_t limit) {
   int64_t previous = -L - 1, first = -1;
