@@ -34,6 +34,9 @@ constexpr int64_t kHalf = 3;          // the window is 7 x 7 samples (BG_WINDOW)
 constexpr int64_t kWindow = 49;
 constexpr int64_t kMedian = 24;       // the lower median: the 25th of 49
 
+// Index i of a line of `size` with its edges replicated (F.pad's "replicate").
+inline int64_t replicated(int64_t i, int64_t size) { return std::min(std::max(i, int64_t(0)), size - 1); }
+
 // The median of one (sh, sw) plane as torch.quantile(0.5) gives it: the middle value, or for an even
 // count ATen's lerp of the two middle ones at weight 0.5 (end - (end - start) * 0.5); NaN if any is.
 template <typename T>
@@ -55,8 +58,8 @@ void grid_medians_plane(const T* in, T* out, int64_t sh, int64_t sw, T side, Les
     for (int64_t j = 0; j < sw; ++j) {
       int64_t k = 0;
       for (int64_t di = -kHalf; di <= kHalf; ++di) {
-        const T* row = in + std::min(std::max(i + di, int64_t(0)), sh - 1) * sw;
-        for (int64_t dj = -kHalf; dj <= kHalf; ++dj) window[k++] = row[std::min(std::max(j + dj, int64_t(0)), sw - 1)];
+        const T* row = in + replicated(i + di, sh) * sw;
+        for (int64_t dj = -kHalf; dj <= kHalf; ++dj) window[k++] = row[replicated(j + dj, sw)];
       }
       std::nth_element(window, window + kMedian, window + kWindow, less);
       const T median = window[kMedian];
@@ -116,8 +119,8 @@ void grid_medians_plane_no_nan(const float* in, float* out, int64_t sh, int64_t 
   const int64_t ph = sh + 2 * kHalf, pw = sw + 2 * kHalf + kLanes;
   std::vector<float> padded(ph * pw);
   for (int64_t i = 0; i < ph; ++i) {
-    const float* src = in + std::min(std::max(i - kHalf, int64_t(0)), sh - 1) * sw;
-    for (int64_t j = 0; j < pw; ++j) padded[i * pw + j] = src[std::min(std::max(j - kHalf, int64_t(0)), sw - 1)];
+    const float* src = in + replicated(i - kHalf, sh) * sw;
+    for (int64_t j = 0; j < pw; ++j) padded[i * pw + j] = src[replicated(j - kHalf, sw)];
   }
   const auto& net = window_network();
   alignas(64) float v[kWindow][kLanes];
@@ -234,7 +237,7 @@ at::Tensor ink_boxes_cpu(const at::Tensor& ink_in) {
       for (int64_t n = begin; n < end; ++n) {
         const scalar_t* x = ink.data_ptr<scalar_t>() + n * P;
         // the vertical opening (3 px, edges replicated), then the haze of 0.1 off
-        auto row = [&](int64_t h) { return std::min(std::max(h, int64_t(0)), H - 1) * W; };
+        auto row = [&](int64_t h) { return replicated(h, H) * W; };
         for (int64_t h = 0; h < H; ++h)
           for (int64_t w = 0; w < W; ++w)
             eroded[h * W + w] = nan_min(nan_min(x[row(h - 1) + w], x[h * W + w]), x[row(h + 1) + w]);
@@ -309,6 +312,7 @@ at::Tensor ink_from_background_cpu(const at::Tensor& x_in, const at::Tensor& bg_
   const at::Tensor x = x_in.contiguous(), bg = bg_in.contiguous();
   at::Tensor dist = at::empty({N, 1, H, W}, x.options()), masked = at::empty_like(dist);
   at::Tensor peaks = at::empty({N}, x.options());
+  std::vector<int64_t> strong(N);  // pixels within half of the peak
   const int64_t P = H * W;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ink_from_background", [&] {
     using T = scalar_t;
@@ -318,12 +322,11 @@ at::Tensor ink_from_background_cpu(const at::Tensor& x_in, const at::Tensor& bg_
         const T* xn = x.data_ptr<T>() + n * C * P;
         const T* bn = bg.data_ptr<T>() + n * C * h * w;
         T* d = dist.data_ptr<T>() + n * P;
-        auto replicate = [](int64_t i, int64_t size) { return std::min(std::max(i, int64_t(0)), size - 1); };
         auto reflect = [](int64_t i, int64_t size) { return i < 0 ? -i : (i >= size ? 2 * (size - 1) - i : i); };
         for (int64_t i = 0; i < H; ++i) {
-          const int64_t ir = replicate(i - b, h), if_ = reflect(i - b, h);
+          const int64_t ir = replicated(i - b, h), if_ = reflect(i - b, h);
           for (int64_t j = 0; j < W; ++j) {
-            const int64_t jr = replicate(j - b, w), jf = reflect(j - b, w);
+            const int64_t jr = replicated(j - b, w), jf = reflect(j - b, w);
             T m = 0;
             for (int64_t c = 0; c < C; ++c) {
               const T* bc = bn + c * h * w;
@@ -371,7 +374,12 @@ at::Tensor ink_from_background_cpu(const at::Tensor& x_in, const at::Tensor& bg_
         peaks.data_ptr<T>()[n] = nan ? std::numeric_limits<T>::quiet_NaN() : peak;
         T* mk = masked.data_ptr<T>() + n * P;
         const T half = T(0.5) * peaks.data_ptr<T>()[n];
-        for (int64_t i = 0; i < P; ++i) mk[i] = d[i] * (d[i] >= half ? T(1) : T(0));
+        int64_t count = 0;
+        for (int64_t i = 0; i < P; ++i) {
+          count += d[i] >= half;
+          mk[i] = d[i] * (d[i] >= half ? T(1) : T(0));
+        }
+        strong[n] = count;
       }
     });
   });
@@ -384,16 +392,10 @@ at::Tensor ink_from_background_cpu(const at::Tensor& x_in, const at::Tensor& bg_
       for (int64_t n = begin; n < end; ++n) {
         const T* d = dist.data_ptr<T>() + n * P;
         const T peak = peaks.data_ptr<T>()[n];
-        const T half = T(0.5) * peak;
-        int64_t count = 0;
-        for (int64_t i = 0; i < P; ++i) count += d[i] >= half;
-        const T strength = nan_clamp_min(strong_sum.data_ptr<T>()[n] / T(count), T(0.06));
+        const T strength = nan_clamp_min(strong_sum.data_ptr<T>()[n] / T(strong[n]), T(0.06));
         const T on = peak >= T(0.06) ? T(1) : T(0);
         T* out = ink.data_ptr<T>() + n * P;
-        for (int64_t i = 0; i < P; ++i) {
-          const T v = d[i] / strength;
-          out[i] = (std::isnan(v) ? v : std::min(v, T(1))) * on;
-        }
+        for (int64_t i = 0; i < P; ++i) out[i] = nan_min(d[i] / strength, T(1)) * on;
       }
     });
   });
