@@ -20,6 +20,27 @@ def _ink(img):
     return pp.to_ink(pp.to_channels(img.unsqueeze(0).float() / 255, 3))
 
 
+def _every_style(n, effects="none", charset=None):
+    """n rendered captchas of each synthetic style (seed: its index; charset: SynthConfig's default
+    unless given), as (1, 3, H, W) float images in [0, 1]."""
+    from captcha_fast.synth import STYLES, SynthConfig, SyntheticCaptchas
+
+    more = {} if charset is None else {"charset": charset}
+    images = []
+    for k, style in enumerate(sorted(STYLES)):
+        for image, _ in SyntheticCaptchas(SynthConfig(style=style, effects=effects, seed=k, **more), n):
+            rgb = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+            images.append(pp.to_channels(rgb.unsqueeze(0).float() / 255, 3))
+    return images
+
+
+def _assert_equal_nan_too(got, want, case):
+    """got == want bit for bit, NaN where want has NaN."""
+    assert got.dtype == want.dtype and got.shape == want.shape, case
+    assert torch.equal(got.isnan(), want.isnan()), case
+    assert torch.equal(got.nan_to_num(-1.0), want.nan_to_num(-1.0)), case
+
+
 def test_ink_is_distance_from_the_background_whatever_the_colours():
     dark_on_white = _ink(_page())
     pastel_on_white = _ink(_page(fg=(250, 200, 220)))          # grey contrast would be ~0.13
@@ -252,21 +273,15 @@ def test_the_background_grids_cpu_op_equals_its_aten_ops(dtype):
         if k % 10 == 0:
             x[0, 0, 0, 0] = float("nan")
         got, want = pp._grid_medians(x), pp._grid_medians_aten(x)
-        assert got.dtype == dtype and got.shape == want.shape
-        assert torch.equal(got.isnan(), want.isnan()), k
-        assert torch.equal(got.nan_to_num(-1.0), want.nan_to_num(-1.0)), k
+        assert got.dtype == dtype
+        _assert_equal_nan_too(got, want, k)
 
 
 def test_the_crops_cpu_op_equals_its_aten_ops():
     """csrc/cpu/ink_cpu.cpp's ink_boxes gives the ATen path's boxes: on ink maps of rendered captchas
     of every style (one at a time and as a batch), on random maps (sparse, level-quantised: ties at
     the thresholds), blank ones, lines 1 px high or wide, float64, and maps holding NaN."""
-    from captcha_fast.synth import STYLES, SynthConfig, SyntheticCaptchas
-
-    inks = []
-    for k, style in enumerate(sorted(STYLES)):
-        for image, _ in SyntheticCaptchas(SynthConfig(style=style, seed=k, charset="abcil1ij!"), 2):
-            inks.append(_ink(torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)))
+    inks = [pp.to_ink(x) for x in _every_style(2, charset="abcil1ij!")]
     g = torch.Generator().manual_seed(0)
     for k in range(60):
         H, W = int(torch.randint(1, 40, (1,), generator=g)), int(torch.randint(1, 120, (1,), generator=g))
@@ -288,20 +303,13 @@ def test_the_ink_maps_cpu_op_equals_its_aten_ops():
     captchas of every style, framed (frame lines dropped) and not, one at a time and as a batch; random
     and level-quantised images; images 1-4 px thin (no border band, no neighbour pairs); float64;
     a NaN pixel."""
-    from captcha_fast.synth import STYLES, SynthConfig, SyntheticCaptchas
-
     def both(x):
         H, W = x.shape[2], x.shape[3]
         b = pp._border_band(H, W)
         bg = pp.background(x[:, :, b: H - b, b: W - b])
         return torch.ops.captcha_fast.ink_from_background(x, bg, b), pp._ink_from_background_aten(x, bg, b)
 
-    images = []
-    for k, style in enumerate(sorted(STYLES)):
-        for effects in ("none", "frame"):
-            for image, _ in SyntheticCaptchas(SynthConfig(style=style, effects=effects, seed=k), 1):
-                rgb = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
-                images.append(pp.to_channels(rgb.unsqueeze(0).float() / 255, 3))
+    images = [x for pair in zip(_every_style(1), _every_style(1, effects="frame")) for x in pair]
     g = torch.Generator().manual_seed(0)
     for k in range(30):
         H, W = int(torch.randint(1, 40, (1,), generator=g)), int(torch.randint(1, 90, (1,), generator=g))
@@ -311,6 +319,4 @@ def test_the_ink_maps_cpu_op_equals_its_aten_ops():
     nan[0, 1, 10, 20] = float("nan")
     images += [images[1].double(), nan, torch.cat([images[0], images[0].flip(3)])]
     for k, x in enumerate(images):
-        got, want = both(x)
-        assert got.dtype == want.dtype and torch.equal(got.isnan(), want.isnan()), k
-        assert torch.equal(got.nan_to_num(-1.0), want.nan_to_num(-1.0)), k
+        _assert_equal_nan_too(*both(x), k)
