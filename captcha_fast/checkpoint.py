@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from captcha_fast.files import atomic_write
-from captcha_fast.model import CRNN, CRNNConfig
+from captcha_fast.model import CRNN, CRNNConfig, widen
 
 CHECKPOINT_VERSION = 1  # bump when the dict changes; load_checkpoint refuses newer ones
 PRETRAINED_CHECKPOINT = Path(__file__).resolve().parent / "pretrained" / "default.ckpt"
@@ -104,8 +104,9 @@ INPUT_OPTIONS = ("ink", "height", "in_channels")
 
 def init_from_checkpoint(model: CRNN, path: PathLike) -> List[str]:
     """transfer_weights from the checkpoint at `path` (a model pretrained on one charset starts
-    another). ValueError naming the file if its input options (INPUT_OPTIONS) differ from the
-    model's. Returns the names left at their init."""
+    another; a narrower one starts a wider model, widened first). ValueError naming the file if
+    its input options (INPUT_OPTIONS) differ from the model's, or it is wider. Returns the names
+    left at their init."""
     ckpt = load_checkpoint(path)
     source = CRNNConfig(**ckpt["model_config"])
     differ = [f"{k}={getattr(model.config, k)!r} (the checkpoint's: {getattr(source, k)!r})" for k in INPUT_OPTIONS
@@ -114,4 +115,10 @@ def init_from_checkpoint(model: CRNN, path: PathLike) -> List[str]:
         raise ValueError(f"cannot start from {str(checkpoint_file(path))!r}: its weights were trained on another "
                          f"input than this model's: {', '.join(differ)}; use the checkpoint's settings, or train "
                          f"from scratch (--from-scratch)")
-    return transfer_weights(model, ckpt["model"], source.charset)
+    state = ckpt["model"]
+    if (source.channels, source.hidden_dim) != (model.config.channels, model.config.hidden_dim):
+        try:  # a wider model grows from the narrower one (model.widen), reading what it read
+            state = widen(model_from_checkpoint(ckpt), model.config.channels, model.config.hidden_dim).state_dict()
+        except ValueError as e:
+            raise ValueError(f"cannot start from {str(checkpoint_file(path))!r}: {e}") from None
+    return transfer_weights(model, state, source.charset)

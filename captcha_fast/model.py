@@ -7,7 +7,7 @@ layer and the GRU runs on packed sequences, so a sample in a padded batch gets
 the same output as alone (up to float rounding)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Tuple
 
 import torch
@@ -117,6 +117,49 @@ class CRNN(nn.Module):
             return self.rnn(x)[0]
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
         return nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0], total_length=T)[0]
+
+
+def widen(model: CRNN, channels: Tuple[int, int], hidden_dim: int) -> CRNN:
+    """A copy of `model` with wider conv blocks and GRU that computes the same outputs (eval mode):
+    each new channel or unit gets fresh incoming weights and zero outgoing ones, so training a
+    wider model can start from what a narrower one reads instead of from scratch (Net2Net's aim,
+    with zero fan-out in place of split copies)."""
+    old, (c1, c2), H = model.config, model.config.channels, model.config.hidden_dim
+    if channels[0] < c1 or channels[1] < c2 or hidden_dim < H:
+        raise ValueError(f"widen: channels {tuple(channels)}, hidden {hidden_dim} is narrower than the model's "
+                         f"{old.channels}, {H}")
+    wide = CRNN(replace(old, channels=tuple(channels), hidden_dim=hidden_dim))
+    W = hidden_dim
+    prefix = torch.arange
+    gates = torch.cat([g * W + prefix(H) for g in range(3)])  # r, z, n blocks of a GRU weight's rows
+    both = torch.cat([prefix(H), W + prefix(H)])               # forward and reverse halves of a BiGRU output
+    conv_out = [c1, c1, c2, c2]
+    rows, cols = {}, {}                                         # parameter name -> old indices' places
+    for i, c in enumerate(conv_out):
+        rows[f"convs.{i}.0.weight"], cols[f"convs.{i}.0.weight"] = prefix(c), prefix(([old.in_channels] + conv_out)[i])
+        for part in ("weight", "bias", "running_mean", "running_var"):
+            rows[f"convs.{i}.1.{part}"] = prefix(c)
+    rows["project.weight"], cols["project.weight"] = prefix(H), prefix(c2 * (old.height // 4))  # index c * H/4 + h
+    rows["project.bias"] = prefix(H)
+    for layer in range(2):
+        for sfx in (f"_l{layer}", f"_l{layer}_reverse"):
+            rows[f"rnn.weight_ih{sfx}"], cols[f"rnn.weight_ih{sfx}"] = gates, prefix(H) if layer == 0 else both
+            rows[f"rnn.weight_hh{sfx}"], cols[f"rnn.weight_hh{sfx}"] = gates, prefix(H)
+            rows[f"rnn.bias_ih{sfx}"] = rows[f"rnn.bias_hh{sfx}"] = gates
+    rows["classifier.weight"], cols["classifier.weight"] = prefix(old.num_classes), both
+    rows["classifier.bias"] = prefix(old.num_classes)
+    src, dst = model.state_dict(), wide.state_dict()
+    with torch.no_grad():
+        for name, t in dst.items():
+            if name not in rows:  # num_batches_tracked
+                t.copy_(src[name])
+                continue
+            value = src[name]
+            if name in cols:  # the old units' rows read nothing from the new ones
+                value = value.new_zeros((value.shape[0], t.shape[1]) + value.shape[2:])
+                value[:, cols[name]] = src[name]
+            t[rows[name]] = value
+    return wide.train(model.training)
 
 
 def fold_batchnorm(model: CRNN) -> CRNN:

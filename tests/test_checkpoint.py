@@ -67,10 +67,19 @@ def test_init_from_maps_classifier_rows_per_symbol(tmp_path):
         torch.testing.assert_close(d[1], s[4])  # "1": class 4 in ABC1
         torch.testing.assert_close(d[2], s[3])  # "C"
         torch.testing.assert_close(d[3:], f[3:])  # "x", "y": new symbols keep their fresh init
-    # a model of another size keeps the fresh init where shapes differ, and says where
-    wider = CRNN(CRNNConfig("AB", height=16, channels=(8, 16), hidden_dim=48))
-    skipped = init_from_checkpoint(wider, tmp_path)
-    assert "project.weight" in skipped and "convs.0.0.weight" not in skipped
+
+
+@torch.no_grad()
+def test_init_from_a_narrower_checkpoint_grows_it(tmp_path):
+    src = _crnn("AB1", seed=1).eval()
+    save_checkpoint({"model": src.state_dict(), "model_config": src.config.to_dict()}, tmp_path / "best.ckpt")
+    wider = CRNN(CRNNConfig("AB1", height=16, channels=(12, 16), hidden_dim=48)).eval()
+    assert init_from_checkpoint(wider, tmp_path) == []
+    x, w = torch.rand(2, 1, 16, 40), torch.tensor([40, 28])
+    torch.testing.assert_close(wider(x, w)[0], src(x, w)[0], atol=1e-6, rtol=1e-6)  # reads what it read
+    narrower = CRNN(CRNNConfig("AB1", height=16, channels=(8, 16), hidden_dim=24))
+    with pytest.raises(ValueError, match=r"best\.ckpt'.*hidden 24 is narrower"):
+        init_from_checkpoint(narrower, tmp_path)
 
 
 def test_a_case_folded_source_starts_both_cases(tmp_path):

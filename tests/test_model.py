@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from captcha_fast.model import CRNN, CRNNConfig, InferenceCRNN, fold_batchnorm, max_pool_2x2
+from captcha_fast.model import CRNN, CRNNConfig, InferenceCRNN, fold_batchnorm, max_pool_2x2, widen
 
 
 def _model(seed=0, **kw) -> CRNN:
@@ -38,6 +38,33 @@ def test_fold_batchnorm_same_outputs_and_original_untouched():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(gl, wl)
     assert isinstance(m.convs[0][1], torch.nn.BatchNorm2d) and isinstance(fused.convs[0][1], torch.nn.Identity)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("channels, hidden", [((12, 16), 32), ((8, 24), 32), ((8, 16), 40), ((12, 20), 48)])
+def test_widen_reads_the_same_and_its_new_units_are_wired(channels, hidden):
+    m = _model()  # channels (8, 16), hidden 32
+    x, w = _batch([40, 64, 23])
+    want, _ = m(x, w)
+    wide = widen(m, channels, hidden)
+    assert (wide.config.channels, wide.config.hidden_dim, wide.training) == (channels, hidden, False)
+    got, _ = wide(x, w)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    # the new channels and units compute: weights out of them (zero after widen) change the output
+    H4 = 32 // 4
+    for weight, old_units, new_inputs in [
+            (wide.convs[1][0].weight, 8, slice(8, None)), (wide.convs[2][0].weight, 16, slice(8, None)),
+            (wide.convs[3][0].weight, 16, slice(16, None)), (wide.project.weight, 32, slice(16 * H4, None)),
+            (wide.classifier.weight, None, slice(32, hidden)), (wide.classifier.weight, None, slice(hidden + 32, None))]:
+        assert not weight[:old_units, new_inputs].any()
+        weight[:old_units, new_inputs] = torch.randn_like(weight[:old_units, new_inputs])
+    moved, _ = wide(x, w)
+    assert (moved - want).abs().max() > 1e-3
+
+
+def test_widen_refuses_to_narrow():
+    with pytest.raises(ValueError, match=r"channels \(8, 12\), hidden 32 is narrower than the model's \(8, 16\), 32"):
+        widen(_model(), (8, 12), 32)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 8, 10), (1, 4, 7, 9), (3, 2, 5, 4)])
