@@ -115,6 +115,31 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert full.name == resumed.name == "best.ckpt"
 
 
+@pytest.mark.parametrize("anchor", [1e6, 50.0])
+def test_anchor_pulls_the_weights_toward_the_start_model(tmp_path, anchor):
+    """--anchor (L2-SP): each step ends with w <- w + min(1, lr * anchor) * (w_start - w): at
+    lr * anchor >= 1 a run ends on the start weights, in between it strays less than a free run;
+    a resumed run reloads the start weights and ends where the uninterrupted one does."""
+    start = train(_synthetic_cfg(tmp_path / "start", epochs=1))
+    w0 = load_checkpoint(start)["model"]
+    params = [k for k in w0 if "running" not in k and "num_batches" not in k]  # buffers follow the data
+
+    def weights(name, a, **kw):
+        cfg = _synthetic_cfg(tmp_path / name, from_scratch=False, init_from=str(start), anchor=a, **kw)
+        return load_checkpoint(train(cfg).parent / "last.ckpt")["model"]
+
+    def drift(w):  # squared distance from the start weights
+        return sum(float((w[k] - w0[k]).norm() ** 2) for k in params)
+
+    free, anchored = drift(weights("free", 0.0)), weights("anchored", anchor)
+    assert free > 1e-4
+    assert drift(anchored) == 0.0 if anchor >= 1e6 else 0 < drift(anchored) < 0.5 * free
+    weights("cut", anchor, stop_after=2)
+    resumed = weights("cut", anchor, resume=True)
+    for k in anchored:
+        torch.testing.assert_close(resumed[k], anchored[k], rtol=0, atol=1e-6, msg=k)
+
+
 def test_small_sets_train_a_fixed_budget_without_a_split(tiny_folder, tmp_path):
     """Under SMALL_SET images: no validation split, epochs of several passes up to --min-steps,
     the stronger augmentation, and the last epoch is the model; --val-fraction still splits."""
