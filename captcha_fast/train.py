@@ -98,6 +98,8 @@ class TrainConfig:
     lr: Optional[float] = _opt(None, "peak learning rate (OneCycle; default 3e-3 from scratch, 1e-3 when "
                                      "fine-tuning)")
     weight_decay: float = _opt(0.01, "AdamW weight decay (of weight matrices and kernels only)")
+    freeze_bn: bool = _opt(False, "fine-tuning: normalise with the start model's BatchNorm statistics instead of "
+                                  "re-estimating them on the (augmented) training images")
     anchor: float = _opt(0.0, "fine-tuning: each step also pulls every weight it started with toward its start "
                               "value by lr x this x (w - w_start) (L2-SP), so a small set teaches its style "
                               "without unlearning the others (0: off)")
@@ -153,7 +155,8 @@ class TrainConfig:
 
 # What a --resume must share with the run it continues.
 _RESUME_MUST_MATCH = ("data", "seed", "batch_size", "epochs", "min_steps", "lr", "height", "in_channels", "ink",
-                      "channels", "hidden_dim", "val_fraction", "warmup", "bucket", "synth_train", "augment", "anchor")
+                      "channels", "hidden_dim", "val_fraction", "warmup", "bucket", "synth_train", "augment", "anchor",
+                      "freeze_bn")
 _CSV_KEYS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_cer", "val_n", "lr", "seconds"]
 
 
@@ -442,6 +445,10 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     cfg, device = run.cfg, run.device
     torch.manual_seed(_epoch_seed(cfg.seed, epoch, run.ddp.rank))  # dropout stream of this epoch
     run.net.train()
+    if cfg.freeze_bn and start_weights(cfg) is not None:
+        for m in run.model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     batches = _passes(run, epoch)
     bar = None
     if cfg.progress and run.ddp.main:
