@@ -140,6 +140,38 @@ def test_anchor_pulls_the_weights_toward_the_start_model(tmp_path, anchor):
         torch.testing.assert_close(resumed[k], anchored[k], rtol=0, atol=1e-6, msg=k)
 
 
+@pytest.mark.parametrize("labels, want", [
+    ("012345689abcdefghijklmnopqrstuvwxyz", "0123456789abcdefghijklmnopqrstuvwxyz"),  # a 7 the images lacked
+    ("23ACX", "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"),                            # upper-case labels
+    ("0123", "0123456789"),                                                        # digits only: no letters
+    ("bcdq", "abcdefghijklmnopqrstuvwxyz"),                                        # letters only: no digits
+    ("abX-", "-Xabcdefghijklmnopqrstuvwxyz"),                                      # mixed case, a new symbol
+])
+def test_fine_tuning_charset(labels, want):
+    from captcha_fast.train import fine_tuning_charset
+    assert fine_tuning_charset(labels, "0123456789abcdefghijklmnopqrstuvwxyz") == want
+
+
+def test_fine_tuning_keeps_the_start_models_symbols(tiny_folder, tmp_path):
+    """Labels of 0-3 only, from a model that knows 0-5: the run reads 0-5; from scratch, 0-3."""
+    start = train(_synthetic_cfg(tmp_path / "start", synth_charset="012345", epochs=1))
+    _, _, charset = build_data(TrainConfig(data=str(tiny_folder), init_from=str(start)))
+    assert charset.symbols == "012345"
+    _, _, charset = build_data(TrainConfig(data=str(tiny_folder), from_scratch=True))
+    assert charset.symbols == "0123"
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_freeze_bn_keeps_the_start_models_statistics(tmp_path, freeze):
+    start = train(_synthetic_cfg(tmp_path / "start", epochs=1))
+    w0 = load_checkpoint(start)["model"]
+    w = load_checkpoint(train(_synthetic_cfg(tmp_path / "run", from_scratch=False, init_from=str(start),
+                                             freeze_bn=freeze)))["model"]
+    stats = [k for k in w0 if "running_" in k]
+    assert len(stats) == 8 and all(torch.equal(w[k], w0[k]) == freeze for k in stats)
+    assert not torch.equal(w["convs.0.1.weight"], w0["convs.0.1.weight"])  # the affine part still learns
+
+
 def test_small_sets_train_a_fixed_budget_without_a_split(tiny_folder, tmp_path):
     """Under SMALL_SET images: no validation split, epochs of several passes up to --min-steps,
     the stronger augmentation, and the last epoch is the model; --val-fraction still splits."""
