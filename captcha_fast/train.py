@@ -77,8 +77,11 @@ class TrainConfig:
     in_channels: int = _opt(1, "input channels: 1 grey, 3 colour (--color)", choices=(1, 3), also={"--color": 3})
     ink: bool = _opt(True, "input: the ink map cropped to the text (preprocess.to_ink; grey models only, off "
                            "with --color)")
-    channels: Tuple[int, int] = _opt((32, 64), "widths of the two conv blocks", metavar=("C1", "C2"))
-    hidden_dim: int = _opt(128, "GRU size", flag="--hidden")
+    channels: Optional[Tuple[int, int]] = _opt(None, "widths of the two conv blocks (default: the start model's "
+                                                     "when fine-tuning, else 32 64; wider than the start model's "
+                                                     "grows it: model.widen)", metavar=("C1", "C2"))
+    hidden_dim: Optional[int] = _opt(None, "GRU size (default: the start model's when fine-tuning, else 128; as "
+                                           "--channels)", flag="--hidden")
     dropout: float = _opt(0.1, "dropout before the GRU and the classifier")
     charset: Optional[str] = _opt(None, "symbols in class order (default: the sorted symbols of all labels; when "
                                         "fine-tuning, with the start model's digits and letters added: "
@@ -140,7 +143,7 @@ class TrainConfig:
     export: bool = _opt(True, "write model.pt, a TorchScript recognizer of the best weights, at the end")
 
     def __post_init__(self):
-        self.channels = tuple(self.channels)
+        self.channels = tuple(self.channels) if self.channels is not None else None
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
             raise ValueError(f"epochs, batch_size and patience must be >= 1, got {self.epochs}, {self.batch_size}, "
                              f"{self.patience}")
@@ -272,8 +275,12 @@ def check_lengths(ds: CaptchaDataset, model: CRNN, skip_bad: bool = False) -> No
 
 
 def build_model(cfg: TrainConfig, charset: Charset) -> CRNN:
+    start = start_weights(cfg)
+    # the start model's size unless asked for another; CRNNConfig's defaults from scratch
+    size = CRNNConfig(**load_checkpoint(start)["model_config"]) if start else CRNNConfig(charset.symbols)
     model = CRNN(CRNNConfig(charset=charset.symbols, height=cfg.height, in_channels=cfg.in_channels,
-                            channels=cfg.channels, hidden_dim=cfg.hidden_dim, dropout=cfg.dropout, ink=cfg.ink))
+                            channels=cfg.channels or size.channels, hidden_dim=cfg.hidden_dim or size.hidden_dim,
+                            dropout=cfg.dropout, ink=cfg.ink))
     # Start the classifier near uniform: big random logits push CTC onto the all-blank plateau.
     nn.init.normal_(model.classifier.weight, std=0.01)
     nn.init.zeros_(model.classifier.bias)

@@ -161,6 +161,21 @@ def test_fine_tuning_keeps_the_start_models_symbols(tiny_folder, tmp_path):
     assert charset.symbols == "0123"
 
 
+def test_fine_tuning_takes_the_start_models_size(tmp_path):
+    from captcha_fast.model import CRNNConfig
+    from captcha_fast.train import build_model
+    start = train(_synthetic_cfg(tmp_path / "start", epochs=1, channels=(8, 24), hidden_dim=40))
+
+    def size(**kw):
+        c = build_model(TrainConfig(data="synthetic", height=16, init_from=str(start), **kw), Charset("AB12")).config
+        return c.channels, c.hidden_dim
+
+    assert size() == ((8, 24), 40)
+    assert size(hidden_dim=48) == ((8, 24), 48)  # init_from_checkpoint then grows it (test_checkpoint)
+    scratch = build_model(TrainConfig(data="synthetic", from_scratch=True), Charset("AB")).config
+    assert (scratch.channels, scratch.hidden_dim) == (CRNNConfig("A").channels, CRNNConfig("A").hidden_dim)
+
+
 @pytest.mark.parametrize("freeze", [False, True])
 def test_freeze_bn_keeps_the_start_models_statistics(tmp_path, freeze):
     start = train(_synthetic_cfg(tmp_path / "start", epochs=1))
