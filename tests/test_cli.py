@@ -181,9 +181,12 @@ def test_train_flags_come_from_the_config_fields():
             argv, want = [flag, "3"], 3
         elif f.name == "device":
             argv, want = [flag, "cpu"], "cpu"
-        elif value is None or isinstance(value, str):  # Optional[X] or str: "7" as an X
+        elif value is None or isinstance(value, str):  # Optional[X] or str: "7" as an X (a pair: 7 8)
             kind = str if value is not None else next(a for a in typing.get_args(hints[f.name]) if a is not type(None))
-            argv, want = [flag, "7"], kind("7")
+            if typing.get_origin(kind) is tuple:
+                argv, want = [flag, "7", "8"], (7, 8)
+            else:
+                argv, want = [flag, "7"], kind("7")
         else:
             argv, want = [flag, str(value + 1)], value + 1
         got = getattr(_train_args(["D", "--out", "R"] + argv), f.name)
