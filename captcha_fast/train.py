@@ -83,9 +83,7 @@ class TrainConfig:
     hidden_dim: Optional[int] = _opt(None, "GRU size (default: the start model's when fine-tuning, else 128; as "
                                            "--channels)", flag="--hidden")
     dropout: float = _opt(0.1, "dropout before the GRU and the classifier")
-    charset: Optional[str] = _opt(None, "symbols in class order (default: the sorted symbols of all labels; when "
-                                        "fine-tuning, with the start model's digits and letters added: "
-                                        "fine_tuning_charset)")
+    charset: Optional[str] = _opt(None, "symbols in class order (default: the sorted symbols of all labels)")
     init_from: Optional[str] = _opt(None, "start from this checkpoint's weights (RUN_DIR or .ckpt; default: the "
                                           "shipped model's, captcha_fast/pretrained/default.ckpt); classifier rows "
                                           "are mapped per symbol (a symbol whose other case is known starts from "
@@ -226,9 +224,12 @@ def build_data(cfg: TrainConfig) -> Tuple[CaptchaDataset, Optional[CaptchaDatase
         return train_ds, val_ds, charset
     samples = list_samples(cfg.data)
     charset = Charset(cfg.charset) if cfg.charset else Charset.from_labels(s.label for s in samples)
-    start = start_weights(cfg) if not cfg.charset else None
-    if start is not None:
-        charset = Charset(fine_tuning_charset(charset.symbols, load_checkpoint(start)["charset"]))
+    start = start_weights(cfg)
+    missing = unlabelled_symbols(charset.symbols, load_checkpoint(start)["charset"]) if start else ""
+    if missing:
+        warnings.warn(f"the labels of {cfg.data!r} never show {missing!r}, which the start model reads: fine-tuning "
+                      f"teaches it that they never occur (it reads 7 as 1 after 25 labels without a 7); if your "
+                      f"captchas can hold them, label some images that do")
     samples = check_labels(samples, charset, cfg.skip_bad)
     train_s, val_s = split_samples(samples, val_fraction(cfg, len(samples)), cfg.seed)
     if not train_s:
@@ -240,18 +241,12 @@ def build_data(cfg: TrainConfig) -> Tuple[CaptchaDataset, Optional[CaptchaDatase
     return train_ds, val_ds, charset
 
 
-def fine_tuning_charset(labels: str, start: str) -> str:
-    """A fine-tuned model's symbols: those of its labels, plus the start model's digits if the labels
-    have digits and its letters (in the labels' case, if they use one) if they have letters. So a
-    symbol that a few labelled images happen to lack is still read (25 images of a 36-symbol style
-    often miss one, and every image holding it would be wrong), and a digits-only style gains no
-    letters to confuse with its digits."""
-    letters = [c for c in labels if c.isalpha()]
-    case = (str.upper if all(c.isupper() for c in letters) else str.lower if all(c.islower() for c in letters)
-            else str)
-    extra = {c for c in start if c.isdigit() and any(d.isdigit() for d in labels)}
-    extra |= {case(c) for c in start if c.isalpha() and letters}
-    return "".join(sorted(set(labels) | extra))
+def unlabelled_symbols(labels: str, start: str) -> str:
+    """The start model's digits (if the labels have digits) and letters (if they have letters, either
+    case) that the labels never show."""
+    shown = {c.lower() for c in labels}
+    return "".join(c for c in start if c.lower() not in shown and (c.isdigit() and any(d.isdigit() for d in labels)
+                                                                  or c.isalpha() and any(d.isalpha() for d in labels)))
 
 
 def _synthetic(cfg: TrainConfig, sc: SynthConfig, n: int, charset: Charset, aug) -> CaptchaDataset:
