@@ -103,6 +103,9 @@ class TrainConfig:
     weight_decay: float = _opt(0.01, "AdamW weight decay (of weight matrices and kernels only)")
     freeze_bn: bool = _opt(False, "fine-tuning: normalise with the start model's BatchNorm statistics instead of "
                                   "re-estimating them on the (augmented) training images")
+    rehearse: float = _opt(0.25, f"fine-tuning on fewer than {SMALL_SET} images: this share of the training "
+                                 f"items are renders of the synthetic mix in the start model's symbols (the "
+                                 f"labels' case), so symbols the labels lack are not unlearned (0: off)")
     anchor: float = _opt(0.0, "fine-tuning: each step also pulls every weight it started with toward its start "
                               "value by lr x this x (w - w_start) (L2-SP), so a small set teaches its style "
                               "without unlearning the others (0: off)")
@@ -159,7 +162,7 @@ class TrainConfig:
 # What a --resume must share with the run it continues.
 _RESUME_MUST_MATCH = ("data", "seed", "batch_size", "epochs", "min_steps", "lr", "height", "in_channels", "ink",
                       "channels", "hidden_dim", "val_fraction", "warmup", "bucket", "synth_train", "augment", "anchor",
-                      "freeze_bn")
+                      "freeze_bn", "rehearse")
 _CSV_KEYS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_cer", "val_n", "lr", "seconds"]
 
 
@@ -223,13 +226,15 @@ def build_data(cfg: TrainConfig) -> Tuple[CaptchaDataset, Optional[CaptchaDatase
                   if cfg.synth_val > 0 else None)
         return train_ds, val_ds, charset
     samples = list_samples(cfg.data)
-    charset = Charset(cfg.charset) if cfg.charset else Charset.from_labels(s.label for s in samples)
+    labelled = "".join(sorted(set("".join(s.label for s in samples))))
     start = start_weights(cfg)
-    missing = unlabelled_symbols(charset.symbols, load_checkpoint(start)["charset"]) if start else ""
-    if missing:
+    known = start_symbols(labelled, load_checkpoint(start)["charset"]) if start else ""
+    rehearse = bool(known) and len(samples) < SMALL_SET and cfg.rehearse > 0
+    charset = Charset(cfg.charset or "".join(sorted(set(labelled) | set(known if rehearse else ""))))
+    missing = "".join(c for c in known if c not in labelled)
+    if missing and not rehearse:
         warnings.warn(f"the labels of {cfg.data!r} never show {missing!r}, which the start model reads: fine-tuning "
-                      f"teaches it that they never occur (it reads 7 as 1 after 25 labels without a 7); if your "
-                      f"captchas can hold them, label some images that do")
+                      f"teaches it that they never occur; if your captchas can hold them, label some images that do")
     samples = check_labels(samples, charset, cfg.skip_bad)
     train_s, val_s = split_samples(samples, val_fraction(cfg, len(samples)), cfg.seed)
     if not train_s:
@@ -237,16 +242,41 @@ def build_data(cfg: TrainConfig) -> Tuple[CaptchaDataset, Optional[CaptchaDatase
     kw = dict(height=cfg.height, in_channels=cfg.in_channels, seed=cfg.seed, skip_bad=cfg.skip_bad,
               max_width=cfg.max_width, ink=cfg.ink)
     train_ds = CaptchaDataset(train_s, charset, augment=augment_config(cfg, len(samples)), **kw)
+    if rehearse:
+        train_ds = _with_rehearsal(cfg, train_ds, "".join(c for c in known if not charset.unknown(c)))
     val_ds = CaptchaDataset(val_s, charset, **kw) if val_s else None
     return train_ds, val_ds, charset
 
 
-def unlabelled_symbols(labels: str, start: str) -> str:
-    """The start model's digits (if the labels have digits) and letters (if they have letters, either
-    case) that the labels never show."""
-    shown = {c.lower() for c in labels}
-    return "".join(c for c in start if c.lower() not in shown and (c.isdigit() and any(d.isdigit() for d in labels)
-                                                                  or c.isalpha() and any(d.isalpha() for d in labels)))
+REHEARSAL_RENDERS = 300  # synthetic captchas beside a small set (--rehearse)
+
+
+def _with_rehearsal(cfg: TrainConfig, ds: CaptchaDataset, symbols: str) -> CaptchaDataset:
+    """ds's images repeated, plus REHEARSAL_RENDERS renders of the synthetic mix in `symbols` (the
+    labels' lengths) that fit the model's frames, so that about --rehearse of the items are renders:
+    a few labelled images teach their style while the renders keep every symbol in use (25 labels
+    without a 7 otherwise teach the model to read every 7 as 1)."""
+    lengths = [len(s.label) for s in ds.samples]
+    sc = SynthConfig(style="mix", charset=symbols, min_len=max(1, min(lengths)), max_len=max(lengths),
+                     seed=cfg.seed + 2_000_000)
+    renders = _synthetic(cfg, sc, REHEARSAL_RENDERS, ds.charset, None)
+    fit = [i for i in range(len(renders)) if renders.width(i) // 4 >= frames_needed(renders.samples[i].label)]
+    copies = max(1, math.ceil(len(fit) * (1 - cfg.rehearse) / (cfg.rehearse * len(ds))))
+    return CaptchaDataset(ds.samples * copies + [renders.samples[i] for i in fit], ds.charset, ds.height,
+                          ds.in_channels, ds.augment, ds.seed, images=ds.images * copies + [renders.images[i] for i in fit],
+                          ink=ds.ink)
+
+
+def start_symbols(labels: str, start: str) -> str:
+    """The start model's symbols of the labels' kinds: its digits if the labels have digits, its
+    letters if they have letters (in the labels' case when they use one; a symbol the labels show
+    in the other case counts as shown)."""
+    letters = [c for c in labels if c.isalpha()]
+    case = (str.upper if all(c.isupper() for c in letters) else str.lower if all(c.islower() for c in letters)
+            else str)
+    shown = {c.lower(): c for c in labels}
+    return "".join(sorted({shown.get(c.lower(), case(c)) for c in start
+                           if c.isdigit() and any(d.isdigit() for d in labels) or c.isalpha() and letters}))
 
 
 def _synthetic(cfg: TrainConfig, sc: SynthConfig, n: int, charset: Charset, aug) -> CaptchaDataset:

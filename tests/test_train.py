@@ -141,22 +141,32 @@ def test_anchor_pulls_the_weights_toward_the_start_model(tmp_path, anchor):
 
 
 @pytest.mark.parametrize("labels, want", [
-    ("012345689abcdefghijklmnopqrstuvwxyz", "7"),  # 25 labels of a 36-symbol style can lack one
-    ("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ", ""),   # upper-case labels: the case-folded model's letters
-    ("0123", "456789"),                              # digits only: no letters asked for
-    ("bcdefghijklmnopqrstuvwxyz-", "a"),             # letters only: no digits asked for
+    ("012345689abcdefghijklmnopqrstuvwxyz", "0123456789abcdefghijklmnopqrstuvwxyz"),  # with the 7 they lacked
+    ("23ACX", "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"),                            # in the labels' case
+    ("0123", "0123456789"),                                                        # digits only: no letters
+    ("bcd-", "abcdefghijklmnopqrstuvwxyz"),                                        # letters only: no digits
+    ("abX", "Xabcdefghijklmnopqrstuvwyz"),                                         # mixed case: as shown
 ])
-def test_unlabelled_symbols(labels, want):
-    from captcha_fast.train import unlabelled_symbols
-    assert unlabelled_symbols(labels, "0123456789abcdefghijklmnopqrstuvwxyz") == want
+def test_start_symbols(labels, want):
+    from captcha_fast.train import start_symbols
+    assert start_symbols(labels, "0123456789abcdefghijklmnopqrstuvwxyz") == want
 
 
-def test_fine_tuning_warns_of_symbols_the_labels_never_show(tiny_folder, tmp_path):
-    """Labels of 0-3 only, from a model that reads 0-5: a warning names 4 and 5, and the model reads 0-3."""
+def test_small_sets_rehearse_every_symbol_the_start_model_reads(tiny_folder, tmp_path):
+    """8 labelled images of 0-3, from a model that reads 0-5: the run reads 0-5 and a quarter of its
+    items are renders in 0-5; with --rehearse 0 it reads 0-3 and a warning names 4 and 5."""
     start = train(_synthetic_cfg(tmp_path / "start", synth_charset="012345", epochs=1))
+    train_ds, _, charset = build_data(TrainConfig(data=str(tiny_folder), init_from=str(start)))
+    renders = [s.label for s in train_ds.samples if s.path.startswith("synthetic:")]
+    labelled = [s for s in train_ds.samples if not s.path.startswith("synthetic:")]
+    assert charset.symbols == "012345"
+    assert 0.2 < len(renders) / len(train_ds) < 0.3 and set("".join(renders)) == set("012345")
+    assert {3, 4} >= {len(label) for label in renders}  # the labels' lengths
+    copies = len(labelled) // 8
+    assert copies > 1 and sorted(labelled) == sorted(s for s in scan_folder(tiny_folder) for _ in range(copies))
     with pytest.warns(UserWarning, match=r"tiny.*never show '45', which the start model reads"):
-        _, _, charset = build_data(TrainConfig(data=str(tiny_folder), init_from=str(start)))
-    assert charset.symbols == "0123"
+        train_ds, _, charset = build_data(TrainConfig(data=str(tiny_folder), init_from=str(start), rehearse=0))
+    assert charset.symbols == "0123" and len(train_ds) == 8
 
 
 def test_fine_tuning_takes_the_start_models_size(tmp_path):
