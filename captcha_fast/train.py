@@ -248,6 +248,16 @@ def build_data(cfg: TrainConfig) -> Tuple[CaptchaDataset, Optional[CaptchaDatase
     return train_ds, val_ds, charset
 
 
+def _describe(ds: CaptchaDataset, data: str) -> str:
+    """'N training images', and how a rehearsal (_with_rehearsal) mixed them with renders."""
+    renders = sum(s.path.startswith("synthetic:") for s in ds.samples) if data != "synthetic" else 0
+    if not renders:
+        return f"{len(ds)} training images"
+    images = len({s.path for s in ds.samples}) - renders
+    return (f"{images} training images (each {(len(ds) - renders) // images} times) and {renders} renders of the "
+            f"synthetic mix (--rehearse)")
+
+
 REHEARSAL_RENDERS = 300  # synthetic captchas beside a small set (--rehearse)
 
 
@@ -641,7 +651,7 @@ def train(config: TrainConfig, log: Optional[Callable[[str], None]] = None) -> P
         run = _setup(cfg, ddp)
         say = log if log is not None and ddp.main else (lambda line: None)
         n_val = len(run.val_ds) if run.val_ds is not None else 0
-        say(f"{len(run.train_ds)} training images, {n_val} for validation; {cfg.epochs} epochs of {run.passes} "
+        say(f"{_describe(run.train_ds, cfg.data)}, {n_val} for validation; {cfg.epochs} epochs of {run.passes} "
             f"pass{'es' if run.passes > 1 else ''} = {cfg.epochs * run.passes * len(run.sampler)} optimizer steps"
             + ("" if n_val else "; no validation split: the model is the last epoch's weights"))
         for epoch in range(run.start_epoch, cfg.epochs):
