@@ -101,14 +101,9 @@ class TrainConfig:
     lr: Optional[float] = _opt(None, "peak learning rate (OneCycle; default 3e-3 from scratch, 1e-3 when "
                                      "fine-tuning)")
     weight_decay: float = _opt(0.01, "AdamW weight decay (of weight matrices and kernels only)")
-    freeze_bn: bool = _opt(False, "fine-tuning: normalise with the start model's BatchNorm statistics instead of "
-                                  "re-estimating them on the (augmented) training images")
     rehearse: float = _opt(0.25, f"fine-tuning on fewer than {SMALL_SET} images: this share of the training "
                                  f"items are renders of the synthetic mix in the start model's symbols (the "
                                  f"labels' case), so symbols the labels lack are not unlearned (0: off)")
-    anchor: float = _opt(0.0, "fine-tuning: each step also pulls every weight it started with toward its start "
-                              "value by lr x this x (w - w_start) (L2-SP), so a small set teaches its style "
-                              "without unlearning the others (0: off)")
     warmup: float = _opt(0.15, "fraction of the steps spent warming the learning rate up")
     clip: float = _opt(5.0, "gradient norm clip")
     patience: int = _opt(10, "stop after this many epochs without a better validation score")
@@ -161,8 +156,7 @@ class TrainConfig:
 
 # What a --resume must share with the run it continues.
 _RESUME_MUST_MATCH = ("data", "seed", "batch_size", "epochs", "min_steps", "lr", "height", "in_channels", "ink",
-                      "channels", "hidden_dim", "val_fraction", "warmup", "bucket", "synth_train", "augment", "anchor",
-                      "freeze_bn", "rehearse")
+                      "channels", "hidden_dim", "val_fraction", "warmup", "bucket", "synth_train", "augment", "rehearse")
 _CSV_KEYS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_cer", "val_n", "lr", "seconds"]
 
 
@@ -383,7 +377,6 @@ class _Run:
     best: Optional[dict] = None
     bad_epochs: int = 0
     elapsed: float = 0.0
-    anchors: List[Tuple[Tensor, Tensor]] = field(default_factory=list)  # (parameter, its start value): --anchor
 
     @property
     def device(self) -> torch.device:
@@ -415,10 +408,9 @@ def _setup(cfg: TrainConfig, ddp: Dist) -> _Run:
         raise ValueError(f"--resume: the data gives charset {charset.symbols!r} but the run used {state['charset']!r}")
     model = build_model(cfg, charset)
     init = start_weights(cfg)
-    skipped = []
-    if init is not None:  # also on resume: the start weights are --anchor's targets (the saved state replaces them)
+    if init is not None and state is None:
         skipped = init_from_checkpoint(model, init)
-        if skipped and state is None:
+        if skipped:
             warnings.warn(f"starting from {init}: kept the fresh init of {', '.join(skipped)} (shapes differ)")
     for ds in (train_ds, val_ds):
         if ds is not None:
@@ -439,8 +431,6 @@ def _setup(cfg: TrainConfig, ddp: Dist) -> _Run:
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     run = _Run(cfg, ddp, out, train_ds, val_ds, charset, model, ddp.wrap(model), opt, sampler, sched, scaler, amp_dtype,
                passes)
-    if cfg.anchor > 0 and init is not None:
-        run.anchors = [(p, p.detach().clone()) for name, p in model.named_parameters() if name not in skipped]
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -506,10 +496,6 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     cfg, device = run.cfg, run.device
     torch.manual_seed(_epoch_seed(cfg.seed, epoch, run.ddp.rank))  # dropout stream of this epoch
     run.net.train()
-    if cfg.freeze_bn and start_weights(cfg) is not None:
-        for m in run.model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
     batches = _passes(run, epoch)
     bar = None
     if cfg.progress and run.ddp.main:
@@ -531,7 +517,6 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
         nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip)
         run.scaler.step(run.opt)
         run.scaler.update()
-        _pull_to_start(run)
         run.sched.step()
         loss_sum += float(loss.detach()) * len(idx)
         correct += _exact_reads(log_probs.detach(), lengths, b)
@@ -541,15 +526,6 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     run.ddp.average_buffers(run.model)
     loss_sum, correct, n = run.ddp.sum([loss_sum, float(correct), n])
     return {"train_loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1), "lr": run.sched.get_last_lr()[0]}
-
-
-@torch.no_grad()
-def _pull_to_start(run: _Run) -> None:
-    """--anchor (L2-SP, decoupled as AdamW's decay is): w <- w + lr * anchor * (w_start - w)."""
-    if run.anchors:
-        weight = min(1.0, run.sched.get_last_lr()[0] * run.cfg.anchor)
-        for p, start in run.anchors:
-            p.lerp_(start, weight)
 
 
 def _validate(run: _Run) -> dict:

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -115,31 +116,6 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert full.name == resumed.name == "best.ckpt"
 
 
-@pytest.mark.parametrize("anchor", [1e6, 50.0])
-def test_anchor_pulls_the_weights_toward_the_start_model(tmp_path, anchor):
-    """--anchor (L2-SP): each step ends with w <- w + min(1, lr * anchor) * (w_start - w): at
-    lr * anchor >= 1 a run ends on the start weights, in between it strays less than a free run;
-    a resumed run reloads the start weights and ends where the uninterrupted one does."""
-    start = train(_synthetic_cfg(tmp_path / "start", epochs=1))
-    w0 = load_checkpoint(start)["model"]
-    params = [k for k in w0 if "running" not in k and "num_batches" not in k]  # buffers follow the data
-
-    def weights(name, a, **kw):
-        cfg = _synthetic_cfg(tmp_path / name, from_scratch=False, init_from=str(start), anchor=a, **kw)
-        return load_checkpoint(train(cfg).parent / "last.ckpt")["model"]
-
-    def drift(w):  # squared distance from the start weights
-        return sum(float((w[k] - w0[k]).norm() ** 2) for k in params)
-
-    free, anchored = drift(weights("free", 0.0)), weights("anchored", anchor)
-    assert free > 1e-4
-    assert drift(anchored) == 0.0 if anchor >= 1e6 else 0 < drift(anchored) < 0.5 * free
-    weights("cut", anchor, stop_after=2)
-    resumed = weights("cut", anchor, resume=True)
-    for k in anchored:
-        torch.testing.assert_close(resumed[k], anchored[k], rtol=0, atol=1e-6, msg=k)
-
-
 @pytest.mark.parametrize("labels, want", [
     ("012345689abcdefghijklmnopqrstuvwxyz", "0123456789abcdefghijklmnopqrstuvwxyz"),  # with the 7 they lacked
     ("23ACX", "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"),                            # in the labels' case
@@ -184,17 +160,6 @@ def test_fine_tuning_takes_the_start_models_size(tmp_path):
     assert (scratch.channels, scratch.hidden_dim) == (CRNNConfig("A").channels, CRNNConfig("A").hidden_dim)
 
 
-@pytest.mark.parametrize("freeze", [False, True])
-def test_freeze_bn_keeps_the_start_models_statistics(tmp_path, freeze):
-    start = train(_synthetic_cfg(tmp_path / "start", epochs=1))
-    w0 = load_checkpoint(start)["model"]
-    w = load_checkpoint(train(_synthetic_cfg(tmp_path / "run", from_scratch=False, init_from=str(start),
-                                             freeze_bn=freeze)))["model"]
-    stats = [k for k in w0 if "running_" in k]
-    assert len(stats) == 8 and all(torch.equal(w[k], w0[k]) == freeze for k in stats)
-    assert not torch.equal(w["convs.0.1.weight"], w0["convs.0.1.weight"])  # the affine part still learns
-
-
 def test_small_sets_train_a_fixed_budget_without_a_split(tiny_folder, tmp_path):
     """Under SMALL_SET images: no validation split, epochs of several passes up to --min-steps,
     the stronger augmentation, and the last epoch is the model; --val-fraction still splits."""
@@ -208,7 +173,7 @@ def test_small_sets_train_a_fixed_budget_without_a_split(tiny_folder, tmp_path):
     assert len(_rows(tmp_path / "run")) == 3 and load_checkpoint(tmp_path / "run" / "best.ckpt")["epoch"] == 2
     train_ds, val_ds, _ = build_data(cfg)
     assert val_ds is None and len(train_ds) == 8 and train_ds.augment == SMALL_SET_AUGMENT
-    train_ds, val_ds, _ = build_data(TrainConfig(data=str(tiny_folder), val_fraction=0.5, seed=1))
+    train_ds, val_ds, _ = build_data(TrainConfig(data=str(tiny_folder), val_fraction=0.5, seed=1, from_scratch=True))
     assert len(train_ds) + len(val_ds) == 8 and len(val_ds) > 0
     big = tmp_path / "big"
     write_synthetic(big, SynthConfig(charset="0123", min_len=3, max_len=4, seed=3, clean=True), 200)
@@ -425,8 +390,10 @@ def test_default_recipe_fine_tunes_the_shipped_model(tmp_path):
     lines = []
     path = train(TrainConfig(data=str(tmp_path / "train"), out=str(tmp_path / "run"), min_steps=240, epochs=4,
                              threads=1, progress=False), log=lines.append)
-    assert lines[0] == ("100 training images, 0 for validation; 4 epochs of 15 passes = 240 optimizer steps; "
-                        "no validation split: the model is the last epoch's weights")
+    steps = re.fullmatch(r"100 training images \(each \d+ times\) and \d+ renders of the synthetic mix \(--rehearse\), "
+                         r"0 for validation; 4 epochs of \d+ pass(es)? = (\d+) optimizer steps; no validation split: "
+                         r"the model is the last epoch's weights", lines[0])
+    assert steps and int(steps.group(2)) >= 240, lines[0]
     ckpt = load_checkpoint(tmp_path / "run" / "best.ckpt")
     assert ckpt["epoch"] == 3 and ckpt["model_config"]["ink"]
     after = accuracy(path)
