@@ -318,8 +318,7 @@ def train_round(folder: Path, init: str | None, args) -> float:
                       init_from=init, from_scratch=init is None,
                       val_fraction=0.0, bucket=16, skip_bad=True, threads=args.threads, progress=False,
                       export=False, resume=resume, lr=args.lr, batch_size=args.batch_size, patience=args.epochs_per_round + 1,
-                      **({"channels": tuple(args.channels)} if args.channels else {}),
-                      **({"hidden_dim": args.hidden} if args.hidden else {}))
+                      channels=args.channels and tuple(args.channels), hidden_dim=args.hidden)
     if "min_steps" in {f.name for f in fields(TrainConfig)}:
         cfg.min_steps = 0  # a round is one pass per epoch (train.py's small-set floor is for a user's few images)
     train(cfg, log=on_epoch)
@@ -571,8 +570,8 @@ def main(argv=None) -> None:
     p.add_argument("--init-from", default=str(PRETRAINED_CHECKPOINT), help="weights of a new OUT's first round")
     p.add_argument("--from-scratch", action="store_true", help="a new OUT starts from random weights")
     p.add_argument("--channels", type=int, nargs=2, metavar=("C1", "C2"), default=None,
-                   help="conv widths (default: train's); wider than --init-from's grows it (model.widen)")
-    p.add_argument("--hidden", type=int, default=None, help="GRU size (default: train's); as --channels")
+                   help="conv widths (default: the start model's); wider than --init-from's grows it (model.widen)")
+    p.add_argument("--hidden", type=int, default=None, help="GRU size (default: the start model's); as --channels")
     p.add_argument("--eval-n", type=int, default=300, help="images per held-out set")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--log", default=str(ROOT / "docs" / LOG_NAME), help="the committed build log (history; "
