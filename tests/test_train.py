@@ -182,7 +182,7 @@ def test_small_sets_train_a_fixed_budget_without_a_split(tiny_folder, tmp_path):
     assert len(train_ds) + len(val_ds) == 8 and len(val_ds) > 0
     big = tmp_path / "big"
     write_synthetic(big, SynthConfig(charset="0123", min_len=3, max_len=4, seed=3, clean=True), 200)
-    train_ds, val_ds, _ = build_data(TrainConfig(data=str(big), ink=False))
+    train_ds, val_ds, _ = build_data(TrainConfig(data=str(big), ink=False, from_scratch=True))
     assert 10 < len(val_ds) < 50 and len(train_ds) + len(val_ds) == 200 and train_ds.augment == AugmentConfig()
 
 
