@@ -222,8 +222,8 @@ def build_data(cfg: TrainConfig) -> Tuple[CaptchaDataset, Optional[CaptchaDatase
         return train_ds, val_ds, charset
     samples = list_samples(cfg.data)
     labelled = "".join(sorted(set("".join(s.label for s in samples))))
-    start = start_weights(cfg)
-    known = start_symbols(labelled, load_checkpoint(start)["charset"]) if start else ""
+    start = start_config(cfg)
+    known = start_symbols(labelled, start.charset) if start else ""
     rehearse = cfg.rehearse > 0 and 0 < sum(len(s.label) for s in samples) < REHEARSE_BELOW * len(known)
     charset = Charset(cfg.charset or "".join(sorted(set(labelled) | set(known if rehearse else ""))))
     missing = "".join(c for c in known if c not in labelled)
@@ -311,9 +311,8 @@ def check_lengths(ds: CaptchaDataset, model: CRNN, skip_bad: bool = False) -> No
 
 
 def build_model(cfg: TrainConfig, charset: Charset) -> CRNN:
-    start = start_weights(cfg)
     # the start model's size unless asked for another; CRNNConfig's defaults from scratch
-    size = CRNNConfig(**load_checkpoint(start)["model_config"]) if start else CRNNConfig(charset.symbols)
+    size = start_config(cfg) or CRNNConfig(charset.symbols)
     model = CRNN(CRNNConfig(charset=charset.symbols, height=cfg.height, in_channels=cfg.in_channels,
                             channels=cfg.channels or size.channels, hidden_dim=cfg.hidden_dim or size.hidden_dim,
                             dropout=cfg.dropout, ink=cfg.ink))
@@ -470,6 +469,12 @@ def start_weights(cfg: TrainConfig) -> Optional[Path]:
         raise FileNotFoundError(f"the shipped model's weights {str(PRETRAINED_CHECKPOINT)!r}, where fine-tuning "
                                 f"starts, are missing: reinstall captcha_fast, or pass --from-scratch")
     return PRETRAINED_CHECKPOINT
+
+
+def start_config(cfg: TrainConfig) -> Optional[CRNNConfig]:
+    """The configuration (size, charset) of the model training starts from; None from scratch."""
+    start = start_weights(cfg)
+    return CRNNConfig(**load_checkpoint(start)["model_config"]) if start else None
 
 
 def peak_lr(cfg: TrainConfig) -> float:
