@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from captcha_fast.data import Sample, split_samples
@@ -98,3 +99,22 @@ def test_round_counts_split_a_group_equally_over_its_sources():
     assert counts == {"synth": 500, "blank": 50, "a": 100, "b": 100, "varlen": 200, "v2": 50}
     with pytest.raises(SystemExit, match="summing to 1"):
         build_pretrained.parse_shares("synth=0.5,real=0.2")
+
+
+def test_model_cost_prices_a_width_with_the_checkpoints_own_reads(tmp_path):
+    """tools/model_cost.py: NAME=CKPT:C1,C2,H is the checkpoint grown by model.widen (the shape
+    priced, the reads unchanged); a spec without NAME= is refused by name."""
+    import model_cost
+    from captcha_fast.checkpoint import save_checkpoint
+    from conftest import tiny_model
+
+    src = tiny_model()
+    path = save_checkpoint({"model": src.state_dict(), "model_config": src.config.to_dict()}, tmp_path / "m.ckpt")
+    name, wide = model_cost.parse_model(f"wide={path}:12,24,48")
+    assert name == "wide" and (wide.config.channels, wide.config.hidden_dim) == ((12, 24), 48)
+    x = torch.rand(2, 1, 32, 100)
+    widths = torch.tensor([100, 60])
+    with torch.no_grad():
+        torch.testing.assert_close(wide.eval()(x, widths), src(x, widths), atol=1e-5, rtol=1e-5)
+    with pytest.raises(SystemExit, match="NAME=CKPT"):
+        model_cost.parse_model(str(path))
