@@ -118,3 +118,32 @@ def test_model_cost_prices_a_width_with_the_checkpoints_own_reads(tmp_path):
         torch.testing.assert_close(wide.eval()(x, widths), src(x, widths), atol=1e-5, rtol=1e-5)
     with pytest.raises(SystemExit, match="NAME=CKPT"):
         model_cost.parse_model(str(path))
+
+
+def test_a_build_grown_from_another_builds_round_continues_its_hours_log_and_streams(tmp_path):
+    """--init-from OUT/round_K/last.ckpt (a checkpoint without a build entry): the new build inherits
+    round K's build.json (hours, data streams, draws) and OUT's log up to round K."""
+    from argparse import Namespace
+
+    from captcha_fast.checkpoint import save_checkpoint
+    from conftest import tiny_model
+
+    src = tiny_model()
+    first = tmp_path / "first"
+    folder = first / "round_0002"
+    folder.mkdir(parents=True)
+    init = save_checkpoint({"model": src.state_dict(), "model_config": src.config.to_dict()}, folder / "last.ckpt")
+    rows = [{"run": "r1", "round": str(k), "hours": f"{0.5 * k:.4f}", "score": "0.5"} for k in range(4)]
+    build_pretrained.write_log(first / build_pretrained.LOG_NAME, rows)
+    entry = {"hours": 1.0, "round": 2, "run": "r1", "synth_next": 640, "draws": {"synth": 640}, "offsets": {"v2": 64},
+             "synth_styles": {}, "synth_effects": {}, "started_from": ["random weights (at 0.00 h)"],
+             "font_packages": [], "accuracy": {"score": 0.5, "unseen": 0.1}, "eval_sizes": {}}
+    build_pretrained.write_json(folder / build_pretrained.ROUND_BUILD, entry)
+
+    out = tmp_path / "second"
+    args = Namespace(from_scratch=False, init_from=str(init), log=str(tmp_path / "no_log.csv"))
+    state = build_pretrained.load_state(out, args)
+    assert (state["hours"], state["next_round"], state["synth_next"]) == (1.0, 3, 640)
+    assert state["offsets"] == {"v2": 64} and state["best"]["score"] == 0.5
+    assert state["started_from"] == ["random weights (at 0.00 h)", f"{init} (at 1.00 h)"]
+    assert [r["round"] for r in build_pretrained.read_log(out / build_pretrained.LOG_NAME)] == ["0", "1", "2"]

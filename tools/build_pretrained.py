@@ -78,6 +78,7 @@ SYNTH_SEED = 1  # evaluation renders use 12345 (tools/accuracy_table.py)
 SYNTH_LENGTHS = (3, 8)
 DEFAULT_SHARES = "synth=0.56,real=0.20,varlen=0.14,v2=0.06,blank=0.04"
 LOG_NAME = "build_log.csv"
+ROUND_BUILD = "build.json"  # a round's build entry, beside its last.ckpt
 LOG_KEYS = ["run", "round", "hours", "round_hours", "render_hours", "eval_hours", "images", "score", "unseen"]
 
 
@@ -232,15 +233,28 @@ def write_log(path: Path, rows: list) -> None:
     os.replace(tmp, path)
 
 
+def lineage(init, log: Path) -> tuple:
+    """The build entry of the checkpoint a build starts from and the log its curve continues. A shipped or best
+    checkpoint carries its entry (the log: docs/build_log.csv, `log`); a round's last.ckpt has it in build.json beside
+    it, and its build's log is in the OUT above (so a build grown from another's round continues its hours and
+    its data streams instead of starting over at 0 h)."""
+    if init is None:
+        return {}, log
+    build = load_checkpoint(init).get("build", {})
+    if not build and (init.parent / ROUND_BUILD).is_file():
+        return json.loads((init.parent / ROUND_BUILD).read_text()), init.parent.parent / LOG_NAME
+    return build, log
+
+
 def load_state(out: Path, args) -> dict:
     """OUT/state.json, or a fresh state continuing the checkpoint the build starts from."""
     path = out / "state.json"
     if path.is_file():
         return json.loads(path.read_text())
     init = None if args.from_scratch else Path(args.init_from).resolve()
-    build = load_checkpoint(init).get("build", {}) if init else {}
+    build, log = lineage(init, Path(args.log))
     # The curve is the lineage of the starting checkpoint: rounds of its run after it were not kept.
-    history = [r for r in read_log(Path(args.log))
+    history = [r for r in read_log(log)
                if not (r["run"] == build.get("run") and int(r["round"]) > int(build.get("round", 0)))]
     started = list(build.get("started_from", [])) + [f"{describe(init)} (at {float(build.get('hours', 0.0)):.2f} h)"]
     state = {"run": time.strftime("%Y%m%d-%H%M%S"), "init": str(init) if init else None, "started_from": started,
@@ -269,10 +283,14 @@ def describe(init: Path | None) -> str:
     return str(init)
 
 
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
 def save_state(out: Path, state: dict) -> None:
-    tmp = out / "state.json.tmp"
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, out / "state.json")
+    write_json(out / "state.json", state)
 
 
 # ---------------------------------------------------------------------------- rounds
@@ -370,6 +388,7 @@ def finish_round(out: Path, folder: Path, state: dict, hours: float, sets: dict)
            **{name: f"{v:.4f}" for name, v in acc.items()}}
     log = read_log(out / LOG_NAME) + [row]
     write_log(out / LOG_NAME, log)
+    write_json(folder / ROUND_BUILD, build_entry(state, row))
     if state["best"] is None or acc["score"] > state["best"]["score"]:
         best = out / "best"
         best.mkdir(exist_ok=True)
