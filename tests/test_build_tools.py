@@ -141,9 +141,11 @@ def test_a_build_grown_from_another_builds_round_continues_its_hours_log_and_str
     build_pretrained.write_json(folder / build_pretrained.ROUND_BUILD, entry)
 
     out = tmp_path / "second"
-    args = Namespace(from_scratch=False, init_from=str(init), log=str(tmp_path / "no_log.csv"))
+    args = Namespace(from_scratch=False, init_from=str(init), log=str(tmp_path / "no_log.csv"), channels=None,
+                     hidden=48)
     state = build_pretrained.load_state(out, args)
     assert (state["hours"], state["next_round"], state["synth_next"]) == (1.0, 3, 640)
     assert state["offsets"] == {"v2": 64} and state["best"]["score"] == 0.5
-    assert state["started_from"] == ["random weights (at 0.00 h)", f"{init} (at 1.00 h)"]
+    assert state["started_from"] == ["random weights (at 0.00 h)", f"{init}, grown from channels 8/16, GRU 32 to 8/16, "
+                                     "GRU 48 (model.widen) (at 1.00 h)"]
     assert [r["round"] for r in build_pretrained.read_log(out / build_pretrained.LOG_NAME)] == ["0", "1", "2"]

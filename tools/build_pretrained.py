@@ -246,6 +246,17 @@ def lineage(init, log: Path) -> tuple:
     return build, log
 
 
+def grown(init, args) -> str:
+    """", grown from channels A/B, GRU H to ..." when --channels/--hidden widen the start checkpoint, else ""."""
+    if init is None:
+        return ""
+    cfg = load_checkpoint(init)["model_config"]
+    old = (tuple(cfg["channels"]), cfg["hidden_dim"])
+    new = (tuple(getattr(args, "channels", None) or old[0]), getattr(args, "hidden", None) or old[1])
+    return "" if new == old else (f", grown from channels {old[0][0]}/{old[0][1]}, GRU {old[1]} to "
+                                  f"{new[0][0]}/{new[0][1]}, GRU {new[1]} (model.widen)")
+
+
 def load_state(out: Path, args) -> dict:
     """OUT/state.json, or a fresh state continuing the checkpoint the build starts from."""
     path = out / "state.json"
@@ -256,7 +267,8 @@ def load_state(out: Path, args) -> dict:
     # The curve is the lineage of the starting checkpoint: rounds of its run after it were not kept.
     history = [r for r in read_log(log)
                if not (r["run"] == build.get("run") and int(r["round"]) > int(build.get("round", 0)))]
-    started = list(build.get("started_from", [])) + [f"{describe(init)} (at {float(build.get('hours', 0.0)):.2f} h)"]
+    started = list(build.get("started_from", [])) + [f"{describe(init)}{grown(init, args)} (at "
+                                                     f"{float(build.get('hours', 0.0)):.2f} h)"]
     state = {"run": time.strftime("%Y%m%d-%H%M%S"), "init": str(init) if init else None, "started_from": started,
              "font_packages": sorted({*build.get("font_packages", []), *font_packages()}),
              "hours": float(build.get("hours", 0.0)), "next_round": int(build.get("round", 0)) + 1,
@@ -280,7 +292,7 @@ def describe(init: Path | None) -> str:
         commit = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h", "--", str(init)],
                                 capture_output=True, text=True).stdout.strip()
         return f"the shipped captcha_fast/pretrained/default.ckpt of commit {commit or '(uncommitted)'}"
-    return str(init)
+    return str(init.relative_to(ROOT)) if init.is_relative_to(ROOT) else str(init)
 
 
 def write_json(path: Path, obj) -> None:
@@ -490,7 +502,7 @@ def write_model_card(target: Path, ckpt: dict, args) -> None:
         if name == "synth":
             row = (f"synthetic captchas: synth.SynthConfig(style=\"mix\"), seed {SYNTH_SEED}, 0-9a-zA-Z, "
                    f"{SYNTH_LENGTHS[0]}-{SYNTH_LENGTHS[1]} long", "this package", "captcha_fast/synth.py",
-                   "MIT (this package); fonts below", n)
+                   "MIT (this package); fonts below", b["synth_next"])  # the stream renders indices 0..synth_next-1
         elif name == "blank":
             row = ("images with no text, label \"\"", "this package", "tools/build_pretrained.py (blank)", "MIT", n)
         elif name in SHARED:
