@@ -576,6 +576,9 @@ def plot_log(rows: list, path: Path) -> None:
             ax.plot(*zip(*pts), "k-" if name == "score" else "k--", label=label, lw=2)
         else:
             ax.plot(*zip(*pts), ".-", color=colours[2 * i % 20 + (2 * i // 20) % 2], label=name, lw=1, ms=3)
+    starts = [h for h, r, prev in zip(hours[1:], rows[1:], rows) if r["run"] != prev["run"]]
+    for i, h in enumerate(starts):  # a later run continues from a round (the card's started_from says how)
+        ax.axvline(h, color="grey", ls=":", lw=1, label="a run continues (started_from)" if i == 0 else None)
     ax.set_xlabel("training hours (CPU time, one core)")
     ax.set_ylabel("held-out accuracy (%, case ignored)")
     ax.set_ylim(0, 100)
