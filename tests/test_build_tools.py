@@ -149,3 +149,20 @@ def test_a_build_grown_from_another_builds_round_continues_its_hours_log_and_str
     assert state["started_from"] == ["random weights (at 0.00 h)", f"{init}, grown from channels 8/16, GRU 32 to 8/16, "
                                      "GRU 48 (model.widen) (at 1.00 h)"]
     assert [r["round"] for r in build_pretrained.read_log(out / build_pretrained.LOG_NAME)] == ["0", "1", "2"]
+
+
+def test_error_gallery_draws_one_row_per_misread_up_to_show(tiny_model_path, png_folder):
+    """tools/error_gallery.py: a row (ROW_H + 4 px) per misread, at most --show of them."""
+    import error_gallery
+    from captcha_fast import api
+    from captcha_fast.preprocess import load_image
+
+    model = api.load(tiny_model_path)
+    paths = sorted(png_folder.glob("*.png"))
+    images, labels = [load_image(p) for p in paths], [p.stem for p in paths]
+    reads = list(labels)
+    reads[1], reads[3] = "", labels[3].upper() + "x"  # two misreads (case alone is not one)
+    reads[4] = labels[4].upper()
+    sheet = error_gallery.gallery(model, images, labels, reads, show=8)
+    assert sheet.height == 2 * (error_gallery.ROW_H + 4)
+    assert error_gallery.gallery(model, images, labels, reads, show=1).height == error_gallery.ROW_H + 4
