@@ -38,7 +38,9 @@ core's working time. A round starts only if the budget left covers the previous 
 Stopping and continuing. Kill it any time: a round resumes from its last finished epoch (train's
 --resume), finished rounds are kept, and the hours of a killed epoch are not counted (nor kept).
 OUT/ is lost across sessions: a new OUT starts from the shipped default.ckpt, whose "build" entry
-holds the hours and round it was trained to, and from docs/build_log.csv, so the curve goes on."""
+holds the hours and round it was trained to, and from docs/build_log.csv, so the curve goes on. A
+build may also start from a round of another (--init-from OUT/round_K/last.ckpt, e.g. to widen it with
+--hidden): it continues that round's lineage from the build.json beside it and OUT's log."""
 from __future__ import annotations
 
 import argparse
@@ -252,7 +254,7 @@ def grown(init, args) -> str:
         return ""
     cfg = load_checkpoint(init)["model_config"]
     old = (tuple(cfg["channels"]), cfg["hidden_dim"])
-    new = (tuple(getattr(args, "channels", None) or old[0]), getattr(args, "hidden", None) or old[1])
+    new = (tuple(args.channels or old[0]), args.hidden or old[1])
     return "" if new == old else (f", grown from channels {old[0][0]}/{old[0][1]}, GRU {old[1]} to "
                                   f"{new[0][0]}/{new[0][1]}, GRU {new[1]} (model.widen)")
 
