@@ -458,8 +458,9 @@ def _add_serve(p):
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one, printed at start)")
     p.add_argument("--max-batch", type=int, default=32, help="most images per model call (default 32; 1: no batching)")
-    p.add_argument("--max-wait-ms", type=float, default=2.0,
-                   help="how long an idle server waits to gather a batch (default 2)")
+    p.add_argument("--max-wait-ms", type=float, default=0.0,
+                   help="how long an idle server waits to gather a batch (default 0: batches form from "
+                        "what queues while the model runs)")
     p.add_argument("--max-queue", type=int, default=1024, help="requests waiting; more get 503 (default 1024)")
     p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body; larger get 413 (default 8)")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,

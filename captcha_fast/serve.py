@@ -60,7 +60,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port (the line printed at start says which)
     max_batch: int = 32  # images per model call; 1: no batching
-    max_wait_ms: float = 2.0  # how long an idle queue waits for more requests
+    max_wait_ms: float = 0.0  # how long an idle queue waits for more requests (0: batches form from what piles up)
     max_queue: int = 1024  # requests waiting; one more gets 503
     max_body_mb: float = 8.0  # a larger request body gets 413
     max_pixels: int = preprocess.MAX_PIXELS  # a larger image (read from its header) gets 400

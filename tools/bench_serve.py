@@ -228,7 +228,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="per cell and round (default 20)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-batch", type=int, default=32, help="the batching server's --max-batch (default 32)")
-    parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--max-wait-ms", type=float, default=0.0, help="the batching server's (default 0, as serve's)")
     parser.add_argument("--soak", type=int, default=0, metavar="N", help="instead of the table: N requests, RSS")
     parser.add_argument("--quick", action="store_true", help="2 s a cell, 1 round")
     parser.add_argument("--json", default=None, help="write the results here")
