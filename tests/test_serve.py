@@ -353,3 +353,26 @@ def test_a_taken_port_fails_at_once_by_name(tiny_model_path, capsys):
         assert cli.main(["serve", "--model", str(tiny_model_path), "--port", str(port)]) == 1
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
+
+
+@needs_serve
+def test_a_small_batch_leaves_a_core_to_the_event_loop(tiny_model_path, blobs, monkeypatch):
+    """Batcher._read runs a batch under SMALL_BATCH images on one thread fewer than predict_batch
+    would choose (the event loop shares the machine), a larger one on predict_batch's own choice."""
+    from captcha_fast import machine, serve
+
+    monkeypatch.setattr(machine, "auto_threads", lambda: 2)
+    calls = []
+    real = api.predict_batch
+
+    def spy(images, model, **kw):
+        calls.append((len(images), kw.get("threads")))
+        return real(images, model, **kw)
+
+    monkeypatch.setattr(api, "predict_batch", spy)
+    batcher = serve.Batcher(api.load(tiny_model_path), serve.ServeConfig())
+    for n in (1, serve.SMALL_BATCH - 1, serve.SMALL_BATCH):
+        items = [serve.Pending([blobs[i % len(blobs)]], ["image"], serve.Options(), None, 0.0) for i in range(n)]
+        outcomes = batcher._read(items)
+        assert len(outcomes) == n and all(len(o) == 1 for o in outcomes)
+    assert calls == [(1, 1), (serve.SMALL_BATCH - 1, 1), (serve.SMALL_BATCH, None)]
