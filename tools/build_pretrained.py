@@ -69,6 +69,7 @@ from captcha_fast import synth  # noqa: E402
 from captcha_fast.checkpoint import PRETRAINED_CHECKPOINT, load_checkpoint, load_model, save_checkpoint  # noqa: E402
 from captcha_fast.data import list_samples, read_manifest, split_samples  # noqa: E402
 from captcha_fast.export import save_recognizer  # noqa: E402
+from captcha_fast.files import atomic_write  # noqa: E402
 from captcha_fast.preprocess import load_image  # noqa: E402
 from captcha_fast.train import TrainConfig, train  # noqa: E402
 
@@ -227,32 +228,34 @@ def read_log(path: Path) -> list:
 
 def write_log(path: Path, rows: list) -> None:
     keys = LOG_KEYS + sorted({k for r in rows for k in r} - set(LOG_KEYS))
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(path, write)
 
 
-def lineage(init, log: Path) -> tuple:
+def lineage(init, ckpt, log: Path) -> tuple:
     """The build entry of the checkpoint a build starts from and the log its curve continues. A shipped or best
     checkpoint carries its entry (the log: docs/build_log.csv, `log`); a round's last.ckpt has it in build.json beside
     it, and its build's log is in the OUT above (so a build grown from another's round continues its hours and
-    its data streams instead of starting over at 0 h)."""
+    its data streams instead of starting over at 0 h). ckpt: init's loaded checkpoint."""
     if init is None:
         return {}, log
-    build = load_checkpoint(init).get("build", {})
+    build = ckpt.get("build", {})
     if not build and (init.parent / ROUND_BUILD).is_file():
         return json.loads((init.parent / ROUND_BUILD).read_text()), init.parent.parent / LOG_NAME
     return build, log
 
 
-def grown(init, args) -> str:
+def grown(ckpt, args) -> str:
     """", grown from channels A/B, GRU H to ..." when --channels/--hidden widen the start checkpoint, else ""."""
-    if init is None:
+    if ckpt is None:
         return ""
-    cfg = load_checkpoint(init)["model_config"]
+    cfg = ckpt["model_config"]
     old = (tuple(cfg["channels"]), cfg["hidden_dim"])
     new = (tuple(args.channels or old[0]), args.hidden or old[1])
     return "" if new == old else (f", grown from channels {old[0][0]}/{old[0][1]}, GRU {old[1]} to "
@@ -265,11 +268,12 @@ def load_state(out: Path, args) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
     init = None if args.from_scratch else Path(args.init_from).resolve()
-    build, log = lineage(init, Path(args.log))
+    ckpt = load_checkpoint(init) if init else None
+    build, log = lineage(init, ckpt, Path(args.log))
     # The curve is the lineage of the starting checkpoint: rounds of its run after it were not kept.
     history = [r for r in read_log(log)
                if not (r["run"] == build.get("run") and int(r["round"]) > int(build.get("round", 0)))]
-    started = list(build.get("started_from", [])) + [f"{describe(init)}{grown(init, args)} (at "
+    started = list(build.get("started_from", [])) + [f"{describe(init)}{grown(ckpt, args)} (at "
                                                      f"{float(build.get('hours', 0.0)):.2f} h)"]
     state = {"run": time.strftime("%Y%m%d-%H%M%S"), "init": str(init) if init else None, "started_from": started,
              "font_packages": sorted({*build.get("font_packages", []), *font_packages()}),
@@ -298,9 +302,7 @@ def describe(init: Path | None) -> str:
 
 
 def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
 
 
 def save_state(out: Path, state: dict) -> None:

@@ -2,7 +2,7 @@
 each as its compiled package (what `captcha_fast.load` serves), interleaved in one process.
 
     python tools/model_cost.py --images ../shared/data/captcha_images_v2 \\
-        narrow=captcha_fast/pretrained/default.ckpt h192=runs/build_h192/best/last.ckpt
+        narrow=runs/build/round_0039/last.ckpt h192=captcha_fast/pretrained/default.ckpt
     python tools/model_cost.py --images DIR narrow=CKPT wider=CKPT:48,96,192
 
 NAME=CKPT times that checkpoint; NAME=CKPT:C1,C2,H times it grown to conv channels C1/C2 and GRU
