@@ -120,6 +120,32 @@ def test_model_cost_prices_a_width_with_the_checkpoints_own_reads(tmp_path):
         model_cost.parse_model(str(path))
 
 
+def test_a_round_is_scored_as_the_mean_of_the_last_rounds_weights(tmp_path):
+    """--average K: round k's candidate holds the mean of rounds k-K+1..k's weights (BatchNorm's running
+    statistics too, counters from round k), over the rounds of OUT with round k's model config only."""
+    from captcha_fast.checkpoint import model_from_checkpoint, save_checkpoint
+    from captcha_fast.model import CRNN, CRNNConfig
+    from conftest import TINY_CHARSET, tiny_model
+
+    models = {1: CRNN(CRNNConfig(TINY_CHARSET, channels=(8, 16), hidden_dim=16))}  # another width: not averaged
+    for k in (2, 3, 4):
+        models[k] = tiny_model(seed=k)
+        for name, buf in models[k].named_buffers():
+            buf.copy_(torch.rand_like(buf.float()).to(buf.dtype) if buf.is_floating_point() else torch.tensor(10 * k))
+    for k, m in models.items():
+        save_checkpoint({"model": m.state_dict(), "model_config": m.config.to_dict(), "epoch": k},
+                        tmp_path / f"round_{k:04d}" / "last.ckpt")
+    assert any("running_mean" in name for name in models[4].state_dict())
+    for n, rounds in ((2, (3, 4)), (5, (2, 3, 4)), (1, (4,))):
+        ckpt, averaged = build_pretrained.average_rounds(tmp_path, 4, n)
+        assert averaged == len(rounds) and ckpt["epoch"] == 4
+        for name, got in ckpt["model"].items():
+            parts = [models[k].state_dict()[name] for k in rounds]
+            want = torch.stack(parts).double().mean(0).to(got.dtype) if got.is_floating_point() else parts[-1]
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=name)
+        model_from_checkpoint(ckpt)  # loads as a model of round 4's config
+
+
 def test_a_build_grown_from_another_builds_round_continues_its_hours_log_and_streams(tmp_path):
     """--init-from OUT/round_K/last.ckpt (a checkpoint without a build entry): the new build inherits
     round K's build.json (hours, data streams, draws) and OUT's log up to round K."""

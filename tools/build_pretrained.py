@@ -23,9 +23,13 @@ all of it. Labels are case-folded: the charset is 0-9a-z.
 Held-out evaluation after each round (images never trained on; case ignored): the validation splits
 of v2, varlen and every real set, the `captcha` package at 160x60 / 200x50 / 280x90 (render seed
 12345, as tools/accuracy_table.py), images with no text (uniform, gradient, noise; another seed)
-which must read "", and the unseen real sets (whole, never trained on). The round's score is the mean
-accuracy over all of these but the unseen sets (kept clean as the unseen-style check); the best round
-is kept in OUT/best/. A row per round goes to OUT/build_log.csv; --install copies OUT/best into
+which must read "", and the unseen real sets (whole, never trained on). What is scored after round k
+is the average of the weights of rounds k-K+1..k (--average K, default 5; fewer while fewer rounds of
+this model are in OUT): consecutive rounds lie in one basin (each starts from the last one's
+weights and anneals), and their mean reads better than any one of them (measured on rounds 9-15 of
+the GRU-192 build: score 0.894 against 0.876-0.887 per round, unseen 61.0% against 56.3-60.7%). The
+next round still starts from round k's own weights. The score is the mean accuracy over all of these
+but the unseen sets (kept clean as the unseen-style check); the best is kept in OUT/best/. A row per round goes to OUT/build_log.csv; --install copies OUT/best into
 captcha_fast/pretrained/ (or --install-dir), the log into docs/build_log.csv, plots docs/build_curve.png
 and writes the model card.
 
@@ -82,7 +86,8 @@ SYNTH_LENGTHS = (3, 8)
 DEFAULT_SHARES = "synth=0.56,real=0.20,varlen=0.14,v2=0.06,blank=0.04"
 LOG_NAME = "build_log.csv"
 ROUND_BUILD = "build.json"  # a round's build entry, beside its last.ckpt
-LOG_KEYS = ["run", "round", "hours", "round_hours", "render_hours", "eval_hours", "images", "score", "unseen"]
+LOG_KEYS = ["run", "round", "hours", "round_hours", "render_hours", "eval_hours", "images", "averaged", "score",
+            "unseen"]
 
 
 # ---------------------------------------------------------------------------- data
@@ -382,12 +387,34 @@ def score_start(out: Path, state: dict, sets: dict) -> None:
     print(f"start ({state['init']}): score {acc['score']:.4f}, unseen {acc['unseen']:.4f}", flush=True)
 
 
-def finish_round(out: Path, folder: Path, state: dict, hours: float, sets: dict) -> dict:
-    """Export and score the round, append its log row, keep it in OUT/best if it is the best."""
+def average_rounds(out: Path, k: int, n: int) -> tuple:
+    """(checkpoint, rounds): round k's last.ckpt with its weights replaced by the mean over rounds
+    k-n+1..k of OUT that hold a last.ckpt of the same model_config (round k at least). Floating-point
+    tensors, BatchNorm's running statistics among them, are averaged in float64; counters are round k's."""
+    ckpt = load_checkpoint(out / f"round_{k:04d}" / "last.ckpt")
+    states = [ckpt["model"]]
+    for j in range(k - 1, k - n, -1):
+        path = out / f"round_{j:04d}" / "last.ckpt"
+        if not path.is_file():
+            break
+        other = load_checkpoint(path)
+        if other["model_config"] != ckpt["model_config"]:
+            break
+        states.append(other["model"])
+    mean = {name: (sum(s[name].double() for s in states) / len(states)).to(t.dtype) if t.is_floating_point() else t
+            for name, t in ckpt["model"].items()}
+    return {**ckpt, "model": mean}, len(states)
+
+
+def finish_round(out: Path, folder: Path, state: dict, hours: float, sets: dict, average: int) -> dict:
+    """Score the average of the last `average` rounds' weights, append the log row, keep it in OUT/best if it is
+    the best."""
     plan = json.loads((folder / "plan.json").read_text())
     model_pt = folder / "model.pt"
-    acc = score_checkpoint(folder / "last.ckpt", model_pt, sets, state)
     k = state["next_round"]
+    ckpt, averaged = average_rounds(out, k, average)
+    save_checkpoint(ckpt, folder / "average.ckpt")
+    acc = score_checkpoint(folder / "average.ckpt", model_pt, sets, state)
     state["hours"] += hours
     state["render_hours"] += plan["render_hours"]
     state["synth_next"] = plan["synth_start"] + plan["counts"]["synth"]
@@ -400,7 +427,7 @@ def finish_round(out: Path, folder: Path, state: dict, hours: float, sets: dict)
             state[f"synth_{key}"][name] = state[f"synth_{key}"].get(name, 0) + n
     row = {"run": state["run"], "round": k, "hours": f"{state['hours']:.4f}", "round_hours": f"{hours:.4f}",
            "render_hours": f"{state['render_hours']:.4f}", "eval_hours": f"{state['eval_hours']:.4f}",
-           "images": sum(plan["counts"].values()) * int(load_checkpoint(folder / "last.ckpt")["epoch"] + 1),
+           "images": sum(plan["counts"].values()) * int(ckpt["epoch"] + 1), "averaged": averaged,
            **{name: f"{v:.4f}" for name, v in acc.items()}}
     log = read_log(out / LOG_NAME) + [row]
     write_log(out / LOG_NAME, log)
@@ -409,7 +436,6 @@ def finish_round(out: Path, folder: Path, state: dict, hours: float, sets: dict)
         best = out / "best"
         best.mkdir(exist_ok=True)
         shutil.copy(model_pt, best / "default.pt")
-        ckpt = load_checkpoint(folder / "last.ckpt")
         keep = {key: ckpt[key] for key in ("model", "model_config", "charset", "epoch")}
         save_checkpoint({**keep, "best": ckpt["metrics"][-1], "build": build_entry(state, row)}, best / "default.ckpt")
         state["best"] = {"round": k, "score": acc["score"], "row": row}
@@ -423,6 +449,7 @@ def finish_round(out: Path, folder: Path, state: dict, hours: float, sets: dict)
 def build_entry(state: dict, row: dict) -> dict:
     """What default.ckpt carries about its build: where the next session continues, and the card's facts."""
     return {"hours": state["hours"], "round": row["round"], "run": state["run"], "synth_next": state["synth_next"],
+            "averaged": int(row.get("averaged") or 1),
             "draws": state["draws"], "offsets": state["offsets"], "synth_styles": state["synth_styles"],
             "synth_effects": state["synth_effects"],
             "started_from": state["started_from"], "font_packages": state["font_packages"],
@@ -492,7 +519,7 @@ def write_model_card(target: Path, ckpt: dict, args) -> None:
          f"- Input: {'the ink map cropped to the text (preprocess.to_ink)' if cfg.get('ink') else 'grey'}, "
          f"height {cfg['height']}. Output: 0-9a-z (labels were case-folded; upper case reads as lower case).",
          f"- Training: {b['hours']:.2f} training hours (CPU time of one core) in rounds of a one-cycle schedule "
-         f"(AdamW, CTC), up to build round {b['round']} (run {b['run']}); started from: "
+         f"(AdamW, CTC), up to build round {b['round']} (run {b['run']}){averaged_text(b)}; started from: "
          f"{'; then '.join(b['started_from'])}. The held-out accuracy against training hours is "
          "docs/build_curve.png (docs/build_log.csv).", "",
          "## Training data", "",
@@ -551,9 +578,14 @@ def write_model_card(target: Path, ckpt: dict, args) -> None:
             title = (f"{real_name} ({r.get('repository', '?')}), "
                      f"{'unseen: whole set' if name.startswith('unseen_') else 'val split'}")
         L.append(f"| {title} | {sizes.get(name, '')} | {100 * v:.1f}% |")
-    L += [f"| mean of the above but the unseen sets (what picks the shipped round) | | {100 * acc['score']:.1f}% |",
+    L += [f"| mean of the above but the unseen sets (what picks the shipped weights) | | {100 * acc['score']:.1f}% |",
           f"| mean of the unseen real styles | | {100 * acc['unseen']:.1f}% |", ""]
     (target / "MODEL_CARD.md").write_text("\n".join(L))
+
+
+def averaged_text(build: dict) -> str:
+    n = build.get("averaged", 1)
+    return f"; the weights are the mean of rounds {build['round'] - n + 1}-{build['round']} (--average)" if n > 1 else ""
 
 
 def plot_log(rows: list, path: Path) -> None:
@@ -576,7 +608,7 @@ def plot_log(rows: list, path: Path) -> None:
         if not pts:
             continue
         if name in ("score", "unseen"):
-            label = {"score": "mean (picks the round)", "unseen": "unseen real styles (mean)"}[name]
+            label = {"score": "mean (picks what ships)", "unseen": "unseen real styles (mean)"}[name]
             ax.plot(*zip(*pts), "k-" if name == "score" else "k--", label=label, lw=2)
         else:
             ax.plot(*zip(*pts), ".-", color=colours[2 * i % 20 + (2 * i // 20) % 2], label=name, lw=1, ms=3)
@@ -610,11 +642,12 @@ def main(argv=None) -> None:
     p.add_argument("--channels", type=int, nargs=2, metavar=("C1", "C2"), default=None,
                    help="conv widths (default: the start model's); wider than --init-from's grows it (model.widen)")
     p.add_argument("--hidden", type=int, default=None, help="GRU size (default: the start model's); as --channels")
+    p.add_argument("--average", type=int, default=5, help="score (and ship) the mean weights of the last K rounds")
     p.add_argument("--eval-n", type=int, default=300, help="images per held-out set")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--log", default=str(ROOT / "docs" / LOG_NAME), help="the committed build log (history; "
                                                                          "--install writes it)")
-    p.add_argument("--install", action="store_true", help="copy the best round into --install-dir at the end")
+    p.add_argument("--install", action="store_true", help="copy the best scored weights into --install-dir at the end")
     p.add_argument("--install-dir", type=Path, default=PRETRAINED_CHECKPOINT.parent)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -647,7 +680,7 @@ def main(argv=None) -> None:
             sets = held_out_sets(args.data, args.real, args.eval_n)
             state["eval_sizes"] = {name: len(labels) for name, (_, labels, _) in sets.items()}
             state["eval_hours"] += (time.process_time() - t0) / 3600
-        row = finish_round(out, folder, state, hours, sets)
+        row = finish_round(out, folder, state, hours, sets, args.average)
         spent += hours
         print(f"round {k}: {hours:.3f} h (total {state['hours']:.3f} h): score {float(row['score']):.4f}, unseen "
               f"{float(row['unseen']):.4f} | " + " ".join(f"{k2} {float(v):.3f}" for k2, v in row.items()
