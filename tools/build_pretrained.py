@@ -615,6 +615,9 @@ def plot_log(rows: list, path: Path) -> None:
     starts = [h for h, r, prev in zip(hours[1:], rows[1:], rows) if r["run"] != prev["run"]]
     for i, h in enumerate(starts):  # a later run continues from a round (the card's started_from says how)
         ax.axvline(h, color="grey", ls=":", lw=1, label="a run continues (started_from)" if i == 0 else None)
+    averaged = [h for h, r in zip(hours, rows) if int(r.get("averaged") or 1) > 1]
+    if averaged:  # from here on a point is the mean of the last rounds' weights
+        ax.axvline(averaged[0], color="grey", ls="-.", lw=1, label="scored as the mean of the last rounds (--average)")
     ax.set_xlabel("training hours (CPU time, one core)")
     ax.set_ylabel("held-out accuracy (%, case ignored)")
     ax.set_ylim(0, 100)
