@@ -29,9 +29,9 @@ this model are in OUT): consecutive rounds lie in one basin (each starts from th
 weights and anneals), and their mean reads better than any one of them (measured on rounds 9-15 of
 the GRU-192 build: score 0.894 against 0.876-0.887 per round, unseen 61.0% against 56.3-60.7%). The
 next round still starts from round k's own weights. The score is the mean accuracy over all of these
-but the unseen sets (kept clean as the unseen-style check); the best is kept in OUT/best/. A row per round goes to OUT/build_log.csv; --install copies OUT/best into
-captcha_fast/pretrained/ (or --install-dir), the log into docs/build_log.csv, plots docs/build_curve.png
-and writes the model card.
+but the unseen sets (kept clean as the unseen-style check); the best is kept in OUT/best/. A row per
+round goes to OUT/build_log.csv; --install copies OUT/best into captcha_fast/pretrained/ (or
+--install-dir), the log into docs/build_log.csv, plots docs/build_curve.png and writes the model card.
 
 Hours. The budget and the curve count training hours as the CPU time (time.process_time) of the
 train() calls, setup and per-epoch bookkeeping included; rendering and held-out evaluation are
