@@ -356,7 +356,6 @@ def test_a_taken_port_fails_at_once_by_name(tiny_model_path, capsys):
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
-
 @needs_serve
 def test_a_small_batch_leaves_a_core_to_the_event_loop(tiny_model_path, blobs, monkeypatch):
     """Batcher._read runs a batch under SMALL_BATCH images on one thread fewer than predict_batch

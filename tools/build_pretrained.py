@@ -70,7 +70,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
 import captcha_fast  # noqa: E402
 from captcha_fast import synth  # noqa: E402
-from captcha_fast.checkpoint import PRETRAINED_CHECKPOINT, load_checkpoint, load_model, save_checkpoint  # noqa: E402
+from captcha_fast.checkpoint import (  # noqa: E402
+    PRETRAINED_CHECKPOINT, load_checkpoint, load_model, model_from_checkpoint, save_checkpoint)
 from captcha_fast.data import list_samples, read_manifest, split_samples  # noqa: E402
 from captcha_fast.export import save_recognizer  # noqa: E402
 from captcha_fast.files import atomic_write  # noqa: E402
@@ -364,11 +365,12 @@ def train_round(folder: Path, init: str | None, args) -> float:
     return done[str(args.epochs_per_round)]
 
 
-def score_checkpoint(ckpt: Path, model_pt: Path, sets: dict, state: dict) -> dict:
-    """Export `ckpt` as the recognizer `model_pt` and score it on the held-out sets (eval hours counted)."""
+def score_checkpoint(ckpt: dict, model_pt: Path, sets: dict, state: dict) -> dict:
+    """Export the loaded checkpoint `ckpt` as the recognizer `model_pt` and score it on the held-out sets (eval
+    hours counted)."""
     t0 = time.process_time()
     model_pt.parent.mkdir(parents=True, exist_ok=True)
-    save_recognizer(load_model(ckpt), model_pt)
+    save_recognizer(model_from_checkpoint(ckpt), model_pt)
     acc = evaluate(model_pt, sets)
     state["eval_hours"] += (time.process_time() - t0) / 3600
     return acc
@@ -376,7 +378,7 @@ def score_checkpoint(ckpt: Path, model_pt: Path, sets: dict, state: dict) -> dic
 
 def score_start(out: Path, state: dict, sets: dict) -> None:
     """Round 0: the checkpoint a new OUT starts from, scored once, so the curve has its starting point."""
-    acc = score_checkpoint(Path(state["init"]), out / "round_0000" / "model.pt", sets, state)
+    acc = score_checkpoint(load_checkpoint(state["init"]), out / "round_0000" / "model.pt", sets, state)
     row = {"run": state["run"], "round": state["next_round"] - 1, "hours": f"{state['hours']:.4f}",
            "round_hours": "0", "render_hours": "0", "eval_hours": f"{state['eval_hours']:.4f}", "images": 0,
            **{name: f"{v:.4f}" for name, v in acc.items()}}
@@ -413,8 +415,7 @@ def finish_round(out: Path, folder: Path, state: dict, hours: float, sets: dict,
     model_pt = folder / "model.pt"
     k = state["next_round"]
     ckpt, averaged = average_rounds(out, k, average)
-    save_checkpoint(ckpt, folder / "average.ckpt")
-    acc = score_checkpoint(folder / "average.ckpt", model_pt, sets, state)
+    acc = score_checkpoint(ckpt, model_pt, sets, state)
     state["hours"] += hours
     state["render_hours"] += plan["render_hours"]
     state["synth_next"] = plan["synth_start"] + plan["counts"]["synth"]
@@ -503,8 +504,6 @@ SHARED = {"v2": "captcha_images_v2", "varlen": "varlen_upper"}
 def write_model_card(target: Path, ckpt: dict, args) -> None:
     """MODEL_CARD.md beside the weights, from the build entry of the installed checkpoint and the real
     sets' sets.json: every source with its provenance and use, the synthetic styles, the held-out scores."""
-    from captcha_fast.checkpoint import model_from_checkpoint
-
     b, cfg = ckpt["build"], ckpt["model_config"]
     params = sum(p.numel() for p in model_from_checkpoint(ckpt).parameters())
     size = (target / "default.pt").stat().st_size / 2 ** 20
@@ -584,8 +583,8 @@ def write_model_card(target: Path, ckpt: dict, args) -> None:
 
 
 def averaged_text(build: dict) -> str:
-    n = build.get("averaged", 1)
-    return f"; the weights are the mean of rounds {build['round'] - n + 1}-{build['round']} (--average)" if n > 1 else ""
+    n, k = build.get("averaged", 1), build["round"]
+    return f"; the weights are the mean of rounds {k - n + 1}-{k} (--average)" if n > 1 else ""
 
 
 def plot_log(rows: list, path: Path) -> None:
