@@ -205,7 +205,7 @@ GREEDY: Dict[str, Decoder] = {
                              lambda x, k: decode.greedy_decode(x.log_probs, x.lengths, _charset(x)),
                              list),
 }
-# The beam rows' defaults include the best-path certificate (certify=True); the reference row,
+# The beam rows' defaults include the best-label certificate (certify=True); the reference row,
 # EXACT, searches every sequence (certify=False), so the checks compare against the search itself.
 BEAM: Dict[str, Decoder] = {
     "cpp_beam_pruned_strings": Decoder(

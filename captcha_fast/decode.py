@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from captcha_fast.charset import Charset
-from captcha_fast.recognizer import BLANK_SKIP_THRESHOLD, TOKEN_MIN_LOGP, allowed_tokens, decode_log_probs
+from captcha_fast.recognizer import (BLANK_SKIP_THRESHOLD, TOKEN_MIN_LOGP, allowed_tokens, check_decode_args,
+                                     decode_log_probs)
 
 __all__ = ["Hypothesis", "greedy_decode", "beam_search", "allowed_mask", "TOKEN_MIN_LOGP", "BLANK_SKIP_THRESHOLD"]
 
@@ -26,7 +27,7 @@ class Hypothesis(NamedTuple):
     score: float
     """Its log-probability. Greedy decoding: the best path's. Beam search: the
     label's, summed over the alignments the beam kept; over all of them (the
-    CTC forward algorithm, log P(label)) when the best-path certificate answered."""
+    CTC forward algorithm, log P(label)) when the certificate answered."""
     confidence: float = float("nan")
     """The probability that it is right, in [0, 1] (captcha_fast.confidence): predict_batch maps the
     score through the model's calibration (without one: exp(score), the model's own belief);
@@ -84,15 +85,21 @@ def beam_search(
     label length (captchas often have a known one); `allowed` restricts the
     symbols (e.g. "0123456789" for a meter reading).
 
-    Best-path certificate (top_k = 1): when the greedy path alone holds more than
-    half of all the probability, its label is provably the exact search's top-1
-    at any beam width (and the most probable label), so it is returned without
-    searching, with score log P(label) over all alignments. Proof and rounding
-    margin: csrc/ctc_decode.h; most confident model outputs take this path."""
+    Certificate (top_k = 1): when the greedy label's alignments, followed only
+    through prefixes this beam provably keeps (each holding more than
+    1 / (beam_width + 1) of all the probability), end with more than half of it,
+    the label is provably the exact search's top-1 at this beam width (and the
+    most probable label), so it is returned without searching, with score
+    log P(label) over all alignments. Proof and rounding margin:
+    csrc/ctc_decode.h; most confident model outputs take this path."""
     symbols = _symbols(charset)
     mask = None if allowed is None else allowed_mask(charset, allowed, log_probs.device)
+    max_len = -1 if max_length is None else max_length
+    if top_k == 1 and not return_scores:  # one string per sequence: no list each to build and take apart
+        check_decode_args("beam", beam_width, 1, min_length, max_len, mask is not None)
+        return torch.ops.captcha_fast.ctc_beam_search_labels(log_probs, input_lengths, symbols, beam_width, 0,
+                                                             token_min_logp, blank_skip_threshold, min_length,
+                                                             max_len, mask)[0]
     texts, scores = decode_log_probs(log_probs, input_lengths, symbols, "beam", beam_width, top_k, token_min_logp,
-                                     blank_skip_threshold, min_length, -1 if max_length is None else max_length, mask)
-    if top_k == 1 and not return_scores:
-        return [t[0] for t in texts]
+                                     blank_skip_threshold, min_length, max_len, mask)
     return to_hypotheses(texts, scores)

@@ -226,20 +226,39 @@ DecodedTexts greedy_strings(const at::Tensor& log_probs, const at::Tensor& input
   return to_texts({tokens.unsqueeze(1), lengths.unsqueeze(1), scores.unsqueeze(1)}, input_lengths, T, symbols, op);
 }
 
-// One string per sequence, as Python's greedy_decode returns them: a str[] converts to a Python
-// list in half the work of str[][] (no list per sequence) and builds in one allocation per string.
+// One string per sequence (top-1), as Python's greedy_decode and beam_search return them: a str[]
+// converts to a Python list in half the work of str[][] (no list per sequence) and builds in one
+// allocation per string.
+std::tuple<c10::List<std::string>, at::Tensor> to_labels(const Decoded& decoded, const at::Tensor& input_lengths,
+                                                         int64_t T, const Symbols& symbols, const char* op) {
+  const auto [tokens, lengths, scores] = to_host(decoded, input_lengths, T, op);
+  std::vector<std::string> strings = label_strings(tokens, lengths, symbols);
+  c10::List<std::string> labels;
+  labels.reserve(static_cast<int64_t>(strings.size()));
+  for (std::string& s : strings) labels.push_back(std::move(s));
+  return {std::move(labels), scores.reshape({-1})};
+}
+
 std::tuple<c10::List<std::string>, at::Tensor> greedy_labels(const at::Tensor& log_probs,
                                                             const at::Tensor& input_lengths,
                                                             const c10::List<std::string>& charset, int64_t blank) {
   const char* op = "ctc_greedy_decode";
   const auto [T, N, C] = check_decode_inputs(log_probs, input_lengths, blank, op);
   const Symbols symbols(charset, C, blank, "ctc_greedy_decode_labels");
-  const auto [tokens, lengths, scores] = to_host(greedy_tokens(log_probs, input_lengths, blank), input_lengths, T, op);
-  std::vector<std::string> strings = label_strings(tokens, lengths, symbols);
-  c10::List<std::string> labels;
-  labels.reserve(N);
-  for (std::string& s : strings) labels.push_back(std::move(s));
-  return {std::move(labels), scores};
+  return to_labels(greedy_tokens(log_probs, input_lengths, blank), input_lengths, T, symbols, op);
+}
+
+Decoded beam_tokens(const at::Tensor& log_probs, const at::Tensor& input_lengths, int64_t beam_width, int64_t top_k,
+                    int64_t blank, c10::optional<double> token_min_logp, c10::optional<double> blank_skip_threshold,
+                    int64_t min_length, int64_t max_length, const c10::optional<at::Tensor>& allowed_tokens,
+                    bool certify) {
+  static const auto beam = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("captcha_fast::ctc_beam_search", "")
+                               .typed<Decoded(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,
+                                              c10::optional<double>, c10::optional<double>, int64_t, int64_t,
+                                              const c10::optional<at::Tensor>&, bool)>();
+  return beam.call(log_probs, input_lengths, beam_width, top_k, blank, token_min_logp, blank_skip_threshold,
+                   min_length, max_length, allowed_tokens, certify);
 }
 
 DecodedTexts beam_search_strings(const at::Tensor& log_probs, const at::Tensor& input_lengths,
@@ -250,14 +269,21 @@ DecodedTexts beam_search_strings(const at::Tensor& log_probs, const at::Tensor& 
   const char* op = "ctc_beam_search";
   const auto [T, N, C] = check_decode_inputs(log_probs, input_lengths, blank, op);
   const Symbols symbols(charset, C, blank, "ctc_beam_search_strings");
-  static const auto beam = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("captcha_fast::ctc_beam_search", "")
-                               .typed<Decoded(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,
-                                              c10::optional<double>, c10::optional<double>, int64_t, int64_t,
-                                              const c10::optional<at::Tensor>&, bool)>();
-  const Decoded decoded = beam.call(log_probs, input_lengths, beam_width, top_k, blank, token_min_logp,
-                                    blank_skip_threshold, min_length, max_length, allowed_tokens, certify);
-  return to_texts(decoded, input_lengths, T, symbols, op);
+  return to_texts(beam_tokens(log_probs, input_lengths, beam_width, top_k, blank, token_min_logp, blank_skip_threshold,
+                              min_length, max_length, allowed_tokens, certify),
+                  input_lengths, T, symbols, op);
+}
+
+std::tuple<c10::List<std::string>, at::Tensor> beam_search_labels(
+    const at::Tensor& log_probs, const at::Tensor& input_lengths, const c10::List<std::string>& charset,
+    int64_t beam_width, int64_t blank, c10::optional<double> token_min_logp, c10::optional<double> blank_skip_threshold,
+    int64_t min_length, int64_t max_length, const c10::optional<at::Tensor>& allowed_tokens, bool certify) {
+  const char* op = "ctc_beam_search";
+  const auto [T, N, C] = check_decode_inputs(log_probs, input_lengths, blank, op);
+  const Symbols symbols(charset, C, blank, "ctc_beam_search_labels");
+  return to_labels(beam_tokens(log_probs, input_lengths, beam_width, 1, blank, token_min_logp, blank_skip_threshold,
+                               min_length, max_length, allowed_tokens, certify),
+                   input_lengths, T, symbols, op);
 }
 
 }  // namespace
@@ -292,12 +318,13 @@ TORCH_LIBRARY(captcha_fast, m) {
   //   blank probability is >= it are applied as blank-only; None = exact),
   //   min_length/max_length (label length bounds; -1 = no maximum),
   //   allowed_tokens (bool mask over classes).
-  // certify (top_k = 1 only): a sequence whose greedy path holds more than half
-  //   of all the probability (with a rounding margin) is answered without
-  //   searching: that path's label is provably the exact search's top-1 at any
-  //   beam width and the most probable label (proof: csrc/ctc_decode.h, "The
-  //   best-path certificate"); its score is then log P(label) over all its
-  //   alignments (the CTC forward algorithm). False: always search.
+  // certify (top_k = 1 only): a sequence whose greedy label keeps more than half
+  //   of all the probability through prefixes the beam provably keeps (with a
+  //   rounding margin) is answered without searching: that label is provably
+  //   the exact search's top-1 at this beam width and the most probable label
+  //   (proof: csrc/ctc_decode.h, "The best-label certificate"); its score is then
+  //   log P(label) over all its alignments (the CTC forward algorithm). False:
+  //   always search.
   // Sizes: its workspace (a trie of up to 1 + T x beam_width prefixes) may
   //   take at most kBeamWorkspaceLimit = 4 GiB per sequence (T x beam_width
   //   up to about 120 million); larger work is refused before allocating.
@@ -324,6 +351,12 @@ TORCH_LIBRARY(captcha_fast, m) {
       "ctc_beam_search_strings(Tensor log_probs, Tensor input_lengths, str[] charset, int beam_width=10, "
       "int top_k=1, int blank=0, float? token_min_logp=None, float? blank_skip_threshold=None, int min_length=0, "
       "int max_length=-1, Tensor? allowed_tokens=None, bool certify=True) -> (str[][] texts, Tensor scores)");
+  // ctc_beam_search_labels: the beam search's top-1 as one string per sequence and scores (N,):
+  // ctc_beam_search_strings with top_k = 1 without the list per sequence (Python's beam_search).
+  m.def(
+      "ctc_beam_search_labels(Tensor log_probs, Tensor input_lengths, str[] charset, int beam_width=10, "
+      "int blank=0, float? token_min_logp=None, float? blank_skip_threshold=None, int min_length=0, "
+      "int max_length=-1, Tensor? allowed_tokens=None, bool certify=True) -> (str[] labels, Tensor scores)");
   m.def("_build_info() -> str", &build_info);
 }
 
@@ -331,6 +364,7 @@ TORCH_LIBRARY_IMPL(captcha_fast, CompositeExplicitAutograd, m) {
   m.impl("ctc_greedy_decode_strings", &greedy_strings);
   m.impl("ctc_greedy_decode_labels", &greedy_labels);
   m.impl("ctc_beam_search_strings", &beam_search_strings);
+  m.impl("ctc_beam_search_labels", &beam_search_labels);
 }
 
 }  // namespace captcha_fast

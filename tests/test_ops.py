@@ -1,4 +1,5 @@
 """The C++ ops against the pure-Python references (captcha_fast._reference)."""
+import functools
 import math
 
 import pytest
@@ -428,20 +429,81 @@ def test_torchscript_calls_the_strings_ops():
     assert want[3] == [t[0] for t in want[2]]
 
 
-# ---------------------------------------------------------------------------- the best-path certificate
-# csrc/ctc_decode.h: when the greedy path pi holds more than half of all the probability,
-# prod_t sum_c p_t(c) / p_t(pi_t) < 2 (with a margin of 4e-6 per frame), and its label meets the
-# constraints, the op returns that label without searching: provably the search's top-1 at any
-# beam width, with score log P(label) over all alignments. Checked here against the search itself
-# (certify=False) and torch's CTC forward algorithm, independently of the C++ test of (1).
+# ---------------------------------------------------------------------------- the top-label certificate
+# csrc/ctc_decode.h: a label l is returned without searching when S(l), the CTC forward recursion over
+# l's prefixes run only through prefixes holding more than Z_{1:t} / (K + 1) (which the search provably
+# keeps), exceeds the probability of every rival (the greedy label and the labels of the greedy path
+# flipped to the second-best class at its 3 least sure frames) and all the mass the rivals leave:
+# provably the exact search's top-1 for beam width K, with score log P(l) over all alignments.
+# Checked here against the search itself (certify=False) and torch's CTC forward algorithm, with the
+# certificate recomputed in float64.
 
 CERT_SLACK = 4e-6  # kCertSlackPerFrame
+CERT_RIVALS = 3  # kCertRivals
 
 
 def path_ratio(frames: torch.Tensor) -> float:
     """prod_t sum_c p_t(c) / max_c p_t(c) for (T, C) log-probs, in float64."""
     x = frames.double()
     return math.exp(float((x - x.max(-1, keepdim=True).values).logsumexp(-1).sum())) if len(x) else 1.0
+
+
+def chain_mass(frames: torch.Tensor, label, blank: int, K: int, min_len: int, factor: float = 1.0) -> float:
+    """S(label) / Z in float64, every bar Z_{1:t} / (K + 1) multiplied by `factor` (> 1: harder to keep)."""
+    x = frames.double()
+    T, L = len(x), len(label)
+    e = (x - x.max(-1, keepdim=True).values).exp()
+    g = torch.zeros(L + 1, 2, dtype=torch.float64)  # (pb, pnb) per prefix, relative to prod max
+    g[0, 0] = 1.0
+    z = 1.0
+    for t in range(T):
+        z *= float(e[t].sum())
+        new = torch.zeros_like(g)
+        new[:, 0] = g.sum(1) * e[t, blank]
+        for j in range(1, L + 1):
+            c = label[j - 1]
+            source = g[j - 1, 0] if j >= 2 and label[j - 2] == c else g[j - 1].sum()
+            new[j, 1] = (g[j, 1] + source) * e[t, c]
+        need = max(min_len, L) - (T - t - 1)
+        keep = (new.sum(1) > factor * z / (K + 1)) & (torch.arange(L + 1) >= need)
+        g = new * keep[:, None]
+    return float(g[L].sum()) / z
+
+
+def chain_holds(frames: torch.Tensor, label, blank: int, K: int, min_len: int, factor: float) -> bool:
+    """S(label) > Z / 2 with every bar multiplied by `factor`: the certificate with no rival needed."""
+    return chain_mass(frames, label, blank, K, min_len, factor) > factor / 2
+
+
+def certified_label(frames: torch.Tensor, blank: int, K: int, min_len: int, max_len: int, allowed, factor: float):
+    """The label the certificate proves (None: none), in float64, with every lower bound divided by
+    `factor` and every upper bound multiplied by it (> 1: harder to pass)."""
+    def meets(label):
+        return (min_len <= len(label) and (max_len < 0 or len(label) <= max_len)
+                and (allowed is None or all(allowed[c] for c in label)))
+
+    greedy = greedy_label(frames, blank)
+    if len(frames) < min_len or not meets(greedy):
+        return None
+    total = math.exp(float(frames.double().logsumexp(-1).sum()))  # Z
+    rivals = {greedy: math.exp(label_log_prob(frames, greedy, blank)) / total}
+    top2 = frames.float().topk(2, -1) if frames.shape[1] > 1 else None
+    if top2 is not None:
+        gaps = (top2.values[:, 1] - top2.values[:, 0]).tolist()
+        path = frames.float().argmax(-1).tolist()  # first index of the maximum, as the op
+        doubt = sorted((t for t in range(len(frames)) if gaps[t] > -20), key=lambda t: -gaps[t])[:CERT_RIVALS]
+        for t in doubt:
+            second = next(c for c in range(frames.shape[1]) if c != path[t] and frames[t, c] == top2.values[t, 1])
+            flipped = greedy_decode_reference([[1.0 if c == (second if u == t else path[u]) else 0.0
+                                                for c in range(frames.shape[1])] for u in range(len(frames))], blank)[0]
+            rivals.setdefault(flipped, math.exp(label_log_prob(frames, flipped, blank)) / total)
+    best = max(rivals, key=rivals.get)  # the first of the most probable (greedy first)
+    if not meets(best):
+        return None
+    lower = chain_mass(frames, best, blank, K, min_len, factor) / factor
+    rest = 1.0 * factor - sum(rivals.values()) / factor
+    others = max((p for r, p in rivals.items() if r != best), default=0.0) * factor
+    return best if lower > max(others, rest) else None
 
 
 def greedy_label(frames: torch.Tensor, blank: int):
@@ -488,8 +550,7 @@ def test_certificate_returns_the_search_top1(seed, T, N, C, K, kind, options, da
         lp = near_half_log_probs(T, N, C, blank, g)
     else:
         lp = random_log_probs(T, N, C, peaky=kind == "peaky", blank=blank, generator=g)
-    unnormalised = data.draw(st.booleans(), label="unnormalised")
-    if unnormalised:  # a constant per frame changes no ratio in (1)
+    if data.draw(st.booleans(), label="unnormalised"):  # a constant per frame changes no ratio of the chain
         lp = lp + torch.randn(T, N, 1, generator=g) * 3
     lens = torch.randint(0, T + 1, (N,), generator=g)
     got = beam_cpp(lp, lens, K, top_k, blank, certify=True, **options)
@@ -501,22 +562,19 @@ def test_certificate_returns_the_search_top1(seed, T, N, C, K, kind, options, da
             assert got[n] == search[n]
             continue
         frames = lp[: lens[n], n]
-        label = greedy_label(frames, blank)
-        allowed = options.get("allowed")
-        meets = (options["min_length"] <= len(label) and (options["max_length"] < 0 or len(label) <= options["max_length"])
-                 and (allowed is None or all(allowed[c] for c in label)))
-        bound = 2 * math.exp(-CERT_SLACK * len(frames))
-        ratio = path_ratio(frames)
+        reference = functools.partial(certified_label, frames, blank, K, options["min_length"], options["max_length"],
+                                      options.get("allowed"))
         certified = got[n] != search[n]
-        # (1) holds clearly (the op bounds it within 1%; on frames shifted by constants its first pass
-        # may give up early, which is allowed): the op must certify...
-        if meets and ratio < bound / 1.01 and not unnormalised:
+        sure = reference(1.1)
+        if sure is not None:  # the certificate clearly holds (the op bounds each Z_t within 1%): it must answer...
             certified = True
-        elif not meets or ratio > bound:  # ...(1) fails: the op must search (with the options given)
-            assert got[n] == search[n]
+            assert got[n][0][0] == sure
+        elif reference(0.95) is None:
+            assert got[n] == search[n]  # ...it clearly fails: the op must search (with the options given)
         event("certified" if certified else "searched")
-        if certified:  # the greedy label, which IS the exact search's top-1, with its full probability
-            assert got[n][0][0] == label == exact[n][0][0], (got[n], exact[n])
+        if certified:  # the exact search's top-1, with its full probability
+            label = got[n][0][0]
+            assert label == exact[n][0][0], (got[n], exact[n])
             assert got[n][0][1] == pytest.approx(label_log_prob(frames, label, blank), abs=1e-4, rel=1e-5)
             assert got[n][0][1] >= exact[n][0][1] - 1e-5  # all alignments, not only those the beam kept
 
@@ -540,16 +598,66 @@ def test_certificate_scores_are_label_log_probs_on_model_like_inputs():
 
 def test_a_narrow_beam_can_miss_the_most_probable_label_and_the_certificate_does_not_claim_it():
     # Label (2,) has probability 0.511 > 1/2, but a beam of 3 returns (1, 2): (2,)'s alignments sit
-    # in prefixes "" and "2" that it drops. The greedy path (blank, 2, 2) holds only 0.395, so the
-    # certificate, which tests the path and not the label, leaves this to the search.
+    # in prefixes "" and "2" that it drops. The chain holds only what a beam provably keeps: "" at
+    # frame 1 (0.081) is below Z / (K + 1) for any K <= 11, so (2,) ends with 0.437 < 1/2 and the
+    # certificate leaves this to the search, which a beam of 4 gets right.
     p = torch.tensor([[0.768, 0.23, 0.002], [0.106, 0.322, 0.572], [0.093, 0.007, 0.9]], dtype=torch.float64)
     lp = (p / p.sum(-1, keepdim=True)).log()[:, None, :].float()
     assert math.exp(label_log_prob(lp[:, 0], (2,), 0)) > 0.5 and path_ratio(lp[:, 0]) > 2
+    assert not chain_holds(lp[:, 0], (2,), 0, 3, 0, 1.0) and not chain_holds(lp[:, 0], (2,), 0, 11, 0, 1.0)
     for certify in (True, False):
         [[(label, _)]] = beam_cpp(lp, torch.tensor([3]), 3, 1, certify=certify)
         assert label == (1, 2)
     [[(label, score)]] = beam_cpp(lp, torch.tensor([3]), 4, 1, certify=True)
     assert label == (2,) and score == pytest.approx(math.log(0.51064385), abs=1e-6)
+
+
+def test_the_chain_certifies_where_the_greedy_path_alone_holds_under_half():
+    # A frame split between "a" and a blank (0.45 / 0.55) around a sure "a": the path holds 0.55,
+    # the label "a" 1.0. For K >= 1 the chain keeps "a"'s prefixes (each above Z / 2) and certifies,
+    # where a test on the path alone could not (0.55 * 0.55 < 1/2 with two such frames).
+    p = torch.tensor([[0.45, 0.55], [0.0001, 0.9999], [0.45, 0.55]], dtype=torch.float64)  # class 0: blank
+    lp = (p / p.sum(-1, keepdim=True)).log()[:, None, :].float()
+    assert path_ratio(lp[:, 0]) > 2
+    for K in (1, 3):
+        assert chain_holds(lp[:, 0], (1,), 0, K, 0, 1.05)
+        tokens, lengths, scores = ops.ctc_beam_search(lp, torch.tensor([3]), K, 1, 0, None, None, 0, -1, None, True)
+        search = ops.ctc_beam_search(lp, torch.tensor([3]), K, 1, 0, None, None, 0, -1, None, False)
+        assert tokens[0, 0, : lengths[0, 0]].tolist() == [1] == search[0][0, 0, : search[1][0, 0]].tolist()
+        assert scores[0, 0].item() == pytest.approx(label_log_prob(lp[:, 0], (1,), 0), abs=1e-6)
+
+
+def test_a_rival_label_is_certified_where_the_greedy_label_is_not_the_best():
+    # Two frames each split blank 0.55 / "a" 0.45: the greedy path is blank, blank (label "", 0.3025),
+    # but "a" holds 0.6975. Flipping either frame to its second-best class gives "a": with R = {"", "a"}
+    # holding all the mass, "a" is certified once its prefixes are provably kept: "a" holds 0.45 at
+    # frame 1, above Z / (K + 1) for K >= 2, not for K = 1, where the search itself returns "".
+    p = torch.tensor([[0.55, 0.45], [0.55, 0.45]], dtype=torch.float64)  # class 0: blank
+    lp = p.log()[:, None, :].float()
+    assert certified_label(lp[:, 0], 0, 2, 0, -1, None, 1.05) == (1,)
+    assert certified_label(lp[:, 0], 0, 1, 0, -1, None, 0.95) is None
+    for K, want in ((1, ()), (2, (1,)), (5, (1,))):
+        [[(label, score)]] = beam_cpp(lp, torch.tensor([2]), K, 1, certify=True)
+        [[(exact, _)]] = beam_cpp(lp, torch.tensor([2]), K, 1, certify=False)
+        assert label == exact == want
+        if K >= 2:  # certified: log P("a") over all its alignments
+            assert score == pytest.approx(math.log(0.6975), abs=1e-6)
+
+
+def test_two_labels_sharing_the_mass_certify_the_larger():
+    # One frame split "a" 0.5 / "b" 0.45 (0.05 blank) after a sure "x": the greedy path holds under
+    # half, and so does "xa", but its rival "xb" (the flip of that frame) takes 0.45 and leaves the
+    # rest only about 0.05, so "xa" (0.5) is certified.
+    rows = [[0.001, 0.001, 0.001, 0.997], [0.998, 0.0005, 0.0005, 0.001], [0.05, 0.5, 0.45, 0.0],
+            [0.998, 0.001, 0.001, 0.0]]  # classes: blank, a, b, x
+    p = torch.tensor(rows, dtype=torch.float64) + 1e-9
+    lp = (p / p.sum(-1, keepdim=True)).log()[:, None, :].float()
+    assert math.exp(label_log_prob(lp[:, 0], (3, 1), 0)) < 0.5 and not chain_holds(lp[:, 0], (3, 1), 0, 10, 0, 1.0)
+    assert certified_label(lp[:, 0], 0, 10, 0, -1, None, 1.05) == (3, 1)
+    [[(label, score)]] = beam_cpp(lp, torch.tensor([4]), 10, 1, certify=True)
+    [[(searched, _)]] = beam_cpp(lp, torch.tensor([4]), 10, 1, certify=False)
+    assert label == searched == (3, 1)
+    assert score == pytest.approx(label_log_prob(lp[:, 0], (3, 1), 0), abs=1e-6)
 
 
 # ---------------------------------------------------------------------------- the greedy kernel's AVX2 path

@@ -112,6 +112,76 @@ __attribute__((target("avx2"))) Status greedy_decode_one_avx2(const float* data,
 }
 #endif
 
+#ifdef CF_AVX2_GREEDY
+// frame_stats_generic for one contiguous float32 row (C >= 8), 8 classes per AVX2 instruction:
+// the same maximum, first index and runner-up (exact in any order; per lane the largest two
+// values, then across lanes), and the same kind of bound of Σ_c exp(row[c] - max): exp_upper in
+// eight lanes (floor exact, its polynomial fused), times 1 + 3e-5 for the float rounding.
+__attribute__((target("avx2,fma"))) void frame_stats_avx2(const float* row, int64_t C, FrameStats* s) {
+  const __m256 neg_inf = _mm256_set1_ps(kNegInf);
+  const int64_t full = C & ~int64_t(7);
+  const int rem = static_cast<int>(C - full);
+  static const int32_t kLanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  const __m256i tail_mask = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kLanes + 8 - rem));
+  const __m256 tail_lanes = _mm256_castsi256_ps(tail_mask);
+  __m256 m1 = neg_inf, m2 = neg_inf, sums = _mm256_setzero_ps();
+  for (int64_t c = 0; c < full; c += 8) {
+    const __m256 v = _mm256_loadu_ps(row + c);
+    sums = _mm256_add_ps(sums, v);
+    m2 = _mm256_max_ps(m2, _mm256_min_ps(m1, v));
+    m1 = _mm256_max_ps(m1, v);
+  }
+  __m256 tail = neg_inf;
+  if (rem > 0) {
+    const __m256 v = _mm256_maskload_ps(row + full, tail_mask);  // 0 in the lanes past C
+    sums = _mm256_add_ps(sums, v);
+    tail = _mm256_blendv_ps(neg_inf, v, tail_lanes);
+    m2 = _mm256_max_ps(m2, _mm256_min_ps(m1, tail));
+    m1 = _mm256_max_ps(m1, tail);
+  }
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
+  s->bad = !(cf_hsum(h) < INFINITY) && any_bad_value(row, C);
+  h = _mm_max_ps(_mm256_castps256_ps128(m1), _mm256_extractf128_ps(m1, 1));
+  const float m = cf_hmax(h);
+  s->max = m;
+  if (s->bad || !(m > kNegInf)) return;
+  const __m256 m8 = _mm256_set1_ps(m);
+  const __m256 at_max = _mm256_cmp_ps(m1, m8, _CMP_EQ_OQ);
+  const int lanes_at_max = __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(at_max)));
+  if (lanes_at_max >= 2) {
+    s->second = m;
+  } else {  // the runner-up: every lane's second, and the other lanes' first
+    const __m256 r = _mm256_max_ps(m2, _mm256_blendv_ps(m1, neg_inf, at_max));
+    s->second = cf_hmax(_mm_max_ps(_mm256_castps256_ps128(r), _mm256_extractf128_ps(r, 1)));
+  }
+  s->best = C;
+  for (int64_t c = 0; c < full; c += 8) {
+    const int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + c), m8, _CMP_GE_OQ));
+    if (mask != 0) {
+      s->best = c + __builtin_ctz(static_cast<unsigned>(mask));
+      break;
+    }
+  }
+  if (s->best == C) s->best = full + __builtin_ctz(static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(tail, m8, _CMP_GE_OQ))));
+  // exp_upper(x - m) in eight lanes
+  const __m256 lo = _mm256_set1_ps(-87.f), log2e = _mm256_set1_ps(1.44269504f);
+  const __m256 one = _mm256_set1_ps(1.f), a = _mm256_set1_ps(0.7f), b = _mm256_set1_ps(0.3f);
+  __m256 z = _mm256_setzero_ps();
+  auto exp_upper8 = [&](__m256 v) {
+    const __m256 y = _mm256_mul_ps(_mm256_max_ps(_mm256_sub_ps(v, m8), lo), log2e);  // -inf -> -87
+    const __m256 k = _mm256_floor_ps(y);
+    const __m256 f = _mm256_sub_ps(y, k);
+    const __m256 poly = _mm256_fmadd_ps(f, _mm256_fmadd_ps(b, f, a), one);
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(poly, _mm256_castsi256_ps(bits));
+  };
+  for (int64_t c = 0; c < full; c += 8) z = _mm256_add_ps(z, exp_upper8(_mm256_loadu_ps(row + c)));
+  if (rem > 0) z = _mm256_add_ps(z, _mm256_and_ps(exp_upper8(tail), tail_lanes));
+  h = _mm_add_ps(_mm256_castps256_ps128(z), _mm256_extractf128_ps(z, 1));
+  s->z = static_cast<double>(cf_hsum(h)) * (1.0 + 3e-5);
+}
+#endif
+
 // Whether the greedy kernel takes its AVX2 path: the CPU has AVX2 and torch's own kernels use
 // it or AVX-512 (ATEN_CPU_CAPABILITY=default turns both off, e.g. to test the SSE2 path).
 bool greedy_uses_avx2() {
@@ -211,6 +281,9 @@ Decoded beam_search_cpu(const at::Tensor& log_probs, const at::Tensor& input_len
       char* base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(buffer.get()) + 15) & ~uintptr_t(15));
       BeamWorkspace ws = carve_beam_workspace(base, T, C, beam_width);
       init_beam_workspace(ws, C, blank, opts);
+#ifdef CF_AVX2_GREEDY
+      if (C >= 8 && greedy_uses_avx2() && __builtin_cpu_supports("fma")) ws.frame_stats = frame_stats_avx2;
+#endif
       for (int64_t n = begin; n < end; ++n) {
         const Frames<scalar_t> f{data + n * sn, st, sc};
         const Status s = beam_search_to_tokens(f, len[n], C, blank, opts, ws, static_cast<int32_t>(top_k), L,
