@@ -428,6 +428,8 @@ struct Entry {
 
 // The certificate's rivals: labels of paths off the greedy one in one frame (see certify_top_label).
 constexpr int kCertRivals = 3;
+// The most floats a kernel keeps of one sequence's class probabilities (T x C) for the certificate.
+constexpr int64_t kFrameExpLimit = int64_t(1) << 18;
 struct FrameStats;
 
 struct BeamWorkspace {
@@ -457,7 +459,11 @@ struct BeamWorkspace {
   int32_t* frame_best;    // [T] the greedy path
   double* frame_z;        // [T] Z_{1:t} / Π max (an upper bound)
   int32_t* rival_label;   // [kCertRivals + 1][T + 1] the certificate's rival labels
-  void (*frame_stats)(const float*, int64_t, FrameStats*);  // frame_stats_generic in host SIMD (nullptr: that)
+  // Host SIMD for the certificate (nullptr: frame_stats_generic, and exps computed where needed):
+  // frame_stats_generic, also writing each exp(row[c] - max) to its last argument unless nullptr,
+  // and frame_exp [T][C], where it writes them for certify_top_label's forward passes.
+  void (*frame_stats)(const float*, int64_t, FrameStats*, float*);
+  float* frame_exp;
   int64_t max_nodes;
   int64_t table_size;     // a power of two
 };
@@ -534,6 +540,7 @@ CF_HD BeamWorkspace carve_beam_workspace(char* base, int64_t T, int64_t C, int64
   BeamWorkspace w;
   beam_workspace_layout(base, T, C, K, w);
   w.frame_stats = nullptr;
+  w.frame_exp = nullptr;
   return w;
 }
 
@@ -1043,7 +1050,6 @@ struct FrameStats {
   double z;
   bool bad;
 };
-using FrameStatsFn = void (*)(const float* row, int64_t C, FrameStats* s);
 
 CF_HD void frame_stats_generic(const float* row, int64_t C, FrameStats* s) {
   s->max = scan_max(row, nullptr, C, &s->bad);
@@ -1097,13 +1103,20 @@ CF_HD void label_mass(const Frames<scalar_t>& f, int64_t length, int64_t C, int6
   const double slack_step = exp(kCertSlackPerFrame);
   double margin = 1.0;  // exp(kCertSlackPerFrame * frames so far)
   for (int64_t t = 0; t < length; ++t) {
-    const float* row = frame_row(f, t, C, w.row_buf);
-    const float m = w.frame_max[t];
     margin *= slack_step;
-    const double e_blank = exp_rel(row[blank] - m);
     const int32_t top = fhi > hi ? fhi : hi;
     const int32_t j1 = top < L ? top + 1 : L;
-    for (int32_t j = flo < 1 ? 1 : flo; j <= j1; ++j) e[j - 1] = exp_rel(row[label[j - 1]] - m);
+    double e_blank;
+    if (w.frame_exp != nullptr) {  // kept by the first pass
+      const float* ex = w.frame_exp + t * C;
+      e_blank = ex[blank];
+      for (int32_t j = flo < 1 ? 1 : flo; j <= j1; ++j) e[j - 1] = ex[label[j - 1]];
+    } else {
+      const float* row = frame_row(f, t, C, w.row_buf);
+      const float m = w.frame_max[t];
+      e_blank = exp_rel(row[blank] - m);
+      for (int32_t j = flo < 1 ? 1 : flo; j <= j1; ++j) e[j - 1] = exp_rel(row[label[j - 1]] - m);
+    }
     const int32_t ftop = label_forward_step(fpb, fpnb, flo, fhi, L, label, e, e_blank);
     if (!(ftop > fhi && ftop < L && fpb[ftop] + fpnb[ftop] < kNegligible)) fhi = ftop;  // a new prefix holding ~0: not yet
     while (flo < fhi && fpb[flo] + fpnb[flo] < kNegligible) ++flo;
@@ -1173,7 +1186,7 @@ CF_HD bool certify_top_label(const Frames<scalar_t>& f, int64_t length, int64_t 
     frame_stats_generic(row, C, &st);
 #else
     if (w.frame_stats != nullptr) {
-      w.frame_stats(row, C, &st);
+      w.frame_stats(row, C, &st, w.frame_exp == nullptr ? nullptr : w.frame_exp + t * C);
     } else {
       frame_stats_generic(row, C, &st);
     }

@@ -676,6 +676,10 @@ for lp, lens in cases:
         out.append(torch.ops.captcha_fast.ctc_greedy_decode(lp, lens, 0))
     except RuntimeError as e:
         out.append(str(e).splitlines()[0])
+    try:
+        out.append(torch.ops.captcha_fast.ctc_beam_search(lp, lens, 10, 1, 0, None, None, 0, -1, None, True)[:2])
+    except RuntimeError as e:
+        out.append(str(e).splitlines()[0])
 torch.save(out, sys.argv[2])
 """
 
@@ -708,7 +712,7 @@ def greedy_path_cases():
 
 
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() == "DEFAULT", reason="this CPU has no AVX2 path")
-def test_greedy_avx2_path_equals_the_sse2_path_and_the_argmax_reference(tmp_path):
+def test_avx2_paths_equal_the_sse2_paths_and_the_argmax_reference(tmp_path):
     import os
     import subprocess
     import sys
@@ -719,7 +723,15 @@ def test_greedy_avx2_path_equals_the_sse2_path_and_the_argmax_reference(tmp_path
     subprocess.run([sys.executable, "-c", GREEDY_PATH_SCRIPT, str(tmp_path / "cases.pt"), str(tmp_path / "out.pt")],
                    env=env, check=True, timeout=300)
     sse2 = torch.load(tmp_path / "out.pt")
-    for (lp, lens), plain in zip(cases, sse2):
+    for (lp, lens), plain, plain_beam in zip(cases, sse2[::2], sse2[1::2]):
+        # The certificate's frame statistics (AVX2 with each frame's probabilities kept, or SSE2 with
+        # exp_upper and the forward passes' own exps): either way the exact search's top-1, or its error.
+        try:
+            beam = ops.ctc_beam_search(lp, lens, 10, 1, 0, None, None, 0, -1, None, True)[:2]
+            assert not isinstance(plain_beam, str), plain_beam
+            assert torch.equal(beam[0], plain_beam[0]) and torch.equal(beam[1], plain_beam[1])
+        except RuntimeError as e:
+            assert str(e).splitlines()[0] == plain_beam and "sequence 22 contain NaN or +inf" in plain_beam
         try:
             avx2 = ops.ctc_greedy_decode(lp, lens, 0)
         except RuntimeError as e:

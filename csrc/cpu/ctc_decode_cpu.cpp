@@ -113,11 +113,31 @@ __attribute__((target("avx2"))) Status greedy_decode_one_avx2(const float* data,
 #endif
 
 #ifdef CF_AVX2_GREEDY
+// exp(x) in eight lanes for x <= 0, 0 below -87 (and for -inf): vector_exp's reduction and
+// polynomial (csrc/vector_exp.h, within 1 ulp; 2 with the fused steps).
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 exp8_nonpositive(__m256 x) {
+  const __m256 in_range = _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_GE_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x));
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(bits)), in_range);
+}
+
 // frame_stats_generic for one contiguous float32 row (C >= 8), 8 classes per AVX2 instruction:
 // the same maximum, first index and runner-up (exact in any order; per lane the largest two
-// values, then across lanes), and the same kind of bound of Σ_c exp(row[c] - max): exp_upper in
-// eight lanes (floor exact, its polynomial fused), times 1 + 3e-5 for the float rounding.
-__attribute__((target("avx2,fma"))) void frame_stats_avx2(const float* row, int64_t C, FrameStats* s) {
+// values, then across lanes), and Σ_c exp(row[c] - max) from exp8_nonpositive, times 1 + 1e-5
+// for its error and the float sums' (an upper bound; values below e^-87 of the maximum, at
+// most C e^-87 together, count 0). exps (nullptr: not kept) gets each exp(row[c] - max).
+__attribute__((target("avx2,fma"))) void frame_stats_avx2(const float* row, int64_t C, FrameStats* s, float* exps) {
   const __m256 neg_inf = _mm256_set1_ps(kNegInf);
   const int64_t full = C & ~int64_t(7);
   const int rem = static_cast<int>(C - full);
@@ -141,14 +161,12 @@ __attribute__((target("avx2,fma"))) void frame_stats_avx2(const float* row, int6
   }
   __m128 h = _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
   s->bad = !(cf_hsum(h) < INFINITY) && any_bad_value(row, C);
-  h = _mm_max_ps(_mm256_castps256_ps128(m1), _mm256_extractf128_ps(m1, 1));
-  const float m = cf_hmax(h);
+  const float m = cf_hmax(_mm_max_ps(_mm256_castps256_ps128(m1), _mm256_extractf128_ps(m1, 1)));
   s->max = m;
   if (s->bad || !(m > kNegInf)) return;
   const __m256 m8 = _mm256_set1_ps(m);
   const __m256 at_max = _mm256_cmp_ps(m1, m8, _CMP_EQ_OQ);
-  const int lanes_at_max = __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(at_max)));
-  if (lanes_at_max >= 2) {
+  if (__builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(at_max))) >= 2) {
     s->second = m;
   } else {  // the runner-up: every lane's second, and the other lanes' first
     const __m256 r = _mm256_max_ps(m2, _mm256_blendv_ps(m1, neg_inf, at_max));
@@ -163,22 +181,19 @@ __attribute__((target("avx2,fma"))) void frame_stats_avx2(const float* row, int6
     }
   }
   if (s->best == C) s->best = full + __builtin_ctz(static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(tail, m8, _CMP_GE_OQ))));
-  // exp_upper(x - m) in eight lanes
-  const __m256 lo = _mm256_set1_ps(-87.f), log2e = _mm256_set1_ps(1.44269504f);
-  const __m256 one = _mm256_set1_ps(1.f), a = _mm256_set1_ps(0.7f), b = _mm256_set1_ps(0.3f);
   __m256 z = _mm256_setzero_ps();
-  auto exp_upper8 = [&](__m256 v) {
-    const __m256 y = _mm256_mul_ps(_mm256_max_ps(_mm256_sub_ps(v, m8), lo), log2e);  // -inf -> -87
-    const __m256 k = _mm256_floor_ps(y);
-    const __m256 f = _mm256_sub_ps(y, k);
-    const __m256 poly = _mm256_fmadd_ps(f, _mm256_fmadd_ps(b, f, a), one);
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(poly, _mm256_castsi256_ps(bits));
-  };
-  for (int64_t c = 0; c < full; c += 8) z = _mm256_add_ps(z, exp_upper8(_mm256_loadu_ps(row + c)));
-  if (rem > 0) z = _mm256_add_ps(z, _mm256_and_ps(exp_upper8(tail), tail_lanes));
+  for (int64_t c = 0; c < full; c += 8) {
+    const __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + c), m8));
+    if (exps != nullptr) _mm256_storeu_ps(exps + c, e);
+    z = _mm256_add_ps(z, e);
+  }
+  if (rem > 0) {
+    const __m256 e = exp8_nonpositive(_mm256_sub_ps(tail, m8));  // 0 past C (-inf there)
+    if (exps != nullptr) _mm256_maskstore_ps(exps + full, tail_mask, e);
+    z = _mm256_add_ps(z, e);
+  }
   h = _mm_add_ps(_mm256_castps256_ps128(z), _mm256_extractf128_ps(z, 1));
-  s->z = static_cast<double>(cf_hsum(h)) * (1.0 + 3e-5);
+  s->z = static_cast<double>(cf_hsum(h)) * (1.0 + 1e-5);
 }
 #endif
 
@@ -282,7 +297,16 @@ Decoded beam_search_cpu(const at::Tensor& log_probs, const at::Tensor& input_len
       BeamWorkspace ws = carve_beam_workspace(base, T, C, beam_width);
       init_beam_workspace(ws, C, blank, opts);
 #ifdef CF_AVX2_GREEDY
-      if (C >= 8 && greedy_uses_avx2() && __builtin_cpu_supports("fma")) ws.frame_stats = frame_stats_avx2;
+      // The certificate's frame statistics in AVX2, and each frame's class probabilities kept for
+      // its forward passes when they take little room.
+      std::vector<float> exps;
+      if (opts.certify && top_k == 1 && C >= 8 && greedy_uses_avx2() && __builtin_cpu_supports("fma")) {
+        ws.frame_stats = frame_stats_avx2;
+        if (T * C <= kFrameExpLimit) {
+          exps.resize(static_cast<size_t>(T * C));
+          ws.frame_exp = exps.data();
+        }
+      }
 #endif
       for (int64_t n = begin; n < end; ++n) {
         const Frames<scalar_t> f{data + n * sn, st, sc};
