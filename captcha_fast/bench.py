@@ -205,7 +205,7 @@ GREEDY: Dict[str, Decoder] = {
                              lambda x, k: decode.greedy_decode(x.log_probs, x.lengths, _charset(x)),
                              list),
 }
-# The beam rows' defaults include the best-label certificate (certify=True); the reference row,
+# The beam rows' defaults include the top-label certificate (certify=True); the reference row,
 # EXACT, searches every sequence (certify=False), so the checks compare against the search itself.
 BEAM: Dict[str, Decoder] = {
     "cpp_beam_pruned_strings": Decoder(
@@ -213,6 +213,11 @@ BEAM: Dict[str, Decoder] = {
         lambda x, k: _ops.ctc_beam_search_strings(x.log_probs, x.lengths, x.charset, k, 1, 0,
                                                   decode.TOKEN_MIN_LOGP, decode.BLANK_SKIP_THRESHOLD),
         _first_texts),
+    "cpp_beam_pruned_labels": Decoder(
+        "C++ beam search, default pruning + certificate, labels op (ctc_beam_search_labels)",
+        lambda x, k: _ops.ctc_beam_search_labels(x.log_probs, x.lengths, x.charset, k, 0,
+                                                 decode.TOKEN_MIN_LOGP, decode.BLANK_SKIP_THRESHOLD),
+        lambda out: out[0]),
     "beam_search": Decoder("captcha_fast.beam_search (default pruning + certificate)",
                            lambda x, k: decode.beam_search(x.log_probs, x.lengths, _charset(x), k),
                            list),

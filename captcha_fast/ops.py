@@ -1,6 +1,7 @@
 """The registered ops, their fake (meta) kernels for torch.compile/export/opcheck.
 
-The strings ops (ctc_greedy_decode_strings, ctc_greedy_decode_labels, ctc_beam_search_strings) have none:
+The strings ops (ctc_greedy_decode_strings, ctc_greedy_decode_labels, ctc_beam_search_strings,
+ctc_beam_search_labels) have none:
 their output is data-dependent host strings, so they run in eager mode, TorchScript
 and C++; under torch.compile/export use the tensor ops."""
 from __future__ import annotations

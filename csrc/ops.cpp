@@ -318,11 +318,13 @@ TORCH_LIBRARY(captcha_fast, m) {
   //   blank probability is >= it are applied as blank-only; None = exact),
   //   min_length/max_length (label length bounds; -1 = no maximum),
   //   allowed_tokens (bool mask over classes).
-  // certify (top_k = 1 only): a sequence whose greedy label keeps more than half
-  //   of all the probability through prefixes the beam provably keeps (with a
-  //   rounding margin) is answered without searching: that label is provably
+  // certify (top_k = 1 only): a sequence whose top label is proven without
+  //   searching is answered so: the greedy label or a rival (the greedy path
+  //   flipped at one of its least sure frames) whose mass along prefixes the
+  //   beam provably keeps beats every other rival's probability and all the
+  //   mass the rivals leave (with a rounding margin). That label is provably
   //   the exact search's top-1 at this beam width and the most probable label
-  //   (proof: csrc/ctc_decode.h, "The best-label certificate"); its score is then
+  //   (proof: csrc/ctc_decode.h, "The top-label certificate"); its score is then
   //   log P(label) over all its alignments (the CTC forward algorithm). False:
   //   always search.
   // Sizes: its workspace (a trie of up to 1 + T x beam_width prefixes) may
