@@ -1181,7 +1181,7 @@ CF_HD bool certify_top_label(const Frames<scalar_t>& f, int64_t length, int64_t 
   for (int64_t t = 0; t < length; ++t) {
     if (t + kPrefetch < length && span >= 0) prefetch_frame(f, t + kPrefetch, span);
     const float* row = frame_row(f, t, C, w.row_buf);
-    FrameStats st;
+    FrameStats st{};
 #if defined(__CUDA_ARCH__)
     frame_stats_generic(row, C, &st);
 #else
