@@ -943,7 +943,7 @@ CF_HD BeamResult beam_search_one(const Frames<scalar_t>& f, int64_t length, int6
 // below e^-30 of a frame's best dropped); every test is made with a margin of
 // kCertSlackPerFrame per frame, several times that, so the claim holds for
 // the search as implemented. Each Z_t is bounded from above
-// (frame_ratio_bound, within 1% of its value), so the tests can only err
+// (frame_mass_bound, within 1e-5 of its value), so the tests can only err
 // towards searching, and sequences whose Z_{1:t} / Π max_t p_t passes 1e200
 // (hundreds of flat frames) are searched.
 //
@@ -953,72 +953,51 @@ CF_HD BeamResult beam_search_one(const Frames<scalar_t>& f, int64_t length, int6
 // top_k > 1 searches: (1) says nothing about the second-best label.
 constexpr double kCertSlackPerFrame = 4e-6;
 
-// exp(x) for any x <= 0 (0 below -87, where exp_nonpositive does not reach).
-CF_HOT float exp_or_zero(float x) { return x < -87.f ? 0.f : exp_nonpositive(x); }
+// A frame probability relative to the frame's best (x = row[c] - max <= 0), e^-30 and below
+// dropped: what the certificate's sums and recursions use. Every kernel computes it bit for bit
+// alike (exp_rel4 and the AVX2 kernel's eight lanes make the same float operations in the same
+// order; no FMA contraction, csrc/cpu's fp-contract=off and nvcc's --fmad=false), so certified
+// scores agree across CPU paths and devices.
+constexpr double kNegligible = 1e-13;  // masses below it (relative to the greedy path's) are dropped
+CF_HOT float exp_rel_float(float x) { return x < -30.f ? 0.f : exp_nonpositive(x); }
+CF_HOT double exp_rel(float x) { return static_cast<double>(exp_rel_float(x)); }
 
-// An upper bound of exp(x) for x <= 0 (relative excess < 0.8%; -inf and
-// x < -87 count as e^-87): with y = x log2(e) = k + f, k = floor(y),
-// exp(x) = 2^k 2^f and 2^f <= 1 + f (0.7 + 0.3 f) on [0, 1] (equal at both
-// ends; the gap is >= 0 inside, its derivatives at 0 and 1 allow 0.3).
-CF_HOT float exp_upper(float x) {
-  x = x > -87.f ? x : -87.f;
-  const float y = x * 1.44269504f;
-  float k = floorf(y);
-  const float f = y - k;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-#if defined(__CUDA_ARCH__)
-  const float scale = __int_as_float(bits);
-#else
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-#endif
-  return (1.f + f * (0.7f + 0.3f * f)) * scale;
+#ifdef CF_SSE2
+// exp_rel_float in four lanes, bit for bit.
+inline __m128 exp_rel4(__m128 x) {
+  const __m128 kept = _mm_cmpge_ps(x, _mm_set1_ps(-30.f));  // false for x < -30, -inf
+  const __m128 shift = _mm_set1_ps(12582912.f);
+  const __m128 k = _mm_sub_ps(_mm_add_ps(_mm_mul_ps(x, _mm_set1_ps(1.44269504088896341f)), shift), shift);
+  const __m128 r = _mm_sub_ps(_mm_sub_ps(x, _mm_mul_ps(k, _mm_set1_ps(0.693145751953125f))),
+                              _mm_mul_ps(k, _mm_set1_ps(1.428606765330187045e-06f)));
+  __m128 p = _mm_set1_ps(1.f / 720);
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f / 120));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f / 24));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f / 6));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(0.5f));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f));
+  const __m128i bits = _mm_slli_epi32(_mm_add_epi32(_mm_cvttps_epi32(k), _mm_set1_epi32(127)), 23);
+  return _mm_and_ps(_mm_mul_ps(p, _mm_castsi128_ps(bits)), kept);
 }
+#endif
 
-// An upper bound of Σ_c exp(row[c] - m), m the row's (finite) maximum: the
-// sum of exp_upper, times 1 + 3e-5 for the float rounding of row[c] - m, of
-// y (< 8e-6 relative at |x| <= 87) and of the sums (partial float sums of at
-// most 64 terms, < 4e-6). Four classes all below m - 16 (the usual case in a
-// confident frame) count e^-16 each without computing.
-CF_HOT double frame_ratio_bound(const float* row, int64_t C, float m) {
+// An upper bound of Σ_c exp(row[c] - m), m the row's (finite) maximum: the sum of exp_rel
+// (relative error < 3e-7 each; float partial sums of at most 16 terms a lane, < 1e-6), times
+// 1 + 1e-5, plus C e^-30 for the terms exp_rel drops.
+CF_HOT double frame_mass_bound(const float* row, int64_t C, float m) {
   double sum = 0.0;
   int64_t c = 0;
 #ifdef CF_SSE2
-  float far_below = m - 16.f;  // <= m - 16 exactly
-  if (static_cast<double>(far_below) > static_cast<double>(m) - 16.0) far_below = nextafterf(far_below, kNegInf);
-  const __m128 m4 = _mm_set1_ps(m), lo4 = _mm_set1_ps(-87.f), log2e = _mm_set1_ps(1.44269504f);
-  const __m128 one = _mm_set1_ps(1.f), a = _mm_set1_ps(0.7f), b = _mm_set1_ps(0.3f), far4 = _mm_set1_ps(far_below);
-  int64_t far = 0;
+  const __m128 m4 = _mm_set1_ps(m);
   while (c + 4 <= C) {
     __m128 part = _mm_setzero_ps();
-    for (int i = 0; i < 16 && c + 4 <= C; ++i, c += 4) {  // exp_upper, four lanes
-      const __m128 v = _mm_loadu_ps(row + c);
-      if (_mm_movemask_ps(_mm_cmpge_ps(v, far4)) == 0) {
-        far += 4;
-        continue;
-      }
-      const __m128 x = _mm_max_ps(_mm_sub_ps(v, m4), lo4);  // -inf -> -87
-      const __m128 y = _mm_mul_ps(x, log2e);
-      __m128i k = _mm_cvttps_epi32(y);
-      __m128 kf = _mm_cvtepi32_ps(k);
-      const __m128 up = _mm_cmpgt_ps(kf, y);  // truncation went up: floor is one less
-      k = _mm_add_epi32(k, _mm_castps_si128(up));
-      kf = _mm_sub_ps(kf, _mm_and_ps(up, one));
-      const __m128 f = _mm_sub_ps(y, kf);
-      const __m128 poly = _mm_add_ps(one, _mm_mul_ps(f, _mm_add_ps(a, _mm_mul_ps(b, f))));
-      const __m128 scale = _mm_castsi128_ps(_mm_slli_epi32(_mm_add_epi32(k, _mm_set1_epi32(127)), 23));
-      part = _mm_add_ps(part, _mm_mul_ps(poly, scale));
-    }
+    for (int i = 0; i < 16 && c + 4 <= C; ++i, c += 4) part = _mm_add_ps(part, exp_rel4(_mm_sub_ps(_mm_loadu_ps(row + c), m4)));
     sum += static_cast<double>(cf_hsum(part));
   }
-  sum += static_cast<double>(far) * 1.1254e-7;  // e^-16 = 1.12535e-7
 #endif
-  float part = 0.f;
-  for (int i = 0; c < C; ++c, ++i) {
-    if (i == 64) { sum += part; part = 0.f; i = 0; }
-    part += exp_upper(row[c] - m);
-  }
-  return (sum + static_cast<double>(part)) * (1.0 + 3e-5);
+  for (; c < C; ++c) sum += exp_rel(row[c] - m);
+  return sum * (1.0 + 1e-5) + static_cast<double>(C) * 1e-13;
 }
 
 // The largest row[c] over c != best (-inf if none): how close a frame's runner-up comes.
@@ -1041,7 +1020,7 @@ CF_HOT int64_t second_class(const float* row, int64_t C, int64_t best, float val
 
 // One frame's facts for the certificate: its maximum, the first class holding
 // it, the largest value among the other classes (the maximum again on a tie),
-// and an upper bound of Σ_c exp(row[c] - max) (within 1% of it); bad: NaN or
+// and an upper bound of Σ_c exp(row[c] - max) (frame_mass_bound); bad: NaN or
 // +inf in the row (then nothing else is set).
 struct FrameStats {
   float max;
@@ -1056,12 +1035,9 @@ CF_HD void frame_stats_generic(const float* row, int64_t C, FrameStats* s) {
   if (s->bad || !(s->max > kNegInf)) return;
   s->best = row[0] == s->max ? 0 : find_at_least(row, nullptr, 1, C, s->max);
   s->second = second_max(row, C, s->best);
-  s->z = frame_ratio_bound(row, C, s->max);
+  s->z = frame_mass_bound(row, C, s->max);
 }
 
-// Frame probabilities relative to the frame's best, e^-30 and below dropped (the certificate's recursions).
-constexpr double kNegligible = 1e-13;
-CF_HOT double exp_rel(float x) { return x < -30.f ? 0.0 : static_cast<double>(exp_nonpositive(x)); }
 
 // One step of the CTC forward recursion over a label's prefixes [lo, hi]
 // (masses pb/pnb, 0 outside), frame probabilities relative to the frame's
@@ -1177,6 +1153,7 @@ CF_HD bool certify_top_label(const Frames<scalar_t>& f, int64_t length, int64_t 
   int64_t prev = -1;
   int64_t doubt_t[kCertRivals];  // the frames whose second-best class is closest, closest first
   float doubt_gap[kCertRivals];  // second best - best (<= 0)
+  float doubt_second[kCertRivals];  // the second best itself (m + gap need not round back to it)
   int n_doubt = 0;
   for (int64_t t = 0; t < length; ++t) {
     if (t + kPrefetch < length && span >= 0) prefetch_frame(f, t + kPrefetch, span);
@@ -1211,9 +1188,11 @@ CF_HD bool certify_top_label(const Frames<scalar_t>& f, int64_t length, int64_t 
       int i = n_doubt < kCertRivals ? n_doubt++ : kCertRivals - 1;
       for (; i > 0 && doubt_gap[i - 1] < gap; --i) {
         doubt_gap[i] = doubt_gap[i - 1];
+        doubt_second[i] = doubt_second[i - 1];
         doubt_t[i] = doubt_t[i - 1];
       }
       doubt_gap[i] = gap;
+      doubt_second[i] = st.second;
       doubt_t[i] = t;
     }
   }
@@ -1243,7 +1222,7 @@ CF_HD bool certify_top_label(const Frames<scalar_t>& f, int64_t length, int64_t 
   for (int i = 0; i < n_doubt; ++i) {
     const int64_t t = doubt_t[i];
     const float* row = frame_row(f, t, C, w.row_buf);
-    const int32_t cls = static_cast<int32_t>(second_class(row, C, w.frame_best[t], w.frame_max[t] + doubt_gap[i]));
+    const int32_t cls = static_cast<int32_t>(second_class(row, C, w.frame_best[t], doubt_second[i]));
     int32_t* const r = rival + n_rivals * stride;
     const int32_t len = flipped_label(w.frame_best, length, blank, t, cls, r);
     bool seen = false;

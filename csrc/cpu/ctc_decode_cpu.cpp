@@ -113,31 +113,31 @@ __attribute__((target("avx2"))) Status greedy_decode_one_avx2(const float* data,
 #endif
 
 #ifdef CF_AVX2_GREEDY
-// exp(x) in eight lanes for x <= 0, 0 below -87 (and for -inf): vector_exp's reduction and
-// polynomial (csrc/vector_exp.h, within 1 ulp; 2 with the fused steps).
-__attribute__((target("avx2,fma"), always_inline)) inline __m256 exp8_nonpositive(__m256 x) {
-  const __m256 in_range = _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_GE_OQ);
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x));
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(bits)), in_range);
+// exp_rel_float (csrc/ctc_decode.h) in eight lanes, bit for bit: the same float operations in
+// the same order (no FMA).
+__attribute__((target("avx2"), always_inline)) inline __m256 exp_rel8(__m256 x) {
+  const __m256 kept = _mm256_cmp_ps(x, _mm256_set1_ps(-30.f), _CMP_GE_OQ);  // false for x < -30, -inf
+  const __m256 shift = _mm256_set1_ps(12582912.f);
+  const __m256 k = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), shift), shift);
+  const __m256 r = _mm256_sub_ps(_mm256_sub_ps(x, _mm256_mul_ps(k, _mm256_set1_ps(0.693145751953125f))),
+                                 _mm256_mul_ps(k, _mm256_set1_ps(1.428606765330187045e-06f)));
+  __m256 p = _mm256_set1_ps(1.f / 720);
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.f / 120));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.f / 24));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.f / 6));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(0.5f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(bits)), kept);
 }
 
 // frame_stats_generic for one contiguous float32 row (C >= 8), 8 classes per AVX2 instruction:
 // the same maximum, first index and runner-up (exact in any order; per lane the largest two
-// values, then across lanes), and Σ_c exp(row[c] - max) from exp8_nonpositive, times 1 + 1e-5
-// for its error and the float sums' (an upper bound; values below e^-87 of the maximum, at
-// most C e^-87 together, count 0). exps (nullptr: not kept) gets each exp(row[c] - max).
-__attribute__((target("avx2,fma"))) void frame_stats_avx2(const float* row, int64_t C, FrameStats* s, float* exps) {
+// values, then across lanes), and frame_mass_bound's bound from exp_rel8 (float partial sums of
+// at most 16 terms a lane). exps (nullptr: not kept) gets each exp_rel_float(row[c] - max), the
+// values the forward passes would compute.
+__attribute__((target("avx2"))) void frame_stats_avx2(const float* row, int64_t C, FrameStats* s, float* exps) {
   const __m256 neg_inf = _mm256_set1_ps(kNegInf);
   const int64_t full = C & ~int64_t(7);
   const int rem = static_cast<int>(C - full);
@@ -181,19 +181,27 @@ __attribute__((target("avx2,fma"))) void frame_stats_avx2(const float* row, int6
     }
   }
   if (s->best == C) s->best = full + __builtin_ctz(static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(tail, m8, _CMP_GE_OQ))));
+  double sum = 0.0;
   __m256 z = _mm256_setzero_ps();
-  for (int64_t c = 0; c < full; c += 8) {
-    const __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + c), m8));
+  for (int64_t c = 0, i = 0; c < full; c += 8) {
+    const __m256 e = exp_rel8(_mm256_sub_ps(_mm256_loadu_ps(row + c), m8));
     if (exps != nullptr) _mm256_storeu_ps(exps + c, e);
     z = _mm256_add_ps(z, e);
+    if (++i == 16) {  // float partial sums of at most 16 terms a lane
+      h = _mm_add_ps(_mm256_castps256_ps128(z), _mm256_extractf128_ps(z, 1));
+      sum += static_cast<double>(cf_hsum(h));
+      z = _mm256_setzero_ps();
+      i = 0;
+    }
   }
   if (rem > 0) {
-    const __m256 e = exp8_nonpositive(_mm256_sub_ps(tail, m8));  // 0 past C (-inf there)
+    const __m256 e = exp_rel8(_mm256_sub_ps(tail, m8));  // 0 past C (-inf there)
     if (exps != nullptr) _mm256_maskstore_ps(exps + full, tail_mask, e);
     z = _mm256_add_ps(z, e);
   }
   h = _mm_add_ps(_mm256_castps256_ps128(z), _mm256_extractf128_ps(z, 1));
-  s->z = static_cast<double>(cf_hsum(h)) * (1.0 + 1e-5);
+  sum += static_cast<double>(cf_hsum(h));
+  s->z = sum * (1.0 + 1e-5) + static_cast<double>(C) * 1e-13;  // frame_mass_bound's bound
 }
 #endif
 
@@ -300,7 +308,7 @@ Decoded beam_search_cpu(const at::Tensor& log_probs, const at::Tensor& input_len
       // The certificate's frame statistics in AVX2, and each frame's class probabilities kept for
       // its forward passes when they take little room.
       std::vector<float> exps;
-      if (opts.certify && top_k == 1 && C >= 8 && greedy_uses_avx2() && __builtin_cpu_supports("fma")) {
+      if (opts.certify && top_k == 1 && C >= 8 && greedy_uses_avx2()) {
         ws.frame_stats = frame_stats_avx2;
         if (T * C <= kFrameExpLimit) {
           exps.resize(static_cast<size_t>(T * C));
