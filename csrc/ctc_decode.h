@@ -121,6 +121,25 @@ CF_HOT float exp_nonpositive(float x) {
 #endif
 }
 
+#ifdef CF_SSE2
+// exp_nonpositive in four lanes, bit for bit: the same float operations in the same order.
+inline __m128 exp_nonpositive4(__m128 x) {
+  const __m128 shift = _mm_set1_ps(12582912.f);
+  const __m128 k = _mm_sub_ps(_mm_add_ps(_mm_mul_ps(x, _mm_set1_ps(1.44269504088896341f)), shift), shift);
+  const __m128 r = _mm_sub_ps(_mm_sub_ps(x, _mm_mul_ps(k, _mm_set1_ps(0.693145751953125f))),
+                              _mm_mul_ps(k, _mm_set1_ps(1.428606765330187045e-06f)));
+  __m128 p = _mm_set1_ps(1.f / 720);
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f / 120));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f / 24));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f / 6));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(0.5f));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f));
+  const __m128i bits = _mm_slli_epi32(_mm_add_epi32(_mm_cvttps_epi32(k), _mm_set1_epi32(127)), 23);
+  return _mm_mul_ps(p, _mm_castsi128_ps(bits));
+}
+#endif
+
 // log(1 + e) for e in [0, 1], absolute error < 2e-7: its series where e is
 // small (the common case in peaky outputs), else 2 atanh(e / (2 + e)).
 // log1p(e) = 2 atanh(e / (2 + e)) by its odd series (e in [0, 1]).
@@ -173,20 +192,7 @@ CF_HOT void log_add_n(const double* a, const double* b, double* out, int32_t n) 
     const __m128 near = _mm_shuffle_ps(_mm_castpd_ps(near0), _mm_castpd_ps(near1), _MM_SHUFFLE(2, 0, 2, 0));
     const __m128 df = _mm_movelh_ps(_mm_cvtpd_ps(d0), _mm_cvtpd_ps(d1));
     const __m128 x = _mm_or_ps(_mm_and_ps(near, df), _mm_andnot_ps(near, _mm_set1_ps(-24.f)));
-    // exp_nonpositive(x)
-    const __m128 k = _mm_sub_ps(_mm_add_ps(_mm_mul_ps(x, _mm_set1_ps(1.44269504088896341f)), _mm_set1_ps(12582912.f)),
-                                _mm_set1_ps(12582912.f));
-    const __m128 r = _mm_sub_ps(_mm_sub_ps(x, _mm_mul_ps(k, _mm_set1_ps(0.693145751953125f))),
-                                _mm_mul_ps(k, _mm_set1_ps(1.428606765330187045e-06f)));
-    __m128 p = _mm_set1_ps(1.f / 720);
-    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f / 120));
-    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f / 24));
-    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f / 6));
-    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(0.5f));
-    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f));
-    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f));
-    const __m128i bits = _mm_slli_epi32(_mm_add_epi32(_mm_cvttps_epi32(k), _mm_set1_epi32(127)), 23);
-    const __m128 e = _mm_mul_ps(p, _mm_castsi128_ps(bits));
+    const __m128 e = exp_nonpositive4(x);
     // log1p_unit(e) without its branch
     const __m128 z = _mm_div_ps(e, _mm_add_ps(_mm_set1_ps(2.f), e)), z2 = _mm_mul_ps(z, z);
     __m128 q = _mm_set1_ps(1.f / 13);
@@ -966,19 +972,7 @@ CF_HOT double exp_rel(float x) { return static_cast<double>(exp_rel_float(x)); }
 // exp_rel_float in four lanes, bit for bit.
 inline __m128 exp_rel4(__m128 x) {
   const __m128 kept = _mm_cmpge_ps(x, _mm_set1_ps(-30.f));  // false for x < -30, -inf
-  const __m128 shift = _mm_set1_ps(12582912.f);
-  const __m128 k = _mm_sub_ps(_mm_add_ps(_mm_mul_ps(x, _mm_set1_ps(1.44269504088896341f)), shift), shift);
-  const __m128 r = _mm_sub_ps(_mm_sub_ps(x, _mm_mul_ps(k, _mm_set1_ps(0.693145751953125f))),
-                              _mm_mul_ps(k, _mm_set1_ps(1.428606765330187045e-06f)));
-  __m128 p = _mm_set1_ps(1.f / 720);
-  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f / 120));
-  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f / 24));
-  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f / 6));
-  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(0.5f));
-  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f));
-  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f));
-  const __m128i bits = _mm_slli_epi32(_mm_add_epi32(_mm_cvttps_epi32(k), _mm_set1_epi32(127)), 23);
-  return _mm_and_ps(_mm_mul_ps(p, _mm_castsi128_ps(bits)), kept);
+  return _mm_and_ps(exp_nonpositive4(x), kept);
 }
 #endif
 

@@ -113,7 +113,7 @@ __attribute__((target("avx2"))) Status greedy_decode_one_avx2(const float* data,
 #endif
 
 #ifdef CF_AVX2_GREEDY
-// exp_rel_float (csrc/ctc_decode.h) in eight lanes, bit for bit: the same float operations in
+// exp_rel_float (csrc/ctc_decode.h) in eight lanes, bit for bit: exp_nonpositive4's float operations in
 // the same order (no FMA).
 __attribute__((target("avx2"), always_inline)) inline __m256 exp_rel8(__m256 x) {
   const __m256 kept = _mm256_cmp_ps(x, _mm256_set1_ps(-30.f), _CMP_GE_OQ);  // false for x < -30, -inf
