@@ -407,7 +407,7 @@ struct BeamOptions {
   int32_t max_len;  // < 0: no limit
   const bool* allowed;
   int64_t allowed_stride;
-  bool certify;  // top_k = 1: return the best path's label when the certificate below proves it
+  bool certify;  // top_k = 1: return the label the certificate below proves, without searching
 };
 
 // Workspace of one sequence at a time, carved out of one byte buffer. Sizes
