@@ -1193,7 +1193,10 @@ CF_HD bool certify_top_label(const Frames<scalar_t>& f, int64_t length, int64_t 
   if (L < o.min_len) return false;
   // Bounds compared with a margin: lower bounds divided by it, upper bounds multiplied.
   const double margin = exp(kCertSlackPerFrame * static_cast<double>(length) + 1e-9);
-  const double floor_slack = 1e-9 * z;  // dropped terms (e^-30 of a frame's best, kNegligible)
+  // What a rival's P loses to dropped terms (a frame probability below e^-30 of the frame's best, a
+  // band edge below kNegligible: each frame drops under 4e-13 z of the mass that follows): a slack
+  // on the rivals' upper bounds that grows with the frames.
+  const double floor_slack = 1e-12 * static_cast<double>(length + 1) * z;
   // The greedy path alone above half (it weighs 1 here): each prefix of its label then holds more than half
   // at every frame, so the chain keeps all of them and S(ℓ) >= P(π) > Z / 2 >= Z - P(ℓ): (1) holds, R = {ℓ}.
   const bool path_holds = 2.0 / margin > z * margin;
