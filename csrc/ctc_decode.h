@@ -122,21 +122,27 @@ CF_HOT float exp_nonpositive(float x) {
 }
 
 #ifdef CF_SSE2
-// exp_nonpositive in four lanes, bit for bit: the same float operations in the same order.
+// exp_nonpositive over the lanes of a float vector V, in place (__m128, or __m256 inlined into
+// AVX2 code; VI: the int32 vector of as many lanes; by reference, so that no 32-byte vector is
+// passed by value in code built for plain x86-64), bit for bit: the same float operations in the
+// same order (GCC/Clang vector arithmetic, which the SSE/AVX intrinsics are themselves; no FMA).
+template <typename V, typename VI>
+inline __attribute__((always_inline)) void exp_nonpositive_lanes(V& x) {
+  const V k = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  const V r = (x - k * 0.693145751953125f) - k * 1.428606765330187045e-06f;
+  V p = r * (1.f / 720) + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const VI bits = (__builtin_convertvector(k, VI) + 127) << 23;  // 2^k (k is whole: truncation is exact)
+  x = p * reinterpret_cast<V>(bits);
+}
+
 inline __m128 exp_nonpositive4(__m128 x) {
-  const __m128 shift = _mm_set1_ps(12582912.f);
-  const __m128 k = _mm_sub_ps(_mm_add_ps(_mm_mul_ps(x, _mm_set1_ps(1.44269504088896341f)), shift), shift);
-  const __m128 r = _mm_sub_ps(_mm_sub_ps(x, _mm_mul_ps(k, _mm_set1_ps(0.693145751953125f))),
-                              _mm_mul_ps(k, _mm_set1_ps(1.428606765330187045e-06f)));
-  __m128 p = _mm_set1_ps(1.f / 720);
-  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f / 120));
-  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f / 24));
-  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f / 6));
-  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(0.5f));
-  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f));
-  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.f));
-  const __m128i bits = _mm_slli_epi32(_mm_add_epi32(_mm_cvttps_epi32(k), _mm_set1_epi32(127)), 23);
-  return _mm_mul_ps(p, _mm_castsi128_ps(bits));
+  exp_nonpositive_lanes<__m128, __v4si>(x);
+  return x;
 }
 #endif
 

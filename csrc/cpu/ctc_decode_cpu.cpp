@@ -113,23 +113,11 @@ __attribute__((target("avx2"))) Status greedy_decode_one_avx2(const float* data,
 #endif
 
 #ifdef CF_AVX2_GREEDY
-// exp_rel_float (csrc/ctc_decode.h) in eight lanes, bit for bit: exp_nonpositive4's float operations in
-// the same order (no FMA).
+// exp_rel_float (csrc/ctc_decode.h) in eight lanes, bit for bit.
 __attribute__((target("avx2"), always_inline)) inline __m256 exp_rel8(__m256 x) {
   const __m256 kept = _mm256_cmp_ps(x, _mm256_set1_ps(-30.f), _CMP_GE_OQ);  // false for x < -30, -inf
-  const __m256 shift = _mm256_set1_ps(12582912.f);
-  const __m256 k = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), shift), shift);
-  const __m256 r = _mm256_sub_ps(_mm256_sub_ps(x, _mm256_mul_ps(k, _mm256_set1_ps(0.693145751953125f))),
-                                 _mm256_mul_ps(k, _mm256_set1_ps(1.428606765330187045e-06f)));
-  __m256 p = _mm256_set1_ps(1.f / 720);
-  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.f / 120));
-  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.f / 24));
-  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.f / 6));
-  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(0.5f));
-  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.f));
-  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.f));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(k), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(bits)), kept);
+  exp_nonpositive_lanes<__m256, __v8si>(x);
+  return _mm256_and_ps(x, kept);
 }
 
 // frame_stats_generic for one contiguous float32 row (C >= 8), 8 classes per AVX2 instruction:
