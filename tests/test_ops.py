@@ -355,6 +355,25 @@ def test_greedy_strings_are_the_reference_labels(seed, T, N, C, peaky, data):
         assert label_scores[n].item() == scores[n, 0].item()
 
 
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), T=st.integers(0, 20), N=st.integers(1, 5), C=st.integers(2, 9),
+       K=st.integers(1, 6), certify=st.booleans(), options=search_options, data=st.data())
+def test_beam_labels_are_the_strings_ops_top1(seed, T, N, C, K, certify, options, data):
+    g = torch.Generator().manual_seed(seed)
+    charset = data.draw(st.lists(st.sampled_from(SYMBOL_POOL), min_size=C - 1, max_size=C - 1), label="charset")
+    if options["max_length"] != -1:
+        options["max_length"] = max(options["max_length"], options["min_length"], 1)
+    allowed = torch.rand(C, generator=g) < 0.8 if data.draw(st.booleans(), label="use mask") else None
+    lp = random_log_probs(T, N, C, peaky=bool(seed % 2), generator=g)
+    lens = torch.randint(0, T + 1, (N,), generator=g)
+    args = (K, 0, options["token_min_logp"], options["blank_skip_threshold"], options["min_length"],
+            options["max_length"], allowed, certify)
+    texts, scores = ops.ctc_beam_search_strings(lp, lens, charset, args[0], 1, *args[1:])
+    labels, label_scores = ops.ctc_beam_search_labels(lp, lens, charset, *args)
+    assert labels == [t[0] for t in texts]
+    assert label_scores.shape == (N,) and torch.equal(label_scores, scores[:, 0])
+
+
 def test_strings_of_repeats_and_empty_labels():
     # frames: a a _ a | _ _ _ _ | b b b b  ->  "aa", "", "b"
     lp = torch.full((4, 3, 3), -20.0)
@@ -403,6 +422,9 @@ def test_long_sequences_accumulate_in_double():
     (lambda: ops.ctc_greedy_decode_labels(_nan(), LENS, ["a"] * 4), "sequence 1 contain NaN"),
     (lambda: ops.ctc_greedy_decode_labels(LP, torch.tensor([6, 7]), ["a"] * 4), r"input_lengths\[1\] = 7"),
     (lambda: ops.ctc_beam_search_strings(LP, LENS, ["a"] * 4, 4, 5), r"top_k must be in \[1, beam_width = 4\]"),
+    (lambda: ops.ctc_beam_search_labels(LP, LENS, ["a"] * 5, 4), r"\(C - 1 = 4\), got 5"),
+    (lambda: ops.ctc_beam_search_labels(_nan(), LENS, ["a"] * 4, 4), "sequence 1 contain NaN"),
+    (lambda: ops.ctc_beam_search_labels(LP, torch.tensor([6, 7]), ["a"] * 4, 4), r"input_lengths\[1\] = 7"),
 ])
 def test_strings_ops_bad_input_raises_clear_error(call, match):
     with pytest.raises(RuntimeError, match=match):
@@ -413,12 +435,15 @@ def test_torchscript_calls_the_strings_ops():
     from typing import List, Tuple
 
     def decode(lp: torch.Tensor, lens: torch.Tensor, charset: List[str]) -> Tuple[List[List[str]], torch.Tensor,
-                                                                                    List[List[str]], List[str]]:
+                                                                                    List[List[str]], List[str],
+                                                                                    List[str]]:
         texts, scores = torch.ops.captcha_fast.ctc_beam_search_strings(lp, lens, charset, 4, 2, 0, -5.0, None, 0, -1,
                                                                         None)
         greedy, _ = torch.ops.captcha_fast.ctc_greedy_decode_strings(lp, lens, charset, 0)
         labels, _ = torch.ops.captcha_fast.ctc_greedy_decode_labels(lp, lens, charset, 0)
-        return texts, scores, greedy, labels
+        beam_labels, _ = torch.ops.captcha_fast.ctc_beam_search_labels(lp, lens, charset, 4, 0, -5.0, None, 0, -1,
+                                                                        None)
+        return texts, scores, greedy, labels, beam_labels
 
     lp = random_log_probs(8, 3, 6, generator=torch.Generator().manual_seed(7))
     lens = torch.tensor([8, 5, 2])
@@ -426,7 +451,7 @@ def test_torchscript_calls_the_strings_ops():
     want = decode(lp, lens, charset)
     got = torch.jit.script(decode)(lp, lens, charset)
     assert got[0] == want[0] and got[2] == want[2] and got[3] == want[3] and torch.equal(got[1], want[1])
-    assert want[3] == [t[0] for t in want[2]]
+    assert want[3] == [t[0] for t in want[2]] and got[4] == want[4] == [t[0] for t in want[0]]
 
 
 # ---------------------------------------------------------------------------- the top-label certificate
