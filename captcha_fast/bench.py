@@ -198,9 +198,10 @@ GREEDY: Dict[str, Decoder] = {
     "cpp_greedy_strings": Decoder("C++ greedy, strings op (ctc_greedy_decode_strings)",
                                   lambda x, k: _ops.ctc_greedy_decode_strings(x.log_probs, x.lengths, x.charset, 0),
                                   _first_texts),
-    "cpp_greedy_labels": Decoder("C++ greedy, labels op (ctc_greedy_decode_labels: one string per sequence)",
-                                 lambda x, k: _ops.ctc_greedy_decode_labels(x.log_probs, x.lengths, x.charset, 0),
-                                 lambda out: out[0]),
+    "cpp_greedy_labels": Decoder("C++ greedy, labels op (ctc_greedy_decode_labels: packed labels, split)",
+                                 lambda x, k: decode.unpack_labels(
+                                     _ops.ctc_greedy_decode_labels(x.log_probs, x.lengths, x.charset, 0)[0]),
+                                 list),
     "greedy_decode": Decoder("captcha_fast.greedy_decode",
                              lambda x, k: decode.greedy_decode(x.log_probs, x.lengths, _charset(x)),
                              list),
@@ -214,10 +215,10 @@ BEAM: Dict[str, Decoder] = {
                                                   decode.TOKEN_MIN_LOGP, decode.BLANK_SKIP_THRESHOLD),
         _first_texts),
     "cpp_beam_pruned_labels": Decoder(
-        "C++ beam search, default pruning + certificate, labels op (ctc_beam_search_labels)",
-        lambda x, k: _ops.ctc_beam_search_labels(x.log_probs, x.lengths, x.charset, k, 0,
-                                                 decode.TOKEN_MIN_LOGP, decode.BLANK_SKIP_THRESHOLD),
-        lambda out: out[0]),
+        "C++ beam search, default pruning + certificate, labels op (ctc_beam_search_labels: packed, split)",
+        lambda x, k: decode.unpack_labels(_ops.ctc_beam_search_labels(
+            x.log_probs, x.lengths, x.charset, k, 0, decode.TOKEN_MIN_LOGP, decode.BLANK_SKIP_THRESHOLD)[0]),
+        list),
     "beam_search": Decoder("captcha_fast.beam_search (default pruning + certificate)",
                            lambda x, k: decode.beam_search(x.log_probs, x.lengths, _charset(x), k),
                            list),

@@ -45,13 +45,20 @@ def to_hypotheses(texts: List[List[str]], scores: Tensor) -> List[List[Hypothesi
             for ts, ss in zip(texts, scores.tolist())]
 
 
+def unpack_labels(packed: str) -> List[str]:
+    """The labels ops' packed output (each label ended by a NUL) as one string per sequence."""
+    return packed.split("\0")[:-1]
+
+
 def greedy_decode(log_probs: Tensor, input_lengths: Tensor, charset: Union[Charset, str], *,
                   return_scores: bool = False) -> Union[List[str], List[Hypothesis]]:
     """Best-path decoding with the C++/CUDA op: one string per sequence, or (return_scores)
     one Hypothesis per sequence (score: the best path's log-probability). The op,
-    ctc_greedy_decode_labels, returns one string per sequence (no list each, as the recognizer's
-    top-k form has) and raises for a bad sequence as the recognizer's decode does, on every device."""
-    texts, scores = torch.ops.captcha_fast.ctc_greedy_decode_labels(log_probs, input_lengths, _symbols(charset), 0)
+    ctc_greedy_decode_labels, returns the labels packed into one string (no Python object per
+    sequence to cross from C++) and raises for a bad sequence as the recognizer's decode does, on
+    every device."""
+    packed, scores = torch.ops.captcha_fast.ctc_greedy_decode_labels(log_probs, input_lengths, _symbols(charset), 0)
+    texts = unpack_labels(packed)
     if not return_scores:
         return texts
     return [Hypothesis(t, s) for t, s in zip(texts, scores.tolist())]
@@ -97,11 +104,11 @@ def beam_search(
     symbols = _symbols(charset)
     mask = None if allowed is None else allowed_mask(charset, allowed, log_probs.device)
     max_len = -1 if max_length is None else max_length
-    if top_k == 1 and not return_scores:  # one string per sequence: no list each to build and take apart
+    if top_k == 1 and not return_scores:  # one packed string: no list per sequence to build and take apart
         check_decode_args("beam", beam_width, 1, min_length, max_len, mask is not None)
-        return torch.ops.captcha_fast.ctc_beam_search_labels(log_probs, input_lengths, symbols, beam_width, 0,
-                                                             token_min_logp, blank_skip_threshold, min_length,
-                                                             max_len, mask)[0]
+        return unpack_labels(torch.ops.captcha_fast.ctc_beam_search_labels(
+            log_probs, input_lengths, symbols, beam_width, 0, token_min_logp, blank_skip_threshold, min_length,
+            max_len, mask)[0])
     texts, scores = decode_log_probs(log_probs, input_lengths, symbols, "beam", beam_width, top_k, token_min_logp,
                                      blank_skip_threshold, min_length, max_len, mask)
     return to_hypotheses(texts, scores)

@@ -226,25 +226,39 @@ DecodedTexts greedy_strings(const at::Tensor& log_probs, const at::Tensor& input
   return to_texts({tokens.unsqueeze(1), lengths.unsqueeze(1), scores.unsqueeze(1)}, input_lengths, T, symbols, op);
 }
 
-// One string per sequence (top-1), as Python's greedy_decode and beam_search return them: a str[]
-// converts to a Python list in half the work of str[][] (no list per sequence) and builds in one
-// allocation per string.
-std::tuple<c10::List<std::string>, at::Tensor> to_labels(const Decoded& decoded, const at::Tensor& input_lengths,
-                                                         int64_t T, const Symbols& symbols, const char* op) {
+// The top-1 labels of every sequence packed into one string, each ended by a NUL (Python:
+// labels.split("\0")[:-1]), as greedy_decode and beam_search return them: one string crosses into
+// Python instead of one per sequence (each a boxed value and a Python object: ~0.2 us a label,
+// as long as the whole certified beam search of a short captcha takes in C++).
+std::tuple<std::string, at::Tensor> to_labels(const Decoded& decoded, const at::Tensor& input_lengths, int64_t T,
+                                              const Symbols& symbols, const char* op) {
   const auto [tokens, lengths, scores] = to_host(decoded, input_lengths, T, op);
-  std::vector<std::string> strings = label_strings(tokens, lengths, symbols);
-  c10::List<std::string> labels;
-  labels.reserve(static_cast<int64_t>(strings.size()));
-  for (std::string& s : strings) labels.push_back(std::move(s));
+  const std::vector<std::string> strings = label_strings(tokens, lengths, symbols);
+  size_t size = 0;
+  for (const std::string& s : strings) size += s.size() + 1;
+  std::string labels;
+  labels.reserve(size);
+  for (const std::string& s : strings) {
+    labels += s;
+    labels += '\0';
+  }
   return {std::move(labels), scores.reshape({-1})};
 }
 
-std::tuple<c10::List<std::string>, at::Tensor> greedy_labels(const at::Tensor& log_probs,
-                                                            const at::Tensor& input_lengths,
-                                                            const c10::List<std::string>& charset, int64_t blank) {
+// A NUL in a symbol would split its label: refused by name.
+void check_no_nul(const c10::List<std::string>& charset, const char* op) {
+  for (size_t i = 0; i < charset.size(); ++i) {
+    TORCH_CHECK(charset.get(i).find('\0') == std::string::npos, op, ": charset[", i,
+                "] contains a NUL character, which ends each label of the packed output");
+  }
+}
+
+std::tuple<std::string, at::Tensor> greedy_labels(const at::Tensor& log_probs, const at::Tensor& input_lengths,
+                                                  const c10::List<std::string>& charset, int64_t blank) {
   const char* op = "ctc_greedy_decode";
   const auto [T, N, C] = check_decode_inputs(log_probs, input_lengths, blank, op);
   const Symbols symbols(charset, C, blank, "ctc_greedy_decode_labels");
+  check_no_nul(charset, "ctc_greedy_decode_labels");
   return to_labels(greedy_tokens(log_probs, input_lengths, blank), input_lengths, T, symbols, op);
 }
 
@@ -274,13 +288,14 @@ DecodedTexts beam_search_strings(const at::Tensor& log_probs, const at::Tensor& 
                   input_lengths, T, symbols, op);
 }
 
-std::tuple<c10::List<std::string>, at::Tensor> beam_search_labels(
+std::tuple<std::string, at::Tensor> beam_search_labels(
     const at::Tensor& log_probs, const at::Tensor& input_lengths, const c10::List<std::string>& charset,
     int64_t beam_width, int64_t blank, c10::optional<double> token_min_logp, c10::optional<double> blank_skip_threshold,
     int64_t min_length, int64_t max_length, const c10::optional<at::Tensor>& allowed_tokens, bool certify) {
   const char* op = "ctc_beam_search";
   const auto [T, N, C] = check_decode_inputs(log_probs, input_lengths, blank, op);
   const Symbols symbols(charset, C, blank, "ctc_beam_search_labels");
+  check_no_nul(charset, "ctc_beam_search_labels");
   return to_labels(beam_tokens(log_probs, input_lengths, beam_width, 1, blank, token_min_logp, blank_skip_threshold,
                                min_length, max_length, allowed_tokens, certify),
                    input_lengths, T, symbols, op);
@@ -344,21 +359,21 @@ TORCH_LIBRARY(captcha_fast, m) {
   // so these ops have no fake kernels: torch.compile/export use the tensor ops.
   m.def("ctc_greedy_decode_strings(Tensor log_probs, Tensor input_lengths, str[] charset, int blank=0) "
         "-> (str[][] texts, Tensor scores)");
-  // ctc_greedy_decode_labels: the greedy labels as one string per sequence (labels[n]) and
-  // scores (N,) float32 on the CPU: ctc_greedy_decode_strings without the list per sequence,
-  // which Python's greedy_decode returns (and converts in about half the work).
+  // ctc_greedy_decode_labels: the greedy labels packed into one string, each ended by a NUL
+  // (labels.split("\0")[:-1]: one string per sequence, what Python's greedy_decode returns), and
+  // scores (N,) float32 on the CPU; a symbol holding a NUL is refused.
   m.def("ctc_greedy_decode_labels(Tensor log_probs, Tensor input_lengths, str[] charset, int blank=0) "
-        "-> (str[] labels, Tensor scores)");
+        "-> (str labels, Tensor scores)");
   m.def(
       "ctc_beam_search_strings(Tensor log_probs, Tensor input_lengths, str[] charset, int beam_width=10, "
       "int top_k=1, int blank=0, float? token_min_logp=None, float? blank_skip_threshold=None, int min_length=0, "
       "int max_length=-1, Tensor? allowed_tokens=None, bool certify=True) -> (str[][] texts, Tensor scores)");
-  // ctc_beam_search_labels: the beam search's top-1 as one string per sequence and scores (N,):
-  // ctc_beam_search_strings with top_k = 1 without the list per sequence (Python's beam_search).
+  // ctc_beam_search_labels: the beam search's top-1 labels packed as ctc_greedy_decode_labels packs
+  // them, and scores (N,): ctc_beam_search_strings with top_k = 1 (Python's beam_search).
   m.def(
       "ctc_beam_search_labels(Tensor log_probs, Tensor input_lengths, str[] charset, int beam_width=10, "
       "int blank=0, float? token_min_logp=None, float? blank_skip_threshold=None, int min_length=0, "
-      "int max_length=-1, Tensor? allowed_tokens=None, bool certify=True) -> (str[] labels, Tensor scores)");
+      "int max_length=-1, Tensor? allowed_tokens=None, bool certify=True) -> (str labels, Tensor scores)");
   m.def("_build_info() -> str", &build_info);
 }
 

@@ -73,8 +73,8 @@ def test_fuzz_ops(T, N, C, data):
     texts, text_scores = ops.ctc_greedy_decode_strings(lp, lens, charset, blank)
     assert torch.equal(text_scores[:, 0], scores)
     assert texts == [["".join(f"<{c}>" for c in tokens[n, : lengths[n]].tolist())] for n in range(N)]
-    labels, label_scores = ops.ctc_greedy_decode_labels(lp, lens, charset, blank)
-    assert labels == [t[0] for t in texts] and torch.equal(label_scores, scores)
+    packed, label_scores = ops.ctc_greedy_decode_labels(lp, lens, charset, blank)
+    assert packed == "".join(t[0] + "\0" for t in texts) and torch.equal(label_scores, scores)
 
     tokens, lengths, scores = ops.ctc_beam_search(lp, lens, K, top_k, blank, *opts, min_len, max_len, None)
     texts, text_scores = ops.ctc_beam_search_strings(lp, lens, charset, K, top_k, blank, *opts, min_len, max_len)

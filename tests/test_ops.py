@@ -345,12 +345,13 @@ def test_greedy_strings_are_the_reference_labels(seed, T, N, C, peaky, data):
     lp = random_log_probs(T, N, C, peaky=peaky, blank=blank, generator=g)
     lens = torch.randint(0, T + 1, (N,), generator=g).to(torch.int32)
     texts, scores = ops.ctc_greedy_decode_strings(lp, lens, charset, blank)
-    labels, label_scores = ops.ctc_greedy_decode_labels(lp, lens, charset, blank)
+    packed, label_scores = ops.ctc_greedy_decode_labels(lp, lens, charset, blank)
     assert scores.shape == (N, 1) and scores.dtype == torch.float32
     assert label_scores.shape == (N,) and label_scores.dtype == torch.float32
-    for n in range(N):
-        label, score = greedy_decode_reference(lp[: lens[n], n].double().tolist(), blank)
-        assert texts[n] == [label_text(label, charset, blank)] and labels[n] == label_text(label, charset, blank)
+    want = [greedy_decode_reference(lp[: lens[n], n].double().tolist(), blank) for n in range(N)]
+    assert packed == "".join(label_text(label, charset, blank) + "\0" for label, _ in want)  # each ended by a NUL
+    for n, (label, score) in enumerate(want):
+        assert texts[n] == [label_text(label, charset, blank)]
         assert scores[n, 0].item() == pytest.approx(score, abs=TOL)
         assert label_scores[n].item() == scores[n, 0].item()
 
@@ -369,8 +370,8 @@ def test_beam_labels_are_the_strings_ops_top1(seed, T, N, C, K, certify, options
     args = (K, 0, options["token_min_logp"], options["blank_skip_threshold"], options["min_length"],
             options["max_length"], allowed, certify)
     texts, scores = ops.ctc_beam_search_strings(lp, lens, charset, args[0], 1, *args[1:])
-    labels, label_scores = ops.ctc_beam_search_labels(lp, lens, charset, *args)
-    assert labels == [t[0] for t in texts]
+    packed, label_scores = ops.ctc_beam_search_labels(lp, lens, charset, *args)
+    assert packed == "".join(t[0] + "\0" for t in texts)
     assert label_scores.shape == (N,) and torch.equal(label_scores, scores[:, 0])
 
 
@@ -383,7 +384,7 @@ def test_strings_of_repeats_and_empty_labels():
     lens = torch.tensor([4, 4, 4])
     charset = ["x", "yz"]
     assert ops.ctc_greedy_decode_strings(lp, lens, charset)[0] == [["xx"], [""], ["yz"]]
-    assert ops.ctc_greedy_decode_labels(lp, lens, charset)[0] == ["xx", "", "yz"]
+    assert ops.ctc_greedy_decode_labels(lp, lens, charset)[0] == "xx\0\0yz\0"  # each label ended by a NUL
     texts, scores = ops.ctc_beam_search_strings(lp, lens, charset, 4, 3)
     assert [t[0] for t in texts] == ["xx", "", "yz"]
     assert scores[1, 0] > -1e-3  # "" is certain
@@ -425,6 +426,8 @@ def test_long_sequences_accumulate_in_double():
     (lambda: ops.ctc_beam_search_labels(LP, LENS, ["a"] * 5, 4), r"\(C - 1 = 4\), got 5"),
     (lambda: ops.ctc_beam_search_labels(_nan(), LENS, ["a"] * 4, 4), "sequence 1 contain NaN"),
     (lambda: ops.ctc_beam_search_labels(LP, torch.tensor([6, 7]), ["a"] * 4, 4), r"input_lengths\[1\] = 7"),
+    (lambda: ops.ctc_greedy_decode_labels(LP, LENS, ["a", "b", "c\0", "d"]), r"charset\[2\] contains a NUL"),
+    (lambda: ops.ctc_beam_search_labels(LP, LENS, ["a\0", "b", "c", "d"], 4), r"charset\[0\] contains a NUL"),
 ])
 def test_strings_ops_bad_input_raises_clear_error(call, match):
     with pytest.raises(RuntimeError, match=match):
@@ -435,8 +438,7 @@ def test_torchscript_calls_the_strings_ops():
     from typing import List, Tuple
 
     def decode(lp: torch.Tensor, lens: torch.Tensor, charset: List[str]) -> Tuple[List[List[str]], torch.Tensor,
-                                                                                    List[List[str]], List[str],
-                                                                                    List[str]]:
+                                                                                    List[List[str]], str, str]:
         texts, scores = torch.ops.captcha_fast.ctc_beam_search_strings(lp, lens, charset, 4, 2, 0, -5.0, None, 0, -1,
                                                                         None)
         greedy, _ = torch.ops.captcha_fast.ctc_greedy_decode_strings(lp, lens, charset, 0)
@@ -451,7 +453,7 @@ def test_torchscript_calls_the_strings_ops():
     want = decode(lp, lens, charset)
     got = torch.jit.script(decode)(lp, lens, charset)
     assert got[0] == want[0] and got[2] == want[2] and got[3] == want[3] and torch.equal(got[1], want[1])
-    assert want[3] == [t[0] for t in want[2]] and got[4] == want[4] == [t[0] for t in want[0]]
+    assert want[3] == "".join(t[0] + "\0" for t in want[2]) and got[4] == want[4] == "".join(t[0] + "\0" for t in want[0])
 
 
 # ---------------------------------------------------------------------------- the top-label certificate
