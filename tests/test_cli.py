@@ -181,6 +181,8 @@ def test_train_flags_come_from_the_config_fields():
             argv, want = [flag, "3"], 3
         elif f.name == "device":
             argv, want = [flag, "cpu"], "cpu"
+        elif f.name == "blend":  # a share in [0, 1]
+            argv, want = [flag, "0.25"], 0.25
         elif value is None or isinstance(value, str):  # Optional[X] or str: "7" as an X (a pair: 7 8)
             kind = str if value is not None else next(a for a in typing.get_args(hints[f.name]) if a is not type(None))
             if typing.get_origin(kind) is tuple:

@@ -23,6 +23,7 @@ from captcha_fast.train import TrainConfig, build_data, train
 
 TINY = dict(height=16, channels=(8, 16), hidden_dim=32, dropout=0.0, batch_size=8, threads=1, progress=False,
             char_warmup=0, from_scratch=True, ink=False, min_steps=0)
+TINY_FT = dict(height=16, dropout=0.0, batch_size=8, progress=False, ink=False, seed=1)  # fine-tuning a TINY model
 
 
 @pytest.fixture(scope="module")
@@ -406,3 +407,50 @@ def test_default_recipe_fine_tunes_the_shipped_model(tmp_path):
     # 0.75 -> 0.84 from round 18 (36%).
     assert before < 0.9, f"the shipped model reads this style well already ({before}): pick a weaker one"
     assert after >= before + 0.25 * (1 - before), (before, after)
+
+
+# ------------------------------------------------------------------ blending with the start weights
+def _floats_equal_blend(got: dict, start: dict, tuned: dict, share: float) -> bool:
+    """got == start + share (tuned - start) for every floating-point tensor (others: tuned's)."""
+    return all(torch.allclose(got[k], start[k] + share * (v - start[k]), atol=1e-6) if v.is_floating_point()
+               else torch.equal(got[k], v) for k, v in tuned.items())
+
+
+def test_fine_tuning_a_small_set_saves_the_half_way_blend(tiny_folder, tmp_path):
+    """No validation split (8 images): best.ckpt holds start + 0.5 (fine-tuned - start), the
+    fine-tuned weights being the last epoch's (last.ckpt, which --resume continues from); model.pt
+    reads with them; a finished run resumed is not blended again."""
+    start = train(_synthetic_cfg(tmp_path / "start", synth_charset="0123", epochs=1))
+    cfg = dict(data=str(tiny_folder), init_from=str(start), epochs=2, min_steps=8, threads=1, **TINY_FT)
+    lines = []
+    model_path = train(TrainConfig(out=str(tmp_path / "ft"), **cfg), log=lines.append)
+    best, last = load_checkpoint(tmp_path / "ft" / "best.ckpt"), load_checkpoint(tmp_path / "ft" / "last.ckpt")
+    assert best["blend"]["share"] == 0.5 and lines[-1].startswith("saved start + 0.5 (fine-tuned - start)")
+    assert _floats_equal_blend(best["model"], load_checkpoint(start)["model"], last["model"], 0.5)
+    assert not _floats_equal_blend(best["model"], last["model"], last["model"], 0.0)  # not the fine-tuned weights
+    reads, _ = _read_all(load_model(tmp_path / "ft" / "best.ckpt"), tiny_folder)
+    assert api.predict_batch([s.path for s in scan_folder(tiny_folder)], model_path, decoder="greedy") == reads
+    train(TrainConfig(out=str(tmp_path / "ft"), resume=True, **cfg))
+    again = load_checkpoint(tmp_path / "ft" / "best.ckpt")
+    assert all(torch.equal(again["model"][k], v) for k, v in best["model"].items())
+    # --blend 1: the fine-tuned weights themselves
+    train(TrainConfig(out=str(tmp_path / "plain"), blend=1.0, **cfg))
+    plain, plain_last = load_checkpoint(tmp_path / "plain" / "best.ckpt"), load_checkpoint(tmp_path / "plain" / "last.ckpt")
+    assert "blend" not in plain and _floats_equal_blend(plain["model"], plain_last["model"], plain_last["model"], 0.0)
+
+
+def test_fine_tuning_with_a_validation_split_picks_the_blend_by_its_accuracy(tmp_path):
+    """With a validation split the share is the best of BLEND_CHOICES on it (ties: the larger),
+    each one's accuracy recorded; --blend outside [0, 1] is refused."""
+    from captcha_fast.train import BLEND_CHOICES
+    start = train(_synthetic_cfg(tmp_path / "start", epochs=1))
+    train(_synthetic_cfg(tmp_path / "ft", init_from=str(start), from_scratch=False, epochs=2))
+    best = load_checkpoint(tmp_path / "ft" / "best.ckpt")
+    accs = {float(k): v for k, v in best["blend"]["val_acc"].items()}
+    assert sorted(accs) == list(BLEND_CHOICES)
+    assert accs[best["blend"]["share"]] == max(accs.values())
+    tuned = load_checkpoint(tmp_path / "ft" / "last.ckpt")["model"] if best["epoch"] == 1 else None
+    if tuned is not None:  # the last epoch was the best: the blend is of its weights
+        assert _floats_equal_blend(best["model"], load_checkpoint(start)["model"], tuned, best["blend"]["share"])
+    with pytest.raises(ValueError, match=r"blend must be in \[0, 1\], got 1.5"):
+        TrainConfig(data="x", blend=1.5)
