@@ -59,7 +59,7 @@ SMALL_SET = 200      # fewer labelled images: no validation split by default, st
 # The weight-space ensemble of a fine-tuning run (--blend): the shares of the fine-tuned change
 # validation picks from, and the share without a validation split. Measured on 100 labels (held-out
 # accuracy, start / fine-tuned / blended 0.5): the `captcha` package at 160x60 84.0 / 84.5 / 90.0%,
-# varlen_upper 51.5 / 47.0 / 52.5%, the real sysu style 70.0 / 93.6 / 92.1% (docs/accuracy.md).
+# varlen_upper 51.5 / 47.0 / 52.5%, the real sysu style 70.0 / 93.6 / 92.1% (docs/training.md).
 BLEND_CHOICES = (0.0, 0.25, 0.5, 0.75, 1.0)
 SMALL_SET_BLEND = 0.5
 VAL_FRACTION = 0.15  # the validation share of larger sets

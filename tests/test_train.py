@@ -454,3 +454,20 @@ def test_fine_tuning_with_a_validation_split_picks_the_blend_by_its_accuracy(tmp
         assert _floats_equal_blend(best["model"], load_checkpoint(start)["model"], tuned, best["blend"]["share"])
     with pytest.raises(ValueError, match=r"blend must be in \[0, 1\], got 1.5"):
         TrainConfig(data="x", blend=1.5)
+
+
+def test_the_blend_keeps_the_fine_tuned_rows_of_symbols_the_start_model_lacks(tiny_folder, tmp_path):
+    """A start model reading A, B, 1, 2 fine-tuned on labels of 0-3: the classifier rows of 0 and 3
+    (new) are the fine-tuned ones, those of the blank, 1 and 2 are blended."""
+    start = train(_synthetic_cfg(tmp_path / "start", epochs=1))
+    train(TrainConfig(data=str(tiny_folder), out=str(tmp_path / "ft"), init_from=str(start), epochs=1, min_steps=4,
+                      rehearse=0, threads=1, export=False, **TINY_FT))
+    best, last = load_checkpoint(tmp_path / "ft" / "best.ckpt"), load_checkpoint(tmp_path / "ft" / "last.ckpt")
+    first = load_checkpoint(start)
+    assert best["charset"] == "0123" and first["charset"] == "12AB"
+    for name in ("classifier.weight", "classifier.bias"):
+        got, tuned, was = best["model"][name], last["model"][name], first["model"][name]
+        for new in (1, 4):  # "0", "3"
+            assert torch.equal(got[new], tuned[new])
+        for row, old in ((0, 0), (2, 1), (3, 2)):  # blank, "1", "2" (start classes: blank 1 2 A B)
+            assert torch.allclose(got[row], was[old] + 0.5 * (tuned[row] - was[old]), atol=1e-6)
