@@ -416,27 +416,27 @@ def _floats_equal_blend(got: dict, start: dict, tuned: dict, share: float) -> bo
                else torch.equal(got[k], v) for k, v in tuned.items())
 
 
-def test_fine_tuning_a_small_set_saves_the_half_way_blend(tiny_folder, tmp_path):
-    """No validation split (8 images): best.ckpt holds start + 0.5 (fine-tuned - start), the
-    fine-tuned weights being the last epoch's (last.ckpt, which --resume continues from); model.pt
-    reads with them; a finished run resumed is not blended again."""
+def test_fine_tuning_a_small_set_blends_only_when_asked(tiny_folder, tmp_path):
+    """No validation split (8 images): by default best.ckpt holds the fine-tuned weights themselves
+    (nothing to choose a share on); with --blend 0.5 it holds start + 0.5 (fine-tuned - start), the
+    fine-tuned weights being the last epoch's (last.ckpt, which --resume continues from), model.pt
+    reads with them, and a finished run resumed is not blended again."""
     start = train(_synthetic_cfg(tmp_path / "start", synth_charset="0123", epochs=1))
     cfg = dict(data=str(tiny_folder), init_from=str(start), epochs=2, min_steps=8, threads=1, **TINY_FT)
+    train(TrainConfig(out=str(tmp_path / "plain"), export=False, **cfg))
+    plain, plain_last = load_checkpoint(tmp_path / "plain" / "best.ckpt"), load_checkpoint(tmp_path / "plain" / "last.ckpt")
+    assert "blend" not in plain and _floats_equal_blend(plain["model"], plain_last["model"], plain_last["model"], 0.0)
     lines = []
-    model_path = train(TrainConfig(out=str(tmp_path / "ft"), **cfg), log=lines.append)
+    model_path = train(TrainConfig(out=str(tmp_path / "ft"), blend=0.5, **cfg), log=lines.append)
     best, last = load_checkpoint(tmp_path / "ft" / "best.ckpt"), load_checkpoint(tmp_path / "ft" / "last.ckpt")
-    assert best["blend"]["share"] == 0.5 and lines[-1].startswith("saved start + 0.5 (fine-tuned - start)")
+    assert best["blend"]["share"] == 0.5 and lines[-1] == "saved start + 0.5 (fine-tuned - start) (--blend)"
     assert _floats_equal_blend(best["model"], load_checkpoint(start)["model"], last["model"], 0.5)
     assert not _floats_equal_blend(best["model"], last["model"], last["model"], 0.0)  # not the fine-tuned weights
     reads, _ = _read_all(load_model(tmp_path / "ft" / "best.ckpt"), tiny_folder)
     assert api.predict_batch([s.path for s in scan_folder(tiny_folder)], model_path, decoder="greedy") == reads
-    train(TrainConfig(out=str(tmp_path / "ft"), resume=True, **cfg))
+    train(TrainConfig(out=str(tmp_path / "ft"), blend=0.5, resume=True, **cfg))
     again = load_checkpoint(tmp_path / "ft" / "best.ckpt")
     assert all(torch.equal(again["model"][k], v) for k, v in best["model"].items())
-    # --blend 1: the fine-tuned weights themselves
-    train(TrainConfig(out=str(tmp_path / "plain"), blend=1.0, **cfg))
-    plain, plain_last = load_checkpoint(tmp_path / "plain" / "best.ckpt"), load_checkpoint(tmp_path / "plain" / "last.ckpt")
-    assert "blend" not in plain and _floats_equal_blend(plain["model"], plain_last["model"], plain_last["model"], 0.0)
 
 
 def test_fine_tuning_with_a_validation_split_picks_the_blend_by_its_accuracy(tmp_path):
@@ -461,7 +461,7 @@ def test_the_blend_keeps_the_fine_tuned_rows_of_symbols_the_start_model_lacks(ti
     (new) are the fine-tuned ones, those of the blank, 1 and 2 are blended."""
     start = train(_synthetic_cfg(tmp_path / "start", epochs=1))
     train(TrainConfig(data=str(tiny_folder), out=str(tmp_path / "ft"), init_from=str(start), epochs=1, min_steps=4,
-                      rehearse=0, threads=1, export=False, **TINY_FT))
+                      rehearse=0, blend=0.5, threads=1, export=False, **TINY_FT))
     best, last = load_checkpoint(tmp_path / "ft" / "best.ckpt"), load_checkpoint(tmp_path / "ft" / "last.ckpt")
     first = load_checkpoint(start)
     assert best["charset"] == "0123" and first["charset"] == "12AB"
