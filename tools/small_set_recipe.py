@@ -19,12 +19,16 @@ import hashlib
 import json
 import random
 import resource
+import sys
 import time
 from pathlib import Path
 
-from captcha_fast import api, synth
-from captcha_fast.cli import main as cli
-from captcha_fast.data import list_samples, split_samples
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's package, not whichever is installed (runs from a frozen copy)
+
+from captcha_fast import api, synth  # noqa: E402
+from captcha_fast.cli import main as cli  # noqa: E402
+from captcha_fast.data import list_samples, split_samples  # noqa: E402
 
 SYMBOLS = "0123456789abcdefghijklmnopqrstuvwxyz"
 
