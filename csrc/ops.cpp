@@ -229,7 +229,7 @@ DecodedTexts greedy_strings(const at::Tensor& log_probs, const at::Tensor& input
 // The top-1 labels of every sequence packed into one string, each ended by a NUL (Python:
 // labels.split("\0")[:-1]), as greedy_decode and beam_search return them: one string crosses into
 // Python instead of one per sequence (each a boxed value and a Python object: ~0.2 us a label,
-// as long as the whole certified beam search of a short captcha takes in C++).
+// as long as the whole greedy decode of a short captcha takes in C++).
 std::tuple<std::string, at::Tensor> to_labels(const Decoded& decoded, const at::Tensor& input_lengths, int64_t T,
                                               const Symbols& symbols, const char* op) {
   const auto [tokens, lengths, scores] = to_host(decoded, input_lengths, T, op);
