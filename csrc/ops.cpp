@@ -144,16 +144,23 @@ class Symbols {
       begin_[c + 1] = static_cast<int64_t>(bytes_.size());
     }
   }
-  std::string text(const int32_t* tokens, int64_t len) const {
+  // The bytes of a label's text, and the text written at p (returns its end).
+  int64_t size(const int32_t* tokens, int64_t len) const {
     int64_t size = 0;
     for (int64_t j = 0; j < len; ++j) size += begin_[tokens[j] + 1] - begin_[tokens[j]];
-    std::string out(static_cast<size_t>(size), '\0');
-    char* p = out.data();
+    return size;
+  }
+  char* write(const int32_t* tokens, int64_t len, char* p) const {
     for (int64_t j = 0; j < len; ++j) {
       const int64_t b = begin_[tokens[j]], n = begin_[tokens[j] + 1] - b;
       std::memcpy(p, bytes_.data() + b, static_cast<size_t>(n));
       p += n;
     }
+    return p;
+  }
+  std::string text(const int32_t* tokens, int64_t len) const {
+    std::string out(static_cast<size_t>(size(tokens, len)), '\0');
+    write(tokens, len, out.data());
     return out;
   }
 
@@ -233,15 +240,18 @@ DecodedTexts greedy_strings(const at::Tensor& log_probs, const at::Tensor& input
 std::tuple<std::string, at::Tensor> to_labels(const Decoded& decoded, const at::Tensor& input_lengths, int64_t T,
                                               const Symbols& symbols, const char* op) {
   const auto [tokens, lengths, scores] = to_host(decoded, input_lengths, T, op);
-  const std::vector<std::string> strings = label_strings(tokens, lengths, symbols);
-  size_t size = 0;
-  for (const std::string& s : strings) size += s.size() + 1;
-  std::string labels;
-  labels.reserve(size);
-  for (const std::string& s : strings) {
-    labels += s;
-    labels += '\0';
-  }
+  const int64_t rows = lengths.numel(), L = tokens.size(-1);
+  const int32_t* tok = tokens.const_data_ptr<int32_t>();
+  const int32_t* len = lengths.const_data_ptr<int32_t>();
+  std::vector<int64_t> end(static_cast<size_t>(rows));  // where each label's NUL goes
+  int64_t at = 0;
+  for (int64_t r = 0; r < rows; ++r) end[r] = at += symbols.size(tok + r * L, len[r]) + 1;
+  std::string labels(static_cast<size_t>(at), '\0');  // the NULs already in place
+  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t stop) {
+    for (int64_t r = begin; r < stop; ++r) {
+      symbols.write(tok + r * L, len[r], labels.data() + (r == 0 ? 0 : end[r - 1]));
+    }
+  });
   return {std::move(labels), scores.reshape({-1})};
 }
 
