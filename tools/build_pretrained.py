@@ -31,7 +31,9 @@ the GRU-192 build: score 0.894 against 0.876-0.887 per round, unseen 61.0% again
 next round still starts from round k's own weights. The score is the mean accuracy over all of these
 but the unseen sets (kept clean as the unseen-style check); the best is kept in OUT/best/. A row per
 round goes to OUT/build_log.csv; --install copies OUT/best into captcha_fast/pretrained/ (or
---install-dir), the log into docs/build_log.csv, plots docs/build_curve.png and writes the model card.
+--install-dir), the log into docs/build_log.csv, plots docs/build_curve.png, writes the model card, fits
+the confidence (docs/reliability.*) and remeasures the rest of docs/accuracy.md that depends on the
+model (the table with 0/O and 1/I/l merged, printed; the error galleries): one command per install.
 
 Hours. The budget and the curve count training hours as the CPU time (time.process_time) of the
 train() calls, setup and per-epoch bookkeeping included; rendering and held-out evaluation are
@@ -475,7 +477,22 @@ def install(out: Path, target: Path, log_target: Path, args) -> None:
     plot_log(read_log(log_target), log_target.with_name("build_curve.png"))
     calibrate(target, args)
     write_model_card(target, load_checkpoint(best / "default.ckpt"), args)
+    remeasure(target, args)
     print(f"installed {target / 'default.pt'}, default.ckpt, MODEL_CARD.md; {log_target} and build_curve.png")
+
+
+def remeasure(target: Path, args) -> None:
+    """The figures of docs/accuracy.md that depend on the model, measured on the installed one: the table of
+    reads with 0/O and 1/I/l merged (printed, as markdown) and the two error galleries (docs/errors_*.png)."""
+    import accuracy_table
+    import error_gallery
+
+    model = str(target / "default.pt")
+    folders = [x for name, folder in SHARED.items() for x in ("--folder", f"{name}={args.data / folder}")]
+    accuracy_table.main([model, *folders, "-n", str(args.eval_n), "--styles", "captcha_pkg"])
+    error_gallery.main([model, "--package", "160x60", "--show", "10", "--out", str(ROOT / "docs" / "errors_pkg160.png")])
+    error_gallery.main([model, "--folder", f"varlen={args.data / SHARED['varlen']}", "--show", "10",
+                        "--out", str(ROOT / "docs" / "errors_varlen.png")])
 
 
 def calibrate(target: Path, args) -> None:
