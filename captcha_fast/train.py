@@ -24,12 +24,13 @@ the start of every epoch, so a resumed run repeats what an uninterrupted run doe
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -39,7 +40,7 @@ from torch import Tensor
 
 from captcha_fast.charset import Charset
 from captcha_fast.checkpoint import (PRETRAINED_CHECKPOINT, init_from_checkpoint, load_checkpoint,
-                                     load_model, save_checkpoint)
+                                     load_model, model_from_checkpoint, save_checkpoint)
 from captcha_fast.confidence import calibrate_file
 from captcha_fast.data import (SMALL_SET_AUGMENT, AugmentConfig, Batch, BucketBatchSampler, CaptchaDataset,
                                check_labels, collate, frames_needed, list_samples, split_samples, synthetic_dataset)
@@ -114,9 +115,12 @@ class TrainConfig:
                                  "not unlearned (0: off)")
     blend: Optional[float] = _opt(None, "fine-tuning: save start + A (fine-tuned - start), a weight-space ensemble "
                                         "that keeps what the start model read (WiSE-FT); default: A from "
-                                        "0, 0.25, 0.5, 0.75, 1 by validation accuracy, or 1 (the fine-tuned "
-                                        "weights) without a validation split; 0.5 helps a style the shipped "
-                                        "model half reads", metavar="A")
+                                        "0, 0.25, 0.5, 0.75, 1 by validation accuracy, or without a validation "
+                                        "split by --probe", metavar="A")
+    probe: bool = _opt(True, "fine-tuning a small set without a validation split: two short runs on half the "
+                             "labels each read the other half, and the fine-tuned weights are kept unless they read "
+                             "it worse than the start model (then the blend that read it best); about doubles the "
+                             "time")
     warmup: float = _opt(0.15, "fraction of the steps spent warming the learning rate up")
     clip: float = _opt(5.0, "gradient norm clip")
     patience: int = _opt(10, "stop after this many epochs without a better validation score")
@@ -638,44 +642,128 @@ def _epoch_line(row: dict, epochs: int, improved: bool) -> str:
             f"{row['seconds']:.0f}s{' (best)' if improved else ''}")
 
 
+def _blended(start: Dict[str, Tensor], tuned: Dict[str, Tensor], a: float) -> Dict[str, Tensor]:
+    """start + a (tuned - start) for the floating-point tensors (batch-norm statistics too); the rest tuned's."""
+    return {k: start[k] + a * (v - start[k]) if v.is_floating_point() else v for k, v in tuned.items()}
+
+
+def _start_of(model: CRNN, tuned: Dict[str, Tensor], init: Path) -> Dict[str, Tensor]:
+    """The start checkpoint's weights in `model`'s classes (classifier rows of symbols it lacks: tuned's)."""
+    model.load_state_dict(tuned)
+    init_from_checkpoint(model, init)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+PROBE_STEPS = 0.5  # each probe run's share of --min-steps
+
+
+def _probe_share(run: _Run, init: Path, say: Callable[[str], None]) -> Optional[float]:
+    """The blend share for a small set fine-tuned without a validation split (--probe), from a
+    two-fold probe: two short runs (PROBE_STEPS of --min-steps each), each fine-tuned on one half
+    of the labels (split by a hash of the name, as the validation split is), read the other half at
+    every share of BLEND_CHOICES (greedy reads, exact); both halves' counts are pooled. The share is
+    1 (the fine-tuned weights) unless the probes' fine-tuned weights read fewer of their held-out
+    halves than the start model did -- a style the start model half reads, whose few labels crowd
+    out what it knew of the rest -- and then the share that read most (ties: the larger). Probes
+    learn from half the labels, so they underrate how far the full run's weights can be trusted:
+    they decide whether to blend, not how little. OUT/probe/probe.json keeps the counts (a resumed
+    run reads them). None: --no-probe, not a small set, or too few images to halve."""
+    cfg = run.cfg
+    if not cfg.probe or cfg.data == "synthetic":
+        return None
+    record = run.out / "probe" / "probe.json"
+    if cfg.resume and record.is_file():
+        result = json.loads(record.read_text())
+    else:
+        samples = check_labels(list_samples(cfg.data), run.charset, cfg.skip_bad)
+        halves = split_samples(samples, 0.5, cfg.seed)
+        if len(samples) >= SMALL_SET or min(len(h) for h in halves) < 2:
+            return None
+        correct = dict.fromkeys(BLEND_CHOICES, 0)
+        for i, (fit, held) in enumerate((halves, halves[::-1])):
+            folder = run.out / "probe" / str(i)
+            folder.mkdir(parents=True, exist_ok=True)
+            manifest = folder / "labels.tsv"
+            if run.ddp.main:
+                atomic_write(manifest, lambda tmp: Path(tmp).write_text(
+                    "".join(f"{Path(s.path).resolve()}\t{s.label}\n" for s in fit)))
+            run.ddp.barrier()
+            probe_cfg = replace(cfg, data=str(manifest), out=str(folder), val_fraction=0.0, blend=1.0, probe=False,
+                                min_steps=max(1, round(cfg.min_steps * PROBE_STEPS)), export=False, stop_after=None,
+                                progress=False, resume=cfg.resume and (folder / "last.ckpt").is_file())
+            tuned = load_checkpoint(train(probe_cfg))
+            model = model_from_checkpoint(tuned).to(run.device)
+            start = _start_of(model, tuned["model"], init)
+            data = CaptchaDataset(held, run.charset, height=cfg.height, in_channels=cfg.in_channels, ink=cfg.ink,
+                                  max_width=cfg.max_width, skip_bad=cfg.skip_bad)  # images and labels; reads: below
+            for a in BLEND_CHOICES:
+                model.load_state_dict(_blended(start, tuned["model"], a))
+                correct[a] += _exact_count(model, Charset(tuned["charset"]), data, run.device, cfg.batch_size)
+        result = {"images": [len(h) for h in halves], "correct": {str(a): c for a, c in correct.items()},
+                  "share": probe_rule(correct)}
+        if run.ddp.main:
+            atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    n = sum(result["images"])
+    say("probe (half the labels each, read by the other half's run): " + ", ".join(
+        f"{a}: {c}/{n}" for a, c in result["correct"].items()))
+    return result["share"]
+
+
+def probe_rule(correct: Dict[float, int]) -> float:
+    """The probe's share from its pooled counts per share: 1 unless 1 read fewer than 0, else the best (ties: larger)."""
+    return 1.0 if correct[1.0] >= correct[0.0] else max(correct, key=lambda a: (correct[a], a))
+
+
+def _exact_count(model: CRNN, charset: Charset, data: CaptchaDataset, device: torch.device, batch_size: int) -> int:
+    """How many of `data`'s images the model (of `charset`'s classes) reads exactly right (greedy)."""
+    model.eval()
+    right = 0
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            b = collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
+            log_probs, lengths = model(_on(device, b.images), b.widths.to(device))
+            right += score(b.labels, greedy_decode(log_probs, lengths, charset)).correct
+    return right
+
+
 def _blend_with_start(run: _Run, say: Callable[[str], None]) -> None:
     """Fine-tuning: best.ckpt's weights become start + a (best - start), the weight-space ensemble of
     the start model and the fine-tuned one (Wortsman et al., WiSE-FT, 2022): a few labels pull the
     weights towards their images, and part of the way back keeps what the start model read of
     everything else. a: --blend, else the best of BLEND_CHOICES on the validation split (ties: the
-    larger; 0 keeps the start model when fine-tuning only lost accuracy), else none. Floating-point
+    larger; 0 keeps the start model when fine-tuning only lost accuracy), else --probe's share for a
+    small set, else none. Floating-point
     tensors (batch-norm statistics too) are blended; classifier rows of symbols the start model
     lacks stay fine-tuned. best.ckpt records it ("blend"), so a finished run that is resumed is not
     blended twice; last.ckpt keeps the fine-tuned weights (--resume continues from them)."""
     init = start_weights(run.cfg)
-    share = run.cfg.blend
-    if init is None or share == 1.0 or (share is None and run.val_ds is None):
+    share, how = run.cfg.blend, "--blend"
+    if init is None or share == 1.0:
         return
     best = load_checkpoint(run.out / "best.ckpt")
     if "blend" in best:
         return
+    if share is None and run.val_ds is None:
+        share, how = _probe_share(run, init, say), "--probe"
+        if share is None or share == 1.0:
+            return
     model = run.model
     tuned = {k: v.to(run.device) for k, v in best["model"].items()}
-    model.load_state_dict(tuned)
-    init_from_checkpoint(model, init)  # the start's weights in this model's classes; new symbols keep tuned rows
-    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    def blended(a: float) -> Dict[str, Tensor]:
-        return {k: start[k] + a * (v - start[k]) if v.is_floating_point() else v for k, v in tuned.items()}
-
+    start = _start_of(model, tuned, init)
+    rows = {}
     if share is not None:
-        a, rows, how = share, {}, "--blend"
+        a = share
     else:
-        rows = {}
         for choice in BLEND_CHOICES:
-            model.load_state_dict(blended(choice))
+            model.load_state_dict(_blended(start, tuned, choice))
             rows[choice] = _validate(run)
         a = max(BLEND_CHOICES, key=lambda c: (_rank(rows[c]), c))
         how = "validation accuracy " + ", ".join(f"{c:g}: {r['val_acc']:.4f}" for c, r in rows.items())
-    model.load_state_dict(blended(a))
+    model.load_state_dict(_blended(start, tuned, a))
     if run.ddp.main:
         save_checkpoint({**best, "model": model.state_dict(),
-                         "blend": {"share": a, "start": str(init), "val_acc": {str(c): r["val_acc"] for c, r in rows.items()}}},
+                         "blend": {"share": a, "start": str(init), "by": how.split(" ")[0],
+                                   "val_acc": {str(c): r["val_acc"] for c, r in rows.items()}}},
                         run.out / "best.ckpt")
     say(f"saved start + {a:g} (fine-tuned - start) ({how})")
 

@@ -14,9 +14,9 @@ import torch
 
 from captcha_fast import api
 from captcha_fast.charset import Charset
-from captcha_fast.checkpoint import load_checkpoint, load_model
+from captcha_fast.checkpoint import load_checkpoint, load_model, model_from_checkpoint
 from captcha_fast.cli import main
-from captcha_fast.data import CaptchaDataset, collate, scan_folder
+from captcha_fast.data import CaptchaDataset, collate, scan_folder, split_samples
 from captcha_fast.decode import greedy_decode
 from captcha_fast.synth import SynthConfig, write_synthetic
 from captcha_fast.train import TrainConfig, build_data, train
@@ -417,13 +417,13 @@ def _floats_equal_blend(got: dict, start: dict, tuned: dict, share: float) -> bo
 
 
 def test_fine_tuning_a_small_set_blends_only_when_asked(tiny_folder, tmp_path):
-    """No validation split (8 images): by default best.ckpt holds the fine-tuned weights themselves
+    """No validation split (8 images), --no-probe: best.ckpt holds the fine-tuned weights themselves
     (nothing to choose a share on); with --blend 0.5 it holds start + 0.5 (fine-tuned - start), the
     fine-tuned weights being the last epoch's (last.ckpt, which --resume continues from), model.pt
     reads with them, and a finished run resumed is not blended again."""
     start = train(_synthetic_cfg(tmp_path / "start", synth_charset="0123", epochs=1))
     cfg = dict(data=str(tiny_folder), init_from=str(start), epochs=2, min_steps=8, threads=1, **TINY_FT)
-    train(TrainConfig(out=str(tmp_path / "plain"), export=False, **cfg))
+    train(TrainConfig(out=str(tmp_path / "plain"), export=False, probe=False, **cfg))
     plain, plain_last = load_checkpoint(tmp_path / "plain" / "best.ckpt"), load_checkpoint(tmp_path / "plain" / "last.ckpt")
     assert "blend" not in plain and _floats_equal_blend(plain["model"], plain_last["model"], plain_last["model"], 0.0)
     lines = []
@@ -471,3 +471,51 @@ def test_the_blend_keeps_the_fine_tuned_rows_of_symbols_the_start_model_lacks(ti
             assert torch.equal(got[new], tuned[new])
         for row, old in ((0, 0), (2, 1), (3, 2)):  # blank, "1", "2" (start classes: blank 1 2 A B)
             assert torch.allclose(got[row], was[old] + 0.5 * (tuned[row] - was[old]), atol=1e-6)
+
+
+def test_the_probe_blends_back_where_fine_tuning_reads_worse_than_the_start(tmp_path):
+    """--probe, the default for a small set fine-tuned without a validation split: two runs on half
+    the labels each read the other half at every share of BLEND_CHOICES. A start model that reads
+    the images, fine-tuned at a learning rate that wrecks it: the probes read their held-out halves
+    worse than the start did, so the run saves the share that read them best (below 1), recorded.
+    The counts are recomputed here from the probes' checkpoints through saved recognizers."""
+    from captcha_fast.export import save_recognizer
+    from captcha_fast.train import BLEND_CHOICES
+    folder = tmp_path / "captchas"
+    write_synthetic(folder, SynthConfig(charset="12", min_len=2, max_len=3, seed=5, clean=True), 24)
+    start = train(TrainConfig(data=str(folder), out=str(tmp_path / "start"), lr=5e-3, augment=False, export=False,
+                              **{**TINY, "min_steps": 150, "epochs": 3, "char_warmup": 40}))
+    lines = []
+    train(TrainConfig(data=str(folder), out=str(tmp_path / "ft"), init_from=str(start), epochs=1, min_steps=20,
+                      lr=1.0, threads=1, export=False, **TINY_FT), log=lines.append)
+    probe = json.loads((tmp_path / "ft" / "probe" / "probe.json").read_text())
+    correct = {float(a): c for a, c in probe["correct"].items()}
+    assert sorted(correct) == list(BLEND_CHOICES) and sum(probe["images"]) == 24
+    assert correct[1.0] < correct[0.0], correct
+    share = max(BLEND_CHOICES, key=lambda a: (correct[a], a))
+    best, last = load_checkpoint(tmp_path / "ft" / "best.ckpt"), load_checkpoint(tmp_path / "ft" / "last.ckpt")
+    assert probe["share"] == share < 1 and best["blend"]["share"] == share and best["blend"]["by"] == "--probe"
+    assert _floats_equal_blend(best["model"], load_checkpoint(start)["model"], last["model"], share)
+    assert any(line.startswith("probe (half the labels each") for line in lines)
+    first = load_checkpoint(start)["model"]
+    recount = dict.fromkeys(BLEND_CHOICES, 0)
+    for i, held in enumerate(split_samples(scan_folder(folder), 0.5, 1)[::-1]):
+        tuned = load_checkpoint(tmp_path / "ft" / "probe" / str(i) / "best.ckpt")
+        for a in BLEND_CHOICES:
+            model = model_from_checkpoint({**tuned, "model": {k: first[k] + a * (v - first[k]) if v.is_floating_point()
+                                                              else v for k, v in tuned["model"].items()}})
+            reads = api.predict_batch([s.path for s in held], save_recognizer(model, tmp_path / "m.pt"),
+                                      decoder="greedy")
+            recount[a] += sum(r == s.label for r, s in zip(reads, held))
+    assert recount == correct
+
+
+@pytest.mark.parametrize("correct, share", [
+    ({0.0: 5, 0.25: 9, 0.5: 9, 0.75: 8, 1.0: 6}, 1.0),   # fine-tuning reads more than the start: kept
+    ({0.0: 5, 0.25: 5, 0.5: 5, 0.75: 5, 1.0: 5}, 1.0),   # no worse: kept
+    ({0.0: 7, 0.25: 9, 0.5: 9, 0.75: 8, 1.0: 6}, 0.5),   # worse: the best share, ties the larger
+    ({0.0: 7, 0.25: 6, 0.5: 5, 0.75: 4, 1.0: 3}, 0.0),   # every step away from the start loses
+])
+def test_the_probe_rule(correct, share):
+    from captcha_fast.train import probe_rule
+    assert probe_rule(correct) == share
