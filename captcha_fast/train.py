@@ -15,8 +15,9 @@ Small sets (fewer than SMALL_SET labelled images, as a user's own hundred captch
 validation split unless --val-fraction asks for one (15% of 100 images is 15 images, one image
 is 7 points of accuracy: too coarse to pick an epoch or stop on), a fixed budget of at least
 --min-steps optimizer steps (each epoch makes as many passes over the images as that needs), the
-last weights kept (the schedule anneals the learning rate to nearly zero), and stronger
-augmentation (data.SMALL_SET_AUGMENT).
+last weights kept (the schedule anneals the learning rate to nearly zero), stronger
+augmentation (data.SMALL_SET_AUGMENT), and, when fine-tuning, a two-fold probe (--probe) that keeps
+the start model's weights in the blend when a few labels would make the model read their style worse.
 
 Determinism: the data order comes from (seed, pass), each sample's augmentation from
 (seed, pass, index) and dropout from a generator reseeded with (seed, epoch, rank) at

@@ -51,8 +51,10 @@ def test_reads_nothing_from_an_image_with_no_text(image):
 
 
 def test_shipped_training_weights_match_the_shipped_recognizer():
-    """default.ckpt (where fine-tuning starts) holds the weights default.pt was exported from."""
+    """default.ckpt (where fine-tuning starts) holds the weights default.pt was exported from. Both in
+    float32: on a CPU with native bf16 the loaded model's default precision may read a borderline
+    image differently (the model of rounds 22-26 reads one of these eight so)."""
     model = load_model(PRETRAINED_CHECKPOINT)
     rec = build_recognizer(model)
     images = [torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1) for im in _renders()[0][:8]]
-    assert rec(images)[0] == captcha_fast.default_model(device="cpu")(images)[0]
+    assert rec(images)[0] == captcha_fast.default_model(device="cpu", amp=False)(images)[0]
