@@ -738,23 +738,24 @@ def _blend_with_start(run: _Run, say: Callable[[str], None]) -> None:
     lacks stay fine-tuned. best.ckpt records it ("blend"), so a finished run that is resumed is not
     blended twice; last.ckpt keeps the fine-tuned weights (--resume continues from them)."""
     init = start_weights(run.cfg)
-    share, how = run.cfg.blend, "--blend"
+    share, by = run.cfg.blend, "--blend"
     if init is None or share == 1.0:
         return
     best = load_checkpoint(run.out / "best.ckpt")
     if "blend" in best:
         return
     if share is None and run.val_ds is None:
-        share, how = _probe_share(run, init, say), "--probe"
+        share, by = _probe_share(run, init, say), "--probe"
         if share is None or share == 1.0:
             return
     model = run.model
     tuned = {k: v.to(run.device) for k, v in best["model"].items()}
     start = _start_of(model, tuned, init)
-    rows = {}
+    rows, how = {}, by
     if share is not None:
         a = share
     else:
+        by = "validation"
         for choice in BLEND_CHOICES:
             model.load_state_dict(_blended(start, tuned, choice))
             rows[choice] = _validate(run)
@@ -763,7 +764,7 @@ def _blend_with_start(run: _Run, say: Callable[[str], None]) -> None:
     model.load_state_dict(_blended(start, tuned, a))
     if run.ddp.main:
         save_checkpoint({**best, "model": model.state_dict(),
-                         "blend": {"share": a, "start": str(init), "by": how.split(" ")[0],
+                         "blend": {"share": a, "start": str(init), "by": by,
                                    "val_acc": {str(c): r["val_acc"] for c, r in rows.items()}}},
                         run.out / "best.ckpt")
     say(f"saved start + {a:g} (fine-tuned - start) ({how})")
