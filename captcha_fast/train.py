@@ -655,12 +655,12 @@ def _start_of(model: CRNN, tuned: Dict[str, Tensor], init: Path) -> Dict[str, Te
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-PROBE_STEPS = 0.5  # each probe run's share of --min-steps
+PROBE_STEPS = 0.5  # each probe run's share of the run's epochs and --min-steps: of its optimizer steps
 
 
 def _probe_share(run: _Run, init: Path, say: Callable[[str], None]) -> Optional[float]:
     """The blend share for a small set fine-tuned without a validation split (--probe), from a
-    two-fold probe: two short runs (PROBE_STEPS of --min-steps each), each fine-tuned on one half
+    two-fold probe: two short runs (PROBE_STEPS of the run's steps each), each fine-tuned on one half
     of the labels (split by a hash of the name, as the validation split is), read the other half at
     every share of BLEND_CHOICES (greedy reads, exact); both halves' counts are pooled. The share is
     1 (the fine-tuned weights) unless the probes' fine-tuned weights read fewer of their held-out
@@ -689,7 +689,9 @@ def _probe_share(run: _Run, init: Path, say: Callable[[str], None]) -> Optional[
                 atomic_write(manifest, lambda tmp: Path(tmp).write_text(
                     "".join(f"{Path(s.path).resolve()}\t{s.label}\n" for s in fit)))
             run.ddp.barrier()
+            # Fewer epochs as well as fewer --min-steps: a rehearsed half is one pass per epoch already.
             probe_cfg = replace(cfg, data=str(manifest), out=str(folder), val_fraction=0.0, blend=1.0, probe=False,
+                                epochs=max(1, round(cfg.epochs * PROBE_STEPS)),
                                 min_steps=max(1, round(cfg.min_steps * PROBE_STEPS)), export=False, stop_after=None,
                                 progress=False, resume=cfg.resume and (folder / "last.ckpt").is_file())
             tuned = load_checkpoint(train(probe_cfg))

@@ -480,7 +480,7 @@ def test_the_probe_blends_back_where_fine_tuning_reads_worse_than_the_start(tmp_
     worse than the start did, so the run saves the share that read them best (below 1), recorded.
     The counts are recomputed here from the probes' checkpoints through saved recognizers."""
     from captcha_fast.export import save_recognizer
-    from captcha_fast.train import BLEND_CHOICES
+    from captcha_fast.train import BLEND_CHOICES, PROBE_STEPS
     folder = tmp_path / "captchas"
     write_synthetic(folder, SynthConfig(charset="12", min_len=2, max_len=3, seed=5, clean=True), 24)
     start = train(TrainConfig(data=str(folder), out=str(tmp_path / "start"), lr=5e-3, augment=False, export=False,
@@ -497,6 +497,9 @@ def test_the_probe_blends_back_where_fine_tuning_reads_worse_than_the_start(tmp_
     assert probe["share"] == share < 1 and best["blend"]["share"] == share and best["blend"]["by"] == "--probe"
     assert _floats_equal_blend(best["model"], load_checkpoint(start)["model"], last["model"], share)
     assert any(line.startswith("probe (half the labels each") for line in lines)
+    for i in (0, 1):  # each probe about PROBE_STEPS of the run's steps (to a pass of its half: 2 steps)
+        steps = load_checkpoint(tmp_path / "ft" / "probe" / str(i) / "last.ckpt")["scheduler"]["total_steps"]
+        assert abs(steps - PROBE_STEPS * last["scheduler"]["total_steps"]) <= 2, steps
     first = load_checkpoint(start)["model"]
     recount = dict.fromkeys(BLEND_CHOICES, 0)
     for i, held in enumerate(split_samples(scan_folder(folder), 0.5, 1)[::-1]):

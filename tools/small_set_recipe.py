@@ -1,6 +1,7 @@
 """The small-set recipe, measured: `captcha-fast train` with its defaults (fine-tuning the shipped
 model) on k labelled images of one style, then the held-out accuracy on other images of that
-style (case ignored), the optimizer steps, the time and the steps per CPU second.
+style (case ignored), beside the fine-tuned weights' own (last.ckpt: what --no-probe saves) and the
+blend share the run saved, the optimizer steps (of the main run), the time and the steps per CPU second.
 
     python tools/small_set_recipe.py --set pkg160 --set php_heavy --set varlen=../shared/data/varlen_upper \
         --set v2=../shared/data/captcha_images_v2 --labels 25 100 400 --threads 1 --out runs/recipe
@@ -84,11 +85,16 @@ def run(spec: str, k: int, out: Path, threads: int, extra: list) -> dict:
     cpu, wall = _cpu_seconds(), time.time()
     assert cli(["train", str(manifest), "--out", str(run_dir), "--threads", str(threads), "--quiet", *extra]) == 0
     cpu, wall = _cpu_seconds() - cpu, time.time() - wall
-    from captcha_fast.checkpoint import load_checkpoint
-    last = load_checkpoint(run_dir / "last.ckpt")
+    from captcha_fast.checkpoint import load_checkpoint, load_model
+    from captcha_fast.export import save_recognizer
+    last, best = load_checkpoint(run_dir / "last.ckpt"), load_checkpoint(run_dir / "best.ckpt")
     steps = last["scheduler"]["total_steps"]
+    blend = best.get("blend", {})
+    # last.ckpt holds the fine-tuned weights themselves: what the run saves with --no-probe (and --blend 1)
+    fine_tuned = accuracy(save_recognizer(load_model(run_dir / "last.ckpt"), run_dir / "fine_tuned.pt"), held)
     return dict(set=name, requested=k, labels=len(train_rows), held_out=len(held), shipped=accuracy(None, held),
-                accuracy=accuracy(run_dir / "model.pt", held), steps=steps, wall_s=round(wall, 1),
+                accuracy=accuracy(run_dir / "model.pt", held), fine_tuned=fine_tuned,
+                share=blend.get("share", 1.0), share_by=blend.get("by"), steps=steps, wall_s=round(wall, 1),
                 cpu_s=round(cpu, 1), steps_per_cpu_s=round(steps / cpu, 2), threads=threads, options=" ".join(extra))
 
 
