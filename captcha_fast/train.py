@@ -118,10 +118,10 @@ class TrainConfig:
                                         "that keeps what the start model read (WiSE-FT); default: A from "
                                         "0, 0.25, 0.5, 0.75, 1 by validation accuracy, or without a validation "
                                         "split by --probe", metavar="A")
-    probe: bool = _opt(True, "fine-tuning a small set without a validation split: two short runs on half the "
-                             "labels each read the other half, and the fine-tuned weights are kept unless they read "
-                             "it worse than the start model (then the blend that read it best); about doubles the "
-                             "time")
+    probe: bool = _opt(True, "fine-tuning a small set without a validation split: two runs of half the steps on "
+                             "half the labels each read the other half, and the fine-tuned weights are kept unless "
+                             "they read it worse than the start model (then the blend that read it best); about "
+                             "2.5x the time of the run alone")
     warmup: float = _opt(0.15, "fraction of the steps spent warming the learning rate up")
     clip: float = _opt(5.0, "gradient norm clip")
     patience: int = _opt(10, "stop after this many epochs without a better validation score")
