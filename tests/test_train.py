@@ -416,25 +416,27 @@ def _floats_equal_blend(got: dict, start: dict, tuned: dict, share: float) -> bo
                else torch.equal(got[k], v) for k, v in tuned.items())
 
 
-def test_fine_tuning_a_small_set_blends_only_when_asked(tiny_folder, tmp_path):
-    """No validation split (8 images), --no-probe: best.ckpt holds the fine-tuned weights themselves
-    (nothing to choose a share on); with --blend 0.5 it holds start + 0.5 (fine-tuned - start), the
-    fine-tuned weights being the last epoch's (last.ckpt, which --resume continues from), model.pt
-    reads with them, and a finished run resumed is not blended again."""
+def test_fine_tuning_a_small_set_saves_the_half_way_blend(tiny_folder, tmp_path):
+    """No validation split (8 images), the defaults: best.ckpt holds start + 0.5 (fine-tuned -
+    start) (SMALL_SET_BLEND), the fine-tuned weights being the last epoch's (last.ckpt, which
+    --resume continues from), model.pt reads with them, and a finished run resumed is not blended
+    again; --blend 1 keeps the fine-tuned weights themselves."""
+    from captcha_fast.train import SMALL_SET_BLEND
     start = train(_synthetic_cfg(tmp_path / "start", synth_charset="0123", epochs=1))
     cfg = dict(data=str(tiny_folder), init_from=str(start), epochs=2, min_steps=8, threads=1, **TINY_FT)
-    train(TrainConfig(out=str(tmp_path / "plain"), export=False, probe=False, **cfg))
+    train(TrainConfig(out=str(tmp_path / "plain"), export=False, blend=1.0, **cfg))
     plain, plain_last = load_checkpoint(tmp_path / "plain" / "best.ckpt"), load_checkpoint(tmp_path / "plain" / "last.ckpt")
     assert "blend" not in plain and _floats_equal_blend(plain["model"], plain_last["model"], plain_last["model"], 0.0)
     lines = []
-    model_path = train(TrainConfig(out=str(tmp_path / "ft"), blend=0.5, **cfg), log=lines.append)
+    model_path = train(TrainConfig(out=str(tmp_path / "ft"), **cfg), log=lines.append)
     best, last = load_checkpoint(tmp_path / "ft" / "best.ckpt"), load_checkpoint(tmp_path / "ft" / "last.ckpt")
-    assert best["blend"]["share"] == 0.5 and lines[-1] == "saved start + 0.5 (fine-tuned - start) (--blend)"
+    assert SMALL_SET_BLEND == 0.5 and best["blend"]["share"] == 0.5 and best["blend"]["by"] == "small set"
+    assert lines[-1] == "saved start + 0.5 (fine-tuned - start) (small set)"
     assert _floats_equal_blend(best["model"], load_checkpoint(start)["model"], last["model"], 0.5)
     assert not _floats_equal_blend(best["model"], last["model"], last["model"], 0.0)  # not the fine-tuned weights
     reads, _ = _read_all(load_model(tmp_path / "ft" / "best.ckpt"), tiny_folder)
     assert api.predict_batch([s.path for s in scan_folder(tiny_folder)], model_path, decoder="greedy") == reads
-    train(TrainConfig(out=str(tmp_path / "ft"), blend=0.5, resume=True, **cfg))
+    train(TrainConfig(out=str(tmp_path / "ft"), resume=True, **cfg))
     again = load_checkpoint(tmp_path / "ft" / "best.ckpt")
     assert all(torch.equal(again["model"][k], v) for k, v in best["model"].items())
 
@@ -474,7 +476,7 @@ def test_the_blend_keeps_the_fine_tuned_rows_of_symbols_the_start_model_lacks(ti
 
 
 def test_the_probe_blends_half_way_where_fine_tuning_reads_worse_than_the_blend(tmp_path):
-    """--probe, the default for a small set fine-tuned without a validation split: two runs on half
+    """--probe, for a small set fine-tuned without a validation split: two runs on half
     the labels each read the other half at every share of BLEND_CHOICES. A start model that reads
     the images, fine-tuned at a learning rate that wrecks it: the probes' fine-tuned weights read
     their held-out halves worse than the half-way blend, so the run saves the half-way blend,
@@ -487,7 +489,7 @@ def test_the_probe_blends_half_way_where_fine_tuning_reads_worse_than_the_blend(
                               **{**TINY, "min_steps": 150, "epochs": 3, "char_warmup": 40}))
     lines = []
     train(TrainConfig(data=str(folder), out=str(tmp_path / "ft"), init_from=str(start), epochs=1, min_steps=20,
-                      lr=1.0, threads=1, export=False, **TINY_FT), log=lines.append)
+                      lr=1.0, threads=1, export=False, probe=True, **TINY_FT), log=lines.append)
     probe = json.loads((tmp_path / "ft" / "probe" / "probe.json").read_text())
     correct = {float(a): c for a, c in probe["correct"].items()}
     assert sorted(correct) == list(BLEND_CHOICES) and sum(probe["images"]) == 24
