@@ -122,7 +122,7 @@ class TrainConfig:
     probe: bool = _opt(False, "fine-tuning a small set without a validation split: instead of the half-way blend, "
                               "two runs of half the steps on half the labels each read the other half, and the "
                               "fine-tuned weights are saved where they read it at least as well as half-way; about "
-                              "2.5x the time of the run alone, for no gain on average (docs/accuracy.md)")
+                              "2.4x the time of the run alone, for no gain on average (docs/accuracy.md)")
     warmup: float = _opt(0.15, "fraction of the steps spent warming the learning rate up")
     clip: float = _opt(5.0, "gradient norm clip")
     patience: int = _opt(10, "stop after this many epochs without a better validation score")
@@ -659,7 +659,7 @@ def _start_of(model: CRNN, tuned: Dict[str, Tensor], init: Path) -> Dict[str, Te
 PROBE_STEPS = 0.5  # each probe run's share of the run's epochs and --min-steps: of its optimizer steps
 # The blend a small set saves without a validation split: half-way, WiSE-FT's default where nothing says
 # better. Over 17 runs of 25 and 100 labels (two models, five styles; docs/accuracy.md) it read 85.3% held
-# out, the probe's choice 85.4% in 2.2x the time, the fine-tuned weights 82.3%, the best share of each 86.1%.
+# out, the probe's choice 85.4% in 2.4x the time, the fine-tuned weights 82.3%, the best share of each 86.1%.
 SMALL_SET_BLEND = 0.5
 
 
