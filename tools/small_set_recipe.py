@@ -1,6 +1,6 @@
 """The small-set recipe, measured: `captcha-fast train` with its defaults (fine-tuning the shipped
 model) on k labelled images of one style, then the held-out accuracy on other images of that
-style (case ignored), beside the fine-tuned weights' own (last.ckpt: what --no-probe saves) and the
+style (case ignored), beside the fine-tuned weights' own (last.ckpt: what --blend 1 saves) and the
 blend share the run saved, the optimizer steps (of the main run), the time and the steps per CPU second.
 
     python tools/small_set_recipe.py --set pkg160 --set php_heavy --set varlen=../shared/data/varlen_upper \
@@ -90,7 +90,8 @@ def run(spec: str, k: int, out: Path, threads: int, extra: list) -> dict:
     last, best = load_checkpoint(run_dir / "last.ckpt"), load_checkpoint(run_dir / "best.ckpt")
     steps = last["scheduler"]["total_steps"]
     blend = best.get("blend", {})
-    # last.ckpt holds the fine-tuned weights themselves: what the run saves with --no-probe (and --blend 1)
+    # last.ckpt holds the fine-tuned weights themselves: what the run saves with --blend 1 (a run with a
+    # validation split saves its best epoch, blended)
     fine_tuned = accuracy(save_recognizer(load_model(run_dir / "last.ckpt"), run_dir / "fine_tuned.pt"), held)
     return dict(set=name, requested=k, labels=len(train_rows), held_out=len(held), shipped=accuracy(None, held),
                 accuracy=accuracy(run_dir / "model.pt", held), fine_tuned=fine_tuned,
