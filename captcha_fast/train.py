@@ -714,10 +714,10 @@ def _probe_share(run: _Run, init: Path, say: Callable[[str], None]) -> Optional[
 def probe_rule(correct: Dict[float, int]) -> float:
     """The probe's share from its pooled counts per share: the fine-tuned weights (1) where they read
     the held-out halves at least as well as the half-way blend, else the half-way blend (1/2).
-    Half-way is WiSE-FT's default where nothing says better; the probes' few images cannot pick
-    among five shares (sysu from 25 labels: 13-image halves chose the start model, which read 70%
-    where every blend read 79-84%), but they can tell a style far enough from the start model for
-    its own weights to be worth keeping (tii from 100 labels). Measured: docs/accuracy.md."""
+    The probes' few images cannot pick among five shares (sysu from 25 labels: 13-image halves
+    chose the start model, which read 70% where every blend read 79-84%); this choice of two is
+    the most they can make, and over 17 runs it read no better than half-way always
+    (SMALL_SET_BLEND, the default; docs/accuracy.md)."""
     return 1.0 if correct[1.0] >= correct[0.5] else 0.5
 
 
@@ -753,9 +753,8 @@ def _blend_with_start(run: _Run, say: Callable[[str], None]) -> None:
     if share is None and run.val_ds is None:
         if run.cfg.data == "synthetic" or len(list_samples(run.cfg.data)) >= SMALL_SET:
             return  # a large set without a validation split (--val-fraction 0): the fine-tuned weights
-        share, by = (_probe_share(run, init, say), "--probe") if run.cfg.probe else (None, "")
-        if share is None:
-            share, by = SMALL_SET_BLEND, "small set"
+        probed = _probe_share(run, init, say) if run.cfg.probe else None
+        share, by = (probed, "--probe") if probed is not None else (SMALL_SET_BLEND, "small set")
         if share == 1.0:
             return
     model = run.model
