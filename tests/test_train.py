@@ -458,6 +458,19 @@ def test_fine_tuning_with_a_validation_split_picks_the_blend_by_its_accuracy(tmp
         TrainConfig(data="x", blend=1.5)
 
 
+def test_a_large_set_without_a_validation_split_keeps_the_fine_tuned_weights(tmp_path):
+    """SMALL_SET labelled images or more with --val-fraction 0: nothing to choose a share on, and not
+    a user's few labels, so best.ckpt holds the fine-tuned weights (no half-way blend)."""
+    from captcha_fast.train import SMALL_SET
+    folder = tmp_path / "many"
+    write_synthetic(folder, SynthConfig(charset="0123", min_len=3, max_len=4, seed=4), SMALL_SET)
+    start = train(_synthetic_cfg(tmp_path / "start", synth_charset="0123", epochs=1))
+    train(TrainConfig(data=str(folder), out=str(tmp_path / "ft"), init_from=str(start), epochs=1, min_steps=0,
+                      val_fraction=0.0, threads=1, export=False, **TINY_FT))
+    best, last = load_checkpoint(tmp_path / "ft" / "best.ckpt"), load_checkpoint(tmp_path / "ft" / "last.ckpt")
+    assert "blend" not in best and _floats_equal_blend(best["model"], last["model"], last["model"], 0.0)
+
+
 def test_the_blend_keeps_the_fine_tuned_rows_of_symbols_the_start_model_lacks(tiny_folder, tmp_path):
     """A start model reading A, B, 1, 2 fine-tuned on labels of 0-3: the classifier rows of 0 and 3
     (new) are the fine-tuned ones, those of the blank, 1 and 2 are blended."""
