@@ -85,14 +85,14 @@ def run(spec: str, k: int, out: Path, threads: int, extra: list) -> dict:
     cpu, wall = _cpu_seconds(), time.time()
     assert cli(["train", str(manifest), "--out", str(run_dir), "--threads", str(threads), "--quiet", *extra]) == 0
     cpu, wall = _cpu_seconds() - cpu, time.time() - wall
-    from captcha_fast.checkpoint import load_checkpoint, load_model
+    from captcha_fast.checkpoint import load_checkpoint, model_from_checkpoint
     from captcha_fast.export import save_recognizer
     last, best = load_checkpoint(run_dir / "last.ckpt"), load_checkpoint(run_dir / "best.ckpt")
     steps = last["scheduler"]["total_steps"]
     blend = best.get("blend", {})
     # last.ckpt holds the fine-tuned weights themselves: what the run saves with --blend 1 (a run with a
     # validation split saves its best epoch, blended)
-    fine_tuned = accuracy(save_recognizer(load_model(run_dir / "last.ckpt"), run_dir / "fine_tuned.pt"), held)
+    fine_tuned = accuracy(save_recognizer(model_from_checkpoint(last), run_dir / "fine_tuned.pt"), held)
     return dict(set=name, requested=k, labels=len(train_rows), held_out=len(held), shipped=accuracy(None, held),
                 accuracy=accuracy(run_dir / "model.pt", held), fine_tuned=fine_tuned,
                 share=blend.get("share", 1.0), share_by=blend.get("by"), steps=steps, wall_s=round(wall, 1),
