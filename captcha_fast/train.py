@@ -33,7 +33,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -227,8 +227,16 @@ def augment_config(cfg: TrainConfig, n: int) -> Optional[AugmentConfig]:
     return SMALL_SET_AUGMENT if n < SMALL_SET else AugmentConfig()
 
 
-def build_data(cfg: TrainConfig) -> Tuple[CaptchaDataset, Optional[CaptchaDataset], Charset]:
-    """Train and validation sets and the charset for `cfg`."""
+class Data(NamedTuple):
+    train: CaptchaDataset
+    val: Optional[CaptchaDataset]
+    charset: Charset
+    labelled: int  # a folder's or manifest's images that passed the label checks (0: synthetic): the
+                   # count every small-set rule (SMALL_SET) reads
+
+
+def build_data(cfg: TrainConfig) -> Data:
+    """Train and validation sets, the charset and the labelled count for `cfg`."""
     if cfg.data == "synthetic":  # rendered sets are as large as asked for: the usual augmentation
         aug = AugmentConfig() if cfg.augment else None
         charset = Charset(cfg.charset or "".join(sorted(set(cfg.synth_charset))))
@@ -239,7 +247,7 @@ def build_data(cfg: TrainConfig) -> Tuple[CaptchaDataset, Optional[CaptchaDatase
         train_ds = _synthetic(cfg, SynthConfig(seed=cfg.seed, **sc), cfg.synth_train, charset, aug)
         val_ds = (_synthetic(cfg, SynthConfig(seed=cfg.seed + 1_000_000, **sc), cfg.synth_val, charset, None)
                   if cfg.synth_val > 0 else None)
-        return train_ds, val_ds, charset
+        return Data(train_ds, val_ds, charset, 0)
     samples = list_samples(cfg.data)
     labelled = "".join(sorted(set("".join(s.label for s in samples))))
     start = start_config(cfg)
@@ -260,7 +268,7 @@ def build_data(cfg: TrainConfig) -> Tuple[CaptchaDataset, Optional[CaptchaDatase
     if rehearse:
         train_ds = _with_rehearsal(cfg, train_ds, "".join(c for c in known if not charset.unknown(c)))
     val_ds = CaptchaDataset(val_s, charset, **kw) if val_s else None
-    return train_ds, val_ds, charset
+    return Data(train_ds, val_ds, charset, len(samples))
 
 
 def _describe(ds: CaptchaDataset, data: str) -> str:
@@ -397,6 +405,7 @@ class _Run:
     scaler: torch.amp.GradScaler
     amp_dtype: Optional[torch.dtype]
     passes: int = 1  # passes over the training images per epoch
+    labelled: int = 0  # Data.labelled
     ctc: nn.CTCLoss = field(default_factory=lambda: nn.CTCLoss(blank=0, reduction="mean"))
     start_epoch: int = 0
     rows: List[dict] = field(default_factory=list)
@@ -429,7 +438,7 @@ def _setup(cfg: TrainConfig, ddp: Dist) -> _Run:
     if ddp.main:
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    train_ds, val_ds, charset = build_data(cfg)
+    train_ds, val_ds, charset, labelled = build_data(cfg)
     if state is not None and state["charset"] != charset.symbols:
         raise ValueError(f"--resume: the data gives charset {charset.symbols!r} but the run used {state['charset']!r}")
     model = build_model(cfg, charset)
@@ -456,7 +465,7 @@ def _setup(cfg: TrainConfig, ddp: Dist) -> _Run:
     amp_dtype = autocast_dtype(cfg, ddp.device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     run = _Run(cfg, ddp, out, train_ds, val_ds, charset, model, ddp.wrap(model), opt, sampler, sched, scaler, amp_dtype,
-               passes)
+               passes, labelled)
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -560,6 +569,23 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     return {"train_loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1), "lr": run.sched.get_last_lr()[0]}
 
 
+def _read(model: CRNN, charset: Charset, ds: CaptchaDataset, batches, device: torch.device,
+          ctc: Optional[nn.CTCLoss] = None) -> Tuple[List[str], List[str], float]:
+    """The model's greedy reads (the C++ op) of ds's images, batch by batch (lists of indices), in eval
+    mode: their labels, the reads, and the CTC loss summed over the images (0 without ctc)."""
+    model.eval()
+    loss_sum, truths, reads = 0.0, [], []
+    with torch.no_grad():
+        for idx in batches:
+            b = collate([ds[i] for i in idx])
+            log_probs, lengths = model(_on(device, b.images), b.widths.to(device))
+            if ctc is not None:
+                loss_sum += float(ctc(log_probs, b.targets.to(device), lengths, b.target_lengths.to(device))) * len(idx)
+            reads += greedy_decode(log_probs, lengths, charset)
+            truths += b.labels
+    return truths, reads, loss_sum
+
+
 def _validate(run: _Run) -> dict:
     """CTC loss, and accuracy and CER of the greedy reads (the C++ op) scored by metrics.score."""
     ds, device, ddp = run.val_ds, run.device, run.ddp
@@ -570,15 +596,7 @@ def _validate(run: _Run) -> dict:
     seen = {i for b in sampler.batches() for i in b}
     if ddp.main and len(seen) < len(ds):
         batches.append([i for i in range(len(ds)) if i not in seen])
-    run.model.eval()
-    loss_sum, truths, reads = 0.0, [], []
-    with torch.no_grad():
-        for idx in batches:
-            b = collate([ds[i] for i in idx])
-            log_probs, lengths = run.model(_on(device, b.images), b.widths.to(device))
-            loss_sum += float(run.ctc(log_probs, b.targets.to(device), lengths, b.target_lengths.to(device))) * len(idx)
-            reads += greedy_decode(log_probs, lengths, run.charset)
-            truths += b.labels
+    truths, reads, loss_sum = _read(run.model, run.charset, ds, batches, device, run.ctc)
     r = score(truths, reads)
     n, correct, errors, chars, loss_sum = ddp.sum([r.n, r.correct, r.char_errors, r.chars, loss_sum])
     return {"val_loss": loss_sum / max(n, 1), "val_acc": correct / max(n, 1), "val_cer": errors / max(chars, 1),
@@ -723,14 +741,9 @@ def probe_rule(correct: Dict[float, int]) -> float:
 
 def _exact_count(model: CRNN, charset: Charset, data: CaptchaDataset, device: torch.device, batch_size: int) -> int:
     """How many of `data`'s images the model (of `charset`'s classes) reads exactly right (greedy)."""
-    model.eval()
-    right = 0
-    with torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            b = collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
-            log_probs, lengths = model(_on(device, b.images), b.widths.to(device))
-            right += score(b.labels, greedy_decode(log_probs, lengths, charset)).correct
-    return right
+    batches = [range(i, min(i + batch_size, len(data))) for i in range(0, len(data), batch_size)]
+    truths, reads, _ = _read(model, charset, data, batches, device)
+    return score(truths, reads).correct
 
 
 def _blend_with_start(run: _Run, say: Callable[[str], None]) -> None:
@@ -751,7 +764,7 @@ def _blend_with_start(run: _Run, say: Callable[[str], None]) -> None:
     if "blend" in best:
         return
     if share is None and run.val_ds is None:
-        if run.cfg.data == "synthetic" or len(list_samples(run.cfg.data)) >= SMALL_SET:
+        if run.cfg.data == "synthetic" or run.labelled >= SMALL_SET:
             return  # a large set without a validation split (--val-fraction 0): the fine-tuned weights
         probed = _probe_share(run, init, say) if run.cfg.probe else None
         share, by = (probed, "--probe") if probed is not None else (SMALL_SET_BLEND, "small set")
