@@ -98,6 +98,17 @@ CF_HOT void prefetch_frame(const Frames<scalar_t>& f, int64_t t, int64_t span) {
 // NaN and +inf are not log-probabilities; -inf (probability 0) is.
 CF_HOT bool bad_value(float v) { return !(v < INFINITY); }
 
+// The float whose bits these are.
+CF_HOT float float_of_bits(int32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(bits);
+#else
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+#endif
+}
+
 // exp(x) for x in [-87, 0], relative error < 3e-7: Cody-Waite reduction to
 // r in [-ln2/2, ln2/2] and a degree-6 Taylor polynomial; inline and ~3x
 // cheaper than a libm call.
@@ -111,14 +122,7 @@ CF_HOT float exp_nonpositive(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.f;
   p = p * r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k
-#if defined(__CUDA_ARCH__)
-  return p * __int_as_float(bits);
-#else
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-#endif
+  return p * float_of_bits((static_cast<int32_t>(k) + 127) << 23);  // p 2^k
 }
 
 #ifdef CF_SSE2
@@ -405,6 +409,7 @@ CF_HD Status greedy_decode_one(const Frames<scalar_t>& f, int64_t length, int64_
 //    max_len.
 //  - allowed: optional mask over classes (nullptr = all).
 //  - certify: see "The top-label certificate" below.
+//  - scores: false when the caller reads only the labels (see path_certifies).
 struct BeamOptions {
   int32_t beam_width;
   float token_min_logp;
@@ -414,6 +419,7 @@ struct BeamOptions {
   const bool* allowed;
   int64_t allowed_stride;
   bool certify;  // top_k = 1: return the label the certificate below proves, without searching
+  bool scores;   // false: the scores are not read (a label the path test alone proves is answered without them)
 };
 
 // Workspace of one sequence at a time, carved out of one byte buffer. Sizes
@@ -476,6 +482,10 @@ struct BeamWorkspace {
   // and frame_exp [T][C], where it writes them for certify_top_label's forward passes.
   void (*frame_stats)(const float*, int64_t, FrameStats*, float*);
   float* frame_exp;
+  // Host SIMD for path_certifies over a float32 sequence whose classes are contiguous (nullptr: the
+  // plain loops): (data, stride_t, length, C, limit, best per frame) -> Π_t frame_upper_bound, or
+  // as soon as it passes limit a value above it; NaN for a NaN/+inf value or a frame of -inf.
+  double (*path_pass)(const float*, int64_t, int64_t, int64_t, double, int32_t*);
   int64_t max_nodes;
   int64_t table_size;     // a power of two
 };
@@ -553,6 +563,7 @@ CF_HD BeamWorkspace carve_beam_workspace(char* base, int64_t T, int64_t C, int64
   beam_workspace_layout(base, T, C, K, w);
   w.frame_stats = nullptr;
   w.frame_exp = nullptr;
+  w.path_pass = nullptr;
   return w;
 }
 
@@ -1263,16 +1274,104 @@ CF_HD bool certify_top_label(const Frames<scalar_t>& f, int64_t length, int64_t 
   return true;
 }
 
+// The path test alone, for callers that read only the label (BeamOptions::scores false): the
+// certificate's case R = {ℓ} with the greedy path holding more than half of Z (certify_top_label,
+// path_holds), decided without a single exp. The certificate computes each frame's
+// probabilities because its forward passes and its scores need them; the path test needs only an
+// upper bound of Z_t = Σ_c exp(row[c] - max), and exp_upper gives one from the float's bits. On the
+// shipped model's outputs the path holds for about 70% of sequences; the rest go on to the
+// certificate, which then decides exactly as it would have (Z <= the bound here, so where this
+// test passes its own path test passes too, with the same label).
+//
+// exp_upper(x) >= exp(x) for x = fl(row[c] - max) <= 0: with y = x / ln 2, the float whose bits
+// are (127 + y) 2^23 is 2^⌊y⌋ (1 + y - ⌊y⌋) >= 2^y (2^f <= 1 + f on [0, 1]), at most 8.6% above it
+// and exact at y = 0; positive floats order as their bits. Computed: x clamped to >= -40 (-inf too;
+// exp(-40) bounds every term below it), times kExpUpperScale (2^23 / ln 2 rounded down: a product
+// nearer 0), truncated towards zero (upwards: it is negative), plus 127 2^23 and 64 units of the
+// last place: more than the product's rounding (< 16 units, |x 2^23 / ln 2| < 2^29) and x's own
+// (fl(row[c] - max) is within 40 2^-24 of the difference: < 29 units) together.
+constexpr float kExpUpperScale = 12102203.f;             // 2^23 / ln 2 = 12102203.16
+constexpr int32_t kExpUpperBias = (127 << 23) + 64;
+CF_HOT float exp_upper(float x) {
+  const float r = x > -40.f ? x : -40.f;
+  return float_of_bits(static_cast<int32_t>(r * kExpUpperScale) + kExpUpperBias);
+}
+
+// An upper bound of Σ_c exp(row[c] - m), m the row's (finite) maximum: exp_upper's terms in float
+// partial sums of at most 16 (relative error < 1e-6), times 1 + 1e-5.
+CF_HOT double frame_upper_bound(const float* row, int64_t C, float m) {
+  double sum = 0.0;
+  for (int64_t c = 0; c < C; c += 16) {
+    float part = 0.f;
+    for (int64_t i = c; i < c + 16 && i < C; ++i) part += exp_upper(row[i] - m);
+    sum += static_cast<double>(part);
+  }
+  return sum * (1.0 + 1e-5);
+}
+
+// The greedy label, if the path test proves it the exact search's top-1 (and the most probable
+// label) and it meets the options' constraints: written to label (at most max_out tokens), its
+// length to *label_len, true. False: not proven (the certificate or the search decides; the pass
+// stops at the frame where the test fails), or a bad value, which they report.
+template <typename scalar_t>
+CF_HD bool path_certifies(const Frames<scalar_t>& f, int64_t length, int64_t C, int64_t blank, const BeamOptions& o,
+                          BeamWorkspace& w, int64_t max_out, int32_t* label, int32_t* label_len) {
+  if (length < o.min_len) return false;
+  // The test: 2 / margin > z margin, z = Π_t (an upper bound of Z_t / max_t p_t), margin as certify_top_label's.
+  const double margin = exp(kCertSlackPerFrame * static_cast<double>(length) + 1e-9);
+  const double limit = 2.0 / (margin * margin);
+  double z = 1.0;
+  int32_t* const best = w.frame_best;
+#if !defined(__CUDA_ARCH__)
+  if (std::is_same<scalar_t, float>::value && w.path_pass != nullptr) {
+    z = w.path_pass(reinterpret_cast<const float*>(f.data), f.stride_t, length, C, limit, best);
+  } else
+#endif
+  {
+    const int64_t span = prefetch_span(f, C);
+    for (int64_t t = 0; t < length && z < limit; ++t) {  // stops once the test fails
+      if (t + kPrefetch < length && span >= 0) prefetch_frame(f, t + kPrefetch, span);
+      const float* row = frame_row(f, t, C, w.row_buf);
+      bool bad = false;
+      const float m = scan_max(row, nullptr, C, &bad);
+      if (bad || !(m > kNegInf)) return false;
+      best[t] = static_cast<int32_t>(row[0] == m ? 0 : find_at_least(row, nullptr, 1, C, m));
+      z *= frame_upper_bound(row, C, m);
+    }
+  }
+  if (!(z < limit)) return false;  // NaN too: a bad value, which the certificate or the search reports
+  int32_t L = 0;
+  int64_t prev = -1;
+  for (int64_t t = 0; t < length; ++t) {
+    const int64_t c = best[t];
+    if (c != blank && c != prev) {
+      if (w.class_mask[c] != 0.f || L >= max_out) return false;  // not allowed, or past max_length
+      label[L++] = static_cast<int32_t>(c);
+    }
+    prev = c;
+  }
+  if (L < o.min_len) return false;
+  *label_len = L;
+  return true;
+}
+
 // beam_search_one into padded outputs: tokens [top_k, max_out] (-1 padded),
 // lengths and float32 log-probs (0 and -inf where fewer hypotheses exist).
 // With o.certify and top_k = 1, a sequence the certificate covers skips the
-// search (same label; its score is log P(label) over all alignments).
+// search (same label; its score is log P(label) over all alignments); without
+// o.scores, one the path test covers skips the certificate too (score NaN).
 template <typename scalar_t>
 CF_HD Status beam_search_to_tokens(const Frames<scalar_t>& f, int64_t length, int64_t C, int64_t blank,
                                    const BeamOptions& o, BeamWorkspace& w, int32_t top_k, int64_t max_out,
                                    int32_t* tokens, int32_t* lengths, float* scores) {
   int32_t len;
   double log_prob;
+  if (o.certify && top_k == 1 && !o.scores && path_certifies(f, length, C, blank, o, w, max_out, tokens, &len)) {
+    lengths[0] = len;
+    scores[0] = NAN;  // not computed: the caller reads only the labels
+    for (int64_t j = len; j < max_out; ++j) tokens[j] = -1;
+    return kOk;
+  }
   if (o.certify && top_k == 1 && certify_top_label(f, length, C, blank, o, w, max_out, tokens, &len, &log_prob)) {
     lengths[0] = len;
     scores[0] = static_cast<float>(log_prob);

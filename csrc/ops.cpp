@@ -115,6 +115,7 @@ BeamOptions check_beam_options(const at::Tensor& log_probs, int64_t beam_width, 
   o.allowed = nullptr;
   o.allowed_stride = 1;
   o.certify = certify;
+  o.scores = true;
   return o;
 }
 
@@ -301,14 +302,21 @@ DecodedTexts beam_search_strings(const at::Tensor& log_probs, const at::Tensor& 
 std::tuple<std::string, at::Tensor> beam_search_labels(
     const at::Tensor& log_probs, const at::Tensor& input_lengths, const c10::List<std::string>& charset,
     int64_t beam_width, int64_t blank, c10::optional<double> token_min_logp, c10::optional<double> blank_skip_threshold,
-    int64_t min_length, int64_t max_length, const c10::optional<at::Tensor>& allowed_tokens, bool certify) {
+    int64_t min_length, int64_t max_length, const c10::optional<at::Tensor>& allowed_tokens, bool certify,
+    bool with_scores) {
   const char* op = "ctc_beam_search";
   const auto [T, N, C] = check_decode_inputs(log_probs, input_lengths, blank, op);
   const Symbols symbols(charset, C, blank, "ctc_beam_search_labels");
   check_no_nul(charset, "ctc_beam_search_labels");
-  return to_labels(beam_tokens(log_probs, input_lengths, beam_width, 1, blank, token_min_logp, blank_skip_threshold,
-                               min_length, max_length, allowed_tokens, certify),
-                   input_lengths, T, symbols, op);
+  // Labels only (with_scores false): the CPU kernel answers a sequence whose greedy path alone holds
+  // most of the mass from one pass without exps (path_certifies); other devices compute every score.
+  const Decoded decoded = with_scores || !log_probs.is_cpu()
+                              ? beam_tokens(log_probs, input_lengths, beam_width, 1, blank, token_min_logp,
+                                            blank_skip_threshold, min_length, max_length, allowed_tokens, certify)
+                              : beam_search_cpu_kernel(log_probs, input_lengths, beam_width, 1, blank, token_min_logp,
+                                                       blank_skip_threshold, min_length, max_length, allowed_tokens,
+                                                       certify, false);
+  return to_labels(decoded, input_lengths, T, symbols, op);
 }
 
 }  // namespace
@@ -379,11 +387,16 @@ TORCH_LIBRARY(captcha_fast, m) {
       "int top_k=1, int blank=0, float? token_min_logp=None, float? blank_skip_threshold=None, int min_length=0, "
       "int max_length=-1, Tensor? allowed_tokens=None, bool certify=True) -> (str[][] texts, Tensor scores)");
   // ctc_beam_search_labels: the beam search's top-1 labels packed as ctc_greedy_decode_labels packs
-  // them, and scores (N,): ctc_beam_search_strings with top_k = 1 (Python's beam_search).
+  // them, and scores (N,): ctc_beam_search_strings with top_k = 1 (Python's beam_search). With
+  // with_scores=False (the caller reads only the labels), on the CPU a sequence whose greedy path
+  // alone holds more than half of the mass (its label is then provably the top-1: "The path test
+  // alone" in csrc/ctc_decode.h) costs one pass over its frames without an exp, and its score is
+  // NaN (not computed); the other sequences' labels and scores are as with_scores=True gives them.
   m.def(
       "ctc_beam_search_labels(Tensor log_probs, Tensor input_lengths, str[] charset, int beam_width=10, "
       "int blank=0, float? token_min_logp=None, float? blank_skip_threshold=None, int min_length=0, "
-      "int max_length=-1, Tensor? allowed_tokens=None, bool certify=True) -> (str labels, Tensor scores)");
+      "int max_length=-1, Tensor? allowed_tokens=None, bool certify=True, bool with_scores=True) "
+      "-> (str labels, Tensor scores)");
   m.def("_build_info() -> str", &build_info);
 }
 

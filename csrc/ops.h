@@ -56,4 +56,11 @@ BeamOptions check_beam_options(const at::Tensor& log_probs, int64_t beam_width, 
 // Width of the token output: T, or max_length when that is smaller.
 int64_t beam_output_width(int64_t T, int64_t max_length);
 
+// The CPU kernel of ctc_beam_search with BeamOptions::scores = with_scores (false: the caller reads only
+// the labels, and the scores of the sequences the path test answers are NaN; ctc_beam_search_labels).
+Decoded beam_search_cpu_kernel(const at::Tensor& log_probs, const at::Tensor& input_lengths, int64_t beam_width,
+                               int64_t top_k, int64_t blank, c10::optional<double> token_min_logp,
+                               c10::optional<double> blank_skip_threshold, int64_t min_length, int64_t max_length,
+                               const c10::optional<at::Tensor>& allowed_tokens, bool certify, bool with_scores);
+
 }  // namespace captcha_fast

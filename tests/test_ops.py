@@ -606,6 +606,65 @@ def test_certificate_returns_the_search_top1(seed, T, N, C, K, kind, options, da
             assert got[n][0][1] >= exact[n][0][1] - 1e-5  # all alignments, not only those the beam kept
 
 
+def path_upper_product(frames: torch.Tensor) -> float:
+    """The path test's product of Z_t bounds as the op computes it (csrc/ctc_decode.h, exp_upper), its
+    float32 steps replayed: x = row - max, clamped to -40, times 2^23 / ln 2 rounded down, truncated,
+    plus 127 2^23 + 64, read as a float's bits; summed in float64 (the op's float partial sums differ
+    by < 1e-6), times 1 + 1e-5 per frame. inf: a frame of -inf (the op then leaves it to the certificate)."""
+    x = frames.float()
+    m = x.max(-1, keepdim=True).values
+    if len(x) and not bool(torch.isfinite(m).all()):
+        return math.inf
+    r = (x - m).clamp(min=-40.0) * torch.tensor(12102203.0)
+    bits = r.to(torch.int32) + ((127 << 23) + 64)
+    return math.prod(float(z) * (1 + 1e-5) for z in bits.view(torch.float32).double().sum(-1))
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), T=st.integers(0, 14), N=st.integers(1, 4), C=st.integers(2, 40),
+       K=st.integers(1, 8), kind=st.sampled_from(["near_half", "peaky", "flat"]), options=search_options,
+       data=st.data())
+def test_labels_without_scores_answer_by_the_path_test_alone(seed, T, N, C, K, kind, options, data):
+    """with_scores=False: a sequence whose greedy path provably holds over half the mass, by the
+    exp-free bounds of Z_t, is answered by its greedy label with a NaN score (not computed); the op's
+    bound replayed in float32 says which must be and which must not. Every label is still the exact
+    search's top-1, and every other sequence gets the label and score of with_scores=True."""
+    g = torch.Generator().manual_seed(seed)
+    blank = data.draw(st.integers(0, C - 1), label="blank")
+    if options["max_length"] != -1:
+        options["max_length"] = max(options["max_length"], options["min_length"], 1)
+    allowed = torch.rand(C, generator=g) < 0.8 if data.draw(st.booleans(), label="use mask") else None
+    if kind == "near_half":
+        lp = near_half_log_probs(T, N, C, blank, g)
+    else:
+        lp = random_log_probs(T, N, C, peaky=kind == "peaky", blank=blank, generator=g)
+    if data.draw(st.booleans(), label="unnormalised"):
+        lp = lp + torch.randn(T, N, 1, generator=g) * 3
+    lens = torch.randint(0, T + 1, (N,), generator=g)
+    charset = [chr(ord("A") + c) for c in range(C - 1)]
+    args = (K, blank, options["token_min_logp"], options["blank_skip_threshold"], options["min_length"],
+            options["max_length"], allowed, True)
+    packed, scores = ops.ctc_beam_search_labels(lp, lens, charset, *args, with_scores=False)
+    full, full_scores = ops.ctc_beam_search_labels(lp, lens, charset, *args)
+    assert packed == full and scores.shape == (N,)
+    exact = beam_cpp(lp, lens, K, 1, blank, certify=False, min_length=options["min_length"],
+                     max_length=options["max_length"], allowed=allowed)
+    for n in range(N):
+        frames = lp[: lens[n], n]
+        label = greedy_label(frames, blank)
+        meets = (options["min_length"] <= len(label) <= (options["max_length"] if options["max_length"] > 0 else T)
+                 and (allowed is None or all(allowed[c] for c in label)))
+        bound = path_upper_product(frames) * math.exp(CERT_SLACK * len(frames) + 1e-9) ** 2
+        answered = bool(torch.isnan(scores[n]))
+        if answered:
+            assert meets and path_ratio(frames) < 2 and bound < 2 * (1 + 1e-4)  # sound: greedy holds over half
+            assert exact[n][0][0] == label
+        else:
+            assert scores[n].item() == full_scores[n].item()
+            assert not (meets and bound < 2 * (1 - 1e-4))  # ...and it answers every sequence the bound covers
+        event("answered" if answered else "certificate or search")
+
+
 def test_certificate_scores_are_label_log_probs_on_model_like_inputs():
     g = torch.Generator().manual_seed(11)
     lp = random_log_probs(40, 300, 37, generator=g)
@@ -687,10 +746,12 @@ def test_two_labels_sharing_the_mass_certify_the_larger():
     assert score == pytest.approx(label_log_prob(lp[:, 0], (3, 1), 0), abs=1e-6)
 
 
-# ---------------------------------------------------------------------------- the greedy kernel's AVX2 path
-# On a CPU with AVX2 the greedy CPU kernel scans float32 frames 8 classes at a time; with
-# ATEN_CPU_CAPABILITY=default (as torch's own kernels) it takes the SSE2/plain path. Both must give
-# the same tokens, lengths and scores bit for bit, and raise for the same sequence.
+# ---------------------------------------------------------------------------- the kernels' SIMD paths
+# On a CPU with AVX2 the greedy CPU kernel scans float32 frames 8 classes at a time, and so do the
+# certificate's first pass and the path test's (16 at a time with AVX-512); with
+# ATEN_CPU_CAPABILITY=default (as torch's own kernels) they take the SSE2/plain paths, with =avx2 the
+# AVX2 ones. Every path must give the same tokens, lengths and scores bit for bit, and raise for the
+# same sequence.
 
 GREEDY_PATH_SCRIPT = r"""
 import sys
@@ -705,6 +766,11 @@ for lp, lens in cases:
         out.append(str(e).splitlines()[0])
     try:
         out.append(torch.ops.captcha_fast.ctc_beam_search(lp, lens, 10, 1, 0, None, None, 0, -1, None, True))
+    except RuntimeError as e:
+        out.append(str(e).splitlines()[0])
+    charset = [str(c) for c in range(1, lp.shape[2])]
+    try:
+        out.append(torch.ops.captcha_fast.ctc_beam_search_labels(lp, lens, charset, 10, with_scores=False))
     except RuntimeError as e:
         out.append(str(e).splitlines()[0])
 torch.save(out, sys.argv[2])
@@ -738,19 +804,26 @@ def greedy_path_cases():
     return cases
 
 
+def _paths_below(capability: str) -> list:
+    """The ATEN_CPU_CAPABILITY values whose kernel paths lie below this CPU's: default (SSE2, plain
+    loops) below AVX2, and AVX2 too below AVX-512 (where the path test's pass takes 16 classes at once)."""
+    return {"AVX512": ["default", "avx2"], "AVX2": ["default"]}.get(capability, [])
+
+
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() == "DEFAULT", reason="this CPU has no AVX2 path")
-def test_avx2_paths_equal_the_sse2_paths_and_the_argmax_reference(tmp_path):
+@pytest.mark.parametrize("lower", _paths_below(torch.backends.cpu.get_cpu_capability()))
+def test_avx2_paths_equal_the_sse2_paths_and_the_argmax_reference(tmp_path, lower):
     import os
     import subprocess
     import sys
 
     cases = greedy_path_cases()
     torch.save(cases, tmp_path / "cases.pt")
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": lower, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-c", GREEDY_PATH_SCRIPT, str(tmp_path / "cases.pt"), str(tmp_path / "out.pt")],
                    env=env, check=True, timeout=300)
-    sse2 = torch.load(tmp_path / "out.pt")
-    for (lp, lens), plain, plain_beam in zip(cases, sse2[::2], sse2[1::2]):
+    below = torch.load(tmp_path / "out.pt")
+    for (lp, lens), plain, plain_beam, plain_labels in zip(cases, below[::3], below[1::3], below[2::3]):
         # The certificate's first pass (AVX2, each frame's probabilities kept for the forward passes,
         # or SSE2, the forward passes computing their own): the same exps bit for bit, so the same
         # answers and scores, or the same error.
@@ -761,6 +834,15 @@ def test_avx2_paths_equal_the_sse2_paths_and_the_argmax_reference(tmp_path):
                 assert torch.equal(a, b)
         except RuntimeError as e:
             assert str(e).splitlines()[0] == plain_beam and "sequence 22 contain NaN or +inf" in plain_beam
+        # Labels only: the path test's pass (AVX2, or the plain loops) answers the same sequences.
+        try:
+            labels, label_scores = ops.ctc_beam_search_labels(lp, lens, [str(c) for c in range(1, lp.shape[2])], 10,
+                                                              with_scores=False)
+            assert not isinstance(plain_labels, str), plain_labels
+            assert labels == plain_labels[0]
+            torch.testing.assert_close(label_scores, plain_labels[1], rtol=0, atol=0, equal_nan=True)
+        except RuntimeError as e:
+            assert str(e).splitlines()[0] == plain_labels and "sequence 22 contain NaN or +inf" in plain_labels
         try:
             avx2 = ops.ctc_greedy_decode(lp, lens, 0)
         except RuntimeError as e:

@@ -193,6 +193,156 @@ __attribute__((target("avx2"))) void frame_stats_avx2(const float* row, int64_t 
 }
 #endif
 
+#ifdef CF_AVX2_GREEDY
+// path_certifies' pass over a float32 sequence (classes contiguous, C >= 8), 8 classes an
+// instruction: each frame's first maximum (as scan_max and find_at_least) into best, and the
+// product of frame_upper_bound's bounds, from exp_upper in eight lanes (the lanes past C read -inf:
+// exp_upper's floor e^-40 each, still a bound), returned once it passes limit or at the end. NaN on
+// NaN or +inf (one test per frame on the sum of its values, then the exact one) or a frame of -inf.
+__attribute__((target("avx2"))) double path_pass_avx2(const float* data, int64_t stride_t, int64_t length, int64_t C,
+                                                      double limit, int32_t* best) {
+  const __m256 neg_inf = _mm256_set1_ps(kNegInf);
+  const __m256 floor = _mm256_set1_ps(-40.f), scale = _mm256_set1_ps(kExpUpperScale);
+  const __m256i bias = _mm256_set1_epi32(kExpUpperBias);
+  const int64_t full = C & ~int64_t(7);
+  const int rem = static_cast<int>(C - full);
+  static const int32_t kLanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  const __m256i tail_mask = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kLanes + 8 - rem));
+  double product = 1.0;
+  for (int64_t t = 0; t < length && product < limit; ++t) {
+    const float* row = data + t * stride_t;
+    if (t + kPrefetch < length) {  // frames lie N rows apart: too far for the hardware prefetcher
+      _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetch * stride_t), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetch * stride_t + C - 1), _MM_HINT_T0);
+    }
+    __m256 m1 = neg_inf, sums = _mm256_setzero_ps();
+    for (int64_t c = 0; c < full; c += 8) {
+      const __m256 v = _mm256_loadu_ps(row + c);
+      sums = _mm256_add_ps(sums, v);
+      m1 = _mm256_max_ps(m1, v);
+    }
+    __m256 tail = neg_inf;
+    if (rem > 0) {
+      const __m256 v = _mm256_maskload_ps(row + full, tail_mask);  // 0 in the lanes past C
+      sums = _mm256_add_ps(sums, v);
+      tail = _mm256_blendv_ps(neg_inf, v, _mm256_castsi256_ps(tail_mask));
+      m1 = _mm256_max_ps(m1, tail);
+    }
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
+    if (!(cf_hsum(h) < INFINITY) && any_bad_value(row, C)) return NAN;
+    const float m = cf_hmax(_mm_max_ps(_mm256_castps256_ps128(m1), _mm256_extractf128_ps(m1, 1)));
+    if (!(m > kNegInf)) return NAN;
+    const __m256 m8 = _mm256_set1_ps(m);
+    int64_t b = C;
+    for (int64_t c = 0; c < full; c += 8) {
+      const int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + c), m8, _CMP_GE_OQ));
+      if (mask != 0) {
+        b = c + __builtin_ctz(static_cast<unsigned>(mask));
+        break;
+      }
+    }
+    if (b == C) b = full + __builtin_ctz(static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(tail, m8, _CMP_GE_OQ))));
+    best[t] = static_cast<int32_t>(b);
+    // exp_upper in eight lanes: the same float operations, so the same bounds as the plain loop.
+    auto upper = [&](__m256 v) {
+      const __m256 r = _mm256_max_ps(_mm256_sub_ps(v, m8), floor);  // -40 for -inf and NaN-free rows
+      return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_cvttps_epi32(_mm256_mul_ps(r, scale)), bias));
+    };
+    double sum = 0.0;
+    __m256 part = _mm256_setzero_ps();
+    for (int64_t c = 0, i = 0; c < full; c += 8) {
+      part = _mm256_add_ps(part, upper(_mm256_loadu_ps(row + c)));
+      if (++i == 16) {  // float partial sums of at most 16 terms a lane
+        h = _mm_add_ps(_mm256_castps256_ps128(part), _mm256_extractf128_ps(part, 1));
+        sum += static_cast<double>(cf_hsum(h));
+        part = _mm256_setzero_ps();
+        i = 0;
+      }
+    }
+    if (rem > 0) part = _mm256_add_ps(part, upper(tail));
+    h = _mm_add_ps(_mm256_castps256_ps128(part), _mm256_extractf128_ps(part, 1));
+    sum += static_cast<double>(cf_hsum(h));
+    product *= sum * (1.0 + 1e-5);  // frame_upper_bound's bound
+  }
+  return product;
+}
+#endif
+
+#ifdef CF_AVX2_GREEDY
+// GCC 12's AVX-512 intrinsics pass _mm512_undefined_ps() where no mask applies, and -Wall then warns
+// that it "may be used uninitialized" at every call (a known false positive).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// path_pass_avx2 with 16 classes an instruction (a 37-class frame in three blocks, the tail
+// masked): the same first maxima; the same bounds but for the lanes past C (none here: masked).
+__attribute__((target("avx512f"))) double path_pass_avx512(const float* data, int64_t stride_t, int64_t length,
+                                                            int64_t C, double limit, int32_t* best) {
+  const __m512 neg_inf = _mm512_set1_ps(kNegInf);
+  const __m512 floor = _mm512_set1_ps(-40.f), scale = _mm512_set1_ps(kExpUpperScale);
+  const __m512i bias = _mm512_set1_epi32(kExpUpperBias);
+  const int64_t full = C & ~int64_t(15);
+  const __mmask16 tail_mask = static_cast<__mmask16>((1u << (C - full)) - 1u);
+  double product = 1.0;
+  for (int64_t t = 0; t < length && product < limit; ++t) {
+    const float* row = data + t * stride_t;
+    if (t + kPrefetch < length) {  // frames lie N rows apart: too far for the hardware prefetcher
+      _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetch * stride_t), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetch * stride_t + C - 1), _MM_HINT_T0);
+    }
+    __m512 m1 = neg_inf, sums = _mm512_setzero_ps();
+    for (int64_t c = 0; c < full; c += 16) {
+      const __m512 v = _mm512_loadu_ps(row + c);
+      sums = _mm512_add_ps(sums, v);
+      m1 = _mm512_max_ps(m1, v);
+    }
+    const __m512 tail = _mm512_mask_loadu_ps(neg_inf, tail_mask, row + full);  // -inf past C
+    sums = _mm512_mask_add_ps(sums, tail_mask, sums, tail);
+    m1 = _mm512_max_ps(m1, tail);
+    if (!(_mm512_reduce_add_ps(sums) < INFINITY) && any_bad_value(row, C)) return NAN;
+    const float m = _mm512_reduce_max_ps(m1);
+    if (!(m > kNegInf)) return NAN;
+    const __m512 m16 = _mm512_set1_ps(m);
+    int64_t b = C;
+    for (int64_t c = 0; c < full; c += 16) {
+      const unsigned mask = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + c), m16, _CMP_GE_OQ);
+      if (mask != 0) {
+        b = c + __builtin_ctz(mask);
+        break;
+      }
+    }
+    if (b == C) b = full + __builtin_ctz(static_cast<unsigned>(_mm512_cmp_ps_mask(tail, m16, _CMP_GE_OQ)));
+    best[t] = static_cast<int32_t>(b);
+    auto upper = [&](__m512 v) {  // exp_upper in sixteen lanes
+      const __m512 r = _mm512_max_ps(_mm512_sub_ps(v, m16), floor);
+      return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_cvttps_epi32(_mm512_mul_ps(r, scale)), bias));
+    };
+    double sum = 0.0;
+    __m512 part = _mm512_setzero_ps();
+    for (int64_t c = 0, i = 0; c < full; c += 16) {
+      part = _mm512_add_ps(part, upper(_mm512_loadu_ps(row + c)));
+      if (++i == 16) {  // float partial sums of at most 16 terms a lane
+        sum += static_cast<double>(_mm512_reduce_add_ps(part));
+        part = _mm512_setzero_ps();
+        i = 0;
+      }
+    }
+    part = _mm512_mask_add_ps(part, tail_mask, part, upper(tail));
+    sum += static_cast<double>(_mm512_reduce_add_ps(part));
+    product *= sum * (1.0 + 1e-5);  // frame_upper_bound's bound
+  }
+  return product;
+}
+#pragma GCC diagnostic pop
+
+// Whether the path pass takes its AVX-512 path: the CPU has AVX-512F and torch's own kernels use
+// AVX-512 (ATEN_CPU_CAPABILITY=avx2 keeps the AVX2 path, e.g. to test it).
+bool beam_uses_avx512() {
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && at::get_cpu_capability() == "AVX512";
+  return avx512;
+}
+#endif
+
 // Whether the greedy kernel takes its AVX2 path: the CPU has AVX2 and torch's own kernels use
 // it or AVX-512 (ATEN_CPU_CAPABILITY=default turns both off, e.g. to test the SSE2 path).
 bool greedy_uses_avx2() {
@@ -248,13 +398,16 @@ Decoded greedy_cpu(const at::Tensor& log_probs, const at::Tensor& input_lengths,
   return {tokens, lengths, scores};
 }
 
-Decoded beam_search_cpu(const at::Tensor& log_probs, const at::Tensor& input_lengths, int64_t beam_width,
-                        int64_t top_k, int64_t blank, c10::optional<double> token_min_logp, c10::optional<double> blank_skip_threshold,
-                        int64_t min_length, int64_t max_length, const c10::optional<at::Tensor>& allowed_tokens,
-                        bool certify) {
+}  // namespace
+
+Decoded beam_search_cpu_kernel(const at::Tensor& log_probs, const at::Tensor& input_lengths, int64_t beam_width,
+                               int64_t top_k, int64_t blank, c10::optional<double> token_min_logp,
+                               c10::optional<double> blank_skip_threshold, int64_t min_length, int64_t max_length,
+                               const c10::optional<at::Tensor>& allowed_tokens, bool certify, bool with_scores) {
   const auto [T, N, C] = check_decode_inputs(log_probs, input_lengths, blank, "ctc_beam_search");
   BeamOptions opts = check_beam_options(log_probs, beam_width, top_k, token_min_logp, blank_skip_threshold,
                                         min_length, max_length, allowed_tokens, certify);
+  opts.scores = with_scores;
   check_lengths_in_range(input_lengths, T, "ctc_beam_search");
   const int64_t L = beam_output_width(T, max_length);
   // beam_search_to_tokens writes every element.
@@ -296,6 +449,10 @@ Decoded beam_search_cpu(const at::Tensor& log_probs, const at::Tensor& input_len
       // The certificate's frame statistics in AVX2, and each frame's class probabilities kept for
       // its forward passes when they take little room.
       std::vector<float> exps;
+      if (opts.certify && top_k == 1 && !opts.scores && std::is_same<scalar_t, float>::value && sc == 1 && C >= 8 &&
+          greedy_uses_avx2()) {
+        ws.path_pass = beam_uses_avx512() ? path_pass_avx512 : path_pass_avx2;
+      }
       if (opts.certify && top_k == 1 && C >= 8 && greedy_uses_avx2()) {
         ws.frame_stats = frame_stats_avx2;
         if (T * C <= kFrameExpLimit) {
@@ -314,6 +471,16 @@ Decoded beam_search_cpu(const at::Tensor& log_probs, const at::Tensor& input_len
   });
   bad.check("ctc_beam_search");
   return {tokens, lengths, scores};
+}
+
+namespace {
+
+Decoded beam_search_cpu(const at::Tensor& log_probs, const at::Tensor& input_lengths, int64_t beam_width,
+                        int64_t top_k, int64_t blank, c10::optional<double> token_min_logp, c10::optional<double> blank_skip_threshold,
+                        int64_t min_length, int64_t max_length, const c10::optional<at::Tensor>& allowed_tokens,
+                        bool certify) {
+  return beam_search_cpu_kernel(log_probs, input_lengths, beam_width, top_k, blank, token_min_logp,
+                                blank_skip_threshold, min_length, max_length, allowed_tokens, certify, true);
 }
 
 }  // namespace
