@@ -1278,10 +1278,10 @@ CF_HD bool certify_top_label(const Frames<scalar_t>& f, int64_t length, int64_t 
 // certificate's case R = {ℓ} with the greedy path holding more than half of Z (certify_top_label,
 // path_holds), decided without a single exp. The certificate computes each frame's
 // probabilities because its forward passes and its scores need them; the path test needs only an
-// upper bound of Z_t = Σ_c exp(row[c] - max), and exp_upper gives one from the float's bits. On the
-// shipped model's outputs the path holds for about 70% of sequences; the rest go on to the
-// certificate, which then decides exactly as it would have (Z <= the bound here, so where this
-// test passes its own path test passes too, with the same label).
+// upper bound of Z_t = Σ_c exp(row[c] - max), and exp_upper gives one from the float's bits. The
+// claim is the certificate's with R = {ℓ}: P(π) > Z / 2 makes ℓ the exact search's top-1 and the
+// most probable label. On the shipped model's outputs the path holds for about 70% of sequences;
+// the rest go on to the certificate and the search, unchanged.
 //
 // exp_upper(x) >= exp(x) for x = fl(row[c] - max) <= 0: with y = x / ln 2, the float whose bits
 // are (127 + y) 2^23 is 2^⌊y⌋ (1 + y - ⌊y⌋) >= 2^y (2^f <= 1 + f on [0, 1]), at most 8.6% above it
