@@ -51,6 +51,13 @@ at::Tensor lengths_as_long(const at::Tensor& input_lengths) {
 }
 
 #ifdef CF_AVX2_GREEDY
+// Asks for the float32 row kPrefetch frames after `row` (C classes): a sequence's frames lie N rows
+// apart in the usual (T, N, C) layout, too far for the hardware prefetcher.
+inline void prefetch_ahead(const float* row, int64_t stride_t, int64_t C) {
+  _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetch * stride_t), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetch * stride_t + C - 1), _MM_HINT_T0);
+}
+
 // Greedy decoding of one float32 sequence whose classes are contiguous (C >= 8), 8 classes per
 // AVX2 instruction: greedy_decode_one's results bit for bit (the same maximum, exact in any
 // order; its first index, as torch.argmax; the same double sum of the frames' maxima). The
@@ -64,10 +71,7 @@ __attribute__((target("avx2"))) Status greedy_decode_one_avx2(const float* data,
   const int64_t tail = C - 8;  // the last block, overlapping the one before unless 8 divides C
   for (int64_t t = 0; t < length; ++t) {
     const float* row = data + t * stride_t;
-    if (t + kPrefetch < length) {  // frames lie N rows apart: too far for the hardware prefetcher
-      _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetch * stride_t), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetch * stride_t + C - 1), _MM_HINT_T0);
-    }
+    if (t + kPrefetch < length) prefetch_ahead(row, stride_t, C);
     __m256 m = _mm256_loadu_ps(row);
     sums = _mm256_add_ps(sums, m);
     for (int64_t c = 8; c < tail; c += 8) {
@@ -211,10 +215,7 @@ __attribute__((target("avx2"))) double path_pass_avx2(const float* data, int64_t
   double product = 1.0;
   for (int64_t t = 0; t < length && product < limit; ++t) {
     const float* row = data + t * stride_t;
-    if (t + kPrefetch < length) {  // frames lie N rows apart: too far for the hardware prefetcher
-      _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetch * stride_t), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetch * stride_t + C - 1), _MM_HINT_T0);
-    }
+    if (t + kPrefetch < length) prefetch_ahead(row, stride_t, C);
     __m256 m1 = neg_inf, sums = _mm256_setzero_ps();
     for (int64_t c = 0; c < full; c += 8) {
       const __m256 v = _mm256_loadu_ps(row + c);
@@ -265,81 +266,6 @@ __attribute__((target("avx2"))) double path_pass_avx2(const float* data, int64_t
     product *= sum * (1.0 + 1e-5);  // frame_upper_bound's bound
   }
   return product;
-}
-#endif
-
-#ifdef CF_AVX2_GREEDY
-// GCC 12's AVX-512 intrinsics pass _mm512_undefined_ps() where no mask applies, and -Wall then warns
-// that it "may be used uninitialized" at every call (a known false positive).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-// path_pass_avx2 with 16 classes an instruction (a 37-class frame in three blocks, the tail
-// masked): the same first maxima; the same bounds but for the lanes past C (none here: masked).
-__attribute__((target("avx512f"))) double path_pass_avx512(const float* data, int64_t stride_t, int64_t length,
-                                                            int64_t C, double limit, int32_t* best) {
-  const __m512 neg_inf = _mm512_set1_ps(kNegInf);
-  const __m512 floor = _mm512_set1_ps(-40.f), scale = _mm512_set1_ps(kExpUpperScale);
-  const __m512i bias = _mm512_set1_epi32(kExpUpperBias);
-  const int64_t full = C & ~int64_t(15);
-  const __mmask16 tail_mask = static_cast<__mmask16>((1u << (C - full)) - 1u);
-  double product = 1.0;
-  for (int64_t t = 0; t < length && product < limit; ++t) {
-    const float* row = data + t * stride_t;
-    if (t + kPrefetch < length) {  // frames lie N rows apart: too far for the hardware prefetcher
-      _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetch * stride_t), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetch * stride_t + C - 1), _MM_HINT_T0);
-    }
-    __m512 m1 = neg_inf, sums = _mm512_setzero_ps();
-    for (int64_t c = 0; c < full; c += 16) {
-      const __m512 v = _mm512_loadu_ps(row + c);
-      sums = _mm512_add_ps(sums, v);
-      m1 = _mm512_max_ps(m1, v);
-    }
-    const __m512 tail = _mm512_mask_loadu_ps(neg_inf, tail_mask, row + full);  // -inf past C
-    sums = _mm512_mask_add_ps(sums, tail_mask, sums, tail);
-    m1 = _mm512_max_ps(m1, tail);
-    if (!(_mm512_reduce_add_ps(sums) < INFINITY) && any_bad_value(row, C)) return NAN;
-    const float m = _mm512_reduce_max_ps(m1);
-    if (!(m > kNegInf)) return NAN;
-    const __m512 m16 = _mm512_set1_ps(m);
-    int64_t b = C;
-    for (int64_t c = 0; c < full; c += 16) {
-      const unsigned mask = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + c), m16, _CMP_GE_OQ);
-      if (mask != 0) {
-        b = c + __builtin_ctz(mask);
-        break;
-      }
-    }
-    if (b == C) b = full + __builtin_ctz(static_cast<unsigned>(_mm512_cmp_ps_mask(tail, m16, _CMP_GE_OQ)));
-    best[t] = static_cast<int32_t>(b);
-    auto upper = [&](__m512 v) {  // exp_upper in sixteen lanes
-      const __m512 r = _mm512_max_ps(_mm512_sub_ps(v, m16), floor);
-      return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_cvttps_epi32(_mm512_mul_ps(r, scale)), bias));
-    };
-    double sum = 0.0;
-    __m512 part = _mm512_setzero_ps();
-    for (int64_t c = 0, i = 0; c < full; c += 16) {
-      part = _mm512_add_ps(part, upper(_mm512_loadu_ps(row + c)));
-      if (++i == 16) {  // float partial sums of at most 16 terms a lane
-        sum += static_cast<double>(_mm512_reduce_add_ps(part));
-        part = _mm512_setzero_ps();
-        i = 0;
-      }
-    }
-    part = _mm512_mask_add_ps(part, tail_mask, part, upper(tail));
-    sum += static_cast<double>(_mm512_reduce_add_ps(part));
-    product *= sum * (1.0 + 1e-5);  // frame_upper_bound's bound
-  }
-  return product;
-}
-#pragma GCC diagnostic pop
-
-// Whether the path pass takes its AVX-512 path: the CPU has AVX-512F and torch's own kernels use
-// AVX-512 (ATEN_CPU_CAPABILITY=avx2 keeps the AVX2 path, e.g. to test it).
-bool beam_uses_avx512() {
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && at::get_cpu_capability() == "AVX512";
-  return avx512;
 }
 #endif
 
@@ -451,7 +377,7 @@ Decoded beam_search_cpu_kernel(const at::Tensor& log_probs, const at::Tensor& in
       std::vector<float> exps;
       if (opts.certify && top_k == 1 && !opts.scores && std::is_same<scalar_t, float>::value && sc == 1 && C >= 8 &&
           greedy_uses_avx2()) {
-        ws.path_pass = beam_uses_avx512() ? path_pass_avx512 : path_pass_avx2;
+        ws.path_pass = path_pass_avx2;
       }
       if (opts.certify && top_k == 1 && C >= 8 && greedy_uses_avx2()) {
         ws.frame_stats = frame_stats_avx2;
