@@ -215,7 +215,8 @@ BEAM: Dict[str, Decoder] = {
                                                   decode.TOKEN_MIN_LOGP, decode.BLANK_SKIP_THRESHOLD),
         _first_texts),
     "cpp_beam_pruned_labels": Decoder(
-        "C++ beam search, default pruning + certificate, labels op without scores (ctc_beam_search_labels: packed, split)",
+        "C++ beam search, default pruning + certificate, labels op without scores "
+        "(ctc_beam_search_labels: packed, split)",
         lambda x, k: decode.unpack_labels(_ops.ctc_beam_search_labels(
             x.log_probs, x.lengths, x.charset, k, 0, decode.TOKEN_MIN_LOGP, decode.BLANK_SKIP_THRESHOLD,
             with_scores=False)[0]),
