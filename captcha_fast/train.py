@@ -44,7 +44,8 @@ from captcha_fast.checkpoint import (PRETRAINED_CHECKPOINT, init_from_checkpoint
                                      load_model, model_from_checkpoint, save_checkpoint)
 from captcha_fast.confidence import calibrate_file
 from captcha_fast.data import (SMALL_SET_AUGMENT, AugmentConfig, Batch, BucketBatchSampler, CaptchaDataset,
-                               check_labels, collate, frames_needed, list_samples, split_samples, synthetic_dataset)
+                               Sample, check_labels, collate, frames_needed, list_samples, split_samples,
+                               synthetic_dataset)
 from captcha_fast.decode import greedy_decode
 from captcha_fast.distributed import Dist
 from captcha_fast.files import atomic_write
@@ -231,12 +232,16 @@ class Data(NamedTuple):
     train: CaptchaDataset
     val: Optional[CaptchaDataset]
     charset: Charset
-    labelled: int  # a folder's or manifest's images that passed the label checks (0: synthetic): the
-                   # count every small-set rule (SMALL_SET) reads
+    samples: List[Sample]  # a folder's or manifest's images that passed the label checks ([]: synthetic)
+
+    @property
+    def labelled(self) -> int:
+        """The count every small-set rule (SMALL_SET) reads."""
+        return len(self.samples)
 
 
 def build_data(cfg: TrainConfig) -> Data:
-    """Train and validation sets, the charset and the labelled count for `cfg`."""
+    """Train and validation sets, the charset and the labelled samples for `cfg`."""
     if cfg.data == "synthetic":  # rendered sets are as large as asked for: the usual augmentation
         aug = AugmentConfig() if cfg.augment else None
         charset = Charset(cfg.charset or "".join(sorted(set(cfg.synth_charset))))
@@ -247,7 +252,7 @@ def build_data(cfg: TrainConfig) -> Data:
         train_ds = _synthetic(cfg, SynthConfig(seed=cfg.seed, **sc), cfg.synth_train, charset, aug)
         val_ds = (_synthetic(cfg, SynthConfig(seed=cfg.seed + 1_000_000, **sc), cfg.synth_val, charset, None)
                   if cfg.synth_val > 0 else None)
-        return Data(train_ds, val_ds, charset, 0)
+        return Data(train_ds, val_ds, charset, [])
     samples = list_samples(cfg.data)
     labelled = "".join(sorted(set("".join(s.label for s in samples))))
     start = start_config(cfg)
@@ -268,7 +273,7 @@ def build_data(cfg: TrainConfig) -> Data:
     if rehearse:
         train_ds = _with_rehearsal(cfg, train_ds, "".join(c for c in known if not charset.unknown(c)))
     val_ds = CaptchaDataset(val_s, charset, **kw) if val_s else None
-    return Data(train_ds, val_ds, charset, len(samples))
+    return Data(train_ds, val_ds, charset, samples)
 
 
 def _describe(ds: CaptchaDataset, data: str) -> str:
@@ -405,7 +410,7 @@ class _Run:
     scaler: torch.amp.GradScaler
     amp_dtype: Optional[torch.dtype]
     passes: int = 1  # passes over the training images per epoch
-    labelled: int = 0  # Data.labelled
+    samples: List[Sample] = field(default_factory=list)  # Data.samples
     ctc: nn.CTCLoss = field(default_factory=lambda: nn.CTCLoss(blank=0, reduction="mean"))
     start_epoch: int = 0
     rows: List[dict] = field(default_factory=list)
@@ -438,7 +443,7 @@ def _setup(cfg: TrainConfig, ddp: Dist) -> _Run:
     if ddp.main:
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    train_ds, val_ds, charset, labelled = build_data(cfg)
+    train_ds, val_ds, charset, samples = build_data(cfg)
     if state is not None and state["charset"] != charset.symbols:
         raise ValueError(f"--resume: the data gives charset {charset.symbols!r} but the run used {state['charset']!r}")
     model = build_model(cfg, charset)
@@ -465,7 +470,7 @@ def _setup(cfg: TrainConfig, ddp: Dist) -> _Run:
     amp_dtype = autocast_dtype(cfg, ddp.device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     run = _Run(cfg, ddp, out, train_ds, val_ds, charset, model, ddp.wrap(model), opt, sampler, sched, scaler, amp_dtype,
-               passes, labelled)
+               passes, samples)
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -693,8 +698,7 @@ def _probe_share(run: _Run, init: Path, say: Callable[[str], None]) -> Optional[
     if cfg.resume and record.is_file():
         result = json.loads(record.read_text())
     else:
-        samples = check_labels(list_samples(cfg.data), run.charset, cfg.skip_bad)
-        halves = split_samples(samples, 0.5, cfg.seed)
+        halves = split_samples(run.samples, 0.5, cfg.seed)
         if min(len(h) for h in halves) < 2:
             return None
         correct = dict.fromkeys(BLEND_CHOICES, 0)
@@ -764,7 +768,7 @@ def _blend_with_start(run: _Run, say: Callable[[str], None]) -> None:
     if "blend" in best:
         return
     if share is None and run.val_ds is None:
-        if run.cfg.data == "synthetic" or run.labelled >= SMALL_SET:
+        if run.cfg.data == "synthetic" or len(run.samples) >= SMALL_SET:
             return  # a large set without a validation split (--val-fraction 0): the fine-tuned weights
         probed = _probe_share(run, init, say) if run.cfg.probe else None
         share, by = (probed, "--probe") if probed is not None else (SMALL_SET_BLEND, "small set")

@@ -124,6 +124,61 @@ __attribute__((target("avx2"), always_inline)) inline __m256 exp_rel8(__m256 x) 
   return _mm256_and_ps(x, kept);
 }
 
+// The row scans of the certificate's passes, 8 classes an AVX2 instruction (C >= 8): the lanes of a
+// float vector added or maxed across, the last partial block, the first class at the maximum, and
+// float partial sums of at most 16 terms a lane carried into a double.
+__attribute__((target("avx2"), always_inline)) inline float hsum8(__m256 v) {
+  return cf_hsum(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
+}
+
+__attribute__((target("avx2"), always_inline)) inline float hmax8(__m256 v) {
+  return cf_hmax(_mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
+}
+
+// The lanes of row[full, C) (C - full < 8 of them): -1 in each, 0 past C.
+__attribute__((target("avx2"), always_inline)) inline __m256i tail_lanes8(int64_t C, int64_t full) {
+  static const int32_t kLanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kLanes + 8 - (C - full)));
+}
+
+// row[full, C) with -inf past C (all -inf when full == C); its values (0 past C) are added to *sums,
+// whose NaN or +inf flags a bad value.
+__attribute__((target("avx2"), always_inline)) inline __m256 load_tail8(const float* row, int64_t full, int64_t C,
+                                                                       __m256i tail_mask, __m256* sums) {
+  if (full == C) return _mm256_set1_ps(kNegInf);
+  const __m256 v = _mm256_maskload_ps(row + full, tail_mask);  // 0 in the lanes past C
+  *sums = _mm256_add_ps(*sums, v);
+  return _mm256_blendv_ps(_mm256_set1_ps(kNegInf), v, _mm256_castsi256_ps(tail_mask));
+}
+
+// The first c with row[c] >= m (m8: m in every lane; tail: row[full, C) with -inf past C).
+__attribute__((target("avx2"), always_inline)) inline int64_t first_at_least8(const float* row, int64_t full,
+                                                                             __m256 tail, __m256 m8) {
+  for (int64_t c = 0; c < full; c += 8) {
+    const int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + c), m8, _CMP_GE_OQ));
+    if (mask != 0) return c + __builtin_ctz(static_cast<unsigned>(mask));
+  }
+  return full + __builtin_ctz(static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(tail, m8, _CMP_GE_OQ))));
+}
+
+struct LaneSums8 {  // float partial sums of at most 16 terms a lane (relative error < 1e-6), in a double
+  __m256 part;
+  double sum = 0.0;
+  int n = 0;
+  __attribute__((target("avx2"), always_inline)) LaneSums8() : part(_mm256_setzero_ps()) {}
+  __attribute__((target("avx2"), always_inline)) void add(__m256 v) {
+    part = _mm256_add_ps(part, v);
+    if (++n == 16) {
+      sum += static_cast<double>(hsum8(part));
+      part = _mm256_setzero_ps();
+      n = 0;
+    }
+  }
+  __attribute__((target("avx2"), always_inline)) double total() const {
+    return sum + static_cast<double>(hsum8(part));
+  }
+};
+
 // frame_stats_generic for one contiguous float32 row (C >= 8), 8 classes per AVX2 instruction:
 // the same maximum, first index and runner-up (exact in any order; per lane the largest two
 // values, then across lanes), and frame_mass_bound's bound from exp_rel8 (float partial sums of
@@ -132,10 +187,7 @@ __attribute__((target("avx2"), always_inline)) inline __m256 exp_rel8(__m256 x) 
 __attribute__((target("avx2"))) void frame_stats_avx2(const float* row, int64_t C, FrameStats* s, float* exps) {
   const __m256 neg_inf = _mm256_set1_ps(kNegInf);
   const int64_t full = C & ~int64_t(7);
-  const int rem = static_cast<int>(C - full);
-  static const int32_t kLanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
-  const __m256i tail_mask = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kLanes + 8 - rem));
-  const __m256 tail_lanes = _mm256_castsi256_ps(tail_mask);
+  const __m256i tail_mask = tail_lanes8(C, full);
   __m256 m1 = neg_inf, m2 = neg_inf, sums = _mm256_setzero_ps();
   for (int64_t c = 0; c < full; c += 8) {
     const __m256 v = _mm256_loadu_ps(row + c);
@@ -143,17 +195,11 @@ __attribute__((target("avx2"))) void frame_stats_avx2(const float* row, int64_t 
     m2 = _mm256_max_ps(m2, _mm256_min_ps(m1, v));
     m1 = _mm256_max_ps(m1, v);
   }
-  __m256 tail = neg_inf;
-  if (rem > 0) {
-    const __m256 v = _mm256_maskload_ps(row + full, tail_mask);  // 0 in the lanes past C
-    sums = _mm256_add_ps(sums, v);
-    tail = _mm256_blendv_ps(neg_inf, v, tail_lanes);
-    m2 = _mm256_max_ps(m2, _mm256_min_ps(m1, tail));
-    m1 = _mm256_max_ps(m1, tail);
-  }
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
-  s->bad = !(cf_hsum(h) < INFINITY) && any_bad_value(row, C);
-  const float m = cf_hmax(_mm_max_ps(_mm256_castps256_ps128(m1), _mm256_extractf128_ps(m1, 1)));
+  const __m256 tail = load_tail8(row, full, C, tail_mask, &sums);
+  m2 = _mm256_max_ps(m2, _mm256_min_ps(m1, tail));
+  m1 = _mm256_max_ps(m1, tail);
+  s->bad = !(hsum8(sums) < INFINITY) && any_bad_value(row, C);
+  const float m = hmax8(m1);
   s->max = m;
   if (s->bad || !(m > kNegInf)) return;
   const __m256 m8 = _mm256_set1_ps(m);
@@ -161,39 +207,21 @@ __attribute__((target("avx2"))) void frame_stats_avx2(const float* row, int64_t 
   if (__builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(at_max))) >= 2) {
     s->second = m;
   } else {  // the runner-up: every lane's second, and the other lanes' first
-    const __m256 r = _mm256_max_ps(m2, _mm256_blendv_ps(m1, neg_inf, at_max));
-    s->second = cf_hmax(_mm_max_ps(_mm256_castps256_ps128(r), _mm256_extractf128_ps(r, 1)));
+    s->second = hmax8(_mm256_max_ps(m2, _mm256_blendv_ps(m1, neg_inf, at_max)));
   }
-  s->best = C;
+  s->best = first_at_least8(row, full, tail, m8);
+  LaneSums8 z;
   for (int64_t c = 0; c < full; c += 8) {
-    const int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + c), m8, _CMP_GE_OQ));
-    if (mask != 0) {
-      s->best = c + __builtin_ctz(static_cast<unsigned>(mask));
-      break;
-    }
-  }
-  if (s->best == C) s->best = full + __builtin_ctz(static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(tail, m8, _CMP_GE_OQ))));
-  double sum = 0.0;
-  __m256 z = _mm256_setzero_ps();
-  for (int64_t c = 0, i = 0; c < full; c += 8) {
     const __m256 e = exp_rel8(_mm256_sub_ps(_mm256_loadu_ps(row + c), m8));
     if (exps != nullptr) _mm256_storeu_ps(exps + c, e);
-    z = _mm256_add_ps(z, e);
-    if (++i == 16) {  // float partial sums of at most 16 terms a lane
-      h = _mm_add_ps(_mm256_castps256_ps128(z), _mm256_extractf128_ps(z, 1));
-      sum += static_cast<double>(cf_hsum(h));
-      z = _mm256_setzero_ps();
-      i = 0;
-    }
+    z.add(e);
   }
-  if (rem > 0) {
+  if (full < C) {
     const __m256 e = exp_rel8(_mm256_sub_ps(tail, m8));  // 0 past C (-inf there)
     if (exps != nullptr) _mm256_maskstore_ps(exps + full, tail_mask, e);
-    z = _mm256_add_ps(z, e);
+    z.add(e);
   }
-  h = _mm_add_ps(_mm256_castps256_ps128(z), _mm256_extractf128_ps(z, 1));
-  sum += static_cast<double>(cf_hsum(h));
-  s->z = sum * (1.0 + 1e-5) + static_cast<double>(C) * 1e-13;  // frame_mass_bound's bound
+  s->z = z.total() * (1.0 + 1e-5) + static_cast<double>(C) * 1e-13;  // frame_mass_bound's bound
 }
 #endif
 
@@ -209,9 +237,7 @@ __attribute__((target("avx2"))) double path_pass_avx2(const float* data, int64_t
   const __m256 floor = _mm256_set1_ps(-40.f), scale = _mm256_set1_ps(kExpUpperScale);
   const __m256i bias = _mm256_set1_epi32(kExpUpperBias);
   const int64_t full = C & ~int64_t(7);
-  const int rem = static_cast<int>(C - full);
-  static const int32_t kLanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
-  const __m256i tail_mask = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kLanes + 8 - rem));
+  const __m256i tail_mask = tail_lanes8(C, full);
   double product = 1.0;
   for (int64_t t = 0; t < length && product < limit; ++t) {
     const float* row = data + t * stride_t;
@@ -222,48 +248,22 @@ __attribute__((target("avx2"))) double path_pass_avx2(const float* data, int64_t
       sums = _mm256_add_ps(sums, v);
       m1 = _mm256_max_ps(m1, v);
     }
-    __m256 tail = neg_inf;
-    if (rem > 0) {
-      const __m256 v = _mm256_maskload_ps(row + full, tail_mask);  // 0 in the lanes past C
-      sums = _mm256_add_ps(sums, v);
-      tail = _mm256_blendv_ps(neg_inf, v, _mm256_castsi256_ps(tail_mask));
-      m1 = _mm256_max_ps(m1, tail);
-    }
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
-    if (!(cf_hsum(h) < INFINITY) && any_bad_value(row, C)) return NAN;
-    const float m = cf_hmax(_mm_max_ps(_mm256_castps256_ps128(m1), _mm256_extractf128_ps(m1, 1)));
+    const __m256 tail = load_tail8(row, full, C, tail_mask, &sums);
+    m1 = _mm256_max_ps(m1, tail);
+    if (!(hsum8(sums) < INFINITY) && any_bad_value(row, C)) return NAN;
+    const float m = hmax8(m1);
     if (!(m > kNegInf)) return NAN;
     const __m256 m8 = _mm256_set1_ps(m);
-    int64_t b = C;
-    for (int64_t c = 0; c < full; c += 8) {
-      const int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + c), m8, _CMP_GE_OQ));
-      if (mask != 0) {
-        b = c + __builtin_ctz(static_cast<unsigned>(mask));
-        break;
-      }
-    }
-    if (b == C) b = full + __builtin_ctz(static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(tail, m8, _CMP_GE_OQ))));
-    best[t] = static_cast<int32_t>(b);
+    best[t] = static_cast<int32_t>(first_at_least8(row, full, tail, m8));
     // exp_upper in eight lanes: the same float operations, so the same bounds as the plain loop.
     auto upper = [&](__m256 v) {
       const __m256 r = _mm256_max_ps(_mm256_sub_ps(v, m8), floor);  // -40 for -inf and NaN-free rows
       return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_cvttps_epi32(_mm256_mul_ps(r, scale)), bias));
     };
-    double sum = 0.0;
-    __m256 part = _mm256_setzero_ps();
-    for (int64_t c = 0, i = 0; c < full; c += 8) {
-      part = _mm256_add_ps(part, upper(_mm256_loadu_ps(row + c)));
-      if (++i == 16) {  // float partial sums of at most 16 terms a lane
-        h = _mm_add_ps(_mm256_castps256_ps128(part), _mm256_extractf128_ps(part, 1));
-        sum += static_cast<double>(cf_hsum(h));
-        part = _mm256_setzero_ps();
-        i = 0;
-      }
-    }
-    if (rem > 0) part = _mm256_add_ps(part, upper(tail));
-    h = _mm_add_ps(_mm256_castps256_ps128(part), _mm256_extractf128_ps(part, 1));
-    sum += static_cast<double>(cf_hsum(h));
-    product *= sum * (1.0 + 1e-5);  // frame_upper_bound's bound
+    LaneSums8 z;
+    for (int64_t c = 0; c < full; c += 8) z.add(upper(_mm256_loadu_ps(row + c)));
+    if (full < C) z.add(upper(tail));
+    product *= z.total() * (1.0 + 1e-5);  // frame_upper_bound's bound
   }
   return product;
 }
