@@ -389,9 +389,10 @@ TORCH_LIBRARY(captcha_fast, m) {
   // ctc_beam_search_labels: the beam search's top-1 labels packed as ctc_greedy_decode_labels packs
   // them, and scores (N,): ctc_beam_search_strings with top_k = 1 (Python's beam_search). With
   // with_scores=False (the caller reads only the labels), on the CPU a sequence whose greedy path
-  // alone holds more than half of the mass (its label is then provably the top-1: "The path test
-  // alone" in csrc/ctc_decode.h) costs one pass over its frames without an exp, and its score is
-  // NaN (not computed); the other sequences' labels and scores are as with_scores=True gives them.
+  // and its flips (paths keeping its label, "The path test alone" in csrc/ctc_decode.h) provably
+  // hold more than half of the mass (its label is then the top-1) costs one pass over its frames,
+  // and its score is NaN (not computed); the other sequences' labels and scores are as
+  // with_scores=True gives them.
   m.def(
       "ctc_beam_search_labels(Tensor log_probs, Tensor input_lengths, str[] charset, int beam_width=10, "
       "int blank=0, float? token_min_logp=None, float? blank_skip_threshold=None, int min_length=0, "

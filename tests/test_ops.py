@@ -1,6 +1,7 @@
 """The C++ ops against the pure-Python references (captcha_fast._reference)."""
 import functools
 import math
+from typing import List
 
 import pytest
 import torch
@@ -561,6 +562,34 @@ def near_half_log_probs(T: int, N: int, C: int, blank: int, g: torch.Generator) 
     return p.log().float()
 
 
+def boundary_log_probs(T: int, N: int, C: int, blank: int, g: torch.Generator) -> torch.Tensor:
+    """(T, N, C) log-probs like a CTC model's at its runs' edges: a path of runs (1-3 frames, a
+    blank between two runs of one class) whose class at each frame shares its mass (up to a half at
+    two frames in five, else up to 3%) with the class of the frame before or after, or half the time
+    with the class the path test's flips would put there, the rest spread thin."""
+    out = torch.empty(T, N, C, dtype=torch.float64)
+    for n in range(N):
+        path = []
+        while len(path) < T:
+            c = int(torch.randint(0, C, (1,), generator=g))
+            if path and c == path[-1] and c != blank:
+                path.append(blank)
+            path.extend([c] * int(torch.randint(1, 4, (1,), generator=g)))
+        p = torch.rand(T, C, generator=g, dtype=torch.float64) * (0.05 / C)
+        for t in range(T):
+            before, after = path[max(t - 1, 0)], path[min(t + 1, T - 1)]
+            if torch.rand(1, generator=g) < 0.5:  # the class a flip would put there, where one may
+                neighbour = before if path[t] == blank else blank if after != path[t] else after
+            else:
+                neighbour = before if torch.rand(1, generator=g) < 0.5 else after
+            u = float(torch.rand(1, generator=g))
+            share = 1.25 * u if u < 0.4 else (u - 0.4) / 20  # a frame in doubt, or nearly sure
+            p[t, path[t]] += 1.0 - share
+            p[t, neighbour] += share
+        out[:, n] = p / p.sum(-1, keepdim=True)
+    return out.log().float()
+
+
 @settings(max_examples=300, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), T=st.integers(0, 14), N=st.integers(1, 4), C=st.integers(2, 7),
        K=st.integers(1, 8), kind=st.sampled_from(["near_half", "peaky", "flat"]), options=search_options,
@@ -606,35 +635,77 @@ def test_certificate_returns_the_search_top1(seed, T, N, C, K, kind, options, da
             assert got[n][0][1] >= exact[n][0][1] - 1e-5  # all alignments, not only those the beam kept
 
 
-def path_upper_product(frames: torch.Tensor) -> float:
-    """The path test's product of Z_t bounds as the op computes it (csrc/ctc_decode.h, exp_upper), its
-    float32 steps replayed: x = row - max, clamped to -40, times 2^23 / ln 2 rounded down, truncated,
-    plus 127 2^23 + 64, read as a float's bits; summed in float64 (the op's float partial sums differ
-    by < 1e-6), times 1 + 1e-5 per frame. inf: a frame of -inf (the op then leaves it to the certificate)."""
+def path_upper_bounds(frames: torch.Tensor) -> List[float]:
+    """The path test's bound of each Z_t / max_t p_t as the op computes it (csrc/ctc_decode.h,
+    exp_upper), its float32 steps replayed: x = row - max, clamped to -40, times 2^23 / ln 2 rounded
+    down, truncated, plus 127 2^23 + 64, read as a float's bits; summed in float64 (the op's float
+    partial sums differ by < 1e-6), times 1 + 1e-5. inf: a frame of -inf (the op then leaves the
+    sequence to the certificate)."""
     x = frames.float()
     m = x.max(-1, keepdim=True).values
     if len(x) and not bool(torch.isfinite(m).all()):
-        return math.inf
+        return [math.inf] * len(x)
     r = (x - m).clamp(min=-40.0) * torch.tensor(12102203.0)
     bits = r.to(torch.int32) + ((127 << 23) + 64)
-    return math.prod(float(z) * (1 + 1e-5) for z in bits.view(torch.float32).double().sum(-1))
+    return [float(z) * (1 + 1e-5) for z in bits.view(torch.float32).double().sum(-1)]
+
+
+def path_flip_gains(frames: torch.Tensor, blank: int) -> List[float]:
+    """The path test's flips (csrc/ctc_decode.h, PathFlips) in float64: after each frame t, the
+    largest product of 1 + p_s(a_s) / max_s p_s over non-adjacent flip frames s < t, where a blank
+    after a run of c may become c and the last frame of a run of c (two frames or more) a blank,
+    unless the next frame continues that run; ratios below e^-16 count 0. The last entry: all frames."""
+    path = frames.float().argmax(-1).tolist()
+    x = frames.double()
+    ratios = []
+    for s, c in enumerate(path):
+        before = path[s - 1] if s > 0 else -1
+        after = path[s + 1] if s + 1 < len(path) else -1
+        if c == blank:  # a blank after a run of c may become c
+            run, a = (before, before) if before not in (-1, blank) else (-1, -1)
+        else:  # the last frame of a run of c (two frames or more) may become a blank
+            run, a = (c, blank) if c == before else (-1, -1)
+        r = math.exp(float(x[s, a] - x[s].max())) if a >= 0 and after != run else 0.0
+        ratios.append(r if r > math.exp(-16) else 0.0)
+    flipped, kept, gains = 1.0, 1.0, []
+    for r in ratios:
+        gains.append(max(flipped, kept))  # frames before s decided
+        flipped, kept = kept * (1 + r), max(flipped, kept)
+    gains.append(max(flipped, kept))
+    return gains
+
+
+def path_test(frames: torch.Tensor, blank: int, tolerance: float) -> bool:
+    """Whether the path test answers (its bound below the limit by the share `tolerance`; negative:
+    above it): the product of Z_t bounds over the flips' gain below 2 / margin^2, and the pass not
+    given up on the way (the product so far at 8 times the limit times the gain so far)."""
+    limit = 2 / math.exp(CERT_SLACK * len(frames) + 1e-9) ** 2
+    z, gains = 1.0, path_flip_gains(frames, blank)
+    for t, bound in enumerate(path_upper_bounds(frames)):
+        if not z < 8 * limit * gains[t] * (1 - tolerance):
+            return False
+        z *= bound
+    return z / gains[-1] < limit * (1 - tolerance)
 
 
 @settings(max_examples=200, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), T=st.integers(0, 14), N=st.integers(1, 4), C=st.integers(2, 40),
-       K=st.integers(1, 8), kind=st.sampled_from(["near_half", "peaky", "flat"]), options=search_options,
+       K=st.integers(1, 8), kind=st.sampled_from(["boundaries", "boundaries", "near_half", "peaky", "flat"]), options=search_options,
        data=st.data())
 def test_labels_without_scores_answer_by_the_path_test_alone(seed, T, N, C, K, kind, options, data):
-    """with_scores=False: a sequence whose greedy path provably holds over half the mass, by the
-    exp-free bounds of Z_t, is answered by its greedy label with a NaN score (not computed); the op's
-    bound replayed in float32 says which must be and which must not. Every label is still the exact
-    search's top-1, and every other sequence gets the label and score of with_scores=True."""
+    """with_scores=False: a sequence whose greedy label provably holds over half the mass, by the
+    exp-free bounds of Z_t and the greedy path with its flips, is answered by its greedy label with a
+    NaN score (not computed); the op's bound replayed says which must be and which must not. Every
+    label is still the exact search's top-1, and every other sequence gets the label and score of
+    with_scores=True."""
     g = torch.Generator().manual_seed(seed)
     blank = data.draw(st.integers(0, C - 1), label="blank")
     if options["max_length"] != -1:
         options["max_length"] = max(options["max_length"], options["min_length"], 1)
     allowed = torch.rand(C, generator=g) < 0.8 if data.draw(st.booleans(), label="use mask") else None
-    if kind == "near_half":
+    if kind == "boundaries":
+        lp = boundary_log_probs(T, N, C, blank, g)
+    elif kind == "near_half":
         lp = near_half_log_probs(T, N, C, blank, g)
     else:
         lp = random_log_probs(T, N, C, peaky=kind == "peaky", blank=blank, generator=g)
@@ -654,15 +725,66 @@ def test_labels_without_scores_answer_by_the_path_test_alone(seed, T, N, C, K, k
         label = greedy_label(frames, blank)
         meets = (options["min_length"] <= len(label) <= (options["max_length"] if options["max_length"] > 0 else T)
                  and (allowed is None or all(allowed[c] for c in label)))
-        bound = path_upper_product(frames) * math.exp(CERT_SLACK * len(frames) + 1e-9) ** 2
         answered = bool(torch.isnan(scores[n]))
-        if answered:
-            assert meets and path_ratio(frames) < 2 and bound < 2 * (1 + 1e-4)  # sound: greedy holds over half
+        if answered:  # sound: the greedy label holds over half of all the mass, and the search returns it
+            assert meets and path_test(frames, blank, -1e-4)
+            total = float(frames.double().logsumexp(-1).sum())
+            assert label_log_prob(frames, label, blank) - total > math.log(0.5)
             assert exact[n][0][0] == label
         else:
             assert scores[n].item() == full_scores[n].item()
-            assert not (meets and bound < 2 * (1 - 1e-4))  # ...and it answers every sequence the bound covers
-        event("answered" if answered else "certificate or search")
+            assert not (meets and path_test(frames, blank, 1e-4))  # ...and it answers every sequence the bound covers
+        path_alone = math.prod(path_upper_bounds(frames)) < 2 / math.exp(CERT_SLACK * len(frames) + 1e-9) ** 2
+        event("answered" + ("" if path_alone else " thanks to the flips") if answered else "certificate or search")
+
+
+def test_the_path_test_with_flips_on_many_run_edges():
+    """Sequences in doubt at their runs' edges, where the flips decide: each answered one is the exact
+    search's top-1 and holds over half the mass; each the replayed bound covers is answered."""
+    g = torch.Generator().manual_seed(5)
+    thanks_to_flips = 0
+    for C in (3, 6, 12, 37):
+        lp = boundary_log_probs(16, 100, C, 0, g)
+        lens = torch.randint(6, 17, (100,), generator=g)
+        charset = [chr(ord("A") + c) for c in range(C - 1)]
+        packed, scores = ops.ctc_beam_search_labels(lp, lens, charset, 10, with_scores=False)
+        exact = beam_cpp(lp, lens, 10, 1)
+        for n, label in enumerate(packed.split("\0")[:-1]):
+            frames = lp[: lens[n], n]
+            assert [ord(c) - ord("A") + 1 for c in label] == list(exact[n][0][0])
+            if torch.isnan(scores[n]):  # answered by the path test
+                total = float(frames.double().logsumexp(-1).sum())
+                assert label_log_prob(frames, exact[n][0][0], 0) - total > math.log(0.5)
+                limit = 2 / math.exp(CERT_SLACK * len(frames) + 1e-9) ** 2
+                thanks_to_flips += not math.prod(path_upper_bounds(frames)) < limit
+            else:
+                assert not path_test(frames, 0, 1e-4)
+    assert thanks_to_flips >= 50  # 75 of the 400 with this seed
+
+
+def answer_by_path_test(p: List[List[float]], K: int = 10):
+    """The labels op on one sequence of probabilities (class 0 the blank): (label, answered by the path test)."""
+    lp = torch.tensor(p, dtype=torch.float64).log()[:, None, :].float()
+    packed, scores = ops.ctc_beam_search_labels(lp, torch.tensor([len(p)]), ["a", "b"], K, with_scores=False)
+    return packed[:-1], bool(torch.isnan(scores[0]))
+
+
+def test_the_path_test_counts_the_flips_that_keep_the_label():
+    # "a" then a blank, each frame split 0.6 / 0.4 between them: the path a_ holds 0.36, but the
+    # blank after the run of "a" may become "a" (aa: 0.24), so B = 0.6 > 1/2 proves "a" (P = 0.76).
+    assert answer_by_path_test([[0.4, 0.6, 0.0], [0.6, 0.4, 0.0]]) == ("a", True)
+    # The run's end may become a blank: aa_ with the second "a" at 0.55 / 0.45 blank.
+    assert answer_by_path_test([[0.01, 0.99, 0.0], [0.45, 0.55, 0.0], [0.9, 0.1, 0.0]]) == ("a", True)
+    # Without a flip to count (a run start), a path under half is left to the certificate.
+    assert answer_by_path_test([[0.6, 0.4, 0.0], [0.4, 0.6, 0.0]]) == ("a", False)
+
+
+def test_the_path_test_never_flips_the_blank_between_two_runs_of_one_class():
+    # a_a with the blank at 0.55 / 0.45 "a": the path holds 0.4455, and "aa" (its only alignment) no
+    # more, while "a" holds 0.549. Turning that blank into "a" would merge the runs: not a flip, so
+    # the test cannot prove "aa", and the search returns "a".
+    p = [[0.1, 0.9, 0.0], [0.55, 0.45, 0.0], [0.1, 0.9, 0.0]]
+    assert answer_by_path_test(p) == ("a", False)
 
 
 def test_certificate_scores_are_label_log_probs_on_model_like_inputs():
