@@ -449,6 +449,7 @@ constexpr int kCertRivals = 3;
 // The most floats a kernel keeps of one sequence's class probabilities (T x C) for the certificate.
 constexpr int64_t kFrameExpLimit = int64_t(1) << 18;
 struct FrameStats;
+struct PathFlips;
 
 struct BeamWorkspace {
   int32_t* node_parent;   // [max_nodes]
@@ -483,10 +484,10 @@ struct BeamWorkspace {
   void (*frame_stats)(const float*, int64_t, FrameStats*, float*);
   float* frame_exp;
   // Host SIMD for path_certifies over a float32 sequence whose classes are contiguous (nullptr: the
-  // plain loops): (data, stride_t, length, C, blank, limit, best per frame) -> Π_t frame_upper_bound
-  // over PathFlips' gain, or once it cannot pass limit a value above it; NaN for a NaN/+inf value or
-  // a frame of -inf.
-  double (*path_pass)(const float*, int64_t, int64_t, int64_t, int64_t, double, int32_t*);
+  // plain loops): (data, stride_t, length, C, limit, best per frame, flips fed) -> Π_t
+  // frame_upper_bound over the flips' gain, or once it gives up a value above limit; NaN for a
+  // NaN/+inf value or a frame of -inf.
+  double (*path_pass)(const float*, int64_t, int64_t, int64_t, double, int32_t*, PathFlips&);
   int64_t max_nodes;
   int64_t table_size;     // a power of two
 };
@@ -1277,46 +1278,56 @@ CF_HD bool certify_top_label(const Frames<scalar_t>& f, int64_t length, int64_t 
 
 // The path test alone, for callers that read only the label (BeamOptions::scores false): the
 // certificate's case R = {ℓ} with a lower bound B of P(ℓ) above half of Z, decided from one pass
-// over the frames with a handful of exps. The certificate computes each frame's probabilities
-// because its forward passes and its scores need them; this test needs only an upper bound of
+// over the frames without an exp. The certificate computes each frame's probabilities because its
+// forward passes and its scores need them; this test needs only an upper bound of
 // Z_t = Σ_c exp(row[c] - max), which exp_upper gives from the float's bits, and B: the greedy
-// path π and the paths that differ from it by flips at non-adjacent frames, each a flip that keeps
-// ℓ and every prefix of it (below), so B = P(π) Π_{s in F} (1 + p_s(a_s) / p_s(π_s)), F the best
-// set of non-adjacent flip frames (a dynamic programme over the frames).
+// path π and the paths that differ from it by flips at non-adjacent frames (below), so
+// B = P(π) Π_{s in F} (1 + Σ_{a in A_s} p_s(a) / p_s(π_s)), F the best set of non-adjacent flip
+// frames (a dynamic programme over the frames), A_s the classes a flip may put at s.
 //
-// The flips. At a blank frame s right after a run of c (π_{s-1} = c, π_{s+1} != c): a_s = c (the
-// run one frame longer). At the last frame s of a run of c at least two frames long
-// (π_{s-1} = c, π_{s+1} != c): a_s = blank (the run one frame shorter). A flip moves frame s into
-// its left neighbour's run, or a run end into the blank after it; non-adjacent flips leave the
-// neighbours of every flipped frame as π has them, so each run keeps a frame and the blank
-// between two runs of c stays: every combination collapses to ℓ, and frames 1..t of it to π's
-// prefix at t (checked exhaustively for every path of up to 9 frames over two classes and the
-// blank; tests/test_ops.py replays the bound).
+// The flips, at a frame s with neighbours π_{s-1} and π_{s+1}:
+//  - kept prefix: a blank after a run of c becomes c (unless π_{s+1} = c); the last frame of a run
+//    of c at least two frames long becomes a blank.
+//  - moved prefix: the next run d starts at s (s a blank or the last frame of a run of c at least
+//    two frames long, π_{s+1} = d not a blank, and π_{s-1} != d); or the first frame s of a run of
+//    c at least two frames long takes its left neighbour's class (the run starts one frame later).
+// Every combination of flips at non-adjacent frames collapses to ℓ, frames 1..t of it to π's
+// prefix at t, but where t itself took a moved-prefix flip: to π's prefix at t + 1, or at t - 1
+// (checked exhaustively for every path of up to 8 frames over two classes and the blank).
 //
-// Claim: B > Z / 2 (with ℓ meeting the options' constraints) makes ℓ the exact search's top-1 and
-// the most probable label. Proof: B_{1:t}, the paths' mass over frames 1..t, is at least
-// B Z_{1:t} / Z (a later frame's factor p_s(π_s) + p_s(a_s) is at most Z_s), above Z_{1:t} / 2,
-// and all of it sits on π's prefix at t: the chain (certify_top_label) keeps every prefix of ℓ,
-// so S(ℓ) >= B > Z / 2 >= Z - P(ℓ): (1) holds with R = {ℓ}. With no flip, the greedy path alone.
-// Computed: each ratio exp_rel_float(row[a_s] - max) (relative error < 3e-7) times 1 - 1e-6 is a
-// lower bound (ratios below e^-16 are dropped: still one); the test is the certificate's
-// path_holds with this margin. On the shipped model's outputs the path alone holds for about
-// 70% of sequences, with the flips about 85%; the rest go on to the certificate and the search,
-// unchanged.
+// Claim: B > Z / 2 (with ℓ meeting the options' constraints), where at each moved-prefix flip s
+// both groups, π_s with the kept-prefix class and the moved-prefix class, hold more than
+// 2 Z_s / (K + 1), makes ℓ the exact search's top-1 and the most probable label. Proof: B_{1:t},
+// the paths' mass over frames 1..t, is at least B Z_{1:t} / Z (a later frame's factor, a sum of
+// distinct classes' probabilities, is at most Z_t), above Z_{1:t} / 2. At a frame t that took no
+// moved-prefix flip all of it sits on π's prefix; at one that did, each group holds more than
+// B_{1:t-1} 2 Z_t / (K + 1) > Z_{1:t} / (K + 1), and both prefixes rejoin π's at t + 1 (t - 1 is
+// not flipped). So the chain (certify_top_label) keeps every prefix these paths run through:
+// S(ℓ) >= B > Z / 2 >= Z - P(ℓ), and (1) holds with R = {ℓ}. With no flip, the greedy path alone.
+// Computed: each ratio p_s(a) / max_s p_s from exp_lower (a lower bound; ratios below e^-16 are
+// dropped: still one), Z_s from exp_upper, the groups' test with the test's margin squared, and
+// the test itself the certificate's path_holds with this margin. On the shipped model's outputs
+// the path alone holds for about 70% of sequences, with the flips about 90%; the rest go on to the
+// certificate and the search, unchanged.
 //
 // exp_upper(x) >= exp(x) for x = fl(row[c] - max) <= 0: with y = x / ln 2, the float whose bits
-// are (127 + y) 2^23 is 2^⌊y⌋ (1 + y - ⌊y⌋) >= 2^y (2^f <= 1 + f on [0, 1]), at most 8.6% above it
-// and exact at y = 0; positive floats order as their bits. Computed: x clamped to >= -40 (-inf too;
-// exp(-40) bounds every term below it), times kExpUpperScale (2^23 / ln 2 rounded down: a product
-// nearer 0), truncated towards zero (upwards: it is negative), plus 127 2^23 and 64 units of the
-// last place: more than the product's rounding (< 16 units, |x 2^23 / ln 2| < 2^29) and x's own
-// (fl(row[c] - max) is within 40 2^-24 of the difference: < 29 units) together.
+// are (127 + y) 2^23 is 2^⌊y⌋ (1 + f) >= 2^y, f = y - ⌊y⌋ (2^f <= 1 + f on [0, 1]), at most 6.2%
+// above it ((1 + f) / 2^f peaks at 1.0615) and exact at y = 0; positive floats order as their
+// bits. Computed: x clamped to >= -40 (-inf too; exp(-40) bounds every term below it), times
+// kExpUpperScale (2^23 / ln 2 rounded down: a product nearer 0), truncated towards zero (upwards:
+// it is negative), plus 127 2^23 and 64 units of the last place: more than the product's rounding
+// (< 16 units, |x 2^23 / ln 2| < 2^29) and x's own (fl(row[c] - max) is within 40 2^-24 of the
+// difference: < 29 units) together. exp_lower(x) <= exp(x) for x in (-16, 0] likewise: 2^23 / ln 2
+// rounded up, 64 units below, then divided by 1.0615 (times 0.942, rounded down).
 constexpr double kPathPassGiveUp = 8.0;  // see path_certifies
 constexpr float kExpUpperScale = 12102203.f;             // 2^23 / ln 2 = 12102203.16
 constexpr int32_t kExpUpperBias = (127 << 23) + 64;
 CF_HOT float exp_upper(float x) {
   const float r = x > -40.f ? x : -40.f;
   return float_of_bits(static_cast<int32_t>(r * kExpUpperScale) + kExpUpperBias);
+}
+CF_HOT float exp_lower(float x) {
+  return float_of_bits(static_cast<int32_t>(x * 12102204.f) + (127 << 23) - 64) * 0.942f;
 }
 
 // An upper bound of Σ_c exp(row[c] - m), m the row's (finite) maximum: exp_upper's terms in float
@@ -1332,36 +1343,59 @@ CF_HOT double frame_upper_bound(const float* row, int64_t C, float m) {
 }
 
 // The path test's flips (above), fed the greedy path a frame at a time: the largest
-// Π_{s in F} (1 + r_s) over sets F of non-adjacent flip frames, r_s the lower bound of
-// p_s(a_s) / p_s(π_s). A frame's flip is decided one frame later, once the class after it is known.
+// Π_{s in F} (1 + Σ_{A_s} p_s(a) / p_s(π_s)) over sets F of non-adjacent flip frames. A frame's
+// flips are decided one frame later, once the class after it is known.
 struct PathFlips {
   int64_t blank;
+  double bar;                        // 2 margin^2 / (K + 1): a moved-prefix flip's groups hold more than bar Z_s
   double flipped = 1.0, kept = 1.0;  // the best product so far, the last decided frame flipped or not
-  int32_t last = -1;                 // π at the frame before (-1: none)
-  int32_t run = -1;                  // the class of the run a flip there joins or shortens (-1: no flip)
-  float ratio = 0.f;                 // its r
+  int32_t before = -1, last = -1;    // π at the frame pending and the one before it (-1: none)
+  // The frame pending (the one before the current): the class of the run its kept-prefix flip
+  // touches (-1: none) and that flip's ratio, the ratio of its left neighbour's class (for a run
+  // that starts there), its maximum and its bound of Z_s / max_s.
+  int32_t kept_run = -1;
+  float kept_ratio = 0.f, start_ratio = 0.f, max = 0.f;
+  double z = 1.0;
 
-  // Frame t's class and row (its maximum m): decides frame t - 1, then offers frame t.
-  CF_HOT void push(const float* row, float m, int32_t best) {
-    decide(best);
-    int32_t a = -1;  // the class a flip puts at t
+  CF_HOT static float ratio(float x) { return x > -16.f ? exp_lower(x) : 0.f; }
+
+  // Frame t: its row, maximum m, class and bound of Z_t / m, and frame t - 1's value at that class
+  // (read only for t > 0). Decides frame t - 1, then holds frame t.
+  CF_HOT void push(const float* row, float m, int32_t best, double z_bound, float before_at_best) {
+    if (last >= 0) decide(best, before_at_best);
+    const int32_t prev = last;
+    kept_run = -1;
+    kept_ratio = start_ratio = 0.f;
     if (best == blank) {
-      if (last >= 0 && last != blank) a = run = last;  // the run before, one frame longer
-    } else if (best == last) {
-      a = static_cast<int32_t>(blank);  // the run's end (if it is), one frame shorter
-      run = best;
+      if (prev >= 0 && prev != blank) kept_run = prev;  // the run before, one frame longer
+    } else if (best == prev) {
+      kept_run = best;  // the run's last frame (if it is), a blank
+    } else if (prev >= 0) {
+      start_ratio = ratio(row[prev] - m);  // the run's first frame (if it runs on), its left neighbour's class
     }
-    const float x = a >= 0 ? row[a] - m : kNegInf;
-    ratio = x > -16.f ? exp_rel_float(x) * (1.f - 1e-6f) : 0.f;
-    if (ratio == 0.f) run = -1;
+    if (kept_run >= 0) kept_ratio = ratio(row[best == blank ? kept_run : blank] - m);
+    max = m;
+    z = z_bound;
+    before = prev;
     last = best;
   }
-  // The frame before `next` (-1: the end): its flip stands unless next continues the run it touches.
-  CF_HOT void decide(int32_t next) {
-    const double flip = run >= 0 && next != run ? kept * (1.0 + static_cast<double>(ratio)) : kept;
+  // The pending frame's flips, now that the class after it (next; -1 past the end) and the pending
+  // frame's value at that class are known.
+  CF_HOT void decide(int32_t next, float at_next) {
+    const int32_t here = last;
+    float same = 1.f;  // π's class and the kept-prefix one, relative to π's
+    if (kept_run >= 0 && next != kept_run) same += kept_ratio;
+    float moved = 0.f;  // the moved-prefix class
+    if (next >= 0 && next != blank && next != here && next != before && (here == blank || here == before)) {
+      moved = ratio(at_next - max);  // the next run starts here
+    } else if (here != blank && next == here && before != here && before >= 0) {
+      moved = start_ratio;  // this run starts one frame later
+    }
+    const double limit = bar * z;
+    const double factor = moved > limit && same > limit ? static_cast<double>(same) + moved : same;
+    const double flip = kept * factor;
     kept = flipped > kept ? flipped : kept;
     flipped = flip;
-    run = -1;
   }
   CF_HOT double gain() const { return flipped > kept ? flipped : kept; }
 };
@@ -1379,16 +1413,16 @@ CF_HD bool path_certifies(const Frames<scalar_t>& f, int64_t length, int64_t C, 
   // the greedy path (which weighs 1), margin as certify_top_label's.
   const double margin = exp(kCertSlackPerFrame * static_cast<double>(length) + 1e-9);
   const double limit = 2.0 / (margin * margin);
+  PathFlips flips{blank, 2.0 * margin * margin / (static_cast<double>(o.beam_width) + 1.0)};
   double ratio = 1.0;  // z / B
   int32_t* const best = w.frame_best;
 #if !defined(__CUDA_ARCH__)
   if (std::is_same<scalar_t, float>::value && w.path_pass != nullptr) {
-    ratio = w.path_pass(reinterpret_cast<const float*>(f.data), f.stride_t, length, C, blank, limit, best);
+    ratio = w.path_pass(reinterpret_cast<const float*>(f.data), f.stride_t, length, C, limit, best, flips);
   } else
 #endif
   {
     const int64_t span = prefetch_span(f, C);
-    PathFlips flips{blank};
     double z = 1.0;
     int64_t t = 0;
     for (; t < length && z < kPathPassGiveUp * limit * flips.gain(); ++t) {
@@ -1398,10 +1432,11 @@ CF_HD bool path_certifies(const Frames<scalar_t>& f, int64_t length, int64_t C, 
       const float m = scan_max(row, nullptr, C, &bad);
       if (bad || !(m > kNegInf)) return false;
       best[t] = static_cast<int32_t>(row[0] == m ? 0 : find_at_least(row, nullptr, 1, C, m));
-      flips.push(row, m, best[t]);
-      z *= frame_upper_bound(row, C, m);
+      const double bound = frame_upper_bound(row, C, m);
+      flips.push(row, m, best[t], bound, t > 0 ? f.at(t - 1, best[t]) : 0.f);
+      z *= bound;
     }
-    if (t == length) flips.decide(-1);  // else given up: the pending flip (at most 2) cannot pass it
+    if (t == length) flips.decide(-1, 0.f);  // else given up: the pending frame's factor (at most 3) cannot pass it
     ratio = z / flips.gain();
   }
   if (!(ratio < limit)) return false;  // NaN too: a bad value, which the certificate or the search reports

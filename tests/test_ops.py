@@ -650,37 +650,59 @@ def path_upper_bounds(frames: torch.Tensor) -> List[float]:
     return [float(z) * (1 + 1e-5) for z in bits.view(torch.float32).double().sum(-1)]
 
 
-def path_flip_gains(frames: torch.Tensor, blank: int) -> List[float]:
-    """The path test's flips (csrc/ctc_decode.h, PathFlips) in float64: after each frame t, the
-    largest product of 1 + p_s(a_s) / max_s p_s over non-adjacent flip frames s < t, where a blank
-    after a run of c may become c and the last frame of a run of c (two frames or more) a blank,
-    unless the next frame continues that run; ratios below e^-16 count 0. The last entry: all frames."""
+def exp_lower(x: torch.Tensor) -> torch.Tensor:
+    """The op's lower bound of exp(x) for float32 x in (-16, 0] (csrc/ctc_decode.h), replayed: x times
+    2^23 / ln 2 rounded up, truncated, plus 127 2^23 - 64, read as a float's bits, times 0.942."""
+    bits = (x.float() * torch.tensor(12102204.0)).to(torch.int32) + ((127 << 23) - 64)
+    return bits.view(torch.float32) * torch.tensor(0.942)
+
+
+def path_flip_gains(frames: torch.Tensor, blank: int, K: int, tolerance: float = 0.0) -> List[float]:
+    """The path test's flips (csrc/ctc_decode.h, PathFlips) replayed: after each frame t, the largest
+    product of the flip frames' factors 1 + Σ p_s(a) / max_s p_s over non-adjacent frames s < t.
+    Kept-prefix flips: a blank after a run of c becomes c unless the next frame is c; the last frame
+    of a run of c (two frames or more) a blank. Moved-prefix flips, counted where both groups (the
+    path's class with the kept-prefix one, and the moved one) hold more than 2 margin^2 / (K + 1) of
+    the frame's Z bound (times 1 + tolerance): the next run d (not a blank) starts at a blank or a
+    run's last frame, unless the frame before is d; or a run's first frame (two frames or more) takes
+    its left neighbour's class. Ratios from exp_lower, below e^-16 counted 0. The last entry: all frames."""
     path = frames.float().argmax(-1).tolist()
-    x = frames.double()
-    ratios = []
-    for s, c in enumerate(path):
+    x = frames.float()
+    rel = x - x.max(-1, keepdim=True).values if len(x) else x
+    ratio = lambda s, c: float(exp_lower(rel[s, c])) if float(rel[s, c]) > -16 else 0.0
+    bounds = path_upper_bounds(frames)
+    bar = 2 * math.exp(CERT_SLACK * len(frames) + 1e-9) ** 2 / (K + 1) * (1 + tolerance)
+    factors = []
+    for s, here in enumerate(path):
         before = path[s - 1] if s > 0 else -1
         after = path[s + 1] if s + 1 < len(path) else -1
-        if c == blank:  # a blank after a run of c may become c
-            run, a = (before, before) if before not in (-1, blank) else (-1, -1)
-        else:  # the last frame of a run of c (two frames or more) may become a blank
-            run, a = (c, blank) if c == before else (-1, -1)
-        r = math.exp(float(x[s, a] - x[s].max())) if a >= 0 and after != run else 0.0
-        ratios.append(r if r > math.exp(-16) else 0.0)
+        same = 1.0
+        if here == blank and before not in (-1, blank) and after != before:
+            same += ratio(s, before)  # the run before, one frame longer
+        elif here != blank and here == before and after != here:
+            same += ratio(s, blank)  # the run's last frame, a blank
+        moved = 0.0
+        if after not in (-1, blank, here, before) and (here == blank or here == before):
+            moved = ratio(s, after)  # the next run starts here
+        elif here != blank and after == here and before not in (-1, here):
+            moved = ratio(s, before)  # this run starts one frame later
+        limit = bar * bounds[s]
+        factors.append(same + moved if moved > limit and same > limit else same)
     flipped, kept, gains = 1.0, 1.0, []
-    for r in ratios:
+    for f in factors:
         gains.append(max(flipped, kept))  # frames before s decided
-        flipped, kept = kept * (1 + r), max(flipped, kept)
+        flipped, kept = kept * f, max(flipped, kept)
     gains.append(max(flipped, kept))
     return gains
 
 
-def path_test(frames: torch.Tensor, blank: int, tolerance: float) -> bool:
-    """Whether the path test answers (its bound below the limit by the share `tolerance`; negative:
-    above it): the product of Z_t bounds over the flips' gain below 2 / margin^2, and the pass not
-    given up on the way (the product so far at 8 times the limit times the gain so far)."""
+def path_test(frames: torch.Tensor, blank: int, K: int, tolerance: float) -> bool:
+    """Whether the path test answers, its bounds replayed with every limit tightened by the share
+    `tolerance` (negative: loosened): the product of Z_t bounds over the flips' gain below
+    2 / margin^2, and the pass not given up on the way (the product so far at 8 times the limit
+    times the gain so far)."""
     limit = 2 / math.exp(CERT_SLACK * len(frames) + 1e-9) ** 2
-    z, gains = 1.0, path_flip_gains(frames, blank)
+    z, gains = 1.0, path_flip_gains(frames, blank, K, tolerance)
     for t, bound in enumerate(path_upper_bounds(frames)):
         if not z < 8 * limit * gains[t] * (1 - tolerance):
             return False
@@ -727,13 +749,13 @@ def test_labels_without_scores_answer_by_the_path_test_alone(seed, T, N, C, K, k
                  and (allowed is None or all(allowed[c] for c in label)))
         answered = bool(torch.isnan(scores[n]))
         if answered:  # sound: the greedy label holds over half of all the mass, and the search returns it
-            assert meets and path_test(frames, blank, -1e-4)
+            assert meets and path_test(frames, blank, K, -1e-4)
             total = float(frames.double().logsumexp(-1).sum())
             assert label_log_prob(frames, label, blank) - total > math.log(0.5)
             assert exact[n][0][0] == label
         else:
             assert scores[n].item() == full_scores[n].item()
-            assert not (meets and path_test(frames, blank, 1e-4))  # ...and it answers every sequence the bound covers
+            assert not (meets and path_test(frames, blank, K, 1e-4))  # ...and it answers every sequence the bound covers
         path_alone = math.prod(path_upper_bounds(frames)) < 2 / math.exp(CERT_SLACK * len(frames) + 1e-9) ** 2
         event("answered" + ("" if path_alone else " thanks to the flips") if answered else "certificate or search")
 
@@ -758,7 +780,7 @@ def test_the_path_test_with_flips_on_many_run_edges():
                 limit = 2 / math.exp(CERT_SLACK * len(frames) + 1e-9) ** 2
                 thanks_to_flips += not math.prod(path_upper_bounds(frames)) < limit
             else:
-                assert not path_test(frames, 0, 1e-4)
+                assert not path_test(frames, 0, 10, 1e-4)
     assert thanks_to_flips >= 50  # 75 of the 400 with this seed
 
 
@@ -775,8 +797,11 @@ def test_the_path_test_counts_the_flips_that_keep_the_label():
     assert answer_by_path_test([[0.4, 0.6, 0.0], [0.6, 0.4, 0.0]]) == ("a", True)
     # The run's end may become a blank: aa_ with the second "a" at 0.55 / 0.45 blank.
     assert answer_by_path_test([[0.01, 0.99, 0.0], [0.45, 0.55, 0.0], [0.9, 0.1, 0.0]]) == ("a", True)
-    # Without a flip to count (a run start), a path under half is left to the certificate.
-    assert answer_by_path_test([[0.6, 0.4, 0.0], [0.4, 0.6, 0.0]]) == ("a", False)
+    # A moved-prefix flip: the blank before the run of "a" may start it (_a 0.36, aa 0.24). The paths
+    # then sit on two prefixes at frame 1, "" and "a", and the beam provably keeps both only where
+    # each holds more than 2 / (K + 1) of the frame: with K = 10, not with K = 2.
+    p = [[0.6, 0.4, 0.0], [0.4, 0.6, 0.0]]
+    assert answer_by_path_test(p, K=10) == ("a", True) and answer_by_path_test(p, K=2) == ("a", False)
 
 
 def test_the_path_test_never_flips_the_blank_between_two_runs_of_one_class():

@@ -227,25 +227,25 @@ __attribute__((target("avx2"))) void frame_stats_avx2(const float* row, int64_t 
 
 #ifdef CF_AVX2_GREEDY
 // path_certifies' pass over a float32 sequence (classes contiguous, C >= 8), 8 classes an
-// instruction: each frame's first maximum (as scan_max and find_at_least) into best, PathFlips fed
-// as the plain loop feeds it, and the product of frame_upper_bound's bounds, from exp_upper in eight
+// instruction: each frame's first maximum (as scan_max and find_at_least) into best, flips fed as
+// the plain loop feeds them, and the product of frame_upper_bound's bounds, from exp_upper in eight
 // lanes (the lanes past C read -inf: exp_upper's floor e^-40 each, still a bound); returned over
 // the flips' gain, or once it gives up (as the plain loop) a value above limit. NaN on NaN or +inf
-// (one test per frame on the sum of its values, then the exact one) or a frame of -inf.
+// (one test on the sum of all the values, then the exact one per frame) or a frame of -inf.
 __attribute__((target("avx2"))) double path_pass_avx2(const float* data, int64_t stride_t, int64_t length, int64_t C,
-                                                      int64_t blank, double limit, int32_t* best) {
+                                                      double limit, int32_t* best, PathFlips& flips) {
   const __m256 neg_inf = _mm256_set1_ps(kNegInf);
   const __m256 floor = _mm256_set1_ps(-40.f), scale = _mm256_set1_ps(kExpUpperScale);
   const __m256i bias = _mm256_set1_epi32(kExpUpperBias);
   const int64_t full = C & ~int64_t(7);
   const __m256i tail_mask = tail_lanes8(C, full);
-  PathFlips flips{blank};
+  __m256 sums = _mm256_setzero_ps();  // NaN or +inf somewhere makes it NaN or +inf
   double product = 1.0;
   int64_t t = 0;
   for (; t < length && product < kPathPassGiveUp * limit * flips.gain(); ++t) {
     const float* row = data + t * stride_t;
     if (t + kPrefetch < length) prefetch_ahead(row, stride_t, C);
-    __m256 m1 = neg_inf, sums = _mm256_setzero_ps();
+    __m256 m1 = neg_inf;
     for (int64_t c = 0; c < full; c += 8) {
       const __m256 v = _mm256_loadu_ps(row + c);
       sums = _mm256_add_ps(sums, v);
@@ -253,12 +253,12 @@ __attribute__((target("avx2"))) double path_pass_avx2(const float* data, int64_t
     }
     const __m256 tail = load_tail8(row, full, C, tail_mask, &sums);
     m1 = _mm256_max_ps(m1, tail);
-    if (!(hsum8(sums) < INFINITY) && any_bad_value(row, C)) return NAN;
+    // A NaN lane may be lost by the max (then m is a value of the row, which first_at_least8 finds)
+    // or kept (then m is NaN): the sums report it at the end.
     const float m = hmax8(m1);
     if (!(m > kNegInf)) return NAN;
     const __m256 m8 = _mm256_set1_ps(m);
     best[t] = static_cast<int32_t>(first_at_least8(row, full, tail, m8));
-    flips.push(row, m, best[t]);
     // exp_upper in eight lanes: the same float operations, so the same bounds as the plain loop.
     auto upper = [&](__m256 v) {
       const __m256 r = _mm256_max_ps(_mm256_sub_ps(v, m8), floor);  // -40 for -inf and NaN-free rows
@@ -267,9 +267,16 @@ __attribute__((target("avx2"))) double path_pass_avx2(const float* data, int64_t
     LaneSums8 z;
     for (int64_t c = 0; c < full; c += 8) z.add(upper(_mm256_loadu_ps(row + c)));
     if (full < C) z.add(upper(tail));
-    product *= z.total() * (1.0 + 1e-5);  // frame_upper_bound's bound
+    const double bound = z.total() * (1.0 + 1e-5);  // frame_upper_bound's bound
+    flips.push(row, m, best[t], bound, t > 0 ? (row - stride_t)[best[t]] : 0.f);
+    product *= bound;
   }
-  if (t == length) flips.decide(-1);
+  if (!(hsum8(sums) < INFINITY)) {
+    for (int64_t u = 0; u < t; ++u) {
+      if (any_bad_value(data + u * stride_t, C)) return NAN;
+    }
+  }
+  if (t == length) flips.decide(-1, 0.f);
   return product / flips.gain();
 }
 #endif
