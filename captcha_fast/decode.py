@@ -7,7 +7,8 @@ nn.CTCLoss takes them; class 0 is the blank. As predict_batch: one string per
 sequence, or Hypothesis(text, score, confidence) lists when scores or top_k > 1 are asked for."""
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Union
+import functools
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -35,7 +36,13 @@ class Hypothesis(NamedTuple):
 
 
 def _symbols(charset: Union[Charset, str]) -> List[str]:
-    return list(charset.symbols if isinstance(charset, Charset) else Charset(charset).symbols)
+    return list(charset.symbols if isinstance(charset, Charset) else _charset_symbols(charset))
+
+
+@functools.lru_cache(maxsize=64)
+def _charset_symbols(charset: str) -> Tuple[str, ...]:
+    """A charset string's symbols, checked once: decoding one image a call repeats the same one."""
+    return tuple(Charset(charset).symbols)
 
 
 def to_hypotheses(texts: List[List[str]], scores: Tensor) -> List[List[Hypothesis]]:

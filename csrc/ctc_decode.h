@@ -978,6 +978,13 @@ CF_HD BeamResult beam_search_one(const Frames<scalar_t>& f, int64_t length, int6
 // top_k > 1 searches: (1) says nothing about the second-best label.
 constexpr double kCertSlackPerFrame = 4e-6;
 
+// The tests' margin: at least exp(kCertSlackPerFrame * length + 1e-9), without a libm call where
+// that exponent x is at most 1 (e^x <= 1 + x + x^2 there: Σ_{k>=2} x^k / k! <= x^2 (e - 2)).
+CF_HOT double cert_margin(int64_t length) {
+  const double x = kCertSlackPerFrame * static_cast<double>(length) + 1e-9;
+  return x <= 1.0 ? 1.0 + x + x * x : exp(x);
+}
+
 // A frame probability relative to the frame's best (x = row[c] - max <= 0), e^-30 and below
 // dropped: what the certificate's sums and recursions use. Every kernel computes it bit for bit
 // alike (exp_rel4 and the AVX2 kernel's eight lanes make the same float operations in the same
@@ -1211,7 +1218,7 @@ CF_HD bool certify_top_label(const Frames<scalar_t>& f, int64_t length, int64_t 
   }
   if (L < o.min_len) return false;
   // Bounds compared with a margin: lower bounds divided by it, upper bounds multiplied.
-  const double margin = exp(kCertSlackPerFrame * static_cast<double>(length) + 1e-9);
+  const double margin = cert_margin(length);
   // What a rival's P loses to dropped terms (a frame probability below e^-30 of the frame's best, a
   // band edge below kNegligible: each frame drops under 4e-13 z of the mass that follows): a slack
   // on the rivals' upper bounds that grows with the frames.
@@ -1411,7 +1418,7 @@ CF_HD bool path_certifies(const Frames<scalar_t>& f, int64_t length, int64_t C, 
   if (length < o.min_len) return false;
   // The test: 2 B / margin > z margin, z = Π_t (an upper bound of Z_t / max_t p_t), B relative to
   // the greedy path (which weighs 1), margin as certify_top_label's.
-  const double margin = exp(kCertSlackPerFrame * static_cast<double>(length) + 1e-9);
+  const double margin = cert_margin(length);
   const double limit = 2.0 / (margin * margin);
   PathFlips flips{blank, 2.0 * margin * margin / (static_cast<double>(o.beam_width) + 1.0)};
   double ratio = 1.0;  // z / B
