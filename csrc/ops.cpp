@@ -308,8 +308,9 @@ std::tuple<std::string, at::Tensor> beam_search_labels(
   const auto [T, N, C] = check_decode_inputs(log_probs, input_lengths, blank, op);
   const Symbols symbols(charset, C, blank, "ctc_beam_search_labels");
   check_no_nul(charset, "ctc_beam_search_labels");
-  // Labels only (with_scores false): the CPU kernel answers a sequence whose greedy path alone holds
-  // most of the mass from one pass without exps (path_certifies); other devices compute every score.
+  // Labels only (with_scores false): the CPU kernel answers a sequence whose greedy path with its
+  // flips provably holds most of the mass from one pass (path_certifies); other devices compute
+  // every score.
   const Decoded decoded = with_scores || !log_probs.is_cpu()
                               ? beam_tokens(log_probs, input_lengths, beam_width, 1, blank, token_min_logp,
                                             blank_skip_threshold, min_length, max_length, allowed_tokens, certify)
