@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -186,25 +186,30 @@ def fit_calibration(reads: Dict[str, Reads], source: str = "", groups: Optional[
     for d in DECODERS:
         slope, intercept = fit_platt(reads[d].scores, reads[d].right)
         if groups is not None:
-            intercept -= _shift_for_every_group(slope, intercept, reads[d], groups, min_high)
+            intercept -= per_set_shift(slope, intercept, reads[d], groups, min_high)[0]
         fits[d] = (slope, intercept)
     return Calibration(fits["beam"], fits["greedy"], len(reads["beam"].scores), source)
 
 
-def _shift_for_every_group(slope: float, intercept: float, reads: Reads, groups: Sequence[str],
-                           min_high: int) -> float:
-    """The least intercept shift (steps of 0.05) after which every group keeps the >= HIGH promise."""
+def per_set_shift(slope: float, intercept: float, reads: Reads, groups: Sequence[str],
+                  min_high: int) -> Tuple[float, List[str]]:
+    """The least intercept shift (steps of 0.05, at most 20) after which every group keeps the >= HIGH
+    promise (fewer than min_high reads at >= HIGH, or those right at least HIGH of the time), and the
+    groups that broke it one step before (what the shift is paid for)."""
     z = _logit_prob(np.asarray(reads.scores))
     right, groups = np.asarray(reads.right, bool), np.asarray(groups)
     if len(groups) != len(right):
         raise ValueError(f"{len(groups)} groups for {len(right)} reads")
-    members = [groups == g for g in np.unique(groups)]
+    members = {str(g): groups == g for g in np.unique(groups)}
+    broken: List[str] = []
     for shift in np.arange(0.0, 20.0, 0.05):
         with np.errstate(invalid="ignore"):
             high = slope * z + intercept - shift >= math.log(HIGH / (1 - HIGH))
-        if all((high & m).sum() < min_high or right[high & m].mean() >= HIGH for m in members):
-            return float(shift)
-    return 20.0
+        failing = [g for g, m in members.items() if (high & m).sum() >= min_high and right[high & m].mean() < HIGH]
+        if not failing:
+            return float(shift), broken
+        broken = failing
+    return 20.0, broken
 
 
 @dataclass

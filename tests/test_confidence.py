@@ -74,6 +74,8 @@ def test_groups_keep_the_high_confidence_promise_on_each_set():
         assert n < 10 or accuracy >= 0.9
     n, accuracy = promise(Calibration((per_set.beam[0], per_set.beam[1] + 0.05), per_set.greedy), "b")
     assert n >= 10 and accuracy < 0.9  # one step less would break it: the least shift
+    shift, broken = confidence.per_set_shift(*pooled.beam, reads["beam"], groups.tolist(), 10)
+    assert shift == pytest.approx(pooled.beam[1] - per_set.beam[1]) and broken == ["b"]  # what it is paid for
 
 
 def test_apply_is_monotone_in_the_score_and_in_0_1():
