@@ -176,17 +176,21 @@ def read_labelled(recognizer, images: Sequence[Tensor], labels: Sequence[str], *
 
 
 def fit_calibration(reads: Dict[str, Reads], source: str = "", groups: Optional[Sequence[str]] = None,
-                    min_high: int = 10) -> Calibration:
+                    min_high: int = 10, paid_for: Optional[dict] = None) -> Calibration:
     """A Calibration fitted on read_labelled's reads (both decoders). groups: each read's set (its
     style): then each decoder's intercept is lowered, as little as needed, until on every set with
     at least min_high reads at confidence >= HIGH those reads are right at least HIGH of the time --
     the promise made per style, not only on the pool (a style the model is overconfident on would
-    break it), paid for with some under-confidence on the others."""
+    break it), paid for with some under-confidence on the others. paid_for (a dict) receives each
+    decoder's per_set_shift: (the shift, the sets it is paid for)."""
     fits = {}
     for d in DECODERS:
         slope, intercept = fit_platt(reads[d].scores, reads[d].right)
         if groups is not None:
-            intercept -= per_set_shift(slope, intercept, reads[d], groups, min_high)[0]
+            shift, broken = per_set_shift(slope, intercept, reads[d], groups, min_high)
+            intercept -= shift
+            if paid_for is not None:
+                paid_for[d] = (shift, broken)
         fits[d] = (slope, intercept)
     return Calibration(fits["beam"], fits["greedy"], len(reads["beam"].scores), source)
 

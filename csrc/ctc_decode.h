@@ -485,8 +485,8 @@ struct BeamWorkspace {
   float* frame_exp;
   // Host SIMD for path_certifies over a float32 sequence whose classes are contiguous (nullptr: the
   // plain loops): (data, stride_t, length, C, limit, best per frame, flips fed) -> Π_t
-  // frame_upper_bound over the flips' gain, or once it gives up a value above limit; NaN for a
-  // NaN/+inf value or a frame of -inf.
+  // frame_upper_bound, the product so far once it gives up; NaN for a NaN/+inf value or a frame of
+  // -inf.
   double (*path_pass)(const float*, int64_t, int64_t, int64_t, double, int32_t*, PathFlips&);
   int64_t max_nodes;
   int64_t table_size;     // a power of two
@@ -1421,18 +1421,16 @@ CF_HD bool path_certifies(const Frames<scalar_t>& f, int64_t length, int64_t C, 
   const double margin = cert_margin(length);
   const double limit = 2.0 / (margin * margin);
   PathFlips flips{blank, 2.0 * margin * margin / (static_cast<double>(o.beam_width) + 1.0)};
-  double ratio = 1.0;  // z / B
+  double z = 1.0;
   int32_t* const best = w.frame_best;
 #if !defined(__CUDA_ARCH__)
   if (std::is_same<scalar_t, float>::value && w.path_pass != nullptr) {
-    ratio = w.path_pass(reinterpret_cast<const float*>(f.data), f.stride_t, length, C, limit, best, flips);
+    z = w.path_pass(reinterpret_cast<const float*>(f.data), f.stride_t, length, C, limit, best, flips);
   } else
 #endif
   {
     const int64_t span = prefetch_span(f, C);
-    double z = 1.0;
-    int64_t t = 0;
-    for (; t < length && z < kPathPassGiveUp * limit * flips.gain(); ++t) {
+    for (int64_t t = 0; t < length && z < kPathPassGiveUp * limit * flips.gain(); ++t) {
       if (t + kPrefetch < length && span >= 0) prefetch_frame(f, t + kPrefetch, span);
       const float* row = frame_row(f, t, C, w.row_buf);
       bool bad = false;
@@ -1443,10 +1441,11 @@ CF_HD bool path_certifies(const Frames<scalar_t>& f, int64_t length, int64_t C, 
       flips.push(row, m, best[t], bound, t > 0 ? f.at(t - 1, best[t]) : 0.f);
       z *= bound;
     }
-    if (t == length) flips.decide(-1, 0.f);  // else given up: the pending frame's factor (at most 3) cannot pass it
-    ratio = z / flips.gain();
   }
-  if (!(ratio < limit)) return false;  // NaN too: a bad value, which the certificate or the search reports
+  // The last frame's flips; after giving up, the pending frame's (a factor of at most 3) cannot pass.
+  flips.decide(-1, 0.f);
+  const double ratio = z / flips.gain();
+  if (!(ratio < limit)) return false;  // z / B; NaN too: a bad value, which the certificate or the search reports
   int32_t L = 0;
   int64_t prev = -1;
   for (int64_t t = 0; t < length; ++t) {

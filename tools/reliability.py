@@ -99,12 +99,10 @@ def main(argv=None) -> None:
               f"{', '.join(f'{w}x{h}' for w, h in accuracy_table.PACKAGE_SIZES)} (render seed {FIT_SEED})"
               + "".join(f", {s.split('=')[0]} val split (even half)" for s in args.folder + args.manifest))
     groups = [name for name, r in fit_reads.items() for _ in r["beam"].right] if args.per_set else None
-    cal = confidence.fit_calibration(pooled, source, groups=groups)
-    if groups is not None:
-        for d in confidence.DECODERS:
-            shift, broken = confidence.per_set_shift(*confidence.fit_platt(pooled[d].scores, pooled[d].right),
-                                                     pooled[d], groups, 10)
-            print(f"{d}: the pooled fit's intercept lowered by {shift:.2f} for {', '.join(broken) or 'no set'}")
+    paid_for = {}
+    cal = confidence.fit_calibration(pooled, source, groups=groups, paid_for=paid_for)
+    for d, (shift, broken) in paid_for.items():
+        print(f"{d}: the pooled fit's intercept lowered by {shift:.2f} for {', '.join(broken) or 'no set'}")
     print(f"fitted on {cal.n} reads: beam slope {cal.beam[0]:.4f} intercept {cal.beam[1]:.4f}; greedy slope "
           f"{cal.greedy[0]:.4f} intercept {cal.greedy[1]:.4f}")
     results, curves = {}, {d: {} for d in confidence.DECODERS}

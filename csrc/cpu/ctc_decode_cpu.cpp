@@ -229,8 +229,8 @@ __attribute__((target("avx2"))) void frame_stats_avx2(const float* row, int64_t 
 // path_certifies' pass over a float32 sequence (classes contiguous, C >= 8), 8 classes an
 // instruction: each frame's first maximum (as scan_max and find_at_least) into best, flips fed as
 // the plain loop feeds them, and the product of frame_upper_bound's bounds, from exp_upper in eight
-// lanes (the lanes past C read -inf: exp_upper's floor e^-40 each, still a bound); returned over
-// the flips' gain, or once it gives up (as the plain loop) a value above limit. NaN on NaN or +inf
+// lanes (the lanes past C read -inf: exp_upper's floor e^-40 each, still a bound), up to the frame
+// where it gives up (as the plain loop). NaN on NaN or +inf
 // (one test on the sum of all the values, then the exact one per frame) or a frame of -inf.
 __attribute__((target("avx2"))) double path_pass_avx2(const float* data, int64_t stride_t, int64_t length, int64_t C,
                                                       double limit, int32_t* best, PathFlips& flips) {
@@ -276,8 +276,7 @@ __attribute__((target("avx2"))) double path_pass_avx2(const float* data, int64_t
       if (any_bad_value(data + u * stride_t, C)) return NAN;
     }
   }
-  if (t == length) flips.decide(-1, 0.f);
-  return product / flips.gain();
+  return product;
 }
 #endif
 
