@@ -19,7 +19,8 @@ uniformly: "v2,varlen"):
   kaptcha      Kaptcha generalised: coloured ink, light gradients, water-ripple warp, noise
                curve, sometimes a shadow, half the time a border (Kaptcha's default).
   varlen       like varlen_upper: 80 px high, glyphs in a thin central band with wide gaps, one
-               font per captcha (often decorative), vivid or pastel colours on white, thin lines.
+               font per captcha (often decorative), vivid or pastel colours on white, thin lines;
+               a third of the captchas turn their glyphs by up to 45 or 90 degrees.
   wordpress    plugin-style (Really Simple CAPTCHA and kin): small, clean, dark on a light plain
                background, a few dots or lines.
   php_heavy    heavy occlusion (Securimage/Gregwar-like): many lines and arcs in the ink colour or
@@ -845,14 +846,16 @@ def _kaptcha(text, rng, pool):
     return Rendered(_frame(image, rng) if rng.random() < 0.5 else image, boxes)  # Kaptcha's default has a border
 
 
-@_style("varlen", (100, 900, 60, 100), "varlen_upper: thin central band, wide gaps, many fonts, pastel on white", 6)
+@_style("varlen", (100, 900, 60, 100), "varlen_upper: thin central band, wide gaps, many fonts, pastel on white, "
+                                       "glyphs turned up to 90 degrees", 10)
 def _varlen(text, rng, pool):
     h = 80 if rng.random() < 0.7 else rng.randint(60, 100)
     fonts = _text_fonts(rng, pool, len(text), 0.15)
     pastel = rng.random() < 0.5
     fills = [_pastel(rng) if (pastel or rng.random() < 0.2) else _vivid(rng) for _ in text]
-    run = _run(text, rng, fonts, h * rng.uniform(0.18, 0.42), rotate=rng.choice((0, 8, 20)), scale_jitter=0.1,
-               gap=(0.4, 1.6), hollow_p=0.1, stroke=rng.choice((0, 0, 0, 1)))
+    # varlen_upper turns some captchas' glyphs far: a 7 lying on its side, a Z read as N
+    turn = rng.choice((0, 8, 20, 20, 45, 90))
+    run = _run(text, rng, fonts, h * rng.uniform(0.18, 0.42), rotate=turn, scale_jitter=0.1, gap=(0.4, 1.6), hollow_p=0.1, stroke=rng.choice((0, 0, 0, 1)))
     w = _width_for(run, rng, (100, 900), (0.3, 1.4), h)
     image = _solid((w, h), (255, 255, 255))
     boxes = _place(run, image, rng, fills, h * rng.uniform(0.4, 0.6), jitter=h * 0.04)

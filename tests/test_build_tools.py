@@ -177,6 +177,16 @@ def test_a_build_grown_from_another_builds_round_continues_its_hours_log_and_str
     assert [r["round"] for r in build_pretrained.read_log(out / build_pretrained.LOG_NAME)] == ["0", "1", "2"]
 
 
+def test_a_build_refuses_to_go_on_without_the_fonts_it_rendered_with(tmp_path, monkeypatch):
+    state = {"font_packages": ["fonts-dejavu-core", "fonts-lobster"]}
+    build_pretrained.write_json(tmp_path / "state.json", state)
+    monkeypatch.setattr(build_pretrained, "font_packages", lambda: ["fonts-dejavu-core"])
+    with pytest.raises(SystemExit, match="not installed here \\(fonts-lobster\\).*apt-get install"):
+        build_pretrained.main(["--data", str(tmp_path), "--out", str(tmp_path), "--hours", "1"])
+    monkeypatch.setattr(build_pretrained, "font_packages", lambda: ["fonts-dejavu-core", "fonts-lobster"])
+    assert build_pretrained.missing_fonts(state) == []
+
+
 def test_error_gallery_draws_one_row_per_misread_up_to_show(tiny_model_path, png_folder):
     """tools/error_gallery.py: a row (ROW_H + 4 px) per misread, at most --show of them."""
     import error_gallery

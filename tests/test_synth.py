@@ -172,9 +172,10 @@ def test_frame_draws_a_line_round_every_edge():
     captchas = SyntheticCaptchas(SynthConfig(style="mix", charset=LETTERS, seed=2, effects="frame"), 40)
     for i in range(len(captchas)):
         a = _pixels(captchas[i][0])
-        centre = np.median(_luma(a[a.shape[0] // 4: -a.shape[0] // 4, a.shape[1] // 4: -a.shape[1] // 4]))
+        # the background as _frame judges it: the median colour (a middle full of bold ink is dark)
+        centre = _luma(np.median(a.reshape(-1, 3), axis=0))
         for edge in (a[:4], a[-4:][::-1], a[:, :4].transpose(1, 0, 2), a[:, -4:][:, ::-1].transpose(1, 0, 2)):
-            # some line among the 4 outermost is one colour all along, standing out from the middle
+            # some line among the 4 outermost is one colour all along, standing out from the background
             uniform = [np.all(line == line[line.shape[0] // 2]) for line in edge[:, 2:-2]]
             contrast = [abs(_luma(line[line.shape[0] // 2]) - centre) >= 40 for line in edge]
             assert any(u and c for u, c in zip(uniform, contrast)), (i, captchas.style(i))
@@ -238,6 +239,14 @@ def test_jumble_overlaps_rotated_glyphs_of_mixed_sizes():
         heights = [y1 - y0 for _, y0, _, y1 in out.boxes]
         spreads.append(max(heights) / min(heights))
     assert np.median(spreads) > 1.35
+
+
+def test_varlen_turns_some_glyphs_on_their_side():
+    # an upright I is a tall box, and up to 20 degrees keeps it so; lying down (over ~70) it is wide
+    captchas = SyntheticCaptchas(SynthConfig(style="varlen", charset="I", min_len=6, max_len=6, seed=17,
+                                             effects="none"), 60)
+    lying = [sum(x1 - x0 > y1 - y0 for x0, y0, x1, y1 in captchas.rendered(i)[0].boxes) for i in range(60)]
+    assert 0 < sum(n > 0 for n in lying) < 30, lying  # some captchas, not most
 
 
 def test_thin_glyphs_have_less_ink_than_regular_ones():

@@ -118,6 +118,13 @@ def font_packages() -> list:
     return [p for p in synth.DEBIAN_FONT_PACKAGES if Path("/usr/share/doc", p).is_dir()]
 
 
+def missing_fonts(state: dict) -> list:
+    """The font packages this build's lineage rendered with that are not installed here: its next
+    rounds would silently draw other fonts (one machine had lost 33 of 35 between sessions)."""
+    here = set(font_packages())
+    return [p for p in state["font_packages"] if p not in here]
+
+
 def synth_config() -> synth.SynthConfig:
     dirs = tuple(d for d in synth.DEBIAN_FONT_DIRS if Path(d).is_dir())
     return synth.SynthConfig(style="mix", charset=synth.DIGITS_LETTERS, min_len=SYNTH_LENGTHS[0],
@@ -674,6 +681,11 @@ def main(argv=None) -> None:
     shares = parse_shares(args.shares)
     out = args.out.resolve()  # manifests hold absolute paths
     state = load_state(out, args)
+    missing = missing_fonts(state)
+    if missing and args.hours > 0:
+        raise SystemExit(f"build_pretrained: this build rendered with font packages not installed here "
+                         f"({', '.join(missing)}); install them first: apt-get install -y "
+                         f"--no-install-recommends {' '.join(missing)}")
     sources = fixed_sources(args.data, args.real)
     sets = None
     spent = 0.0
