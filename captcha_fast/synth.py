@@ -855,7 +855,8 @@ def _varlen(text, rng, pool):
     fills = [_pastel(rng) if (pastel or rng.random() < 0.2) else _vivid(rng) for _ in text]
     # varlen_upper turns some captchas' glyphs far: a 7 lying on its side, a Z read as N
     turn = rng.choice((0, 8, 20, 20, 45, 90))
-    run = _run(text, rng, fonts, h * rng.uniform(0.18, 0.42), rotate=turn, scale_jitter=0.1, gap=(0.4, 1.6), hollow_p=0.1, stroke=rng.choice((0, 0, 0, 1)))
+    run = _run(text, rng, fonts, h * rng.uniform(0.18, 0.42), rotate=turn, scale_jitter=0.1, gap=(0.4, 1.6),
+               hollow_p=0.1, stroke=rng.choice((0, 0, 0, 1)))
     w = _width_for(run, rng, (100, 900), (0.3, 1.4), h)
     image = _solid((w, h), (255, 255, 255))
     boxes = _place(run, image, rng, fills, h * rng.uniform(0.4, 0.6), jitter=h * 0.04)

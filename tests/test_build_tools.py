@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import captcha_fast
 from captcha_fast.data import Sample, split_samples
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -175,6 +176,16 @@ def test_a_build_grown_from_another_builds_round_continues_its_hours_log_and_str
     assert state["started_from"] == ["random weights (at 0.00 h)", f"{init}, grown from channels 8/16, GRU 32 to 8/16, "
                                      "GRU 48 (model.widen) (at 1.00 h)"]
     assert [r["round"] for r in build_pretrained.read_log(out / build_pretrained.LOG_NAME)] == ["0", "1", "2"]
+
+
+def test_a_known_format_is_the_labels_case_folded_alphabet_and_lengths(tiny_model_path):
+    import accuracy_table
+
+    known = accuracy_table.known_format(["0412", "A19", "7a0b2"])
+    assert known == {"allowed": "012479ab", "min_length": 3, "max_length": 5}
+    images = [torch.rand(3, 32, 96) for _ in range(6)]
+    for hyps in captcha_fast.predict_batch(images, tiny_model_path, top_k=3, **known):  # what --known reads
+        assert all(set(h.text) <= set(known["allowed"]) and 3 <= len(h.text) <= 5 for h in hyps)
 
 
 def test_a_build_refuses_to_go_on_without_the_fonts_it_rendered_with(tmp_path, monkeypatch):

@@ -12,7 +12,9 @@ Sets (the same as tools/compare_ddddocr.py's, so the peer's numbers sit beside o
   captcha package WxH       fresh `captcha` package images (its defaults), 0-9a-zA-Z, 4-6 long,
                             render seed 12345 (never used for training)
   synth STYLE               each synthetic style, 0-9a-zA-Z, 4-8 long, render seed 12345
-Scores: whole-captcha accuracy ignoring case, and the same with 0/O and 1/I/l merged."""
+Scores: whole-captcha accuracy ignoring case, and the same with 0/O and 1/I/l merged. --known adds a
+read that knows what a user of that site knows: its alphabet and its label lengths (predict_batch's
+allowed=, min_length=, max_length=; taken from the set's own labels, case-folded)."""
 from __future__ import annotations
 
 import argparse
@@ -76,6 +78,13 @@ def score(reads, labels):
     return right / len(labels), merged / len(labels)
 
 
+def known_format(labels) -> dict:
+    """predict_batch's arguments for a site whose captchas use the labels' symbols and lengths."""
+    lengths = [len(t) for t in labels]
+    return dict(allowed="".join(sorted(set("".join(labels).lower()))), min_length=min(lengths),
+                max_length=max(lengths))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", help="recognizer files (.pt / .pt2)")
@@ -87,6 +96,8 @@ def main(argv=None) -> None:
                    help="extra font folders for the synthetic styles (default: the Debian ones present, as the "
                         "shipped model's build and compare_ddddocr.py's README run use)")
     p.add_argument("--no-synth", action="store_true", help="skip the package renders and synthetic styles")
+    p.add_argument("--known", action="store_true",
+                   help="also read each set knowing its alphabet and label lengths (a column per model)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     folders = [tuple(spec.split("=", 1)) for spec in args.folder]
@@ -94,8 +105,9 @@ def main(argv=None) -> None:
     manifests = [tuple(spec.split("=", 1)) for spec in args.manifest]
     sets = held_out_sets(folders, args.n, styles, args.font_dirs, manifests, package=not args.no_synth)
     rows = []
-    header = "| set | images | " + " | ".join(Path(m).name for m in args.models) + " |"
-    print(header + "\n|---|---:|" + "---:|" * len(args.models))
+    columns = [Path(m).name for m in args.models] + [f"{Path(m).name}, known alphabet and lengths"
+                                                     for m in args.models if args.known]
+    print("| set | images | " + " | ".join(columns) + " |\n|---|---:|" + "---:|" * len(columns))
     for name, (images, labels) in sets.items():
         row = dict(set=name, images=len(labels), models={})
         for m in args.models:
@@ -104,9 +116,14 @@ def main(argv=None) -> None:
             acc, merged = score(reads, labels)
             row["models"][m] = dict(accuracy=acc, accuracy_merged=merged, seconds=time.perf_counter() - t0,
                                     misses=[(t, r) for t, r in zip(labels, reads) if t.lower() != r.lower()][:5])
+            if args.known:
+                known = known_format(labels)
+                reads = captcha_fast.predict_batch(images, m, device="cpu", **known)
+                row["models"][m].update(known=known, accuracy_known=score(reads, labels)[0])
         rows.append(row)
-        cells = " | ".join(f"{100 * row['models'][m]['accuracy']:.1f}% ({100 * row['models'][m]['accuracy_merged']:.1f}%)"
-                           for m in args.models)
+        got = [row["models"][m] for m in args.models]
+        cells = " | ".join([f"{100 * g['accuracy']:.1f}% ({100 * g['accuracy_merged']:.1f}%)" for g in got]
+                           + [f"{100 * g['accuracy_known']:.1f}%" for g in got if args.known])
         print(f"| {name} | {len(labels)} | {cells} |", flush=True)
     synth_rows = [r for r in rows if r["set"].startswith("synth ")]
     if synth_rows:

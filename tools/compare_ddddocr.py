@@ -17,7 +17,9 @@ so the numbers are on the same held-out images as ours. Manifests (path<TAB>labe
 val.tsv / all.tsv): n images in real_sets.manifest_sample's order (the sha256 of the path as written),
 as tools/accuracy_table.py and tools/build_pretrained.py pick them. Nothing is copied anywhere.
 ddddocr is scored as a user calls it (classification(png bytes)), and again restricted to the
-symbols 0-9a-zA-Z (set_ranges), its option for a known charset."""
+symbols 0-9a-zA-Z (set_ranges), its option for a known charset; --known adds a third read restricted
+to the set's own alphabet (its labels' symbols, both cases), as tools/accuracy_table.py --known reads
+ours (ddddocr has no option for the length)."""
 import argparse
 import hashlib
 import importlib.util
@@ -129,6 +131,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=12345, help="render seed of the package and synthetic sets")
     p.add_argument("--styles", default=None, help="synthetic styles, comma-separated (default: all but 'captcha')")
     p.add_argument("--font-dirs", nargs="*", default=[], help="extra font folders for the synthetic styles")
+    p.add_argument("--known", action="store_true", help="also read each set restricted to its own alphabet")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
     if args.n < 1:
@@ -157,15 +160,24 @@ def main(argv=None) -> None:
     ocr_letters = ddddocr.DdddOcr(show_ad=False)
     ocr_letters.set_ranges(LETTERS)
     rows = []
-    print("| set | images | ddddocr | 0O 1Il merged | ddddocr, 0-9a-zA-Z only | ms/image |\n"
-          "|---|---:|---:|---:|---:|---:|")
+    print("| set | images | ddddocr | 0O 1Il merged | ddddocr, 0-9a-zA-Z only | ms/image |"
+          + (" ddddocr, the set's alphabet only |" if args.known else "") + "\n|---|---:|---:|---:|---:|---:|"
+          + ("---:|" if args.known else ""))
     for name, items in sets.items():
         acc, acc_m, ms, wrong = score(ocr, items)
         acc_r = score(ocr_letters, items)[0]
-        rows.append(dict(set=name, images=len(items), accuracy=acc, accuracy_merged=acc_m, accuracy_restricted=acc_r,
-                         ms_per_image=ms, wrong_examples=wrong))
-        print(f"| {name} | {len(items)} | {100 * acc:.1f}% | {100 * acc_m:.1f}% | {100 * acc_r:.1f}% | {ms:.1f} |",
-              flush=True)
+        row = dict(set=name, images=len(items), accuracy=acc, accuracy_merged=acc_m, accuracy_restricted=acc_r,
+                   ms_per_image=ms, wrong_examples=wrong)
+        line = f"| {name} | {len(items)} | {100 * acc:.1f}% | {100 * acc_m:.1f}% | {100 * acc_r:.1f}% | {ms:.1f} |"
+        if args.known:
+            symbols = set("".join(label for _, label in items))
+            row["alphabet"] = "".join(sorted(symbols | {c.swapcase() for c in symbols}))
+            ocr_letters.set_ranges(row["alphabet"])
+            row["accuracy_known"] = score(ocr_letters, items)[0]
+            ocr_letters.set_ranges(LETTERS)
+            line += f" {100 * row['accuracy_known']:.1f}% |"
+        rows.append(row)
+        print(line, flush=True)
     synth_rows = [r for r in rows if r["set"].startswith("synth ")]
     if synth_rows:
         mean = sum(r["accuracy"] for r in synth_rows) / len(synth_rows)
