@@ -2,6 +2,8 @@
 where `captcha-fast train` starts fine-tuning, and MODEL_CARD.md): a long, resumable run on one core.
 
     python tools/real_sets.py --repos CLONES --out ../shared/data/real         # once: the real sets
+    apt-get install -y --no-install-recommends $(python -c \
+        "from captcha_fast import synth; print(*synth.DEBIAN_FONT_PACKAGES)")    # once a machine: the fonts
     nohup python tools/build_pretrained.py --data ../shared/data --real ../shared/data/real \\
         --out runs/build --hours 8 --threads 1 > runs/build.log 2>&1 &
     python tools/build_pretrained.py ... --out runs/build --hours 8             # continue (same command)
@@ -17,6 +19,8 @@ rate restarts each round and anneals before each evaluation. A round's manifest 
   varlen   the train split of ../shared/data/varlen_upper (data.split_samples: 15%, seed 0)
   v2       the train split of ../shared/data/captcha_images_v2 (same rule)
   blank    images with no text (uniform, gradient, noise, lines) labelled ""
+The synthetic styles draw from the fonts of the Debian packages of synth.DEBIAN_FONT_PACKAGES found
+here; a build refuses to go on without one its rounds rendered with (a fresh machine has none of them).
 Each fixed source is read as an endless stream of seeded shuffles, so successive rounds walk through
 all of it. Labels are case-folded: the charset is 0-9a-z.
 
