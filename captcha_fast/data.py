@@ -249,14 +249,21 @@ class CaptchaDataset(torch.utils.data.Dataset):
     images: already prepared (in_channels, height, W) uint8 tensors (e.g. a synthetic cache);
     None reads the files and prepares them as the Recognizer does (preprocess.prepare_image with
     height, in_channels, max_width and ink: the model's input options).
+    join: the share of items that are two samples side by side (labels joined, a gap of background
+    between), the partner drawn per (seed, epoch, item): a BiGRU that has memorised the whole images of
+    a small set (it can: the shipped model reads 98% of varlen_upper's training split, half of its
+    validation split) must then read each glyph in a context it has not seen.
     item i -> (image (C, H, W_i) float [0, 1], label str, targets (L_i,) int64)."""
 
     def __init__(self, samples: Sequence[Sample], charset: Charset, height: int = 32, in_channels: int = 1,
                  augment: Optional[AugmentConfig] = None, seed: int = 0, skip_bad: bool = False,
-                 images: Optional[Sequence[Tensor]] = None, max_width: int = MAX_WIDTH, ink: bool = False):
+                 images: Optional[Sequence[Tensor]] = None, max_width: int = MAX_WIDTH, ink: bool = False,
+                 join: float = 0.0):
         samples = check_labels(samples, charset, skip_bad)
+        if not 0.0 <= join <= 1.0:
+            raise ValueError(f"join must be a share in [0, 1], got {join}")
         self.charset, self.height, self.in_channels = charset, height, in_channels
-        self.augment, self.seed, self.epoch, self.ink = augment, seed, 0, ink
+        self.augment, self.seed, self.epoch, self.ink, self.join = augment, seed, 0, ink, join
         if images is None:
             samples, images = load_samples(
                 samples, skip_bad, lambda image, name: _resized_uint8(image, height, in_channels, max_width, name, ink))
@@ -283,6 +290,19 @@ class CaptchaDataset(torch.utils.data.Dataset):
         return self.images[index].shape[-1]
 
     def __getitem__(self, index: int) -> Tuple[Tensor, str, Tensor]:
+        item = self._item(index)
+        if self.join > 0:
+            g = item_generator(self.seed + 1, self.epoch, index)  # not the item's own augmentation stream
+            if float(torch.rand((), generator=g)) < self.join:
+                other = self._item(int(torch.randint(len(self), (), generator=g)))
+                gap = int(torch.randint(4, 13, (), generator=g))  # >= 4 px: a frame for the blank between
+                image = item[0]
+                fill = background_level(image, self.ink).expand(image.shape[0], image.shape[1], gap)
+                return (torch.cat([image, fill, other[0]], dim=-1), item[1] + other[1],
+                        torch.cat([item[2], other[2]]))
+        return item
+
+    def _item(self, index: int) -> Tuple[Tensor, str, Tensor]:
         image = self.images[index].float() / 255.0
         if self.augment is not None:
             min_width = 4 * frames_needed(self.samples[index].label) + 4  # the CRNN gives W // 4 frames

@@ -132,6 +132,8 @@ class TrainConfig:
     stop_at_accuracy: Optional[float] = _opt(None, "stop once validation accuracy reaches this (0-1)")
     augment: bool = _opt(True, f"small random distortions of the training images (stronger for sets of fewer than "
                                f"{SMALL_SET} images)")
+    join: float = _opt(0.0, "share of training items made of two images side by side, labels joined (against a "
+                            "model memorising whole images of a small set; data.CaptchaDataset)")
     char_warmup: int = _opt(200, "steps of single-character pretraining on rendered captchas of the charset "
                                  "before CTC, when training from scratch (0: off)")
     char_warmup_lr: float = _opt(2e-3, "learning rate of the single-character warm-up")
@@ -178,7 +180,8 @@ class TrainConfig:
 
 # What a --resume must share with the run it continues.
 _RESUME_MUST_MATCH = ("data", "seed", "batch_size", "epochs", "min_steps", "lr", "height", "in_channels", "ink",
-                      "channels", "hidden_dim", "val_fraction", "warmup", "bucket", "synth_train", "augment", "rehearse")
+                      "channels", "hidden_dim", "val_fraction", "warmup", "bucket", "synth_train", "augment",
+                      "rehearse", "join")
 _CSV_KEYS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_cer", "val_n", "lr", "seconds"]
 
 
@@ -269,7 +272,7 @@ def build_data(cfg: TrainConfig) -> Data:
         raise ValueError(f"no training images left after the validation split of {cfg.data!r}")
     kw = dict(height=cfg.height, in_channels=cfg.in_channels, seed=cfg.seed, skip_bad=cfg.skip_bad,
               max_width=cfg.max_width, ink=cfg.ink)
-    train_ds = CaptchaDataset(train_s, charset, augment=augment_config(cfg, len(samples)), **kw)
+    train_ds = CaptchaDataset(train_s, charset, augment=augment_config(cfg, len(samples)), join=cfg.join, **kw)
     if rehearse:
         train_ds = _with_rehearsal(cfg, train_ds, "".join(c for c in known if not charset.unknown(c)))
     val_ds = CaptchaDataset(val_s, charset, **kw) if val_s else None
@@ -308,7 +311,7 @@ def _with_rehearsal(cfg: TrainConfig, ds: CaptchaDataset, symbols: str) -> Captc
     copies = max(1, math.ceil(len(fit) * (1 - cfg.rehearse) / (cfg.rehearse * len(ds))))
     return CaptchaDataset(ds.samples * copies + [renders.samples[i] for i in fit], ds.charset, ds.height,
                           ds.in_channels, ds.augment, ds.seed, images=ds.images * copies + [renders.images[i] for i in fit],
-                          ink=ds.ink)
+                          ink=ds.ink, join=ds.join)
 
 
 def start_symbols(labels: str, start: str) -> str:

@@ -7,9 +7,9 @@ import torch
 
 from captcha_fast import preprocess
 from captcha_fast.charset import Charset
-from captcha_fast.data import (AugmentConfig, BucketBatchSampler, CaptchaDataset, Sample, augment, check_labels,
-                               collate, item_generator, label_from_name, list_samples, load_samples, read_manifest,
-                               scan_folder, split_samples, synth_cache_key, synthetic_dataset)
+from captcha_fast.data import (AugmentConfig, BucketBatchSampler, CaptchaDataset, Sample, augment, background_level,
+                               check_labels, collate, item_generator, label_from_name, list_samples, load_samples,
+                               read_manifest, scan_folder, split_samples, synth_cache_key, synthetic_dataset)
 from captcha_fast.synth import SynthConfig, SyntheticCaptchas, write_synthetic
 
 
@@ -192,6 +192,35 @@ def test_augment_fills_with_the_background():
         inside = a[0, 2:5, 2:-2].median()  # background just inside the top edge
         corners = torch.stack([a[0, 0, 0], a[0, 0, -1], a[0, -1, 0], a[0, -1, -1]])
         assert float((corners - inside).abs().max()) < 0.02, seed
+
+
+def test_joined_items_are_two_samples_side_by_side_with_a_background_gap(folder):
+    samples = scan_folder(folder)
+    cs = Charset.from_labels(s.label for s in samples)
+    plain = CaptchaDataset(samples, cs, height=16)
+    ds = CaptchaDataset(samples, cs, height=16, join=1.0, seed=3)
+    joined = 0
+    for i in range(len(ds)):
+        image, label, targets = ds[i]
+        first = plain[i]
+        assert label.startswith(first[1]) and cs.decode(targets.tolist()) == label
+        w1 = first[0].shape[-1]
+        assert torch.equal(image[..., :w1], first[0])
+        others = [plain[j][0] for j in range(len(plain)) if plain[j][1] == label[len(first[1]):]]
+        other = next(o for o in others if torch.equal(image[..., image.shape[-1] - o.shape[-1]:], o))
+        gap = image.shape[-1] - w1 - other.shape[-1]
+        assert 4 <= gap <= 12  # at least a frame for a blank between equal neighbours
+        assert torch.allclose(image[..., w1: w1 + gap], background_level(first[0], False).expand(1, 16, gap))
+        joined += 1
+    assert joined == len(ds)
+    again = CaptchaDataset(samples, cs, height=16, join=1.0, seed=3)
+    assert [again[i][1] for i in range(len(ds))] == [ds[i][1] for i in range(len(ds))]  # seeded
+    ds.set_epoch(1)
+    assert [ds[i][1] for i in range(len(ds))] != [again[i][1] for i in range(len(ds))]  # a new partner each epoch
+    half = CaptchaDataset(samples * 20, cs, height=16, join=0.5)
+    assert 30 < sum(len(half[i][1]) > len(half.samples[i].label) for i in range(len(half))) < 90
+    with pytest.raises(ValueError, match="join must be a share in \\[0, 1\\], got 1.5"):
+        CaptchaDataset(samples, cs, height=16, join=1.5)
 
 
 def test_augment_is_seeded():

@@ -371,7 +371,7 @@ def train_round(folder: Path, init: str | None, args) -> float:
                       init_from=init, from_scratch=init is None,
                       val_fraction=0.0, bucket=16, skip_bad=True, threads=args.threads, progress=False,
                       export=False, resume=resume, lr=args.lr, batch_size=args.batch_size, patience=args.epochs_per_round + 1,
-                      channels=args.channels and tuple(args.channels), hidden_dim=args.hidden)
+                      channels=args.channels and tuple(args.channels), hidden_dim=args.hidden, join=args.join)
     if "min_steps" in {f.name for f in fields(TrainConfig)}:
         cfg.min_steps = 0  # a round is one pass per epoch (train.py's small-set floor is for a user's few images)
     train(cfg, log=on_epoch)
@@ -668,6 +668,8 @@ def main(argv=None) -> None:
     p.add_argument("--shares", default=DEFAULT_SHARES)
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of each round's OneCycle")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--join", type=float, default=0.0, help="share of each round's items made of two images side by "
+                                                           "side (train's --join; default 0: off)")
     p.add_argument("--init-from", default=str(PRETRAINED_CHECKPOINT), help="weights of a new OUT's first round")
     p.add_argument("--from-scratch", action="store_true", help="a new OUT starts from random weights")
     p.add_argument("--channels", type=int, nargs=2, metavar=("C1", "C2"), default=None,
