@@ -110,14 +110,14 @@ def main(argv=None) -> None:
     print("| set | images | " + " | ".join(columns) + " |\n|---|---:|" + "---:|" * len(columns))
     for name, (images, labels) in sets.items():
         row = dict(set=name, images=len(labels), models={})
+        known = known_format(labels) if args.known else None
         for m in args.models:
             t0 = time.perf_counter()
             reads = captcha_fast.predict_batch(images, m, device="cpu")
             acc, merged = score(reads, labels)
             row["models"][m] = dict(accuracy=acc, accuracy_merged=merged, seconds=time.perf_counter() - t0,
                                     misses=[(t, r) for t, r in zip(labels, reads) if t.lower() != r.lower()][:5])
-            if args.known:
-                known = known_format(labels)
+            if known:
                 reads = captcha_fast.predict_batch(images, m, device="cpu", **known)
                 row["models"][m].update(known=known, accuracy_known=score(reads, labels)[0])
         rows.append(row)
