@@ -188,6 +188,32 @@ def test_a_known_format_is_the_labels_case_folded_alphabet_and_lengths(tiny_mode
         assert all(set(h.text) <= set(known["allowed"]) and 3 <= len(h.text) <= 5 for h in hyps)
 
 
+def test_symbol_recall_counts_each_symbol_where_it_stands_in_reads_of_the_labels_length():
+    import accuracy_table
+
+    labels = ["0O1a", "o0ll", "I0", "0000"]
+    reads = ["oo1A", "o0L1", "10x", "000"]  # the last two have other lengths: not compared
+    recall = accuracy_table.symbol_recall(reads, labels, "0o1il")
+    # by hand: 0 is right once of twice (0O1a: o, o0ll: 0); o twice of twice (O, o); 1 once; l once of twice
+    assert recall == {"0": (1, 2), "o": (2, 2), "1": (1, 1), "i": (0, 0), "l": (1, 2)}
+
+
+def test_glyph_separability_draws_one_seeded_package_glyph_inside_its_canvas():
+    import glyph_separability
+
+    one, again = (glyph_separability.make_set(["0", "oO"], 5, 4, (0.55, 1.0), 0.55) for _ in range(2))
+    assert torch.equal(one[0], again[0]) and torch.equal(one[1], again[1])  # seeded per glyph index
+    assert one[0].shape == (4, 1, glyph_separability.CANVAS, glyph_separability.CANVAS)
+    for g in one[0][:, 0]:
+        rows, cols = (g > 0.5).nonzero(as_tuple=True)
+        assert len(rows) > 20 and rows.min() > 0 and cols.min() > 0  # inked, and not cut by the canvas
+        assert rows.max() < glyph_separability.CANVAS - 1 and cols.max() < glyph_separability.CANVAS - 1
+    # the squeeze narrows: the same glyphs at squeeze 0.5 are about half as wide as at 1.0
+    wide, narrow = (glyph_separability.make_set(["8"], 0, 4, (q, q), 1.0)[0] for q in (1.0, 0.5))
+    width = lambda x: (x[:, 0] > 0.5).any(1).sum(1).float()  # noqa: E731 (inked columns per glyph)
+    assert torch.allclose(width(narrow) / width(wide), torch.full((4,), 0.5), atol=0.1)
+
+
 def test_a_build_refuses_to_go_on_without_the_fonts_it_rendered_with(tmp_path, monkeypatch):
     state = {"font_packages": ["fonts-dejavu-core", "fonts-lobster"]}
     build_pretrained.write_json(tmp_path / "state.json", state)

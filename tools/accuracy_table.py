@@ -14,7 +14,9 @@ Sets (the same as tools/compare_ddddocr.py's, so the peer's numbers sit beside o
   synth STYLE               each synthetic style, 0-9a-zA-Z, 4-8 long, render seed 12345
 Scores: whole-captcha accuracy ignoring case, and the same with 0/O and 1/I/l merged. --known adds a
 read that knows what a user of that site knows: its alphabet and its label lengths (predict_batch's
-allowed=, min_length=, max_length=; taken from the set's own labels, case-folded)."""
+allowed=, min_length=, max_length=; taken from the set's own labels, case-folded). --symbols 0o1il adds a
+table of how often each of those symbols is read right where it stands (case folded, in reads of the
+label's length): where the merged score only says 0/O, this says which of the two the model gets wrong."""
 from __future__ import annotations
 
 import argparse
@@ -78,6 +80,20 @@ def score(reads, labels):
     return right / len(labels), merged / len(labels)
 
 
+def symbol_recall(reads, labels, symbols: str) -> dict:
+    """symbol -> (read right, seen): each symbol of `symbols` where it stands in a label whose read has
+    the label's length (a read of another length has no position to compare), case folded."""
+    right, seen = dict.fromkeys(symbols, 0), dict.fromkeys(symbols, 0)
+    for read, label in zip(reads, labels):
+        read, label = read.lower(), label.lower()
+        if len(read) == len(label):
+            for want, got in zip(label, read):
+                if want in seen:
+                    seen[want] += 1
+                    right[want] += got == want
+    return {c: (right[c], seen[c]) for c in symbols}
+
+
 def known_format(labels) -> dict:
     """predict_batch's arguments for a site whose captchas use the labels' symbols and lengths."""
     lengths = [len(t) for t in labels]
@@ -98,8 +114,11 @@ def main(argv=None) -> None:
     p.add_argument("--no-synth", action="store_true", help="skip the package renders and synthetic styles")
     p.add_argument("--known", action="store_true",
                    help="also read each set knowing its alphabet and label lengths (a column per model)")
+    p.add_argument("--symbols", default="", help="also tabulate how often each of these symbols is read right, "
+                                                  "e.g. 0o1il (lower case)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    symbols = args.symbols.lower()
     folders = [tuple(spec.split("=", 1)) for spec in args.folder]
     styles = [] if args.no_synth else args.styles.split(",") if args.styles else list(synth.MIX)
     manifests = [tuple(spec.split("=", 1)) for spec in args.manifest]
@@ -117,6 +136,8 @@ def main(argv=None) -> None:
             acc, merged = score(reads, labels)
             row["models"][m] = dict(accuracy=acc, accuracy_merged=merged, seconds=time.perf_counter() - t0,
                                     misses=[(t, r) for t, r in zip(labels, reads) if t.lower() != r.lower()][:5])
+            if symbols:
+                row["models"][m]["symbols"] = symbol_recall(reads, labels, symbols)
             if known:
                 reads = captcha_fast.predict_batch(images, m, device="cpu", **known)
                 row["models"][m].update(known=known, accuracy_known=score(reads, labels)[0])
@@ -130,6 +151,13 @@ def main(argv=None) -> None:
         cells = " | ".join(f"{100 * sum(r['models'][m]['accuracy'] for r in synth_rows) / len(synth_rows):.1f}%"
                            for m in args.models)
         print(f"| mean of {len(synth_rows)} synthetic styles | | {cells} |")
+    if symbols:
+        print("\n| set | model | " + " | ".join(symbols) + " |\n|---|---|" + "---:|" * len(symbols))
+        for row in rows:
+            for m in args.models:
+                recall = row["models"][m]["symbols"]
+                print(f"| {row['set']} | {Path(m).name} | "
+                      + " | ".join(f"{r}/{n}" if n else "-" for r, n in recall.values()) + " |")
     if args.json:
         args.json.write_text(json.dumps(dict(n=args.n, case_insensitive=True, rows=rows), indent=1))
 
