@@ -212,6 +212,8 @@ def test_glyph_separability_draws_one_seeded_package_glyph_inside_its_canvas():
     wide, narrow = (glyph_separability.make_set(["8"], 0, 4, (q, q), 1.0)[0] for q in (1.0, 0.5))
     width = lambda x: (x[:, 0] > 0.5).any(1).sum(1).float()  # noqa: E731 (inked columns per glyph)
     assert torch.allclose(width(narrow) / width(wide), torch.full((4,), 0.5), atol=0.1)
+    crnn = glyph_separability.GlyphCRNN(2)  # --crnn: one score per class, a CTC loss on one-symbol labels
+    assert crnn(one[0]).shape == (4, 2) and torch.isfinite(crnn.loss(one[0], one[1]))
 
 
 def test_a_build_refuses_to_go_on_without_the_fonts_it_rendered_with(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ Its held-out accuracy is a floor on how well the symbols can be told apart, to s
 the shipped model reads them (`tools/accuracy_table.py --symbols 0o1il`).
 
     python tools/glyph_separability.py --classes 0 oO --epochs 8
+    python tools/glyph_separability.py --classes 0 oO --epochs 8 --crnn   # the recognizer's shape, CTC
 
 Classes are strings of symbols (case matters to the package's font; the recognizer folds case):
 `0 oO` asks "digit zero or letter o, either case?", each symbol drawn equally often."""
@@ -24,6 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from captcha_fast import synth  # noqa: E402
+from captcha_fast.model import CRNN, CRNNConfig  # noqa: E402
 
 CANVAS = 48  # a glyph at the model's scale is at most about 40 px
 
@@ -66,6 +68,24 @@ def classifier(n_classes: int) -> nn.Module:
                          nn.Linear(128, n_classes))
 
 
+class GlyphCRNN(nn.Module):
+    """The shipped recognizer's shape (32/64 channels, GRU 192) on the glyph canvas, trained with CTC
+    on one-symbol labels; its class is the symbol with the strongest frame."""
+
+    def __init__(self, n_classes: int):
+        super().__init__()
+        self.net = CRNN(CRNNConfig(charset="".join(map(str, range(n_classes))), height=CANVAS, channels=(32, 64),
+                                   hidden_dim=192, ink=True))
+
+    def forward(self, x):
+        log_probs, _ = self.net(x, torch.full((len(x),), CANVAS, dtype=torch.long))  # (T, N, 1 + classes)
+        return log_probs[:, :, 1:].max(0).values
+
+    def loss(self, x, y):
+        log_probs, widths = self.net(x, torch.full((len(x),), CANVAS, dtype=torch.long))
+        return F.ctc_loss(log_probs, (y + 1)[:, None], widths, torch.ones_like(y), zero_infinity=True)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--classes", nargs="+", default=["0", "oO"], help="each a string of symbols (default: 0 oO)")
@@ -75,13 +95,14 @@ def main(argv=None) -> None:
     p.add_argument("--squeeze", type=float, nargs=2, default=(0.55, 1.0), metavar=("MIN", "MAX"),
                    help="the package's horizontal squeeze of wide text, drawn per glyph")
     p.add_argument("--scale", type=float, default=0.55, help="then both ways: 0.55 is 60 px to a 32-px band")
+    p.add_argument("--crnn", action="store_true", help="train the recognizer's shape (CTC) instead of the CNN")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     x, y = make_set(args.classes, 0, args.train, tuple(args.squeeze), args.scale)
     xt, yt = make_set(args.classes, 10 ** 7, args.test, tuple(args.squeeze), args.scale)
-    net = classifier(len(args.classes))
+    net = GlyphCRNN(len(args.classes)) if args.crnn else classifier(len(args.classes))
     opt = torch.optim.AdamW(net.parameters(), 2e-3)
     steps = len(x) // 128
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=args.epochs * steps)
@@ -90,7 +111,7 @@ def main(argv=None) -> None:
         order = torch.randperm(len(x))
         for b in range(steps):
             idx = order[b * 128:(b + 1) * 128]
-            loss = F.cross_entropy(net(x[idx]), y[idx])
+            loss = net.loss(x[idx], y[idx]) if args.crnn else F.cross_entropy(net(x[idx]), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
