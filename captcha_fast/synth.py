@@ -74,6 +74,7 @@ Synthetic images are training data, not a claim about any real site's captcha.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -1324,14 +1325,21 @@ def _package_generator(width: int, height: int, font_sizes: Optional[Tuple[int, 
     return _captcha_image.ImageCaptcha(width=width, height=height, fonts=[font], font_sizes=font_sizes)
 
 
-def _seeded_generate(gen: _captcha_image.ImageCaptcha, text: str, rng: random.Random, **colours) -> Image.Image:
+@contextlib.contextmanager
+def _seeded_package(rng: random.Random):
+    """Inside: every random choice of the `captcha` package comes from `rng` (one thread at a time)."""
     with _LOCK:
         saved = _captcha_image.secrets
         _captcha_image.secrets = _SeededSecrets(rng)
         try:
-            return gen.generate_image(text, **colours)
+            yield
         finally:
             _captcha_image.secrets = saved
+
+
+def _seeded_generate(gen: _captcha_image.ImageCaptcha, text: str, rng: random.Random, **colours) -> Image.Image:
+    with _seeded_package(rng):
+        return gen.generate_image(text, **colours)
 
 
 def render(text: str, rng: random.Random, height: int = 50, width: Optional[int] = None,

@@ -33,13 +33,8 @@ CANVAS = 48  # a glyph at the model's scale is at most about 40 px
 def glyph(symbol: str, rng: random.Random, squeeze: tuple, scale: float) -> np.ndarray:
     """One glyph as the package draws it, squeezed and scaled, centred on a CANVAS x CANVAS square."""
     gen = synth._package_generator(160, 60, None, synth._captcha_image.DEFAULT_FONTS[0])
-    with synth._LOCK:
-        saved = synth._captcha_image.secrets
-        synth._captcha_image.secrets = synth._SeededSecrets(rng)
-        try:
-            drawn = gen._draw_character(symbol, ImageDraw.Draw(Image.new("RGB", (1, 1))), (0, 0, 0, 255))
-        finally:
-            synth._captcha_image.secrets = saved
+    with synth._seeded_package(rng):
+        drawn = gen._draw_character(symbol, ImageDraw.Draw(Image.new("RGB", (1, 1))), (0, 0, 0, 255))
     ink = drawn.split()[-1]
     sx = rng.uniform(*squeeze) * scale
     ink = ink.resize((max(1, round(ink.width * sx)), max(1, round(ink.height * scale))), Image.BILINEAR)
