@@ -100,6 +100,19 @@ def test_round_counts_split_a_group_equally_over_its_sources():
     assert counts == {"synth": 500, "blank": 50, "a": 100, "b": 100, "varlen": 200, "v2": 50}
     with pytest.raises(SystemExit, match="summing to 1"):
         build_pretrained.parse_shares("synth=0.5,real=0.2")
+    with_pkg = build_pretrained.round_counts(build_pretrained.parse_shares("synth=0.3,pkg=0.2,real=0.5"), sources, 1000)
+    assert with_pkg == {"synth": 300, "pkg": 200, "blank": 0, "a": 250, "b": 250, "varlen": 0, "v2": 0}
+
+
+def test_the_pkg_group_is_a_seeded_stream_of_package_renders_at_its_common_sizes(tmp_path):
+    rows = build_pretrained.render_package_chunk(tmp_path / "a", 0, 6)
+    later = build_pretrained.render_package_chunk(tmp_path / "b", 3, 3)  # a later round renders its own indices
+    assert [Path(p).read_bytes() for p, _ in rows[3:]] == [Path(p).read_bytes() for p, _ in later]
+    assert [label for _, label in rows[3:]] == [label for _, label in later]
+    for path, label in rows:
+        assert label == label.lower() and 4 <= len(label) <= 6 and set(label) <= set(build_pretrained.CHARSET)
+        assert Image.open(path).size in {(160, 60), (200, 50), (280, 90)}
+    assert len({Path(p).read_bytes() for p, _ in rows}) == 6
 
 
 def test_model_cost_prices_a_width_with_the_checkpoints_own_reads(tmp_path):

@@ -15,6 +15,9 @@ epochs) on a fresh manifest of --round-images images, starting from the previous
 rate restarts each round and anneals before each evaluation. A round's manifest mixes (--shares):
   synth    fresh synthetic captchas (synth.SynthConfig(style="mix"), 0-9a-zA-Z, 3-8 long, seed 1;
            round k renders its own indices of that stream, so no two rounds share an image)
+  pkg      fresh renders of the `captcha` package exactly as the held-out sets draw it (synth.render_package,
+           its own font, at 160x60 / 200x50 / 280x90; 0-9a-zA-Z, 4-6 long; seed 2, a stream like synth's),
+           where the mix's captcha_pkg style also varies size and font and adds effects; default share 0
   real     the train splits of the real sets prepared by tools/real_sets.py (those not `unseen`), equally
   varlen   the train split of ../shared/data/varlen_upper (data.split_samples: 15%, seed 0)
   v2       the train split of ../shared/data/captcha_images_v2 (same rule)
@@ -90,6 +93,7 @@ import real_sets  # noqa: E402
 CHARSET = string.digits + string.ascii_lowercase
 SYNTH_SEED = 1  # evaluation renders use 12345 (tools/accuracy_table.py)
 SYNTH_LENGTHS = (3, 8)
+PKG_SEED, PKG_LENGTHS = 2, (4, 6)  # the pkg group's stream (the held-out package renders: seed 12345, 4-6 long)
 DEFAULT_SHARES = "synth=0.56,real=0.20,varlen=0.14,v2=0.06,blank=0.04"
 LOG_NAME = "build_log.csv"
 ROUND_BUILD = "build.json"  # a round's build entry, beside its last.ckpt
@@ -163,6 +167,20 @@ def render_chunk(folder: Path, start: int, n: int, n_blank: int, round_no: int):
     return rows, styles, effects
 
 
+def render_package_chunk(folder: Path, start: int, n: int) -> list:
+    """Items start..start+n-1 of the pkg stream as PNG files in folder: (path, label) rows."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(start, start + n):
+        rng = synth.sample_rng(PKG_SEED, i)
+        text = "".join(rng.choice(synth.DIGITS_LETTERS) for _ in range(rng.randint(*PKG_LENGTHS)))
+        path = folder / f"p{i:09d}.png"
+        if not path.exists():
+            save_png(synth.render_package(text, rng, *rng.choice(synth.PACKAGE_SIZES)), path)
+        rows.append((str(path), text.lower()))
+    return rows
+
+
 def stream_slice(rows: list, start: int, count: int, name: str) -> list:
     """Items start..start+count-1 of the endless stream of seeded shuffles of `rows` (pass p is
     shuffled by (name, p)), so successive slices walk through all of them."""
@@ -190,15 +208,17 @@ def fixed_sources(data: Path, real: Path | None) -> dict:
 
 def parse_shares(spec: str) -> dict:
     shares = {k: float(v) for k, v in (item.split("=") for item in spec.split(","))}
-    unknown = set(shares) - {"synth", "real", "varlen", "v2", "blank"}
+    unknown = set(shares) - {"synth", "pkg", "real", "varlen", "v2", "blank"}
     if unknown or abs(sum(shares.values()) - 1) > 1e-6:
-        raise SystemExit(f"--shares {spec!r}: groups synth, real, varlen, v2, blank summing to 1")
+        raise SystemExit(f"--shares {spec!r}: groups synth, pkg, real, varlen, v2, blank summing to 1")
     return shares
 
 
 def round_counts(shares: dict, sources: dict, n: int) -> dict:
     """Images per source in a round of n: each group's share, a group split equally over its sources."""
     counts = {"synth": round(shares.get("synth", 0) * n), "blank": round(shares.get("blank", 0) * n)}
+    if shares.get("pkg"):
+        counts["pkg"] = round(shares["pkg"] * n)
     for group in ("real", "varlen", "v2"):
         members = [name for name, (g, _) in sources.items() if g == group]
         for name in members:
@@ -285,7 +305,7 @@ def load_state(out: Path, args) -> dict:
     """OUT/state.json, or a fresh state continuing the checkpoint the build starts from."""
     path = out / "state.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        return {"pkg_next": 0, **json.loads(path.read_text())}  # an OUT from before the pkg group
     init = None if args.from_scratch else Path(args.init_from).resolve()
     ckpt = load_checkpoint(init) if init else None
     build, log = lineage(init, ckpt, Path(args.log))
@@ -297,7 +317,8 @@ def load_state(out: Path, args) -> dict:
     state = {"run": time.strftime("%Y%m%d-%H%M%S"), "init": str(init) if init else None, "started_from": started,
              "font_packages": sorted({*build.get("font_packages", []), *font_packages()}),
              "hours": float(build.get("hours", 0.0)), "next_round": int(build.get("round", 0)) + 1,
-             "synth_next": int(build.get("synth_next", 0)), "draws": dict(build.get("draws", {})),
+             "synth_next": int(build.get("synth_next", 0)), "pkg_next": int(build.get("pkg_next", 0)),
+             "draws": dict(build.get("draws", {})),
              "synth_styles": dict(build.get("synth_styles", {})), "synth_effects": dict(build.get("synth_effects", {})),
              "offsets": dict(build.get("offsets", {})),
              "render_hours": 0.0, "eval_hours": 0.0, "start_scored": init is None or bool(build),  # built: in the log
@@ -341,12 +362,14 @@ def prepare_round(out: Path, state: dict, sources: dict, shares: dict, args) -> 
     counts = round_counts(shares, sources, args.round_images)
     rows, styles, effects = render_chunk(out / "synth" / f"round_{k:04d}", state["synth_next"], counts["synth"],
                                 counts["blank"], k)
+    rows += render_package_chunk(out / "synth" / f"round_{k:04d}", state["pkg_next"], counts.get("pkg", 0))
     for name, (_, source_rows) in sources.items():
         start = state["offsets"].get(name, 0)
         rows += stream_slice(source_rows, start, counts[name], name)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.tsv").write_text("".join(f"{p}\t{label}\n" for p, label in rows))
-    plan = {"counts": counts, "synth_start": state["synth_next"], "styles": dict(styles), "effects": dict(effects),
+    plan = {"counts": counts, "synth_start": state["synth_next"], "pkg_start": state["pkg_next"],
+            "styles": dict(styles), "effects": dict(effects),
             "render_hours": (time.process_time() - t0) / 3600}
     plan_path.write_text(json.dumps(plan, indent=1))
     return folder
@@ -432,9 +455,10 @@ def finish_round(out: Path, folder: Path, state: dict, hours: float, sets: dict,
     state["hours"] += hours
     state["render_hours"] += plan["render_hours"]
     state["synth_next"] = plan["synth_start"] + plan["counts"]["synth"]
+    state["pkg_next"] = plan.get("pkg_start", state["pkg_next"]) + plan["counts"].get("pkg", 0)
     for name, n in plan["counts"].items():
         state["draws"][name] = state["draws"].get(name, 0) + n
-        if name not in ("synth", "blank"):
+        if name not in ("synth", "pkg", "blank"):
             state["offsets"][name] = state["offsets"].get(name, 0) + n
     for key in ("styles", "effects"):
         for name, n in plan[key].items():
@@ -463,6 +487,7 @@ def finish_round(out: Path, folder: Path, state: dict, hours: float, sets: dict,
 def build_entry(state: dict, row: dict) -> dict:
     """What default.ckpt carries about its build: where the next session continues, and the card's facts."""
     return {"hours": state["hours"], "round": row["round"], "run": state["run"], "synth_next": state["synth_next"],
+            "pkg_next": state["pkg_next"],
             "averaged": int(row.get("averaged") or 1),
             "draws": state["draws"], "offsets": state["offsets"], "synth_styles": state["synth_styles"],
             "synth_effects": state["synth_effects"],
@@ -562,6 +587,11 @@ def write_model_card(target: Path, ckpt: dict, args) -> None:
             row = (f"synthetic captchas: synth.SynthConfig(style=\"mix\"), seed {SYNTH_SEED}, 0-9a-zA-Z, "
                    f"{SYNTH_LENGTHS[0]}-{SYNTH_LENGTHS[1]} long", "this package", "captcha_fast/synth.py",
                    "MIT (this package); fonts below", b["synth_next"])  # the stream renders indices 0..synth_next-1
+        elif name == "pkg":
+            row = (f"the `captcha` package's ImageCaptcha at {', '.join(f'{w}x{h}' for w, h in synth.PACKAGE_SIZES)}"
+                   f" (synth.render_package), seed {PKG_SEED}, 0-9a-zA-Z, {PKG_LENGTHS[0]}-{PKG_LENGTHS[1]} long",
+                   "this package", "captcha_fast/synth.py", "MIT (this package); the `captcha` package's own font",
+                   b.get("pkg_next", n))
         elif name == "blank":
             row = ("images with no text, label \"\"", "this package", "tools/build_pretrained.py (blank)", "MIT", n)
         elif name in SHARED:
