@@ -160,6 +160,25 @@ def test_a_round_is_scored_as_the_mean_of_the_last_rounds_weights(tmp_path):
         model_from_checkpoint(ckpt)  # loads as a model of round 4's config
 
 
+def test_a_weighted_mean_of_checkpoints_weighs_every_float_tensor_and_refuses_mixed_shapes(tmp_path):
+    from captcha_fast.checkpoint import save_checkpoint
+    from captcha_fast.model import CRNN, CRNNConfig
+    from conftest import TINY_CHARSET, tiny_model
+
+    a, b = tiny_model(seed=1), tiny_model(seed=2)
+    mean = build_pretrained.mean_weights([a.state_dict(), b.state_dict()], [3.0, 1.0])
+    for name, t in a.state_dict().items():
+        if t.is_floating_point():
+            torch.testing.assert_close(mean[name], 0.75 * t + 0.25 * b.state_dict()[name])
+        else:
+            assert torch.equal(mean[name], t)
+    other = CRNN(CRNNConfig(TINY_CHARSET, channels=(8, 16), hidden_dim=16))
+    paths = [save_checkpoint({"model": m.state_dict(), "model_config": m.config.to_dict()}, tmp_path / f"{i}.ckpt")
+             for i, m in enumerate((a, other))]
+    with pytest.raises(SystemExit, match="different model configs"):
+        build_pretrained.score_mean([str(tmp_path / "m.pt"), f"1:{paths[0]}", f"1:{paths[1]}", "--data", str(tmp_path)])
+
+
 def test_a_build_grown_from_another_builds_round_continues_its_hours_log_and_streams(tmp_path):
     """--init-from OUT/round_K/last.ckpt (a checkpoint without a build entry): the new build inherits
     round K's build.json (hours, data streams, draws) and OUT's log up to round K."""

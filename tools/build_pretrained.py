@@ -8,6 +8,8 @@ where `captcha-fast train` starts fine-tuning, and MODEL_CARD.md): a long, resum
         --out runs/build --hours 8 --threads 1 > runs/build.log 2>&1 &
     python tools/build_pretrained.py ... --out runs/build --hours 8             # continue (same command)
     python tools/build_pretrained.py ... --out runs/build --hours 0 --install   # ship the best so far
+    python tools/build_pretrained.py mean soup.pt 0.7:A.ckpt 0.3:B.ckpt --data ../shared/data --real ...
+                                                    # score a weighted mean of checkpoints (score_mean)
 
 Rounds. Each round is one `captcha_fast.train` run (a OneCycle schedule over --epochs-per-round
 epochs) on a fresh manifest of --round-images images, starting from the previous round's weights
@@ -439,9 +441,36 @@ def average_rounds(out: Path, k: int, n: int) -> tuple:
         if other["model_config"] != ckpt["model_config"]:
             break
         states.append(other["model"])
-    mean = {name: (sum(s[name].double() for s in states) / len(states)).to(t.dtype) if t.is_floating_point() else t
-            for name, t in ckpt["model"].items()}
-    return {**ckpt, "model": mean}, len(states)
+    return {**ckpt, "model": mean_weights(states, [1.0] * len(states))}, len(states)
+
+
+def mean_weights(states: list, weights: list) -> dict:
+    """The weighted mean of state dicts of one model config: floating-point tensors (BatchNorm's running
+    statistics among them) in float64, the rest (counters) from the first."""
+    total = sum(weights)
+    return {name: (sum(w * s[name].double() for w, s in zip(weights, states)) / total).to(t.dtype)
+            if t.is_floating_point() else t for name, t in states[0].items()}
+
+
+def score_mean(argv=None) -> dict:
+    """`python tools/build_pretrained.py mean OUT.pt W:CKPT ... --data DATA [--real REAL]`: export the weighted
+    mean of checkpoints (e.g. of two runs from one start: a "soup") as a recognizer and score it as a round is
+    scored; prints the accuracies as JSON."""
+    p = argparse.ArgumentParser(prog="build_pretrained.py mean", description=score_mean.__doc__)
+    p.add_argument("out", type=Path)
+    p.add_argument("parts", nargs="+", metavar="W:CKPT", help="weight and checkpoint (weights are normalised)")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--real", type=Path, default=None)
+    p.add_argument("--eval-n", type=int, default=300)
+    args = p.parse_args(argv)
+    weights, ckpts = zip(*((float(w), load_checkpoint(c)) for w, c in (x.split(":", 1) for x in args.parts)))
+    if len({json.dumps(c["model_config"], sort_keys=True) for c in ckpts}) > 1:
+        raise SystemExit("build_pretrained.py mean: the checkpoints hold different model configs")
+    save_recognizer(model_from_checkpoint({**ckpts[0], "model": mean_weights([c["model"] for c in ckpts],
+                                                                             weights)}), args.out)
+    acc = evaluate(args.out, held_out_sets(args.data, args.real, args.eval_n))
+    print(json.dumps({"model": str(args.out), "parts": args.parts, **{k: round(v, 4) for k, v in acc.items()}}))
+    return acc
 
 
 def finish_round(out: Path, folder: Path, state: dict, hours: float, sets: dict, average: int) -> dict:
@@ -759,4 +788,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    main()
+    score_mean(sys.argv[2:]) if sys.argv[1:2] == ["mean"] else main()
