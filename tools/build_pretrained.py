@@ -307,7 +307,7 @@ def load_state(out: Path, args) -> dict:
     """OUT/state.json, or a fresh state continuing the checkpoint the build starts from."""
     path = out / "state.json"
     if path.is_file():
-        return {"pkg_next": 0, **json.loads(path.read_text())}  # an OUT from before the pkg group
+        return json.loads(path.read_text())
     init = None if args.from_scratch else Path(args.init_from).resolve()
     ckpt = load_checkpoint(init) if init else None
     build, log = lineage(init, ckpt, Path(args.log))
@@ -319,8 +319,7 @@ def load_state(out: Path, args) -> dict:
     state = {"run": time.strftime("%Y%m%d-%H%M%S"), "init": str(init) if init else None, "started_from": started,
              "font_packages": sorted({*build.get("font_packages", []), *font_packages()}),
              "hours": float(build.get("hours", 0.0)), "next_round": int(build.get("round", 0)) + 1,
-             "synth_next": int(build.get("synth_next", 0)), "pkg_next": int(build.get("pkg_next", 0)),
-             "draws": dict(build.get("draws", {})),
+             "synth_next": int(build.get("synth_next", 0)), "draws": dict(build.get("draws", {})),
              "synth_styles": dict(build.get("synth_styles", {})), "synth_effects": dict(build.get("synth_effects", {})),
              "offsets": dict(build.get("offsets", {})),
              "render_hours": 0.0, "eval_hours": 0.0, "start_scored": init is None or bool(build),  # built: in the log
@@ -364,14 +363,14 @@ def prepare_round(out: Path, state: dict, sources: dict, shares: dict, args) -> 
     counts = round_counts(shares, sources, args.round_images)
     rows, styles, effects = render_chunk(out / "synth" / f"round_{k:04d}", state["synth_next"], counts["synth"],
                                 counts["blank"], k)
-    rows += render_package_chunk(out / "synth" / f"round_{k:04d}", state["pkg_next"], counts.get("pkg", 0))
+    # the pkg stream renders indices 0.. in order, so its next index is how many were drawn
+    rows += render_package_chunk(out / "synth" / f"round_{k:04d}", state["draws"].get("pkg", 0), counts.get("pkg", 0))
     for name, (_, source_rows) in sources.items():
         start = state["offsets"].get(name, 0)
         rows += stream_slice(source_rows, start, counts[name], name)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.tsv").write_text("".join(f"{p}\t{label}\n" for p, label in rows))
-    plan = {"counts": counts, "synth_start": state["synth_next"], "pkg_start": state["pkg_next"],
-            "styles": dict(styles), "effects": dict(effects),
+    plan = {"counts": counts, "synth_start": state["synth_next"], "styles": dict(styles), "effects": dict(effects),
             "render_hours": (time.process_time() - t0) / 3600}
     plan_path.write_text(json.dumps(plan, indent=1))
     return folder
@@ -484,7 +483,6 @@ def finish_round(out: Path, folder: Path, state: dict, hours: float, sets: dict,
     state["hours"] += hours
     state["render_hours"] += plan["render_hours"]
     state["synth_next"] = plan["synth_start"] + plan["counts"]["synth"]
-    state["pkg_next"] = plan.get("pkg_start", state["pkg_next"]) + plan["counts"].get("pkg", 0)
     for name, n in plan["counts"].items():
         state["draws"][name] = state["draws"].get(name, 0) + n
         if name not in ("synth", "pkg", "blank"):
@@ -516,7 +514,6 @@ def finish_round(out: Path, folder: Path, state: dict, hours: float, sets: dict,
 def build_entry(state: dict, row: dict) -> dict:
     """What default.ckpt carries about its build: where the next session continues, and the card's facts."""
     return {"hours": state["hours"], "round": row["round"], "run": state["run"], "synth_next": state["synth_next"],
-            "pkg_next": state["pkg_next"],
             "averaged": int(row.get("averaged") or 1),
             "draws": state["draws"], "offsets": state["offsets"], "synth_styles": state["synth_styles"],
             "synth_effects": state["synth_effects"],
@@ -619,8 +616,7 @@ def write_model_card(target: Path, ckpt: dict, args) -> None:
         elif name == "pkg":
             row = (f"the `captcha` package's ImageCaptcha at {', '.join(f'{w}x{h}' for w, h in synth.PACKAGE_SIZES)}"
                    f" (synth.render_package), seed {PKG_SEED}, 0-9a-zA-Z, {PKG_LENGTHS[0]}-{PKG_LENGTHS[1]} long",
-                   "this package", "captcha_fast/synth.py", "MIT (this package); the `captcha` package's own font",
-                   b.get("pkg_next", n))
+                   "this package", "captcha_fast/synth.py", "MIT (this package); the `captcha` package's own font", n)
         elif name == "blank":
             row = ("images with no text, label \"\"", "this package", "tools/build_pretrained.py (blank)", "MIT", n)
         elif name in SHARED:
@@ -788,4 +784,7 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    score_mean(sys.argv[2:]) if sys.argv[1:2] == ["mean"] else main()
+    if sys.argv[1:2] == ["mean"]:
+        score_mean(sys.argv[2:])
+    else:
+        main()
