@@ -169,13 +169,15 @@ def render_chunk(folder: Path, start: int, n: int, n_blank: int, round_no: int):
     return rows, styles, effects
 
 
-def render_package_chunk(folder: Path, start: int, n: int) -> list:
-    """Items start..start+n-1 of the pkg stream as PNG files in folder: (path, label) rows."""
+def render_package_chunk(folder: Path, start: int, n: int, extra: str = "") -> list:
+    """Items start..start+n-1 of the pkg stream as PNG files in folder: (path, label) rows.
+    extra: symbols added to the 0-9a-zA-Z draw (--pkg-extra), each occurrence one more chance."""
     folder.mkdir(parents=True, exist_ok=True)
+    alphabet = synth.DIGITS_LETTERS + extra
     rows = []
     for i in range(start, start + n):
         rng = synth.sample_rng(PKG_SEED, i)
-        text = "".join(rng.choice(synth.DIGITS_LETTERS) for _ in range(rng.randint(*PKG_LENGTHS)))
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(*PKG_LENGTHS)))
         path = folder / f"p{i:09d}.png"
         if not path.exists():
             save_png(synth.render_package(text, rng, *rng.choice(synth.PACKAGE_SIZES)), path)
@@ -321,7 +323,7 @@ def load_state(out: Path, args) -> dict:
              "hours": float(build.get("hours", 0.0)), "next_round": int(build.get("round", 0)) + 1,
              "synth_next": int(build.get("synth_next", 0)), "draws": dict(build.get("draws", {})),
              "synth_styles": dict(build.get("synth_styles", {})), "synth_effects": dict(build.get("synth_effects", {})),
-             "offsets": dict(build.get("offsets", {})),
+             "offsets": dict(build.get("offsets", {})), "pkg_extra": build.get("pkg_extra", ""),
              "render_hours": 0.0, "eval_hours": 0.0, "start_scored": init is None or bool(build),  # built: in the log
              # a round is installed only if it beats the start
              "best": {"round": build["round"], "score": build["accuracy"]["score"], "start": True} if build else None}
@@ -364,14 +366,17 @@ def prepare_round(out: Path, state: dict, sources: dict, shares: dict, args) -> 
     rows, styles, effects = render_chunk(out / "synth" / f"round_{k:04d}", state["synth_next"], counts["synth"],
                                 counts["blank"], k)
     # the pkg stream renders indices 0.. in order, so its next index is how many were drawn
-    rows += render_package_chunk(out / "synth" / f"round_{k:04d}", state["draws"].get("pkg", 0), counts.get("pkg", 0))
+    rows += render_package_chunk(out / "synth" / f"round_{k:04d}", state["draws"].get("pkg", 0), counts.get("pkg", 0),
+                                 args.pkg_extra)
     for name, (_, source_rows) in sources.items():
         start = state["offsets"].get(name, 0)
         rows += stream_slice(source_rows, start, counts[name], name)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.tsv").write_text("".join(f"{p}\t{label}\n" for p, label in rows))
+    if counts.get("pkg"):
+        state["pkg_extra"] = args.pkg_extra  # the card says how the latest pkg labels were drawn
     plan = {"counts": counts, "synth_start": state["synth_next"], "styles": dict(styles), "effects": dict(effects),
-            "render_hours": (time.process_time() - t0) / 3600}
+            "pkg_extra": args.pkg_extra, "render_hours": (time.process_time() - t0) / 3600}
     plan_path.write_text(json.dumps(plan, indent=1))
     return folder
 
@@ -516,7 +521,7 @@ def build_entry(state: dict, row: dict) -> dict:
     return {"hours": state["hours"], "round": row["round"], "run": state["run"], "synth_next": state["synth_next"],
             "averaged": int(row.get("averaged") or 1),
             "draws": state["draws"], "offsets": state["offsets"], "synth_styles": state["synth_styles"],
-            "synth_effects": state["synth_effects"],
+            "synth_effects": state["synth_effects"], "pkg_extra": state.get("pkg_extra", ""),
             "started_from": state["started_from"], "font_packages": state["font_packages"],
             "accuracy": {k: float(v) for k, v in row.items() if k not in LOG_KEYS or k in ("score", "unseen")},
             "eval_sizes": state["eval_sizes"]}
@@ -615,7 +620,8 @@ def write_model_card(target: Path, ckpt: dict, args) -> None:
                    "MIT (this package); fonts below", b["synth_next"])  # the stream renders indices 0..synth_next-1
         elif name == "pkg":
             row = (f"the `captcha` package's ImageCaptcha at {', '.join(f'{w}x{h}' for w, h in synth.PACKAGE_SIZES)}"
-                   f" (synth.render_package), seed {PKG_SEED}, 0-9a-zA-Z, {PKG_LENGTHS[0]}-{PKG_LENGTHS[1]} long",
+                   f" (synth.render_package), seed {PKG_SEED}, 0-9a-zA-Z{extra_text(b.get('pkg_extra', ''))}, "
+                   f"{PKG_LENGTHS[0]}-{PKG_LENGTHS[1]} long",
                    "this package", "captcha_fast/synth.py", "MIT (this package); the `captcha` package's own font", n)
         elif name == "blank":
             row = ("images with no text, label \"\"", "this package", "tools/build_pretrained.py (blank)", "MIT", n)
@@ -664,6 +670,13 @@ def write_model_card(target: Path, ckpt: dict, args) -> None:
     L += [f"| mean of the above but the unseen sets (what picks the shipped weights) | | {100 * acc['score']:.1f}% |",
           f"| mean of the unseen real styles | | {100 * acc['unseen']:.1f}% |", ""]
     (target / "MODEL_CARD.md").write_text("\n".join(L))
+
+
+def extra_text(extra: str) -> str:
+    """The card's words for --pkg-extra: how much likelier its symbols were drawn."""
+    if not extra:
+        return ""
+    return " with " + ", ".join(f"{ch} {1 + extra.count(ch)}x as likely" for ch in dict.fromkeys(extra))
 
 
 def averaged_text(build: dict) -> str:
@@ -721,6 +734,9 @@ def main(argv=None) -> None:
                    help="images per round's manifest (2 epochs of 32000: about 16 CPU minutes at ~68 img/s)")
     p.add_argument("--epochs-per-round", type=int, default=2)
     p.add_argument("--shares", default=DEFAULT_SHARES)
+    p.add_argument("--pkg-extra", default="", help="symbols added to the pkg group's 0-9a-zA-Z draw, each occurrence "
+                   "one more chance (0Oo0Oo0Oo0Oo: 0, O and o five times as likely as another symbol, still 1:1:1 "
+                   "as in the held-out renders)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of each round's OneCycle")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--join", type=float, default=0.0, help="share of each round's items made of two images side by "
@@ -740,6 +756,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     shares = parse_shares(args.shares)
+    if set(args.pkg_extra) - set(synth.DIGITS_LETTERS):
+        raise SystemExit(f"build_pretrained: --pkg-extra {args.pkg_extra!r} holds symbols outside 0-9a-zA-Z")
     out = args.out.resolve()  # manifests hold absolute paths
     state = load_state(out, args)
     missing = missing_fonts(state)
