@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import captcha_fast
+from captcha_fast.checkpoint import PRETRAINED_CHECKPOINT
 from captcha_fast.data import Sample, split_samples
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -250,6 +251,27 @@ def test_glyph_separability_draws_one_seeded_package_glyph_inside_its_canvas():
     assert torch.allclose(width(narrow) / width(wide), torch.full((4,), 0.5), atol=0.1)
     crnn = glyph_separability.GlyphCRNN(2)  # --crnn: one score per class, a CTC loss on one-symbol labels
     assert crnn(one[0]).shape == (4, 2) and torch.isfinite(crnn.loss(one[0], one[1]))
+
+
+def test_glyph_separability_in_context_crops_the_models_input_where_it_emits_each_round_glyph():
+    """--in-context: the emitting frames are where the best path's symbols come from (the reference greedy
+    decoder's symbols, in order); each 0/O/o of a read of the label's length gives one crop of the model's
+    input, CROP columns around its frame, the same on a second run."""
+    import glyph_separability
+    from captcha_fast._reference import greedy_decode_reference
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        frames = torch.randn(30, 5, generator=g) * 2
+        best = frames.argmax(-1).tolist()
+        symbols, _ = greedy_decode_reference(frames.tolist())
+        assert [best[t] for t in glyph_separability.spike_frames(best)] == list(symbols)
+    found = glyph_separability.in_context(str(PRETRAINED_CHECKPOINT), 24, batch=8)
+    again = glyph_separability.in_context(str(PRETRAINED_CHECKPOINT), 24, batch=24)
+    assert len(found) >= 10 and {s for s, _, _ in found} == set("0Oo")
+    assert [(s, ok) for s, ok, _ in found] == [(s, ok) for s, ok, _ in again]
+    for (_, _, crop), (_, _, other) in zip(found, again):
+        assert crop.shape == (32, glyph_separability.CROP) and torch.allclose(crop, other, atol=1e-5)
 
 
 def test_a_build_refuses_to_go_on_without_the_fonts_it_rendered_with(tmp_path, monkeypatch):
