@@ -118,6 +118,9 @@ def test_the_pkg_group_is_a_seeded_stream_of_package_renders_at_its_common_sizes
     zeros = "".join(label for _, label in build_pretrained.render_package_chunk(tmp_path / "c", 0, 30, "0" * 200))
     assert 0.6 < zeros.count("0") / len(zeros) < 0.9
     assert build_pretrained.extra_text("0Oo0") == " with 0 3x as likely, O 2x as likely, o 2x as likely"
+    with pytest.raises(SystemExit, match="'0Oo!' holds symbols outside 0-9a-zA-Z"):
+        build_pretrained.main(["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--pkg-extra", "0Oo!"])
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 def test_model_cost_prices_a_width_with_the_checkpoints_own_reads(tmp_path):
