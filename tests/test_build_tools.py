@@ -123,6 +123,24 @@ def test_the_pkg_group_is_a_seeded_stream_of_package_renders_at_its_common_sizes
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
+def test_a_resumed_build_draws_its_pkg_group_as_it_did_unless_told_otherwise(tmp_path, monkeypatch):
+    state = {"run": "r", "init": None, "start_scored": True, "hours": 0.0, "next_round": 3, "font_packages": [],
+             "pkg_extra": "0Oo0Oo"}
+    build_pretrained.write_json(tmp_path / "state.json", state)
+    monkeypatch.setattr(build_pretrained, "fixed_sources", lambda data, real: {})
+
+    class Drawn(Exception):
+        pass
+
+    def prepare_round(out, state, sources, shares, args):
+        raise Drawn(args.pkg_extra)
+    monkeypatch.setattr(build_pretrained, "prepare_round", prepare_round)
+    for given, drawn in (([], "0Oo0Oo"), (["--pkg-extra", ""], ""), (["--pkg-extra", "0"], "0")):
+        with pytest.raises(Drawn) as e:
+            build_pretrained.main(["--data", str(tmp_path), "--out", str(tmp_path), "--hours", "1", *given])
+        assert e.value.args == (drawn,)
+
+
 def test_model_cost_prices_a_width_with_the_checkpoints_own_reads(tmp_path):
     """tools/model_cost.py: NAME=CKPT:C1,C2,H is the checkpoint grown by model.widen (the shape
     priced, the reads unchanged); a spec without NAME= is refused by name."""

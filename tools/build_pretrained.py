@@ -734,9 +734,9 @@ def main(argv=None) -> None:
                    help="images per round's manifest (2 epochs of 32000: about 16 CPU minutes at ~68 img/s)")
     p.add_argument("--epochs-per-round", type=int, default=2)
     p.add_argument("--shares", default=DEFAULT_SHARES)
-    p.add_argument("--pkg-extra", default="", help="symbols added to the pkg group's 0-9a-zA-Z draw, each occurrence "
-                   "one more chance (0Oo0Oo0Oo0Oo: 0, O and o five times as likely as another symbol, still 1:1:1 "
-                   "as in the held-out renders)")
+    p.add_argument("--pkg-extra", default=None, help="symbols added to the pkg group's 0-9a-zA-Z draw, each "
+                   "occurrence one more chance (0Oo0Oo0Oo0Oo: 0, O and o five times as likely as another symbol, still "
+                   "1:1:1 as in the held-out renders); default: what the build it continues drew with, else none")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of each round's OneCycle")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--join", type=float, default=0.0, help="share of each round's items made of two images side by "
@@ -756,10 +756,12 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     shares = parse_shares(args.shares)
-    if set(args.pkg_extra) - set(synth.DIGITS_LETTERS):
+    if set(args.pkg_extra or "") - set(synth.DIGITS_LETTERS):
         raise SystemExit(f"build_pretrained: --pkg-extra {args.pkg_extra!r} holds symbols outside 0-9a-zA-Z")
     out = args.out.resolve()  # manifests hold absolute paths
     state = load_state(out, args)
+    if args.pkg_extra is None:  # a resumed run draws as it did
+        args.pkg_extra = state.get("pkg_extra", "")
     missing = missing_fonts(state)
     if missing and args.hours > 0:
         raise SystemExit(f"build_pretrained: this build rendered with font packages not installed here "
