@@ -133,7 +133,7 @@ def test_a_resumed_build_draws_its_pkg_group_as_it_did_unless_told_otherwise(tmp
         pass
 
     def prepare_round(out, state, sources, shares, args):
-        raise Drawn(args.pkg_extra)
+        raise Drawn(state["pkg_extra"])
     monkeypatch.setattr(build_pretrained, "prepare_round", prepare_round)
     for given, drawn in (([], "0Oo0Oo"), (["--pkg-extra", ""], ""), (["--pkg-extra", "0"], "0")):
         with pytest.raises(Drawn) as e:

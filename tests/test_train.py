@@ -501,8 +501,9 @@ def test_the_probe_blends_half_way_where_fine_tuning_reads_worse_than_the_blend(
     the images, fine-tuned at a learning rate that overshoots: the probes' fine-tuned weights read
     their held-out halves worse than the half-way blend, so the run saves the half-way blend,
     recorded. The counts are recomputed here from the probes' checkpoints through saved recognizers.
-    lr 0.01 sits in the middle of the range where that holds (0.005-0.02 on an AMD EPYC: 1.0 reads 13-0
-    of 24, half-way 21-7); lr 1.0 wrecked even the quarter blend there (0 of 24 at every share > 0)."""
+    lr 0.01 sits in the middle of the range where that holds (0.005-0.02 on an AMD EPYC: the fine-tuned
+    weights read 13-0 of 24, the half-way blend 21-7); lr 1.0 wrecked even the quarter blend there (0 of
+    24 at every share > 0)."""
     from captcha_fast.export import save_recognizer
     from captcha_fast.train import BLEND_CHOICES, PROBE_STEPS, probe_rule
     folder = tmp_path / "captchas"

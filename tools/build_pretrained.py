@@ -367,16 +367,14 @@ def prepare_round(out: Path, state: dict, sources: dict, shares: dict, args) -> 
                                 counts["blank"], k)
     # the pkg stream renders indices 0.. in order, so its next index is how many were drawn
     rows += render_package_chunk(out / "synth" / f"round_{k:04d}", state["draws"].get("pkg", 0), counts.get("pkg", 0),
-                                 args.pkg_extra)
+                                 state["pkg_extra"])
     for name, (_, source_rows) in sources.items():
         start = state["offsets"].get(name, 0)
         rows += stream_slice(source_rows, start, counts[name], name)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.tsv").write_text("".join(f"{p}\t{label}\n" for p, label in rows))
-    if counts.get("pkg"):
-        state["pkg_extra"] = args.pkg_extra  # the card says how the latest pkg labels were drawn
     plan = {"counts": counts, "synth_start": state["synth_next"], "styles": dict(styles), "effects": dict(effects),
-            "pkg_extra": args.pkg_extra, "render_hours": (time.process_time() - t0) / 3600}
+            "pkg_extra": state["pkg_extra"], "render_hours": (time.process_time() - t0) / 3600}
     plan_path.write_text(json.dumps(plan, indent=1))
     return folder
 
@@ -521,7 +519,7 @@ def build_entry(state: dict, row: dict) -> dict:
     return {"hours": state["hours"], "round": row["round"], "run": state["run"], "synth_next": state["synth_next"],
             "averaged": int(row.get("averaged") or 1),
             "draws": state["draws"], "offsets": state["offsets"], "synth_styles": state["synth_styles"],
-            "synth_effects": state["synth_effects"], "pkg_extra": state.get("pkg_extra", ""),
+            "synth_effects": state["synth_effects"], "pkg_extra": state["pkg_extra"],
             "started_from": state["started_from"], "font_packages": state["font_packages"],
             "accuracy": {k: float(v) for k, v in row.items() if k not in LOG_KEYS or k in ("score", "unseen")},
             "eval_sizes": state["eval_sizes"]}
@@ -760,8 +758,9 @@ def main(argv=None) -> None:
         raise SystemExit(f"build_pretrained: --pkg-extra {args.pkg_extra!r} holds symbols outside 0-9a-zA-Z")
     out = args.out.resolve()  # manifests hold absolute paths
     state = load_state(out, args)
-    if args.pkg_extra is None:  # a resumed run draws as it did
-        args.pkg_extra = state.get("pkg_extra", "")
+    if args.pkg_extra is not None:  # else a resumed run draws as it did (the card says how)
+        state["pkg_extra"] = args.pkg_extra
+    state.setdefault("pkg_extra", "")  # an OUT from before --pkg-extra
     missing = missing_fonts(state)
     if missing and args.hours > 0:
         raise SystemExit(f"build_pretrained: this build rendered with font packages not installed here "
