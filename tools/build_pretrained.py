@@ -562,9 +562,9 @@ def remeasure(target: Path, args) -> None:
 
 def calibrate(target: Path, args) -> None:
     """The installed model's confidence (tools/reliability.py --per-set): fitted on renders of seed 424242 and the
-    even half of each validation split, lowered until reads at >= 0.9 are >= 90% right on each of those sets, measured
-    on seed 12345, the odd halves and the unseen sets; stored in default.pt and default.ckpt; docs/reliability.png
-    and docs/reliability.json."""
+    even half of each validation split, lowered until each of those sets keeps the >= 0.9 promise on its reads at
+    >= 0.9 (confidence.keeps_promise), measured on seed 12345, the odd halves and the unseen sets; stored in
+    default.pt and default.ckpt; docs/reliability.png and docs/reliability.json."""
     import reliability
 
     folders = [f"{name}={args.data / folder}" for name, folder in SHARED.items()]

@@ -71,8 +71,8 @@ def main(argv=None) -> None:
     p.add_argument("--also", action="append", default=[], help="another file to store the calibration in (its "
                                                                   "training checkpoint), in place")
     p.add_argument("--per-set", action="store_true",
-                   help="lower the fit until reads at >= 0.9 are >= 90%% right on every fitting set (confidence."
-                        "fit_calibration groups); default: the plain Platt fit of the pooled reads")
+                   help="lower the fit until every fitting set keeps the promise on its reads at >= 0.9 (confidence."
+                        "keeps_promise, fit_calibration groups); default: the plain Platt fit of the pooled reads")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
