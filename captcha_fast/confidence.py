@@ -217,8 +217,8 @@ def per_set_shift(slope: float, intercept: float, reads: Reads, groups: Sequence
     for shift in np.arange(0.0, 20.0, 0.05):
         with np.errstate(invalid="ignore"):
             high = slope * z + intercept - shift >= math.log(HIGH / (1 - HIGH))
-        failing = [g for g, m in members.items()
-                   if (high & m).sum() >= min_high and not keeps_promise(int(right[high & m].sum()), int((high & m).sum()))]
+        counts = {g: (int((high & m).sum()), int(right[high & m].sum())) for g, m in members.items()}
+        failing = [g for g, (n, ok) in counts.items() if n >= min_high and not keeps_promise(ok, n)]
         if not failing:
             return float(shift), broken
         broken = failing
