@@ -256,8 +256,7 @@ def test_a_dozen_reads_do_not_prove_the_promise():
     rng = np.random.default_rng(3)
     a_scores = -rng.exponential(1.0, 4000)
     a_right = rng.random(4000) < 1 / (1 + np.exp(-(1.5 * a_scores + 4)))
-    for b_right, lowered in ((12, True), (10, False)):
-        n_b = 13 if lowered else 10
+    for b_right, n_b, lowered in ((12, 13, True), (10, 10, False)):
         b_scores = np.full(n_b, -1e-4)  # sure reads: >= 0.9 under any fit near the pooled one
         b_ok = np.arange(n_b) < b_right
         scores = np.concatenate([a_scores, b_scores]).tolist()
