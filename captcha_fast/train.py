@@ -29,6 +29,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -134,6 +135,12 @@ class TrainConfig:
                                f"{SMALL_SET} images)")
     join: float = _opt(0.0, "share of training items made of two images side by side, labels joined (against a "
                             "model memorising whole images of a small set; data.CaptchaDataset)")
+    teacher: Optional[str] = _opt(None, "knowledge distillation: a checkpoint of the same charset, height and input "
+                                        "whose per-frame output the model also learns (KL divergence, weighted "
+                                        "--teacher-weight) on the training items whose path matches --teacher-on")
+    teacher_weight: float = _opt(1.0, "weight of the distillation term beside the CTC loss")
+    teacher_on: str = _opt("", "regular expression searched in each training item's path: the items the teacher's "
+                               "output is learnt on ('': all)")
     char_warmup: int = _opt(200, "steps of single-character pretraining on rendered captchas of the charset "
                                  "before CTC, when training from scratch (0: off)")
     char_warmup_lr: float = _opt(2e-3, "learning rate of the single-character warm-up")
@@ -181,7 +188,7 @@ class TrainConfig:
 # What a --resume must share with the run it continues.
 _RESUME_MUST_MATCH = ("data", "seed", "batch_size", "epochs", "min_steps", "lr", "height", "in_channels", "ink",
                       "channels", "hidden_dim", "val_fraction", "warmup", "bucket", "synth_train", "augment",
-                      "rehearse", "join")
+                      "rehearse", "join", "teacher", "teacher_weight", "teacher_on")
 _CSV_KEYS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_cer", "val_n", "lr", "seconds"]
 
 
@@ -415,6 +422,8 @@ class _Run:
     passes: int = 1  # passes over the training images per epoch
     samples: List[Sample] = field(default_factory=list)  # Data.samples
     ctc: nn.CTCLoss = field(default_factory=lambda: nn.CTCLoss(blank=0, reduction="mean"))
+    teacher: Optional[CRNN] = None         # --teacher, frozen
+    distilled: Optional[Tensor] = None     # (len(train_ds),) bool: the items --teacher-on matches
     start_epoch: int = 0
     rows: List[dict] = field(default_factory=list)
     best: Optional[dict] = None
@@ -474,6 +483,8 @@ def _setup(cfg: TrainConfig, ddp: Dist) -> _Run:
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     run = _Run(cfg, ddp, out, train_ds, val_ds, charset, model, ddp.wrap(model), opt, sampler, sched, scaler, amp_dtype,
                passes, samples)
+    if cfg.teacher:
+        run.teacher, run.distilled = load_teacher(cfg, model, train_ds, ddp.device)
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -485,6 +496,40 @@ def _setup(cfg: TrainConfig, ddp: Dist) -> _Run:
     elif cfg.char_warmup > 0 and init is None:
         char_warmup(run)
     return run
+
+
+def load_teacher(cfg: TrainConfig, model: CRNN, train_ds: CaptchaDataset, device: torch.device
+                 ) -> Tuple[CRNN, Tensor]:
+    """The --teacher model (frozen, eval mode) and which training items it teaches (--teacher-on).
+    Its frames must be the model's own: the same charset, height and input (any CRNN gives W / 4
+    frames of an image W wide)."""
+    teacher = load_model(cfg.teacher)
+    for key in ("charset", "height", "in_channels", "ink"):
+        if getattr(teacher.config, key) != getattr(model.config, key):
+            raise ValueError(f"--teacher {cfg.teacher!r}: its {key} is {getattr(teacher.config, key)!r}, the "
+                             f"model's {getattr(model.config, key)!r}; distillation needs the same frames and symbols")
+    teacher = teacher.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
+    pattern = re.compile(cfg.teacher_on)
+    distilled = torch.tensor([bool(pattern.search(s.path)) for s in train_ds.samples], dtype=torch.bool)
+    if not distilled.any():
+        raise ValueError(f"--teacher-on {cfg.teacher_on!r} matches none of the {len(distilled)} training items' paths")
+    return teacher, distilled
+
+
+def distillation_loss(run: "_Run", images: Tensor, widths: Tensor, log_probs: Tensor, lengths: Tensor,
+                      idx: List[int]) -> Tensor:
+    """KL(teacher || model) per frame, the mean over the frames of the batch's --teacher-on items
+    (frame-level distillation of a CTC model: the teacher's frames are the model's own)."""
+    keep = run.distilled[idx].to(images.device)
+    if not bool(keep.any()):
+        return log_probs.new_zeros(())
+    with torch.no_grad(), torch.autocast(images.device.type, dtype=run.amp_dtype or torch.float32,
+                                         enabled=run.amp_dtype is not None):
+        target, _ = run.teacher(images[keep], widths[keep])
+    student = log_probs[: target.shape[0], keep].float()
+    frames = (torch.arange(target.shape[0], device=lengths.device)[:, None] < lengths[keep][None, :]).float()
+    kl = nn.functional.kl_div(student, target.float(), log_target=True, reduction="none").sum(-1)  # (T, n)
+    return (kl * frames).sum() / frames.sum()
 
 
 def passes_per_epoch(cfg: TrainConfig, batches_per_pass: int) -> int:
@@ -554,9 +599,12 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     loss_sum, correct, n = 0.0, torch.zeros((), dtype=torch.long, device=device), 0
     for idx in batches:
         b = collate([run.train_ds[i] for i in idx])
+        images, widths = _on(device, b.images), b.widths.to(device)
         with torch.autocast(device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
-            log_probs, lengths = run.net(_on(device, b.images), b.widths.to(device))
+            log_probs, lengths = run.net(images, widths)
         loss = run.ctc(log_probs.float(), b.targets.to(device), lengths, b.target_lengths.to(device))
+        if run.teacher is not None:
+            loss = loss + cfg.teacher_weight * distillation_loss(run, images, widths, log_probs, lengths, idx)
         if not torch.isfinite(loss):
             raise RuntimeError(f"CTC loss is {float(loss)} at epoch {epoch + 1} on labels {b.labels}: "
                                f"lower --lr or check the data")

@@ -548,3 +548,60 @@ def test_the_probe_blends_half_way_where_fine_tuning_reads_worse_than_the_blend(
 def test_the_probe_rule(correct, share):
     from captcha_fast.train import probe_rule
     assert probe_rule(correct) == share
+
+
+# ------------------------------------------------------------------ distillation (--teacher)
+def test_distillation_loss_is_the_kl_of_the_taught_items_frames():
+    """Against torch.distributions' KL of categoricals, averaged over the valid frames of the items
+    --teacher-on selects; items it leaves out and padding frames count for nothing."""
+    from types import SimpleNamespace
+
+    from torch.distributions import Categorical, kl_divergence
+
+    from captcha_fast.train import distillation_loss
+    torch.manual_seed(0)
+    T, N, K = 7, 4, 5
+    teacher_lp = torch.randn(T, N, K).log_softmax(-1)
+    student_lp = torch.randn(T, N, K).log_softmax(-1)
+    lengths = torch.tensor([7, 3, 5, 2])
+    taught = torch.tensor([True, False, True, False])
+    run = SimpleNamespace(teacher=lambda images, widths: (teacher_lp[:, images[:, 0, 0, 0].long()], widths // 4),
+                          distilled=taught, amp_dtype=None)
+    images = torch.arange(N, dtype=torch.float32).view(N, 1, 1, 1).expand(N, 1, 2, 3)  # image i -> teacher column i
+    got = distillation_loss(run, images, lengths * 4, student_lp, lengths, list(range(N)))
+    kl = kl_divergence(Categorical(logits=teacher_lp), Categorical(logits=student_lp))  # (T, N)
+    want = torch.cat([kl[: lengths[n], n] for n in range(N) if taught[n]]).mean()
+    assert torch.allclose(got, want, atol=1e-6), (got, want)
+    run.distilled = torch.zeros(N, dtype=torch.bool)
+    assert distillation_loss(run, images, lengths * 4, student_lp, lengths, list(range(N))) == 0
+
+
+def test_distillation_pulls_the_model_to_the_teacher(tiny_folder, tmp_path):
+    """The same run from scratch with and without the teacher's frames: with them, the model's output
+    ends much closer to the teacher's on the taught items."""
+    teacher = train(TrainConfig(data=str(tiny_folder), out=str(tmp_path / "t"), val_fraction=0.0, augment=False,
+                                epochs=3, lr=1e-2, export=False, seed=5, **TINY))
+    kw = dict(data=str(tiny_folder), val_fraction=0.0, augment=False, epochs=6, lr=1e-2, export=False, seed=6, **TINY)
+    taught = train(TrainConfig(out=str(tmp_path / "kd"), teacher=str(teacher), teacher_weight=5.0, **kw))
+    alone = train(TrainConfig(out=str(tmp_path / "alone"), **kw))
+
+    def divergence(path):
+        ds = CaptchaDataset(scan_folder(tiny_folder), Charset("0123"), 16, 1)
+        b = collate([ds[i] for i in range(len(ds))])
+        with torch.no_grad():
+            t, n = load_model(teacher).eval()(b.images, b.widths)
+            s, _ = load_model(path).eval()(b.images, b.widths)
+        frames = torch.arange(t.shape[0])[:, None] < n[None, :]
+        return float((t.exp() * (t - s)).sum(-1)[frames].mean())
+
+    assert divergence(taught) < 0.5 * divergence(alone), (divergence(taught), divergence(alone))
+
+
+def test_distillation_refuses_a_teacher_of_other_frames_or_no_taught_items(tiny_folder, tmp_path):
+    teacher = train(TrainConfig(data=str(tiny_folder), out=str(tmp_path / "t"), val_fraction=0.0, epochs=1,
+                                export=False, **TINY))
+    kw = dict(data=str(tiny_folder), val_fraction=0.0, epochs=1, export=False, **TINY)
+    with pytest.raises(ValueError, match="--teacher .*its height is 16, the model's 32"):
+        train(TrainConfig(out=str(tmp_path / "h"), teacher=str(teacher), **dict(kw, height=32)))
+    with pytest.raises(ValueError, match="--teacher-on 'nothing' matches none of the 8 training items"):
+        train(TrainConfig(out=str(tmp_path / "n"), teacher=str(teacher), teacher_on="nothing", **kw))

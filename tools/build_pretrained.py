@@ -374,12 +374,13 @@ def prepare_round(out: Path, state: dict, sources: dict, shares: dict, args) -> 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.tsv").write_text("".join(f"{p}\t{label}\n" for p, label in rows))
     plan = {"counts": counts, "synth_start": state["synth_next"], "styles": dict(styles), "effects": dict(effects),
-            "pkg_extra": state["pkg_extra"], "render_hours": (time.process_time() - t0) / 3600}
+            "pkg_extra": state["pkg_extra"], "teacher": state.get("teacher"),
+            "render_hours": (time.process_time() - t0) / 3600}
     plan_path.write_text(json.dumps(plan, indent=1))
     return folder
 
 
-def train_round(folder: Path, init: str | None, args) -> float:
+def train_round(folder: Path, init: str | None, args, teacher: dict | None = None) -> float:
     """Train (or resume) round `folder`; returns the training hours of its kept epochs."""
     hours_file = folder / "hours.json"
     done = json.loads(hours_file.read_text()) if hours_file.is_file() else {}  # epoch -> hours so far
@@ -398,7 +399,9 @@ def train_round(folder: Path, init: str | None, args) -> float:
                       init_from=init, from_scratch=init is None,
                       val_fraction=0.0, bucket=16, skip_bad=True, threads=args.threads, progress=False,
                       export=False, resume=resume, lr=args.lr, batch_size=args.batch_size, patience=args.epochs_per_round + 1,
-                      channels=args.channels and tuple(args.channels), hidden_dim=args.hidden, join=args.join)
+                      channels=args.channels and tuple(args.channels), hidden_dim=args.hidden, join=args.join,
+                      **({"teacher": teacher["path"], "teacher_on": teacher["on"], "teacher_weight": teacher["weight"]}
+                         if teacher else {}))
     if "min_steps" in {f.name for f in fields(TrainConfig)}:
         cfg.min_steps = 0  # a round is one pass per epoch (train.py's small-set floor is for a user's few images)
     train(cfg, log=on_epoch)
@@ -735,6 +738,10 @@ def main(argv=None) -> None:
     p.add_argument("--pkg-extra", default=None, help="symbols added to the pkg group's 0-9a-zA-Z draw, each "
                    "occurrence one more chance (0Oo0Oo0Oo0Oo: 0, O and o five times as likely as another symbol, still "
                    "1:1:1 as in the held-out renders); default: what the build it continues drew with, else none")
+    p.add_argument("--teacher", default=None, help="distil this checkpoint's frame outputs into each round (train's "
+                   "--teacher) on the items --teacher-on matches; default: what the build it continues used, else none")
+    p.add_argument("--teacher-on", default=r"/p\d+\.png$", help="train's --teacher-on (default: the pkg group's renders)")
+    p.add_argument("--teacher-weight", type=float, default=1.0, help="train's --teacher-weight")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of each round's OneCycle")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--join", type=float, default=0.0, help="share of each round's items made of two images side by "
@@ -761,6 +768,9 @@ def main(argv=None) -> None:
     if args.pkg_extra is not None:  # else a resumed run draws as it did (the card says how)
         state["pkg_extra"] = args.pkg_extra
     state.setdefault("pkg_extra", "")  # an OUT from before --pkg-extra
+    if args.teacher is not None:  # kept like --pkg-extra: a resumed run distils as it did
+        state["teacher"] = {"path": str(Path(args.teacher).resolve()), "on": args.teacher_on,
+                            "weight": args.teacher_weight}
     missing = missing_fonts(state)
     if missing and args.hours > 0:
         raise SystemExit(f"build_pretrained: this build rendered with font packages not installed here "
@@ -786,7 +796,7 @@ def main(argv=None) -> None:
         prepare_round(out, state, sources, shares, args)
         previous = out / f"round_{k - 1:04d}" / "last.ckpt"
         init = str(previous) if previous.is_file() else state["init"]
-        hours = train_round(folder, init, args)
+        hours = train_round(folder, init, args, state.get("teacher"))
         if sets is None:
             t0 = time.process_time()
             sets = held_out_sets(args.data, args.real, args.eval_n)
