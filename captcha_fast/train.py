@@ -273,6 +273,11 @@ def build_data(cfg: TrainConfig) -> Data:
     if missing and not rehearse:
         warnings.warn(f"the labels of {cfg.data!r} never show {missing!r}, which the start model reads: fine-tuning "
                       f"teaches it that they never occur; if your captchas can hold them, label some images that do")
+    new = [c for c in labelled if start and c.lower() not in start.charset.lower()] if not cfg.charset else []
+    if new:  # each becomes a class learnt from these labels alone: say so, a typo in a file name does it too
+        where = {c: next(s.path for s in samples if c in s.label) for c in new}
+        warnings.warn(f"the labels of {cfg.data!r} hold symbols the start model does not read, each a new class "
+                      f"learnt from these labels alone: " + ", ".join(f"{c!r} ({where[c]})" for c in new))
     samples = check_labels(samples, charset, cfg.skip_bad)
     train_s, val_s = split_samples(samples, val_fraction(cfg, len(samples)), cfg.seed)
     if not train_s:
@@ -437,6 +442,9 @@ class _Run:
 
 def _resume_state(cfg: TrainConfig, out: Path) -> Optional[dict]:
     if not cfg.resume:
+        if (out / "last.ckpt").exists():  # a run killed by mistake is not to be lost to a retyped command
+            raise FileExistsError(f"{str(out)!r} holds a training run already (last.ckpt): --resume continues it; "
+                                  f"to start another, choose another --out (or delete that one)")
         return None
     if not (out / "last.ckpt").exists():
         raise FileNotFoundError(f"--resume: no checkpoint {str(out / 'last.ckpt')!r} to resume from")

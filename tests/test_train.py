@@ -261,7 +261,7 @@ def test_bad_data_errors_name_the_file(tiny_folder, tmp_path):
         train(cfg)
     (d / "0123_bad.png").unlink()
     Image.new("L", (2000, 10), 255).save(d / "0123_wide.png")  # 3200 px at height 16
-    cfg = TrainConfig(data=str(d), out=str(tmp_path / "run"), val_fraction=0.0, epochs=1, export=False,
+    cfg = TrainConfig(data=str(d), out=str(tmp_path / "wide"), val_fraction=0.0, epochs=1, export=False,
                       max_width=3000, **TINY)
     with pytest.raises(ValueError, match=r"0123_wide\.png: a 10 x 2000 image is 3200 px wide .* max_width = 3000"):
         train(cfg)
@@ -605,3 +605,26 @@ def test_distillation_refuses_a_teacher_of_other_frames_or_no_taught_items(tiny_
         train(TrainConfig(out=str(tmp_path / "h"), teacher=str(teacher), **dict(kw, height=32)))
     with pytest.raises(ValueError, match="--teacher-on 'nothing' matches none of the 8 training items"):
         train(TrainConfig(out=str(tmp_path / "n"), teacher=str(teacher), teacher_on="nothing", **kw))
+
+
+def test_a_new_run_refuses_an_out_holding_one(tmp_path):
+    """Training into a run folder without --resume would replace its checkpoints: refused, nothing touched."""
+    train(_synthetic_cfg(tmp_path / "r", stop_after=1))
+    before = (tmp_path / "r" / "last.ckpt").read_bytes()
+    with pytest.raises(FileExistsError, match=r"holds a training run already \(last.ckpt\): --resume continues it"):
+        train(_synthetic_cfg(tmp_path / "r", lr=1e-3))
+    assert (tmp_path / "r" / "last.ckpt").read_bytes() == before
+
+
+def test_symbols_the_start_model_lacks_are_named(tiny_folder, tmp_path):
+    """Labels holding a symbol the start model reads in neither case (here by a typo'd file name)
+    add a class: the warning names the symbol and a file holding it; the other case of a known
+    symbol is not new."""
+    start = train(_synthetic_cfg(tmp_path / "start", synth_charset="0123ab", epochs=1))
+    data = tmp_path / "data"
+    shutil.copytree(tiny_folder, data)
+    first = sorted(data.iterdir())[0]
+    shutil.copy(first, data / "01!B.png")
+    with pytest.warns(UserWarning, match=r"symbols the start model does not read.*'!' \(.*01!B\.png\)$") as caught:
+        _, _, charset, _ = build_data(TrainConfig(data=str(data), init_from=str(start), rehearse=0))
+    assert "!" in charset.symbols and not any("'B'" in str(w.message) for w in caught)
