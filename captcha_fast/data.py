@@ -335,7 +335,7 @@ def synthetic_dataset(config, n: int, charset: Charset, height: int = 32, in_cha
         indices: Iterator[int] = range(n)
         if progress:
             from tqdm import tqdm
-            indices = tqdm(indices, desc=f"rendering {n} captchas", leave=False)
+            indices = tqdm(indices, desc=f"rendering {n} captchas", leave=False, disable=None)  # None: terminals only
         gen, labels, images = SyntheticCaptchas(config, n), [], []
         for i in indices:
             image, text = gen[i]

@@ -603,7 +603,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     if cfg.progress and run.ddp.main:
         from tqdm import tqdm
         batches = bar = tqdm(batches, total=run.passes * len(run.sampler), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                             leave=False)
+                             leave=False, disable=None)  # None: no bar where stderr is not a terminal (a log file)
     loss_sum, correct, n = 0.0, torch.zeros((), dtype=torch.long, device=device), 0
     for idx in batches:
         b = collate([run.train_ds[i] for i in idx])
