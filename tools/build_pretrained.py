@@ -740,7 +740,8 @@ def main(argv=None) -> None:
                    "1:1:1 as in the held-out renders); default: what the build it continues drew with, else none")
     p.add_argument("--teacher", default=None, help="distil this checkpoint's frame outputs into each round (train's "
                    "--teacher) on the items --teacher-on matches; default: what the build it continues used, else none")
-    p.add_argument("--teacher-on", default=r"/p\d+\.png$", help="train's --teacher-on (default: the pkg group's renders)")
+    p.add_argument("--teacher-on", default=r"/p\d+\.png$",
+                   help="train's --teacher-on (default: the pkg group's renders)")
     p.add_argument("--teacher-weight", type=float, default=1.0, help="train's --teacher-weight")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of each round's OneCycle")
     p.add_argument("--batch-size", type=int, default=32)

@@ -84,7 +84,8 @@ def run(spec: str, k: int, out: Path, threads: int, extra: list) -> dict:
     manifest.write_text("".join(f"{p}\t{t}\n" for p, t in train_rows))
     cpu, wall = _cpu_seconds(), time.time()
     resume = ["--resume"] if (run_dir / "last.ckpt").is_file() else []  # a run the last invocation left unfinished
-    assert cli(["train", str(manifest), "--out", str(run_dir), "--threads", str(threads), "--quiet", *resume, *extra]) == 0
+    assert cli(["train", str(manifest), "--out", str(run_dir), "--threads", str(threads), "--quiet", *resume,
+                *extra]) == 0
     cpu, wall = _cpu_seconds() - cpu, time.time() - wall
     from captcha_fast.checkpoint import load_checkpoint, model_from_checkpoint
     from captcha_fast.export import save_recognizer
