@@ -60,24 +60,25 @@ def load(path: Union[str, os.PathLike], device: Union[None, str, torch.device] =
 
     format_of(recognizer) says which. Loaded files are cached (by path, modification time,
     device, precision and `compiled`); a call that finds its file there costs one stat, not a
-    look inside the file (predict_batch loads its model on every call)."""
+    look inside the file (predict_batch loads its model on every call). `path` must be a recognizer
+    file: a folder (a training run's) raises IsADirectoryError naming the recognizer in it
+    (RUN_DIR/model.pt), a training checkpoint (RUN_DIR/best.ckpt) ValueError saying how to get one.
+    A `device` this machine cannot use fails first (formats.resolve_device says why)."""
     path = Path(path)
+    dev = formats.resolve_device(device)  # ValueError/RuntimeError saying what is wrong with `device`
     try:
         st = os.stat(path)
     except OSError:
         st = None
     if st is None or not stat.S_ISREG(st.st_mode):
-        raise FileNotFoundError(f"recognizer file not found: {str(path)!r}")
+        raise _not_a_file(path, st)
     dtype = formats.amp_dtype(amp)
-    dev_key = None if device is None else str(torch.device(device))
-    key = (os.path.abspath(path), st.st_mtime_ns, dev_key, dtype, compiled)
+    key = (os.path.abspath(path), st.st_mtime_ns, None if dev is None else str(dev), dtype, compiled)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
     is_pt2 = formats.file_kind(path) in ("program", "compiled")
-    if device is not None:
-        dev = torch.device(device)
-    else:
+    if dev is None:
         dev = None if is_pt2 else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if is_pt2:
         rec = formats.load_program(path, device=dev, dtype=dtype)
@@ -89,6 +90,20 @@ def load(path: Union[str, os.PathLike], device: Union[None, str, torch.device] =
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return rec
+
+
+def _not_a_file(path: Path, st: Optional[os.stat_result]) -> OSError:
+    """Why `path` cannot be loaded when it is no file: missing, or a folder (a training run's: naming
+    the recognizer `captcha-fast train` writes in it, or how to write one)."""
+    if st is None or not stat.S_ISDIR(st.st_mode):
+        return FileNotFoundError(f"recognizer file not found: {str(path)!r}")
+    model = path / "model.pt"
+    if model.is_file():
+        return IsADirectoryError(f"{str(path)!r} is a folder, not a recognizer file: its recognizer is {str(model)!r}")
+    if (path / "best.ckpt").is_file():
+        return IsADirectoryError(f"{str(path)!r} is a training run's folder, without a recognizer (model.pt): write "
+                                 f"one with `captcha-fast export {path} --out {model}`")
+    return IsADirectoryError(f"{str(path)!r} is a folder, not a recognizer file (.pt or .pt2)")
 
 
 def _compiled_for(path: Path, device: torch.device, dtype: str, required: bool):

@@ -27,6 +27,18 @@ class UsageError(ValueError):
     """Arguments that parse but do not make sense together: exit status 2, as argparse's own."""
 
 
+def checked_device(device: Optional[str]) -> Optional[str]:
+    """--device as given, after the check captcha_fast.load runs (formats.resolve_device), naming the
+    flag: a value that is no device is a usage error; CUDA this torch cannot use fails, saying why."""
+    from captcha_fast.formats import resolve_device
+
+    try:
+        resolve_device(device, "--device")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return device
+
+
 # ----------------------------------------------------------------------------- demo
 
 def _add_demo(p):
@@ -156,6 +168,7 @@ def _run_predict(args):
     except ValueError as e:  # the shared check, its arguments named as this command's flags
         raise UsageError(re.sub(r"\b(beam_width|top_k|min_length|max_length|allowed)\b",
                                 lambda m: _FLAGS[m.group(1)], str(e))) from None
+    checked_device(args.device)
     paths = expand_paths(args.paths)
     model = api.load(args.model, device=args.device) if args.model else api.default_model(device=args.device)
     bar = tqdm(total=len(paths), unit="img", disable=len(paths) < 2 * args.batch_size, file=sys.stderr)
@@ -307,7 +320,7 @@ def _run_eval(args):
     from captcha_fast.evaluate import evaluate, load_labelled
     from captcha_fast.synth import SynthConfig
 
-    rec = api.load(args.model, device=args.device)
+    rec = api.load(args.model, device=checked_device(args.device))
     synth = SynthConfig(charset=args.synth_charset, min_len=args.synth_min_len, max_len=args.synth_max_len,
                         seed=args.synth_seed, style=args.synth_style)
     images, labels, paths = load_labelled(args.data, args.skip_bad, args.split, args.val_fraction, args.seed,
@@ -359,6 +372,7 @@ def _run_export(args):
         raise UsageError("--out is required, except with --compile from a recognizer .pt (then the cache)")
     if args.out is not None and args.compile and not args.out.endswith(".pt2"):
         raise UsageError(f"--compile writes a .pt2 package: --out must end in .pt2, got {args.out}")
+    checked_device(args.device)
     settings = dict(decoder="greedy" if args.greedy else "beam", beam_width=args.beam)
     if formats.file_kind(args.source) == "torchscript":  # a recognizer: keeps its own decoder settings, calibration
         model = args.source
@@ -471,6 +485,7 @@ def _add_serve(p):
 def _run_serve(args):
     from captcha_fast import serve  # ImportError naming the extra when it is not installed
 
+    checked_device(args.device)
     try:
         config = serve.ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(serve.ServeConfig)})
     except ValueError as e:

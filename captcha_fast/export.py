@@ -32,7 +32,7 @@ from captcha_fast.checkpoint import load_checkpoint, save_checkpoint
 from captcha_fast.confidence import Calibration, calibration_of
 from captcha_fast.files import atomic_write
 from captcha_fast.formats import (CALIBRATION_FILE, PROGRAM_FORMAT, SETTINGS_FILE, compile_target, eager_recognizer,
-                                  file_kind, read_settings, resolve_dtype)
+                                  file_kind, read_settings, resolve_device, resolve_dtype)
 from captcha_fast.model import CRNN, InferenceCRNN
 from captcha_fast.recognizer import RECOGNIZER_FORMAT, Recognizer, build_recognizer
 
@@ -139,7 +139,7 @@ def export_program(model: Union[CRNN, Recognizer, str, os.PathLike], path: Union
     resolve_dtype's choice on CUDA). Returns the path (written atomically). About 10 s."""
     from torch.export.pt2_archive._package import package_pt2
 
-    device = torch.device(device)
+    device = resolve_device(device)
     dtype = torch.float32 if dtype is None and device.type == "cpu" else resolve_dtype(dtype, device)
     rec = _as_recognizer(model, decoder, beam_width)
     programs = _export_parts(rec, device, dtype, unpadded=device.type == "cpu")
@@ -165,7 +165,7 @@ def compile_package(model: Union[CRNN, Recognizer, str, os.PathLike], path: Unio
     from torch._inductor import aot_compile
     from torch.export.pt2_archive._package import package_pt2
 
-    device = torch.device(device)
+    device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     rec = _as_recognizer(model, decoder, beam_width)
     meta = {**_meta(rec, device, dtype, rec.model.chunk, calibration or calibration_of(rec)), **compile_target()}

@@ -45,6 +45,27 @@ def _not_a_recognizer(path: Path, why: str) -> ValueError:
                       f"write one with captcha_fast.export.save_recognizer(model, path)")
 
 
+def _is_checkpoint(path: Path) -> bool:
+    """Whether `path` is a training checkpoint (captcha_fast.checkpoint: a torch.save dict of weights and config)."""
+    from captcha_fast.checkpoint import load_checkpoint
+
+    if file_kind(path) != "unknown":  # (torch.save writes a zip without code)
+        return False
+    try:
+        load_checkpoint(path)
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def _a_checkpoint(path: Path) -> ValueError:
+    """A training checkpoint passed as a recognizer: the error naming its run's recognizer, or how to write one."""
+    model = path.parent / "model.pt"
+    use = (f"use its run's recognizer {str(model)!r}" if model.is_file()
+           else f"write a recognizer from it with `captcha-fast export {path} --out {model}`")
+    return ValueError(f"{str(path)!r} is a training checkpoint, not a recognizer: {use}")
+
+
 def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) -> torch.dtype:
     """The one precision policy: the dtype the convolutions run in on `device`.
 
@@ -66,6 +87,35 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) ->
     return _DTYPES[dtype]
 
 
+DEVICES = "'cpu', 'cuda' or 'cuda:N' (N: a GPU's index)"
+
+
+def resolve_device(device: Union[None, str, torch.device], name: str = "device") -> Optional[torch.device]:
+    """The one device check, run wherever a recognizer is loaded or exported: `device` as a torch.device
+    (None stays None: the loader's default). ValueError naming the argument as the caller knows it
+    (`name`: "device", "--device") and the values it takes; RuntimeError saying why for CUDA that
+    this torch cannot use (else torch.jit.load's failure would pass for a damaged file)."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} must be {DEVICES}, got {str(device)!r}")
+    if dev.type == "cuda":
+        cpu = f"{name} cpu" if name.startswith("--") else f"{name}='cpu'"
+        if not torch.cuda.is_available():
+            build = ("a build without CUDA" if torch.version.cuda is None
+                     else f"built for CUDA {torch.version.cuda}, and it finds no usable GPU")
+            raise RuntimeError(f"{name} {str(device)!r}: CUDA is not available here (torch {torch.__version__}, "
+                               f"{build}): use {cpu}")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RuntimeError(f"{name} {str(device)!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                               f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return dev
+
+
 def amp_dtype(amp: Optional[bool]) -> Optional[str]:
     """predict_batch/load's `amp` as a resolve_dtype argument: None -> "auto", True -> "low",
     False -> "float32"."""
@@ -82,12 +132,14 @@ def load_recognizer(path: Union[str, os.PathLike], device: Union[None, str, torc
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recognizer file not found: {str(path)!r}")
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = resolve_device(device) or torch.device("cpu")
     conv_dtype = resolve_dtype(dtype, device)
     extra = {CALIBRATION_FILE: ""}  # stays "" when the file has none
     try:
         rec = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     except RuntimeError as e:
+        if _is_checkpoint(path):
+            raise _a_checkpoint(path) from None
         raise _not_a_recognizer(path, f"torch.jit.load failed: {str(e).strip().splitlines()[0]}") from e
     if not (hasattr(rec, "format") and hasattr(rec, "config_json") and hasattr(rec, "recognize")):
         raise _not_a_recognizer(path, "a TorchScript module without the Recognizer interface")
@@ -263,10 +315,11 @@ def load_program(path: Union[str, os.PathLike], device: Union[None, str, torch.d
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recognizer file not found: {str(path)!r}")
+    device = resolve_device(device)
     meta = read_settings(path)
     file_device, file_dtype = torch.device(meta.get("device", "cpu")), meta.get("dtype", "float32")
-    if device is not None and torch.device(device).type != file_device.type:
-        raise ValueError(f"{str(path)!r} was exported for {file_device.type}, not {torch.device(device).type}: "
+    if device is not None and device.type != file_device.type:
+        raise ValueError(f"{str(path)!r} was exported for {file_device.type}, not {device.type}: "
                          f"export it for that device (or load the TorchScript .pt)")
     if dtype not in (None, "auto") and resolve_dtype(dtype, file_device) != _DTYPES[file_dtype]:
         raise ValueError(f"{str(path)!r} runs its convolutions in {file_dtype}, fixed at export: dtype={dtype!r} "
@@ -274,7 +327,7 @@ def load_program(path: Union[str, os.PathLike], device: Union[None, str, torch.d
     compiled = "cpu_isa" in meta
     if compiled:
         check_machine(path, meta)
-    device = torch.device(device) if device is not None else file_device
+    device = device or file_device
     try:
         contents = load_pt2(str(path), device_index=-1 if device.index is None else device.index)
     except Exception as e:  # torch raises several types for a damaged file

@@ -1,6 +1,7 @@
 """captcha_fast.api: predict_batch over every input kind, chunking and order, top-k, precision,
 load() of both file kinds, and clear errors for bad input."""
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +182,53 @@ def test_bad_files_name_the_culprit(model_path, tmp_path):
         api.predict_batch([tmp_path / "nope.png"], model_path)
     with pytest.raises(ValueError, match="ok.png.*not a captcha_fast recognizer"):
         api.predict_batch([ok], ok)  # an image given as the model
+
+
+def test_cuda_where_torch_has_none_says_so(model_path, monkeypatch):
+    """Every way of asking for CUDA fails in the one device check, saying CUDA is not available (not
+    that the model file is damaged, as torch.jit.load's failure read)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    images = [torch.zeros(1, 20, 20, dtype=torch.uint8)]
+    for call in (lambda: api.load(model_path, device="cuda"), lambda: api.default_model(device="cuda"),
+                 lambda: api.predict_batch(images, device="cuda"),
+                 lambda: api.predict_batch(images, model_path, device="cuda:0")):
+        with pytest.raises(RuntimeError, match=r"device 'cuda(:0)?': CUDA is not available here \(torch "
+                                               + re.escape(torch.__version__) + r".*\): use device='cpu'"):
+            call()
+
+
+def test_a_bad_device_names_the_argument_and_its_values(model_path):
+    for device in ("foo", "mps", "cuda:x"):
+        with pytest.raises(ValueError, match=r"^device must be 'cpu', 'cuda' or 'cuda:N' \(N: a GPU's index\), "
+                                             f"got '{device}'$"):
+            api.load(model_path, device=device)
+
+
+def test_a_run_folder_or_a_checkpoint_given_as_the_model_says_what_to_load(model_path, tmp_path):
+    from captcha_fast.checkpoint import save_checkpoint
+
+    def raises(error, *parts):  # the message holds these, in order (paths quoted literally)
+        return pytest.raises(error, match=".*".join(re.escape(p) for p in parts))
+
+    run = tmp_path / "run"
+    run.mkdir()
+    model = tiny_model()
+    save_checkpoint({"model": model.state_dict(), "model_config": model.config.to_dict()}, run / "best.ckpt")
+    with raises(IsADirectoryError, f"'{run}' is a training run's folder, without a recognizer",
+                f"`captcha-fast export {run} --out {run / 'model.pt'}`"):
+        api.load(run)
+    with raises(ValueError, f"'{run / 'best.ckpt'}' is a training checkpoint, not a recognizer: write a recognizer "
+                            f"from it with `captcha-fast export {run / 'best.ckpt'} --out {run / 'model.pt'}`"):
+        api.load(run / "best.ckpt")
+    export.save_recognizer(model, run / "model.pt")
+    model_pt = run / "model.pt"
+    with raises(IsADirectoryError, f"'{run}' is a folder, not a recognizer file: its recognizer is '{model_pt}'"):
+        api.predict_batch([torch.zeros(1, 20, 20, dtype=torch.uint8)], run)
+    with raises(ValueError, f"is a training checkpoint, not a recognizer: use its run's recognizer '{model_pt}'"):
+        api.load(run / "best.ckpt")
+    with raises(IsADirectoryError, f"'{tmp_path}' is a folder, not a recognizer file (.pt or .pt2)"):
+        api.load(tmp_path)
+    assert api.predict_batch([torch.zeros(1, 20, 20, dtype=torch.uint8)], run / "model.pt")  # the file it names
 
 
 def test_bad_arguments(model_path):

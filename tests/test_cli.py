@@ -64,6 +64,11 @@ def test_predict_greedy_matches_api(tiny_model_path, png_folder, capsys):
     (["predict", "--model", "{folder}/3a7f.png", "{folder}"], 1, "is not a captcha_fast recognizer"),
     (["predict", "--model", "{model}", "{corrupt}"], 1, "corrupt.png"),
     (["demo", "-n", "0"], 2, "-n must be at least 1"),
+    (["predict", "--model", "{model}", "--device", "foo", "{folder}"], 2,
+     "--device must be 'cpu', 'cuda' or 'cuda:N' (N: a GPU's index), got 'foo'"),
+    (["eval", "{model}", "{folder}", "--device", "tpu"], 2, "--device must be 'cpu', 'cuda' or 'cuda:N'"),
+    (["export", "{model}", "--out", "{folder}/x.pt2", "--device", "mps"], 2, "--device must be 'cpu', 'cuda' or"),
+    (["predict", "--model", "{folder}", "{folder}"], 1, "is a folder, not a recognizer file (.pt or .pt2)"),
 ])
 def test_errors_are_one_line_with_exit_codes(argv, code, match, tiny_model_path, png_folder, tmp_path, capsys):
     corrupt = tmp_path / "corrupt.png"
@@ -72,6 +77,30 @@ def test_errors_are_one_line_with_exit_codes(argv, code, match, tiny_model_path,
     assert main(argv) == code
     err = capsys.readouterr().err
     assert match in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cuda_where_torch_has_none_names_the_flag(tiny_model_path, png_folder, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, argv in (("cuda", ["predict", str(png_folder)]), ("cuda:0", ["eval", str(tiny_model_path),
+                                                                            str(png_folder)])):
+        assert main(argv + ["--device", device]) == 1
+        err = capsys.readouterr().err
+        assert f"--device '{device}': CUDA is not available here (torch {torch.__version__}" in err, err
+        assert err.strip().endswith("use --device cpu") and len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_of_a_run_folder_names_its_recognizer(tiny_model_path, png_folder, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(tiny_model_path, run / "model.pt")
+    assert main(["eval", str(run), str(png_folder)]) == 1
+    err = capsys.readouterr().err
+    assert f"'{run}' is a folder, not a recognizer file: its recognizer is '{run / 'model.pt'}'" in err, err
+    assert main(["eval", str(run / "model.pt"), str(png_folder)]) == 0
 
 
 def test_usage_errors_exit_2():

@@ -227,9 +227,14 @@ def test_corrupt_or_foreign_pt2_is_refused_clearly(program_path, tmp_path):
         api.load(damaged)
 
 
-def test_pt2_device_and_precision_are_fixed(program_path):
-    with pytest.raises(ValueError, match="model.pt2.*exported for cpu, not cuda"):
-        api.load(program_path, device="cuda")
+def test_pt2_device_and_precision_are_fixed(program_path, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: True)  # past the device check, to the file's device
+        with pytest.raises(ValueError, match="model.pt2.*exported for cpu, not cuda"):
+            api.load(program_path, device="cuda")
+    if not torch.cuda.is_available():  # the device check comes first: CUDA is what is missing here
+        with pytest.raises(RuntimeError, match="device 'cuda': CUDA is not available here"):
+            api.load(program_path, device="cuda")
     with pytest.raises(ValueError, match="model.pt2.*convolutions in float32, fixed at export"):
         api.load(program_path, amp=True)
     assert api.load(program_path, amp=False).dtype == torch.float32
@@ -475,6 +480,8 @@ def test_load_program_runs_on_the_device_index_asked_for(program_path, tmp_path,
     monkeypatch.setattr(_package, "load_pt2", lambda f, **kw: (seen.update(kw), real_load(f))[1])
     monkeypatch.setattr(torch.export.passes, "move_to_device_pass",
                         lambda program, device: (seen.setdefault("moved_to", []).append(str(device)), program)[1])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past the device check (formats.resolve_device)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     rec = formats.load_program(cuda_file, device="cuda:1")
     assert rec.device == torch.device("cuda:1") and seen["device_index"] == 1
     assert seen["moved_to"] == ["cuda:1"] * len(rec.parts)  # every part (features, features_unpadded, head)

@@ -346,6 +346,18 @@ def test_serve_usage_errors(capsys):
 
 
 @needs_serve
+def test_serve_device_errors_name_the_flag(monkeypatch, capsys):
+    import torch
+
+    assert cli.main(["serve", "--port", "0", "--device", "foo"]) == 2
+    assert "--device must be 'cpu', 'cuda' or 'cuda:N' (N: a GPU's index), got 'foo'" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["serve", "--port", "0", "--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert "--device 'cuda': CUDA is not available here (torch " in err and "use --device cpu" in err, err
+
+
+@needs_serve
 def test_a_taken_port_fails_at_once_by_name(tiny_model_path, capsys):
     import socket
 
