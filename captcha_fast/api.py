@@ -185,8 +185,9 @@ def predict_batch(
         what other processes keep busy; torch's threads wait on each other when one of them has no
         core: docs/speed.md); torch keeps that count until the decision changes.
     min_length, max_length, allowed: beam search reads only labels of min_length..max_length
-        symbols (None: any length) drawn from `allowed` (None: the model's whole charset) -- for
-        captchas of a known length or alphabet."""
+        symbols (None: any length) drawn from `allowed` (None: the model's whole charset; either case
+        for a case-folded model, one without upper-case letters) -- for captchas of a known length or
+        alphabet."""
     max_length = -1 if max_length is None else max_length
     check_decode_args(decoder, beam_width, top_k, min_length, max_length, allowed is not None)
     if batch_size < 1:

@@ -149,17 +149,21 @@ def check_decode_args(decoder: str, beam_width: int, top_k: int, min_length: int
 
 def allowed_tokens(charset: List[str], allowed: Optional[str], device: torch.device) -> Optional[Tensor]:
     """The beam search's allowed_tokens mask (classes, bool, on `device`; the blank and the symbols
-    of `allowed`), None for None (all symbols). ValueError naming symbols not in the charset."""
+    of `allowed`), None for None (all symbols). A charset without upper-case letters (a case-folded
+    model, which reads lower case) takes `allowed` in either case. ValueError naming symbols not in
+    the charset."""
     if allowed is None:
         return None
     if len(allowed) == 0:
-        raise ValueError("allowed is empty: give the symbols the labels may hold (None: all)")
+        raise ValueError("allowed is empty: give the symbols the labels may hold, or leave it out for all of them")
+    folded = not any(c.isupper() for c in charset)
     mask = torch.zeros(len(charset) + 1, dtype=torch.bool)
     mask[0] = True  # the blank
     unknown = ""
     for ch in allowed:
-        if ch in charset:
-            mask[charset.index(ch) + 1] = True
+        symbol = ch.lower() if folded and ch not in charset else ch  # "ABC" on a 0-9a-z model: its a, b, c
+        if symbol in charset:
+            mask[charset.index(symbol) + 1] = True
         elif ch not in unknown:
             unknown += ch
     if len(unknown) > 0:

@@ -348,12 +348,27 @@ def test_length_and_alphabet_constraints_reach_the_beam_search(model_path, pil_i
             assert min_length <= len(text) <= (max_length or 99) and set(text) <= set(allowed or rec.charset)
 
 
+def test_allowed_in_upper_case_on_a_case_folded_model(model_path, pil_images):
+    """The tiny model's charset (0-9a-f) has no upper case, as the shipped case-folded one: it reads
+    lower case, and takes `allowed` in either case."""
+    images = [_chw(img) for img in pil_images]
+    lower = api.predict_batch(images, model_path, allowed="abc01", return_scores=True)
+    assert api.predict_batch(images, model_path, allowed="ABC01", return_scores=True) == lower
+    assert api.predict_batch(images, model_path, allowed="aBc01", return_scores=True) == lower
+    assert lower != api.predict_batch(images, model_path, return_scores=True)  # the constraint bites
+    with pytest.raises(ValueError, match="allowed characters 'XY' are not in the charset"):  # named as given
+        api.predict_batch(images, model_path, allowed="aXY")
+
+
 def test_constraint_errors(model_path):
     imgs = [torch.zeros(1, 20, 20, dtype=torch.uint8)]
     with pytest.raises(ValueError, match="need the beam decoder"):
         api.predict_batch(imgs, model_path, decoder="greedy", max_length=4)
     with pytest.raises(ValueError, match="allowed characters 'XY' are not in the charset"):
         api.predict_batch(imgs, model_path, allowed="0XY1Y")
+    with pytest.raises(ValueError, match="allowed is empty: give the symbols the labels may hold, or leave it") as e:
+        api.predict_batch(imgs, model_path, allowed="")
+    assert "None" not in str(e.value)  # not a Python name: the CLI's --allowed and the server's "allowed" show it
     with pytest.raises(ValueError, match="max_length must be -1 .no limit. or >= max.min_length, 1."):
         api.predict_batch(imgs, model_path, min_length=5, max_length=4)
     with pytest.raises(ValueError, match="min_length must be >= 0"):

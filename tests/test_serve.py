@@ -164,6 +164,19 @@ def test_json_length_and_charset_constraints_reach_the_beam_search(server, blobs
             assert set(result["text"]) <= set(constraints.get("allowed", result["text"]))
 
 
+@needs_serve
+def test_allowed_in_upper_case_reads_as_lower_case_on_the_case_folded_model(server, blobs):
+    """The shipped model's charset is 0-9a-z (reads are case-folded): "allowed" in upper case is the same set."""
+    want = api.predict_batch(blobs, api.DEFAULT_MODEL, return_scores=True, allowed="abcdef0123")
+    status, body = server.json({"images": [_b64(b) for b in blobs], "allowed": "ABCDEF0123"})
+    assert status == 200, body
+    for result, hyps in zip(body["results"], want):
+        if hyps:
+            _same(result, hyps[0])
+        else:
+            assert result == {"text": "", "score": None, "confidence": 0.0}
+
+
 ERRORS = [  # (name, method, headers, body, status, what the error says)
     ("empty body", "POST", {"Content-Type": "image/png"}, b"", 400, "the body is empty"),
     ("unreadable image", "POST", {"Content-Type": "image/png"}, b"not a png", 400,
@@ -194,9 +207,10 @@ ERRORS = [  # (name, method, headers, body, status, what the error says)
      b"{\"images\": [\"OK\"], \"min_length\": 5, \"max_length\": 4}", 400,
      "max_length must be -1 .no limit. or >= max.min_length, 1., got 4 with min_length = 5"),
     ("allowed outside the charset", "POST", {"Content-Type": "application/json"},
-     b"{\"images\": [\"OK\"], \"allowed\": \"abXY\"}", 400, "allowed characters 'XY' are not in the charset"),
+     b"{\"images\": [\"OK\"], \"allowed\": \"abXY@#\"}", 400, "allowed characters '@#' are not in the charset"),
     ("allowed empty", "POST", {"Content-Type": "application/json"},
-     b"{\"images\": [\"OK\"], \"allowed\": \"\"}", 400, "allowed is empty"),
+     b"{\"images\": [\"OK\"], \"allowed\": \"\"}", 400, "allowed is empty: give the symbols the labels may hold, "
+     "or leave it out"),
     ("unsupported content type", "POST", {"Content-Type": "text/plain"}, b"abc", 415, "Content-Type must be"),
     ("form content type (curl's default)", "POST", {"Content-Type": "application/x-www-form-urlencoded"}, b"abc",
      415, "application/x-www-form-urlencoded"),
