@@ -605,7 +605,7 @@ def _message(e: BaseException) -> str:
     if "The following operation failed in the TorchScript interpreter" in str(e):
         from captcha_fast.recognizer import original_error
         e = original_error(e)
-    text = str(e).strip()
+    text = str(e).strip().replace(preprocess.RAISE_MAX_PIXELS, "")  # advice for Python callers: no flag sets it
     return text.splitlines()[0] if text else type(e).__name__
 
 

@@ -40,12 +40,17 @@ name -- for encoded images from the file's header, before decoding. A 175 kB PNG
 thousand pixels. Raise it here (or pass max_pixels= to to_tensors) for larger inputs."""
 
 
+RAISE_MAX_PIXELS = ", or raise captcha_fast.preprocess.MAX_PIXELS"
+"""check_pixels' advice where MAX_PIXELS is the limit (Python callers: the CLI, which cannot follow it, drops it)."""
+
+
 def check_pixels(H: int, W: int, name: str, max_pixels: Optional[int] = None) -> None:
-    """ValueError naming the image if H x W exceeds max_pixels (None: MAX_PIXELS)."""
+    """ValueError naming the image if H x W exceeds max_pixels (None: MAX_PIXELS, and the advice to
+    raise it; a caller with its own limit, as the server's --max-pixels, knows how that is set)."""
     limit = MAX_PIXELS if max_pixels is None else max_pixels
     if H * W > limit:
         raise ValueError(f"{name}: a {W} x {H} image has {H * W:,} pixels, above max_pixels = {limit:,} "
-                         f"(a decompression bomb?): crop or shrink it, or raise captcha_fast.preprocess.MAX_PIXELS")
+                         f"(a decompression bomb?): crop or shrink it{RAISE_MAX_PIXELS if max_pixels is None else ''}")
 
 
 def _check_range(t: Tensor, name: str) -> None:
@@ -97,6 +102,8 @@ def decode_image(source, name: str, max_pixels: Optional[int] = None) -> Tensor:
     unreadable = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
     try:
         img = Image.open(source)  # reads the header only
+    except UnidentifiedImageError:  # (PIL's message names a file object by its repr: <_io.BytesIO object at 0x...>)
+        raise ValueError(f"{name} is not a readable image (not in an image format PIL knows)") from None
     except unreadable as e:
         raise ValueError(f"{name} is not a readable image ({type(e).__name__}: {e})") from None
     with img:
@@ -110,9 +117,12 @@ def decode_image(source, name: str, max_pixels: Optional[int] = None) -> Tensor:
 
 def load_image(path: str | os.PathLike, max_pixels: Optional[int] = None) -> Tensor:
     """The image file at `path` as a (C, H, W) uint8 tensor (C = 1, 3 or 4).
-    FileNotFoundError, or ValueError naming the file if it is not a readable image or has more
-    than max_pixels pixels (None: MAX_PIXELS)."""
+    FileNotFoundError (IsADirectoryError for a folder), or ValueError naming the file if it is not
+    a readable image or has more than max_pixels pixels (None: MAX_PIXELS)."""
     p = Path(path)
+    if p.is_dir():  # (the CLI's predict expands folders; predict_batch takes their files)
+        raise IsADirectoryError(f"{str(p)!r} is a folder, not an image file: pass the image files in it "
+                                f"(`captcha-fast predict {p}` reads a folder)")
     if not p.is_file():
         raise FileNotFoundError(f"image file not found: {str(p)!r}")
     return decode_image(p, repr(str(p)), max_pixels)
@@ -207,7 +217,7 @@ def check_width(H: int, W: int, height: int, max_width: int, name: str) -> int:
     if new_w > max_width:
         raise ValueError(name + ": a " + str(H) + " x " + str(W) + " image is " + str(new_w)
                          + " px wide at the model's height " + str(height) + ", above max_width = "
-                         + str(max_width) + ": crop it to its text line, or raise max_width")
+                         + str(max_width) + ": crop it to its text line")  # (a loaded model's max_width is fixed)
     return new_w
 
 
@@ -239,6 +249,10 @@ def _border_band(H: int, W: int) -> int:
 def _grid_medians(samples: Tensor) -> Tensor:
     """_grid_medians_aten; on the CPU one op (csrc/cpu/ink_cpu.cpp: the same values, 15x faster than
     its ~25 small ops and a sort per window, which were half of one image's preprocessing)."""
+    if samples.shape[2] * samples.shape[3] == 1:
+        # One sample (a 1 x 1 image) is its own median; the skew's std of one value is NaN (side 0 then,
+        # so the same result) and made torch warn "degrees of freedom is <= 0".
+        return samples
     if samples.device.type == "cpu":
         return torch.ops.captcha_fast.grid_medians(samples)
     return _grid_medians_aten(samples)

@@ -184,6 +184,14 @@ def test_bad_files_name_the_culprit(model_path, tmp_path):
         api.predict_batch([ok], ok)  # an image given as the model
 
 
+def test_undecodable_bytes_and_folders_are_named_as_given(model_path, tmp_path):
+    with pytest.raises(ValueError, match=r"^images\[1\] \(3 bytes\) is not a readable image") as e:
+        api.predict_batch([_png(tmp_path), b"abc"], model_path)
+    assert "object at 0x" not in str(e.value)  # not PIL's repr of the BytesIO it was handed
+    with pytest.raises(IsADirectoryError, match="is a folder, not an image file: pass the image files in it"):
+        api.predict_batch([tmp_path], model_path)
+
+
 def test_cuda_where_torch_has_none_says_so(model_path, monkeypatch):
     """Every way of asking for CUDA fails in the one device check, saying CUDA is not available (not
     that the model file is damaged, as torch.jit.load's failure read)."""
@@ -250,7 +258,9 @@ def test_too_wide_an_image_is_refused_by_name_without_the_work(model_path):
     import time
 
     t0 = time.perf_counter()
-    with pytest.raises(ValueError, match=r"images\[1\].*1 x 100000 image is 3200000 px wide.*max_width = 4096"):
+    # its advice is to crop (predict_batch, predict and serve have no max_width to raise)
+    with pytest.raises(ValueError, match=r"images\[1\].*1 x 100000 image is 3200000 px wide.*max_width = 4096: "
+                                         r"crop it to its text line$"):
         api.predict_batch([torch.zeros(1, 20, 20, dtype=torch.uint8), torch.zeros(1, 1, 100000, dtype=torch.uint8)],
                           model_path)
     assert time.perf_counter() - t0 < 10

@@ -103,6 +103,16 @@ def test_eval_of_a_run_folder_names_its_recognizer(tiny_model_path, png_folder, 
     assert main(["eval", str(run / "model.pt"), str(png_folder)]) == 0
 
 
+def test_too_many_pixels_gives_advice_a_cli_user_can_follow(tiny_model_path, png_folder, monkeypatch, capsys):
+    from captcha_fast import preprocess
+
+    monkeypatch.setattr(preprocess, "MAX_PIXELS", 100)  # the rendered captchas are 50 px high
+    assert main(["predict", "--model", str(tiny_model_path), str(png_folder / "3a7f.png")]) == 1
+    err = capsys.readouterr().err
+    assert "above max_pixels = 100 (a decompression bomb?): crop or shrink it" in err, err
+    assert "MAX_PIXELS" not in err  # no flag sets it
+
+
 def test_usage_errors_exit_2():
     for argv in ([], ["predict"], ["predict", "--beam", "x", "a.png"], ["no-such-command"]):
         with pytest.raises(SystemExit) as e:

@@ -320,3 +320,35 @@ def test_the_ink_maps_cpu_op_equals_its_aten_ops():
     images += [images[1].double(), nan, torch.cat([images[0], images[0].flip(3)])]
     for k, x in enumerate(images):
         _assert_equal_nan_too(*both(x), k)
+
+
+def test_a_one_pixel_image_is_read_without_a_warning():
+    """A 1 x 1 image's background grid is one sample: its own median, as the op and the ATen path
+    give it (their skew's std of one value is NaN, side 0), without torch's "degrees of freedom"
+    warning -- eager and scripted (what .pt2 recognizers run)."""
+    import warnings
+
+    from captcha_fast.formats import scripted_collate
+
+    one = torch.rand(2, 3, 1, 1, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the ops themselves, for the reference values
+        want, aten = torch.ops.captcha_fast.grid_medians(one), pp._grid_medians_aten(one)
+    assert torch.equal(want, one) and torch.equal(aten, one)
+    image, script = torch.full((3, 1, 1), 90, dtype=torch.uint8), scripted_collate()  # (torch.jit's deprecation)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(pp._grid_medians(one), want)  # (on CUDA it would call the ATen path: the same guard)
+        eager = pp.collate([image], 32, 1, 4096, True)
+        scripted = script([image], 32, 1, 4096, True)
+    assert torch.equal(eager[0], scripted[0]) and eager[1].tolist() == [32]  # resized to 32 x 32
+
+
+def test_the_pixel_limits_advice_is_for_the_caller():
+    """Raising captcha_fast.preprocess.MAX_PIXELS is advice for the callers it bounds; a caller with its
+    own limit (the server's --max-pixels) gets the advice that holds for everyone: crop or shrink."""
+    with pytest.raises(ValueError, match=r"above max_pixels = 4,000,000 \(a decompression bomb\?\): crop or shrink "
+                                         r"it, or raise captcha_fast\.preprocess\.MAX_PIXELS$"):
+        pp.check_pixels(2000, 2001, "'big.png'")
+    with pytest.raises(ValueError, match=r"above max_pixels = 100 \(a decompression bomb\?\): crop or shrink it$"):
+        pp.check_pixels(20, 20, "image", 100)
