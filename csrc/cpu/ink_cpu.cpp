@@ -153,7 +153,9 @@ at::Tensor grid_medians_cpu(const at::Tensor& samples) {
   // The ink's side of each channel from its skew (Pearson's median skewness), with ATen's mean and
   // std, so the side is the ATen path's to the last bit.
   const at::Tensor flat = x.view({N * C, S});
-  const at::Tensor mean = flat.mean(1), stdev = flat.std(1);
+  // One sample (a 1 x 1 image) has no spread: std() would give NaN with a "degrees of freedom" warning;
+  // zero gives the same side (its skew is 0, or NaN for a NaN sample, as before).
+  const at::Tensor mean = flat.mean(1), stdev = S > 1 ? flat.std(1) : at::zeros_like(mean);
   at::Tensor out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "grid_medians", [&] {
     const scalar_t* in = x.data_ptr<scalar_t>();
