@@ -14,6 +14,7 @@ import glob
 import json
 import os
 import re
+import shlex
 import sys
 import time
 import typing
@@ -584,7 +585,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"captcha-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("captcha-fast: interrupted", file=sys.stderr)
+        # train keeps every finished epoch in last.ckpt: say how to go on from it
+        more = (f"; `captcha-fast {shlex.join(argv)} --resume` continues from the last finished epoch"
+                if args.command == "train" and not args.resume else "")
+        print(f"captcha-fast: interrupted{more}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader left (`captcha-fast predict DIR | head`): stop quietly, with the status of a

@@ -342,3 +342,17 @@ def test_predict_length_and_alphabet_flags(tiny_model_path, png_folder, capsys):
     texts = [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()]
     assert texts == api.predict_batch(paths, tiny_model_path, min_length=4, max_length=4, allowed="0123456789")
     assert all(len(t) == 4 and t.isdigit() for t in texts)
+
+
+def test_an_interrupted_train_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    import captcha_fast.train
+
+    def interrupted(cfg, log=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(captcha_fast.train, "train", interrupted)
+    out = tmp_path / "my run"
+    assert main(["train", "synthetic", "--out", str(out), "--epochs", "2"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == f"captcha-fast: interrupted; `captcha-fast train synthetic --out '{out}' --epochs 2 --resume` " \
+                  f"continues from the last finished epoch"
