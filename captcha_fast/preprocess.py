@@ -120,10 +120,10 @@ def load_image(path: str | os.PathLike, max_pixels: Optional[int] = None) -> Ten
     FileNotFoundError (IsADirectoryError for a folder), or ValueError naming the file if it is not
     a readable image or has more than max_pixels pixels (None: MAX_PIXELS)."""
     p = Path(path)
-    if p.is_dir():  # (the CLI's predict expands folders; predict_batch takes their files)
-        raise IsADirectoryError(f"{str(p)!r} is a folder, not an image file: pass the image files in it "
-                                f"(`captcha-fast predict {p}` reads a folder)")
-    if not p.is_file():
+    if not p.is_file():  # (one stat for the usual case, a file)
+        if p.is_dir():  # (the CLI's predict expands folders; predict_batch takes their files)
+            raise IsADirectoryError(f"{str(p)!r} is a folder, not an image file: pass the image files in it "
+                                    f"(`captcha-fast predict {p}` reads a folder)")
         raise FileNotFoundError(f"image file not found: {str(p)!r}")
     return decode_image(p, repr(str(p)), max_pixels)
 
@@ -249,10 +249,6 @@ def _border_band(H: int, W: int) -> int:
 def _grid_medians(samples: Tensor) -> Tensor:
     """_grid_medians_aten; on the CPU one op (csrc/cpu/ink_cpu.cpp: the same values, 15x faster than
     its ~25 small ops and a sort per window, which were half of one image's preprocessing)."""
-    if samples.shape[2] * samples.shape[3] == 1:
-        # One sample (a 1 x 1 image) is its own median; the skew's std of one value is NaN (side 0 then,
-        # so the same result) and made torch warn "degrees of freedom is <= 0".
-        return samples
     if samples.device.type == "cpu":
         return torch.ops.captcha_fast.grid_medians(samples)
     return _grid_medians_aten(samples)
@@ -275,7 +271,10 @@ def _grid_medians_aten(samples: Tensor) -> Tensor:
     # background has none); the second median leaves out the samples more than 0.1 beyond the first
     # on that side, so the text cannot pull the background towards itself.
     flat = samples.flatten(2)
-    skew = 3.0 * (flat.mean(2) - flat.quantile(0.5, dim=2)) / flat.std(2).clamp_min(1e-6)   # (N, C)
+    # one sample (a 1 x 1 image) has no spread: std() would warn and give NaN; zero gives the same side,
+    # as the C++ op does
+    spread = flat.std(2) if flat.shape[2] > 1 else torch.zeros_like(flat[:, :, 0])
+    skew = 3.0 * (flat.mean(2) - flat.quantile(0.5, dim=2)) / spread.clamp_min(1e-6)   # (N, C)
     side = torch.where(skew > 0.5, 1.0, torch.where(skew < -0.5, -1.0, 0.0)).view(N, C, 1, 1)
     dropped = (side * (ordered - median) > 0.1).sum(3, keepdim=True)     # the top or the bottom of the order
     kept = 49 - dropped

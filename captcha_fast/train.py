@@ -273,7 +273,7 @@ def build_data(cfg: TrainConfig) -> Data:
     if missing and not rehearse:
         warnings.warn(f"the labels of {cfg.data!r} never show {missing!r}, which the start model reads: fine-tuning "
                       f"teaches it that they never occur; if your captchas can hold them, label some images that do")
-    new = [c for c in labelled if start and c.lower() not in start.charset.lower()] if not cfg.charset else []
+    new = [c for c in labelled if c.lower() not in start.charset.lower()] if start and not cfg.charset else []
     if new:  # each becomes a class learnt from these labels alone: say so, a typo in a file name does it too
         where = {c: next(s.path for s in samples if c in s.label) for c in new}
         warnings.warn(f"the labels of {cfg.data!r} hold symbols the start model does not read, each a new class "
