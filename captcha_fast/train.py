@@ -719,6 +719,10 @@ def _stop_reason(run: _Run, row: dict) -> Optional[str]:
     return None
 
 
+def _count(n: int, one: str, many: str = "") -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
 def _epoch_line(row: dict, epochs: int, improved: bool) -> str:
     val = (f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} cer {row['val_cer']:.4f}" if row["val_n"]
            else "no validation split")
@@ -870,8 +874,8 @@ def train(config: TrainConfig, log: Optional[Callable[[str], None]] = None) -> P
         run = _setup(cfg, ddp)
         say = log if log is not None and ddp.main else (lambda line: None)
         n_val = len(run.val_ds) if run.val_ds is not None else 0
-        say(f"{_describe(run.train_ds, cfg.data)}, {n_val} for validation; {cfg.epochs} epochs of {run.passes} "
-            f"pass{'es' if run.passes > 1 else ''} = {cfg.epochs * run.passes * len(run.sampler)} optimizer steps"
+        say(f"{_describe(run.train_ds, cfg.data)}, {n_val} for validation; {_count(cfg.epochs, 'epoch')} of "
+            f"{_count(run.passes, 'pass', 'passes')} = {_count(cfg.epochs * run.passes * len(run.sampler), 'optimizer step')}"
             + ("" if n_val else "; no validation split: the model is the last epoch's weights"))
         for epoch in range(run.start_epoch, cfg.epochs):
             if cfg.stop_after is not None and epoch - run.start_epoch >= cfg.stop_after:
@@ -883,7 +887,8 @@ def train(config: TrainConfig, log: Optional[Callable[[str], None]] = None) -> P
                                                                       "val_cer": float("nan"), "val_n": 0})
             run.elapsed += time.time() - t0
             row["seconds"] = round(run.elapsed, 2)
-            say(_epoch_line(row, cfg.epochs, _record(run, epoch, row)))
+            improved = _record(run, epoch, row)
+            say(_epoch_line(row, cfg.epochs, improved and row["val_n"] > 0))  # without validation each epoch is kept
             stop = _stop_reason(run, row)
             if stop:
                 say(f"stopped after epoch {epoch + 1}: {stop}")

@@ -319,6 +319,20 @@ def test_eval_split_val_is_trainings_split(tmp_path, capsys):
     assert out["accuracy"] == pytest.approx(row["val_acc"]) and out["cer"] == pytest.approx(row["val_cer"])
 
 
+def test_cli_train_without_a_split_names_the_last_epoch(tmp_path, capsys):
+    """Without a validation split every epoch is kept, not "(best)"; counts of one are singular."""
+    data = tmp_path / "data"
+    write_synthetic(data, SynthConfig(charset="AB12", min_len=2, max_len=3, seed=5), 8)
+    assert main(["train", str(data), "--out", str(tmp_path / "run"), "--epochs", "2", "--height", "16", "--channels",
+                 "8", "16", "--hidden", "32", "--batch-size", "8", "--char-warmup", "0", "--threads", "1",
+                 "--from-scratch", "--no-ink", "--min-steps", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "8 training images, 0 for validation; 2 epochs of 1 pass = 2 optimizer steps;" in printed
+    assert "epoch 2/2: " in printed and "(best)" not in printed
+    train_acc = load_checkpoint(tmp_path / "run" / "best.ckpt")["best"]["train_acc"]
+    assert f"last epoch 2: train acc {train_acc:.4f} (no validation split)" in printed
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
