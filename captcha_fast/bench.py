@@ -329,6 +329,7 @@ def flops_per_image(cfg: CRNNConfig, W: int) -> int:
     c1, c2 = cfg.channels
     macs = 9 * H * W * (cfg.in_channels * c1 + c1 * c1)            # block 1 at full size
     macs += 9 * (H // 2) * (W // 2) * (c1 * c2 + c2 * c2)          # block 2 after a pool
+    macs += 9 * (H // 4) * (W // 4) * 2 * c2 * c2 * cfg.res_blocks  # residual blocks after the second pool
     T, hd = W // 4, cfg.hidden_dim
     macs += T * c2 * (H // 4) * hd                                  # projection
     for layer_in in (hd, 2 * hd):                                   # 2 layers x 2 directions

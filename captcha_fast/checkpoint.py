@@ -115,6 +115,9 @@ def init_from_checkpoint(model: CRNN, path: PathLike) -> List[str]:
         raise ValueError(f"cannot start from {str(checkpoint_file(path))!r}: its weights were trained on another "
                          f"input than this model's: {', '.join(differ)}; use the checkpoint's settings, or train "
                          f"from scratch (--from-scratch)")
+    if source.res_blocks > model.config.res_blocks:
+        raise ValueError(f"cannot start from {str(checkpoint_file(path))!r}: it has {source.res_blocks} residual "
+                         f"block{'s' * (source.res_blocks > 1)}, more than this model's {model.config.res_blocks}")
     state = ckpt["model"]
     if (source.channels, source.hidden_dim) != (model.config.channels, model.config.hidden_dim):
         try:  # a wider model grows from the narrower one (model.widen), reading what it read

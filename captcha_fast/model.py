@@ -1,4 +1,5 @@
-"""The CRNN: two conv blocks, a projection, a 2-layer BiGRU, CTC log-probs.
+"""The CRNN: two conv blocks (and optional residual blocks after them), a projection, a 2-layer
+BiGRU, CTC log-probs.
 
     (N, C_in, H, W) images in [0, 1]  ->  (T, N, K) log-probs, T = W // 4
 
@@ -26,6 +27,7 @@ class CRNNConfig:
     in_channels: int = 1               # 1: grey, 3: RGB
     channels: Tuple[int, int] = (32, 64)  # output channels of the two conv blocks (in_channels: the input)
     hidden_dim: int = 128              # projection and GRU size
+    res_blocks: int = 0                # residual blocks (two convs of channels[1]) after the second pool
     dropout: float = 0.1
     ink: bool = False                  # input: the ink map cropped to the text (preprocess.to_ink), grey only
 
@@ -34,6 +36,8 @@ class CRNNConfig:
         self.channels = tuple(self.channels)
         if self.ink and self.in_channels != 1:
             raise ValueError(f"ink=True gives one channel: in_channels must be 1, got {self.in_channels}")
+        if self.res_blocks < 0:
+            raise ValueError(f"res_blocks must be >= 0, got {self.res_blocks}")
         if self.height % 4 or self.height < 4:
             raise ValueError(f"height must be a positive multiple of 4 (two 2x2 pools), got {self.height}")
 
@@ -47,6 +51,15 @@ class CRNNConfig:
 
 def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+def _residual_pair(c: int) -> Tuple[nn.Sequential, nn.Sequential]:
+    """conv-BN-ReLU, conv-BN; the block adds its input before the last ReLU. The last BN starts at
+    zero scale (Goyal et al. 2017): a new block passes its input through (ReLU'd input: unchanged),
+    so a model grown from one with fewer blocks reads what that one read, and training adds to it."""
+    second = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+    nn.init.zeros_(second[1].weight)
+    return _conv_bn_relu(c, c), second
 
 
 def column_mask(widths: Tensor, W: int) -> Tensor:
@@ -66,7 +79,7 @@ class CRNN(nn.Module):
         self.convs = nn.ModuleList([
             _conv_bn_relu(config.in_channels, c1), _conv_bn_relu(c1, c1),
             _conv_bn_relu(c1, c2), _conv_bn_relu(c2, c2),
-        ])
+        ] + [conv for _ in range(config.res_blocks) for conv in _residual_pair(c2)])
         self.project = nn.Linear(c2 * (config.height // 4), config.hidden_dim)
         self.dropout = nn.Dropout(config.dropout)
         self.rnn = nn.GRU(config.hidden_dim, config.hidden_dim, num_layers=2, bidirectional=True,
@@ -87,9 +100,14 @@ class CRNN(nn.Module):
         """-> conv features (N, C, H / 4, W / 4), widths / 4 (floored per pool)."""
         x = (images - 0.5) * column_mask(widths, images.shape[-1]).to(images.dtype)
         w = widths
+        skip = x
         for i, conv in enumerate(self.convs):
+            if i >= 4 and i % 2 == 0:  # a residual block's input
+                skip = x
             x = conv(x)
-            if i % 2 == 1:  # end of a block: pool, and the widths halve (floor)
+            if i >= 4 and i % 2 == 1:
+                x = F.relu(x + skip)
+            elif i % 2 == 1:  # end of a block: pool, and the widths halve (floor)
                 x = F.max_pool2d(x, 2)
                 w = w // 2
             # Zero the padding columns, so the next conv sees what a lone image's
@@ -133,7 +151,7 @@ def widen(model: CRNN, channels: Tuple[int, int], hidden_dim: int) -> CRNN:
     prefix = torch.arange
     gates = torch.cat([g * W + prefix(H) for g in range(3)])  # r, z, n blocks of a GRU weight's rows
     both = torch.cat([prefix(H), W + prefix(H)])               # forward and reverse halves of a BiGRU output
-    conv_out = [c1, c1, c2, c2]
+    conv_out = [c1, c1, c2, c2] + [c2] * (2 * old.res_blocks)
     rows, cols = {}, {}                                         # parameter name -> old indices' places
     for i, c in enumerate(conv_out):
         rows[f"convs.{i}.0.weight"], cols[f"convs.{i}.0.weight"] = prefix(c), prefix(([old.in_channels] + conv_out)[i])
@@ -230,9 +248,14 @@ class InferenceCRNN(CRNN):
             x = x * column_mask(widths, x.shape[-1]).to(x.dtype)
         x = x.contiguous(memory_format=torch.channels_last)
         w = widths
+        skip = x
         for i, conv in enumerate(self.convs):
+            if i >= 4 and i % 2 == 0:  # a residual block's input
+                skip = x
             x = conv(x)
-            if i % 2 == 1:
+            if i >= 4 and i % 2 == 1:
+                x = x + skip
+            elif i % 2 == 1:
                 x = max_pool_2x2(x)
                 w = w // 2
             x = F.relu(x, inplace=True)  # after the pool: max and ReLU commute, 4x fewer elements

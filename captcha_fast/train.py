@@ -93,6 +93,9 @@ class TrainConfig:
                                                      "grows it: model.widen)", metavar=("C1", "C2"))
     hidden_dim: Optional[int] = _opt(None, "GRU size (default: the start model's when fine-tuning, else 128; as "
                                            "--channels)", flag="--hidden")
+    res_blocks: Optional[int] = _opt(None, "residual blocks after the conv blocks (default: the start model's when "
+                                           "fine-tuning, else 0; more than the start model's grows it: each new "
+                                           "block starts as the identity)")
     dropout: float = _opt(0.1, "dropout before the GRU and the classifier")
     charset: Optional[str] = _opt(None, "symbols in class order (default: the sorted symbols of all labels)")
     init_from: Optional[str] = _opt(None, "start from this checkpoint's weights (RUN_DIR or .ckpt; default: the "
@@ -187,7 +190,7 @@ class TrainConfig:
 
 # What a --resume must share with the run it continues.
 _RESUME_MUST_MATCH = ("data", "seed", "batch_size", "epochs", "min_steps", "lr", "height", "in_channels", "ink",
-                      "channels", "hidden_dim", "val_fraction", "warmup", "bucket", "synth_train", "augment",
+                      "channels", "hidden_dim", "res_blocks", "val_fraction", "warmup", "bucket", "synth_train", "augment",
                       "rehearse", "join", "teacher", "teacher_weight", "teacher_on")
 _CSV_KEYS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_cer", "val_n", "lr", "seconds"]
 
@@ -363,6 +366,7 @@ def build_model(cfg: TrainConfig, charset: Charset) -> CRNN:
     size = start_config(cfg) or CRNNConfig(charset.symbols)
     model = CRNN(CRNNConfig(charset=charset.symbols, height=cfg.height, in_channels=cfg.in_channels,
                             channels=cfg.channels or size.channels, hidden_dim=cfg.hidden_dim or size.hidden_dim,
+                            res_blocks=size.res_blocks if cfg.res_blocks is None else cfg.res_blocks,
                             dropout=cfg.dropout, ink=cfg.ink))
     # Start the classifier near uniform: big random logits push CTC onto the all-blank plateau.
     nn.init.normal_(model.classifier.weight, std=0.01)

@@ -1,4 +1,6 @@
 """Checkpoints: the version check, foreign files, version-1 files, init-from charset mapping."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -80,6 +82,18 @@ def test_init_from_a_narrower_checkpoint_grows_it(tmp_path):
     narrower = CRNN(CRNNConfig("AB1", height=16, channels=(8, 16), hidden_dim=24))
     with pytest.raises(ValueError, match=r"best\.ckpt'.*hidden 24 is narrower"):
         init_from_checkpoint(narrower, tmp_path)
+
+
+def test_init_from_a_shallower_checkpoint_grows_residual_blocks(tmp_path):
+    src = _crnn("AB1", seed=1).eval()
+    save_checkpoint({"model": src.state_dict(), "model_config": src.config.to_dict()}, tmp_path / "best.ckpt")
+    deep = CRNN(replace(src.config, res_blocks=1)).eval()
+    assert {k.split(".")[1] for k in init_from_checkpoint(deep, tmp_path)} == {"4", "5"}  # the new block's convs
+    x, w = torch.rand(2, 1, 16, 40), torch.tensor([40, 28])
+    torch.testing.assert_close(deep(x, w)[0], src(x, w)[0], atol=0, rtol=0)  # reads what it read
+    save_checkpoint({"model": deep.state_dict(), "model_config": deep.config.to_dict()}, tmp_path / "deep.ckpt")
+    with pytest.raises(ValueError, match=r"deep\.ckpt'.*1 residual block, more than this model's 0"):
+        init_from_checkpoint(CRNN(src.config), tmp_path / "deep.ckpt")
 
 
 def test_a_case_folded_source_starts_both_cases(tmp_path):

@@ -62,6 +62,24 @@ def test_widen_reads_the_same_and_its_new_units_are_wired(channels, hidden):
     assert (moved - want).abs().max() > 1e-3
 
 
+@torch.no_grad()
+def test_residual_blocks_start_as_the_identity_and_widen():
+    """A deeper model given a shallower one's weights reads what it read (each new block's last BN
+    starts at zero scale); once trained (non-zero scales) the blocks change the output, and widen
+    keeps a deep model's reads too."""
+    m = _model()
+    deep = CRNN(CRNNConfig("0123456789abcdef", channels=(8, 16), hidden_dim=32, res_blocks=2)).eval()
+    missing = deep.load_state_dict(m.state_dict(), strict=False).missing_keys
+    assert {k.split(".")[1] for k in missing} == {"4", "5", "6", "7"}
+    x, w = _batch([40, 64, 23])
+    want, _ = m(x, w)
+    torch.testing.assert_close(deep(x, w)[0], want, atol=0, rtol=0)
+    deep.convs[5][1].weight.fill_(1.0)
+    moved, _ = deep(x, w)
+    assert (moved - want).abs().max() > 1e-3
+    torch.testing.assert_close(widen(deep, (12, 24), 40)(x, w)[0], moved, atol=1e-5, rtol=1e-5)
+
+
 def test_widen_refuses_to_narrow():
     with pytest.raises(ValueError, match=r"channels \(8, 12\), hidden 32 is narrower than the model's \(8, 16\), 32"):
         widen(_model(), (8, 12), 32)
@@ -74,12 +92,12 @@ def test_max_pool_2x2_equals_max_pool2d(shape):
 
 
 @pytest.mark.parametrize("widths", [[64, 37, 12, 64, 50], [37], [64, 12, 50]])  # GRU: ATen's batched path, small-batch path
-@pytest.mark.parametrize("chunk", [2, 64])
+@pytest.mark.parametrize("chunk, res_blocks", [(2, 0), (64, 0), (2, 2)])
 @torch.no_grad()
-def test_inference_crnn_matches_crnn_per_sample(chunk, widths):
+def test_inference_crnn_matches_crnn_per_sample(chunk, res_blocks, widths):
     """Mixed widths and chunking: each sample's frames equal the CRNN's (nn.GRU on packed
     sequences) on that sample alone."""
-    m = _model()
+    m = _model(res_blocks=res_blocks)
     fast = InferenceCRNN(m, chunk=chunk).eval()
     x, w = _batch(widths)
     got, gl = fast(x, w)
@@ -91,8 +109,9 @@ def test_inference_crnn_matches_crnn_per_sample(chunk, widths):
 
 
 @torch.no_grad()
-def test_inference_crnn_scripts_and_matches_eager():
-    fast = InferenceCRNN(_model(), chunk=2).eval()
+@pytest.mark.parametrize("res_blocks", [0, 1])
+def test_inference_crnn_scripts_and_matches_eager(res_blocks):
+    fast = InferenceCRNN(_model(res_blocks=res_blocks), chunk=2).eval()
     scripted = torch.jit.script(fast)
     for widths in ([48, 48, 48], [48, 20, 33]):  # unpadded (no masks) and padded paths
         x, w = _batch(widths)

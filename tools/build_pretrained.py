@@ -295,14 +295,18 @@ def lineage(init, ckpt, log: Path) -> tuple:
 
 
 def grown(ckpt, args) -> str:
-    """", grown from channels A/B, GRU H to ..." when --channels/--hidden widen the start checkpoint, else ""."""
+    """", grown from channels A/B, GRU H to ..." when --channels/--hidden/--res-blocks grow the start
+    checkpoint, else ""."""
     if ckpt is None:
         return ""
     cfg = ckpt["model_config"]
-    old = (tuple(cfg["channels"]), cfg["hidden_dim"])
-    new = (tuple(args.channels or old[0]), args.hidden or old[1])
-    return "" if new == old else (f", grown from channels {old[0][0]}/{old[0][1]}, GRU {old[1]} to "
-                                  f"{new[0][0]}/{new[0][1]}, GRU {new[1]} (model.widen)")
+    old = (tuple(cfg["channels"]), cfg["hidden_dim"], cfg.get("res_blocks", 0))
+    new = (tuple(args.channels or old[0]), args.hidden or old[1],
+           old[2] if args.res_blocks is None else args.res_blocks)
+
+    def size(c, h, r):
+        return f"channels {c[0]}/{c[1]}, GRU {h}" + (f", {r} residual block{'s' * (r > 1)}" if r else "")
+    return "" if new == old else f", grown from {size(*old)} to {size(*new)} (model.widen, zero-scale new blocks)"
 
 
 def load_state(out: Path, args) -> dict:
@@ -399,7 +403,8 @@ def train_round(folder: Path, init: str | None, args, teacher: dict | None = Non
                       init_from=init, from_scratch=init is None,
                       val_fraction=0.0, bucket=16, skip_bad=True, threads=args.threads, progress=False,
                       export=False, resume=resume, lr=args.lr, batch_size=args.batch_size, patience=args.epochs_per_round + 1,
-                      channels=args.channels and tuple(args.channels), hidden_dim=args.hidden, join=args.join,
+                      channels=args.channels and tuple(args.channels), hidden_dim=args.hidden,
+                      res_blocks=args.res_blocks, join=args.join,
                       **({"teacher": teacher["path"], "teacher_on": teacher["on"], "teacher_weight": teacher["weight"]}
                          if teacher else {}))
     if "min_steps" in {f.name for f in fields(TrainConfig)}:
@@ -599,7 +604,8 @@ def write_model_card(target: Path, ckpt: dict, args) -> None:
          "`default.pt` (TorchScript recognizer) and `default.ckpt` (its training weights, where `captcha-fast train` "
          "starts fine-tuning). Written by `tools/build_pretrained.py --install`.", "",
          "## Model", "",
-         f"- CRNN: two conv blocks of {cfg['channels'][0]} and {cfg['channels'][1]} channels, a "
+         f"- CRNN: two conv blocks of {cfg['channels'][0]} and {cfg['channels'][1]} channels"
+         + (f", {cfg['res_blocks']} residual blocks of {cfg['channels'][1]}" if cfg.get("res_blocks") else "") + ", a "
          f"{cfg['hidden_dim']}-unit bidirectional GRU, CTC; {params:,} parameters, {size:.1f} MB as TorchScript.",
          f"- Input: {'the ink map cropped to the text (preprocess.to_ink)' if cfg.get('ink') else 'grey'}, "
          f"height {cfg['height']}. Output: 0-9a-z (labels were case-folded; upper case reads as lower case).",
@@ -752,6 +758,8 @@ def main(argv=None) -> None:
     p.add_argument("--channels", type=int, nargs=2, metavar=("C1", "C2"), default=None,
                    help="conv widths (default: the start model's); wider than --init-from's grows it (model.widen)")
     p.add_argument("--hidden", type=int, default=None, help="GRU size (default: the start model's); as --channels")
+    p.add_argument("--res-blocks", type=int, default=None,
+                   help="residual blocks after the conv blocks (default: the start model's); more grows it")
     p.add_argument("--average", type=int, default=5, help="score (and ship) the mean weights of the last K rounds")
     p.add_argument("--eval-n", type=int, default=300, help="images per held-out set")
     p.add_argument("--threads", type=int, default=1)
