@@ -45,12 +45,13 @@ RAISE_MAX_PIXELS = ", or raise captcha_fast.preprocess.MAX_PIXELS"
 
 
 def check_pixels(H: int, W: int, name: str, max_pixels: Optional[int] = None) -> None:
-    """ValueError naming the image if H x W exceeds max_pixels (None: MAX_PIXELS, and the advice to
+    """ValueError naming the image if its H * W pixels exceed max_pixels (None: MAX_PIXELS, and the advice to
     raise it; a caller with its own limit, as the server's --max-pixels, knows how that is set)."""
     limit = MAX_PIXELS if max_pixels is None else max_pixels
     if H * W > limit:
-        raise ValueError(f"{name}: a {W} x {H} image has {H * W:,} pixels, above max_pixels = {limit:,} "
-                         f"(a decompression bomb?): crop or shrink it{RAISE_MAX_PIXELS if max_pixels is None else ''}")
+        raise ValueError(f"{name}: a {W} x {H} image (width x height) has {H * W:,} pixels, above max_pixels = "
+                         f"{limit:,} (a decompression bomb?): crop or shrink it"
+                         f"{RAISE_MAX_PIXELS if max_pixels is None else ''}")
 
 
 def _check_range(t: Tensor, name: str) -> None:
@@ -88,7 +89,7 @@ def from_pil(img, name: str, max_pixels: Optional[int] = None) -> Tensor:
         img = img.convert("RGBA" if has_alpha else ("L" if img.mode in ("1", "I", "I;16", "F") else "RGB"))
     a = np.asarray(img)
     if a.size == 0:
-        raise ValueError(f"{name}: the image is empty ({img.width} x {img.height})")
+        raise ValueError(f"{name}: a {img.width} x {img.height} image (width x height) is empty")
     t = torch.from_numpy(a.copy())
     return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()  # (C, H, W)
 
@@ -212,10 +213,11 @@ def resized_width(H: int, W: int, height: int) -> int:
 
 def check_width(H: int, W: int, height: int, max_width: int, name: str) -> int:
     """resized_width, or a ValueError naming the image when it exceeds max_width: the work of
-    the resize and the model grows with it (a 1 x 100000 strip is 3.2 million px wide at 32)."""
+    the resize and the model grows with it (a 100000 x 1 strip is 3.2 million px wide at 32). Messages
+    give sizes width x height, PIL's order, and say so."""
     new_w = resized_width(H, W, height)
     if new_w > max_width:
-        raise ValueError(name + ": a " + str(H) + " x " + str(W) + " image is " + str(new_w)
+        raise ValueError(name + ": a " + str(W) + " x " + str(H) + " image (width x height) is " + str(new_w)
                          + " px wide at the model's height " + str(height) + ", above max_width = "
                          + str(max_width) + ": crop it to its text line")  # (a loaded model's max_width is fixed)
     return new_w

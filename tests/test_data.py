@@ -87,7 +87,8 @@ def test_too_wide_image_error_names_the_file(tmp_path):
     Image.new("L", (1000, 8), 255).save(tmp_path / "AB_wide.png")  # 2000 px at height 16
     Image.new("L", (40, 16), 255).save(tmp_path / "AB.png")
     samples = scan_folder(tmp_path)
-    with pytest.raises(ValueError, match=r"AB_wide\.png: a 8 x 1000 image is 2000 px wide .* max_width = 1999"):
+    with pytest.raises(ValueError,
+                       match=r"AB_wide\.png: a 1000 x 8 image \(width x height\) is 2000 px wide .* max_width = 1999"):
         CaptchaDataset(samples, Charset("AB"), height=16, max_width=1999)
     with pytest.warns(UserWarning, match=r"skipping: .*AB_wide\.png"):
         assert len(CaptchaDataset(samples, Charset("AB"), height=16, max_width=1999, skip_bad=True)) == 1

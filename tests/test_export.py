@@ -153,7 +153,8 @@ def test_program_preprocesses_as_the_pt_and_names_a_bad_image(program_path, pt):
     images = mixed_images(5)
     for got, want in zip(rec.preprocess(images), pt.preprocess(images)):
         assert torch.equal(got, want)
-    with pytest.raises(ValueError, match=r"images\[1\]: a 1 x 100000 image is .* px wide.*max_width"):
+    with pytest.raises(ValueError, match=r"images\[1\]: a 100000 x 1 image \(width x height\) is .* px wide"
+                                         r".*max_width"):
         rec.preprocess([images[0], torch.zeros(1, 1, 100000, dtype=torch.uint8)])
 
 

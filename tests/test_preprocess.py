@@ -114,7 +114,8 @@ def test_a_batch_of_one_size_is_prepared_together_as_each_image_alone():
 
 
 def test_max_width_bounds_the_work_and_names_the_image():
-    with pytest.raises(ValueError, match=r"images\[1\]: a 1 x 100000 image is 3200000 px wide.*max_width = 4096"):
+    with pytest.raises(ValueError, match=r"images\[1\]: a 100000 x 1 image \(width x height\) is 3200000 px wide at "
+                                         r"the model's height 32, above max_width = 4096: crop it to its text line$"):
         pp.collate([torch.zeros(1, 10, 10), torch.zeros(1, 1, 100000)], 32, 1)
     assert pp.collate([torch.zeros(1, 1, 100000)], 32, 1, max_width=4_000_000)[1].tolist() == [3_200_000]
 
@@ -246,9 +247,10 @@ def test_an_image_without_text_has_no_ink(background):
 
 
 def test_max_width_is_checked_on_the_callers_image_and_names_it():
-    # 10 x 2000 is 6400 px wide at height 32: refused, quoting that size, whatever its crop
+    # 2000 x 10 (width x height) is 6400 px wide at height 32: refused, quoting that size, whatever its crop
     thin, _ = _render("abc", size=(2000, 10), font_px=8, at=(900, 0))
-    with pytest.raises(ValueError, match=r"images\[1\]: a 10 x 2000 image is 6400 px wide.*max_width = 4096"):
+    with pytest.raises(ValueError,
+                       match=r"images\[1\]: a 2000 x 10 image \(width x height\) is 6400 px wide.*max_width = 4096"):
         pp.collate([_page(), thin], 32, 1, 4096, True)
     # a 60 x 6000 image fits (3200 px), though its 20-px text band alone would not: kept, squeezed
     wide, _ = _render("textline " * 60, size=(6000, 60), font_px=16, at=(4, 20))

@@ -84,6 +84,7 @@ def test_encoded_image_tensor_equals_the_decoded_pixels(pngs):
 
 @pytest.mark.parametrize("image, error, match", [
     (b"", ValueError, r"images\[1\]: the encoded image is empty \(0 bytes\)"),
+    (Image.new("L", (0, 5)), ValueError, r"images\[1\]: a 0 x 5 image \(width x height\) is empty$"),
     (b"this is not an image", ValueError, r"images\[1\] \(20 bytes\) is not a readable image"),
     (io.BytesIO(b"GIF89a nonsense"), ValueError, r"images\[1\] \(BytesIO\) is not a readable image"),
     (io.StringIO("abc"), TypeError, r"images\[1\]: a text-mode file.*'rb'"),
@@ -117,7 +118,8 @@ def test_a_bomb_is_refused_from_its_header_before_decoding(tiny_model_path, pngs
     assert len(bomb) < 300_000  # a small upload
     header_only = _png(20000, 8000, rows=2)
     for image in (bomb, header_only, io.BytesIO(header_only), Image.open(io.BytesIO(header_only))):
-        with pytest.raises(ValueError, match=r"images\[1\].*a 20000 x 8000 image has 160,000,000 pixels, "
+        with pytest.raises(ValueError, match=r"images\[1\].*a 20000 x 8000 image \(width x height\) has "
+                                             r"160,000,000 pixels, "
                                              r"above max_pixels = 4,000,000"):
             api.predict_batch([pngs[1][0], image], tiny_model_path)
 
@@ -139,6 +141,7 @@ def test_the_pixel_bound_is_a_setting_for_every_input_kind(monkeypatch, pngs):
         preprocess.to_tensors(image if isinstance(image, torch.Tensor) and image.dim() == 4 else [image])
     monkeypatch.setattr(preprocess, "MAX_PIXELS", H * W - 1)  # read at call time
     for image in kinds:
-        with pytest.raises(ValueError, match=f"a {W} x {H} image has {H * W:,} pixels, above max_pixels = {H * W - 1:,}"):
+        with pytest.raises(ValueError, match=rf"a {W} x {H} image \(width x height\) has {H * W:,} pixels, above "
+                                             rf"max_pixels = {H * W - 1:,}"):
             preprocess.to_tensors(image if isinstance(image, torch.Tensor) and image.dim() == 4 else [image])
     assert len(preprocess.to_tensors([blobs[0]], max_pixels=H * W)) == 1  # the argument wins over the setting

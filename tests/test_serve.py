@@ -183,10 +183,11 @@ ERRORS = [  # (name, method, headers, body, status, what the error says)
      r"^image \(9 bytes\) is not a readable image \(not in an image format PIL knows\)$"),
     ("truncated image", "POST", {"Content-Type": "image/png"}, "TRUNCATED", 400, "is not a readable image"),
     ("too many pixels", "POST", {"Content-Type": "image/png"}, _png(20000, 8000, rows=2), 400,
-     r"a 20000 x 8000 image has 160,000,000 pixels, above max_pixels = 4,000,000 \(a decompression bomb\?\): crop "
-     "or shrink it$"),  # (no advice to raise a Python setting: the client cannot, and the server's is --max-pixels)
+     r"a 20000 x 8000 image \(width x height\) has 160,000,000 pixels, above max_pixels = 4,000,000 \(a "
+     r"decompression bomb\?\): crop or shrink it$"),
+    # (too many pixels: no advice to raise a Python setting; the client cannot, the server has --max-pixels)
     ("too wide", "POST", {"Content-Type": "image/png"}, _png(20000, 4, rows=4), 400,
-     "4 x 20000 image is 160000 px wide.*above max_width = 4096: crop it to its text line$"),
+     r"a 20000 x 4 image \(width x height\) is 160000 px wide.*above max_width = 4096: crop it to its text line$"),
     ("bad JSON", "POST", {"Content-Type": "application/json"}, b"{\"images\": [", 400, "bad JSON"),
     ("JSON not an object", "POST", {"Content-Type": "application/json"}, b"[1, 2]", 400, "must be an object"),
     ("no images", "POST", {"Content-Type": "application/json"}, b"{\"images\": []}", 400, "non-empty list"),

@@ -129,8 +129,9 @@ static torch::Tensor prepare_image(const torch::Tensor& img, const Settings& s, 
   // max_width is checked on the image as given; a crop still wider at the model's height is squeezed
   int64_t new_w = resized_width(img.size(1), img.size(2));
   if (new_w > s.max_width)
-    throw std::runtime_error(name + ": a " + std::to_string(img.size(1)) + " x " + std::to_string(img.size(2)) +
-                             " image is " + std::to_string(new_w) + " px wide at the model's height, above max_width");
+    throw std::runtime_error(name + ": a " + std::to_string(img.size(2)) + " x " + std::to_string(img.size(1)) +
+                             " image (width x height) is " + std::to_string(new_w) +
+                             " px wide at the model's height, above max_width");
   torch::Tensor x = img.unsqueeze(0).to(torch::kFloat) / 255.0;
   if (s.ink) {
     x = crop_to_ink(to_ink(to_channels(x, x.size(1) >= 3 ? 3 : 1)));
