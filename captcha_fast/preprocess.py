@@ -5,10 +5,10 @@
                                   --collate----> (N, in_channels, height, W_max) float32, widths (N,)
                                                  (TorchScript: the saved Recognizer runs it too)
 
-collate composites RGBA on white (the alpha often carries the anti-aliasing),
-converts to grey (ITU-R 601 luma, as PIL's convert("L")) or RGB, resizes to the
-model's height keeping the aspect ratio (antialiased bilinear) and right-pads
-with PAD_VALUE, remembering each width. Training builds its batches with the
+collate composites RGBA on white (the alpha often carries the anti-aliasing), or light
+text on black (to_channels), converts to grey (ITU-R 601 luma, as PIL's convert("L")) or
+RGB, resizes to the model's height keeping the aspect ratio (antialiased bilinear) and
+right-pads with PAD_VALUE, remembering each width. Training builds its batches with the
 same functions, so a model sees at inference exactly what it saw in training.
 
 Every error names the culprit (its index in the input, or its path)."""
@@ -224,11 +224,18 @@ def check_width(H: int, W: int, height: int, max_width: int, name: str) -> int:
 
 
 def to_channels(x: Tensor, in_channels: int) -> Tensor:
-    """(N, C, H, W) float, C = 1/3/4 -> (N, in_channels, H, W); RGBA is composited on white."""
+    """(N, C, H, W) float, C = 1/3/4 -> (N, in_channels, H, W). RGBA is composited on white, or on
+    black for an image whose drawn pixels are light (their alpha-weighted mean luma above 0.5):
+    white text on a transparent background, laid by a site over its CSS background, would vanish
+    on white. Each image decides alone, from all of its pixels: callers pass images of one size,
+    never a padded batch. An opaque image gives its RGB exactly, whatever the background."""
     C = x.shape[1]
-    if C == 4:  # composite on white: the alpha often carries the anti-aliasing
-        alpha = x[:, 3:4]
-        x = x[:, :3] * alpha + (1.0 - alpha)
+    if C == 4:  # composite: the alpha often carries the anti-aliasing
+        rgb, alpha = x[:, :3], x[:, 3:4]
+        luma = 0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]
+        drawn = (luma * alpha).sum([1, 2, 3], keepdim=True) / alpha.sum([1, 2, 3], keepdim=True).clamp_min(1e-6)
+        white = (drawn <= 0.5).to(x.dtype)  # (N, 1, 1, 1): 1 white, 0 black; all transparent: white
+        x = rgb * alpha + white * (1.0 - alpha)
         C = 3
     if in_channels == 1 and C == 3:  # ITU-R 601 luma, as PIL's convert("L")
         x = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]

@@ -113,6 +113,40 @@ def test_a_batch_of_one_size_is_prepared_together_as_each_image_alone():
     assert len(set(widths.tolist())) > 2  # the crops differ: not one width for the whole group
 
 
+def _rgba(fg, alpha_text, alpha_background=0.0, H=20, W=40):
+    """(4, H, W) float: colour `fg` everywhere, opaque `alpha_text` in a text block, `alpha_background` around."""
+    img = torch.tensor(list(fg) + [alpha_background]).view(4, 1, 1).repeat(1, H, W)
+    img[3, 6:14, 10:30] = alpha_text
+    return img
+
+
+@pytest.mark.parametrize("scripted", [False, True], ids=["eager", "scripted"])
+def test_rgba_text_composites_on_the_background_it_contrasts_with(scripted):
+    """Transparent text images, one batch of one size: light text goes on black (on white it would vanish),
+    dark text on white; each image decides alone, whatever the others hold."""
+    to_channels = torch.jit.script(pp.to_channels) if scripted else pp.to_channels
+    batch = torch.stack([_rgba((1.0, 1.0, 1.0), 1.0),            # white text, transparent around
+                         _rgba((0.0, 0.0, 0.0), 1.0),            # black text
+                         _rgba((0.9, 0.8, 1.0), 0.6),            # pale, half transparent text
+                         _rgba((1.0, 1.0, 1.0), 0.0)])           # nothing drawn: white, as before
+    grey = to_channels(batch, 1)
+    assert grey.shape == (4, 1, 20, 40)
+    text, around = grey[:, 0, 10, 20].tolist(), grey[:, 0, 0, 0].tolist()
+    assert around == [0.0, 1.0, 0.0, 1.0]
+    assert text[0] == 1.0 and text[1] == 0.0 and 0.5 < text[2] < 0.6 and text[3] == 1.0
+
+
+def test_opaque_rgba_is_its_rgb_bit_for_bit():
+    """Whether its pixels are light (the black background) or dark (the white one), alpha 1 leaves RGB."""
+    for fill in (0.2, 0.9):
+        rgb = (torch.rand(2, 3, 20, 40) * 0.2 + fill - 0.1).clamp(0, 1)
+        rgba = torch.cat([rgb, torch.ones(2, 1, 20, 40)], 1)
+        assert torch.equal(pp.to_channels(rgba, 3), rgb)
+        assert torch.equal(pp.to_channels(rgba, 1), pp.to_channels(rgb, 1))
+        u8 = torch.cat([(rgb[0] * 255).round().to(torch.uint8), torch.full((1, 20, 40), 255, dtype=torch.uint8)])
+        assert torch.equal(pp.prepare_image(u8, 32, 1), pp.prepare_image(u8[:3], 32, 1))
+
+
 def test_max_width_bounds_the_work_and_names_the_image():
     with pytest.raises(ValueError, match=r"images\[1\]: a 100000 x 1 image \(width x height\) is 3200000 px wide at "
                                          r"the model's height 32, above max_width = 4096: crop it to its text line$"):

@@ -6,10 +6,12 @@ import string
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import captcha_fast
 from captcha_fast import synth
 from captcha_fast.checkpoint import PRETRAINED_CHECKPOINT, load_model
+from captcha_fast.export import save_recognizer
 from captcha_fast.recognizer import build_recognizer
 
 LETTERS = string.digits + string.ascii_letters
@@ -48,6 +50,33 @@ def test_reads_fresh_captchas_of_several_styles_and_sizes():
 ])
 def test_reads_nothing_from_an_image_with_no_text(image):
     assert captcha_fast.predict_batch([image], device="cpu") == [""]
+
+
+def _transparent_text(n=4):
+    """n clean renders (dark text on white), each also as white and as black text on a transparent
+    background (alpha: the ink's darkness), as a site lays text over a CSS background."""
+    opaque, white, black = [], [], []
+    for i, text in enumerate(["b41cz", "x9m2", "q7pw8", "3a7fk"][:n]):
+        image = synth.render(text, synth.sample_rng(SEED, i), clean=True)
+        alpha = 255 - np.asarray(image.convert("L"))
+        opaque.append(image)
+        white.append(Image.fromarray(np.dstack([np.full_like(alpha, 255)] * 3 + [alpha]), "RGBA"))
+        black.append(Image.fromarray(np.dstack([np.zeros_like(alpha)] * 3 + [alpha]), "RGBA"))
+    return opaque, white, black
+
+
+def test_text_on_a_transparent_background_reads_as_on_white(tmp_path):
+    """White text on transparent used to be composited on white and read "": each reads as the opaque
+    image, in one call (same-size images of both kinds are prepared together), by the eager recognizer
+    and by a scripted one saved from it."""
+    opaque, white, black = _transparent_text()
+    eager = build_recognizer(load_model(PRETRAINED_CHECKPOINT))
+    scripted = captcha_fast.load(save_recognizer(eager, tmp_path / "rec.pt"), device="cpu", compiled=False)
+    for rec in (eager, scripted):
+        reads = captcha_fast.predict_batch(opaque + white + black, rec)
+        want = reads[:len(opaque)]
+        assert all(want), want
+        assert reads == want * 3
 
 
 def test_shipped_training_weights_match_the_shipped_recognizer():

@@ -40,12 +40,14 @@ def saved(model, tmp_path_factory):
 # ---------------------------------------------------------------- preprocessing
 
 
-def test_rgba_is_composited_on_white_and_grey_matches_pil():
-    rgba = torch.randint(0, 256, (4, 6, 9), dtype=torch.uint8)
-    rgba[3, :, :4] = 0  # fully transparent columns become white
+def test_rgba_is_composited_on_white_or_black_and_grey_matches_pil():
+    rgba = torch.randint(0, 128, (4, 6, 9), dtype=torch.uint8)  # dark colours: on white
+    rgba[3, :, :4] = 0  # fully transparent columns become the background
     x = prepare_image(rgba, 6, 1)
     assert x.shape == (1, 6, 9)
     assert torch.allclose(x[:, :, :4], torch.ones(1, 6, 4))
+    rgba[:3] += 128  # light colours: on black
+    assert not prepare_image(rgba, 6, 1)[:, :, :4].any()
     rgb = rgba[:3]
     pil = np.asarray(Image.fromarray(rgb.permute(1, 2, 0).numpy()).convert("L")).astype(np.float32) / 255
     assert np.abs(prepare_image(rgb, 6, 1)[0].numpy() - pil).max() <= 1 / 255 + 1e-6
