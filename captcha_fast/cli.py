@@ -285,8 +285,10 @@ def _add_eval(p):
     from captcha_fast.synth import DIGITS_UPPER
 
     a = p.add_argument
-    a("model", help="a recognizer file: TorchScript .pt (e.g. RUN_DIR/model.pt) or torch.export .pt2")
-    a("data", help="folder of LABEL.png files, a .tsv manifest (path<TAB>label), or `synthetic`")
+    # MODEL is optional (eval DATA reads with the shipped model): options go before MODEL or after DATA
+    a("model", nargs="?", metavar="MODEL", help="a recognizer file: TorchScript .pt (e.g. RUN_DIR/model.pt) or "
+                                                "torch.export .pt2 (default: the shipped pretrained model)")
+    a("data", metavar="DATA", help="folder of LABEL.png files, a .tsv manifest (path<TAB>label), or `synthetic`")
     a("--json", action="store_true", help="print one JSON object (n, accuracy, cer, confusions, ...)")
     a("--gallery", default=None, help="write a PNG of misread images with truth and read text here")
     a("--greedy", action="store_true", help="greedy decoding (default: the model's own decoder)")
@@ -322,7 +324,8 @@ def _run_eval(args):
     from captcha_fast.evaluate import evaluate, load_labelled
     from captcha_fast.synth import SynthConfig
 
-    rec = api.load(args.model, device=checked_device(args.device))
+    device = checked_device(args.device)
+    rec = api.load(args.model, device=device) if args.model else api.default_model(device=device)
     synth = SynthConfig(charset=args.synth_charset, min_len=args.synth_min_len, max_len=args.synth_max_len,
                         seed=args.synth_seed, style=args.synth_style)
     images, labels, paths = load_labelled(args.data, args.skip_bad, args.split, args.val_fraction, args.seed,
@@ -330,7 +333,9 @@ def _run_eval(args):
     known = set(rec.charset) | ({c.swapcase() for c in rec.charset} if args.ignore_case else set())
     unknown = "".join(sorted(set("".join(labels)) - known))
     if unknown:
-        warnings.warn(f"labels use symbols the model cannot read: {unknown!r} (they count as errors)")
+        folded = all(c.swapcase() in rec.charset for c in unknown)  # a model of one case, as the shipped one
+        warnings.warn(f"labels use symbols the model cannot read: {unknown!r} (they count as errors"
+                      + ("; the model reads one case: --ignore-case scores its reads case-free)" if folded else ")"))
     report = evaluate(rec, images, labels, paths, args.batch_size, "greedy" if args.greedy else None, args.beam,
                       args.merge, args.ignore_case)
     if args.gallery:
@@ -543,7 +548,8 @@ COMMANDS = [
      "  torchrun --nproc_per_node 2 -m captcha_fast train ../shared/data/captcha_images_v2 --out runs/v2",
      _add_train, _run_train),
     ("eval", "accuracy, character error rate and confusions of a model on labelled images",
-     "captcha-fast eval runs/v2/model.pt ../shared/data/captcha_images_v2 --split val --json", _add_eval, _run_eval),
+     "captcha-fast eval runs/v2/model.pt ../shared/data/captcha_images_v2 --split val --json\n"
+     "  captcha-fast eval my_labelled_captchas/     (the shipped model)", _add_eval, _run_eval),
     ("export", "write a recognizer (TorchScript .pt, torch.export .pt2, or with --compile an AOTInductor .pt2)",
      "captcha-fast export runs/v2/best.ckpt --out model.pt\n"
      "  captcha-fast export runs/v2/model.pt --compile     (predict --model runs/v2/model.pt then uses it)",

@@ -103,6 +103,25 @@ def test_eval_of_a_run_folder_names_its_recognizer(tiny_model_path, png_folder, 
     assert main(["eval", str(run / "model.pt"), str(png_folder)]) == 0
 
 
+def test_eval_without_a_model_scores_the_shipped_one(png_folder, tmp_path, capsys):
+    """eval DATA reads with the shipped model, as predict does; labels in the case the shipped model
+    does not read (it reads lower case) get the advice to score case-free."""
+    import shutil
+
+    runs = []
+    for argv in (["eval", str(png_folder)], ["eval", str(api.DEFAULT_MODEL), str(png_folder)]):
+        assert main([*argv, "--json"]) == 0
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        runs.append((report["n"], report["correct"], report["errors"]))
+    assert runs[0] == runs[1] and runs[0][0] == 5 and runs[0][1] > 0, runs
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    for p in png_folder.glob("*.png"):
+        shutil.copy(p, upper / (p.stem.upper() + ".png"))
+    with pytest.warns(UserWarning, match=r"cannot read: 'ABCDEF' .*--ignore-case scores its reads case-free"):
+        assert main(["eval", str(upper)]) == 0
+
+
 def test_too_many_pixels_gives_advice_a_cli_user_can_follow(tiny_model_path, png_folder, monkeypatch, capsys):
     from captcha_fast import preprocess
 
