@@ -151,7 +151,7 @@ def _resolve_model(model, device, amp):
 
 
 def predict_batch(
-    images: Union[ImageLike, Sequence[ImageLike]],
+    images: Union[Sequence[ImageLike], torch.Tensor],  # a list of images, or one N x C x H x W tensor
     model: Any = None,
     *,
     decoder: str = "beam",

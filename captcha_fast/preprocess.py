@@ -164,7 +164,7 @@ def to_tensor(image: ImageLike, name: str = "image", max_pixels: Optional[int] =
                     f"a numpy array or a tensor, got {type(image).__name__}")
 
 
-def to_tensors(images: ImageLike | Sequence[ImageLike], max_pixels: Optional[int] = None) -> List[Tensor]:
+def to_tensors(images: Sequence[ImageLike] | Tensor, max_pixels: Optional[int] = None) -> List[Tensor]:
     """A batch of images as a list of (C, H, W) tensors.
 
     `images` is an N x C x H x W tensor, or a list/tuple of images of any kind that

@@ -3,6 +3,7 @@ the pixel bound refuses decompression bombs by name before decoding; one image i
 must not be a 4-D batch."""
 import io
 import struct
+import typing
 import zlib
 
 import numpy as np
@@ -108,6 +109,13 @@ def test_truncated_bytes_are_unreadable_by_index(tiny_model_path, pngs):
 def test_bytes_alone_are_not_a_batch(tiny_model_path, pngs):
     with pytest.raises(TypeError, match="wrap one image in a list"):
         api.predict_batch(pngs[1][0], tiny_model_path)
+
+
+def test_the_type_hints_take_a_batch_not_one_image():
+    """One image is refused (above): the hints admit a list of images or an N x C x H x W tensor."""
+    batch = typing.Union[typing.Sequence[preprocess.ImageLike], torch.Tensor]
+    assert typing.get_type_hints(api.predict_batch)["images"] == batch
+    assert typing.get_type_hints(preprocess.to_tensors)["images"] == batch
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's own, at 89 M pixels
