@@ -67,12 +67,14 @@ def _transparent_text(n=4):
 
 def test_text_on_a_transparent_background_reads_as_on_white(tmp_path):
     """White text on transparent used to be composited on white and read "": each reads as the opaque
-    image, in one call (same-size images of both kinds are prepared together), by the eager recognizer
-    and by a scripted one saved from it."""
+    image, in one call (same-size images of both kinds are prepared together), by the eager recognizer,
+    a scripted one saved from it, and the shipped file (TorchScript keeps the preprocessing it was
+    exported with: default.pt must be exported anew when preprocessing changes)."""
     opaque, white, black = _transparent_text()
     eager = build_recognizer(load_model(PRETRAINED_CHECKPOINT))
     scripted = captcha_fast.load(save_recognizer(eager, tmp_path / "rec.pt"), device="cpu", compiled=False)
-    for rec in (eager, scripted):
+    shipped = captcha_fast.load(captcha_fast.api.DEFAULT_MODEL, device="cpu", compiled=False)
+    for rec in (eager, scripted, shipped):
         reads = captcha_fast.predict_batch(opaque + white + black, rec)
         want = reads[:len(opaque)]
         assert all(want), want
