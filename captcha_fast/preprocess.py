@@ -225,16 +225,18 @@ def check_width(H: int, W: int, height: int, max_width: int, name: str) -> int:
 
 def to_channels(x: Tensor, in_channels: int) -> Tensor:
     """(N, C, H, W) float, C = 1/3/4 -> (N, in_channels, H, W). RGBA is composited on white, or on
-    black for an image whose drawn pixels are light (their alpha-weighted mean luma above 0.5):
-    white text on a transparent background, laid by a site over its CSS background, would vanish
-    on white. Each image decides alone, from all of its pixels: callers pass images of one size,
-    never a padded batch. An opaque image gives its RGB exactly, whatever the background."""
+    black where that shows more of the image (its composited luma varies more): white text on a
+    transparent background, laid by a site over its CSS background, would vanish on white, while
+    dark text on a pale, half-transparent background stays on white. Each image decides alone,
+    from all of its pixels: callers pass images of one size, never a padded batch. An opaque
+    image gives its RGB exactly (both backgrounds tie; ties go to white)."""
     C = x.shape[1]
     if C == 4:  # composite: the alpha often carries the anti-aliasing
         rgb, alpha = x[:, :3], x[:, 3:4]
-        luma = 0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]
-        drawn = (luma * alpha).sum([1, 2, 3], keepdim=True) / alpha.sum([1, 2, 3], keepdim=True).clamp_min(1e-6)
-        white = (drawn <= 0.5).to(x.dtype)  # (N, 1, 1, 1): 1 white, 0 black; all transparent: white
+        on_black = (0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]) * alpha
+        on_white = on_black + (1.0 - alpha)
+        spread_white, spread_black = on_white.var([1, 2, 3], False, True), on_black.var([1, 2, 3], False, True)
+        white = (spread_white >= spread_black).to(x.dtype)  # (N, 1, 1, 1): 1 white, 0 black
         x = rgb * alpha + white * (1.0 - alpha)
         C = 3
     if in_channels == 1 and C == 3:  # ITU-R 601 luma, as PIL's convert("L")

@@ -1,5 +1,7 @@
 """captcha_fast.preprocess: the ink map and the crop to the text (against hand-made images with a
 known answer), bounded work for extreme aspect ratios, scripted == eager."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -134,6 +136,15 @@ def test_rgba_text_composites_on_the_background_it_contrasts_with(scripted):
     text, around = grey[:, 0, 10, 20].tolist(), grey[:, 0, 0, 0].tolist()
     assert around == [0.0, 1.0, 0.0, 1.0]
     assert text[0] == 1.0 and text[1] == 0.0 and 0.5 < text[2] < 0.6 and text[3] == 1.0
+    # dark text on a pale, half-transparent background: on white (on black the background would darken
+    # to 0.45, against 0.95); and a lone half-transparent pixel (no spread either way) on white, no warning
+    page = _rgba((0.9, 0.9, 0.9), 0.5, alpha_background=0.5)
+    page[:3, 6:14, 10:30], page[3, 6:14, 10:30] = 0.0, 1.0
+    grey = to_channels(page[None], 1)
+    torch.testing.assert_close(grey[0, 0, [0, 10], [0, 20]], torch.tensor([0.95, 0.0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert to_channels(torch.tensor([0.2, 0.2, 0.2, 0.5]).view(1, 4, 1, 1), 1).item() == pytest.approx(0.6)
 
 
 def test_opaque_rgba_is_its_rgb_bit_for_bit():

@@ -263,7 +263,8 @@ def test_bad_data_errors_name_the_file(tiny_folder, tmp_path):
     Image.new("L", (2000, 10), 255).save(d / "0123_wide.png")  # 3200 px at height 16
     cfg = TrainConfig(data=str(d), out=str(tmp_path / "wide"), val_fraction=0.0, epochs=1, export=False,
                       max_width=3000, **TINY)
-    with pytest.raises(ValueError, match=r"0123_wide\.png: a 10 x 2000 image is 3200 px wide .* max_width = 3000"):
+    with pytest.raises(ValueError,
+                       match=r"0123_wide\.png: a 2000 x 10 image \(width x height\) is 3200 px wide .* max_width = 3000"):
         train(cfg)
     with pytest.raises(ValueError, match=r"outside the charset"):
         train(TrainConfig(data=str(tiny_folder), out=str(tmp_path / "r2"), charset="012", epochs=1, **TINY))
