@@ -5,14 +5,15 @@ each as its compiled package (what `captcha_fast.load` serves), interleaved in o
         narrow=runs/build/round_0039/last.ckpt h192=captcha_fast/pretrained/default.ckpt
     python tools/model_cost.py --images DIR narrow=CKPT wider=CKPT:48,96,192
 
-NAME=CKPT times that checkpoint; NAME=CKPT:C1,C2,H times it grown to conv channels C1/C2 and GRU
-width H by `model.widen` (the same reads, the wider shape's cost: how to price a width before
-training it). Per model: images one per call (what a server does) and 256 in one call, img/s, the
+NAME=CKPT times that checkpoint; NAME=CKPT:C1,C2,H[,R] times it grown to conv channels C1/C2, GRU
+width H (`model.widen`) and R residual blocks (zero-scale, as `train --res-blocks` grows them): the
+same reads, the larger shape's cost: how to price a shape before training it. Per model: images one per call (what a server does) and 256 in one call, img/s, the
 best of --runs interleaved runs (a busy machine slows every model alike; run it on a quiet one).
 The number of parameters and the TorchScript recognizer's size on disk come with each row."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import platform
 import sys
 import tempfile
@@ -28,20 +29,24 @@ from captcha_fast import api  # noqa: E402
 from captcha_fast.checkpoint import load_model  # noqa: E402
 from captcha_fast.data import list_samples  # noqa: E402
 from captcha_fast.export import compile_package, save_recognizer  # noqa: E402
-from captcha_fast.model import widen  # noqa: E402
+from captcha_fast.model import CRNN, widen  # noqa: E402
 from captcha_fast.preprocess import load_image  # noqa: E402
 
 
 def parse_model(spec: str):
-    """NAME=CKPT[:C1,C2,H] -> (name, CRNN)."""
+    """NAME=CKPT[:C1,C2,H[,R]] -> (name, CRNN)."""
     name, sep, rest = spec.partition("=")
     if not sep:
-        raise SystemExit(f"model_cost: {spec!r} is not NAME=CKPT[:C1,C2,H]")
+        raise SystemExit(f"model_cost: {spec!r} is not NAME=CKPT[:C1,C2,H[,R]]")
     path, _, shape = rest.partition(":")
     model = load_model(path)
     if shape:
-        c1, c2, hidden = (int(v) for v in shape.split(","))
+        c1, c2, hidden, *blocks = (int(v) for v in shape.split(","))
         model = widen(model, (c1, c2), hidden)
+        if blocks:
+            deep = CRNN(replace(model.config, res_blocks=blocks[0])).eval()
+            deep.load_state_dict(model.state_dict(), strict=False)  # the new blocks: their zero-scale init
+            model = deep
     return name, model
 
 
@@ -59,7 +64,7 @@ def throughput(model, images, big) -> tuple:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("models", nargs="+", help="NAME=CKPT or NAME=CKPT:C1,C2,H")
+    ap.add_argument("models", nargs="+", help="NAME=CKPT or NAME=CKPT:C1,C2,H[,R]")
     ap.add_argument("--images", required=True, help="a folder of captchas (the first -n are read)")
     ap.add_argument("-n", type=int, default=98, help="images timed one per call (default 98)")
     ap.add_argument("--runs", type=int, default=3)
