@@ -473,7 +473,8 @@ def _setup(cfg: TrainConfig, ddp: Dist) -> _Run:
     model = build_model(cfg, charset)
     init = start_weights(cfg)
     if init is not None and state is None:
-        skipped = init_from_checkpoint(model, init)
+        # convs 4 on are residual blocks; absent from the start model, they are new ones (identity at first)
+        skipped = [n for n in init_from_checkpoint(model, init) if not (n.startswith("convs.") and int(n.split(".")[1]) >= 4)]
         if skipped:
             warnings.warn(f"starting from {init}: kept the fresh init of {', '.join(skipped)} (shapes differ)")
     for ds in (train_ds, val_ds):

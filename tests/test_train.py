@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import warnings
 
 from pathlib import Path
 
@@ -162,6 +163,14 @@ def test_fine_tuning_takes_the_start_models_size(tmp_path):
 
     assert size() == ((8, 24), 40)
     assert size(hidden_dim=48) == ((8, 24), 48)  # init_from_checkpoint then grows it (test_checkpoint)
+    # --res-blocks grows it deeper: the new blocks are expected, not "kept the fresh init" of a mismatch
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*fresh init")
+        deep = train(_synthetic_cfg(tmp_path / "deep", epochs=1, init_from=str(start), from_scratch=False,
+                                    channels=None, hidden_dim=None, res_blocks=1))
+    assert load_checkpoint(deep)["model_config"]["res_blocks"] == 1
+    c = build_model(TrainConfig(data="synthetic", height=16, init_from=str(deep)), Charset("AB12")).config
+    assert (c.channels, c.hidden_dim, c.res_blocks) == ((8, 24), 40, 1)  # a deep start's depth is kept
     scratch = build_model(TrainConfig(data="synthetic", from_scratch=True), Charset("AB")).config
     assert (scratch.channels, scratch.hidden_dim) == (CRNNConfig("A").channels, CRNNConfig("A").hidden_dim)
 
