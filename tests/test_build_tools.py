@@ -227,13 +227,16 @@ def test_a_build_grown_from_another_builds_round_continues_its_hours_log_and_str
 
     out = tmp_path / "second"
     args = Namespace(from_scratch=False, init_from=str(init), log=str(tmp_path / "no_log.csv"), channels=None,
-                     hidden=48)
+                     hidden=48, res_blocks=None)
     state = build_pretrained.load_state(out, args)
     assert (state["hours"], state["next_round"], state["synth_next"]) == (1.0, 3, 640)
     assert state["offsets"] == {"v2": 64} and state["best"]["score"] == 0.5
-    assert state["started_from"] == ["random weights (at 0.00 h)", f"{init}, grown from channels 8/16, GRU 32 to 8/16, "
-                                     "GRU 48 (model.widen) (at 1.00 h)"]
+    assert state["started_from"] == ["random weights (at 0.00 h)", f"{init}, grown from channels 8/16, GRU 32 to "
+                                     "channels 8/16, GRU 48 (model.widen) (at 1.00 h)"]
     assert [r["round"] for r in build_pretrained.read_log(out / build_pretrained.LOG_NAME)] == ["0", "1", "2"]
+    deeper = build_pretrained.load_state(tmp_path / "third", Namespace(**{**vars(args), "hidden": None, "res_blocks": 2}))
+    assert deeper["started_from"][-1] == (f"{init}, grown from channels 8/16, GRU 32 to channels 8/16, GRU 32, "
+                                          "2 residual blocks (new residual blocks start as the identity) (at 1.00 h)")
 
 
 def test_a_known_format_is_the_labels_case_folded_alphabet_and_lengths(tiny_model_path):

@@ -306,7 +306,8 @@ def grown(ckpt, args) -> str:
 
     def size(c, h, r):
         return f"channels {c[0]}/{c[1]}, GRU {h}" + (f", {r} residual block{'s' * (r > 1)}" if r else "")
-    return "" if new == old else f", grown from {size(*old)} to {size(*new)} (model.widen, zero-scale new blocks)"
+    how = ["model.widen"] * (new[:2] != old[:2]) + ["new residual blocks start as the identity"] * (new[2] > old[2])
+    return "" if new == old else f", grown from {size(*old)} to {size(*new)} ({'; '.join(how)})"
 
 
 def load_state(out: Path, args) -> dict:
