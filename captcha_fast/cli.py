@@ -273,7 +273,7 @@ def _run_train(args):
     if int(os.environ.get("RANK", "0")) == 0:
         best = load_checkpoint(Path(cfg.out) / "best.ckpt")  # the epoch the model comes from
         row = best["best"]
-        which, scores = ((f"best epoch", f"val acc {row['val_acc']:.4f} cer {row['val_cer']:.4f}") if row["val_n"]
+        which, scores = (("best epoch", f"val acc {row['val_acc']:.4f} cer {row['val_cer']:.4f}") if row["val_n"]
                          else ("last epoch", f"train acc {row['train_acc']:.4f} (no validation split)"))
         took = f"{time.time() - t0:.0f}s" + (" this invocation" if cfg.resume else "")
         print(f"{which} {best['epoch'] + 1}: {scores}; {took}; model: {path}")

@@ -49,6 +49,9 @@ class CRNNConfig:
         return asdict(self)
 
 
+BLOCK_CONVS = 4  # convs of the two pooled blocks; those after them in CRNN.convs are residual pairs
+
+
 def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
@@ -102,7 +105,7 @@ class CRNN(nn.Module):
         w = widths
         skip = x
         for i, conv in enumerate(self.convs):
-            if i >= 4 and i % 2 == 0:  # a residual block's input
+            if i >= 4 and i % 2 == 0:  # a residual block's input (4 = BLOCK_CONVS: TorchScript can't read globals)
                 skip = x
             x = conv(x)
             if i >= 4 and i % 2 == 1:
@@ -250,7 +253,7 @@ class InferenceCRNN(CRNN):
         w = widths
         skip = x
         for i, conv in enumerate(self.convs):
-            if i >= 4 and i % 2 == 0:  # a residual block's input
+            if i >= 4 and i % 2 == 0:  # a residual block's input (4 = BLOCK_CONVS: TorchScript can't read globals)
                 skip = x
             x = conv(x)
             if i >= 4 and i % 2 == 1:

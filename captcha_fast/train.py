@@ -53,7 +53,7 @@ from captcha_fast.files import atomic_write
 from captcha_fast.machine import native_bf16
 from captcha_fast.export import save_recognizer
 from captcha_fast.metrics import score
-from captcha_fast.model import CRNN, CRNNConfig
+from captcha_fast.model import BLOCK_CONVS, CRNN, CRNNConfig
 from captcha_fast.plots import plot_curves
 from captcha_fast.preprocess import MAX_WIDTH
 from captcha_fast.synth import DIGITS_UPPER, SynthConfig
@@ -190,8 +190,8 @@ class TrainConfig:
 
 # What a --resume must share with the run it continues.
 _RESUME_MUST_MATCH = ("data", "seed", "batch_size", "epochs", "min_steps", "lr", "height", "in_channels", "ink",
-                      "channels", "hidden_dim", "res_blocks", "val_fraction", "warmup", "bucket", "synth_train", "augment",
-                      "rehearse", "join", "teacher", "teacher_weight", "teacher_on")
+                      "channels", "hidden_dim", "res_blocks", "val_fraction", "warmup", "bucket", "synth_train",
+                      "augment", "rehearse", "join", "teacher", "teacher_weight", "teacher_on")
 _CSV_KEYS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_cer", "val_n", "lr", "seconds"]
 
 
@@ -473,8 +473,9 @@ def _setup(cfg: TrainConfig, ddp: Dist) -> _Run:
     model = build_model(cfg, charset)
     init = start_weights(cfg)
     if init is not None and state is None:
-        # convs 4 on are residual blocks; absent from the start model, they are new ones (identity at first)
-        skipped = [n for n in init_from_checkpoint(model, init) if not (n.startswith("convs.") and int(n.split(".")[1]) >= 4)]
+        # residual convs the start model lacks are new blocks (the identity at first), not a mismatch
+        skipped = [n for n in init_from_checkpoint(model, init)
+                   if not (n.startswith("convs.") and int(n.split(".")[1]) >= BLOCK_CONVS)]
         if skipped:
             warnings.warn(f"starting from {init}: kept the fresh init of {', '.join(skipped)} (shapes differ)")
     for ds in (train_ds, val_ds):
@@ -880,7 +881,8 @@ def train(config: TrainConfig, log: Optional[Callable[[str], None]] = None) -> P
         say = log if log is not None and ddp.main else (lambda line: None)
         n_val = len(run.val_ds) if run.val_ds is not None else 0
         say(f"{_describe(run.train_ds, cfg.data)}, {n_val} for validation; {_count(cfg.epochs, 'epoch')} of "
-            f"{_count(run.passes, 'pass', 'passes')} = {_count(cfg.epochs * run.passes * len(run.sampler), 'optimizer step')}"
+            f"{_count(run.passes, 'pass', 'passes')} = "
+            f"{_count(cfg.epochs * run.passes * len(run.sampler), 'optimizer step')}"
             + ("" if n_val else "; no validation split: the model is the last epoch's weights"))
         for epoch in range(run.start_epoch, cfg.epochs):
             if cfg.stop_after is not None and epoch - run.start_epoch >= cfg.stop_after:
