@@ -403,9 +403,11 @@ def _run_export(args):
 
 def _add_calibrate(p):
     a = p.add_argument
-    a("model", help="a recognizer (.pt or .pt2) or a training checkpoint (RUN_DIR/best.ckpt)")
-    a("data", help="labelled images the model never trained on: a folder of LABEL.png files, a .tsv manifest, or "
-                   "`synthetic`")
+    # MODEL is optional, as for eval (calibrate DATA fits the shipped model): options go before MODEL or after DATA
+    a("model", nargs="?", metavar="MODEL", help="a recognizer (.pt or .pt2) or a training checkpoint "
+                                                "(RUN_DIR/best.ckpt) (default: the shipped pretrained model)")
+    a("data", metavar="DATA", help="labelled images the model never trained on: a folder of LABEL.png files, "
+                                   "a .tsv manifest, or `synthetic`")
     a("--out", required=True, help="where to write the calibrated copy (the model's own path replaces it)")
     _add_labelled_data(a, ["all", "val"], synth_n=2000, synth_seed=424242, synth_style="mix")
     a("--plot", default=None, help="also write a reliability diagram of the fit here (PNG)")
@@ -416,12 +418,13 @@ def _run_calibrate(args):
     from captcha_fast.evaluate import load_labelled
     from captcha_fast.synth import DIGITS_LETTERS, SynthConfig
 
-    if formats.file_kind(args.model) == "unknown":  # a training checkpoint (load_checkpoint names a foreign file)
+    model = args.model or str(api.DEFAULT_MODEL)
+    if formats.file_kind(model) == "unknown":  # a training checkpoint (load_checkpoint names a foreign file)
         from captcha_fast.checkpoint import load_model
         from captcha_fast.recognizer import build_recognizer
-        rec = build_recognizer(load_model(args.model))
+        rec = build_recognizer(load_model(model))
     else:
-        rec = api.load(args.model, device="cpu", compiled=False)
+        rec = api.load(model, device="cpu", compiled=False)
     synth = SynthConfig(style=args.synth_style, charset=DIGITS_LETTERS, min_len=4, max_len=8, seed=args.synth_seed)
     images, labels, _ = load_labelled(args.data, args.skip_bad, args.split, args.val_fraction, args.seed, synth,
                                       args.synth_n)
@@ -430,7 +433,7 @@ def _run_calibrate(args):
               + (f" ({args.synth_n} of style {args.synth_style}, seed {args.synth_seed})" if args.data == "synthetic"
                  else ""))
     cal = confidence.fit_calibration(reads, source)
-    out = export.with_calibration(args.model, cal, args.out)
+    out = export.with_calibration(model, cal, args.out)
     rels = {}
     for d in confidence.DECODERS:
         r = reads[d]
@@ -444,7 +447,7 @@ def _run_calibrate(args):
     if args.plot:
         from captcha_fast.plots import plot_reliability
         plot_reliability({f"{d} decoding": rels[d] for d in confidence.DECODERS}, args.plot,
-                         title=f"{Path(args.model).name} on {source} (the reads it was fitted on)")
+                         title=f"{Path(model).name} on {source} (the reads it was fitted on)")
     print(f"wrote {out}")
 
 

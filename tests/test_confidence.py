@@ -224,6 +224,17 @@ def test_cli_calibrate_fits_on_labelled_images_and_writes_a_copy(files, png_fold
     assert formats.load_recognizer(plain).calibration is None  # the source is left alone
 
 
+def test_cli_calibrate_without_a_model_fits_the_shipped_one(png_folder, tmp_path):
+    """calibrate DATA fits the shipped model, as eval DATA scores it; the shipped file is left alone."""
+    shipped = formats.load_recognizer(api.DEFAULT_MODEL).calibration
+    outs = [tmp_path / "default.pt", tmp_path / "named.pt"]
+    assert main(["calibrate", str(png_folder), "--ignore-case", "--out", str(outs[0])]) == 0
+    assert main(["calibrate", str(api.DEFAULT_MODEL), str(png_folder), "--ignore-case", "--out", str(outs[1])]) == 0
+    fits = [formats.load_recognizer(out).calibration for out in outs]
+    assert fits[0] == fits[1] and fits[0].n == 5 and fits[0] != shipped
+    assert formats.load_recognizer(api.DEFAULT_MODEL).calibration == shipped
+
+
 def _labelled(folder):
     from captcha_fast.evaluate import load_labelled
     images, labels, _ = load_labelled(str(folder))
