@@ -205,6 +205,23 @@ def test_a_weighted_mean_of_checkpoints_weighs_every_float_tensor_and_refuses_mi
         build_pretrained.score_mean([str(tmp_path / "m.pt"), f"1:{paths[0]}", f"1:{paths[1]}", "--data", str(tmp_path)])
 
 
+def test_a_checkpoint_saved_before_a_config_field_existed_is_the_same_shape(tmp_path):
+    """The shipped default.ckpt was saved before res_blocks: its config lacks the field (the default, 0), and it
+    averages with rounds saved after (the soup of `mean`, the rounds of --average), but not with a deeper one."""
+    from captcha_fast.checkpoint import save_checkpoint
+    from captcha_fast.model import CRNN, CRNNConfig
+    from conftest import tiny_model
+
+    old, new = tiny_model(seed=1), tiny_model(seed=2)
+    legacy = {k: v for k, v in old.config.to_dict().items() if k != "res_blocks"}
+    deep = CRNN(CRNNConfig(**{**new.config.to_dict(), "res_blocks": 1}))
+    for k, (m, cfg) in enumerate(((old, legacy), (new, new.config.to_dict()), (deep, deep.config.to_dict())), 1):
+        save_checkpoint({"model": m.state_dict(), "model_config": cfg, "epoch": k},
+                        tmp_path / f"round_{k:04d}" / "last.ckpt")
+    assert build_pretrained.average_rounds(tmp_path, 2, 2)[1] == 2
+    assert build_pretrained.average_rounds(tmp_path, 3, 3)[1] == 1
+
+
 def test_a_build_grown_from_another_builds_round_continues_its_hours_log_and_streams(tmp_path):
     """--init-from OUT/round_K/last.ckpt (a checkpoint without a build entry): the new build inherits
     round K's build.json (hours, data streams, draws) and OUT's log up to round K."""
@@ -234,7 +251,8 @@ def test_a_build_grown_from_another_builds_round_continues_its_hours_log_and_str
     assert state["started_from"] == ["random weights (at 0.00 h)", f"{init}, grown from channels 8/16, GRU 32 to "
                                      "channels 8/16, GRU 48 (model.widen) (at 1.00 h)"]
     assert [r["round"] for r in build_pretrained.read_log(out / build_pretrained.LOG_NAME)] == ["0", "1", "2"]
-    deeper = build_pretrained.load_state(tmp_path / "third", Namespace(**{**vars(args), "hidden": None, "res_blocks": 2}))
+    deeper = build_pretrained.load_state(tmp_path / "third",
+                                         Namespace(**{**vars(args), "hidden": None, "res_blocks": 2}))
     assert deeper["started_from"][-1] == (f"{init}, grown from channels 8/16, GRU 32 to channels 8/16, GRU 32, "
                                           "2 residual blocks (new residual blocks start as the identity) (at 1.00 h)")
 

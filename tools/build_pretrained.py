@@ -86,6 +86,7 @@ from captcha_fast.checkpoint import (  # noqa: E402
 from captcha_fast.data import list_samples, read_manifest, split_samples  # noqa: E402
 from captcha_fast.export import save_recognizer  # noqa: E402
 from captcha_fast.files import atomic_write  # noqa: E402
+from captcha_fast.model import CRNNConfig  # noqa: E402
 from captcha_fast.preprocess import load_image  # noqa: E402
 from captcha_fast.train import TrainConfig, train  # noqa: E402
 
@@ -438,6 +439,12 @@ def score_start(out: Path, state: dict, sets: dict) -> None:
     print(f"start ({state['init']}): score {acc['score']:.4f}, unseen {acc['unseen']:.4f}", flush=True)
 
 
+def model_shape(ckpt: dict) -> CRNNConfig:
+    """A checkpoint's model config with every default filled in: one saved before a field existed (the
+    shipped default.ckpt has no res_blocks) is the same shape as one saved after with the default."""
+    return CRNNConfig(**ckpt["model_config"])
+
+
 def average_rounds(out: Path, k: int, n: int) -> tuple:
     """(checkpoint, rounds): round k's last.ckpt with its weights replaced by the mean over rounds
     k-n+1..k of OUT that hold a last.ckpt of the same model_config (round k at least). Floating-point
@@ -449,7 +456,7 @@ def average_rounds(out: Path, k: int, n: int) -> tuple:
         if not path.is_file():
             break
         other = load_checkpoint(path)
-        if other["model_config"] != ckpt["model_config"]:
+        if model_shape(other) != model_shape(ckpt):
             break
         states.append(other["model"])
     return {**ckpt, "model": mean_weights(states, [1.0] * len(states))}, len(states)
@@ -475,7 +482,7 @@ def score_mean(argv=None) -> dict:
     p.add_argument("--eval-n", type=int, default=300)
     args = p.parse_args(argv)
     weights, ckpts = zip(*((float(w), load_checkpoint(c)) for w, c in (x.split(":", 1) for x in args.parts)))
-    if len({json.dumps(c["model_config"], sort_keys=True) for c in ckpts}) > 1:
+    if any(model_shape(c) != model_shape(ckpts[0]) for c in ckpts[1:]):
         raise SystemExit("build_pretrained.py mean: the checkpoints hold different model configs")
     save_recognizer(model_from_checkpoint({**ckpts[0], "model": mean_weights([c["model"] for c in ckpts],
                                                                              weights)}), args.out)
