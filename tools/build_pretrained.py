@@ -447,8 +447,9 @@ def model_shape(ckpt: dict) -> CRNNConfig:
 
 def average_rounds(out: Path, k: int, n: int) -> tuple:
     """(checkpoint, rounds): round k's last.ckpt with its weights replaced by the mean over rounds
-    k-n+1..k of OUT that hold a last.ckpt of the same model_config (round k at least). Floating-point
-    tensors, BatchNorm's running statistics among them, are averaged in float64; counters are round k's."""
+    k-n+1..k of OUT that hold a last.ckpt of the same model shape (model_shape; round k at least).
+    Floating-point tensors, BatchNorm's running statistics among them, are averaged in float64; counters are
+    round k's."""
     ckpt = load_checkpoint(out / f"round_{k:04d}" / "last.ckpt")
     states = [ckpt["model"]]
     for j in range(k - 1, k - n, -1):
