@@ -60,9 +60,16 @@ def load_checkpoint(path: PathLike) -> dict:
     return ckpt
 
 
+def checkpoint_config(ckpt: dict) -> CRNNConfig:
+    """The model config of a loaded checkpoint dict, every default filled in: a checkpoint saved before a
+    field existed (the shipped default.ckpt has no res_blocks) has that field's default, so it compares
+    equal to one of the same shape saved since."""
+    return CRNNConfig(**ckpt["model_config"])
+
+
 def model_from_checkpoint(ckpt: dict) -> CRNN:
     """The CRNN (eval mode) of a loaded checkpoint dict."""
-    model = CRNN(CRNNConfig(**ckpt["model_config"]))
+    model = CRNN(checkpoint_config(ckpt))
     model.load_state_dict(ckpt["model"])
     return model.eval()
 
@@ -108,7 +115,7 @@ def init_from_checkpoint(model: CRNN, path: PathLike) -> List[str]:
     its input options (INPUT_OPTIONS) differ from the model's, or it is wider. Returns the names
     left at their init."""
     ckpt = load_checkpoint(path)
-    source = CRNNConfig(**ckpt["model_config"])
+    source = checkpoint_config(ckpt)
     differ = [f"{k}={getattr(model.config, k)!r} (the checkpoint's: {getattr(source, k)!r})" for k in INPUT_OPTIONS
               if getattr(model.config, k) != getattr(source, k)]
     if differ:

@@ -41,8 +41,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from captcha_fast.charset import Charset
-from captcha_fast.checkpoint import (PRETRAINED_CHECKPOINT, init_from_checkpoint, load_checkpoint,
-                                     load_model, model_from_checkpoint, save_checkpoint)
+from captcha_fast.checkpoint import (PRETRAINED_CHECKPOINT, checkpoint_config, init_from_checkpoint,
+                                     load_checkpoint, load_model, model_from_checkpoint, save_checkpoint)
 from captcha_fast.confidence import calibrate_file
 from captcha_fast.data import (SMALL_SET_AUGMENT, AugmentConfig, Batch, BucketBatchSampler, CaptchaDataset,
                                Sample, check_labels, collate, frames_needed, list_samples, split_samples,
@@ -570,7 +570,7 @@ def start_weights(cfg: TrainConfig) -> Optional[Path]:
 def start_config(cfg: TrainConfig) -> Optional[CRNNConfig]:
     """The configuration (size, charset) of the model training starts from; None from scratch."""
     start = start_weights(cfg)
-    return CRNNConfig(**load_checkpoint(start)["model_config"]) if start else None
+    return checkpoint_config(load_checkpoint(start)) if start else None
 
 
 def peak_lr(cfg: TrainConfig) -> float:

@@ -82,11 +82,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 import captcha_fast  # noqa: E402
 from captcha_fast import synth  # noqa: E402
 from captcha_fast.checkpoint import (  # noqa: E402
-    PRETRAINED_CHECKPOINT, load_checkpoint, load_model, model_from_checkpoint, save_checkpoint)
+    PRETRAINED_CHECKPOINT, checkpoint_config, load_checkpoint, load_model, model_from_checkpoint, save_checkpoint)
 from captcha_fast.data import list_samples, read_manifest, split_samples  # noqa: E402
 from captcha_fast.export import save_recognizer  # noqa: E402
 from captcha_fast.files import atomic_write  # noqa: E402
-from captcha_fast.model import CRNNConfig  # noqa: E402
 from captcha_fast.preprocess import load_image  # noqa: E402
 from captcha_fast.train import TrainConfig, train  # noqa: E402
 
@@ -300,8 +299,8 @@ def grown(ckpt, args) -> str:
     checkpoint, else ""."""
     if ckpt is None:
         return ""
-    cfg = ckpt["model_config"]
-    old = (tuple(cfg["channels"]), cfg["hidden_dim"], cfg.get("res_blocks", 0))
+    cfg = checkpoint_config(ckpt)
+    old = (cfg.channels, cfg.hidden_dim, cfg.res_blocks)
     new = (tuple(args.channels or old[0]), args.hidden or old[1],
            old[2] if args.res_blocks is None else args.res_blocks)
 
@@ -439,15 +438,9 @@ def score_start(out: Path, state: dict, sets: dict) -> None:
     print(f"start ({state['init']}): score {acc['score']:.4f}, unseen {acc['unseen']:.4f}", flush=True)
 
 
-def model_shape(ckpt: dict) -> CRNNConfig:
-    """A checkpoint's model config with every default filled in: one saved before a field existed (the
-    shipped default.ckpt has no res_blocks) is the same shape as one saved after with the default."""
-    return CRNNConfig(**ckpt["model_config"])
-
-
 def average_rounds(out: Path, k: int, n: int) -> tuple:
     """(checkpoint, rounds): round k's last.ckpt with its weights replaced by the mean over rounds
-    k-n+1..k of OUT that hold a last.ckpt of the same model shape (model_shape; round k at least).
+    k-n+1..k of OUT that hold a last.ckpt of the same model config (checkpoint_config; round k at least).
     Floating-point tensors, BatchNorm's running statistics among them, are averaged in float64; counters are
     round k's."""
     ckpt = load_checkpoint(out / f"round_{k:04d}" / "last.ckpt")
@@ -457,7 +450,7 @@ def average_rounds(out: Path, k: int, n: int) -> tuple:
         if not path.is_file():
             break
         other = load_checkpoint(path)
-        if model_shape(other) != model_shape(ckpt):
+        if checkpoint_config(other) != checkpoint_config(ckpt):
             break
         states.append(other["model"])
     return {**ckpt, "model": mean_weights(states, [1.0] * len(states))}, len(states)
@@ -483,7 +476,7 @@ def score_mean(argv=None) -> dict:
     p.add_argument("--eval-n", type=int, default=300)
     args = p.parse_args(argv)
     weights, ckpts = zip(*((float(w), load_checkpoint(c)) for w, c in (x.split(":", 1) for x in args.parts)))
-    if any(model_shape(c) != model_shape(ckpts[0]) for c in ckpts[1:]):
+    if any(checkpoint_config(c) != checkpoint_config(ckpts[0]) for c in ckpts[1:]):
         raise SystemExit("build_pretrained.py mean: the checkpoints hold different model configs")
     save_recognizer(model_from_checkpoint({**ckpts[0], "model": mean_weights([c["model"] for c in ckpts],
                                                                              weights)}), args.out)
