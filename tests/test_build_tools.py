@@ -341,3 +341,81 @@ def test_error_gallery_draws_one_row_per_misread_up_to_show(tiny_model_path, png
     sheet = error_gallery.gallery(model, images, labels, reads, show=8)
     assert sheet.height == 2 * (error_gallery.ROW_H + 4)
     assert error_gallery.gallery(model, images, labels, reads, show=1).height == error_gallery.ROW_H + 4
+
+
+def _font_package(tmp: Path, name: str, version: str, ttf: bytes) -> Path:
+    """An npm tarball shaped like @expo-google-fonts/<name>: package.json, two weights, the font licence."""
+    import io
+    import json
+    import tarfile
+
+    stem = name.title().replace("-", "")
+    files = {"package/package.json": json.dumps({"name": f"@expo-google-fonts/{name}", "version": version}).encode(),
+             f"package/400Regular/{stem}_400Regular.ttf": ttf, f"package/500Medium/{stem}_500Medium.ttf": ttf,
+             "package/LICENSE_FONT": b"This Font Software is licensed under the SIL Open Font License, Version 1.1."}
+    path = tmp / f"{name}-{version}.tgz"
+    with tarfile.open(path, "w:gz") as tar:
+        for n, data in files.items():
+            info = tarfile.TarInfo(n)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_google_fonts_installs_each_familys_regular_face_and_licence_and_pins_versions(tmp_path, monkeypatch):
+    """tools/google_fonts.py with npm replaced by local tarballs: one folder per family holding its 400
+    face (not the 500) and LICENSE_FONT; fonts.tsv rows name package, version and licence; a family whose
+    face FreeType cannot render is dropped; --from asks for exactly the versions of another install."""
+    import google_fonts
+    from captcha_fast import synth
+
+    ttf = Path(next(p for p in synth.pip_fonts() if p.endswith("DejaVuSans.ttf"))).read_bytes()
+    packed = {"@expo-google-fonts/good-one": _font_package(tmp_path, "good-one", "0.4.1", ttf),
+              "@expo-google-fonts/broken": _font_package(tmp_path, "broken", "0.2.0", b"not a font")}
+    asked = []
+
+    def npm_pack(spec, dest):
+        asked.append(spec)
+        name = spec.rsplit("@", 1)[0] if spec.count("@") == 2 else spec
+        if name not in packed:
+            raise subprocess.CalledProcessError(1, ["npm", "pack", spec])
+        return packed[name]
+
+    monkeypatch.setattr(google_fonts, "npm_pack", npm_pack)
+    monkeypatch.setattr(google_fonts, "families",
+                        lambda categories: {"Good One": "display", "Broken": "serif", "Absent": "serif"})
+    google_fonts.main(["--out", str(tmp_path / "fonts"), "--jobs", "2"])
+    assert sorted(p.name for p in (tmp_path / "fonts").iterdir()) == ["fonts.tsv", "good-one"]
+    assert sorted(p.name for p in (tmp_path / "fonts" / "good-one").iterdir()) == ["GoodOne_400Regular.ttf",
+                                                                                 "LICENSE_FONT"]
+    rows = build_pretrained.google_fonts(tmp_path / "fonts")
+    assert rows == [{"family": "Good One", "package": "@expo-google-fonts/good-one", "version": "0.4.1",
+                     "category": "display", "licence": "SIL OFL 1.1", "files": "GoodOne_400Regular.ttf"}]
+    assert synth.font_fits(str(tmp_path / "fonts" / "good-one" / "GoodOne_400Regular.ttf"), synth.DIGITS_UPPER)
+    asked.clear()
+    google_fonts.main(["--out", str(tmp_path / "again"), "--from", str(tmp_path / "fonts" / "fonts.tsv")])
+    assert asked == ["@expo-google-fonts/good-one@0.4.1"]
+    assert build_pretrained.google_fonts(tmp_path / "again") == rows
+
+
+def test_a_build_renders_with_its_google_fonts_and_refuses_to_go_on_without_them(tmp_path):
+    def install(folder, version):
+        folder.mkdir(parents=True)
+        rows = [{"family": "Good One", "package": "@expo-google-fonts/good-one", "version": version,
+                 "category": "display", "licence": "SIL OFL 1.1", "files": "GoodOne_400Regular.ttf"}]
+        build_pretrained.write_fonts_tsv(rows, folder / "fonts.tsv")
+        return rows
+
+    rows = install(tmp_path / "fonts", "0.4.1")
+    out, state = tmp_path / "out", {}
+    build_pretrained.use_google_fonts(out, state, None)  # a build without them stays without them
+    assert "google_fonts" not in state
+    build_pretrained.use_google_fonts(out, state, tmp_path / "fonts")
+    assert state["google_fonts"] == {"folder": str((tmp_path / "fonts").resolve()), "families": rows}
+    assert build_pretrained.read_fonts_tsv(out / "google_fonts.tsv") == rows  # what --from reinstalls
+    assert build_pretrained.synth_config(state["google_fonts"]["folder"]).font_dirs[-1] == str(tmp_path / "fonts")
+    with pytest.raises(SystemExit, match="rendered with 1 Google Fonts families: pass --fonts DIR.*--from"):
+        build_pretrained.use_google_fonts(out, state, None)
+    install(tmp_path / "other", "0.5.0")
+    with pytest.raises(SystemExit, match="that --fonts .*other does not match"):
+        build_pretrained.use_google_fonts(out, state, tmp_path / "other")

@@ -7,6 +7,8 @@ where `captcha-fast train` starts fine-tuning, and MODEL_CARD.md): a long, resum
     nohup python tools/build_pretrained.py --data ../shared/data --real ../shared/data/real \\
         --out runs/build --hours 8 --threads 1 > runs/build.log 2>&1 &
     python tools/build_pretrained.py ... --out runs/build --hours 8             # continue (same command)
+    python tools/google_fonts.py --out ../shared/fonts/google                  # once: Google Fonts for
+    python tools/build_pretrained.py ... --fonts ../shared/fonts/google         #   the synthetic styles
     python tools/build_pretrained.py ... --out runs/build --hours 0 --install   # ship the best so far
     python tools/build_pretrained.py mean soup.pt 0.7:A.ckpt 0.3:B.ckpt --data ../shared/data --real ...
                                                     # score a weighted mean of checkpoints (score_mean)
@@ -25,7 +27,9 @@ rate restarts each round and anneals before each evaluation. A round's manifest 
   v2       the train split of ../shared/data/captcha_images_v2 (same rule)
   blank    images with no text (uniform, gradient, noise, lines) labelled ""
 The synthetic styles draw from the fonts of the Debian packages of synth.DEBIAN_FONT_PACKAGES found
-here; a build refuses to go on without one its rounds rendered with (a fresh machine has none of them).
+here, and with --fonts DIR also from the Google Fonts families tools/google_fonts.py installed in DIR
+(one group per family); a build refuses to go on without a package or the families its rounds rendered
+with (a fresh machine has none of them).
 Each fixed source is read as an endless stream of seeded shuffles, so successive rounds walk through
 all of it. Labels are case-folded: the charset is 0-9a-z.
 
@@ -98,6 +102,7 @@ SYNTH_LENGTHS = (3, 8)
 PKG_SEED, PKG_LENGTHS = 2, (4, 6)  # the pkg group's stream (the held-out package renders: seed 12345, 4-6 long)
 DEFAULT_SHARES = "synth=0.56,real=0.20,varlen=0.14,v2=0.06,blank=0.04"
 LOG_NAME = "build_log.csv"
+GOOGLE_FONTS_LIST = "google_fonts.tsv"  # in OUT and, when installed, docs/: the families a build rendered with
 ROUND_BUILD = "build.json"  # a round's build entry, beside its last.ckpt
 LOG_KEYS = ["run", "round", "hours", "round_hours", "render_hours", "eval_hours", "images", "averaged", "score",
             "unseen"]
@@ -135,8 +140,47 @@ def missing_fonts(state: dict) -> list:
     return [p for p in state["font_packages"] if p not in here]
 
 
-def synth_config() -> synth.SynthConfig:
-    dirs = tuple(d for d in synth.DEBIAN_FONT_DIRS if Path(d).is_dir())
+def google_fonts(folder: Path) -> list:
+    """The families of a tools/google_fonts.py install (its fonts.tsv rows: family, package, version,
+    category, licence, files)."""
+    tsv = folder / "fonts.tsv"
+    if not tsv.is_file():
+        raise SystemExit(f"build_pretrained: --fonts {folder} has no fonts.tsv: install it with "
+                         f"python tools/google_fonts.py --out {folder}")
+    return read_fonts_tsv(tsv)
+
+
+def read_fonts_tsv(path: Path) -> list:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def use_google_fonts(out: Path, state: dict, folder: Path | None) -> None:
+    """Record --fonts in the state (a lineage adds Google Fonts once, then renders with exactly those
+    families), or refuse to go on where its rounds rendered with families not given here: they would
+    silently draw other fonts. OUT/google_fonts.tsv keeps the list (tools/google_fonts.py --from it)."""
+    recorded = state.get("google_fonts")
+    here = google_fonts(folder) if folder else None
+    if recorded and here != recorded["families"]:
+        raise SystemExit(f"build_pretrained: this build rendered with {len(recorded['families'])} Google Fonts "
+                         f"families{' that --fonts ' + str(folder) + ' does not match' if folder else ''}: pass "
+                         f"--fonts DIR, installed by python tools/google_fonts.py --out DIR --from "
+                         f"{out / GOOGLE_FONTS_LIST}")
+    if here is not None:
+        state["google_fonts"] = {"folder": str(folder.resolve()), "families": here}
+        write_fonts_tsv(state["google_fonts"]["families"], out / GOOGLE_FONTS_LIST)
+
+
+def write_fonts_tsv(rows: list, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]), delimiter="\t", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def synth_config(font_folder: str | None = None) -> synth.SynthConfig:
+    dirs = tuple(d for d in synth.DEBIAN_FONT_DIRS if Path(d).is_dir()) + ((font_folder,) if font_folder else ())
     return synth.SynthConfig(style="mix", charset=synth.DIGITS_LETTERS, min_len=SYNTH_LENGTHS[0],
                              max_len=SYNTH_LENGTHS[1], seed=SYNTH_SEED, font_dirs=dirs)
 
@@ -148,11 +192,11 @@ def save_png(image: Image.Image, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def render_chunk(folder: Path, start: int, n: int, n_blank: int, round_no: int):
+def render_chunk(folder: Path, start: int, n: int, n_blank: int, round_no: int, font_folder: str | None = None):
     """Synthetic items start..start+n-1 of the seed-1 stream and n_blank images with no text, as PNG
     files in folder: ((path, label) rows, Counter of synthetic styles, Counter of effects)."""
     folder.mkdir(parents=True, exist_ok=True)
-    captchas = synth.SyntheticCaptchas(synth_config(), 10 ** 9)
+    captchas = synth.SyntheticCaptchas(synth_config(font_folder), 10 ** 9)
     rows, styles, effects = [], Counter(), Counter()
     for i in range(start, start + n):
         path = folder / f"s{i:09d}.png"
@@ -325,6 +369,8 @@ def load_state(out: Path, args) -> dict:
                                                      f"{float(build.get('hours', 0.0)):.2f} h)"]
     state = {"run": time.strftime("%Y%m%d-%H%M%S"), "init": str(init) if init else None, "started_from": started,
              "font_packages": sorted({*build.get("font_packages", []), *font_packages()}),
+             **({"google_fonts": {"folder": None, "families": build["google_fonts"]}} if build.get("google_fonts")
+                else {}),
              "hours": float(build.get("hours", 0.0)), "next_round": int(build.get("round", 0)) + 1,
              "synth_next": int(build.get("synth_next", 0)), "draws": dict(build.get("draws", {})),
              "synth_styles": dict(build.get("synth_styles", {})), "synth_effects": dict(build.get("synth_effects", {})),
@@ -369,7 +415,7 @@ def prepare_round(out: Path, state: dict, sources: dict, shares: dict, args) -> 
     t0 = time.process_time()
     counts = round_counts(shares, sources, args.round_images)
     rows, styles, effects = render_chunk(out / "synth" / f"round_{k:04d}", state["synth_next"], counts["synth"],
-                                counts["blank"], k)
+                                counts["blank"], k, state.get("google_fonts", {}).get("folder"))
     # the pkg stream renders indices 0.. in order, so its next index is how many were drawn
     rows += render_package_chunk(out / "synth" / f"round_{k:04d}", state["draws"].get("pkg", 0), counts.get("pkg", 0),
                                  state["pkg_extra"])
@@ -531,6 +577,7 @@ def build_entry(state: dict, row: dict) -> dict:
             "draws": state["draws"], "offsets": state["offsets"], "synth_styles": state["synth_styles"],
             "synth_effects": state["synth_effects"], "pkg_extra": state["pkg_extra"],
             "started_from": state["started_from"], "font_packages": state["font_packages"],
+            "google_fonts": state.get("google_fonts", {}).get("families", []),
             "accuracy": {k: float(v) for k, v in row.items() if k not in LOG_KEYS or k in ("score", "unseen")},
             "eval_sizes": state["eval_sizes"]}
 
@@ -549,6 +596,9 @@ def install(out: Path, target: Path, log_target: Path, args) -> None:
     save_recognizer(load_model(target / "default.ckpt"), target / "default.pt")
     log_target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(out / LOG_NAME, log_target)
+    families = load_checkpoint(best / "default.ckpt")["build"].get("google_fonts")
+    if families:  # the list the card cites, beside the log
+        write_fonts_tsv(families, log_target.with_name(GOOGLE_FONTS_LIST))
     plot_log(read_log(log_target), log_target.with_name("build_curve.png"))
     calibrate(target, args)
     write_model_card(target, load_checkpoint(best / "default.ckpt"), args)
@@ -654,7 +704,8 @@ def write_model_card(target: Path, ckpt: dict, args) -> None:
     fonts = b.get("font_packages", [])
     L += ["", "Fonts: the `captcha` package's DejaVu plus these Debian packages (licences from their copyright "
           "files, as synth.DEBIAN_FONT_PACKAGES lists): " +
-          (", ".join(f"{f} ({synth.DEBIAN_FONT_PACKAGES.get(f, '?')})" for f in fonts) or "none") + ".", "",
+          (", ".join(f"{f} ({synth.DEBIAN_FONT_PACKAGES.get(f, '?')})" for f in fonts) or "none") + "." +
+          google_fonts_text(b.get("google_fonts", [])), "",
           "## Held out (never trained on)", "",
           "Real sets kept out of training entirely, to measure styles the model has never seen:", "",
           "| set | repository @ commit | path | licence | images |", "|---|---|---|---|---:|"]
@@ -679,6 +730,16 @@ def write_model_card(target: Path, ckpt: dict, args) -> None:
     L += [f"| mean of the above but the unseen sets (what picks the shipped weights) | | {100 * acc['score']:.1f}% |",
           f"| mean of the unseen real styles | | {100 * acc['unseen']:.1f}% |", ""]
     (target / "MODEL_CARD.md").write_text("\n".join(L))
+
+
+def google_fonts_text(families: list) -> str:
+    """The card's sentence on the Google Fonts families of a build ("" without them)."""
+    if not families:
+        return ""
+    licences = Counter(r["licence"] for r in families)
+    return (f" And {len(families)} Google Fonts families, each from its `@expo-google-fonts` npm package "
+            f"(tools/google_fonts.py; docs/{GOOGLE_FONTS_LIST} lists each with its version, category and licence): "
+            + ", ".join(f"{n} {name}" for name, n in licences.most_common()) + ".")
 
 
 def extra_text(extra: str) -> str:
@@ -743,6 +804,8 @@ def main(argv=None) -> None:
                    help="images per round's manifest (2 epochs of 32000: about 16 CPU minutes at ~68 img/s)")
     p.add_argument("--epochs-per-round", type=int, default=2)
     p.add_argument("--shares", default=DEFAULT_SHARES)
+    p.add_argument("--fonts", type=Path, default=None, help="a Google Fonts folder installed by tools/google_fonts.py: "
+                   "the synthetic styles draw from its families too (a build that used one needs it again)")
     p.add_argument("--pkg-extra", default=None, help="symbols added to the pkg group's 0-9a-zA-Z draw, each "
                    "occurrence one more chance (0Oo0Oo0Oo0Oo: 0, O and o five times as likely as another symbol, still "
                    "1:1:1 as in the held-out renders); default: what the build it continues drew with, else none")
@@ -782,6 +845,9 @@ def main(argv=None) -> None:
     if args.teacher is not None:  # kept like --pkg-extra: a resumed run distils as it did
         state["teacher"] = {"path": str(Path(args.teacher).resolve()), "on": args.teacher_on,
                             "weight": args.teacher_weight}
+    if args.fonts or args.hours > 0:  # --install alone renders nothing
+        use_google_fonts(out, state, args.fonts)
+        save_state(out, state)  # a round killed while rendering resumes with the same fonts
     missing = missing_fonts(state)
     if missing and args.hours > 0:
         raise SystemExit(f"build_pretrained: this build rendered with font packages not installed here "
