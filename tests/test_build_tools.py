@@ -419,3 +419,11 @@ def test_a_build_renders_with_its_google_fonts_and_refuses_to_go_on_without_them
     install(tmp_path / "other", "0.5.0")
     with pytest.raises(SystemExit, match="that --fonts .*other does not match"):
         build_pretrained.use_google_fonts(out, state, tmp_path / "other")
+
+
+def test_the_model_card_counts_the_google_fonts_families_by_licence():
+    families = [{"family": f, "licence": lic} for f, lic in
+                (("A", "SIL OFL 1.1"), ("B", "Apache 2.0"), ("C", "SIL OFL 1.1"))]
+    text = build_pretrained.google_fonts_text(families)
+    assert "3 Google Fonts families" in text and text.endswith(": 2 SIL OFL 1.1, 1 Apache 2.0.")
+    assert build_pretrained.google_fonts_text([]) == ""  # a build without them says nothing
