@@ -16,6 +16,7 @@ from captcha_fast.data import Sample, split_samples
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import build_pretrained  # noqa: E402
+import google_fonts  # noqa: E402
 import real_sets  # noqa: E402
 
 
@@ -366,7 +367,6 @@ def test_google_fonts_installs_each_familys_regular_face_and_licence_and_pins_ve
     """tools/google_fonts.py with npm replaced by local tarballs: one folder per family holding its 400
     face (not the 500) and LICENSE_FONT; fonts.tsv rows name package, version and licence; a family whose
     face FreeType cannot render is dropped; --from asks for exactly the versions of another install."""
-    import google_fonts
     from captcha_fast import synth
 
     ttf = Path(next(p for p in synth.pip_fonts() if p.endswith("DejaVuSans.ttf"))).read_bytes()
@@ -388,14 +388,14 @@ def test_google_fonts_installs_each_familys_regular_face_and_licence_and_pins_ve
     assert sorted(p.name for p in (tmp_path / "fonts").iterdir()) == ["fonts.tsv", "good-one"]
     assert sorted(p.name for p in (tmp_path / "fonts" / "good-one").iterdir()) == ["GoodOne_400Regular.ttf",
                                                                                  "LICENSE_FONT"]
-    rows = build_pretrained.google_fonts(tmp_path / "fonts")
+    rows = build_pretrained.installed_families(tmp_path / "fonts")
     assert rows == [{"family": "Good One", "package": "@expo-google-fonts/good-one", "version": "0.4.1",
                      "category": "display", "licence": "SIL OFL 1.1", "files": "GoodOne_400Regular.ttf"}]
     assert synth.font_fits(str(tmp_path / "fonts" / "good-one" / "GoodOne_400Regular.ttf"), synth.DIGITS_UPPER)
     asked.clear()
     google_fonts.main(["--out", str(tmp_path / "again"), "--from", str(tmp_path / "fonts" / "fonts.tsv")])
     assert asked == ["@expo-google-fonts/good-one@0.4.1"]
-    assert build_pretrained.google_fonts(tmp_path / "again") == rows
+    assert build_pretrained.installed_families(tmp_path / "again") == rows
 
 
 def test_a_build_renders_with_its_google_fonts_and_refuses_to_go_on_without_them(tmp_path):
@@ -403,7 +403,7 @@ def test_a_build_renders_with_its_google_fonts_and_refuses_to_go_on_without_them
         folder.mkdir(parents=True)
         rows = [{"family": "Good One", "package": "@expo-google-fonts/good-one", "version": version,
                  "category": "display", "licence": "SIL OFL 1.1", "files": "GoodOne_400Regular.ttf"}]
-        build_pretrained.write_fonts_tsv(rows, folder / "fonts.tsv")
+        google_fonts.write_list(rows, folder / "fonts.tsv")
         return rows
 
     rows = install(tmp_path / "fonts", "0.4.1")
@@ -412,7 +412,7 @@ def test_a_build_renders_with_its_google_fonts_and_refuses_to_go_on_without_them
     assert "google_fonts" not in state
     build_pretrained.use_google_fonts(out, state, tmp_path / "fonts")
     assert state["google_fonts"] == {"folder": str((tmp_path / "fonts").resolve()), "families": rows}
-    assert build_pretrained.read_fonts_tsv(out / "google_fonts.tsv") == rows  # what --from reinstalls
+    assert google_fonts.read_list(out / "google_fonts.tsv") == rows  # what --from reinstalls
     assert build_pretrained.synth_config(state["google_fonts"]["folder"]).font_dirs[-1] == str(tmp_path / "fonts")
     with pytest.raises(SystemExit, match="rendered with 1 Google Fonts families: pass --fonts DIR.*--from"):
         build_pretrained.use_google_fonts(out, state, None)

@@ -94,6 +94,7 @@ from captcha_fast.preprocess import load_image  # noqa: E402
 from captcha_fast.train import TrainConfig, train  # noqa: E402
 
 import accuracy_table  # noqa: E402
+import google_fonts  # noqa: E402
 import real_sets  # noqa: E402
 
 CHARSET = string.digits + string.ascii_lowercase
@@ -140,19 +141,14 @@ def missing_fonts(state: dict) -> list:
     return [p for p in state["font_packages"] if p not in here]
 
 
-def google_fonts(folder: Path) -> list:
+def installed_families(folder: Path) -> list:
     """The families of a tools/google_fonts.py install (its fonts.tsv rows: family, package, version,
     category, licence, files)."""
     tsv = folder / "fonts.tsv"
     if not tsv.is_file():
         raise SystemExit(f"build_pretrained: --fonts {folder} has no fonts.tsv: install it with "
                          f"python tools/google_fonts.py --out {folder}")
-    return read_fonts_tsv(tsv)
-
-
-def read_fonts_tsv(path: Path) -> list:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t"))
+    return google_fonts.read_list(tsv)
 
 
 def use_google_fonts(out: Path, state: dict, folder: Path | None) -> None:
@@ -160,7 +156,7 @@ def use_google_fonts(out: Path, state: dict, folder: Path | None) -> None:
     families), or refuse to go on where its rounds rendered with families not given here: they would
     silently draw other fonts. OUT/google_fonts.tsv keeps the list (tools/google_fonts.py --from it)."""
     recorded = state.get("google_fonts")
-    here = google_fonts(folder) if folder else None
+    here = installed_families(folder) if folder else None
     if recorded and here != recorded["families"]:
         raise SystemExit(f"build_pretrained: this build rendered with {len(recorded['families'])} Google Fonts "
                          f"families{' that --fonts ' + str(folder) + ' does not match' if folder else ''}: pass "
@@ -168,15 +164,7 @@ def use_google_fonts(out: Path, state: dict, folder: Path | None) -> None:
                          f"{out / GOOGLE_FONTS_LIST}")
     if here is not None:
         state["google_fonts"] = {"folder": str(folder.resolve()), "families": here}
-        write_fonts_tsv(state["google_fonts"]["families"], out / GOOGLE_FONTS_LIST)
-
-
-def write_fonts_tsv(rows: list, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]), delimiter="\t", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+        google_fonts.write_list(here, out / GOOGLE_FONTS_LIST)
 
 
 def synth_config(font_folder: str | None = None) -> synth.SynthConfig:
@@ -598,7 +586,7 @@ def install(out: Path, target: Path, log_target: Path, args) -> None:
     shutil.copy(out / LOG_NAME, log_target)
     families = load_checkpoint(best / "default.ckpt")["build"].get("google_fonts")
     if families:  # the list the card cites, beside the log
-        write_fonts_tsv(families, log_target.with_name(GOOGLE_FONTS_LIST))
+        google_fonts.write_list(families, log_target.with_name(GOOGLE_FONTS_LIST))
     plot_log(read_log(log_target), log_target.with_name("build_curve.png"))
     calibrate(target, args)
     write_model_card(target, load_checkpoint(best / "default.ckpt"), args)

@@ -111,6 +111,20 @@ def install(family: str, category: str, spec: str, out: Path) -> dict | None:
             "licence": licence(text.decode("utf-8", "replace")), "files": " ".join(Path(n).name for n in ttfs)}
 
 
+def read_list(path: Path) -> list:
+    """The rows of a fonts.tsv (FIELDS), as dicts."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def write_list(rows: list, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS, delimiter="\t", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="font folder to fill (one subfolder per family)")
@@ -120,19 +134,14 @@ def main(argv=None) -> None:
     p.add_argument("--jobs", type=int, default=8, help="packages fetched at once")
     args = p.parse_args(argv)
     if args.pinned:
-        with open(args.pinned, newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
-        wanted = [(r["family"], r["category"], f"{r['package']}@{r['version']}") for r in rows]
+        wanted = [(r["family"], r["category"], f"{r['package']}@{r['version']}") for r in read_list(args.pinned)]
     else:
         wanted = [(f, c, package_name(f)) for f, c in families(set(args.categories.split(","))).items()]
     args.out.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(lambda w: install(*w, args.out), wanted))
     missing = [w[0] for w, r in zip(wanted, rows) if r is None]
-    with open(args.out / "fonts.tsv", "w", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS, delimiter="\t", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(r for r in rows if r)
+    write_list([r for r in rows if r], args.out / "fonts.tsv")
     print(f"{len(wanted) - len(missing)} families installed into {args.out} ({args.out / 'fonts.tsv'}); "
           f"{len(missing)} missing or unrenderable", file=sys.stderr)
     if missing:
