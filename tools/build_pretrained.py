@@ -155,10 +155,10 @@ def use_google_fonts(out: Path, state: dict, folder: Path | None) -> None:
     """Record --fonts in the state (a lineage adds Google Fonts once, then renders with exactly those
     families), or refuse to go on where its rounds rendered with families not given here: they would
     silently draw other fonts. OUT/google_fonts.tsv keeps the list (tools/google_fonts.py --from it)."""
-    recorded = state.get("google_fonts")
+    recorded = state.get("google_fonts", {}).get("families")  # an OUT from before --fonts has no entry
     here = installed_families(folder) if folder else None
-    if recorded and here != recorded["families"]:
-        raise SystemExit(f"build_pretrained: this build rendered with {len(recorded['families'])} Google Fonts "
+    if recorded and here != recorded:
+        raise SystemExit(f"build_pretrained: this build rendered with {len(recorded)} Google Fonts "
                          f"families{' that --fonts ' + str(folder) + ' does not match' if folder else ''}: pass "
                          f"--fonts DIR, installed by python tools/google_fonts.py --out DIR --from "
                          f"{out / GOOGLE_FONTS_LIST}")
@@ -357,8 +357,7 @@ def load_state(out: Path, args) -> dict:
                                                      f"{float(build.get('hours', 0.0)):.2f} h)"]
     state = {"run": time.strftime("%Y%m%d-%H%M%S"), "init": str(init) if init else None, "started_from": started,
              "font_packages": sorted({*build.get("font_packages", []), *font_packages()}),
-             **({"google_fonts": {"folder": None, "families": build["google_fonts"]}} if build.get("google_fonts")
-                else {}),
+             "google_fonts": {"folder": None, "families": build.get("google_fonts", [])},  # folder: --fonts
              "hours": float(build.get("hours", 0.0)), "next_round": int(build.get("round", 0)) + 1,
              "synth_next": int(build.get("synth_next", 0)), "draws": dict(build.get("draws", {})),
              "synth_styles": dict(build.get("synth_styles", {})), "synth_effects": dict(build.get("synth_effects", {})),
@@ -584,12 +583,13 @@ def install(out: Path, target: Path, log_target: Path, args) -> None:
     save_recognizer(load_model(target / "default.ckpt"), target / "default.pt")
     log_target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(out / LOG_NAME, log_target)
-    families = load_checkpoint(best / "default.ckpt")["build"].get("google_fonts")
+    installed = load_checkpoint(best / "default.ckpt")
+    families = installed["build"].get("google_fonts")
     if families:  # the list the card cites, beside the log
         google_fonts.write_list(families, log_target.with_name(GOOGLE_FONTS_LIST))
     plot_log(read_log(log_target), log_target.with_name("build_curve.png"))
     calibrate(target, args)
-    write_model_card(target, load_checkpoint(best / "default.ckpt"), args)
+    write_model_card(target, installed, args)
     remeasure(target, args)
     print(f"installed {target / 'default.pt'}, default.ckpt, MODEL_CARD.md; {log_target} and build_curve.png")
 
