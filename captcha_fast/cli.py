@@ -285,7 +285,7 @@ def _add_eval(p):
     from captcha_fast.synth import DIGITS_UPPER
 
     a = p.add_argument
-    # MODEL is optional (eval DATA reads with the shipped model): options go before MODEL or after DATA
+    # MODEL is optional (eval DATA reads with the shipped model); options may go anywhere (_CommandParser)
     a("model", nargs="?", metavar="MODEL", help="a recognizer file: TorchScript .pt (e.g. RUN_DIR/model.pt) or "
                                                 "torch.export .pt2 (default: the shipped pretrained model)")
     a("data", metavar="DATA", help="folder of LABEL.png files, a .tsv manifest (path<TAB>label), or `synthetic`")
@@ -403,7 +403,7 @@ def _run_export(args):
 
 def _add_calibrate(p):
     a = p.add_argument
-    # MODEL is optional, as for eval (calibrate DATA fits the shipped model): options go before MODEL or after DATA
+    # MODEL is optional, as for eval (calibrate DATA fits the shipped model)
     a("model", nargs="?", metavar="MODEL", help="a recognizer (.pt or .pt2) or a training checkpoint "
                                                 "(RUN_DIR/best.ckpt) (default: the shipped pretrained model)")
     a("data", metavar="DATA", help="labelled images the model never trained on: a folder of LABEL.png files, "
@@ -569,12 +569,28 @@ COMMANDS = [
 _ALL = object()
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser, which takes options between its positionals too: argparse's plain parse
+    fills an optional positional greedily, so `eval MODEL --json DATA` would leave DATA unfilled."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:  # parse_known_intermixed_args calls this method itself
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def build_parser(only=_ALL) -> argparse.ArgumentParser:
     """The parser of every command; with `only` a command name (or None), only that command gets
     its arguments, so parsing one command imports nothing another one needs."""
     parser = argparse.ArgumentParser(prog="captcha-fast", description="Read captchas and short text lines, fast.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
     for name, help, example, add, run in COMMANDS:
         p = sub.add_parser(name, help=help, description=f"{help}\n\nexample:\n  {example}",
                            formatter_class=argparse.RawDescriptionHelpFormatter)

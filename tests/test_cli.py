@@ -103,6 +103,25 @@ def test_eval_of_a_run_folder_names_its_recognizer(tiny_model_path, png_folder, 
     assert main(["eval", str(run / "model.pt"), str(png_folder)]) == 0
 
 
+def test_options_may_stand_between_a_commands_positionals(tiny_model_path, png_folder, tmp_path, capsys):
+    """`eval MODEL --json DATA` scores as `eval MODEL DATA --json` does (argparse alone fills the optional
+    MODEL and stops at the option, leaving DATA unfilled); so does calibrate's --out between MODEL and DATA,
+    and predict's paths around an option."""
+    reports = []
+    for argv in (["eval", str(tiny_model_path), str(png_folder), "--json"],
+                 ["eval", str(tiny_model_path), "--json", str(png_folder)]):
+        assert main(argv) == 0
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        reports.append({k: v for k, v in report.items() if k != "seconds"})
+    assert reports[0] == reports[1] and reports[0]["n"] == 5, reports
+    out = tmp_path / "calibrated.pt"
+    assert main(["calibrate", str(tiny_model_path), "--out", str(out), str(png_folder)]) == 0 and out.is_file()
+    capsys.readouterr()
+    paths = sorted(png_folder.glob("*.png"))
+    assert main(["predict", "--model", str(tiny_model_path), str(paths[0]), "--greedy", str(paths[1])]) == 0
+    assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == [str(p) for p in paths[:2]]
+
+
 def test_eval_without_a_model_scores_the_shipped_one(png_folder, tmp_path, capsys):
     """eval DATA reads with the shipped model, as predict does; labels in the case the shipped model
     does not read (it reads lower case) get the advice to score case-free."""
