@@ -369,6 +369,14 @@ def test_the_ink_maps_cpu_op_equals_its_aten_ops():
         _assert_equal_nan_too(*both(x), k)
 
 
+def test_the_ink_ops_border_check_gives_width_then_height():
+    """A border band too wide for the image is refused with the image's size as every other message
+    gives it: width x height."""
+    x = torch.rand(1, 1, 8, 30)
+    with pytest.raises(RuntimeError, match=r"border 4 too wide for a 30 x 8 \(width x height\) image"):
+        torch.ops.captcha_fast.ink_from_background(x, torch.rand(1, 1, 0, 22), 4)
+
+
 def test_a_one_pixel_image_is_read_without_a_warning(capfd):
     """A 1 x 1 image's background grid is one sample: its own median, as the op and the ATen path
     give it (their skew's std of one value is NaN, side 0), without torch's "degrees of freedom"

@@ -304,13 +304,15 @@ at::Tensor ink_from_background_cpu(const at::Tensor& x_in, const at::Tensor& bg_
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
               "ink_from_background: x must be float32 or float64, got ", x_in.scalar_type());
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
-  TORCH_CHECK(b >= 0 && 2 * b < H && 2 * b < W, "ink_from_background: border ", b, " too wide for ", H, " x ", W);
+  TORCH_CHECK(b >= 0 && 2 * b < H && 2 * b < W, "ink_from_background: border ", b, " too wide for a ",
+              W, " x ", H, " (width x height) image");
   const int64_t h = H - 2 * b, w = W - 2 * b;
   TORCH_CHECK(bg_in.scalar_type() == x_in.scalar_type() && bg_in.dim() == 4 && bg_in.size(0) == N &&
                   bg_in.size(1) == C && bg_in.size(2) == h && bg_in.size(3) == w,
               "ink_from_background: the background must be x's inside its border, (", N, ", ", C, ", ", h, ", ", w,
               ") ", x_in.scalar_type(), ", got ", bg_in.sizes(), " ", bg_in.scalar_type());
-  TORCH_CHECK(b == 0 || (b < h && b < w), "ink_from_background: border ", b, " too wide for ", H, " x ", W);
+  TORCH_CHECK(b == 0 || (b < h && b < w), "ink_from_background: border ", b, " too wide for a ",
+              W, " x ", H, " (width x height) image");
   const at::Tensor x = x_in.contiguous(), bg = bg_in.contiguous();
   at::Tensor dist = at::empty({N, 1, H, W}, x.options()), masked = at::empty_like(dist);
   at::Tensor peaks = at::empty({N}, x.options());
