@@ -323,7 +323,7 @@ def format_table(rows: List[Row], title: str, unit: str = "seq/s", markdown: boo
 
 
 def flops_per_image(cfg: CRNNConfig, W: int) -> int:
-    """Multiply-adds x 2 of one H x W image at the model's height (convs, projection, GRU,
+    """Multiply-adds x 2 of one image W wide at the model's height H (convs, projection, GRU,
     classifier; elementwise ops, pooling and decoding not counted)."""
     H = cfg.height
     c1, c2 = cfg.channels
