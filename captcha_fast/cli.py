@@ -488,7 +488,8 @@ def _add_serve(p):
     p.add_argument("--max-queue", type=int, default=1024, help="requests waiting; more get 503 (default 1024)")
     p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body; larger get 413 (default 8)")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
-                   help=f"largest image (width x height pixels, read before decoding); larger get 400 (default {MAX_PIXELS})")
+                   help=f"largest image (width x height pixels, read before decoding); larger get 400 "
+                        f"(default {MAX_PIXELS})")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
