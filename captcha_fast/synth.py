@@ -217,8 +217,9 @@ DEBIAN_FONT_PACKAGES = {
 }
 DEBIAN_FONT_DIRS = ("/usr/share/fonts/truetype", "/usr/share/fonts/opentype")
 
-# Fonts that map ASCII to symbols or carry no Latin glyphs.
-_EXCLUDED_FONTS = re.compile(r"(STIXSiz|STIXNonUni|Display|LastResort|cmex10|cmsy10|D050000L|StandardSymbols|"
+# Fonts that map ASCII to symbols or carry no Latin glyphs, matched on the file name (matplotlib's
+# DejaVu*Display faces hold a few glyphs; other families named Display are whole text faces).
+_EXCLUDED_FONTS = re.compile(r"(STIXSiz|STIXNonUni|DejaVu\w*Display|LastResort|cmex10|cmsy10|D050000L|StandardSymbols|"
                              r"LinBiolinum_K|MathTeXGyre|aenigma|It_wasn_t_me)", re.I)  # the last: small caps
 MIN_CAP = 10  # px: the smallest cap height drawn (before a too-wide run is shrunk to fit)
 # Plain text faces (names): styles that imitate plain sites prefer them.
@@ -305,7 +306,7 @@ def folder_fonts(dirs: Sequence[str]) -> List[str]:
     found = set()
     for d in dirs:
         for p in Path(d).rglob("*"):
-            if p.suffix.lower() in (".ttf", ".otf") and not _EXCLUDED_FONTS.search(str(p)):
+            if p.suffix.lower() in (".ttf", ".otf") and not _EXCLUDED_FONTS.search(p.name):
                 found.add(str(p))
     return sorted(found)
 
