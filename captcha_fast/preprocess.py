@@ -118,6 +118,7 @@ def decode_image(source, name: str, max_pixels: Optional[int] = None) -> Tensor:
 
 def load_image(path: str | os.PathLike, max_pixels: Optional[int] = None) -> Tensor:
     """The image file at `path` as a (C, H, W) uint8 tensor (C = 1, 3 or 4).
+    A pipe is read as it streams (`captcha-fast predict <(curl -s URL)`).
     FileNotFoundError (IsADirectoryError for a folder), or ValueError naming the file if it is not
     a readable image or has more than max_pixels pixels (None: MAX_PIXELS)."""
     p = Path(path)
@@ -125,7 +126,10 @@ def load_image(path: str | os.PathLike, max_pixels: Optional[int] = None) -> Ten
         if p.is_dir():  # (the CLI's predict expands folders; predict_batch takes their files)
             raise IsADirectoryError(f"{str(p)!r} is a folder, not an image file: pass the image files in it "
                                     f"(`captcha-fast predict {p}` reads a folder)")
-        raise FileNotFoundError(f"image file not found: {str(p)!r}")
+        if not p.exists():
+            raise FileNotFoundError(f"image file not found: {str(p)!r}")
+        with open(p, "rb") as stream:  # a pipe or a device: PIL would seek in it
+            return decode_image(stream, repr(str(p)), max_pixels)
     return decode_image(p, repr(str(p)), max_pixels)
 
 

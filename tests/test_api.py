@@ -192,6 +192,26 @@ def test_undecodable_bytes_and_folders_are_named_as_given(model_path, tmp_path):
         api.predict_batch([tmp_path], model_path)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_pipe_is_read_as_its_image(tmp_path, png_folder):
+    """A path that is a pipe (`captcha-fast predict <(curl -s URL)`) reads as the file it streams (the
+    shipped model: a read, not ""); an empty device is named as not an image."""
+    import threading
+
+    png = png_folder / "3a7f.png"
+    fifo = tmp_path / "stream"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(png.read_bytes()), daemon=True)
+    writer.start()
+    try:
+        got, want = api.predict_batch([fifo, png])
+    finally:
+        writer.join(timeout=10)
+    assert got == want and want != "", (got, want)
+    with pytest.raises(ValueError, match=r"^'/dev/null' is not a readable image \(not in an image format PIL knows\)$"):
+        api.predict_batch(["/dev/null"])
+
+
 def test_cuda_where_torch_has_none_says_so(model_path, monkeypatch):
     """Every way of asking for CUDA fails in the one device check, saying CUDA is not available (not
     that the model file is damaged, as torch.jit.load's failure read)."""
