@@ -218,9 +218,10 @@ DEBIAN_FONT_PACKAGES = {
 DEBIAN_FONT_DIRS = ("/usr/share/fonts/truetype", "/usr/share/fonts/opentype")
 
 # Fonts that map ASCII to symbols or carry no Latin glyphs, matched on the file name (matplotlib's
-# DejaVu*Display faces hold a few glyphs; other families named Display are whole text faces).
-_EXCLUDED_FONTS = re.compile(r"(STIXSiz|STIXNonUni|DejaVu\w*Display|LastResort|cmex10|cmsy10|D050000L|StandardSymbols|"
-                             r"LinBiolinum_K|MathTeXGyre|aenigma|It_wasn_t_me)", re.I)  # the last: small caps
+# DejaVu*Display faces hold a few glyphs; other families named Display are whole text faces; the last
+# pattern draws small capitals).
+_EXCLUDED_FONTS = re.compile(r"(STIXSiz|STIXNonUni|DejaVu\w*Display|LastResort|cmex10|cmsy10|D050000L|"
+                             r"StandardSymbols|LinBiolinum_K|MathTeXGyre|aenigma|It_wasn_t_me)", re.I)
 MIN_CAP = 10  # px: the smallest cap height drawn (before a too-wide run is shrunk to fit)
 # Plain text faces (names): styles that imitate plain sites prefer them.
 _PLAIN_FONTS = re.compile(r"(sans|serif|mono|roman|droid|liberation|free|nimbus|roboto|open.?sans|courier|"
