@@ -64,17 +64,39 @@ def _check_range(t: Tensor, name: str) -> None:
 
 
 def _check_tensor(t: Tensor, name: str, max_pixels: Optional[int] = None) -> Tensor:
-    """A (C, H, W) view of the one image `t` (H x W or C x H x W), after the scripted checks, the
-    pixel bound and the value range."""
-    if t.dim() == 2:
-        t = t.unsqueeze(0)
+    """A (C, H, W) view of the one image `t` (H x W or C x H x W), after the scripted checks (on `t`
+    as given, so that errors quote the caller's shape), the pixel bound and the value range."""
     if t.dim() == 4:  # check_image takes N x C x H x W (a batch): one image is not one
         raise ValueError(f"{name}: one image must be H x W or C x H x W, got a 4-D tensor of shape "
                          f"{tuple(t.shape)}; pass an N x C x H x W batch as the whole `images`, not inside a list")
     check_image(t, name)
     check_pixels(t.shape[-2], t.shape[-1], name, max_pixels)
     _check_range(t, name)
-    return t
+    return t.unsqueeze(0) if t.dim() == 2 else t
+
+
+NUMPY_DTYPES = ("uint8", "float16", "float32", "float64")
+"""The dtypes of numpy images to_tensor takes (floats hold values in [0, 1]), in either byte order."""
+
+
+def _check_numpy(a, name: str, max_pixels: Optional[int] = None) -> None:
+    """ValueError (TypeError for the dtype) naming the image unless the numpy array `a` is one that
+    to_tensor takes -- H x W or H x W x C (C = 1, 3 or 4, channels last, as PIL and OpenCV give them),
+    not empty, a dtype of NUMPY_DTYPES, at most max_pixels pixels -- in the caller's terms: numpy's
+    shape and dtype, before any conversion. (The value range of a float image is _check_range's.)"""
+    if a.ndim not in (2, 3):
+        raise ValueError(f"{name}: a numpy image must be H x W or H x W x C, got {a.ndim}-D, shape {a.shape}")
+    if a.ndim == 3 and a.shape[2] not in (1, 3, 4):
+        hint = ("; numpy images are height x width x channels (PIL's and OpenCV's order): for a channels-first "
+                "array, pass a.transpose(1, 2, 0)") if a.shape[0] in (1, 3, 4) else ""
+        raise ValueError(f"{name}: a numpy image must be H x W or H x W x C with C = 1 (grey), 3 (RGB) or 4 (RGBA), "
+                         f"got shape {a.shape}{hint}")
+    if a.size == 0:
+        raise ValueError(f"{name}: the numpy image is empty, shape {a.shape}")
+    if a.dtype.name not in NUMPY_DTYPES:
+        raise TypeError(f"{name}: a numpy image must be uint8, or float16, float32 or float64 with values in [0, 1], "
+                        f"got dtype {a.dtype}")
+    check_pixels(a.shape[0], a.shape[1], name, max_pixels)
 
 
 def from_pil(img, name: str, max_pixels: Optional[int] = None) -> Tensor:
@@ -155,15 +177,11 @@ def to_tensor(image: ImageLike, name: str = "image", max_pixels: Optional[int] =
     if isinstance(image, Image.Image):
         return from_pil(image, name, max_pixels)
     if type(image).__module__ == "numpy":
-        if image.ndim not in (2, 3):
-            raise ValueError(f"{name}: a numpy image must be H x W or H x W x C, got {image.ndim}-D, shape "
-                             f"{image.shape}")
-        a = image.transpose(2, 0, 1) if image.ndim == 3 else image  # numpy images are H x W x C (PIL, OpenCV)
-        try:
-            t = torch.from_numpy(a.copy())
-        except TypeError:
-            raise TypeError(f"{name}: a numpy image must be uint8 or float in [0, 1], got dtype {image.dtype}") from None
-        return _check_tensor(t, f"{name} (numpy, H x W x C)", max_pixels)
+        _check_numpy(image, name, max_pixels)
+        a = image.transpose(2, 0, 1) if image.ndim == 3 else image[None]  # numpy images are H x W x C (PIL, OpenCV)
+        t = torch.from_numpy(a.astype(a.dtype.newbyteorder("="), order="C"))  # a copy, in native byte order
+        _check_range(t, name)
+        return t
     raise TypeError(f"{name}: expected a file path, encoded image bytes, a binary file object, a PIL image, "
                     f"a numpy array or a tensor, got {type(image).__name__}")
 

@@ -168,6 +168,28 @@ def test_bad_images_name_the_culprit(model_path, images, error, match):
         api.predict_batch(images, model_path)
 
 
+_NUMPY_SHAPES = "a numpy image must be H x W or H x W x C with C = 1 (grey), 3 (RGB) or 4 (RGBA), got shape "
+_NUMPY_DTYPES = "a numpy image must be uint8, or float16, float32 or float64 with values in [0, 1], got dtype "
+
+
+@pytest.mark.parametrize("image, error, message", [
+    (np.zeros((3, 50, 200), np.uint8), ValueError, _NUMPY_SHAPES + "(3, 50, 200); numpy images are height x width "
+     "x channels (PIL's and OpenCV's order): for a channels-first array, pass a.transpose(1, 2, 0)"),
+    (np.zeros((50, 200, 2), np.uint8), ValueError, _NUMPY_SHAPES + "(50, 200, 2)"),
+    (np.zeros((0, 0), np.uint8), ValueError, "the numpy image is empty, shape (0, 0)"),
+    (np.zeros((0, 40, 3), np.float32), ValueError, "the numpy image is empty, shape (0, 40, 3)"),
+    (np.zeros((20, 40), bool), TypeError, _NUMPY_DTYPES + "bool"),
+    (np.zeros((20, 40, 3), np.int32), TypeError, _NUMPY_DTYPES + "int32"),
+    (np.full((20, 40), 2.0), ValueError, "a float image must hold values in [0, 1], got [2, 2]"),
+])
+def test_bad_numpy_images_are_named_as_given(model_path, image, error, message):
+    """A numpy image is H x W [x C]: its error quotes the caller's shape and dtype, in numpy's terms,
+    not those of the C x H x W tensor it would become."""
+    with pytest.raises(error) as e:
+        api.predict_batch([np.zeros((20, 40, 3), np.uint8), image], model_path)
+    assert str(e.value) == "images[1]: " + message
+
+
 def test_bad_files_name_the_culprit(model_path, tmp_path):
     ok = _png(tmp_path)
     text = tmp_path / "notes.png"

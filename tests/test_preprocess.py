@@ -409,3 +409,16 @@ def test_the_pixel_limits_advice_is_for_the_caller():
         pp.check_pixels(2000, 2001, "'big.png'")
     with pytest.raises(ValueError, match=r"above max_pixels = 100 \(a decompression bomb\?\): crop or shrink it$"):
         pp.check_pixels(20, 20, "image", 100)
+
+
+def test_a_tensor_image_is_checked_as_given():
+    """An H x W tensor's error quotes its own shape, not the 1 x H x W view it becomes."""
+    with pytest.raises(ValueError, match=r"^x: the image is empty, shape \[8, 0\]$"):
+        pp.to_tensor(torch.zeros(8, 0), "x")
+
+
+def test_numpy_images_in_either_byte_order():
+    """A big-endian float32 array is a float32 image (torch.from_numpy refuses it, unnamed)."""
+    a = np.linspace(0, 1, 5 * 8 * 3, dtype=np.float32).reshape(5, 8, 3)
+    t = pp.to_tensor(a.astype(">f4"), "x")
+    assert t.dtype == torch.float32 and torch.equal(t, torch.from_numpy(a).permute(2, 0, 1))
