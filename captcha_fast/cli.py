@@ -56,9 +56,8 @@ def _run_demo(args):
     from captcha_fast import api
     from captcha_fast.synth import DIGITS_LETTERS, MIX, SynthConfig, SyntheticCaptchas
 
+    checked_positive(n=args.n)
     n = 2 * len(MIX) if args.n is None else args.n
-    if n < 1:
-        raise UsageError(f"-n must be at least 1, got {n}")
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     # Every style in turn, so the ones the model reads badly show too.
     per_style = {style: SyntheticCaptchas(SynthConfig(style=style, charset=DIGITS_LETTERS, min_len=4, max_len=7,
@@ -149,26 +148,36 @@ def _add_predict(p):
 
 
 _FLAGS = {"beam_width": "--beam", "top_k": "--top-k", "min_length": "--min-length", "max_length": "--max-length",
-          "allowed": "--allowed"}
+          "allowed": "--allowed", "batch_size": "--batch-size"}
+
+
+def checked_decoding(decoder: str, beam_width: int, top_k: int = 1, min_length: int = 0, max_length: int = -1,
+                     allowed: Optional[str] = None) -> None:
+    """recognizer.check_decode_args, its arguments named as the command's flags (a usage error)."""
+    from captcha_fast.recognizer import check_decode_args
+
+    try:
+        check_decode_args(decoder, beam_width, top_k, min_length, max_length, allowed is not None)
+    except ValueError as e:
+        raise UsageError(re.sub(r"\b(" + "|".join(_FLAGS) + r")\b", lambda m: _FLAGS[m.group(1)], str(e))) from None
+
+
+def checked_positive(**flags: Optional[int]) -> None:
+    """Each of --flag-name=value (given as flag_name=value) is None or at least 1, else a usage error."""
+    for name, value in flags.items():
+        if value is not None and value < 1:
+            raise UsageError(f"{'-' * min(len(name), 2)}{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 def _run_predict(args):
     from tqdm import tqdm
 
     from captcha_fast import api
-    from captcha_fast.recognizer import check_decode_args
 
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    checked_positive(batch_size=args.batch_size, threads=args.threads)
     decode = dict(decoder="greedy" if args.greedy else "beam", beam_width=args.beam, top_k=args.top_k,
                   min_length=args.min_length, max_length=-1 if args.max_length is None else args.max_length)
-    try:
-        check_decode_args(**decode, restricted=args.allowed is not None)
-    except ValueError as e:  # the shared check, its arguments named as this command's flags
-        raise UsageError(re.sub(r"\b(beam_width|top_k|min_length|max_length|allowed)\b",
-                                lambda m: _FLAGS[m.group(1)], str(e))) from None
+    checked_decoding(**decode, allowed=args.allowed)
     checked_device(args.device)
     paths = expand_paths(args.paths)
     model = api.load(args.model, device=args.device) if args.model else api.default_model(device=args.device)
@@ -291,8 +300,9 @@ def _add_eval(p):
     a("data", metavar="DATA", help="folder of LABEL.png files, a .tsv manifest (path<TAB>label), or `synthetic`")
     a("--json", action="store_true", help="print one JSON object (n, accuracy, cer, confusions, ...)")
     a("--gallery", default=None, help="write a PNG of misread images with truth and read text here")
-    a("--greedy", action="store_true", help="greedy decoding (default: the model's own decoder)")
-    a("--beam", type=int, default=None, help="beam width (default: the model's)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--greedy", action="store_true", help="greedy decoding (default: the model's own decoder)")
+    how.add_argument("--beam", type=int, default=None, help="beam width (default: the model's)")
     a("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     a("--merge", default=None, help="also report accuracy with look-alikes merged, e.g. '0O,1I'")
     a("--device", default="cpu", help="cpu (default) or cuda")
@@ -324,6 +334,9 @@ def _run_eval(args):
     from captcha_fast.evaluate import evaluate, load_labelled
     from captcha_fast.synth import SynthConfig
 
+    checked_positive(batch_size=args.batch_size)
+    if args.beam is not None:
+        checked_decoding("beam", args.beam)
     device = checked_device(args.device)
     rec = api.load(args.model, device=device) if args.model else api.default_model(device=device)
     synth = SynthConfig(charset=args.synth_charset, min_len=args.synth_min_len, max_len=args.synth_max_len,
@@ -368,8 +381,11 @@ def _add_export(p):
     p.add_argument("--compile", action="store_true",
                    help="AOTInductor-compile the model for this machine (.pt2; about a minute of one CPU)")
     p.add_argument("--device", default="cpu", help="the device a .pt2 runs on (default cpu)")
-    p.add_argument("--greedy", action="store_true", help="make greedy decoding the default (else beam search)")
-    p.add_argument("--beam", type=int, default=10, help="default beam width (default 10)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--greedy", action="store_true",
+                     help="make greedy decoding the default (default: beam search; a recognizer .pt: its own)")
+    how.add_argument("--beam", type=int, default=None,
+                     help="make beam search of this width the default (default 10; a recognizer .pt: its own)")
 
 
 def _run_export(args):
@@ -380,9 +396,12 @@ def _run_export(args):
     if args.out is not None and args.compile and not args.out.endswith(".pt2"):
         raise UsageError(f"--compile writes a .pt2 package: --out must end in .pt2, got {args.out}")
     checked_device(args.device)
-    settings = dict(decoder="greedy" if args.greedy else "beam", beam_width=args.beam)
-    if formats.file_kind(args.source) == "torchscript":  # a recognizer: keeps its own decoder settings, calibration
-        model = args.source
+    settings = dict(decoder="greedy" if args.greedy else "beam", beam_width=10 if args.beam is None else args.beam)
+    checked_decoding(**settings)
+    if formats.file_kind(args.source) == "torchscript":  # a recognizer: its own decoder settings unless given
+        model = formats.eager_recognizer(args.source)
+        if args.greedy or args.beam is not None:
+            model.decoder, model.beam_width = settings["decoder"], settings["beam_width"]
     else:
         from captcha_fast.checkpoint import load_checkpoint, model_from_checkpoint
         from captcha_fast.confidence import Calibration
@@ -464,6 +483,8 @@ def _run_bench(args):
 
     from captcha_fast import bench
 
+    checked_positive(n=args.n, batch=args.batch)
+    checked_decoding("beam", args.beam)
     threads = torch.get_num_threads()
     print(bench.format_table(bench.decode_table(N=args.n, beam_width=args.beam),
                              f"decoding the shipped model's log-probs for {args.n} fresh captchas, {threads} threads"))

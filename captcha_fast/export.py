@@ -36,22 +36,18 @@ from captcha_fast.formats import (CALIBRATION_FILE, PROGRAM_FORMAT, SETTINGS_FIL
 from captcha_fast.model import CRNN, InferenceCRNN
 from captcha_fast.recognizer import RECOGNIZER_FORMAT, Recognizer, build_recognizer
 
-def script_recognizer(model: Union[CRNN, Recognizer], decoder: str = "beam", beam_width: int = 10) -> torch.jit.ScriptModule:
-    """A scripted Recognizer (CPU, float32, batch norms folded) from a CRNN or an eager Recognizer."""
-    rec = model if isinstance(model, Recognizer) else build_recognizer(model.cpu(), decoder=decoder, beam_width=beam_width)
-    return torch.jit.script(rec.cpu().eval())
 
-
-def save_recognizer(model: Union[CRNN, Recognizer], path: Union[str, os.PathLike], decoder: str = "beam",
-                    beam_width: int = 10, calibration: Optional[Calibration] = None) -> Path:
-    """Script `model` into a Recognizer and save it to `path` (atomically: temp file + os.replace).
+def save_recognizer(model: Union[CRNN, Recognizer, str, os.PathLike], path: Union[str, os.PathLike],
+                    decoder: str = "beam", beam_width: int = 10, calibration: Optional[Calibration] = None) -> Path:
+    """Script `model` (a CRNN, a Recognizer or a recognizer file) into a Recognizer and save it to
+    `path` (atomically: temp file + os.replace).
 
     The file holds the float32 weights (batch norms folded), the config as JSON, the charset
     and the confidence calibration (`calibration`, else the model's own, if any) as the extra file
     CALIBRATION_FILE; `load_recognizer` (or plain `torch.jit.load` after loading the captcha_fast
     library) reads it back. `model` is not changed. Returns the path."""
-    scripted = script_recognizer(model, decoder=decoder, beam_width=beam_width)
-    return _save_scripted(scripted, path, calibration or calibration_of(model))
+    rec = _as_recognizer(model, decoder, beam_width)
+    return _save_scripted(torch.jit.script(rec), path, calibration or calibration_of(rec))
 
 
 def _save_scripted(scripted: torch.jit.ScriptModule, path: Union[str, os.PathLike],

@@ -63,7 +63,12 @@ def test_predict_greedy_matches_api(tiny_model_path, png_folder, capsys):
     (["predict", "--model", "{model}", "--allowed", "xyz", "{folder}"], 1, "allowed characters 'xyz' are not in"),
     (["predict", "--model", "{folder}/3a7f.png", "{folder}"], 1, "is not a captcha_fast recognizer"),
     (["predict", "--model", "{model}", "{corrupt}"], 1, "corrupt.png"),
-    (["demo", "-n", "0"], 2, "-n must be at least 1"),
+    (["demo", "-n", "0"], 2, "-n must be >= 1, got 0"),
+    (["eval", "{model}", "{folder}", "--batch-size", "0"], 2, "--batch-size must be >= 1, got 0"),
+    (["eval", "{model}", "{folder}", "--beam", "0"], 2, "--beam must be in [1, 4096], got 0"),
+    (["export", "{model}", "--out", "{folder}/x.pt", "--beam", "0"], 2, "--beam must be in [1, 4096], got 0"),
+    (["bench", "--batch", "0"], 2, "--batch must be >= 1, got 0"),
+    (["bench", "-n", "0"], 2, "-n must be >= 1, got 0"),
     (["predict", "--model", "{model}", "--device", "foo", "{folder}"], 2,
      "--device must be 'cpu', 'cuda' or 'cuda:N' (N: a GPU's index), got 'foo'"),
     (["eval", "{model}", "{folder}", "--device", "tpu"], 2, "--device must be 'cpu', 'cuda' or 'cuda:N'"),
@@ -152,7 +157,8 @@ def test_too_many_pixels_gives_advice_a_cli_user_can_follow(tiny_model_path, png
 
 
 def test_usage_errors_exit_2():
-    for argv in ([], ["predict"], ["predict", "--beam", "x", "a.png"], ["no-such-command"]):
+    for argv in ([], ["predict"], ["predict", "--beam", "x", "a.png"], ["no-such-command"],
+                 ["eval", "--greedy", "--beam", "5", "data"], ["export", "m.pt", "--greedy", "--beam", "5"]):
         with pytest.raises(SystemExit) as e:
             build_parser().parse_args(argv)
         assert e.value.code == 2

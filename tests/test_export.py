@@ -17,7 +17,7 @@ import torch.nn as nn
 from PIL import Image
 
 import captcha_fast
-from captcha_fast import _gru, api, export, formats
+from captcha_fast import _gru, api, confidence, export, formats
 from captcha_fast.machine import num_threads
 from captcha_fast.model import CRNN, CRNNConfig
 from captcha_fast.preprocess import load_image
@@ -449,6 +449,24 @@ def test_cli_export_program_from_a_recognizer_and_predict_with_threads(tiny_mode
     assert main(["predict", "--model", str(out), "--threads", "0", str(files[0])]) == 2
     assert main(["export", str(tmp_path / "best.ckpt"), "--compile"]) == 2  # no --out, not a .pt
     assert main(["export", str(tiny_model_path), "--out", str(tmp_path / "x.pt"), "--compile"]) == 2
+
+
+def test_cli_export_from_a_recognizer_keeps_its_settings_unless_given(tiny_model_path, tmp_path):
+    """A recognizer .pt re-exported as .pt or .pt2: weights, calibration and decoder settings carried over;
+    --greedy / --beam replace the decoder settings (they were ignored, and .pt -> .pt crashed)."""
+    from captcha_fast.cli import main
+
+    cal = confidence.Calibration(beam=(0.8, 0.1), greedy=(0.7, 0.2), n=5, source="test")
+    src = export.with_calibration(tiny_model_path, cal, tmp_path / "src.pt")
+    images = mixed_images(4)
+    want = api.load(src, device="cpu").recognize(images, "beam", 10, 1)
+    for out, flags, settings in [("same.pt", [], ("beam", 10)), ("greedy.pt", ["--greedy"], ("greedy", 10)),
+                                 ("beam3.pt2", ["--beam", "3"], ("beam", 3))]:
+        assert main(["export", str(src), "--out", str(tmp_path / out), *flags]) == 0
+        rec = api.load(tmp_path / out, device="cpu")
+        assert (rec.decoder, rec.beam_width) == settings
+        assert confidence.calibration_of(rec) == cal
+        assert rec.recognize(images, "beam", 10, 1)[0] == want[0]
 
 
 @pytest.mark.slow
