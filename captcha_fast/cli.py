@@ -18,6 +18,7 @@ import shlex
 import sys
 import time
 import typing
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -328,8 +329,6 @@ def _add_labelled_data(a, splits, synth_n: int, synth_seed: int, synth_style: st
 
 
 def _run_eval(args):
-    import warnings
-
     from captcha_fast import api
     from captcha_fast.evaluate import evaluate, load_labelled
     from captcha_fast.synth import SynthConfig
@@ -627,7 +626,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)  # the only top-level option is a flag
     args = build_parser(only=command).parse_args(argv)  # usage errors exit 2
     try:
-        args.run(args)
+        with warnings.catch_warnings():  # restores showwarning after the command (main may run again in-process)
+            if not args.debug:
+                warnings.showwarning = lambda message, *_, **__: print(
+                    f"captcha-fast {args.command}: warning: {_message(message)}", file=sys.stderr)
+            args.run(args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
     except UsageError as e:
         print(f"captcha-fast {args.command}: error: {e}", file=sys.stderr)

@@ -84,6 +84,16 @@ def test_errors_are_one_line_with_exit_codes(argv, code, match, tiny_model_path,
     assert match in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def test_warnings_are_one_line_naming_the_command(tiny_model_path, png_folder, tmp_path, capsys):
+    folder = tmp_path / "z"
+    folder.mkdir()
+    (folder / "3a7z.png").write_bytes((png_folder / "3a7f.png").read_bytes())  # z: not in the tiny charset
+    assert main(["eval", str(tiny_model_path), str(folder)]) == 0
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "captcha-fast eval: warning: labels use symbols the model cannot read: 'z' (they count as errors)"], err
+
+
 def test_cuda_where_torch_has_none_names_the_flag(tiny_model_path, png_folder, monkeypatch, capsys):
     import torch
 
