@@ -8,15 +8,17 @@
                    "min_length": 4, "max_length": 6, "allowed": "0123456789"} (all but images optional)
                    -> {"results": [{"text", "score", "confidence"[, "hypotheses": [{"text", "score",
                    "confidence"}, ...]]}, ...]}  (confidence: P(right) in [0, 1], captcha_fast.confidence)
-    errors         4xx {"error": "<what is wrong>"}: 400 bad input, 413 body over the limit, 415 content
-                   type, 503 queue full (Retry-After: 1); 500 only for a fault of the server itself.
+    errors         4xx {"error": "<what is wrong>"}: 400 bad input (bad JSON included), 413 body over the
+                   limit or more than MAX_IMAGES images, 415 content type, 503 queue full (Retry-After: 1);
+                   500 only for a fault of the server itself.
 
 Requests wait in one bounded queue. One worker thread (the model runs off the event loop) takes
 what is queued -- up to max_batch images; when the queue runs dry it waits for more until the
-oldest request has waited max_wait_ms -- decodes each request's images on its own (a bad image
-fails its request only), and reads all of them with one predict_batch call per set of decoding
-options. Under load the queue fills while the model runs, so batches form without waiting; when
-idle, a request waits at most max_wait_ms. max_batch = 1 turns batching off.
+oldest request has waited max_wait_ms -- and reads them with one predict_batch call per set of
+decoding options and per max_batch images or MAX_CALL_PIXELS pixels, decoding each call's images
+just before it: however many images a request holds, the worker's memory is one call's (a bad
+image fails its request only). Under load the queue fills while the model runs, so batches form
+without waiting; when idle, a request waits at most max_wait_ms. max_batch = 1 turns batching off.
 
 Built on Starlette (the ASGI toolkit FastAPI is made of) and uvicorn: docs/serving.md says why."""
 from __future__ import annotations
@@ -32,7 +34,7 @@ import signal
 import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 try:
     import uvicorn
@@ -50,6 +52,23 @@ import torch
 from captcha_fast import api, machine, preprocess
 from captcha_fast.decode import Hypothesis
 from captcha_fast.recognizer import allowed_tokens, check_decode_args
+
+
+MAX_IMAGES = 256
+"""Most images in one JSON request; more get 413. Eight model calls at the default max_batch of 32,
+under a second of the worker for captchas (~3 ms an image on 2 cores), so one request holds the
+requests queued behind it that long at most; it also bounds the answer's size. A request's memory
+does not grow with it: the worker decodes one model call's images at a time (Batcher._read)."""
+
+MAX_CALL_PIXELS = 4 * preprocess.MAX_PIXELS
+"""Most pixels (of the images as sent) in one model call, or --max-pixels if larger: the model's
+working memory grows with them (the ink map is made at full size, ~20 bytes a pixel), so 32 images
+at the 4,000,000-pixel bound would take ~3 GB in one call; this keeps a call under ~0.4 GB. A batch
+of 32 captchas (~10,000 pixels each) is 2% of it: only large images make calls smaller."""
+
+MAX_INT_DIGITS = 100
+"""Longest integer a JSON body may hold (in digits; far beyond int64's 19): a longer one is bad JSON
+(Python's int() of thousands of digits costs quadratic time, and refuses above 4300)."""
 
 
 @dataclasses.dataclass
@@ -102,18 +121,47 @@ class Options(NamedTuple):
         return kw
 
 
-def parse_options(fields: Dict[str, Any], charset: List[str]) -> Options:
+class LongInteger(ValueError):
+    """A JSON integer of more than MAX_INT_DIGITS digits."""
+
+
+def _json_int(text: str) -> int:
+    """json.loads' parse_int: LongInteger for an integer too long to convert cheaply."""
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise LongInteger(f"an integer of {digits:,} digits (the server reads at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def parse_json(body: bytes) -> Any:
+    """The JSON body, or HTTPError 400 "bad JSON: <what is wrong>" for anything json.loads refuses or
+    cannot take: a syntax error, text that is not UTF-8, nesting too deep for the parser (RecursionError),
+    an integer of more than MAX_INT_DIGITS digits."""
+    try:
+        return json.loads(body, parse_int=_json_int)
+    except RecursionError:
+        raise HTTPError(400, "bad JSON: arrays or objects nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, LongInteger
+        raise HTTPError(400, f"bad JSON: {e}") from None
+
+
+def parse_options(fields: Dict[str, Any], charset: List[str], max_width: int) -> Options:
     """A JSON body's decoding options, checked as predict_batch checks them (HTTPError 400 naming
-    what is wrong, by its JSON name), here per request, before it can share a batch."""
+    what is wrong, by its JSON name), here per request, before it can share a batch. min_length and
+    max_length may not exceed max_width, the model's widest input in pixels: no label is longer, and
+    larger ones overflow the beam search's integers (2**63 failed with a 500)."""
     for key in ("beam", "top_k", "min_length", "max_length"):
         value = fields.get(key)
         if value is not None and type(value) is not int:
             raise HTTPError(400, f"{key} must be an integer, got {json.dumps(value)}")
+        if key in ("min_length", "max_length") and value is not None and value > max_width:
+            raise HTTPError(400, f"{key} must be at most {max_width} (the model's widest image, in pixels: no "
+                                 f"label is longer), got {value}")
     allowed = fields.get("allowed")
     if allowed is not None and not isinstance(allowed, str):
         raise HTTPError(400, f"allowed must be a string of symbols, got {json.dumps(allowed)}")
-    options = Options(fields.get("beam", 10), fields.get("top_k", 1), fields.get("min_length"), fields.get("max_length"),
-                      allowed)
+    options = Options(fields.get("beam", 10), fields.get("top_k", 1), fields.get("min_length"),
+                      fields.get("max_length"), allowed)
     max_length = -1 if options.max_length is None else options.max_length
     try:
         check_decode_args("beam", options.beam, options.top_k, options.min_length or 0, max_length, allowed is not None)
@@ -138,7 +186,7 @@ def decode_base64(text: Any, name: str) -> bytes:
 class Pending(NamedTuple):
     """A request waiting for the model."""
 
-    images: List[bytes]  # encoded
+    images: List[bytes]  # encoded (decoded on the worker, one model call's images at a time)
     names: List[str]  # how errors name each image: "image" (raw body) or "images[i]" (JSON)
     options: Options
     future: asyncio.Future  # -> List[List[Hypothesis]], or the HTTPError/exception to answer with
@@ -152,8 +200,10 @@ class Batcher:
         self.model, self.config = model, config
         self.queue: asyncio.Queue[Pending] = asyncio.Queue(config.max_queue)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="captcha-fast-model")
+        # requests answered (run); model calls, the images they read and the largest (_read, on the worker)
         self.counts = {"requests": 0, "batches": 0, "images": 0, "largest_batch": 0}
         self.reading = 0  # images on the worker now
+        self.call_pixels = max(MAX_CALL_PIXELS, config.max_pixels)  # pixels per model call (_read)
 
     async def read(self, images: List[bytes], names: List[str], options: Options) -> List[List[Hypothesis]]:
         """Queue one request and wait for its hypotheses (HTTPError 503 if the queue is full)."""
@@ -191,10 +241,7 @@ class Batcher:
             except Exception as e:  # noqa: BLE001 - a fault of the server: these requests fail (500), the rest go on
                 outcomes = [e] * len(batch)
             self.reading = 0
-            self.counts["batches"] += 1
             self.counts["requests"] += len(batch)
-            self.counts["images"] += n
-            self.counts["largest_batch"] = max(self.counts["largest_batch"], n)
             for item, outcome in zip(batch, outcomes):
                 if item.future.done():  # the client went away
                     continue
@@ -204,34 +251,65 @@ class Batcher:
                     item.future.set_result(outcome)
 
     def _read(self, batch: List[Pending]) -> list:
-        """On the worker thread: each request's hypotheses, or the exception to answer it with."""
-        outcomes: list = [None] * len(batch)
-        groups: Dict[Options, List[tuple]] = {}
-        height, max_width = int(self.model.height), int(self.model.max_width)
+        """On the worker thread: each request's hypotheses, or the exception to answer it with.
+
+        The images of requests with equal options are decoded one by one, in order, and read in
+        model calls of at most max_batch images and at most call_pixels pixels: whatever a request's
+        size (a single one may exceed max_batch), at most one call's images are decoded at a time,
+        and the model's working memory, which grows with the pixels it is given, is bounded. An
+        image that fails to decode fails its request, whose remaining images are skipped; the
+        others go on."""
+        outcomes: list = [None] * len(batch)  # None: no failure yet
+        hyps: List[List[Any]] = [[None] * len(item.images) for item in batch]
+        groups: Dict[Options, List[Tuple[int, int]]] = {}  # options -> (request, image), in order
         for j, item in enumerate(batch):
-            try:
-                tensors = [preprocess.to_tensor(image, name, self.config.max_pixels)
-                           for image, name in zip(item.images, item.names)]
-                for t, name in zip(tensors, item.names):
-                    preprocess.check_width(t.shape[-2], t.shape[-1], height, max_width, name)
-            except (ValueError, TypeError) as e:
-                outcomes[j] = HTTPError(400, str(e))
-                continue
-            groups.setdefault(item.options, []).append((j, tensors))
+            groups.setdefault(item.options, []).extend((j, k) for k in range(len(item.images)))
+        height, max_width = int(self.model.height), int(self.model.max_width)
         for options, members in groups.items():
-            images = [t for _, tensors in members for t in tensors]
-            try:
-                hyps = api.predict_batch(images, self.model, batch_size=self.config.max_batch, return_scores=True,
-                                         threads=model_threads(len(images)), **options.kwargs())
-            except Exception as e:  # noqa: BLE001 - answered as a 500, the server goes on
-                for j, _ in members:
-                    outcomes[j] = e
-                continue
-            start = 0
-            for j, tensors in members:
-                outcomes[j] = hyps[start:start + len(tensors)]
-                start += len(tensors)
-        return outcomes
+            call: List[Tuple[int, int, torch.Tensor]] = []  # (request, image, its tensor)
+            for j, k in members:
+                if outcomes[j] is not None:  # its request failed
+                    continue
+                if len(call) == self.config.max_batch:
+                    self._call(call, options, outcomes, hyps)
+                    call = []
+                item = batch[j]
+                try:
+                    t = preprocess.to_tensor(item.images[k], item.names[k], self.config.max_pixels)
+                    preprocess.check_width(t.shape[-2], t.shape[-1], height, max_width, item.names[k])
+                except (ValueError, TypeError) as e:
+                    outcomes[j] = HTTPError(400, str(e))
+                    call = [c for c in call if c[0] != j]  # its images decoded so far
+                    continue
+                if call and _pixels(c[2] for c in call) + _pixels([t]) > self.call_pixels:
+                    self._call(call, options, outcomes, hyps)
+                    call = []
+                call.append((j, k, t))
+            if call:
+                self._call(call, options, outcomes, hyps)
+        return [hyps[j] if outcome is None else outcome for j, outcome in enumerate(outcomes)]
+
+    def _call(self, call: List[Tuple[int, int, torch.Tensor]], options: Options, outcomes: list,
+              hyps: List[List[Any]]) -> None:
+        """One model call on decoded images (request j's image k, its tensor): their hypotheses into
+        hyps[j][k], or a failure of the call into outcomes[j] (a 500)."""
+        self.counts["batches"] += 1
+        self.counts["images"] += len(call)
+        self.counts["largest_batch"] = max(self.counts["largest_batch"], len(call))
+        try:
+            read = api.predict_batch([t for _, _, t in call], self.model, batch_size=self.config.max_batch,
+                                     return_scores=True, threads=model_threads(len(call)), **options.kwargs())
+        except Exception as e:  # noqa: BLE001 - answered as a 500, the server goes on
+            for j, _, _ in call:
+                outcomes[j] = e
+            return
+        for (j, k, _), h in zip(call, read):
+            hyps[j][k] = h
+
+
+def _pixels(tensors) -> int:
+    """The pixels (H x W) of (C, H, W) images, all together."""
+    return sum(t.shape[-2] * t.shape[-1] for t in tensors)
 
 
 SMALL_BATCH = 8  # below it, a batch leaves a core to the event loop
@@ -272,7 +350,7 @@ def create_app(config: ServeConfig, model) -> Starlette:
     """The ASGI app serving a loaded recognizer (see load_model)."""
     state: Dict[str, Any] = {}
     limit = int(config.max_body_mb * 2 ** 20)
-    charset = list(model.charset)
+    charset, max_width = list(model.charset), int(model.max_width)
 
     async def health(request: Request) -> JSONResponse:
         batcher: Batcher = state["batcher"]
@@ -292,18 +370,18 @@ def create_app(config: ServeConfig, model) -> Starlette:
             if kind != "application/json":
                 hyps = await batcher.read([body], ["image"], Options())
                 return JSONResponse(_result(hyps[0], 1))
-            try:
-                fields = json.loads(body)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise HTTPError(400, f"bad JSON: {e}") from None
+            fields = parse_json(body)
             if not isinstance(fields, dict) or not isinstance(fields.get("images"), list) or not fields["images"]:
                 raise HTTPError(400, "the JSON body must be an object with \"images\": a non-empty list of base64 "
                                      "strings")
+            if len(fields["images"]) > MAX_IMAGES:
+                raise HTTPError(413, f"the request has {len(fields['images']):,} images, above the limit of "
+                                     f"{MAX_IMAGES} per request: send them in requests of at most {MAX_IMAGES}")
             unknown = sorted(set(fields) - {"images", *Options._fields})
             if unknown:
                 raise HTTPError(400, f"unknown field(s) {', '.join(unknown)}: expected images, "
                                      f"{', '.join(Options._fields)}")
-            options = parse_options(fields, charset)
+            options = parse_options(fields, charset, max_width)
             names = [f"images[{i}]" for i in range(len(fields["images"]))]
             images = [decode_base64(text, name) for text, name in zip(fields["images"], names)]
             hyps = await batcher.read(images, names, options)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import captcha_fast
 from captcha_fast import api, cli
 from captcha_fast.synth import render, sample_rng
 
@@ -189,6 +190,11 @@ ERRORS = [  # (name, method, headers, body, status, what the error says)
     ("too wide", "POST", {"Content-Type": "image/png"}, _png(20000, 4, rows=4), 400,
      r"a 20000 x 4 image \(width x height\) is 160000 px wide.*above max_width = 4096: crop it to its text line$"),
     ("bad JSON", "POST", {"Content-Type": "application/json"}, b"{\"images\": [", 400, "bad JSON"),
+    ("JSON nested too deeply", "POST", {"Content-Type": "application/json"}, b"[" * 200000 + b"]" * 200000, 400,
+     r"^bad JSON: arrays or objects nested too deeply$"),  # was 500 RecursionError
+    ("JSON integer of 5000 digits", "POST", {"Content-Type": "application/json"},
+     b"{\"images\": [\"aGVsbG8=\"], \"beam\": " + b"9" * 5000 + b"}", 400,
+     r"^bad JSON: an integer of 5,000 digits \(the server reads at most 100\)$"),  # was 500 int() digits limit
     ("JSON not an object", "POST", {"Content-Type": "application/json"}, b"[1, 2]", 400, "must be an object"),
     ("no images", "POST", {"Content-Type": "application/json"}, b"{\"images\": []}", 400, "non-empty list"),
     ("bad base64", "POST", {"Content-Type": "application/json"}, b"{\"images\": [\"AAAA\", \"@@@\"]}", 400,
@@ -205,6 +211,12 @@ ERRORS = [  # (name, method, headers, body, status, what the error says)
      400, r"top_k must be in \[1, beam = 2\], got 3"),
     ("top_k a string", "POST", {"Content-Type": "application/json"}, b"{\"images\": [\"OK\"], \"top_k\": \"3\"}", 400,
      "top_k must be an integer"),
+    ("min_length out of range", "POST", {"Content-Type": "application/json"},
+     b"{\"images\": [\"PNG64\"], \"min_length\": 100000000000000000000}", 400,
+     r"^min_length must be at most 4096 \(the model's widest image.*got 100000000000000000000$"),  # was 500
+    ("max_length beyond int64", "POST", {"Content-Type": "application/json"},
+     b"{\"images\": [\"PNG64\"], \"max_length\": 9223372036854775808}", 400,
+     r"^max_length must be at most 4096 .*got 9223372036854775808$"),  # was 500
     ("min above max", "POST", {"Content-Type": "application/json"},
      b"{\"images\": [\"OK\"], \"min_length\": 5, \"max_length\": 4}", 400,
      "max_length must be -1 .no limit. or >= max.min_length, 1., got 4 with min_length = 5"),
@@ -216,6 +228,9 @@ ERRORS = [  # (name, method, headers, body, status, what the error says)
     ("unsupported content type", "POST", {"Content-Type": "text/plain"}, b"abc", 415, "Content-Type must be"),
     ("form content type (curl's default)", "POST", {"Content-Type": "application/x-www-form-urlencoded"}, b"abc",
      415, "application/x-www-form-urlencoded"),
+    ("more images than MAX_IMAGES", "POST", {"Content-Type": "application/json"},
+     b"{\"images\": [" + b", ".join([b"\"AAAA\""] * 257) + b"]}", 413,
+     r"^the request has 257 images, above the limit of 256 per request: send them in requests of at most 256$"),
     ("declared body over the limit", "POST", {"Content-Type": "image/png", "Content-Length": str(2 ** 30)}, b"x", 413,
      "1,073,741,824 bytes, above the limit of 524,288"),
     ("streamed body over the limit", "POST", {"Content-Type": "image/png"}, "CHUNKED", 413,
@@ -295,6 +310,102 @@ def test_concurrent_clients_each_get_their_own_answer_in_shared_batches(server, 
     assert after["largest_batch"] <= 8
 
 
+@needs_serve
+def test_a_request_larger_than_max_batch_is_read_max_batch_images_at_a_time(server, blobs, expected):
+    """24 images in one request on --max-batch 8: three model calls of 8 (/health's largest_batch is
+    the largest model call, not the largest request), the answers in order."""
+    before = server.health()
+    status, body = server.json({"images": [_b64(b) for b in blobs * 3]})
+    assert status == 200 and len(body["results"]) == 3 * len(blobs)
+    for result, hyps in zip(body["results"], expected * 3):
+        _same(result, hyps[0])
+    after = server.health()
+    assert after["largest_batch"] <= 8, after
+    assert after["images"] - before["images"] == 24 and after["batches"] - before["batches"] >= 3
+
+
+@needs_serve
+def test_max_images_per_request_are_read_and_one_more_answers_413(server, blobs, expected):
+    from captcha_fast import serve
+
+    blank = _b64(_encode(Image.new("L", (40, 32), 255)))  # tiny: 256 of them fit the 0.5 MB body limit
+    images = [blank] * serve.MAX_IMAGES
+    images[100], images[-1] = _b64(blobs[0]), _b64(blobs[1])
+    status, body = server.json({"images": images})
+    assert status == 200 and len(body["results"]) == serve.MAX_IMAGES
+    assert [body["results"][i]["text"] for i in (100, -1)] == [expected[0][0].text, expected[1][0].text]
+    status, body = server.json({"images": images + [blank]})
+    assert status == 413 and body == {"error": f"the request has {serve.MAX_IMAGES + 1} images, above the limit of "
+                                               f"{serve.MAX_IMAGES} per request: send them in requests of at most "
+                                               f"{serve.MAX_IMAGES}"}
+    assert server.health()["largest_batch"] <= 8
+
+
+@needs_serve
+def test_the_worker_decodes_max_batch_images_at_a_time(tiny_model_path, blobs, monkeypatch):
+    """Batcher._read decodes each model call's images just before it: a request of 20 images on max_batch
+    8 never holds more than 8 decoded (its memory is bounded by max_batch, not by its size). Its bad
+    image 13 fails it alone: its later images are skipped, the other request of the batch is read."""
+    from captcha_fast import preprocess, serve
+
+    decoded, calls = [], []
+    real_to_tensor, real_predict = preprocess.to_tensor, api.predict_batch
+
+    def to_tensor(image, name, max_pixels=None):
+        if isinstance(image, bytes):  # (predict_batch passes the decoded tensors through it again)
+            decoded.append(name)
+        return real_to_tensor(image, name, max_pixels)
+
+    def predict_batch(images, model, **kw):
+        calls.append((len(images), len(decoded)))
+        return real_predict(images, model, **kw)
+
+    model = api.load(tiny_model_path)
+    want = real_predict(blobs[:3], model, return_scores=True)
+    monkeypatch.setattr(preprocess, "to_tensor", to_tensor)
+    monkeypatch.setattr(api, "predict_batch", predict_batch)
+    batcher = serve.Batcher(model, serve.ServeConfig(max_batch=8))
+    big = [blobs[i % len(blobs)] for i in range(20)]
+    big[13] = b"not an image"
+    items = [serve.Pending(big, [f"images[{i}]" for i in range(20)], serve.Options(), None, 0.0),
+             serve.Pending(blobs[:3], ["images[0]", "images[1]", "images[2]"], serve.Options(), None, 0.0)]
+    outcomes = batcher._read(items)
+    assert isinstance(outcomes[0], serve.HTTPError) and outcomes[0].status == 400
+    assert str(outcomes[0]).startswith("images[13] (12 bytes) is not a readable image")
+    assert [[h.text for h in hs] for hs in outcomes[1]] == [[h.text for h in hs] for hs in want]
+    # 8 decoded, read; 8..13 decoded (13 fails the request, 8..12 are dropped, 14.. skipped); the other 3 read
+    assert calls == [(8, 8), (3, 17)]
+    assert decoded == [f"images[{i}]" for i in range(14)] + ["images[0]", "images[1]", "images[2]"]
+    assert {k: batcher.counts[k] for k in ("batches", "images", "largest_batch")} == \
+        {"batches": 2, "images": 11, "largest_batch": 8}
+
+
+@needs_serve
+def test_a_model_call_holds_at_most_max_call_pixels(tiny_model_path, monkeypatch):
+    """The model's working memory grows with the pixels of a call (the ink map is made at full size):
+    Batcher._read ends a call before it would pass call_pixels, max(MAX_CALL_PIXELS, max_pixels)."""
+    from captcha_fast import serve
+
+    monkeypatch.setattr(serve, "MAX_CALL_PIXELS", 25_000)
+    calls = []
+    real = api.predict_batch
+
+    def spy(images, model, **kw):
+        calls.append([tuple(t.shape[-2:]) for t in images])
+        return real(images, model, **kw)
+
+    monkeypatch.setattr(api, "predict_batch", spy)
+    model = api.load(tiny_model_path)
+    batcher = serve.Batcher(model, serve.ServeConfig(max_batch=8, max_pixels=20_000))
+    assert batcher.call_pixels == 25_000
+    blank = _encode(Image.new("L", (200, 50), 255))  # 10,000 pixels
+    outcomes = batcher._read([serve.Pending([blank] * 5, [f"images[{i}]" for i in range(5)], serve.Options(), None,
+                                            0.0)])
+    assert calls == [[(50, 200)] * 2, [(50, 200)] * 2, [(50, 200)]]
+    assert len(outcomes[0]) == 5 and batcher.counts["largest_batch"] == 2
+    assert serve.Batcher(model, serve.ServeConfig(max_pixels=10 ** 8)).call_pixels == 10 ** 8  # one image fits
+
+
 def _slow_request(server, blobs, n: int = 12):
     """A JSON request long enough on the worker (n images 4000 px wide, read one at a time with
     --max-batch 1) to queue others behind it."""
@@ -351,6 +462,7 @@ def test_a_signal_stops_the_server_after_its_open_requests_with_status_0(tiny_mo
 def test_serve_without_the_extra_says_which_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
     monkeypatch.delitem(sys.modules, "captcha_fast.serve", raising=False)
+    monkeypatch.delattr(captcha_fast, "serve", raising=False)  # (else `from captcha_fast import serve` finds it)
     assert cli.main(["serve", "--port", "0"]) == 1
     assert "pip install \"captcha_fast[serve]\"" in capsys.readouterr().err
 
