@@ -18,6 +18,7 @@ import json
 import math
 import random
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
@@ -46,6 +47,9 @@ def label_from_name(path) -> str:
     return stem[:cut]
 
 
+SAME_NAME_MIN = 10  # a folder with at least this many images of one label, over half of it, is misnamed
+
+
 def scan_folder(folder) -> List[Sample]:
     """Image files of `folder` (not recursive), labelled by their names, sorted by name."""
     folder = Path(folder)
@@ -60,6 +64,12 @@ def scan_folder(folder) -> List[Sample]:
         if not label:
             raise ValueError(f"image {str(p)!r} has no label in its name (expected LABEL.png or LABEL_anything.png)")
         samples.append(Sample(str(p), label))
+    label, count = Counter(s.label for s in samples).most_common(1)[0]
+    if count >= SAME_NAME_MIN and count > len(samples) // 2:  # captcha_001.png, ...: names that are not labels
+        example = next(Path(s.path).name for s in samples if s.label == label)
+        raise ValueError(f"{count} of the {len(samples)} images in {str(folder)!r} are labelled {label!r} by their "
+                         f"names (the label is the name up to the first _ or -, e.g. {example}): "
+                         f"name each image by its text (TEXT.png or TEXT_2.png), or list path<TAB>label in a .tsv")
     return samples
 
 
@@ -76,7 +86,7 @@ def read_manifest(path) -> List[Sample]:
             if not line.strip() or line.startswith("#"):
                 continue
             parts = line.split("\t")
-            if len(parts) != 2 or not parts[0]:  # an empty label: an image with no text
+            if len(parts) != 2 or not parts[0]:  # a path is needed; an empty label is an image with no text
                 raise ValueError(f"{path}:{lineno}: expected 'path<TAB>label', got {line!r}")
             image = Path(parts[0])
             if not image.is_absolute():

@@ -44,6 +44,20 @@ def test_scan_folder_and_manifest(folder, tmp_path):
         list_samples(tmp_path / "nowhere")
 
 
+def test_a_folder_whose_names_are_not_labels_is_refused(folder, tmp_path):
+    """captcha_0001.png ... would each be labelled 'captcha' and trained on silently."""
+    image = next(folder.iterdir()).read_bytes()
+    for i in range(10):
+        (tmp_path / f"captcha_{i:04d}.png").write_bytes(image)
+    for label in ("ab12", "cd34", "ef56", "gh78", "ij90", "kl12", "mn34", "op56", "qr78"):
+        (tmp_path / f"{label}.png").write_bytes(image)
+    with pytest.raises(ValueError, match=r"10 of the 19 images in .* are labelled 'captcha' by their names .*"
+                                         r"e\.g\. captcha_0000\.png"):
+        scan_folder(tmp_path)
+    (tmp_path / "st90.png").write_bytes(image)  # 10 of 20: not over half, a plausible set of repeated labels
+    assert len(scan_folder(tmp_path)) == 20
+
+
 def test_charset_from_labels_is_sorted_and_stable():
     a = Charset.from_labels(["b2a", "c1"])
     b = Charset.from_labels(["c1", "b2a"])
