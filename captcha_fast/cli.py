@@ -510,6 +510,8 @@ def _add_serve(p):
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
                    help=f"largest image (width x height pixels, read before decoding); larger get 400 "
                         f"(default {MAX_PIXELS})")
+    p.add_argument("--max-images", type=int, default=None,
+                   help="most images in one JSON request; more get 413 (default: serve.MAX_IMAGES, 256)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
@@ -517,10 +519,13 @@ def _run_serve(args):
     from captcha_fast import serve  # ImportError naming the extra when it is not installed
 
     checked_device(args.device)
+    fields = [f.name for f in dataclasses.fields(serve.ServeConfig)]
     try:
-        config = serve.ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(serve.ServeConfig)})
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+        config = serve.ServeConfig(**{name: getattr(args, name) for name in fields
+                                      if getattr(args, name) is not None})  # None: ServeConfig's default
+    except ValueError as e:  # named as the flags
+        raise UsageError(re.sub(r"\b(" + "|".join(fields) + r")\b", lambda m: "--" + m.group(1).replace("_", "-"),
+                                str(e))) from None
     serve.run(config)
 
 

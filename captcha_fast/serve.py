@@ -9,7 +9,7 @@
                    -> {"results": [{"text", "score", "confidence"[, "hypotheses": [{"text", "score",
                    "confidence"}, ...]]}, ...]}  (confidence: P(right) in [0, 1], captcha_fast.confidence)
     errors         4xx {"error": "<what is wrong>"}: 400 bad input (bad JSON included), 413 body over the
-                   limit or more than MAX_IMAGES images, 415 content type, 503 queue full (Retry-After: 1);
+                   limit or more than --max-images images, 415 content type, 503 queue full (Retry-After: 1);
                    500 only for a fault of the server itself.
 
 Requests wait in one bounded queue. One worker thread (the model runs off the event loop) takes
@@ -55,7 +55,7 @@ from captcha_fast.recognizer import allowed_tokens, check_decode_args
 
 
 MAX_IMAGES = 256
-"""Most images in one JSON request; more get 413. Eight model calls at the default max_batch of 32,
+"""Most images in one JSON request by default (--max-images); more get 413. Eight model calls at the default max_batch of 32,
 under a second of the worker for captchas (~3 ms an image on 2 cores), so one request holds the
 requests queued behind it that long at most; it also bounds the answer's size. A request's memory
 does not grow with it: the worker decodes one model call's images at a time (Batcher._read)."""
@@ -83,15 +83,17 @@ class ServeConfig:
     max_queue: int = 1024  # requests waiting; one more gets 503
     max_body_mb: float = 8.0  # a larger request body gets 413
     max_pixels: int = preprocess.MAX_PIXELS  # a larger image (read from its header) gets 400
+    max_images: int = MAX_IMAGES  # a JSON request of more images gets 413
     device: Optional[str] = None  # cpu, cuda, ...; None: as api.load
 
     def __post_init__(self):
-        for name in ("max_batch", "max_queue", "max_pixels"):
+        for name in ("max_batch", "max_queue", "max_pixels", "max_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_wait_ms < 0 or self.max_body_mb <= 0:
-            raise ValueError(f"max_wait_ms must be >= 0 and max_body_mb > 0, got {self.max_wait_ms} and "
-                             f"{self.max_body_mb}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if self.max_body_mb <= 0:
+            raise ValueError(f"max_body_mb must be > 0, got {self.max_body_mb}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
 
@@ -374,9 +376,10 @@ def create_app(config: ServeConfig, model) -> Starlette:
             if not isinstance(fields, dict) or not isinstance(fields.get("images"), list) or not fields["images"]:
                 raise HTTPError(400, "the JSON body must be an object with \"images\": a non-empty list of base64 "
                                      "strings")
-            if len(fields["images"]) > MAX_IMAGES:
+            if len(fields["images"]) > config.max_images:
                 raise HTTPError(413, f"the request has {len(fields['images']):,} images, above the limit of "
-                                     f"{MAX_IMAGES} per request: send them in requests of at most {MAX_IMAGES}")
+                                     f"{config.max_images} per request: send them in requests of at most "
+                                     f"{config.max_images}")
             unknown = sorted(set(fields) - {"images", *Options._fields})
             if unknown:
                 raise HTTPError(400, f"unknown field(s) {', '.join(unknown)}: expected images, "

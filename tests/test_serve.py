@@ -342,6 +342,18 @@ def test_max_images_per_request_are_read_and_one_more_answers_413(server, blobs,
 
 
 @needs_serve
+def test_max_images_flag_sets_the_limit(tiny_model_path, tmp_path, blobs):
+    s = Server(tmp_path, "--model", str(tiny_model_path), "--max-images", "2")
+    try:
+        assert s.json({"images": [_b64(blobs[0])] * 2})[0] == 200
+        assert s.json({"images": [_b64(blobs[0])] * 3}) == (413, {"error": "the request has 3 images, above the limit "
+                                                                           "of 2 per request: send them in requests "
+                                                                           "of at most 2"})
+    finally:
+        assert s.stop() == 0
+
+
+@needs_serve
 def test_the_worker_decodes_max_batch_images_at_a_time(tiny_model_path, blobs, monkeypatch):
     """Batcher._read decodes each model call's images just before it: a request of 20 images on max_batch
     8 never holds more than 8 decoded (its memory is bounded by max_batch, not by its size). Its bad
@@ -468,9 +480,13 @@ def test_serve_without_the_extra_says_which_to_install(monkeypatch, capsys):
 
 
 @needs_serve
-def test_serve_usage_errors(capsys):
-    assert cli.main(["serve", "--max-batch", "0"]) == 2
-    assert "max_batch must be >= 1" in capsys.readouterr().err
+def test_serve_usage_errors_name_the_flag(capsys):
+    for flag, value, message in [("--max-batch", "0", "--max-batch must be >= 1, got 0"),
+                                 ("--max-images", "0", "--max-images must be >= 1, got 0"),
+                                 ("--max-wait-ms", "-1", "--max-wait-ms must be >= 0, got -1.0"),
+                                 ("--max-body-mb", "0", "--max-body-mb must be > 0, got 0.0")]:
+        assert cli.main(["serve", flag, value]) == 2
+        assert capsys.readouterr().err.strip() == f"captcha-fast serve: error: {message}"
 
 
 @needs_serve
