@@ -140,10 +140,12 @@ def check_decode_args(decoder: str, beam_width: int, top_k: int, min_length: int
             raise ValueError("min_length, max_length and allowed need the beam decoder, not greedy")
     if top_k < 1 or top_k > beam_width:
         raise ValueError("top_k must be in [1, beam_width = " + str(beam_width) + "], got " + str(top_k))
-    if min_length < 0:
-        raise ValueError("min_length must be >= 0, got " + str(min_length))
-    if max_length != -1 and max_length < max(min_length, 1):
-        raise ValueError("max_length must be -1 (no limit) or >= max(min_length, 1), got " + str(max_length)
+    # 4096: the widest image (preprocess.MAX_WIDTH) gives a quarter as many frames, so no label is longer;
+    # larger values overflowed the beam search's integers (min_length 2**62 read as if 0)
+    if min_length < 0 or min_length > 4096:
+        raise ValueError("min_length must be in [0, 4096], got " + str(min_length))
+    if max_length != -1 and (max_length < max(min_length, 1) or max_length > 4096):
+        raise ValueError("max_length must be -1 (no limit) or in [max(min_length, 1), 4096], got " + str(max_length)
                          + " with min_length = " + str(min_length))
 
 

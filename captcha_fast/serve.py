@@ -147,18 +147,13 @@ def parse_json(body: bytes) -> Any:
         raise HTTPError(400, f"bad JSON: {e}") from None
 
 
-def parse_options(fields: Dict[str, Any], charset: List[str], max_width: int) -> Options:
+def parse_options(fields: Dict[str, Any], charset: List[str]) -> Options:
     """A JSON body's decoding options, checked as predict_batch checks them (HTTPError 400 naming
-    what is wrong, by its JSON name), here per request, before it can share a batch. min_length and
-    max_length may not exceed max_width, the model's widest input in pixels: no label is longer, and
-    larger ones overflow the beam search's integers (2**63 failed with a 500)."""
+    what is wrong, by its JSON name), here per request, before it can share a batch."""
     for key in ("beam", "top_k", "min_length", "max_length"):
         value = fields.get(key)
         if value is not None and type(value) is not int:
             raise HTTPError(400, f"{key} must be an integer, got {json.dumps(value)}")
-        if key in ("min_length", "max_length") and value is not None and value > max_width:
-            raise HTTPError(400, f"{key} must be at most {max_width} (the model's widest image, in pixels: no "
-                                 f"label is longer), got {value}")
     allowed = fields.get("allowed")
     if allowed is not None and not isinstance(allowed, str):
         raise HTTPError(400, f"allowed must be a string of symbols, got {json.dumps(allowed)}")
@@ -352,7 +347,7 @@ def create_app(config: ServeConfig, model) -> Starlette:
     """The ASGI app serving a loaded recognizer (see load_model)."""
     state: Dict[str, Any] = {}
     limit = int(config.max_body_mb * 2 ** 20)
-    charset, max_width = list(model.charset), int(model.max_width)
+    charset = list(model.charset)
 
     async def health(request: Request) -> JSONResponse:
         batcher: Batcher = state["batcher"]
@@ -384,7 +379,7 @@ def create_app(config: ServeConfig, model) -> Starlette:
             if unknown:
                 raise HTTPError(400, f"unknown field(s) {', '.join(unknown)}: expected images, "
                                      f"{', '.join(Options._fields)}")
-            options = parse_options(fields, charset, max_width)
+            options = parse_options(fields, charset)
             names = [f"images[{i}]" for i in range(len(fields["images"]))]
             images = [decode_base64(text, name) for text, name in zip(fields["images"], names)]
             hyps = await batcher.read(images, names, options)

@@ -421,9 +421,10 @@ def test_constraint_errors(model_path):
     with pytest.raises(ValueError, match="allowed is empty: give the symbols the labels may hold, or leave it") as e:
         api.predict_batch(imgs, model_path, allowed="")
     assert "None" not in str(e.value)  # not a Python name: the CLI's --allowed and the server's "allowed" show it
-    with pytest.raises(ValueError, match="max_length must be -1 .no limit. or >= max.min_length, 1."):
+    with pytest.raises(ValueError, match="max_length must be -1 .no limit. or in .max.min_length, 1., 4096."):
         api.predict_batch(imgs, model_path, min_length=5, max_length=4)
-    with pytest.raises(ValueError, match="min_length must be >= 0"):
-        api.predict_batch(imgs, model_path, min_length=-1)
+    for bad in (-1, 2 ** 62):  # 2**62 overflowed the beam search's integers and read as if 0
+        with pytest.raises(ValueError, match=r"min_length must be in \[0, 4096\], got " + str(bad)):
+            api.predict_batch(imgs, model_path, min_length=bad)
     with pytest.raises(ValueError, match="beam_width must be in"):
         api.predict_batch(imgs, model_path, beam_width=5000)
