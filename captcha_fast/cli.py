@@ -431,6 +431,9 @@ def _add_calibrate(p):
     a("--plot", default=None, help="also write a reliability diagram of the fit here (PNG)")
 
 
+CALIBRATE_MIN_IMAGES = 50  # fewer fit a slope and intercept to noise (2 images gave one confidence for every read)
+
+
 def _run_calibrate(args):
     from captcha_fast import api, confidence, export, formats
     from captcha_fast.evaluate import load_labelled
@@ -446,6 +449,9 @@ def _run_calibrate(args):
     synth = SynthConfig(style=args.synth_style, charset=DIGITS_LETTERS, min_len=4, max_len=8, seed=args.synth_seed)
     images, labels, _ = load_labelled(args.data, args.skip_bad, args.split, args.val_fraction, args.seed, synth,
                                       args.synth_n)
+    if len(images) < CALIBRATE_MIN_IMAGES:
+        raise ValueError(f"{len(images)} labelled images are too few to fit a confidence on: give at least "
+                         f"{CALIBRATE_MIN_IMAGES} the model never trained on")
     reads = confidence.read_labelled(rec, images, labels, ignore_case=args.ignore_case)
     source = (f"{args.data}" + (f" (val split {args.val_fraction:g}, seed {args.seed})" if args.split == "val" else "")
               + (f" ({args.synth_n} of style {args.synth_style}, seed {args.synth_seed})" if args.data == "synthetic"
@@ -461,7 +467,8 @@ def _run_calibrate(args):
         cal_rel = rels[d]["calibrated"]
         print(f"{d}: confidence = sigmoid({slope:.4f} * logit(exp(score)) + {intercept:.4f}); on these {cal_rel.n} "
               f"reads ({cal_rel.accuracy:.1%} right): ECE {rels[d]['exp(score), uncalibrated'].ece:.3f} uncalibrated, "
-              f"{cal_rel.ece:.3f} calibrated; {cal_rel.n_high} at confidence >= 0.9, {cal_rel.accuracy_high:.1%} right")
+              f"{cal_rel.ece:.3f} calibrated; {cal_rel.n_high} at confidence >= 0.9"
+              + (f", {cal_rel.accuracy_high:.1%} right" if cal_rel.n_high else ""))
     if args.plot:
         from captcha_fast.plots import plot_reliability
         plot_reliability({f"{d} decoding": rels[d] for d in confidence.DECODERS}, args.plot,

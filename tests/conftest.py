@@ -32,3 +32,15 @@ def png_folder(tmp_path_factory):
     for i, text in enumerate(["3a7f", "0b1c", "c4d5e6", "ffff", "12ab"]):
         render(text, sample_rng(7, i), height=50).save(folder / f"{text}.png")
     return folder
+
+
+@pytest.fixture(scope="session")
+def calibration_folder(tmp_path_factory):
+    """CALIBRATE_MIN_IMAGES (50) rendered captchas over TINY_CHARSET, named by their labels: the fewest
+    `captcha-fast calibrate` fits on."""
+    folder = tmp_path_factory.mktemp("cal_pngs")
+    for i in range(50):
+        rng = sample_rng(11, i)
+        text = "".join(rng.choice(TINY_CHARSET) for _ in range(4))
+        render(text, rng, height=50).save(folder / f"{text}_{i}.png")
+    return folder

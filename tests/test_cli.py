@@ -119,7 +119,8 @@ def test_eval_of_a_run_folder_names_its_recognizer(tiny_model_path, png_folder, 
     assert main(["eval", str(run / "model.pt"), str(png_folder)]) == 0
 
 
-def test_options_may_stand_between_a_commands_positionals(tiny_model_path, png_folder, tmp_path, capsys):
+def test_options_may_stand_between_a_commands_positionals(tiny_model_path, png_folder, calibration_folder, tmp_path,
+                                                          capsys):
     """`eval MODEL --json DATA` scores as `eval MODEL DATA --json` does (argparse alone fills the optional
     MODEL and stops at the option, leaving DATA unfilled); so does calibrate's --out between MODEL and DATA,
     and predict's paths around an option."""
@@ -131,7 +132,8 @@ def test_options_may_stand_between_a_commands_positionals(tiny_model_path, png_f
         reports.append({k: v for k, v in report.items() if k != "seconds"})
     assert reports[0] == reports[1] and reports[0]["n"] == 5, reports
     out = tmp_path / "calibrated.pt"
-    assert main(["calibrate", str(tiny_model_path), "--out", str(out), str(png_folder)]) == 0 and out.is_file()
+    assert main(["calibrate", str(tiny_model_path), "--out", str(out), str(calibration_folder)]) == 0
+    assert out.is_file()
     capsys.readouterr()
     paths = sorted(png_folder.glob("*.png"))
     assert main(["predict", "--model", str(tiny_model_path), str(paths[0]), "--greedy", str(paths[1])]) == 0

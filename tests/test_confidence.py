@@ -213,25 +213,36 @@ def test_read_labelled_on_prepared_images_matches_the_recognizer(files):
         assert again[d].scores == pytest.approx(raw[d].scores, abs=0.05)
 
 
-def test_cli_calibrate_fits_on_labelled_images_and_writes_a_copy(files, png_folder, tmp_path, capsys):
+def test_cli_calibrate_fits_on_labelled_images_and_writes_a_copy(files, calibration_folder, tmp_path, capsys):
     _, plain, _ = files
     out = tmp_path / "calibrated.pt"
-    assert main(["calibrate", str(plain), str(png_folder), "--out", str(out), "--plot", str(tmp_path / "r.png")]) == 0
+    assert main(["calibrate", str(plain), str(calibration_folder), "--out", str(out),
+                 "--plot", str(tmp_path / "r.png")]) == 0
     assert "confidence = sigmoid(" in capsys.readouterr().out and (tmp_path / "r.png").stat().st_size > 0
     cal = formats.load_recognizer(out).calibration
-    reads = confidence.read_labelled(formats.load_recognizer(plain), *_labelled(png_folder))
-    assert cal.n == 5 and cal.beam == pytest.approx(confidence.fit_platt(reads["beam"].scores, reads["beam"].right))
+    reads = confidence.read_labelled(formats.load_recognizer(plain), *_labelled(calibration_folder))
+    assert cal.n == 50 and cal.beam == pytest.approx(confidence.fit_platt(reads["beam"].scores, reads["beam"].right))
     assert formats.load_recognizer(plain).calibration is None  # the source is left alone
 
 
-def test_cli_calibrate_without_a_model_fits_the_shipped_one(png_folder, tmp_path):
+def test_cli_calibrate_refuses_too_few_images(files, png_folder, tmp_path, capsys):
+    """5 images fit a slope and intercept to noise (2 gave one confidence, 0.25, for every read)."""
+    out = tmp_path / "few.pt"
+    assert main(["calibrate", str(files[1]), str(png_folder), "--out", str(out)]) == 1
+    assert capsys.readouterr().err.strip() == ("captcha-fast calibrate: error: 5 labelled images are too few to fit "
+                                               "a confidence on: give at least 50 the model never trained on")
+    assert not out.exists()
+
+
+def test_cli_calibrate_without_a_model_fits_the_shipped_one(calibration_folder, tmp_path):
     """calibrate DATA fits the shipped model, as eval DATA scores it; the shipped file is left alone."""
     shipped = formats.load_recognizer(api.DEFAULT_MODEL).calibration
     outs = [tmp_path / "default.pt", tmp_path / "named.pt"]
-    assert main(["calibrate", str(png_folder), "--ignore-case", "--out", str(outs[0])]) == 0
-    assert main(["calibrate", str(api.DEFAULT_MODEL), str(png_folder), "--ignore-case", "--out", str(outs[1])]) == 0
+    assert main(["calibrate", str(calibration_folder), "--ignore-case", "--out", str(outs[0])]) == 0
+    assert main(["calibrate", str(api.DEFAULT_MODEL), str(calibration_folder), "--ignore-case",
+                 "--out", str(outs[1])]) == 0
     fits = [formats.load_recognizer(out).calibration for out in outs]
-    assert fits[0] == fits[1] and fits[0].n == 5 and fits[0] != shipped
+    assert fits[0] == fits[1] and fits[0].n == 50 and fits[0] != shipped
     assert formats.load_recognizer(api.DEFAULT_MODEL).calibration == shipped
 
 
