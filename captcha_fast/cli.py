@@ -111,7 +111,7 @@ def expand_paths(patterns: List[str]) -> List[Path]:
         if pattern == "-":
             paths += [Path(line.rstrip("\r\n")) for line in sys.stdin if line.strip()]
         elif p.is_dir():
-            paths += sorted(f for f in p.iterdir() if f.suffix.lower() in preprocess.IMAGE_SUFFIXES)
+            paths += sorted(f for f in p.iterdir() if f.suffix.lower() in preprocess.IMAGE_SUFFIXES and not f.is_dir())
         elif p.exists():
             paths.append(p)
         else:

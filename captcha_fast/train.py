@@ -883,7 +883,8 @@ def train(config: TrainConfig, log: Optional[Callable[[str], None]] = None) -> P
         say(f"{_describe(run.train_ds, cfg.data)}, {n_val} for validation; {_count(cfg.epochs, 'epoch')} of "
             f"{_count(run.passes, 'pass', 'passes')} = "
             f"{_count(cfg.epochs * run.passes * len(run.sampler), 'optimizer step')}"
-            + ("" if n_val else "; no validation split: the model is the last epoch's weights"))
+            + ("" if n_val else "; no validation split: the last epoch's weights are the fine-tuned model "
+                                "(no epoch is picked)"))
         for epoch in range(run.start_epoch, cfg.epochs):
             if cfg.stop_after is not None and epoch - run.start_epoch >= cfg.stop_after:
                 ddp.barrier()

@@ -35,6 +35,14 @@ def test_predict_lines(tiny_model_path, png_folder, capsys):
     assert all(float(line.split("\t")[2]) <= 0 for line in lines)
 
 
+def test_predict_folder_skips_subfolders_named_like_images(tiny_model_path, png_folder, tmp_path, capsys):
+    folder = tmp_path / "with_sub"
+    (folder / "sub.png").mkdir(parents=True)
+    (folder / "3a7f.png").write_bytes((png_folder / "3a7f.png").read_bytes())
+    assert main(["predict", "--model", str(tiny_model_path), str(folder)]) == 0
+    assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == [str(folder / "3a7f.png")]
+
+
 def test_predict_json_top_k_and_glob(tiny_model_path, png_folder, capsys):
     assert main(["predict", "--model", str(tiny_model_path), "--json", "--top-k", "3",
                  str(png_folder / "*.png")]) == 0

@@ -184,7 +184,7 @@ def test_small_sets_train_a_fixed_budget_without_a_split(tiny_folder, tmp_path):
     train(cfg, log=lines.append)
     # 8 images, batch 8: 1 batch a pass; 3 epochs need 7 passes each for 20 steps
     assert lines[0] == ("8 training images, 0 for validation; 3 epochs of 7 passes = 21 optimizer steps; "
-                        "no validation split: the model is the last epoch's weights")
+                        "no validation split: the last epoch's weights are the fine-tuned model (no epoch is picked)")
     assert len(_rows(tmp_path / "run")) == 3 and load_checkpoint(tmp_path / "run" / "best.ckpt")["epoch"] == 2
     train_ds, val_ds, _, _ = build_data(cfg)
     assert val_ds is None and len(train_ds) == 8 and train_ds.augment == SMALL_SET_AUGMENT
@@ -428,7 +428,7 @@ def test_default_recipe_fine_tunes_the_shipped_model(tmp_path):
     path = train(TrainConfig(data=str(tmp_path / "train"), out=str(tmp_path / "run"), min_steps=240, epochs=4,
                              threads=1, progress=False), log=lines.append)
     assert lines[0] == ("100 training images, 0 for validation; 4 epochs of 15 passes = 240 optimizer steps; "
-                        "no validation split: the model is the last epoch's weights")
+                        "no validation split: the last epoch's weights are the fine-tuned model (no epoch is picked)")
     ckpt = load_checkpoint(tmp_path / "run" / "best.ckpt")
     assert ckpt["epoch"] == 3 and ckpt["model_config"]["ink"]
     after = accuracy(path)
