@@ -394,6 +394,8 @@ def _run_export(args):
         raise UsageError("--out is required, except with --compile from a recognizer .pt (then the cache)")
     if args.out is not None and args.compile and not args.out.endswith(".pt2"):
         raise UsageError(f"--compile writes a .pt2 package: --out must end in .pt2, got {args.out}")
+    if args.out is not None and Path(args.out).suffix not in (".pt", ".pt2"):
+        raise UsageError(f"--out must end in .pt (TorchScript) or .pt2 (torch.export), got {args.out}")
     checked_device(args.device)
     settings = dict(decoder="greedy" if args.greedy else "beam", beam_width=10 if args.beam is None else args.beam)
     checked_decoding(**settings)
@@ -440,6 +442,9 @@ def _run_calibrate(args):
     from captcha_fast.synth import DIGITS_LETTERS, SynthConfig
 
     model = args.model or str(api.DEFAULT_MODEL)
+    if Path(args.out).suffix != Path(model).suffix:  # the copy is of the model's own kind
+        raise UsageError(f"--out must end in {Path(model).suffix or 'nothing'}, as {model} does (a calibrated "
+                         f"copy of it), got {args.out}")
     if formats.file_kind(model) == "unknown":  # a training checkpoint (load_checkpoint names a foreign file)
         from captcha_fast.checkpoint import load_model
         from captcha_fast.recognizer import build_recognizer

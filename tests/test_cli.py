@@ -77,6 +77,8 @@ def test_predict_greedy_matches_api(tiny_model_path, png_folder, capsys):
     (["eval", "{model}", "{folder}", "--beam", "0"], 2, "--beam must be in [1, 4096], got 0"),
     (["export", "{model}", "--out", "{folder}/x.pt", "--beam", "0"], 2, "--beam must be in [1, 4096], got 0"),
     (["bench", "--batch", "0"], 2, "--batch must be >= 1, got 0"),
+    (["export", "{model}", "--out", "{folder}/x.onnx"], 2, "--out must end in .pt (TorchScript) or .pt2"),
+    (["calibrate", "{model}", "{folder}", "--out", "{folder}/x.pt2"], 2, "--out must end in .pt, as "),
     (["bench", "-n", "0"], 2, "-n must be >= 1, got 0"),
     (["predict", "--model", "{model}", "--device", "foo", "{folder}"], 2,
      "--device must be 'cpu', 'cuda' or 'cuda:N' (N: a GPU's index), got 'foo'"),
