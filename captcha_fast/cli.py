@@ -81,13 +81,13 @@ def _run_demo(args):
               f"{'ok' if ok else 'WRONG'}")
     print("\nby style, weakest first:")
     for style, (ok, k, conf) in sorted(tally.items(), key=lambda kv: (kv[1][0] / kv[1][1], kv[1][2] / kv[1][1])):
-        note = "   <- weak: the model reads this style badly" if ok / k < WEAK else ""
+        note = "   <- weak: the model reads this style badly" if k >= 2 and ok / k < WEAK else ""  # 1 says little
         print(f"  {style:<13} {ok}/{k} right, mean confidence {conf / k:.2f}{note}")
     right = sum(t[0] for t in tally.values())
     sure = [r.text.lower() == t.lower() for r, t in zip(reads, truths) if r.confidence >= 0.9]
     calibrated = calibration_note(model)
     print(f"\n{right}/{n} read right ({right / n:.0%}), {n / seconds:.0f} images/s (render seed {seed}, model: "
-          f"{args.model or 'shipped'})\n{len(sure)} reads at confidence >= 0.9, {sum(sure)} of them right; below 0.9, "
+          f"{args.model or 'shipped'})\n{len(sure)} read{'s' * (len(sure) != 1)} at confidence >= 0.9, {sum(sure)} of them right; below 0.9, "
           f"ask for a fresh captcha{calibrated}")
 
 

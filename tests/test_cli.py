@@ -210,9 +210,9 @@ def test_demo_reads_fresh_captchas_with_the_shipped_model(capsys):
     assert f"\n{right}/{n} read right" in out
     summary = by_style.strip().split("\n\n")[0].splitlines()
     assert len(summary) == len(MIX)
-    for line in summary:  # a style read less than half right is named as weak
+    for line in summary:  # a style read less than half right is named as weak (from 2 images or more)
         ok, k = map(int, line.split()[1].split("/"))
-        assert ("<- weak" in line) == (ok / k < 0.5)
+        assert ("<- weak" in line) == (k >= 2 and ok / k < 0.5)
     assert right >= 1  # a floor well below the shipped model's accuracy on the style mix (README)
 
 
