@@ -76,9 +76,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import io
-import json
 import math
 import random
 import re
@@ -285,10 +283,6 @@ class SynthConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    def cache_key(self) -> str:
-        """A short digest of every field: equal keys render equal sets (same fonts, same PIL)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------ fonts
@@ -1368,18 +1362,6 @@ def render_package(text: str, rng: random.Random, width: int = 160, height: int 
     gen = _package_generator(width, height, tuple(font_sizes) if font_sizes else None,
                              font or _captcha_image.DEFAULT_FONTS[0])
     return _seeded_generate(gen, text, rng)
-
-
-def render_style(text: str, rng: random.Random, style: str, charset: Optional[str] = None,
-                 font_dirs: Sequence[str] = ()) -> Rendered:
-    """One image of `text` in a STYLES style (with the glyph boxes where the style knows them).
-    charset: the symbols the font pool must draw (default: those of `text`)."""
-    if not text:
-        raise ValueError("cannot render an empty captcha text")
-    if style not in STYLES:
-        raise ValueError(f"unknown synthetic style {style!r}; choose from {sorted(STYLES)}")
-    pool = font_pool(charset or text, font_dirs)
-    return STYLES[style].draw(text, rng, pool)
 
 
 def sample_rng(seed: int, index: int) -> random.Random:
