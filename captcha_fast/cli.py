@@ -308,9 +308,9 @@ def _add_eval(p):
     a("--merge", default=None, help="also report accuracy with look-alikes merged, e.g. '0O,1I'")
     a("--device", default="cpu", help="cpu (default) or cuda")
     _add_labelled_data(a, ["all", "train", "val"], synth_n=1000, synth_seed=12345, synth_style="captcha")
-    a("--synth-min-len", type=int, default=4)
-    a("--synth-max-len", type=int, default=8)
-    a("--synth-charset", default=DIGITS_UPPER)
+    a("--synth-min-len", type=int, default=4, help="synthetic: shortest label (default 4)")
+    a("--synth-max-len", type=int, default=8, help="synthetic: longest label (default 8)")
+    a("--synth-charset", default=DIGITS_UPPER, help=f"synthetic: the labels' symbols (default {DIGITS_UPPER})")
 
 
 def _add_labelled_data(a, splits, synth_n: int, synth_seed: int, synth_style: str):
