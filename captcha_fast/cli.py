@@ -87,8 +87,8 @@ def _run_demo(args):
     sure = [r.text.lower() == t.lower() for r, t in zip(reads, truths) if r.confidence >= 0.9]
     calibrated = calibration_note(model)
     print(f"\n{right}/{n} read right ({right / n:.0%}), {n / seconds:.0f} images/s (render seed {seed}, model: "
-          f"{args.model or 'shipped'})\n{len(sure)} read{'s' * (len(sure) != 1)} at confidence >= 0.9, {sum(sure)} of them right; below 0.9, "
-          f"ask for a fresh captcha{calibrated}")
+          f"{args.model or 'shipped'})\n{len(sure)} read{'s' * (len(sure) != 1)} at confidence >= 0.9, "
+          f"{sum(sure)} of them right; below 0.9, ask for a fresh captcha{calibrated}")
 
 
 def calibration_note(model) -> str:
