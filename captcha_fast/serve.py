@@ -57,8 +57,8 @@ from captcha_fast.recognizer import allowed_tokens, check_decode_args
 MAX_IMAGES = 256
 """Most images in one JSON request by default (--max-images); more get 413. Eight model calls at the
 default max_batch of 32, under a second of the worker for captchas (~3 ms an image on 2 cores), so one
-request holds the requests queued behind it that long at most; it also bounds the answer's size. A request's memory
-does not grow with it: the worker decodes one model call's images at a time (Batcher._read)."""
+request holds the requests queued behind it that long at most; it also bounds the answer's size. A
+request's memory does not grow with it: the worker decodes one model call's images at a time (Batcher._read)."""
 
 MAX_CALL_PIXELS = 4 * preprocess.MAX_PIXELS
 """Most pixels (of the images as sent) in one model call, or --max-pixels if larger: the model's
