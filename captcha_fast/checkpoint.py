@@ -49,9 +49,10 @@ def load_checkpoint(path: PathLike) -> dict:
     path = checkpoint_file(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a foreign file
-        raise ValueError(f"{str(path)!r} is not a captcha_fast training checkpoint ({type(e).__name__}: "
-                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    except Exception as e:  # torch raises several types for a foreign file, with advice that does not apply
+        # (e.g. to load it with weights_only=False: unsafe): the cause stays chained for --debug
+        raise ValueError(f"{str(path)!r} is not a captcha_fast training checkpoint (torch.load cannot read it "
+                         f"as one)") from e
     if not isinstance(ckpt, dict) or not {"version", "model", "model_config"} <= ckpt.keys():
         raise ValueError(f"{str(path)!r} is not a captcha_fast training checkpoint (no version/model/model_config)")
     if ckpt["version"] > CHECKPOINT_VERSION:
