@@ -292,8 +292,6 @@ def _run_train(args):
 # ----------------------------------------------------------------------------- eval
 
 def _add_eval(p):
-    from captcha_fast.synth import DIGITS_UPPER
-
     a = p.add_argument
     # MODEL is optional (eval DATA reads with the shipped model); options may go anywhere (_CommandParser)
     a("model", nargs="?", metavar="MODEL", help="a recognizer file: TorchScript .pt (e.g. RUN_DIR/model.pt) or "
@@ -310,7 +308,7 @@ def _add_eval(p):
     _add_labelled_data(a, ["all", "train", "val"], synth_n=1000, synth_seed=12345, synth_style="captcha")
     a("--synth-min-len", type=int, default=4, help="synthetic: shortest label (default 4)")
     a("--synth-max-len", type=int, default=8, help="synthetic: longest label (default 8)")
-    a("--synth-charset", default=DIGITS_UPPER, help=f"synthetic: the labels' symbols (default {DIGITS_UPPER})")
+    a("--synth-charset", default=None, help="synthetic: the labels' symbols (default: the model's charset)")
 
 
 def _add_labelled_data(a, splits, synth_n: int, synth_seed: int, synth_style: str):
@@ -338,8 +336,10 @@ def _run_eval(args):
         checked_decoding("beam", args.beam)
     device = checked_device(args.device)
     rec = api.load(args.model, device=device) if args.model else api.default_model(device=device)
-    synth = SynthConfig(charset=args.synth_charset, min_len=args.synth_min_len, max_len=args.synth_max_len,
-                        seed=args.synth_seed, style=args.synth_style)
+    # by default the labels hold what the model reads: the shipped model reads one case, so labels drawn
+    # from 0-9A-Z would all count as wrong
+    synth = SynthConfig(charset=args.synth_charset or "".join(rec.charset), min_len=args.synth_min_len,
+                        max_len=args.synth_max_len, seed=args.synth_seed, style=args.synth_style)
     images, labels, paths = load_labelled(args.data, args.skip_bad, args.split, args.val_fraction, args.seed,
                                           synth, args.synth_n)
     known = set(rec.charset) | ({c.swapcase() for c in rec.charset} if args.ignore_case else set())

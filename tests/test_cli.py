@@ -105,6 +105,15 @@ def test_warnings_are_one_line_naming_the_command(tiny_model_path, png_folder, t
         "captcha-fast eval: warning: labels use symbols the model cannot read: 'z' (they count as errors)"], err
 
 
+def test_eval_synthetic_draws_labels_from_the_models_charset(tiny_model_path, capsys):
+    """By default the synthetic labels hold what the model reads (0-9A-Z scored the one-case shipped model 0%)."""
+    assert main(["eval", str(tiny_model_path), "synthetic", "--synth-n", "6", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and json.loads(captured.out.strip().splitlines()[-1])["n"] == 6
+    assert main(["eval", str(tiny_model_path), "synthetic", "--synth-n", "6", "--synth-charset", "XYZ"]) == 0
+    assert "cannot read: 'XYZ'" in capsys.readouterr().err
+
+
 def test_cuda_where_torch_has_none_names_the_flag(tiny_model_path, png_folder, monkeypatch, capsys):
     import torch
 
