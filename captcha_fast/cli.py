@@ -149,7 +149,7 @@ def _add_predict(p):
 
 
 _FLAGS = {"beam_width": "--beam", "top_k": "--top-k", "min_length": "--min-length", "max_length": "--max-length",
-          "allowed": "--allowed", "batch_size": "--batch-size"}
+          "allowed": "--allowed"}
 
 
 def checked_decoding(decoder: str, beam_width: int, top_k: int = 1, min_length: int = 0, max_length: int = -1,
@@ -442,10 +442,12 @@ def _run_calibrate(args):
     from captcha_fast.synth import DIGITS_LETTERS, SynthConfig
 
     model = args.model or str(api.DEFAULT_MODEL)
-    if Path(args.out).suffix != Path(model).suffix:  # the copy is of the model's own kind
-        raise UsageError(f"--out must end in {Path(model).suffix or 'nothing'}, as {model} does (a calibrated "
-                         f"copy of it), got {args.out}")
-    if formats.file_kind(model) == "unknown":  # a training checkpoint (load_checkpoint names a foreign file)
+    kind = formats.file_kind(model)
+    suffix = {"torchscript": ".pt", "program": ".pt2", "compiled": ".pt2"}.get(kind, ".ckpt")  # the model's kind
+    if Path(args.out).suffix != suffix:
+        raise UsageError(f"--out must end in {suffix}: it is a calibrated copy of {model} "
+                         f"({'a training checkpoint' if kind == 'unknown' else kind}), got {args.out}")
+    if kind == "unknown":  # a training checkpoint (load_checkpoint names a foreign file)
         from captcha_fast.checkpoint import load_model
         from captcha_fast.recognizer import build_recognizer
         rec = build_recognizer(load_model(model))
