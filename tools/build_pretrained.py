@@ -54,6 +54,10 @@ counted apart (render_hours, eval_hours in the log: this run's totals). CPU time
 the process is paused (SIGSTOP) or waiting for a busy core, and with --threads 1 it is the single
 core's working time. A round starts only if the budget left covers the previous round's hours.
 
+Run a long build from a checkout nobody edits (`git worktree add ../build HEAD`, the compiled
+captcha_fast/_C*.so copied in, --out outside it): each round scripts the model from the package's source
+files, and TorchScript reads them again then, so an edit under a running build breaks its next export.
+
 Stopping and continuing. Kill it any time: a round resumes from its last finished epoch (train's
 --resume), finished rounds are kept, and the hours of a killed epoch are not counted (nor kept).
 OUT/ is lost across sessions: a new OUT starts from the shipped default.ckpt, whose "build" entry
