@@ -163,11 +163,16 @@ def checked_decoding(decoder: str, beam_width: int, top_k: int = 1, min_length: 
         raise UsageError(re.sub(r"\b(" + "|".join(_FLAGS) + r")\b", lambda m: _FLAGS[m.group(1)], str(e))) from None
 
 
+def flag_of(name: str) -> str:
+    """The command-line flag of an argument or config field: n -> -n, batch_size -> --batch-size."""
+    return "-" * min(len(name), 2) + name.replace("_", "-")
+
+
 def checked_positive(**flags: Optional[int]) -> None:
     """Each of --flag-name=value (given as flag_name=value) is None or at least 1, else a usage error."""
     for name, value in flags.items():
         if value is not None and value < 1:
-            raise UsageError(f"{'-' * min(len(name), 2)}{name.replace('_', '-')} must be >= 1, got {value}")
+            raise UsageError(f"{flag_of(name)} must be >= 1, got {value}")
 
 
 def _run_predict(args):
@@ -538,8 +543,7 @@ def _run_serve(args):
         config = serve.ServeConfig(**{name: getattr(args, name) for name in fields
                                       if getattr(args, name) is not None})  # None: ServeConfig's default
     except ValueError as e:  # named as the flags
-        raise UsageError(re.sub(r"\b(" + "|".join(fields) + r")\b", lambda m: "--" + m.group(1).replace("_", "-"),
-                                str(e))) from None
+        raise UsageError(re.sub(r"\b(" + "|".join(fields) + r")\b", lambda m: flag_of(m.group(1)), str(e))) from None
     serve.run(config)
 
 

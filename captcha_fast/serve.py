@@ -123,15 +123,11 @@ class Options(NamedTuple):
         return kw
 
 
-class LongInteger(ValueError):
-    """A JSON integer of more than MAX_INT_DIGITS digits."""
-
-
 def _json_int(text: str) -> int:
-    """json.loads' parse_int: LongInteger for an integer too long to convert cheaply."""
+    """json.loads' parse_int: ValueError for an integer too long to convert cheaply."""
     digits = len(text.lstrip("-"))
     if digits > MAX_INT_DIGITS:
-        raise LongInteger(f"an integer of {digits:,} digits (the server reads at most {MAX_INT_DIGITS})")
+        raise ValueError(f"an integer of {digits:,} digits (the server reads at most {MAX_INT_DIGITS})")
     return int(text)
 
 
@@ -143,7 +139,7 @@ def parse_json(body: bytes) -> Any:
         return json.loads(body, parse_int=_json_int)
     except RecursionError:
         raise HTTPError(400, "bad JSON: arrays or objects nested too deeply") from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, LongInteger
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, _json_int's
         raise HTTPError(400, f"bad JSON: {e}") from None
 
 
@@ -264,12 +260,13 @@ class Batcher:
         height, max_width = int(self.model.height), int(self.model.max_width)
         for options, members in groups.items():
             call: List[Tuple[int, int, torch.Tensor]] = []  # (request, image, its tensor)
+            pixels = 0  # of the images in call
             for j, k in members:
                 if outcomes[j] is not None:  # its request failed
                     continue
                 if len(call) == self.config.max_batch:
                     self._call(call, options, outcomes, hyps)
-                    call = []
+                    call, pixels = [], 0
                 item = batch[j]
                 try:
                     t = preprocess.to_tensor(item.images[k], item.names[k], self.config.max_pixels)
@@ -277,11 +274,13 @@ class Batcher:
                 except (ValueError, TypeError) as e:
                     outcomes[j] = HTTPError(400, str(e))
                     call = [c for c in call if c[0] != j]  # its images decoded so far
+                    pixels = sum(c[2].shape[-2] * c[2].shape[-1] for c in call)
                     continue
-                if call and _pixels(c[2] for c in call) + _pixels([t]) > self.call_pixels:
+                if call and pixels + t.shape[-2] * t.shape[-1] > self.call_pixels:
                     self._call(call, options, outcomes, hyps)
-                    call = []
+                    call, pixels = [], 0
                 call.append((j, k, t))
+                pixels += t.shape[-2] * t.shape[-1]
             if call:
                 self._call(call, options, outcomes, hyps)
         return [hyps[j] if outcome is None else outcome for j, outcome in enumerate(outcomes)]
@@ -303,10 +302,6 @@ class Batcher:
         for (j, k, _), h in zip(call, read):
             hyps[j][k] = h
 
-
-def _pixels(tensors) -> int:
-    """The pixels (H x W) of (C, H, W) images, all together."""
-    return sum(t.shape[-2] * t.shape[-1] for t in tensors)
 
 
 SMALL_BATCH = 8  # below it, a batch leaves a core to the event loop
