@@ -78,6 +78,13 @@ def test_a_missing_commit_is_an_error_naming_it(repo):
         real_sets.Repo(work / ".git", "0123456789abcdef0123456789abcdef01234567")
 
 
+def test_reading_tii_without_unar_says_so_before_writing_anything(tmp_path, monkeypatch):
+    monkeypatch.setattr(real_sets.shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit, match="apt-get install unar"):
+        real_sets.main(["--repos", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_manifest_sample_picks_by_the_hash_of_the_written_path(tmp_path):
     rows = [(f"x/{i}.png", str(i)) for i in range(30)]
     (tmp_path / "m.tsv").write_text("".join(f"{p}\t{t}\n" for p, t in rows))

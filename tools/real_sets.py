@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import io
 import json
+import shutil
 import string
 import subprocess
 import sys
@@ -208,6 +209,9 @@ def main(argv=None) -> None:
     out = args.out.resolve()
     if out == ROOT or ROOT in out.parents:
         raise SystemExit(f"--out {str(out)!r} is inside the repository: the data must stay outside it")
+    if "tii" in args.sets and shutil.which("unar") is None:  # before any set is written
+        raise SystemExit("tii's images are in RAR archives, opened with unar, which is not installed here: "
+                         "apt-get install unar (or leave tii out with --sets)")
     records, seen = [], set()
     for name in args.sets:
         rs, listing = SETS[name]
