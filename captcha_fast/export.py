@@ -85,8 +85,11 @@ class _Head(nn.Module):
 
 def _as_recognizer(model: Union[CRNN, Recognizer, str, os.PathLike], decoder: str, beam_width: int) -> Recognizer:
     if isinstance(model, (str, os.PathLike)):
-        model = eager_recognizer(model)
-    rec = model if isinstance(model, Recognizer) else build_recognizer(model.cpu(), decoder=decoder, beam_width=beam_width)
+        rec = eager_recognizer(model)
+    elif isinstance(model, Recognizer):
+        rec = copy.deepcopy(model)  # .cpu() and .float() act in place: the caller's module stays as it is
+    else:
+        rec = build_recognizer(copy.deepcopy(model).cpu(), decoder=decoder, beam_width=beam_width)
     return rec.cpu().float().eval()
 
 

@@ -261,6 +261,16 @@ def test_file_kinds(tiny_model_path, program_path, tmp_path):
     assert formats.file_kind(tmp_path) == "unknown"
 
 
+def test_saving_leaves_the_callers_model_as_it_was(tmp_path):
+    from captcha_fast.recognizer import build_recognizer
+    model = tiny_model().train()
+    rec = build_recognizer(model, dtype=torch.bfloat16)
+    export.save_recognizer(rec, tmp_path / "rec.pt")
+    export.save_recognizer(model, tmp_path / "model.pt")
+    assert rec.model.convs[0].weight.dtype == torch.bfloat16  # .float() would have cast it in place
+    assert model.training
+
+
 # ----------------------------------------------------------------------------- fresh processes, C++
 
 def run_fresh(*code: str) -> str:
