@@ -309,7 +309,7 @@ def _add_eval(p):
     how.add_argument("--beam", type=int, default=None, help="beam width (default: the model's)")
     a("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     a("--merge", default=None, help="also report accuracy with look-alikes merged, e.g. '0O,1I'")
-    a("--device", default="cpu", help="cpu (default) or cuda")
+    a("--device", default=None, help="cpu or cuda (default: cuda when available)")
     _add_labelled_data(a, ["all", "train", "val"], synth_n=1000, synth_seed=12345, synth_style="captcha")
     a("--synth-min-len", type=int, default=4, help="synthetic: shortest label (default 4)")
     a("--synth-max-len", type=int, default=8, help="synthetic: longest label (default 8)")
