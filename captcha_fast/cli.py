@@ -194,38 +194,48 @@ def _run_predict(args):
         return api.predict_batch([str(p) for p in chunk], model, **decode, allowed=args.allowed, device=args.device,
                                  batch_size=args.batch_size, return_scores=True, threads=args.threads)
 
-    for start in range(0, len(paths), args.batch_size):
-        chunk = paths[start:start + args.batch_size]
-        try:
-            results = list(zip(chunk, read(chunk)))
-        except (OSError, ValueError, RuntimeError):
-            if not args.skip_bad:
-                raise
-            results = []
-            for path in chunk:  # one at a time, to keep the readable ones
-                try:
-                    results += zip([path], read([path]))
-                except (OSError, ValueError, RuntimeError) as e:
-                    why = _message(e)  # it names the file, as every image error does
-                    skipped.append(why if str(path) in why else f"{path}: {why}")
-        for path, hs in results:
-            if args.ignore_case:
-                hs = [h._replace(text=h.text.lower()) for h in hs]
-            if args.json:
-                print(json.dumps({"path": str(path), "text": hs[0].text, "score": hs[0].score,
-                                  "confidence": hs[0].confidence,
-                                  "hypotheses": [{"text": h.text, "score": h.score, "confidence": h.confidence}
-                                                 for h in hs]}))
-            else:
-                print("\t".join([str(path)] + [f"{h.text}\t{h.score:.4f}\t{h.confidence:.4f}" for h in hs]))
-        bar.update(len(chunk))
-    bar.close()
+    try:
+        for start in range(0, len(paths), args.batch_size):
+            chunk = paths[start:start + args.batch_size]
+            try:
+                results = list(zip(chunk, read(chunk)))
+            except (OSError, ValueError, RuntimeError):
+                if not args.skip_bad:
+                    raise
+                results = []
+                for path in chunk:  # one at a time, to keep the readable ones
+                    try:
+                        results += zip([path], read([path]))
+                    except (OSError, ValueError, RuntimeError) as e:
+                        why = _message(e)  # it names the file, as every image error does
+                        skipped.append(why if str(path) in why else f"{path}: {why}")
+            for path, hs in results:
+                _print_read(path, hs, args.json, args.ignore_case)
+            bar.update(len(chunk))
+    except BrokenPipeError:
+        bar.leave = False  # the reader left (`| head`): clear the bar too, as main ends quietly
+        raise
+    finally:
+        bar.close()
     if skipped:
         sys.stdout.flush()
         print(f"captcha-fast predict: skipped {len(skipped)} of {len(paths)} images:\n  " + "\n  ".join(skipped),
               file=sys.stderr)
         if len(skipped) == len(paths):
             raise ValueError("no image could be read")
+
+
+def _print_read(path, hypotheses, as_json: bool, ignore_case: bool) -> None:
+    """predict's line for one image: path, then text, score and confidence of each hypothesis."""
+    if ignore_case:
+        hypotheses = [h._replace(text=h.text.lower()) for h in hypotheses]
+    if as_json:
+        best = hypotheses[0]
+        print(json.dumps({"path": str(path), "text": best.text, "score": best.score, "confidence": best.confidence,
+                          "hypotheses": [{"text": h.text, "score": h.score, "confidence": h.confidence}
+                                         for h in hypotheses]}))
+    else:
+        print("\t".join([str(path)] + [f"{h.text}\t{h.score:.4f}\t{h.confidence:.4f}" for h in hypotheses]))
 
 
 # ---------------------------------------------------------------------------- train
