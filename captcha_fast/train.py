@@ -67,6 +67,7 @@ SMALL_SET = 200      # fewer labelled images: no validation split by default, st
 # target is about (tii 100 -> 96%, sysu 92.9 -> 90.5% over three seeds; docs/training.md).
 BLEND_CHOICES = (0.0, 0.25, 0.5, 0.75, 1.0)
 VAL_FRACTION = 0.15  # the validation share of larger sets
+FREEZABLE = ("convs", "project")  # the CRNN's parts --freeze can keep (attribute names)
 
 
 def _opt(default, help: str, **cli):
@@ -97,6 +98,10 @@ class TrainConfig:
                                            "fine-tuning, else 0; more than the start model's grows it: each new "
                                            "block starts as the identity)")
     dropout: float = _opt(0.1, "dropout before the GRU and the classifier")
+    freeze: Tuple[str, ...] = _opt((), "fine-tuning: parts kept as the start model has them, from "
+                                       f"{', '.join(FREEZABLE)} (the conv stack with its batch-norm statistics; "
+                                       "the projection before the GRU); e.g. a head for one style on shared convs",
+                                   metavar="PART", choices=FREEZABLE)
     charset: Optional[str] = _opt(None, "symbols in class order (default: the sorted symbols of all labels)")
     init_from: Optional[str] = _opt(None, "start from this checkpoint's weights (RUN_DIR or .ckpt; default: the "
                                           "shipped model's, captcha_fast/pretrained/default.ckpt); classifier rows "
@@ -179,6 +184,11 @@ class TrainConfig:
             raise ValueError(f"in_channels must be 1 (grey) or 3 (colour), got {self.in_channels}")
         if self.blend is not None and not 0.0 <= self.blend <= 1.0:
             raise ValueError(f"blend must be in [0, 1], got {self.blend}")
+        self.freeze = tuple(self.freeze)
+        if set(self.freeze) - set(FREEZABLE):
+            raise ValueError(f"freeze takes {', '.join(FREEZABLE)}, got {', '.join(self.freeze)}")
+        if self.freeze and self.from_scratch:
+            raise ValueError("freeze keeps parts of the start model: it cannot train from scratch")
         if self.in_channels != 1:
             self.ink = False  # the ink map is one channel: a colour model reads the image itself
 
@@ -190,7 +200,7 @@ class TrainConfig:
 
 # What a --resume must share with the run it continues.
 _RESUME_MUST_MATCH = ("data", "seed", "batch_size", "epochs", "min_steps", "lr", "height", "in_channels", "ink",
-                      "channels", "hidden_dim", "res_blocks", "val_fraction", "warmup", "bucket", "synth_train",
+                      "channels", "hidden_dim", "res_blocks", "freeze", "val_fraction", "warmup", "bucket", "synth_train",
                       "augment", "rehearse", "join", "teacher", "teacher_weight", "teacher_on")
 _CSV_KEYS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_cer", "val_n", "lr", "seconds"]
 
@@ -478,6 +488,8 @@ def _setup(cfg: TrainConfig, ddp: Dist) -> _Run:
                    if not (n.startswith("convs.") and int(n.split(".")[1]) >= BLOCK_CONVS)]
         if skipped:
             warnings.warn(f"starting from {init}: kept the fresh init of {', '.join(skipped)} (shapes differ)")
+    for part in cfg.freeze:
+        getattr(model, part).requires_grad_(False)  # AdamW skips them (no gradient, so no decay either)
     for ds in (train_ds, val_ds):
         if ds is not None:
             check_lengths(ds, model, cfg.skip_bad)
@@ -604,6 +616,8 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     cfg, device = run.cfg, run.device
     torch.manual_seed(_epoch_seed(cfg.seed, epoch, run.ddp.rank))  # dropout stream of this epoch
     run.net.train()
+    for part in cfg.freeze:
+        getattr(run.model, part).eval()  # frozen batch norms keep their statistics too
     batches = _passes(run, epoch)
     bar = None
     if cfg.progress and run.ddp.main:

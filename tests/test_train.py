@@ -175,6 +175,21 @@ def test_fine_tuning_takes_the_start_models_size(tmp_path):
     assert (scratch.channels, scratch.hidden_dim) == (CRNNConfig("A").channels, CRNNConfig("A").hidden_dim)
 
 
+def test_freeze_keeps_the_start_models_parts_and_their_statistics(tmp_path):
+    start = train(_synthetic_cfg(tmp_path / "start", epochs=1))
+    tuned = train(_synthetic_cfg(tmp_path / "ft", epochs=2, init_from=str(start), from_scratch=False, blend=1.0,
+                                 freeze=("convs", "project"), seed=2))
+    before, after = load_checkpoint(start)["model"], load_checkpoint(tuned)["model"]
+    kept = [k for k in before if k.startswith(("convs.", "project."))]
+    assert any(k.endswith("running_mean") for k in kept)
+    assert all(torch.equal(before[k], after[k]) for k in kept)
+    assert not torch.equal(before["classifier.weight"], after["classifier.weight"])  # the rest learnt
+    with pytest.raises(ValueError, match="freeze takes convs, project, got gru"):
+        TrainConfig(data="synthetic", freeze=("gru",))
+    with pytest.raises(ValueError, match="cannot train from scratch"):
+        TrainConfig(data="synthetic", freeze=("convs",), from_scratch=True)
+
+
 def test_small_sets_train_a_fixed_budget_without_a_split(tiny_folder, tmp_path):
     """Under SMALL_SET images: no validation split, epochs of several passes up to --min-steps,
     the stronger augmentation, and the last epoch is the model; --val-fraction still splits."""
