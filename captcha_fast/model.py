@@ -9,7 +9,7 @@ the same output as alone (up to float rounding)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
@@ -30,10 +30,12 @@ class CRNNConfig:
     res_blocks: int = 0                # residual blocks (two convs of channels[1]) after the second pool
     dropout: float = 0.1
     ink: bool = False                  # input: the ink map cropped to the text (preprocess.to_ink), grey only
+    style_heads: Tuple[str, ...] = ()  # styles read by heads of their own on the shared convs (StyleGate picks)
 
     def __post_init__(self):
         Charset(self.charset)  # validates
         self.channels = tuple(self.channels)
+        self.style_heads = tuple(self.style_heads)
         if self.ink and self.in_channels != 1:
             raise ValueError(f"ink=True gives one channel: in_channels must be 1, got {self.in_channels}")
         if self.res_blocks < 0:
@@ -71,6 +73,41 @@ def column_mask(widths: Tensor, W: int) -> Tensor:
     return (cols[None, :] < widths[:, None]).to(torch.float32)[:, None, None, :]
 
 
+class StyleHead(nn.Module):
+    """A BiGRU and classifier of their own for one style, on the CRNN's shared convs and projection:
+    projected frames (T, N, hidden) float32, frames (N,) -> log-probs (T, N, K). Trained as a CRNN whose
+    convs and projection stay the general model's (train --freeze convs project)."""
+
+    def __init__(self, config: CRNNConfig):
+        super().__init__()
+        H = config.hidden_dim
+        self.rnn = nn.GRU(H, H, num_layers=2, bidirectional=True)
+        self.classifier = nn.Linear(2 * H, config.num_classes)
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        x = torch.ops.captcha_fast.gru(x, lengths, self.rnn._flat_weights, self.rnn.num_layers, self.rnn.bidirectional)
+        return self.classifier(x).log_softmax(-1)
+
+
+class StyleGate(nn.Module):
+    """Which head reads each image, from the shared conv features: (N, C, H, T) and frames (N,) ->
+    scores (N, 1 + style heads), 0 the general head. A 3x3 conv, its mean over each image's own
+    frames, and the image's frame count (its aspect ratio) to a linear layer: a few thousand
+    multiply-adds a frame, beside the CRNN's hundreds of thousands."""
+
+    def __init__(self, channels: int, heads: int, width: int = 32):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, width, 3, padding=1)
+        self.out = nn.Linear(width + 1, 1 + heads)
+
+    def forward(self, x: Tensor, frames: Tensor) -> Tensor:
+        frames = frames.clamp(min=1)
+        mask = column_mask(frames, x.shape[-1])
+        h = F.relu(self.conv(x.float())) * mask
+        pooled = h.sum((2, 3)) / (frames.to(torch.float32) * x.shape[2])[:, None]
+        return self.out(torch.cat([pooled, torch.log(frames.to(torch.float32))[:, None]], 1))
+
+
 class CRNN(nn.Module):
     """forward = features (conv stack) -> head (projection, BiGRU, classifier, log-softmax).
     The inference and export variants below override only what they do differently."""
@@ -88,6 +125,8 @@ class CRNN(nn.Module):
         self.rnn = nn.GRU(config.hidden_dim, config.hidden_dim, num_layers=2, bidirectional=True,
                           dropout=config.dropout)
         self.classifier = nn.Linear(2 * config.hidden_dim, config.num_classes)
+        self.style_heads = nn.ModuleList([StyleHead(config) for _ in config.style_heads])
+        self.gate = nn.ModuleList([StyleGate(c2, len(config.style_heads))] if config.style_heads else [])
 
     def output_lengths(self, widths: Tensor) -> Tensor:
         """Frames per sample: each 2x2 max-pool halves (floors) the width."""
@@ -120,12 +159,28 @@ class CRNN(nn.Module):
         return x, w
 
     def head(self, x: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
-        """Conv features (N, C, H, T) -> log-probs (T, N, K) float32; the GRU runs in float32."""
+        """Conv features (N, C, H, T) -> log-probs (T, N, K) float32; the GRU runs in float32.
+        With style heads, the gate picks one head per image; the others run its GRU over one frame."""
         N, C, H, T = x.shape
-        x = x.permute(3, 0, 1, 2).reshape(T, N, C * H)        # width is the sequence axis
-        x = self.dropout(F.relu(self.project(x.float())))     # (T, N, hidden)
-        x = self.recurrent(x, w.clamp(min=1))                 # (T, N, 2 * hidden)
-        return self.classifier(self.dropout(x)).log_softmax(-1), w
+        p = x.permute(3, 0, 1, 2).reshape(T, N, C * H)        # width is the sequence axis
+        p = self.dropout(F.relu(self.project(p.float())))     # (T, N, hidden)
+        if len(self.style_heads) == 0:
+            return self.classifier(self.dropout(self.recurrent(p, w.clamp(min=1)))).log_softmax(-1), w
+        choice = self.route(x, w)
+        general = torch.where(choice == 0, w, torch.ones_like(w)).clamp(min=1)
+        out = self.classifier(self.dropout(self.recurrent(p, general))).log_softmax(-1)
+        for i, style in enumerate(self.style_heads):
+            mine = choice == i + 1
+            read = style(p, torch.where(mine, w, torch.ones_like(w)).clamp(min=1))
+            out = torch.where(mine[None, :, None], read, out)
+        return out, w
+
+    def route(self, x: Tensor, w: Tensor) -> Tensor:
+        """The head each image goes to (N,) int64: 0 the general one, i the i-th style head."""
+        choice = torch.zeros_like(w)
+        for gate in self.gate:  # none or one
+            choice = gate(x, w).argmax(1)
+        return choice
 
     def recurrent(self, x: Tensor, lengths: Tensor) -> Tensor:
         """The BiGRU over each sample's own frames (packed when lengths differ)."""
@@ -146,6 +201,9 @@ def widen(model: CRNN, channels: Tuple[int, int], hidden_dim: int) -> CRNN:
     wider model can start from what a narrower one reads instead of from scratch (Net2Net's aim,
     with zero fan-out in place of split copies)."""
     old, (c1, c2), H = model.config, model.config.channels, model.config.hidden_dim
+    if old.style_heads:
+        raise ValueError("widen: a model with style heads cannot be widened (widen its general model, then "
+                         "train the style heads again)")
     if channels[0] < c1 or channels[1] < c2 or hidden_dim < H:
         raise ValueError(f"widen: channels {tuple(channels)}, hidden {hidden_dim} is narrower than the model's "
                          f"{old.channels}, {H}")
@@ -181,6 +239,31 @@ def widen(model: CRNN, channels: Tuple[int, int], hidden_dim: int) -> CRNN:
                 value[:, cols[name]] = src[name]
             t[rows[name]] = value
     return wide.train(model.training)
+
+
+def with_style_heads(general: CRNN, styles: Dict[str, CRNN], gate: StyleGate) -> CRNN:
+    """One CRNN (eval mode) that reads each image with `general`'s head or one of `styles`' (a style
+    name -> a CRNN trained from `general` with its convs and projection frozen), as `gate` picks:
+    gate score 0 is the general head, i the i-th style. ValueError if a style model's convs or
+    projection are not exactly general's (they are shared) or its config differs otherwise."""
+    config = replace(general.config, style_heads=tuple(styles))
+    model = CRNN(config)
+    state = {k: v for k, v in general.state_dict().items() if not k.startswith(("style_heads.", "gate."))}
+    shared = {k: v for k, v in state.items() if k.startswith(("convs.", "project."))}
+    for i, (name, m) in enumerate(styles.items()):
+        if replace(m.config, style_heads=()) != replace(general.config, style_heads=()):
+            raise ValueError(f"style head {name!r}: its model's config {m.config} is not the general model's "
+                             f"{general.config}")
+        own = m.state_dict()
+        if any(not torch.equal(own[k], v) for k, v in shared.items()):
+            raise ValueError(f"style head {name!r}: its convs or projection differ from the general model's (a style "
+                             f"head is trained with them frozen: train --freeze convs project)")
+        state.update({f"style_heads.{i}.{k}": v for k, v in own.items() if k.startswith(("rnn.", "classifier."))})
+    if gate.out.out_features != 1 + len(styles):
+        raise ValueError(f"the gate scores {gate.out.out_features} heads, not 1 + {len(styles)} styles")
+    state.update({f"gate.0.{k}": v for k, v in gate.state_dict().items()})
+    model.load_state_dict(state)
+    return model.eval()
 
 
 def fold_batchnorm(model: CRNN) -> CRNN:
@@ -228,6 +311,7 @@ class InferenceCRNN(CRNN):
         self.config = fused.config
         self.convs = nn.ModuleList([block[0] for block in fused.convs])  # convs with folded BN bias
         self.project, self.rnn, self.classifier = fused.project, fused.rnn, fused.classifier
+        self.style_heads, self.gate = fused.style_heads, fused.gate
         self.dropout = nn.Identity()
         self.chunk = chunk
 

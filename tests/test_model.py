@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from captcha_fast.model import CRNN, CRNNConfig, InferenceCRNN, fold_batchnorm, max_pool_2x2, widen
+from captcha_fast.model import (CRNN, CRNNConfig, InferenceCRNN, StyleGate, fold_batchnorm, max_pool_2x2, widen,
+                                with_style_heads)
 
 
 def _model(seed=0, **kw) -> CRNN:
@@ -117,6 +118,47 @@ def test_inference_crnn_scripts_and_matches_eager(res_blocks):
         x, w = _batch(widths)
         want = fast(x, w)[0]
         torch.testing.assert_close(scripted(x, w)[0], want, atol=0, rtol=0)
+
+
+def _styled():
+    """A general tiny model, a style model sharing its convs and projection (its own GRU and classifier),
+    and a gate that sends images of more than 10 frames (40 px wide) to the style head."""
+    general = _model(seed=0)
+    style = _model(seed=5)
+    style.load_state_dict({k: v for k, v in general.state_dict().items() if k.startswith(("convs.", "project."))},
+                          strict=False)
+    gate = StyleGate(16, 1)
+    with torch.no_grad():
+        gate.conv.weight.zero_(), gate.conv.bias.zero_(), gate.out.weight.zero_()
+        gate.out.weight[1, -1] = 1.0  # the style's score: log(frames) - log(10)
+        gate.out.bias.copy_(torch.tensor([0.0, -float(torch.log(torch.tensor(10.0)))]))
+    return general, style, gate
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("chunk", [2, 64])
+def test_style_heads_read_each_image_as_the_model_its_gate_picks(chunk):
+    general, style, gate = _styled()
+    routed = with_style_heads(general, {"wide": style}, gate)
+    widths = [24, 60, 48, 36, 80]  # 6, 15, 12, 9, 20 frames: the 2nd, 3rd and 5th go to the style head
+    x, w = _batch(widths)
+    for model in (routed, InferenceCRNN(routed, chunk=chunk).eval(), torch.jit.script(InferenceCRNN(routed).eval())):
+        got, frames = model(x, w)
+        for n, width in enumerate(widths):
+            alone, al = (style if width > 40 else general)(x[n:n + 1, :, :, :width], w[n:n + 1])
+            T = int(al[0])
+            assert int(frames[n]) == T
+            torch.testing.assert_close(got[:T, n], alone[:T, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_style_heads_refuse_a_model_that_does_not_share_the_convs():
+    general, style, gate = _styled()
+    with torch.no_grad():
+        style.convs[0][0].weight.add_(0.01)
+    with pytest.raises(ValueError, match="style head 'wide': its convs or projection differ"):
+        with_style_heads(general, {"wide": style}, gate)
+    with pytest.raises(ValueError, match="not 1 \\+ 2 styles"):
+        with_style_heads(general, {"a": _styled()[1], "b": _styled()[1]}, gate)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
