@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import build_pretrained  # noqa: E402
 import google_fonts  # noqa: E402
 import real_sets  # noqa: E402
+import style_heads  # noqa: E402
 
 
 def _png(path: Path, shade: int) -> bytes:
@@ -147,6 +148,24 @@ def test_a_resumed_build_draws_its_pkg_group_as_it_did_unless_told_otherwise(tmp
         with pytest.raises(Drawn) as e:
             build_pretrained.main(["--data", str(tmp_path), "--out", str(tmp_path), "--hours", "1", *given])
         assert e.value.args == (drawn,)
+
+
+def test_a_resumed_build_trains_with_the_parts_it_froze_unless_told_otherwise(tmp_path, monkeypatch):
+    state = {"run": "r", "init": None, "start_scored": True, "hours": 0.0, "next_round": 3, "font_packages": [],
+             "freeze": ["convs", "project"]}
+    build_pretrained.write_json(tmp_path / "state.json", state)
+    monkeypatch.setattr(build_pretrained, "fixed_sources", lambda data, real: {})
+
+    class Frozen(Exception):
+        pass
+
+    def prepare_round(out, state, sources, shares, args):
+        raise Frozen(args.freeze, state["freeze"])
+    monkeypatch.setattr(build_pretrained, "prepare_round", prepare_round)
+    for given, frozen in (([], ["convs", "project"]), (["--freeze", "convs"], ["convs"])):
+        with pytest.raises(Frozen) as e:
+            build_pretrained.main(["--data", str(tmp_path), "--out", str(tmp_path), "--hours", "1", *given])
+        assert e.value.args == (frozen, frozen)
 
 
 def test_model_cost_prices_a_width_with_the_checkpoints_own_reads(tmp_path):
@@ -434,3 +453,17 @@ def test_the_model_card_counts_the_google_fonts_families_by_licence():
     text = build_pretrained.google_fonts_text(families)
     assert "3 Google Fonts families" in text and text.endswith(": 2 SIL OFL 1.1, 1 Apache 2.0.")
     assert build_pretrained.google_fonts_text([]) == ""  # a build without them says nothing
+
+
+def test_the_style_gate_learns_to_tell_a_style_by_its_features_and_frame_count():
+    """Two kinds of (C, H, T) features: the style's brighter in channel 0 and wider; the gate trained on
+    some routes held-out ones of each kind to their head."""
+    g = torch.Generator().manual_seed(0)
+
+    def kind(style: bool, n: int):
+        return [torch.rand(4, 2, int(torch.randint(20, 30, (1,), generator=g)) + 10 * style, generator=g)
+                + torch.tensor([0.6 * style, 0, 0, 0])[:, None, None] for _ in range(n)]
+    train = kind(False, 120) + kind(True, 40)  # unbalanced, as the build's sources are
+    gate = style_heads.train_gate(train, [0] * 120 + [1] * 40, heads=1, epochs=20)
+    assert style_heads.routed_to(gate, kind(True, 50)).float().mean() > 0.95
+    assert style_heads.routed_to(gate, kind(False, 50)).float().mean() < 0.05

@@ -95,7 +95,7 @@ from captcha_fast.data import list_samples, read_manifest, split_samples  # noqa
 from captcha_fast.export import save_recognizer  # noqa: E402
 from captcha_fast.files import atomic_write  # noqa: E402
 from captcha_fast.preprocess import load_image  # noqa: E402
-from captcha_fast.train import TrainConfig, train  # noqa: E402
+from captcha_fast.train import FREEZABLE, TrainConfig, train  # noqa: E402
 
 import accuracy_table  # noqa: E402
 import google_fonts  # noqa: E402
@@ -442,7 +442,7 @@ def train_round(folder: Path, init: str | None, args, teacher: dict | None = Non
                       val_fraction=0.0, bucket=16, skip_bad=True, threads=args.threads, progress=False,
                       export=False, resume=resume, lr=args.lr, batch_size=args.batch_size, patience=args.epochs_per_round + 1,
                       channels=args.channels and tuple(args.channels), hidden_dim=args.hidden,
-                      res_blocks=args.res_blocks, join=args.join,
+                      res_blocks=args.res_blocks, join=args.join, freeze=tuple(args.freeze or ()),
                       **({"teacher": teacher["path"], "teacher_on": teacher["on"], "teacher_weight": teacher["weight"]}
                          if teacher else {}))
     if "min_steps" in {f.name for f in fields(TrainConfig)}:
@@ -817,6 +817,9 @@ def main(argv=None) -> None:
     p.add_argument("--hidden", type=int, default=None, help="GRU size (default: the start model's); as --channels")
     p.add_argument("--res-blocks", type=int, default=None,
                    help="residual blocks after the conv blocks (default: the start model's); more grows it")
+    p.add_argument("--freeze", nargs="+", default=None, choices=FREEZABLE, metavar="PART",
+                   help="train's --freeze: e.g. convs project, to train a style head (tools/style_heads.py); kept "
+                        "for the run's later rounds")
     p.add_argument("--average", type=int, default=5, help="score (and ship) the mean weights of the last K rounds")
     p.add_argument("--eval-n", type=int, default=300, help="images per held-out set")
     p.add_argument("--threads", type=int, default=1)
@@ -834,6 +837,9 @@ def main(argv=None) -> None:
     if args.pkg_extra is not None:  # else a resumed run draws as it did (the card says how)
         state["pkg_extra"] = args.pkg_extra
     state.setdefault("pkg_extra", "")  # an OUT from before --pkg-extra
+    if args.freeze is not None:  # kept like --pkg-extra
+        state["freeze"] = args.freeze
+    args.freeze = state.setdefault("freeze", [])
     if args.teacher is not None:  # kept like --pkg-extra: a resumed run distils as it did
         state["teacher"] = {"path": str(Path(args.teacher).resolve()), "on": args.teacher_on,
                             "weight": args.teacher_weight}

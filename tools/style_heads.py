@@ -1,0 +1,159 @@
+"""Give a general model heads of their own for styles it reads worse than a specialist does
+(model.with_style_heads): the general model's checkpoint, one checkpoint per style trained from it
+with its convs and projection frozen (`build_pretrained.py --shares pkg=1 --freeze convs project`),
+and a gate trained here to tell each style's images from everything else.
+
+    python tools/style_heads.py --general captcha_fast/pretrained/default.ckpt \\
+        --head captcha_pkg=runs/pkghead/best/last.ckpt --data ../shared/data --real ../shared/data/real \\
+        --out runs/styled.ckpt
+
+The gate (model.StyleGate) reads the general model's conv features, which every head shares, so it
+costs a 3x3 conv over them. It learns, with class-balanced cross-entropy: a style's own renders (for
+captcha_pkg the `captcha` package as the build renders it, synth.render_package at its common sizes,
+another seed than any held-out set) against the build's other sources (the synthetic mix, the
+captcha_images_v2 and varlen_upper train splits, the real sets' train splits, blank images). Every
+image a gate sends to a head is read by that head alone, so the routing rates it prints on held-out
+images say what changes: a style's images it misses read as the general model reads them, and others
+it takes read as the style's head reads them.
+
+Writes a checkpoint (the general one's, with the combined model and a "style_heads" entry naming
+each head's source) that `build_pretrained.py --install-from` ships, or `captcha-fast export` turns
+into a recognizer."""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import build_pretrained  # noqa: E402
+
+from captcha_fast import synth  # noqa: E402
+from captcha_fast.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
+from captcha_fast.model import InferenceCRNN, StyleGate, with_style_heads  # noqa: E402
+from captcha_fast.preprocess import from_pil, load_image  # noqa: E402
+from captcha_fast.recognizer import Recognizer  # noqa: E402
+
+GATE_SEED = 3  # the style renders' stream (the build renders the package with seed 2, held-out sets 12345)
+STYLES = {"captcha_pkg": "the `captcha` package at its common sizes (synth.render_package)"}
+
+
+def style_renders(style: str, seed: int, n: int) -> list:
+    if style != "captcha_pkg":
+        raise SystemExit(f"style_heads: no renderer for style {style!r}; known: {', '.join(STYLES)}")
+    images = []
+    for i in range(n):
+        rng = synth.sample_rng(seed, i)
+        text = "".join(rng.choice(synth.DIGITS_LETTERS) for _ in range(rng.randint(4, 6)))
+        images.append(synth.render_package(text, rng, *rng.choice(synth.PACKAGE_SIZES)))
+    return images
+
+
+def other_images(data: Path, real: Path | None, n: int, seed: int = GATE_SEED) -> list:
+    """n images of the build's other sources: half the synthetic mix, half the fixed train sets, a few blank."""
+    mix = synth.SyntheticCaptchas(synth.SynthConfig(style="mix", min_len=3, max_len=8, seed=seed), n // 2)
+    images = [from_pil(image, f"mix:{i}") for i, (image, _) in enumerate(mix)]
+    sources = build_pretrained.fixed_sources(data, real)
+    per = (n - len(images)) // (len(sources) + 1)
+    for _, rows in sources.values():
+        rows = random.Random(seed).sample(rows, min(per, len(rows)))
+        images += [load_image(path) for path, _ in rows]
+    rng = random.Random(seed)
+    images += [from_pil(build_pretrained.blank(rng), f"blank:{i}") for i in range(per)]
+    return images
+
+
+class Features:
+    """The general model's conv features of images, one (C, H, T) tensor each: what the gate reads."""
+
+    def __init__(self, general):
+        self.rec = Recognizer(InferenceCRNN(general)).eval()
+
+    @torch.no_grad()
+    def __call__(self, images: list, batch: int = 64) -> list:
+        out = []
+        for i in range(0, len(images), batch):
+            chunk = [im if torch.is_tensor(im) else from_pil(im, f"image {i}") for im in images[i:i + batch]]
+            x, w = self.rec.model.features(*self.rec.preprocess(chunk))
+            out += [x[j, :, :, :int(w[j])].float().clone() for j in range(len(chunk))]
+        return out
+
+
+def _batches(items: list, batch: int, rng: random.Random | None):
+    order = list(range(len(items)))
+    if rng is not None:
+        rng.shuffle(order)
+    for i in range(0, len(order), batch):
+        chunk = [items[j] for j in order[i:i + batch]]
+        T = max(f.shape[-1] for f, _ in chunk)
+        yield (torch.stack([F.pad(f, (0, T - f.shape[-1])) for f, _ in chunk]),
+               torch.tensor([f.shape[-1] for f, _ in chunk]), torch.tensor([y for _, y in chunk]))
+
+
+def train_gate(features: list, labels: list, heads: int, epochs: int = 12, seed: int = 0) -> StyleGate:
+    """A StyleGate fitted to (C, H, T) features and head labels (0 general, i style i), classes weighted
+    by the inverse of their counts."""
+    torch.manual_seed(seed)
+    gate = StyleGate(features[0].shape[0], heads)
+    counts = torch.bincount(torch.tensor(labels), minlength=1 + heads).float()
+    weight = counts.sum() / (counts.clamp(min=1) * len(counts))
+    opt = torch.optim.AdamW(gate.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * -(-len(features) // 64))
+    rng = random.Random(seed)
+    for _ in range(epochs):
+        for x, w, y in _batches(list(zip(features, labels)), 64, rng):
+            loss = F.cross_entropy(gate(x, w), y, weight=weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return gate.eval()
+
+
+@torch.no_grad()
+def routed_to(gate: StyleGate, features: list) -> torch.Tensor:
+    """The head the gate picks for each image (N,)."""
+    return torch.cat([gate(x, w).argmax(1) for x, w, _ in _batches([(f, 0) for f in features], 256, None)])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--general", required=True, help="the general model's checkpoint")
+    p.add_argument("--head", action="append", required=True, metavar="STYLE=CKPT",
+                   help=f"a style and its model's checkpoint (styles: {', '.join(STYLES)})")
+    p.add_argument("--data", type=Path, required=True, help="folder holding captcha_images_v2/ and varlen_upper/")
+    p.add_argument("--real", type=Path, default=None, help="tools/real_sets.py's --out")
+    p.add_argument("--n", type=int, default=3000, help="training images per style, and of the other sources")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--eval-n", type=int, default=1000, help="images per held-out set whose routing is printed")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    heads = dict(h.split("=", 1) for h in args.head)
+    general_ckpt = load_checkpoint(args.general)
+    general = model_from_checkpoint(general_ckpt).eval()
+    features = Features(general)
+    feats, labels = features(other_images(args.data, args.real, args.n)), []
+    labels = [0] * len(feats)
+    for i, style in enumerate(heads, 1):
+        style_feats = features(style_renders(style, GATE_SEED, args.n))
+        feats, labels = feats + style_feats, labels + [i] * len(style_feats)
+    gate = train_gate(feats, labels, len(heads), args.epochs)
+    for name, (images, _, _) in build_pretrained.held_out_sets(args.data, args.real, args.eval_n).items():
+        picks = routed_to(gate, features(images))  # what the build scores on: never trained on
+        print(f"{name}: " + ", ".join(f"{int((picks == i).sum())} of {len(images)} to {style}"
+                                      for i, style in enumerate(heads, 1)), flush=True)
+    styles = {style: model_from_checkpoint(load_checkpoint(path)).eval() for style, path in heads.items()}
+    model = with_style_heads(general, styles, gate)
+    save_checkpoint({**general_ckpt, "model_config": model.config.to_dict(), "model": model.state_dict(),
+                     "style_heads": {style: {"checkpoint": str(path), "about": STYLES[style]}
+                                     for style, path in heads.items()}}, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
