@@ -580,22 +580,29 @@ def install(out: Path, target: Path, log_target: Path, args) -> None:
     if not (best / "default.pt").is_file():
         raise SystemExit(f"--install: no round of {out} has beaten the checkpoint it started from yet: nothing to "
                          f"install")
-    target.mkdir(parents=True, exist_ok=True)
-    shutil.copy(best / "default.ckpt", target / "default.ckpt")
-    # exported anew, not copied: the round's default.pt holds the preprocessing code of the process that
-    # trained it, which may predate this checkout's (TorchScript saves the code with the weights)
-    save_recognizer(load_model(target / "default.ckpt"), target / "default.pt")
     log_target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(out / LOG_NAME, log_target)
-    installed = load_checkpoint(best / "default.ckpt")
-    families = installed["build"].get("google_fonts")
+    families = load_checkpoint(best / "default.ckpt")["build"].get("google_fonts")
     if families:  # the list the card cites, beside the log
         google_fonts.write_list(families, log_target.with_name(GOOGLE_FONTS_LIST))
     plot_log(read_log(log_target), log_target.with_name("build_curve.png"))
+    install_checkpoint(best / "default.ckpt", target, args)
+    print(f"and {log_target}, build_curve.png")
+
+
+def install_checkpoint(ckpt_path: Path, target: Path, args) -> None:
+    """Ship a checkpoint that carries a build entry: default.ckpt, default.pt exported from it, its
+    confidence, the model card and the figures of docs/accuracy.md that depend on the model.
+    args: data, real, eval_n, threads."""
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ckpt_path, target / "default.ckpt")
+    # exported anew, not copied: the round's default.pt holds the preprocessing code of the process that
+    # trained it, which may predate this checkout's (TorchScript saves the code with the weights)
+    save_recognizer(load_model(target / "default.ckpt"), target / "default.pt")
     calibrate(target, args)
-    write_model_card(target, installed, args)
+    write_model_card(target, load_checkpoint(target / "default.ckpt"), args)
     remeasure(target, args)
-    print(f"installed {target / 'default.pt'}, default.ckpt, MODEL_CARD.md; {log_target} and build_curve.png")
+    print(f"installed {target / 'default.pt'}, default.ckpt, MODEL_CARD.md")
 
 
 def remeasure(target: Path, args) -> None:
@@ -656,7 +663,7 @@ def write_model_card(target: Path, ckpt: dict, args) -> None:
          f"- Training: {b['hours']:.2f} training hours (CPU time of one core) in rounds of a one-cycle schedule "
          f"(AdamW, CTC), up to build round {b['round']} (run {b['run']}){averaged_text(b)}; started from: "
          f"{'; then '.join(b['started_from'])}. The held-out accuracy against training hours is "
-         "docs/build_curve.png (docs/build_log.csv).", "",
+         "docs/build_curve.png (docs/build_log.csv).", *style_heads_text(ckpt, b), "",
          "## Training data", "",
          f"{total:,} training images drawn in all, each round a fresh mix; a fixed source is walked through in seeded "
          "shuffles, so `distinct` is how many of its images were used at least once. Labels case-folded. No image "
@@ -722,6 +729,22 @@ def write_model_card(target: Path, ckpt: dict, args) -> None:
     L += [f"| mean of the above but the unseen sets (what picks the shipped weights) | | {100 * acc['score']:.1f}% |",
           f"| mean of the unseen real styles | | {100 * acc['unseen']:.1f}% |", ""]
     (target / "MODEL_CARD.md").write_text("\n".join(L))
+
+
+def style_heads_text(ckpt: dict, b: dict) -> list:
+    """The card's lines on the model's style heads (tools/style_heads.py), if it has any."""
+    lines = []
+    for style, h in ckpt.get("style_heads", {}).items():
+        hb = h.get("build", {})
+        draws = ", ".join(f"{k} {n - b['draws'].get(k, 0):,}" for k, n in hb.get("draws", {}).items()
+                          if n > b["draws"].get(k, 0))  # the head's own: the entry counts the lineage
+        routed = "; ".join(f"{name} {n} of {b.get('eval_sizes', {}).get(name, '?')}" for name, n in h["routed"].items())
+        lines.append(f"- Style head `{style}` ({h['about']}): its own BiGRU and classifier on the shared convs and "
+                     f"projection (trained with them frozen: {float(hb.get('hours', 0)) - b['hours']:.2f} training "
+                     f"hours from these weights, build round {hb.get('round', '?')}, drawn: {draws or '?'}); a gate on "
+                     f"the conv features, trained on {h['gate_images']:,} of its renders and {h['gate_images']:,} "
+                     f"other images, sends an image to it. Held-out images it sent there: {routed}.")
+    return lines
 
 
 def google_fonts_text(families: list) -> str:

@@ -16,12 +16,13 @@ image a gate sends to a head is read by that head alone, so the routing rates it
 images say what changes: a style's images it misses read as the general model reads them, and others
 it takes read as the style's head reads them.
 
-Writes a checkpoint (the general one's, with the combined model and a "style_heads" entry naming
-each head's source) that `build_pretrained.py --install-from` ships, or `captcha-fast export` turns
-into a recognizer."""
+Writes a checkpoint (the general one's, with the combined model, its held-out accuracy as the build
+scores it, and a "style_heads" entry naming each head's source and routing) and its recognizer (.pt);
+--install ships them as build_pretrained.py --install does."""
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 from pathlib import Path
@@ -33,7 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build_pretrained  # noqa: E402
 
 from captcha_fast import synth  # noqa: E402
-from captcha_fast.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
+from captcha_fast.checkpoint import (PRETRAINED_CHECKPOINT, load_checkpoint, model_from_checkpoint,  # noqa: E402
+                                     save_checkpoint)
+from captcha_fast.export import save_recognizer  # noqa: E402
 from captcha_fast.model import InferenceCRNN, StyleGate, with_style_heads  # noqa: E402
 from captcha_fast.preprocess import from_pil, load_image  # noqa: E402
 from captcha_fast.recognizer import Recognizer  # noqa: E402
@@ -130,7 +133,11 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, default=3000, help="training images per style, and of the other sources")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--eval-n", type=int, default=1000, help="images per held-out set whose routing is printed")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="the assembled checkpoint (and beside it, .pt: its recognizer)")
+    p.add_argument("--install", action="store_true", help="ship it: build_pretrained.install_checkpoint (the weights, "
+                   "confidence, model card and the figures of docs/accuracy.md that depend on the model)")
+    p.add_argument("--install-dir", type=Path, default=PRETRAINED_CHECKPOINT.parent)
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     heads = dict(h.split("=", 1) for h in args.head)
@@ -143,16 +150,35 @@ def main(argv=None) -> None:
         style_feats = features(style_renders(style, GATE_SEED, args.n))
         feats, labels = feats + style_feats, labels + [i] * len(style_feats)
     gate = train_gate(feats, labels, len(heads), args.epochs)
-    for name, (images, _, _) in build_pretrained.held_out_sets(args.data, args.real, args.eval_n).items():
-        picks = routed_to(gate, features(images))  # what the build scores on: never trained on
-        print(f"{name}: " + ", ".join(f"{int((picks == i).sum())} of {len(images)} to {style}"
-                                      for i, style in enumerate(heads, 1)), flush=True)
-    styles = {style: model_from_checkpoint(load_checkpoint(path)).eval() for style, path in heads.items()}
-    model = with_style_heads(general, styles, gate)
+    sets = build_pretrained.held_out_sets(args.data, args.real, args.eval_n)  # what the build scores: never trained on
+    routed = {}
+    for name, (images, _, _) in sets.items():
+        picks = routed_to(gate, features(images))
+        routed[name] = {style: int((picks == i).sum()) for i, style in enumerate(heads, 1)}
+    head_ckpts = {style: load_checkpoint(path) for style, path in heads.items()}
+    model = with_style_heads(general, {s: model_from_checkpoint(c).eval() for s, c in head_ckpts.items()}, gate)
+    model_pt = args.out.with_suffix(".pt")
+    save_recognizer(model, model_pt)
+    accuracy = build_pretrained.evaluate(model_pt, sets)
+    for name, (images, _, _) in sets.items():
+        print(f"{name}: {100 * accuracy[name]:.1f}% (general alone {100 * general_ckpt['build']['accuracy'][name]:.1f}"
+              f"%), " + ", ".join(f"{n} of {len(images)} to {s}" for s, n in routed[name].items()), flush=True)
+    build = {**general_ckpt["build"], "accuracy": accuracy, "eval_sizes": {k: len(v[1]) for k, v in sets.items()}}
+    entry = {style: {"about": STYLES[style], "checkpoint": str(heads[style]), "build": c.get("build")
+                     or _round_build(heads[style]), "gate_images": args.n, "routed": {k: v[style] for k, v in
+                                                                                       routed.items()}}
+             for style, c in head_ckpts.items()}
     save_checkpoint({**general_ckpt, "model_config": model.config.to_dict(), "model": model.state_dict(),
-                     "style_heads": {style: {"checkpoint": str(path), "about": STYLES[style]}
-                                     for style, path in heads.items()}}, args.out)
-    print(f"wrote {args.out}")
+                     "build": build, "style_heads": entry}, args.out)
+    print(f"wrote {args.out} and {model_pt}")
+    if args.install:
+        build_pretrained.install_checkpoint(args.out, args.install_dir, args)
+
+
+def _round_build(path) -> dict:
+    """The build entry of a build round's last.ckpt (build.json beside it), {} if none."""
+    beside = Path(path).parent / build_pretrained.ROUND_BUILD
+    return json.loads(beside.read_text()) if beside.is_file() else {}
 
 
 if __name__ == "__main__":
