@@ -190,6 +190,26 @@ def test_freeze_keeps_the_start_models_parts_and_their_statistics(tmp_path):
         TrainConfig(data="synthetic", freeze=("convs",), from_scratch=True)
 
 
+def test_fine_tuning_a_model_with_style_heads_trains_its_general_head(tmp_path):
+    """A start model with style heads (tools/style_heads.py): fine-tuning starts from its general head and
+    trains a model without style heads (the user's data is one style)."""
+    from captcha_fast.checkpoint import save_checkpoint
+    from captcha_fast.model import StyleGate, with_style_heads
+    start = load_checkpoint(train(_synthetic_cfg(tmp_path / "start", epochs=1)))
+    general = model_from_checkpoint(start).eval()
+    styled = with_style_heads(general, {"s": model_from_checkpoint(start).eval()}, StyleGate(16, 1))
+    path = save_checkpoint({**start, "model_config": styled.config.to_dict(), "model": styled.state_dict()},
+                           tmp_path / "styled.ckpt")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*fresh init")  # every layer of the general model is found
+        tuned = load_checkpoint(train(_synthetic_cfg(tmp_path / "ft", epochs=1, init_from=str(path),
+                                                     from_scratch=False, blend=0.0)))
+    assert tuple(tuned["model_config"]["style_heads"]) == ()
+    moved = [k for k, v in general.state_dict().items()  # blend 0 saves the start (counters aside)
+             if v.is_floating_point() and not torch.equal(tuned["model"][k], v)]
+    assert moved == []
+
+
 def test_small_sets_train_a_fixed_budget_without_a_split(tiny_folder, tmp_path):
     """Under SMALL_SET images: no validation split, epochs of several passes up to --min-steps,
     the stronger augmentation, and the last epoch is the model; --val-fraction still splits."""
