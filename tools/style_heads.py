@@ -160,9 +160,10 @@ def main(argv=None) -> None:
     model_pt = args.out.with_suffix(".pt")
     save_recognizer(model, model_pt)
     accuracy = build_pretrained.evaluate(model_pt, sets)
+    alone = build_pretrained.evaluate(save_recognizer(general, args.out.with_suffix(".general.pt")), sets)
     for name, (images, _, _) in sets.items():
-        print(f"{name}: {100 * accuracy[name]:.1f}% (general alone {100 * general_ckpt['build']['accuracy'][name]:.1f}"
-              f"%), " + ", ".join(f"{n} of {len(images)} to {s}" for s, n in routed[name].items()), flush=True)
+        print(f"{name}: {100 * accuracy[name]:.1f}% (the general model alone {100 * alone[name]:.1f}%), "
+              + ", ".join(f"{n} of {len(images)} to {s}" for s, n in routed[name].items()), flush=True)
     build = {**general_ckpt["build"], "accuracy": accuracy, "eval_sizes": {k: len(v[1]) for k, v in sets.items()}}
     entry = {style: {"about": STYLES[style], "checkpoint": str(heads[style]), "build": c.get("build")
                      or _round_build(heads[style]), "gate_images": args.n, "routed": {k: v[style] for k, v in
