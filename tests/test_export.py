@@ -261,6 +261,33 @@ def test_file_kinds(tiny_model_path, program_path, tmp_path):
     assert formats.file_kind(tmp_path) == "unknown"
 
 
+def test_a_model_with_a_style_head_reads_in_every_format_as_the_model_its_gate_picks(tmp_path):
+    """A style head on the tiny model (its own GRU and classifier) and a gate that takes images of more
+    than 25 frames: the .pt, the .pt2 program and the compiled package read each image as the model
+    the gate picks reads it alone."""
+    from captcha_fast.model import StyleGate, with_style_heads
+    general, style = tiny_model(seed=0), tiny_model(seed=1)
+    style.load_state_dict({k: v for k, v in general.state_dict().items() if k.startswith(("convs.", "project."))},
+                          strict=False)
+    gate = StyleGate(16, 1)
+    with torch.no_grad():
+        gate.conv.weight.zero_(), gate.out.weight.zero_(), gate.out.bias.zero_()
+        gate.out.weight[1, -1], gate.out.bias[1] = 1.0, -float(torch.log(torch.tensor(25.0)))
+    styled = with_style_heads(general, {"wide": style}, gate)
+    images = mixed_images(8)
+    pt = export.save_recognizer(styled, tmp_path / "styled.pt")
+    frames = captcha_fast.load(pt).preprocess(images)[1] // 4
+    assert 0 < int((frames > 25).sum()) < len(images)  # both heads read some
+    alone = [api.predict_batch(images, export.save_recognizer(m, tmp_path / f"{name}.pt"), return_scores=True)
+             for name, m in (("general", general), ("style", style))]
+    want = [alone[int(f > 25)][i][0] for i, f in enumerate(frames.tolist())]
+    for path in (pt, export.export_program(pt, tmp_path / "styled.pt2"),
+                 export.compile_package(pt, tmp_path / "compiled.pt2", dtype="float32")):
+        got = [h[0] for h in api.predict_batch(images, path, return_scores=True)]
+        assert [h.text for h in got] == [h.text for h in want], path
+        assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-3), path
+
+
 def test_saving_leaves_the_callers_model_as_it_was(tmp_path):
     from captcha_fast.recognizer import build_recognizer
     model = tiny_model().train()
