@@ -335,6 +335,9 @@ def flops_per_image(cfg: CRNNConfig, W: int) -> int:
     for layer_in in (hd, 2 * hd):                                   # 2 layers x 2 directions
         macs += 2 * T * 3 * hd * (layer_in + hd)
     macs += T * 2 * hd * cfg.num_classes                            # classifier
+    if cfg.style_heads:  # the gate, and each other head's classifier over T frames and GRU over one
+        macs += 9 * (H // 4) * T * c2 * 32 + len(cfg.style_heads) * T * 2 * hd * cfg.num_classes
+        macs += len(cfg.style_heads) * sum(2 * 3 * hd * (layer_in + hd) for layer_in in (hd, 2 * hd))
     return 2 * macs
 
 
