@@ -467,3 +467,21 @@ def test_the_style_gate_learns_to_tell_a_style_by_its_features_and_frame_count()
     gate = style_heads.train_gate(train, [0] * 120 + [1] * 40, heads=1, epochs=20)
     assert style_heads.routed_to(gate, kind(True, 50)).float().mean() > 0.95
     assert style_heads.routed_to(gate, kind(False, 50)).float().mean() < 0.05
+
+
+def test_a_style_head_from_a_build_out_is_the_mean_of_its_last_rounds_with_their_build_entry(tmp_path):
+    from captcha_fast.checkpoint import save_checkpoint
+    from conftest import tiny_model
+
+    models = {k: tiny_model(seed=k) for k in (5, 6, 7)}
+    for k, m in models.items():
+        save_checkpoint({"model": m.state_dict(), "model_config": m.config.to_dict(), "epoch": 1},
+                        tmp_path / f"round_{k:04d}" / "last.ckpt")
+        build_pretrained.write_json(tmp_path / f"round_{k:04d}" / build_pretrained.ROUND_BUILD, {"round": k})
+    build_pretrained.write_json(tmp_path / "state.json", {"next_round": 8})
+    ckpt = style_heads.head_checkpoint(tmp_path, average=2)
+    assert ckpt["build"] == {"round": 7}
+    want = (models[6].classifier.weight.double() + models[7].classifier.weight.double()) / 2
+    torch.testing.assert_close(ckpt["model"]["classifier.weight"], want.float())
+    single = style_heads.head_checkpoint(tmp_path / "round_0005" / "last.ckpt", average=2)
+    assert torch.equal(single["model"]["classifier.weight"], models[5].classifier.weight)

@@ -127,7 +127,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--general", required=True, help="the general model's checkpoint")
     p.add_argument("--head", action="append", required=True, metavar="STYLE=CKPT",
-                   help=f"a style and its model's checkpoint (styles: {', '.join(STYLES)})")
+                   help=f"a style and its model's checkpoint, or the build OUT that trains it (the mean of its last "
+                        f"--average rounds) (styles: {', '.join(STYLES)})")
+    p.add_argument("--average", type=int, default=5, help="as build_pretrained.py's")
     p.add_argument("--data", type=Path, required=True, help="folder holding captcha_images_v2/ and varlen_upper/")
     p.add_argument("--real", type=Path, default=None, help="tools/real_sets.py's --out")
     p.add_argument("--n", type=int, default=3000, help="training images per style, and of the other sources")
@@ -155,7 +157,7 @@ def main(argv=None) -> None:
     for name, (images, _, _) in sets.items():
         picks = routed_to(gate, features(images))
         routed[name] = {style: int((picks == i).sum()) for i, style in enumerate(heads, 1)}
-    head_ckpts = {style: load_checkpoint(path) for style, path in heads.items()}
+    head_ckpts = {style: head_checkpoint(Path(path), args.average) for style, path in heads.items()}
     model = with_style_heads(general, {s: model_from_checkpoint(c).eval() for s, c in head_ckpts.items()}, gate)
     model_pt = args.out.with_suffix(".pt")
     save_recognizer(model, model_pt)
@@ -165,9 +167,8 @@ def main(argv=None) -> None:
         print(f"{name}: {100 * accuracy[name]:.1f}% (the general model alone {100 * alone[name]:.1f}%), "
               + ", ".join(f"{n} of {len(images)} to {s}" for s, n in routed[name].items()), flush=True)
     build = {**general_ckpt["build"], "accuracy": accuracy, "eval_sizes": {k: len(v[1]) for k, v in sets.items()}}
-    entry = {style: {"about": STYLES[style], "checkpoint": str(heads[style]), "build": c.get("build")
-                     or _round_build(heads[style]), "gate_images": args.n, "routed": {k: v[style] for k, v in
-                                                                                       routed.items()}}
+    entry = {style: {"about": STYLES[style], "checkpoint": str(heads[style]), "build": c.get("build", {}),
+                     "gate_images": args.n, "routed": {k: v[style] for k, v in routed.items()}}
              for style, c in head_ckpts.items()}
     save_checkpoint({**general_ckpt, "model_config": model.config.to_dict(), "model": model.state_dict(),
                      "build": build, "style_heads": entry}, args.out)
@@ -176,10 +177,15 @@ def main(argv=None) -> None:
         build_pretrained.install_checkpoint(args.out, args.install_dir, args)
 
 
-def _round_build(path) -> dict:
-    """The build entry of a build round's last.ckpt (build.json beside it), {} if none."""
-    beside = Path(path).parent / build_pretrained.ROUND_BUILD
-    return json.loads(beside.read_text()) if beside.is_file() else {}
+def head_checkpoint(path: Path, average: int) -> dict:
+    """A style head's checkpoint: a file, or a build's OUT, whose last round is taken as the build
+    scores it (the mean of its last `average` rounds' weights), with that round's build entry."""
+    if not (path / "state.json").is_file():
+        return load_checkpoint(path)
+    k = json.loads((path / "state.json").read_text())["next_round"] - 1
+    ckpt, _ = build_pretrained.average_rounds(path, k, average)
+    build = path / f"round_{k:04d}" / build_pretrained.ROUND_BUILD
+    return {**ckpt, "build": json.loads(build.read_text())}
 
 
 if __name__ == "__main__":
