@@ -49,12 +49,15 @@ class Dist:
 
     def average_buffers(self, model: nn.Module) -> None:
         """Average the batch-norm running statistics over ranks (each rank saw its own shards;
-        DDP only copies rank 0's at the next forward), so every rank holds the same model."""
+        DDP only copies rank 0's at the next forward), so every rank holds the same model. Modules in
+        eval mode (frozen: train --freeze) keep theirs: every rank holds the same, and a sum over
+        ranks divided again need not give it back bit for bit."""
         if self.world > 1:
-            for b in model.buffers():
-                if b.is_floating_point():
-                    dist.all_reduce(b)
-                    b.div_(self.world)
+            for module in model.modules():
+                for b in module.buffers(recurse=False):
+                    if b.is_floating_point() and module.training:
+                        dist.all_reduce(b)
+                        b.div_(self.world)
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -67,7 +67,7 @@ void check_gru_inputs(const at::Tensor& input, const at::Tensor& lengths, at::Te
 // A small batch on the CPU (one image per call): ATen's GRU runs about ten small ops per frame,
 // layer and direction, whose dispatch costs far more than their arithmetic at batch 1 (callgrind:
 // ~16M instructions for a 30-frame 2-layer BiGRU with 128 units). Here the input gates of a layer
-// and direction are one addmm over all frames, and the recurrence runs as plain loops, one task
+// and direction are one addmm over each sample's frames, and the recurrence runs as plain loops, one task
 // per (direction, sample) in parallel: each sample over its own frames (the reverse direction
 // from its last frame), zeros after them. nn.GRU's equations, up to float rounding:
 //   r = sigmoid(gi_r + W_hr h + b_hr), z = sigmoid(gi_z + W_hz h + b_hz),
@@ -122,10 +122,13 @@ at::Tensor small_batch_gru(const at::Tensor& input, const at::Tensor& lengths, a
   at::Tensor x = input.contiguous();
   for (int64_t layer = 0; layer < num_layers; ++layer) {
     at::Tensor out = at::zeros({T, N, dirs * H}, x.options());
-    std::vector<at::Tensor> gates, w_hh, b_hh;  // per direction: input gates (T, N, 3H), W_hh, b_hh
+    // per direction: W_hh, b_hh, and per sample its input gates (len, 3H): a sample's own frames only
+    // (a style head a sample is not routed to runs over one frame of it, not over the batch's T)
+    std::vector<at::Tensor> gates, w_hh, b_hh;
     for (int64_t d = 0; d < dirs; ++d) {
       const int64_t i = 4 * (layer * dirs + d);
-      gates.push_back(at::addmm(params[i + 2], x.view({T * N, x.size(2)}), params[i].t()).view({T, N, 3 * H}));
+      for (int64_t n = 0; n < N; ++n)
+        gates.push_back(at::addmm(params[i + 2], x.select(1, n).narrow(0, 0, len[n]), params[i].t()).contiguous());
       w_hh.push_back(params[i + 1].contiguous());
       b_hh.push_back(params[i + 3].contiguous());
     }
@@ -134,13 +137,13 @@ at::Tensor small_batch_gru(const at::Tensor& input, const at::Tensor& lengths, a
       std::vector<float> h(H), gh(3 * H);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t d = task / N, n = task % N;
-        const float* gi = gates[d].data_ptr<float>();
+        const float* gi = gates[task].data_ptr<float>();
         const float* w = w_hh[d].data_ptr<float>();
         const float* b = b_hh[d].data_ptr<float>();
         std::fill(h.begin(), h.end(), 0.f);
         for (int64_t s = 0; s < len[n]; ++s) {
           const int64_t t = d == 0 ? s : len[n] - 1 - s;
-          gru_frame(w, b, gi + (t * N + n) * 3 * H, h.data(), gh.data(), H);
+          gru_frame(w, b, gi + t * 3 * H, h.data(), gh.data(), H);
           std::copy(h.begin(), h.end(), o + (t * N + n) * dirs * H + d * H);
         }
       }

@@ -136,11 +136,12 @@ def _styled():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("chunk", [2, 64])
-def test_style_heads_read_each_image_as_the_model_its_gate_picks(chunk):
+@pytest.mark.parametrize("chunk, widths", [(2, [24, 60, 48, 36, 80]), (64, [24, 60, 48, 36, 80]), (64, [60, 24]),
+                                           (64, [24]), (64, [60])])
+def test_style_heads_read_each_image_as_the_model_its_gate_picks(chunk, widths):
+    """Images of more than 10 frames go to the style head; batches above and within the gru op's small-batch size."""
     general, style, gate = _styled()
     routed = with_style_heads(general, {"wide": style}, gate)
-    widths = [24, 60, 48, 36, 80]  # 6, 15, 12, 9, 20 frames: the 2nd, 3rd and 5th go to the style head
     x, w = _batch(widths)
     for model in (routed, InferenceCRNN(routed, chunk=chunk).eval(), torch.jit.script(InferenceCRNN(routed).eval())):
         got, frames = model(x, w)

@@ -385,6 +385,21 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+def test_averaging_buffers_over_ranks_leaves_frozen_batch_norms_alone(monkeypatch):
+    """The ranks' mean of a training batch norm's statistics (their sum, divided), a frozen one's (eval
+    mode) kept bit for bit: (3 a) / 3 need not be a."""
+    from captcha_fast import distributed
+    reduced = []
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda t: reduced.append(t) or t.mul_(3))  # 3 equal ranks
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4)).train()
+    model[1].eval()
+    distributed.Dist(torch.device("cpu")).average_buffers(model)
+    assert any(t is model[0].running_mean for t in reduced) and any(t is model[0].running_var for t in reduced)
+    assert not any(t is b for t in reduced for b in model[1].buffers())
+
+
 def test_ddp_two_cpu_processes_match_single(tmp_path):
     """torchrun with 2 gloo ranks: both end with identical weights, close to the one-process run
     (not equal: each rank's batch norms see only its half of a batch)."""
