@@ -21,15 +21,17 @@ from torch import Tensor
 from captcha_fast.files import atomic_write
 from captcha_fast.model import CRNN, CRNNConfig, widen
 
-CHECKPOINT_VERSION = 1  # bump when the dict changes; load_checkpoint refuses newer ones
+CHECKPOINT_VERSION = 2  # bump when the dict changes; load_checkpoint refuses newer ones (2: style heads)
 PRETRAINED_CHECKPOINT = Path(__file__).resolve().parent / "pretrained" / "default.ckpt"
 """The shipped model's training weights (batch norms unfolded): where `captcha-fast train` starts."""
 PathLike = Union[str, os.PathLike]
 
 
 def save_checkpoint(checkpoint: dict, path: PathLike) -> Path:
-    """Save `checkpoint` (stamped with CHECKPOINT_VERSION) atomically to `path`."""
-    return atomic_write(path, lambda tmp: torch.save({**checkpoint, "version": CHECKPOINT_VERSION}, tmp))
+    """Save `checkpoint` atomically to `path`, stamped with the oldest version that reads it: 1, or 2 for a
+    model with style heads (an older captcha_fast then says to upgrade instead of failing on the config)."""
+    version = 2 if checkpoint.get("model_config", {}).get("style_heads") else 1
+    return atomic_write(path, lambda tmp: torch.save({**checkpoint, "version": version}, tmp))
 
 
 def checkpoint_file(path: PathLike) -> Path:

@@ -267,7 +267,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class) -> None:
         flag = meta.get("flag", "--" + f.name.replace("_", "-"))
         if kind is bool:
             kw["help"] += f" (default: {flag if f.default else '--no-' + flag[2:]})"
-        elif f.default is not None and not meta.get("required"):
+        elif f.default not in (None, ()) and not meta.get("required"):
             kw["help"] += f" (default: {' '.join(map(str, f.default)) if isinstance(f.default, tuple) else f.default})"
         parser.add_argument(flag, dest=f.name, default=f.default, **kw)
         for alias, value in meta.get("also", {}).items():

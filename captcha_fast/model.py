@@ -48,7 +48,10 @@ class CRNNConfig:
         return len(self.charset) + 1
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.style_heads:  # as before style heads existed: an older captcha_fast reads it
+            del d["style_heads"]
+        return d
 
 
 BLOCK_CONVS = 4  # convs of the two pooled blocks; those after them in CRNN.convs are residual pairs

@@ -19,11 +19,21 @@ def test_round_trip_and_run_directory(tmp_path):
     path = save_checkpoint({"model": model.state_dict(), "model_config": model.config.to_dict(), "epoch": 4},
                            tmp_path / "best.ckpt")
     ckpt = load_checkpoint(tmp_path)  # a run directory means its best.ckpt
-    assert ckpt["version"] == CHECKPOINT_VERSION and ckpt["epoch"] == 4
+    assert ckpt["version"] == 1 and ckpt["epoch"] == 4  # without style heads, what captcha_fast 1 reads
+    assert "style_heads" not in ckpt["model_config"]
     loaded = load_model(path)
     assert not loaded.training and loaded.config == model.config
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_a_model_with_style_heads_is_a_version_2_checkpoint(tmp_path):
+    from captcha_fast.model import StyleGate, with_style_heads
+    model = _crnn("AB1")
+    styled = with_style_heads(model, {"s": model}, StyleGate(16, 1))
+    save_checkpoint({"model": styled.state_dict(), "model_config": styled.config.to_dict()}, tmp_path / "s.ckpt")
+    assert load_checkpoint(tmp_path / "s.ckpt")["version"] == 2 == CHECKPOINT_VERSION
+    assert load_model(tmp_path / "s.ckpt").config.style_heads == ("s",)
 
 
 def test_version_1_checkpoint_of_the_old_trainer_loads(tmp_path):
