@@ -79,7 +79,9 @@ def column_mask(widths: Tensor, W: int) -> Tensor:
 class StyleHead(nn.Module):
     """A BiGRU and classifier of their own for one style, on the CRNN's shared convs and projection:
     projected frames (T, N, hidden) float32, frames (N,) -> log-probs (T, N, K). Trained as a CRNN whose
-    convs and projection stay the general model's (train --freeze convs project)."""
+    convs and projection stay the general model's (train --freeze convs project). A head an image is
+    not routed to runs its GRU over one frame of it on the CPU (the gru op's per-sample paths); on CUDA
+    the op runs every frame of the batch, so each head costs its GRU there."""
 
     def __init__(self, config: CRNNConfig):
         super().__init__()
@@ -249,14 +251,17 @@ def with_style_heads(general: CRNN, styles: Dict[str, CRNN], gate: StyleGate) ->
     name -> a CRNN trained from `general` with its convs and projection frozen), as `gate` picks:
     gate score 0 is the general head, i the i-th style. ValueError if a style model's convs or
     projection are not exactly general's (they are shared) or its config differs otherwise."""
+    if not styles or general.config.style_heads:
+        raise ValueError("with_style_heads takes a general model without style heads and at least one style model")
     config = replace(general.config, style_heads=tuple(styles))
     model = CRNN(config)
-    state = {k: v for k, v in general.state_dict().items() if not k.startswith(("style_heads.", "gate."))}
+    state = general.state_dict()
     shared = {k: v for k, v in state.items() if k.startswith(("convs.", "project."))}
     for i, (name, m) in enumerate(styles.items()):
-        if replace(m.config, style_heads=()) != replace(general.config, style_heads=()):
-            raise ValueError(f"style head {name!r}: its model's config {m.config} is not the general model's "
-                             f"{general.config}")
+        differ = [f"{k} {getattr(m.config, k)!r} (the general model's: {getattr(general.config, k)!r})"
+                  for k in m.config.to_dict() if k != "dropout" and getattr(m.config, k) != getattr(general.config, k)]
+        if differ:
+            raise ValueError(f"style head {name!r}: its model differs from the general one: {', '.join(differ)}")
         own = m.state_dict()
         if any(not torch.equal(own[k], v) for k, v in shared.items()):
             raise ValueError(f"style head {name!r}: its convs or projection differ from the general model's (a style "

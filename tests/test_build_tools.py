@@ -485,3 +485,16 @@ def test_a_style_head_from_a_build_out_is_the_mean_of_its_last_rounds_with_their
     torch.testing.assert_close(ckpt["model"]["classifier.weight"], want.float())
     single = style_heads.head_checkpoint(tmp_path / "round_0005" / "last.ckpt", average=2)
     assert torch.equal(single["model"]["classifier.weight"], models[5].classifier.weight)
+
+
+def test_the_model_card_says_what_each_style_head_was_trained_on_and_what_it_was_sent():
+    b = {"hours": 12.0, "draws": {"pkg": 100, "synth": 500}, "eval_sizes": {"pkg_160x60": 300, "v2": 156}}
+    head = {"about": "the package", "gate_images": {"style": 3000, "other": 2990},
+            "routed": {"pkg_160x60": 290, "v2": 0},
+            "build": {"hours": 12.5, "round": 50, "draws": {"pkg": 64100, "synth": 500}}}
+    line, = build_pretrained.style_heads_text({"style_heads": {"captcha_pkg": head}}, b)
+    assert "0.50 training hours" in line and "round 50" in line and "pkg 64,000" in line and "synth" not in line
+    assert "3,000 of its renders and 2,990 other images" in line and "pkg_160x60 290 of 300; v2 0 of 156" in line
+    line, = build_pretrained.style_heads_text({"style_heads": {"captcha_pkg": {**head, "build": {}}}}, b)
+    assert "its build unrecorded" in line
+    assert build_pretrained.style_heads_text({}, b) == []

@@ -160,6 +160,10 @@ def test_style_heads_refuse_a_model_that_does_not_share_the_convs():
         with_style_heads(general, {"wide": style}, gate)
     with pytest.raises(ValueError, match="not 1 \\+ 2 styles"):
         with_style_heads(general, {"a": _styled()[1], "b": _styled()[1]}, gate)
+    with pytest.raises(ValueError, match="style head 'tall': its model differs from the general one: height 16"):
+        with_style_heads(general, {"tall": _model(height=16)}, gate)
+    with pytest.raises(ValueError, match="at least one style model"):
+        with_style_heads(general, {}, gate)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

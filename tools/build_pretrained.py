@@ -739,11 +739,12 @@ def style_heads_text(ckpt: dict, b: dict) -> list:
         draws = ", ".join(f"{k} {n - b['draws'].get(k, 0):,}" for k, n in hb.get("draws", {}).items()
                           if n > b["draws"].get(k, 0))  # the head's own: the entry counts the lineage
         routed = "; ".join(f"{name} {n} of {b.get('eval_sizes', {}).get(name, '?')}" for name, n in h["routed"].items())
+        trained = (f"{float(hb['hours']) - b['hours']:.2f} training hours from these weights, build round "
+                   f"{hb['round']}, drawn: {draws}" if hb else "its build unrecorded")
         lines.append(f"- Style head `{style}` ({h['about']}): its own BiGRU and classifier on the shared convs and "
-                     f"projection (trained with them frozen: {float(hb.get('hours', 0)) - b['hours']:.2f} training "
-                     f"hours from these weights, build round {hb.get('round', '?')}, drawn: {draws or '?'}); a gate on "
-                     f"the conv features, trained on {h['gate_images']:,} of its renders and {h['gate_images']:,} "
-                     f"other images, sends an image to it. Held-out images it sent there: {routed}.")
+                     f"projection (trained with them frozen: {trained}); a gate on the conv features, trained on "
+                     f"{h['gate_images']['style']:,} of its renders and {h['gate_images']['other']:,} other "
+                     f"images, sends an image to it. Held-out images it sent there: {routed}.")
     return lines
 
 

@@ -37,6 +37,7 @@ from captcha_fast import synth  # noqa: E402
 from captcha_fast.checkpoint import (PRETRAINED_CHECKPOINT, load_checkpoint, model_from_checkpoint,  # noqa: E402
                                      save_checkpoint)
 from captcha_fast.export import save_recognizer  # noqa: E402
+from captcha_fast.formats import resolve_dtype  # noqa: E402
 from captcha_fast.model import InferenceCRNN, StyleGate, with_style_heads  # noqa: E402
 from captcha_fast.preprocess import from_pil, load_image  # noqa: E402
 from captcha_fast.recognizer import Recognizer  # noqa: E402
@@ -46,8 +47,7 @@ STYLES = {"captcha_pkg": "the `captcha` package at its common sizes (synth.rende
 
 
 def style_renders(style: str, seed: int, n: int) -> list:
-    if style != "captcha_pkg":
-        raise SystemExit(f"style_heads: no renderer for style {style!r}; known: {', '.join(STYLES)}")
+    """n renders of a style of STYLES (captcha_pkg: as the build's pkg group draws them, another seed)."""
     images = []
     for i in range(n):
         rng = synth.sample_rng(seed, i)
@@ -71,17 +71,20 @@ def other_images(data: Path, real: Path | None, n: int, seed: int = GATE_SEED) -
 
 
 class Features:
-    """The general model's conv features of images, one (C, H, T) tensor each: what the gate reads."""
+    """The general model's conv features of images, one (C, H, T) float32 tensor each: what the gate reads,
+    with the convs in `dtype` (a recognizer runs them in bf16 on CPUs with native bf16 and on CUDA)."""
 
-    def __init__(self, general):
+    def __init__(self, general, dtype: torch.dtype = torch.float32):
         self.rec = Recognizer(InferenceCRNN(general)).eval()
+        self.rec.model.convs.to(dtype)
 
     @torch.no_grad()
     def __call__(self, images: list, batch: int = 64) -> list:
         out = []
         for i in range(0, len(images), batch):
             chunk = [im if torch.is_tensor(im) else from_pil(im, f"image {i}") for im in images[i:i + batch]]
-            x, w = self.rec.model.features(*self.rec.preprocess(chunk))
+            batch, widths = self.rec.preprocess(chunk)
+            x, w = self.rec.model.features(batch.to(self.rec.model.convs[0].weight.dtype), widths)
             out += [x[j, :, :, :int(w[j])].float().clone() for j in range(len(chunk))]
         return out
 
@@ -134,31 +137,42 @@ def main(argv=None) -> None:
     p.add_argument("--real", type=Path, default=None, help="tools/real_sets.py's --out")
     p.add_argument("--n", type=int, default=3000, help="training images per style, and of the other sources")
     p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--eval-n", type=int, default=1000, help="images per held-out set whose routing is printed")
+    p.add_argument("--eval-n", type=int, default=300, help="images per held-out set, as the build's --eval-n")
     p.add_argument("--out", type=Path, required=True, help="the assembled checkpoint (and beside it, .pt: its recognizer)")
     p.add_argument("--install", action="store_true", help="ship it: build_pretrained.install_checkpoint (the weights, "
                    "confidence, model card and the figures of docs/accuracy.md that depend on the model)")
     p.add_argument("--install-dir", type=Path, default=PRETRAINED_CHECKPOINT.parent)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    heads = dict(h.split("=", 1) for h in args.head)
+    torch.set_num_threads(args.threads)
+    heads = dict(parse_head(h) for h in args.head)
+    if args.out.suffix != ".ckpt":
+        raise SystemExit(f"style_heads: --out {args.out} must be a .ckpt (its recognizer goes beside it, .pt)")
     general_ckpt = load_checkpoint(args.general)
+    if args.install and "build" not in general_ckpt:
+        raise SystemExit(f"style_heads: --install needs a general checkpoint with a build entry (the shipped "
+                         f"default.ckpt, a build's best/default.ckpt); {args.general} has none")
     general = model_from_checkpoint(general_ckpt).eval()
-    features = Features(general)
-    feats, labels = features(other_images(args.data, args.real, args.n)), []
-    labels = [0] * len(feats)
-    for i, style in enumerate(heads, 1):
-        style_feats = features(style_renders(style, GATE_SEED, args.n))
-        feats, labels = feats + style_feats, labels + [i] * len(style_feats)
+    head_ckpts = {style: head_checkpoint(Path(path), args.average) for style, path in heads.items()}
+    styles = {s: model_from_checkpoint(c).eval() for s, c in head_ckpts.items()}
+    with_style_heads(general, styles, StyleGate(general.config.channels[1], len(heads)))  # refuses a mismatch now
+    # the gate learns the features as the convs give them in float32 and, where the CPU runs a recognizer's
+    # convs in bf16 (resolve_dtype), in bf16 too, so that it routes alike in either
+    runtime = resolve_dtype("auto", torch.device("cpu"))
+    extractors = [Features(general)] + ([Features(general, runtime)] if runtime != torch.float32 else [])
+    other, own = other_images(args.data, args.real, args.n), [style_renders(s, GATE_SEED, args.n) for s in heads]
+    feats, labels = [], []
+    for features in extractors:
+        for i, images in enumerate([other] + own):
+            got = features(images)
+            feats, labels = feats + got, labels + [i] * len(got)
     gate = train_gate(feats, labels, len(heads), args.epochs)
     sets = build_pretrained.held_out_sets(args.data, args.real, args.eval_n)  # what the build scores: never trained on
     routed = {}
     for name, (images, _, _) in sets.items():
-        picks = routed_to(gate, features(images))
+        picks = routed_to(gate, extractors[-1](images))  # as a recognizer loaded here runs
         routed[name] = {style: int((picks == i).sum()) for i, style in enumerate(heads, 1)}
-    head_ckpts = {style: head_checkpoint(Path(path), args.average) for style, path in heads.items()}
-    model = with_style_heads(general, {s: model_from_checkpoint(c).eval() for s, c in head_ckpts.items()}, gate)
+    model = with_style_heads(general, styles, gate)
     model_pt = args.out.with_suffix(".pt")
     save_recognizer(model, model_pt)
     accuracy = build_pretrained.evaluate(model_pt, sets)
@@ -166,15 +180,26 @@ def main(argv=None) -> None:
     for name, (images, _, _) in sets.items():
         print(f"{name}: {100 * accuracy[name]:.1f}% (the general model alone {100 * alone[name]:.1f}%), "
               + ", ".join(f"{n} of {len(images)} to {s}" for s, n in routed[name].items()), flush=True)
-    build = {**general_ckpt["build"], "accuracy": accuracy, "eval_sizes": {k: len(v[1]) for k, v in sets.items()}}
+    build = {**general_ckpt.get("build", {}), "accuracy": accuracy,
+             "eval_sizes": {k: len(v[1]) for k, v in sets.items()}}
     entry = {style: {"about": STYLES[style], "checkpoint": str(heads[style]), "build": c.get("build", {}),
-                     "gate_images": args.n, "routed": {k: v[style] for k, v in routed.items()}}
-             for style, c in head_ckpts.items()}
+                     "gate_images": {"style": len(own[i]), "other": len(other)},
+                     "routed": {k: v[style] for k, v in routed.items()}}
+             for i, (style, c) in enumerate(head_ckpts.items())}
     save_checkpoint({**general_ckpt, "model_config": model.config.to_dict(), "model": model.state_dict(),
                      "build": build, "style_heads": entry}, args.out)
     print(f"wrote {args.out} and {model_pt}")
     if args.install:
         build_pretrained.install_checkpoint(args.out, args.install_dir, args)
+
+
+def parse_head(spec: str) -> tuple:
+    """--head STYLE=CKPT -> (style, path), refusing an unknown style or a missing path now, not after the gate."""
+    style, sep, path = spec.partition("=")
+    if not sep or style not in STYLES or not Path(path).exists():
+        raise SystemExit(f"style_heads: --head {spec!r}: give STYLE=CKPT with STYLE one of {', '.join(STYLES)} and "
+                         f"CKPT an existing checkpoint or build OUT")
+    return style, path
 
 
 def head_checkpoint(path: Path, average: int) -> dict:
