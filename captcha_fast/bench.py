@@ -32,7 +32,7 @@ from torch import Tensor
 
 from captcha_fast import decode
 from captcha_fast.charset import Charset
-from captcha_fast.model import CRNNConfig
+from captcha_fast.model import GATE_WIDTH, CRNNConfig
 from captcha_fast.testing import random_log_probs
 
 # ---------------------------------------------------------------------------- baselines
@@ -336,7 +336,7 @@ def flops_per_image(cfg: CRNNConfig, W: int) -> int:
         macs += 2 * T * 3 * hd * (layer_in + hd)
     macs += T * 2 * hd * cfg.num_classes                            # classifier
     if cfg.style_heads:  # the gate, and each other head's classifier over T frames and GRU over one
-        macs += 9 * (H // 4) * T * c2 * 32 + len(cfg.style_heads) * T * 2 * hd * cfg.num_classes
+        macs += 9 * (H // 4) * T * c2 * GATE_WIDTH + len(cfg.style_heads) * T * 2 * hd * cfg.num_classes
         macs += len(cfg.style_heads) * sum(2 * 3 * hd * (layer_in + hd) for layer_in in (hd, 2 * hd))
     return 2 * macs
 

@@ -94,13 +94,16 @@ class StyleHead(nn.Module):
         return self.classifier(x).log_softmax(-1)
 
 
+GATE_WIDTH = 32  # the style gate's conv channels
+
+
 class StyleGate(nn.Module):
     """Which head reads each image, from the shared conv features: (N, C, H, T) and frames (N,) ->
     scores (N, 1 + style heads), 0 the general head. A 3x3 conv, its mean over each image's own
     frames, and the image's frame count (its aspect ratio) to a linear layer: a few thousand
     multiply-adds a frame, beside the CRNN's hundreds of thousands."""
 
-    def __init__(self, channels: int, heads: int, width: int = 32):
+    def __init__(self, channels: int, heads: int, width: int = GATE_WIDTH):
         super().__init__()
         self.conv = nn.Conv2d(channels, width, 3, padding=1)
         self.out = nn.Linear(width + 1, 1 + heads)
