@@ -277,6 +277,21 @@ def with_style_heads(general: CRNN, styles: Dict[str, CRNN], gate: StyleGate) ->
     return model.eval()
 
 
+def style_model(model: CRNN, style: str) -> CRNN:
+    """The CRNN that reads as `model`'s head for `style` (its convs and projection, the style head's GRU and
+    classifier): with_style_heads' part for it, e.g. to train the head further (--freeze convs project)."""
+    if style not in model.config.style_heads:
+        raise ValueError(f"the model has no style head {style!r} (it has: {', '.join(model.config.style_heads)})")
+    i = model.config.style_heads.index(style)
+    single = CRNN(replace(model.config, style_heads=()))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(("style_heads.", "gate.", "rnn.",
+                                                                              "classifier."))}
+    prefix = f"style_heads.{i}."
+    state.update({k[len(prefix):]: v for k, v in model.state_dict().items() if k.startswith(prefix)})
+    single.load_state_dict(state)
+    return single.train(model.training)
+
+
 def fold_batchnorm(model: CRNN) -> CRNN:
     """An inference copy of `model` (eval mode) with each BatchNorm folded into the conv
     before it (conv gets a bias, the BatchNorm becomes Identity): same outputs, two

@@ -498,3 +498,22 @@ def test_the_model_card_says_what_each_style_head_was_trained_on_and_what_it_was
     line, = build_pretrained.style_heads_text({"style_heads": {"captcha_pkg": {**head, "build": {}}}}, b)
     assert "its build unrecorded" in line
     assert build_pretrained.style_heads_text({}, b) == []
+
+
+def test_a_head_taken_out_of_a_model_with_style_heads_carries_its_build(tmp_path):
+    from captcha_fast.checkpoint import load_checkpoint, save_checkpoint
+    from captcha_fast.model import StyleGate, with_style_heads
+    from conftest import tiny_model
+
+    general, style = tiny_model(seed=0), tiny_model(seed=1)
+    style.load_state_dict({k: v for k, v in general.state_dict().items() if k.startswith(("convs.", "project."))},
+                          strict=False)
+    styled = with_style_heads(general, {"captcha_pkg": style}, StyleGate(16, 1))
+    save_checkpoint({"model": styled.state_dict(), "model_config": styled.config.to_dict(), "build": {"round": 45},
+                     "style_heads": {"captcha_pkg": {"build": {"round": 53}}}}, tmp_path / "s.ckpt")
+    style_heads.extract([str(tmp_path / "s.ckpt"), "captcha_pkg", str(tmp_path / "head.ckpt")])
+    head = load_checkpoint(tmp_path / "head.ckpt")
+    assert head["build"] == {"round": 53} and "style_heads" not in head and head["version"] == 1
+    assert all(torch.equal(head["model"][k], v) for k, v in style.state_dict().items())
+    with pytest.raises(SystemExit, match="no style head 'other'"):
+        style_heads.extract([str(tmp_path / "s.ckpt"), "other", str(tmp_path / "x.ckpt")])

@@ -18,7 +18,8 @@ it takes read as the style's head reads them.
 
 Writes a checkpoint (the general one's, with the combined model, its held-out accuracy as the build
 scores it, and a "style_heads" entry naming each head's source and routing) and its recognizer (.pt);
---install ships them as build_pretrained.py --install does."""
+--install ships them as build_pretrained.py --install does. `style_heads.py head CKPT STYLE OUT` takes a
+head back out of a shipped model, for a build to train it further."""
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,7 @@ from captcha_fast.checkpoint import (PRETRAINED_CHECKPOINT, load_checkpoint, mod
                                      save_checkpoint)
 from captcha_fast.export import save_recognizer  # noqa: E402
 from captcha_fast.formats import resolve_dtype  # noqa: E402
-from captcha_fast.model import InferenceCRNN, StyleGate, with_style_heads  # noqa: E402
+from captcha_fast.model import InferenceCRNN, StyleGate, style_model, with_style_heads  # noqa: E402
 from captcha_fast.preprocess import from_pil, load_image  # noqa: E402
 from captcha_fast.recognizer import Recognizer  # noqa: E402
 
@@ -213,5 +214,27 @@ def head_checkpoint(path: Path, average: int) -> dict:
     return {**ckpt, "build": json.loads(build.read_text())}
 
 
+def extract(argv=None) -> None:
+    """`python tools/style_heads.py head CKPT STYLE OUT`: the model of CKPT's head for STYLE (model.style_model)
+    as a checkpoint carrying the head's build entry, where a build trains the head further:
+    build_pretrained.py --init-from OUT --freeze convs project --shares pkg=1 ... (its hours go on)."""
+    p = argparse.ArgumentParser(prog="style_heads.py head", description=extract.__doc__)
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("style")
+    p.add_argument("out", type=Path)
+    args = p.parse_args(argv)
+    ckpt = load_checkpoint(args.checkpoint)
+    try:
+        model = style_model(model_from_checkpoint(ckpt), args.style)
+    except ValueError as e:
+        raise SystemExit(f"style_heads.py head: {args.checkpoint}: {e}") from None
+    save_checkpoint({**{k: v for k, v in ckpt.items() if k != "style_heads"}, "model_config": model.config.to_dict(),
+                     "model": model.state_dict(), "build": ckpt["style_heads"][args.style].get("build", {})}, args.out)
+    print(f"wrote {args.out}")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["head"]:
+        extract(sys.argv[2:])
+    else:
+        main()
