@@ -32,8 +32,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import accuracy_table  # noqa: E402
 import build_pretrained  # noqa: E402
 
+import captcha_fast  # noqa: E402
 from captcha_fast import synth  # noqa: E402
 from captcha_fast.checkpoint import (PRETRAINED_CHECKPOINT, load_checkpoint, model_from_checkpoint,  # noqa: E402
                                      save_checkpoint)
@@ -84,8 +86,8 @@ class Features:
         out = []
         for i in range(0, len(images), batch):
             chunk = [im if torch.is_tensor(im) else from_pil(im, f"image {i}") for im in images[i:i + batch]]
-            batch, widths = self.rec.preprocess(chunk)
-            x, w = self.rec.model.features(batch.to(self.rec.model.convs[0].weight.dtype), widths)
+            pixels, widths = self.rec.preprocess(chunk)
+            x, w = self.rec.model.features(pixels.to(self.rec.model.convs[0].weight.dtype), widths)
             out += [x[j, :, :, :int(w[j])].float().clone() for j in range(len(chunk))]
         return out
 
@@ -181,6 +183,14 @@ def main(argv=None) -> None:
     for name, (images, _, _) in sets.items():
         print(f"{name}: {100 * accuracy[name]:.1f}% (the general model alone {100 * alone[name]:.1f}%), "
               + ", ".join(f"{n} of {len(images)} to {s}" for s, n in routed[name].items()), flush=True)
+    for i, style in enumerate(heads, 1):  # the style as the synthetic mix varies it (other fonts, sizes, effects)
+        images, labels = accuracy_table.style_renders(style, args.eval_n)
+        picks = routed_to(gate, extractors[-1](images))
+        reads = {k: captcha_fast.predict_batch(images, str(path), device="cpu")
+                 for k, path in (("styled", model_pt), ("alone", args.out.with_suffix(".general.pt")))}
+        right = {k: sum(r == t.lower() for r, t in zip(v, labels)) / len(labels) for k, v in reads.items()}
+        print(f"synthetic style {style} (its variants in the mix): {100 * right['styled']:.1f}% (the general model "
+              f"alone {100 * right['alone']:.1f}%), {int((picks == i).sum())} of {len(images)} to {style}")
     build = {**general_ckpt.get("build", {}), "accuracy": accuracy,
              "eval_sizes": {k: len(v[1]) for k, v in sets.items()}}
     entry = {style: {"about": STYLES[style], "checkpoint": str(heads[style]), "build": c.get("build", {}),
