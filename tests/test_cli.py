@@ -292,6 +292,8 @@ def test_train_flags_come_from_the_config_fields():
         flag = {"hidden_dim": "--hidden"}.get(f.name, "--" + f.name.replace("_", "-"))
         if isinstance(value, bool):
             argv, want = [flag if not value else "--no-" + flag[2:]], not value
+        elif f.name == "freeze":  # names of parts (none by default)
+            argv, want = [flag, "convs", "project"], ("convs", "project")
         elif isinstance(value, tuple):
             argv, want = [flag] + [str(v + 4) for v in value], tuple(v + 4 for v in value)
         elif f.name == "in_channels":
