@@ -90,11 +90,12 @@ BeamOptions check_beam_options(const at::Tensor& log_probs, int64_t beam_width, 
   TORCH_CHECK(!std::isnan(min_logp), op, ": token_min_logp is NaN (None switches this pruning off)");
   TORCH_CHECK(skip > 0.0 && skip <= 1.0, op,
               ": blank_skip_threshold is a probability in (0, 1] (None switches skipping off), got ", skip);
-  // 4096: as recognizer.check_decode_args (the widest image gives fewer frames); larger lengths overflowed
-  // the search's length arithmetic (min_length 2^62 read as if 0)
+  // 4096: as recognizer.check_decode_args (the widest image gives fewer frames); a larger min_length
+  // overflowed the search's length arithmetic (2^62 read as if 0). A large max_length is harmless (the
+  // output holds min(T, max_length) tokens).
   TORCH_CHECK(min_length >= 0 && min_length <= 4096, op, ": min_length must be in [0, 4096], got ", min_length);
-  TORCH_CHECK(max_length == -1 || (max_length >= std::max<int64_t>(min_length, 1) && max_length <= 4096), op,
-              ": max_length must be -1 (no limit) or in [max(min_length, 1), 4096], got ", max_length,
+  TORCH_CHECK(max_length == -1 || max_length >= std::max<int64_t>(min_length, 1), op,
+              ": max_length must be -1 (no limit) or >= max(min_length, 1), got ", max_length,
               " with min_length = ", min_length);
   if (allowed_tokens.has_value()) {
     const at::Tensor& a = *allowed_tokens;
