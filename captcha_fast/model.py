@@ -79,9 +79,9 @@ def column_mask(widths: Tensor, W: int) -> Tensor:
 class StyleHead(nn.Module):
     """A BiGRU and classifier of their own for one style, on the CRNN's shared convs and projection:
     projected frames (T, N, hidden) float32, frames (N,) -> log-probs (T, N, K). Trained as a CRNN whose
-    convs and projection stay the general model's (train --freeze convs project). A head an image is
-    not routed to runs its GRU over one frame of it on the CPU (the gru op's per-sample paths); on CUDA
-    the op runs every frame of the batch, so each head costs its GRU there."""
+    convs and projection stay the general model's (train --freeze convs project). A head's GRU skips
+    the images it is not sent (length 0) on the CPU; on CUDA the op runs every frame of the batch, so
+    each head costs its GRU there."""
 
     def __init__(self, config: CRNNConfig):
         super().__init__()
@@ -94,26 +94,27 @@ class StyleHead(nn.Module):
         return self.classifier(x).log_softmax(-1)
 
 
-GATE_WIDTH = 32  # the style gate's conv channels
+GATE_WIDTH = 32  # the style gate's hidden units
 
 
 class StyleGate(nn.Module):
     """Which head reads each image, from the shared conv features: (N, C, H, T) and frames (N,) ->
-    scores (N, 1 + style heads), 0 the general head. A 3x3 conv, its mean over each image's own
-    frames, and the image's frame count (its aspect ratio) to a linear layer: a few thousand
-    multiply-adds a frame, beside the CRNN's hundreds of thousands."""
+    scores (N, 1 + style heads), 0 the general head. The mean and the maximum of each feature (channel
+    and row) over the image's own frames, and the frame count's log (its aspect ratio), through a
+    small MLP: about 2 C H multiply-adds per frame and 33 k for the MLP, beside the CRNN's hundreds of
+    thousands per frame (a 3x3 conv over the features cost a quarter of a millisecond per image)."""
 
-    def __init__(self, channels: int, heads: int, width: int = GATE_WIDTH):
+    def __init__(self, features: int, heads: int, width: int = GATE_WIDTH):
         super().__init__()
-        self.conv = nn.Conv2d(channels, width, 3, padding=1)
-        self.out = nn.Linear(width + 1, 1 + heads)
+        self.hidden = nn.Linear(2 * features + 1, width)
+        self.out = nn.Linear(width, 1 + heads)
 
     def forward(self, x: Tensor, frames: Tensor) -> Tensor:
         frames = frames.clamp(min=1)
-        mask = column_mask(frames, x.shape[-1])
-        h = F.relu(self.conv(x.float())) * mask
-        pooled = h.sum((2, 3)) / (frames.to(torch.float32) * x.shape[2])[:, None]
-        return self.out(torch.cat([pooled, torch.log(frames.to(torch.float32))[:, None]], 1))
+        x = x.float() * column_mask(frames, x.shape[-1])  # features are ReLU'd (>= 0): padding zeros lose the max
+        mean = x.sum(3).flatten(1) / frames.to(torch.float32)[:, None]
+        stats = torch.cat([mean, x.amax(3).flatten(1), torch.log(frames.to(torch.float32))[:, None]], 1)
+        return self.out(F.relu(self.hidden(stats)))
 
 
 class CRNN(nn.Module):
@@ -134,7 +135,8 @@ class CRNN(nn.Module):
                           dropout=config.dropout)
         self.classifier = nn.Linear(2 * config.hidden_dim, config.num_classes)
         self.style_heads = nn.ModuleList([StyleHead(config) for _ in config.style_heads])
-        self.gate = nn.ModuleList([StyleGate(c2, len(config.style_heads))] if config.style_heads else [])
+        self.gate = nn.ModuleList([StyleGate(c2 * (config.height // 4), len(config.style_heads))]
+                                  if config.style_heads else [])
 
     def output_lengths(self, widths: Tensor) -> Tensor:
         """Frames per sample: each 2x2 max-pool halves (floors) the width."""
@@ -168,19 +170,18 @@ class CRNN(nn.Module):
 
     def head(self, x: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
         """Conv features (N, C, H, T) -> log-probs (T, N, K) float32; the GRU runs in float32.
-        With style heads, the gate picks one head per image; the others run its GRU over one frame."""
+        With style heads, the gate picks one head per image; the others' GRUs skip it."""
         N, C, H, T = x.shape
         p = x.permute(3, 0, 1, 2).reshape(T, N, C * H)        # width is the sequence axis
         p = self.dropout(F.relu(self.project(p.float())))     # (T, N, hidden)
         if len(self.style_heads) == 0:
             return self.classifier(self.dropout(self.recurrent(p, w.clamp(min=1)))).log_softmax(-1), w
         choice = self.route(x, w)
-        general = torch.where(choice == 0, w, torch.ones_like(w)).clamp(min=1)
-        out = self.classifier(self.dropout(self.recurrent(p, general))).log_softmax(-1)
+        frames, none = w.clamp(min=1), torch.zeros_like(w)  # a head's GRU skips the images it is not sent
+        out = self.classifier(self.dropout(self.recurrent(p, torch.where(choice == 0, frames, none)))).log_softmax(-1)
         for i, style in enumerate(self.style_heads):
             mine = choice == i + 1
-            read = style(p, torch.where(mine, w, torch.ones_like(w)).clamp(min=1))
-            out = torch.where(mine[None, :, None], read, out)
+            out = torch.where(mine[None, :, None], style(p, torch.where(mine, frames, none)), out)
         return out, w
 
     def route(self, x: Tensor, w: Tensor) -> Tensor:
@@ -199,8 +200,12 @@ class CRNN(nn.Module):
         T = x.shape[0]
         if bool((lengths == T).all()):
             return self.rnn(x)[0]
-        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
-        return nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0], total_length=T)[0]
+        out = x.new_zeros(T, x.shape[1], 2 * self.rnn.hidden_size)
+        live = (lengths > 0).nonzero().squeeze(1)  # length 0: an image a style head reads instead
+        if live.numel() > 0:
+            packed = nn.utils.rnn.pack_padded_sequence(x[:, live], lengths[live].cpu(), enforce_sorted=False)
+            out[:, live] = nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0], total_length=T)[0]
+        return out
 
 
 def widen(model: CRNN, channels: Tuple[int, int], hidden_dim: int) -> CRNN:

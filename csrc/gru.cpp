@@ -160,9 +160,19 @@ at::Tensor gru(const at::Tensor& input, const at::Tensor& lengths, at::TensorLis
   const int64_t T = input.size(0), N = input.size(1), H = params[1].size(1);
   const int64_t dirs = bidirectional ? 2 : 1;
   if (T == 0 || N == 0) return at::zeros({T, N, dirs * H}, input.options());
+  if (lengths.is_cpu() && !(lengths > 0).all().item<bool>()) {
+    // Samples of length 0 have no frames (a style head's images sent to another head): run the others
+    // alone, zeros for them, instead of the masked path's every frame of every sample.
+    at::Tensor out = at::zeros({T, N, dirs * H}, input.options());
+    const at::Tensor live = at::nonzero(lengths > 0).squeeze(1);
+    if (live.numel() > 0)
+      out.index_copy_(1, live, gru(input.index_select(1, live), lengths.index_select(0, live), params, num_layers,
+                                   bidirectional));
+    return out;
+  }
   if (input.is_cpu() && input.scalar_type() == at::kFloat && N <= kSmallBatch)
     return small_batch_gru(input, lengths, params, num_layers, dirs);
-  if (lengths.is_cpu() && (lengths > 0).all().item<bool>()) {
+  if (lengths.is_cpu()) {
     // On the CPU, reading the lengths costs nothing: run nn.GRU's own path, one call over all
     // layers and directions (packed when padded, which skips the padding frames' work).
     const at::Tensor hx = at::zeros({num_layers * dirs, N, H}, input.options());

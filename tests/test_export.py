@@ -36,6 +36,8 @@ def packed_gru(rnn: nn.GRU, x: torch.Tensor, lengths: torch.Tensor) -> torch.Ten
     T, N, _ = x.shape
     out = x.new_zeros(T, N, rnn.hidden_size * (2 if rnn.bidirectional else 1))
     keep = (lengths > 0).nonzero().flatten()
+    if keep.numel() == 0:
+        return out
     packed = nn.utils.rnn.pack_padded_sequence(x[:, keep], lengths[keep], enforce_sorted=False)
     out[:, keep] = nn.utils.rnn.pad_packed_sequence(rnn(packed)[0], total_length=T)[0]
     return out
@@ -44,7 +46,7 @@ def packed_gru(rnn: nn.GRU, x: torch.Tensor, lengths: torch.Tensor) -> torch.Ten
 @pytest.mark.parametrize("num_layers, bidirectional", [(2, True), (1, True), (2, False)])
 @pytest.mark.parametrize("lengths", [[13], [13, 7, 1], [5, 0, 13, 2],  # CPU batches <= 4: the small-batch loops
                                      [13, 13, 13, 13, 13], [13, 7, 1, 13, 4],  # nn.GRU's own path, unpacked and packed
-                                     [5, 0, 13, 2, 9]])  # a length 0: the device-agnostic path CUDA runs
+                                     [5, 0, 13, 2, 9], [0, 0]])  # lengths 0: the others alone, zeros for them
 @torch.no_grad()
 def test_gru_op_matches_packed_nn_gru(num_layers, bidirectional, lengths):
     torch.manual_seed(0)
@@ -265,15 +267,12 @@ def test_a_model_with_a_style_head_reads_in_every_format_as_the_model_its_gate_p
     """A style head on the tiny model (its own GRU and classifier) and a gate that takes images of more
     than 25 frames: the .pt, the .pt2 program and the compiled package read each image as the model
     the gate picks reads it alone."""
-    from captcha_fast.model import StyleGate, with_style_heads
+    from captcha_fast.model import with_style_heads
+    from test_model import width_gate
     general, style = tiny_model(seed=0), tiny_model(seed=1)
     style.load_state_dict({k: v for k, v in general.state_dict().items() if k.startswith(("convs.", "project."))},
                           strict=False)
-    gate = StyleGate(16, 1)
-    with torch.no_grad():
-        gate.conv.weight.zero_(), gate.out.weight.zero_(), gate.out.bias.zero_()
-        gate.out.weight[1, -1], gate.out.bias[1] = 1.0, -float(torch.log(torch.tensor(25.0)))
-    styled = with_style_heads(general, {"wide": style}, gate)
+    styled = with_style_heads(general, {"wide": style}, width_gate(16 * 8, 25))
     images = mixed_images(8)
     pt = export.save_recognizer(styled, tmp_path / "styled.pt")
     frames = captcha_fast.load(pt).preprocess(images)[1] // 4
