@@ -335,10 +335,8 @@ def flops_per_image(cfg: CRNNConfig, W: int) -> int:
     for layer_in in (hd, 2 * hd):                                   # 2 layers x 2 directions
         macs += 2 * T * 3 * hd * (layer_in + hd)
     macs += T * 2 * hd * cfg.num_classes                            # classifier
-    if cfg.style_heads:  # the gate (features' mean and max, an MLP) and each other head's classifier
-        features = c2 * (H // 4)
-        macs += 2 * features * T + (2 * features + 1) * GATE_WIDTH + GATE_WIDTH * (1 + len(cfg.style_heads))
-        macs += len(cfg.style_heads) * T * 2 * hd * cfg.num_classes
+    if cfg.style_heads:  # the gate's 3x3 conv (its pooling and linear layer aside) and each other head's classifier
+        macs += 9 * (H // 4) * T * c2 * GATE_WIDTH + len(cfg.style_heads) * T * 2 * hd * cfg.num_classes
     return 2 * macs
 
 

@@ -508,7 +508,7 @@ def test_a_head_taken_out_of_a_model_with_style_heads_carries_its_build(tmp_path
     general, style = tiny_model(seed=0), tiny_model(seed=1)
     style.load_state_dict({k: v for k, v in general.state_dict().items() if k.startswith(("convs.", "project."))},
                           strict=False)
-    styled = with_style_heads(general, {"captcha_pkg": style}, StyleGate(16 * 8, 1))
+    styled = with_style_heads(general, {"captcha_pkg": style}, StyleGate(16, 1))
     save_checkpoint({"model": styled.state_dict(), "model_config": styled.config.to_dict(), "build": {"round": 45},
                      "style_heads": {"captcha_pkg": {"build": {"round": 53}}}}, tmp_path / "s.ckpt")
     style_heads.extract([str(tmp_path / "s.ckpt"), "captcha_pkg", str(tmp_path / "head.ckpt")])

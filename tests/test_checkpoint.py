@@ -30,7 +30,7 @@ def test_round_trip_and_run_directory(tmp_path):
 def test_a_model_with_style_heads_is_a_version_2_checkpoint(tmp_path):
     from captcha_fast.model import StyleGate, with_style_heads
     model = _crnn("AB1")
-    styled = with_style_heads(model, {"s": model}, StyleGate(16 * 4, 1))
+    styled = with_style_heads(model, {"s": model}, StyleGate(16, 1))
     save_checkpoint({"model": styled.state_dict(), "model_config": styled.config.to_dict()}, tmp_path / "s.ckpt")
     assert load_checkpoint(tmp_path / "s.ckpt")["version"] == 2 == CHECKPOINT_VERSION
     assert load_model(tmp_path / "s.ckpt").config.style_heads == ("s",)

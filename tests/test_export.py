@@ -272,7 +272,7 @@ def test_a_model_with_a_style_head_reads_in_every_format_as_the_model_its_gate_p
     general, style = tiny_model(seed=0), tiny_model(seed=1)
     style.load_state_dict({k: v for k, v in general.state_dict().items() if k.startswith(("convs.", "project."))},
                           strict=False)
-    styled = with_style_heads(general, {"wide": style}, width_gate(16 * 8, 25))
+    styled = with_style_heads(general, {"wide": style}, width_gate(16, 25))
     images = mixed_images(8)
     pt = export.save_recognizer(styled, tmp_path / "styled.pt")
     frames = captcha_fast.load(pt).preprocess(images)[1] // 4

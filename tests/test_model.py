@@ -127,17 +127,16 @@ def _styled():
     style = _model(seed=5)
     style.load_state_dict({k: v for k, v in general.state_dict().items() if k.startswith(("convs.", "project."))},
                           strict=False)
-    return general, style, width_gate(16 * 8, 10)
+    return general, style, width_gate(16, 10)
 
 
-def width_gate(features: int, frames: int) -> StyleGate:
+def width_gate(channels: int, frames: int) -> StyleGate:
     """A gate that sends images of more than `frames` frames to style head 1."""
-    gate = StyleGate(features, 1)
+    gate = StyleGate(channels, 1)
     with torch.no_grad():
         for p in gate.parameters():
             p.zero_()
-        gate.hidden.weight[0, -1] = 1.0  # hidden unit 0: log(frames)
-        gate.out.weight[1, 0], gate.out.bias[1] = 1.0, -float(torch.log(torch.tensor(float(frames))))
+        gate.out.weight[1, -1], gate.out.bias[1] = 1.0, -float(torch.log(torch.tensor(float(frames))))
     return gate
 
 

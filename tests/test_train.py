@@ -197,7 +197,7 @@ def test_fine_tuning_a_model_with_style_heads_trains_its_general_head(tmp_path):
     from captcha_fast.model import StyleGate, with_style_heads
     start = load_checkpoint(train(_synthetic_cfg(tmp_path / "start", epochs=1)))
     general = model_from_checkpoint(start).eval()
-    styled = with_style_heads(general, {"s": model_from_checkpoint(start).eval()}, StyleGate(16 * 4, 1))
+    styled = with_style_heads(general, {"s": model_from_checkpoint(start).eval()}, StyleGate(16, 1))
     path = save_checkpoint({**start, "model_config": styled.config.to_dict(), "model": styled.state_dict()},
                            tmp_path / "styled.ckpt")
     with warnings.catch_warnings():

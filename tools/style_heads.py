@@ -107,7 +107,7 @@ def train_gate(features: list, labels: list, heads: int, epochs: int = 12, seed:
     """A StyleGate fitted to (C, H, T) features and head labels (0 general, i style i), classes weighted
     by the inverse of their counts."""
     torch.manual_seed(seed)
-    gate = StyleGate(features[0].shape[0] * features[0].shape[1], heads)
+    gate = StyleGate(features[0].shape[0], heads)
     counts = torch.bincount(torch.tensor(labels), minlength=1 + heads).float()
     weight = counts.sum() / (counts.clamp(min=1) * len(counts))
     opt = torch.optim.AdamW(gate.parameters(), lr=3e-3)
@@ -158,7 +158,7 @@ def main(argv=None) -> None:
     general = model_from_checkpoint(general_ckpt).eval()
     head_ckpts = {style: head_checkpoint(Path(path), args.average) for style, path in heads.items()}
     styles = {s: model_from_checkpoint(c).eval() for s, c in head_ckpts.items()}
-    with_style_heads(general, styles, StyleGate(general.config.channels[1] * (general.config.height // 4), len(heads)))
+    with_style_heads(general, styles, StyleGate(general.config.channels[1], len(heads)))  # refuses a mismatch now
     # the gate learns the features as the convs give them in float32 and, where the CPU runs a recognizer's
     # convs in bf16 (resolve_dtype), in bf16 too, so that it routes alike in either
     runtime = resolve_dtype("auto", torch.device("cpu"))
