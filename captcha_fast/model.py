@@ -101,7 +101,7 @@ class StyleGate(nn.Module):
     """Which head reads each image, from the shared conv features: (N, C, H, T) and frames (N,) ->
     scores (N, 1 + style heads), 0 the general head. A 3x3 conv, its mean over each image's own
     frames, and the image's frame count (its aspect ratio) to a linear layer: 147 k multiply-adds a
-    frame for the shipped model's features (a sixth of the CRNN's), about a quarter of a millisecond of
+    frame for the shipped model's features (3.5% of the CRNN's), about a quarter of a millisecond of
     an image's three to four on this CPU. Pooled statistics of a 1x1 conv, or of the features
     themselves, through a linear layer or an MLP cost 8-15x less and routed worse (session 27: more of
     the unseen styles and of varlen_upper to the package head, less of the package)."""
