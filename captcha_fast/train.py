@@ -67,7 +67,15 @@ SMALL_SET = 200      # fewer labelled images: no validation split by default, st
 # target is about (tii 100 -> 96%, sysu 92.9 -> 90.5% over three seeds; docs/training.md).
 BLEND_CHOICES = (0.0, 0.25, 0.5, 0.75, 1.0)
 VAL_FRACTION = 0.15  # the validation share of larger sets
-FREEZABLE = ("convs", "project")  # the CRNN's parts --freeze can keep (attribute names)
+FREEZABLE = ("convs", "blocks", "project")  # the CRNN's parts --freeze can keep (frozen_modules)
+
+
+def frozen_modules(model: CRNN, part: str) -> List[nn.Module]:
+    """The modules of `model` that --freeze PART keeps: "convs" the whole conv stack, "blocks" its two
+    pooled blocks (residual blocks after them still train), "project" the projection before the GRU."""
+    if part == "blocks":
+        return list(model.convs[:BLOCK_CONVS])
+    return [getattr(model, part)]
 
 
 def _opt(default, help: str, **cli):
@@ -99,8 +107,9 @@ class TrainConfig:
                                            "block starts as the identity)")
     dropout: float = _opt(0.1, "dropout before the GRU and the classifier")
     freeze: Tuple[str, ...] = _opt((), "fine-tuning: parts kept as the start model has them, from "
-                                       f"{', '.join(FREEZABLE)} (the conv stack with its batch-norm statistics; "
-                                       "the projection before the GRU); e.g. a head for one style on shared convs",
+                                       f"{', '.join(FREEZABLE)} (the conv stack with its batch-norm statistics; its two "
+                                       "pooled blocks, residual blocks after them still training; the projection "
+                                       "before the GRU); e.g. a head for one style on shared convs",
                                    metavar="PART", choices=FREEZABLE)
     charset: Optional[str] = _opt(None, "symbols in class order (default: the sorted symbols of all labels)")
     init_from: Optional[str] = _opt(None, "start from this checkpoint's weights (RUN_DIR or .ckpt; default: the "
@@ -488,8 +497,8 @@ def _setup(cfg: TrainConfig, ddp: Dist) -> _Run:
                    if not (n.startswith("convs.") and int(n.split(".")[1]) >= BLOCK_CONVS)]
         if skipped:
             warnings.warn(f"starting from {init}: kept the fresh init of {', '.join(skipped)} (shapes differ)")
-    for part in cfg.freeze:
-        getattr(model, part).requires_grad_(False)  # AdamW skips them (no gradient, so no decay either)
+    for module in (m for part in cfg.freeze for m in frozen_modules(model, part)):
+        module.requires_grad_(False)  # AdamW skips them (no gradient, so no decay either)
     for ds in (train_ds, val_ds):
         if ds is not None:
             check_lengths(ds, model, cfg.skip_bad)
@@ -616,8 +625,8 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     cfg, device = run.cfg, run.device
     torch.manual_seed(_epoch_seed(cfg.seed, epoch, run.ddp.rank))  # dropout stream of this epoch
     run.net.train()
-    for part in cfg.freeze:
-        getattr(run.model, part).eval()  # frozen batch norms keep their statistics too
+    for module in (m for part in cfg.freeze for m in frozen_modules(run.model, part)):
+        module.eval()  # frozen batch norms keep their statistics too
     batches = _passes(run, epoch)
     bar = None
     if cfg.progress and run.ddp.main:

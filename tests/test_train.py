@@ -19,6 +19,7 @@ from captcha_fast.checkpoint import load_checkpoint, load_model, model_from_chec
 from captcha_fast.cli import main
 from captcha_fast.data import CaptchaDataset, collate, scan_folder, split_samples
 from captcha_fast.decode import greedy_decode
+from captcha_fast.model import BLOCK_CONVS
 from captcha_fast.synth import SynthConfig, write_synthetic
 from captcha_fast.train import TrainConfig, build_data, train
 
@@ -153,7 +154,7 @@ def test_few_labels_rehearse_every_symbol_the_start_model_reads(tiny_folder, tmp
 
 
 def test_fine_tuning_takes_the_start_models_size(tmp_path):
-    from captcha_fast.model import CRNNConfig
+    from captcha_fast.model import BLOCK_CONVS, CRNNConfig
     from captcha_fast.train import build_model
     start = train(_synthetic_cfg(tmp_path / "start", epochs=1, channels=(8, 24), hidden_dim=40))
 
@@ -184,10 +185,22 @@ def test_freeze_keeps_the_start_models_parts_and_their_statistics(tmp_path):
     assert any(k.endswith("running_mean") for k in kept)
     assert all(torch.equal(before[k], after[k]) for k in kept)
     assert not torch.equal(before["classifier.weight"], after["classifier.weight"])  # the rest learnt
-    with pytest.raises(ValueError, match="freeze takes convs, project, got gru"):
+    with pytest.raises(ValueError, match="freeze takes convs, blocks, project, got gru"):
         TrainConfig(data="synthetic", freeze=("gru",))
     with pytest.raises(ValueError, match="cannot train from scratch"):
         TrainConfig(data="synthetic", freeze=("convs",), from_scratch=True)
+
+
+def test_freeze_blocks_keeps_the_pooled_blocks_and_trains_a_new_residual_block(tmp_path):
+    start = train(_synthetic_cfg(tmp_path / "start", epochs=1))
+    tuned = train(_synthetic_cfg(tmp_path / "ft", epochs=2, init_from=str(start), from_scratch=False, blend=1.0,
+                                 freeze=("blocks",), res_blocks=1, seed=2))
+    before, after = load_checkpoint(start)["model"], load_checkpoint(tuned)["model"]
+    blocks = [k for k in before if k.startswith("convs.")]
+    assert {int(k.split(".")[1]) for k in blocks} == set(range(BLOCK_CONVS))
+    assert all(torch.equal(before[k], after[k]) for k in blocks)  # weights and batch-norm statistics
+    assert torch.count_nonzero(after["convs.5.1.weight"]) > 0  # the new block (zero scale at first) learnt
+    assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
 
 
 def test_fine_tuning_a_model_with_style_heads_trains_its_general_head(tmp_path):
