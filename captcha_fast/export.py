@@ -34,7 +34,7 @@ from captcha_fast.files import atomic_write
 from captcha_fast.formats import (CALIBRATION_FILE, PROGRAM_FORMAT, SETTINGS_FILE, compile_target, eager_recognizer,
                                   file_kind, read_settings, resolve_device, resolve_dtype)
 from captcha_fast.model import CRNN, InferenceCRNN
-from captcha_fast.recognizer import RECOGNIZER_FORMAT, Recognizer, build_recognizer
+from captcha_fast.recognizer import Recognizer, build_recognizer
 
 
 def save_recognizer(model: Union[CRNN, Recognizer, str, os.PathLike], path: Union[str, os.PathLike],
@@ -122,7 +122,7 @@ def _meta(rec: Recognizer, device: torch.device, dtype: torch.dtype, chunk: int,
           calibration: Optional[Calibration]) -> dict:
     return {"config_json": rec.config_json, "decoder": rec.decoder, "beam_width": rec.beam_width,
             "token_min_logp": rec.token_min_logp, "blank_skip_threshold": rec.blank_skip_threshold,
-            "max_width": rec.max_width, "format": RECOGNIZER_FORMAT, "program_format": PROGRAM_FORMAT,
+            "max_width": rec.max_width, "format": rec.format, "program_format": PROGRAM_FORMAT,
             "device": device.type, "dtype": str(dtype).removeprefix("torch."), "chunk": chunk,
             "calibration": calibration.to_dict() if calibration is not None else None}
 

@@ -28,7 +28,7 @@ from captcha_fast.confidence import Calibration
 from captcha_fast.machine import native_bf16, num_threads
 from captcha_fast.model import CRNN, CRNNConfig, InferenceCRNN
 from captcha_fast.preprocess import MAX_WIDTH, collate
-from captcha_fast.recognizer import RECOGNIZER_FORMAT, Recognizer, allowed_tokens, decode_log_probs, original_error
+from captcha_fast.recognizer import INTERFACE_FORMAT, RECOGNIZER_FORMAT, Recognizer, allowed_tokens, decode_log_probs, original_error
 
 # Attributes and methods that torch.jit.freeze must keep.
 _PRESERVED = ["recognize", "preprocess", "log_probs", "decode", "config_json", "charset", "height",
@@ -146,7 +146,7 @@ def load_recognizer(path: Union[str, os.PathLike], device: Union[None, str, torc
     if rec.format > RECOGNIZER_FORMAT:
         raise ValueError(f"{str(path)!r} is recognizer format {rec.format}; this captcha_fast reads up to "
                          f"{RECOGNIZER_FORMAT}: upgrade captcha_fast")
-    if rec.format < RECOGNIZER_FORMAT:  # an older interface: rebuild it with today's code, same weights
+    if rec.format < INTERFACE_FORMAT:  # an older interface: rebuild it with today's code, same weights
         rec = torch.jit.script(_rebuild(rec).to(device))
     rec.eval()
     if conv_dtype != torch.float32:

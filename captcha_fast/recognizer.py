@@ -28,7 +28,10 @@ from captcha_fast import ops  # noqa: F401  (registers torch.ops.captcha_fast.*)
 from captcha_fast.model import CRNN, InferenceCRNN
 from captcha_fast.preprocess import collate
 
-RECOGNIZER_FORMAT = 2  # bumped when the saved module's interface changes (2: log_probs, max_width)
+# Bumped when the saved module changes: 2 its interface (log_probs, max_width); 3 style heads, whose config an
+# older captcha_fast cannot rebuild (it says to upgrade). A file without style heads stays 2, as checkpoints do.
+RECOGNIZER_FORMAT = 3
+INTERFACE_FORMAT = 2  # older files are rebuilt with today's code (formats.load_recognizer)
 
 MAX_BEAM_WIDTH = 4096  # the beam search op's limit
 
@@ -68,7 +71,7 @@ class Recognizer(nn.Module):
         self.token_min_logp: Optional[float] = TOKEN_MIN_LOGP
         self.blank_skip_threshold: Optional[float] = BLANK_SKIP_THRESHOLD
         self.max_width: int = max_width
-        self.format: int = RECOGNIZER_FORMAT
+        self.format: int = RECOGNIZER_FORMAT if model.config.style_heads else INTERFACE_FORMAT
 
     def forward(self, images: List[Tensor]) -> Tuple[List[str], Tensor]:
         """images: (H, W) or (C, H, W) tensors, uint8 or float in [0, 1], any sizes

@@ -279,6 +279,8 @@ def test_a_model_with_a_style_head_reads_in_every_format_as_the_model_its_gate_p
     assert 0 < int((frames > 25).sum()) < len(images)  # both heads read some
     alone = [api.predict_batch(images, export.save_recognizer(m, tmp_path / f"{name}.pt"), return_scores=True)
              for name, m in (("general", general), ("style", style))]
+    # an older captcha_fast cannot rebuild a config with style heads: their format (3) tells it to upgrade
+    assert (formats.load_recognizer(pt).format, formats.load_recognizer(tmp_path / "general.pt").format) == (3, 2)
     want = [alone[int(f > 25)][i][0] for i, f in enumerate(frames.tolist())]
     for path in (pt, export.export_program(pt, tmp_path / "styled.pt2"),
                  export.compile_package(pt, tmp_path / "compiled.pt2", dtype="float32")):

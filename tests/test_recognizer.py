@@ -232,6 +232,10 @@ def test_format_1_files_are_migrated(model, tmp_path):
     assert loaded.format == 2 and loaded.max_width == 4096
     imgs = captchas()
     assert loaded(imgs)[0] == rec(imgs)[0]
+    scripted.format = 4  # a format a later captcha_fast writes
+    torch.jit.save(scripted, str(tmp_path / "future.pt"))
+    with pytest.raises(ValueError, match=r"future.pt' is recognizer format 4; this captcha_fast reads up to 3: upgrade"):
+        formats.load_recognizer(tmp_path / "future.pt")
 
 
 def test_training_tensors_are_what_the_recognizer_sees(model, png_folder):
