@@ -177,7 +177,9 @@ def compile_package(model: Union[CRNN, Recognizer, str, os.PathLike], path: Unio
                # threads chosen at run time (torch.set_num_threads), not frozen at compile time
                "cpp.dynamic_threads": True}
     files = {}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch's own deprecation note from inside aot_compile (isinstance(treespec, LeafSpec)): not the caller's
+        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
         # Compiled masks are fused into the conv epilogues, nearly free: no unpadded variant.
         for name, program in _export_parts(rec, device, dtype, unpadded=False).items():
             files[name] = aot_compile(program.module(), program.example_inputs[0], options=options)
