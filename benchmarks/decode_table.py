@@ -27,15 +27,13 @@ PACKAGE_SEED = 777  # not a training seed: fresh renders
 def package_inputs(N: int, width: int, height: int) -> bench.DecodeInputs:
     """The shipped model's log-probs for N seeded `captcha`-package renders (ImageCaptcha(width,
     height), its own fonts and sizes) of 4-6 symbols of the model's charset."""
-    from captcha_fast.synth import render_package, sample_rng
+    from captcha_fast.synth import package_captcha
 
     rec = bench.shipped_model()
     symbols = "".join(rec.charset)
     images, labels = [], []
     for i in range(N):
-        rng = sample_rng(PACKAGE_SEED + width, i)
-        text = "".join(rng.choice(symbols) for _ in range(rng.randint(4, 6)))
-        image = render_package(text, rng, width, height)
+        image, text = package_captcha(PACKAGE_SEED + width, i, (width, height), symbols)
         images.append(torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1))
         labels.append(text)
     with torch.no_grad():

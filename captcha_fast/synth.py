@@ -1369,6 +1369,23 @@ def sample_rng(seed: int, index: int) -> random.Random:
     return random.Random(f"captcha_fast.synth:{seed}:{index}")
 
 
+def package_text(seed: int, index: int, alphabet: str = DIGITS_LETTERS,
+                 lengths: Tuple[int, int] = (4, 6)) -> Tuple[str, random.Random]:
+    """The text of captcha `index` of the `captcha` package stream `seed` (4-6 symbols of `alphabet`; a
+    symbol listed twice is drawn twice as often) and the generator its image is drawn from after it."""
+    rng = sample_rng(seed, index)
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(*lengths))), rng
+
+
+def package_captcha(seed: int, index: int, size: Optional[Tuple[int, int]] = None, alphabet: str = DIGITS_LETTERS,
+                    lengths: Tuple[int, int] = (4, 6)) -> Tuple[Image.Image, str]:
+    """Captcha `index` of the `captcha` package stream `seed`, (image, text): at `size` (width, height) or,
+    if None, one of PACKAGE_SIZES drawn after the text. The held-out renders, the build's pkg group and
+    the style gate's package images are such streams, each with its own seed."""
+    text, rng = package_text(seed, index, alphabet, lengths)
+    return render_package(text, rng, *(size or rng.choice(PACKAGE_SIZES))), text
+
+
 # ------------------------------------------------------------------------------------ data sets
 
 class SyntheticCaptchas:

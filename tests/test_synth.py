@@ -272,6 +272,19 @@ def test_captcha_package_style_is_mostly_at_its_common_sizes():
     assert sum(s in synth.PACKAGE_SIZES for s in sizes) >= 0.6 * len(sizes)
 
 
+def test_package_captcha_streams_are_seeded_and_weighted_by_their_alphabet():
+    a = [synth.package_captcha(7, i) for i in range(12)]
+    assert [t for _, t in a] == [t for _, t in (synth.package_captcha(7, i) for i in range(12))]  # a stream
+    assert [t for _, t in a] != [synth.package_captcha(8, i)[1] for i in range(12)]  # another seed, another one
+    assert all(4 <= len(t) <= 6 and set(t) <= set(synth.DIGITS_LETTERS) for _, t in a)
+    assert {im.size for im, _ in a} <= set(synth.PACKAGE_SIZES) and len({im.size for im, _ in a}) > 1
+    assert {synth.package_captcha(7, i, (120, 40))[0].size for i in range(3)} == {(120, 40)}
+    # "0" listed 9 times more: about 9 of 10 symbols are zeros; the text comes before the image
+    zeros = "".join(synth.package_text(7, i, "0" * 9 + "x")[0] for i in range(40))
+    assert 0.8 < zeros.count("0") / len(zeros) < 0.97
+    assert synth.package_captcha(7, 3, alphabet="0" * 9 + "x")[1] == synth.package_text(7, 3, "0" * 9 + "x")[0]
+
+
 @pytest.mark.parametrize("style", MIX)
 def test_every_style_renders_every_label_length(style):
     min_w, max_w, min_h, max_h = STYLES[style].size

@@ -42,13 +42,8 @@ def folder_val(folder: str, n: int, val_fraction: float = 0.15, seed: int = 0):
 
 
 def package_renders(width: int, height: int, n: int, seed: int = 12345):
-    images, labels = [], []
-    for i in range(n):
-        rng = synth.sample_rng(seed, i)
-        text = "".join(rng.choice(LETTERS) for _ in range(rng.randint(4, 6)))
-        images.append(synth.render_package(text, rng, width, height))
-        labels.append(text)
-    return images, labels
+    items = [synth.package_captcha(seed, i, (width, height), LETTERS) for i in range(n)]
+    return [im for im, _ in items], [t for _, t in items]
 
 
 def style_renders(style: str, n: int, seed: int = 12345, font_dirs=()):

@@ -209,14 +209,14 @@ def render_package_chunk(folder: Path, start: int, n: int, extra: str = "") -> l
     """Items start..start+n-1 of the pkg stream as PNG files in folder: (path, label) rows.
     extra: symbols added to the 0-9a-zA-Z draw (--pkg-extra), each occurrence one more chance."""
     folder.mkdir(parents=True, exist_ok=True)
-    alphabet = synth.DIGITS_LETTERS + extra
-    rows = []
+    alphabet, rows = synth.DIGITS_LETTERS + extra, []
     for i in range(start, start + n):
-        rng = synth.sample_rng(PKG_SEED, i)
-        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(*PKG_LENGTHS)))
         path = folder / f"p{i:09d}.png"
-        if not path.exists():
-            save_png(synth.render_package(text, rng, *rng.choice(synth.PACKAGE_SIZES)), path)
+        if path.exists():  # rendered by an earlier run: only its label is drawn again
+            text = synth.package_text(PKG_SEED, i, alphabet, PKG_LENGTHS)[0]
+        else:
+            image, text = synth.package_captcha(PKG_SEED, i, alphabet=alphabet, lengths=PKG_LENGTHS)
+            save_png(image, path)
         rows.append((str(path), text.lower()))
     return rows
 

@@ -86,12 +86,8 @@ def png(image) -> bytes:
 
 def package_renders(synth, width: int, height: int, n: int, seed: int):
     """n fresh `captcha` package images (its defaults at width x height), labels 0-9a-zA-Z, 4-6 long."""
-    items = []
-    for i in range(n):
-        rng = synth.sample_rng(seed, i)
-        text = "".join(rng.choice(LETTERS) for _ in range(rng.randint(4, 6)))
-        items.append((png(synth.render_package(text, rng, width, height)), text))
-    return items
+    return [(png(image), text) for image, text in
+            (synth.package_captcha(seed, i, (width, height), LETTERS) for i in range(n))]
 
 
 def style_renders(synth, style: str, n: int, seed: int, font_dirs):

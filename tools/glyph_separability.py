@@ -108,9 +108,9 @@ def in_context(ckpt_path: str, n: int, batch: int = 64):
     for start in range(0, n, batch):
         texts, images = [], []
         for i in range(start, min(n, start + batch)):
-            rng = synth.sample_rng(CONTEXT_SEED, i)
-            texts.append("".join(rng.choice(synth.DIGITS_LETTERS + CONTEXT_EXTRA) for _ in range(rng.randint(4, 6))))
-            image = synth.render_package(texts[-1], rng, *synth.PACKAGE_SIZES[i % len(synth.PACKAGE_SIZES)])
+            image, text = synth.package_captcha(CONTEXT_SEED, i, synth.PACKAGE_SIZES[i % len(synth.PACKAGE_SIZES)],
+                                                synth.DIGITS_LETTERS + CONTEXT_EXTRA)
+            texts.append(text)
             images.append(torch.from_numpy(np.array(image)).permute(2, 0, 1))
         x, widths = preprocess.collate(images, cfg.height, cfg.in_channels, ink=cfg.ink)
         with torch.no_grad():

@@ -47,9 +47,7 @@ def rendered(style: str, seed: int, n: int, folder: Path) -> list:
     rows = []
     for i in range(n):
         if styled is None:
-            rng = synth.sample_rng(seed, i)
-            text = "".join(rng.choice(SYMBOLS) for _ in range(rng.randint(4, 6)))
-            image = synth.render_package(text, rng, 160, 60)
+            image, text = synth.package_captcha(seed, i, (160, 60), SYMBOLS)
         else:
             image, text = styled[i]
         path = folder / f"{text}_{i}.png"

@@ -51,12 +51,7 @@ STYLES = {"captcha_pkg": "the `captcha` package at its common sizes (synth.rende
 
 def style_renders(style: str, seed: int, n: int) -> list:
     """n renders of a style of STYLES (captcha_pkg: as the build's pkg group draws them, another seed)."""
-    images = []
-    for i in range(n):
-        rng = synth.sample_rng(seed, i)
-        text = "".join(rng.choice(synth.DIGITS_LETTERS) for _ in range(rng.randint(4, 6)))
-        images.append(synth.render_package(text, rng, *rng.choice(synth.PACKAGE_SIZES)))
-    return images
+    return [synth.package_captcha(seed, i)[0] for i in range(n)]
 
 
 def other_images(data: Path, real: Path | None, n: int, seed: int = GATE_SEED) -> list:
