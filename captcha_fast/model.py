@@ -80,8 +80,8 @@ class StyleHead(nn.Module):
     """A BiGRU and classifier of their own for one style, on the CRNN's shared convs and projection:
     projected frames (T, N, hidden) float32, frames (N,) -> log-probs (T, N, K). Trained as a CRNN whose
     convs and projection stay the general model's (train --freeze convs project). A head's GRU skips
-    the images it is not sent (length 0) on the CPU; on CUDA the op runs every frame of the batch, so
-    each head costs its GRU there."""
+    the images it is not sent (length 0); in the inference CRNN it is the gru op, which on CUDA runs
+    every frame of the batch, so each head costs its GRU there."""
 
     def __init__(self, config: CRNNConfig):
         super().__init__()
@@ -90,8 +90,36 @@ class StyleHead(nn.Module):
         self.classifier = nn.Linear(2 * H, config.num_classes)
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
-        x = torch.ops.captcha_fast.gru(x, lengths, self.rnn._flat_weights, self.rnn.num_layers, self.rnn.bidirectional)
-        return self.classifier(x).log_softmax(-1)
+        return self.classifier(self.recurrent(x, lengths)).log_softmax(-1)
+
+    def recurrent(self, x: Tensor, lengths: Tensor) -> Tensor:
+        return gru_over_lengths(self.rnn, x, lengths)
+
+
+class InferenceStyleHead(StyleHead):
+    """A StyleHead whose BiGRU is the captcha_fast::gru op, as InferenceCRNN's."""
+
+    def __init__(self, head: StyleHead):
+        nn.Module.__init__(self)
+        self.rnn, self.classifier = head.rnn, head.classifier
+
+    def recurrent(self, x: Tensor, lengths: Tensor) -> Tensor:
+        return torch.ops.captcha_fast.gru(x, lengths, self.rnn._flat_weights, self.rnn.num_layers,
+                                          self.rnn.bidirectional)
+
+
+def gru_over_lengths(rnn: nn.GRU, x: Tensor, lengths: Tensor) -> Tensor:
+    """nn.GRU over each sample's own frames (packed when lengths differ; length 0: a sample another head
+    reads, zeros) -> (T, N, 2 * hidden), zero after each length."""
+    T = x.shape[0]
+    if bool((lengths == T).all()):
+        return rnn(x)[0]
+    out = x.new_zeros(T, x.shape[1], 2 * rnn.hidden_size)
+    live = (lengths > 0).nonzero().squeeze(1)
+    if live.numel() > 0:
+        packed = nn.utils.rnn.pack_padded_sequence(x[:, live], lengths[live].cpu(), enforce_sorted=False)
+        out[:, live] = nn.utils.rnn.pad_packed_sequence(rnn(packed)[0], total_length=T)[0]
+    return out
 
 
 GATE_WIDTH = 32  # the style gate's conv channels
@@ -198,15 +226,7 @@ class CRNN(nn.Module):
             # ATen's CPU GRU runs ~10 small ops and autograd nodes per frame: a third of a step.
             # Under bf16 autocast too, in float32, as head() promises (and inference runs it).
             return _gru.train_gru(self.rnn, x if x.dtype == torch.float64 else x.float(), lengths)
-        T = x.shape[0]
-        if bool((lengths == T).all()):
-            return self.rnn(x)[0]
-        out = x.new_zeros(T, x.shape[1], 2 * self.rnn.hidden_size)
-        live = (lengths > 0).nonzero().squeeze(1)  # length 0: an image a style head reads instead
-        if live.numel() > 0:
-            packed = nn.utils.rnn.pack_padded_sequence(x[:, live], lengths[live].cpu(), enforce_sorted=False)
-            out[:, live] = nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0], total_length=T)[0]
-        return out
+        return gru_over_lengths(self.rnn, x, lengths)
 
 
 def widen(model: CRNN, channels: Tuple[int, int], hidden_dim: int) -> CRNN:
@@ -343,7 +363,8 @@ class InferenceCRNN(CRNN):
         self.config = fused.config
         self.convs = nn.ModuleList([block[0] for block in fused.convs])  # convs with folded BN bias
         self.project, self.rnn, self.classifier = fused.project, fused.rnn, fused.classifier
-        self.style_heads, self.gate = fused.style_heads, fused.gate
+        self.style_heads = nn.ModuleList([InferenceStyleHead(head) for head in fused.style_heads])
+        self.gate = fused.gate
         self.dropout = nn.Identity()
         self.chunk = chunk
 
