@@ -28,7 +28,8 @@ from captcha_fast.confidence import Calibration
 from captcha_fast.machine import native_bf16, num_threads
 from captcha_fast.model import CRNN, CRNNConfig, InferenceCRNN
 from captcha_fast.preprocess import MAX_WIDTH, collate
-from captcha_fast.recognizer import INTERFACE_FORMAT, RECOGNIZER_FORMAT, Recognizer, allowed_tokens, decode_log_probs, original_error
+from captcha_fast.recognizer import (INTERFACE_FORMAT, RECOGNIZER_FORMAT, Recognizer, allowed_tokens, decode_log_probs,
+                                     original_error)
 
 # Attributes and methods that torch.jit.freeze must keep.
 _PRESERVED = ["recognize", "preprocess", "log_probs", "decode", "config_json", "charset", "height",

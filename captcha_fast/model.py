@@ -110,7 +110,8 @@ class InferenceStyleHead(StyleHead):
 
 def gru_over_lengths(rnn: nn.GRU, x: Tensor, lengths: Tensor) -> Tensor:
     """nn.GRU over each sample's own frames (packed when lengths differ; length 0: a sample another head
-    reads, zeros) -> (T, N, 2 * hidden), zero after each length."""
+    reads, zeros) -> (T, N, 2 * hidden), zero after each length. Eager only: the inference models
+    (scripted, exported) run the gru op instead."""
     T = x.shape[0]
     if bool((lengths == T).all()):
         return rnn(x)[0]

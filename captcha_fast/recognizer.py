@@ -28,10 +28,11 @@ from captcha_fast import ops  # noqa: F401  (registers torch.ops.captcha_fast.*)
 from captcha_fast.model import CRNN, InferenceCRNN
 from captcha_fast.preprocess import collate
 
-# Bumped when the saved module changes: 2 its interface (log_probs, max_width); 3 style heads, whose config an
-# older captcha_fast cannot rebuild (it says to upgrade). A file without style heads stays 2, as checkpoints do.
-RECOGNIZER_FORMAT = 3
-INTERFACE_FORMAT = 2  # older files are rebuilt with today's code (formats.load_recognizer)
+# Bumped when the saved module changes: 2 its interface (log_probs, max_width); 3 style heads, whose config
+# field an older captcha_fast cannot rebuild, so it says to upgrade. A model without style heads is saved
+# as 2 (its config has no style_heads field): older versions read it as before.
+RECOGNIZER_FORMAT = 3  # the newest this version reads and writes
+INTERFACE_FORMAT = 2   # the module interface: older files are rebuilt with today's code (formats.load_recognizer)
 
 MAX_BEAM_WIDTH = 4096  # the beam search op's limit
 
@@ -52,7 +53,7 @@ class Recognizer(nn.Module):
     (List[str], symbol i is class i + 1), decoder ("greedy" or "beam") and beam_width
     (used by forward), token_min_logp/blank_skip_threshold (beam pruning), max_width (the
     widest an image may be after resizing to the model's height; wider ones are refused by
-    name), format (RECOGNIZER_FORMAT)."""
+    name), format (RECOGNIZER_FORMAT with style heads, else INTERFACE_FORMAT)."""
 
     def __init__(self, model: CRNN | InferenceCRNN, decoder: str = "beam", beam_width: int = 10,
                  max_width: int = 4096):

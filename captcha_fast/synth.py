@@ -1383,7 +1383,7 @@ def package_captcha(seed: int, index: int, size: Optional[Tuple[int, int]] = Non
     if None, one of PACKAGE_SIZES drawn after the text. The held-out renders, the build's pkg group and
     the style gate's package images are such streams, each with its own seed."""
     text, rng = package_text(seed, index, alphabet, lengths)
-    return render_package(text, rng, *(size or rng.choice(PACKAGE_SIZES))), text
+    return render_package(text, rng, *(size if size is not None else rng.choice(PACKAGE_SIZES))), text
 
 
 # ------------------------------------------------------------------------------------ data sets

@@ -123,6 +123,7 @@ def test_the_pkg_group_is_a_seeded_stream_of_package_renders_at_its_common_sizes
         assert label == label.lower() and 4 <= len(label) <= 6 and set(label) <= set(build_pretrained.CHARSET)
         assert Image.open(path).size in {(160, 60), (200, 50), (280, 90)}
     assert len({Path(p).read_bytes() for p, _ in rows}) == 6
+    assert build_pretrained.render_package_chunk(tmp_path / "a", 0, 6) == rows  # rendered already: labels drawn again
     # --pkg-extra: 200 more chances of 0 among 262 make about three symbols in four a 0
     zeros = "".join(label for _, label in build_pretrained.render_package_chunk(tmp_path / "c", 0, 30, "0" * 200))
     assert 0.6 < zeros.count("0") / len(zeros) < 0.9

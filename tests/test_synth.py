@@ -282,7 +282,12 @@ def test_package_captcha_streams_are_seeded_and_weighted_by_their_alphabet():
     # "0" listed 9 times more: about 9 of 10 symbols are zeros; the text comes before the image
     zeros = "".join(synth.package_text(7, i, "0" * 9 + "x")[0] for i in range(40))
     assert 0.8 < zeros.count("0") / len(zeros) < 0.97
-    assert synth.package_captcha(7, 3, alphabet="0" * 9 + "x")[1] == synth.package_text(7, 3, "0" * 9 + "x")[0]
+    for i, size in ((0, None), (1, None), (2, (200, 50))):  # the stream as drawn by hand: length, symbols, size
+        rng = synth.sample_rng(7, i)
+        text = "".join(rng.choice(synth.DIGITS_LETTERS) for _ in range(rng.randint(4, 6)))
+        want = synth.render_package(text, rng, *(size or rng.choice(synth.PACKAGE_SIZES)))
+        image, got = synth.package_captcha(7, i, size)
+        assert got == text and image.tobytes() == want.tobytes()
 
 
 @pytest.mark.parametrize("style", MIX)

@@ -154,7 +154,7 @@ def test_few_labels_rehearse_every_symbol_the_start_model_reads(tiny_folder, tmp
 
 
 def test_fine_tuning_takes_the_start_models_size(tmp_path):
-    from captcha_fast.model import BLOCK_CONVS, CRNNConfig
+    from captcha_fast.model import CRNNConfig
     from captcha_fast.train import build_model
     start = train(_synthetic_cfg(tmp_path / "start", epochs=1, channels=(8, 24), hidden_dim=40))
 
