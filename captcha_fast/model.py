@@ -304,6 +304,14 @@ def with_style_heads(general: CRNN, styles: Dict[str, CRNN], gate: StyleGate) ->
     return model.eval()
 
 
+def general_model(model: CRNN) -> CRNN:
+    """The CRNN that reads as `model`'s general head (its convs, projection, GRU and classifier; no style
+    heads, no gate): with_style_heads' `general` again, e.g. to assemble it with heads trained further."""
+    single = CRNN(replace(model.config, style_heads=()))
+    single.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(("style_heads.", "gate."))})
+    return single.train(model.training)
+
+
 def style_model(model: CRNN, style: str) -> CRNN:
     """The CRNN that reads as `model`'s head for `style` (its convs and projection, the style head's GRU and
     classifier): with_style_heads' part for it, e.g. to train the head further (--freeze convs project)."""

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from captcha_fast.model import (CRNN, CRNNConfig, InferenceCRNN, StyleGate, fold_batchnorm, max_pool_2x2, style_model,
-                                widen, with_style_heads)
+from captcha_fast.model import (CRNN, CRNNConfig, InferenceCRNN, StyleGate, fold_batchnorm, general_model, max_pool_2x2,
+                                style_model, widen, with_style_heads)
 
 
 def _model(seed=0, **kw) -> CRNN:
@@ -157,12 +157,13 @@ def test_style_heads_read_each_image_as_the_model_its_gate_picks(chunk, widths):
             torch.testing.assert_close(got[:T, n], alone[:T, 0], atol=1e-5, rtol=1e-5)
 
 
-def test_a_style_model_taken_back_out_is_the_one_put_in():
+def test_the_style_and_general_models_taken_back_out_are_the_ones_put_in():
     general, style, gate = _styled()
     routed = with_style_heads(general, {"wide": style}, gate)
-    back = style_model(routed, "wide")
-    assert back.config == style.config
-    assert all(torch.equal(back.state_dict()[k], v) for k, v in style.state_dict().items())
+    for back, put_in in ((style_model(routed, "wide"), style), (general_model(routed), general)):
+        assert back.config == put_in.config
+        assert back.state_dict().keys() == put_in.state_dict().keys()
+        assert all(torch.equal(back.state_dict()[k], v) for k, v in put_in.state_dict().items())
     with pytest.raises(ValueError, match="no style head 'tall'"):
         style_model(routed, "tall")
 

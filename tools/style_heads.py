@@ -41,7 +41,7 @@ from captcha_fast.checkpoint import (PRETRAINED_CHECKPOINT, load_checkpoint, mod
                                      save_checkpoint)
 from captcha_fast.export import save_recognizer  # noqa: E402
 from captcha_fast.formats import resolve_dtype  # noqa: E402
-from captcha_fast.model import InferenceCRNN, StyleGate, style_model, with_style_heads  # noqa: E402
+from captcha_fast.model import InferenceCRNN, StyleGate, general_model, style_model, with_style_heads  # noqa: E402
 from captcha_fast.preprocess import from_pil, load_image  # noqa: E402
 from captcha_fast.recognizer import Recognizer  # noqa: E402
 
@@ -126,7 +126,8 @@ def routed_to(gate: StyleGate, features: list) -> torch.Tensor:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--general", required=True, help="the general model's checkpoint")
+    p.add_argument("--general", required=True, help="the general model's checkpoint (one with style heads, e.g. the "
+                                                     "shipped default.ckpt: its general head)")
     p.add_argument("--head", action="append", required=True, metavar="STYLE=CKPT",
                    help=f"a style and its model's checkpoint, or the build OUT that trains it (the mean of its last "
                         f"--average rounds) (styles: {', '.join(STYLES)})")
@@ -151,6 +152,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"style_heads: --install needs a general checkpoint with a build entry (the shipped "
                          f"default.ckpt, a build's best/default.ckpt); {args.general} has none")
     general = model_from_checkpoint(general_ckpt).eval()
+    if general.config.style_heads:  # the shipped model: its general head, assembled anew with the heads given
+        general = general_model(general)
     head_ckpts = {style: head_checkpoint(Path(path), args.average) for style, path in heads.items()}
     styles = {s: model_from_checkpoint(c).eval() for s, c in head_ckpts.items()}
     with_style_heads(general, styles, StyleGate(general.config.channels[1], len(heads)))  # refuses a mismatch now
