@@ -317,14 +317,11 @@ def style_model(model: CRNN, style: str) -> CRNN:
     classifier): with_style_heads' part for it, e.g. to train the head further (--freeze convs project)."""
     if style not in model.config.style_heads:
         raise ValueError(f"the model has no style head {style!r} (it has: {', '.join(model.config.style_heads)})")
-    i = model.config.style_heads.index(style)
-    single = CRNN(replace(model.config, style_heads=()))
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith(("style_heads.", "gate.", "rnn.",
-                                                                              "classifier."))}
-    prefix = f"style_heads.{i}."
-    state.update({k[len(prefix):]: v for k, v in model.state_dict().items() if k.startswith(prefix)})
-    single.load_state_dict(state)
-    return single.train(model.training)
+    head = model.style_heads[model.config.style_heads.index(style)]
+    single = general_model(model)
+    single.rnn.load_state_dict(head.rnn.state_dict())
+    single.classifier.load_state_dict(head.classifier.state_dict())
+    return single
 
 
 def fold_batchnorm(model: CRNN) -> CRNN:
