@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, List, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import Tensor
 
 from captcha_fast.files import atomic_write
-from captcha_fast.model import CRNN, CRNNConfig, widen
+from captcha_fast.model import CRNN, CRNNConfig, general_model, style_model, widen
 
 CHECKPOINT_VERSION = 2  # bump when the dict changes; load_checkpoint refuses newer ones (2: style heads)
 PRETRAINED_CHECKPOINT = Path(__file__).resolve().parent / "pretrained" / "default.ckpt"
@@ -97,7 +97,7 @@ def transfer_weights(model: CRNN, state: Dict[str, Tensor], charset: str) -> Lis
     with torch.no_grad():
         for name, t in model.state_dict().items():
             src = state.get(name)
-            if name.startswith("classifier.") and src is not None and src.shape[1:] == t.shape[1:]:
+            if name.split(".")[-2] == "classifier" and src is not None and src.shape[1:] == t.shape[1:]:
                 t[new_rows] = src[old_rows].to(t.dtype)
             elif src is not None and src.shape == t.shape:
                 t.copy_(src)
@@ -112,13 +112,22 @@ def transfer_weights(model: CRNN, state: Dict[str, Tensor], charset: str) -> Lis
 INPUT_OPTIONS = ("ink", "height", "in_channels")
 
 
-def init_from_checkpoint(model: CRNN, path: PathLike) -> List[str]:
+def init_from_checkpoint(model: CRNN, path: PathLike, style: Optional[str] = None) -> List[str]:
     """transfer_weights from the checkpoint at `path` (a model pretrained on one charset starts
-    another; a narrower one starts a wider model, widened first). ValueError naming the file if
-    its input options (INPUT_OPTIONS) differ from the model's, or it is wider. Returns the names
-    left at their init."""
+    another; a narrower one starts a wider model, widened first). A checkpoint with style heads
+    gives one head's model: `style`'s (model.style_model), else its general head's. ValueError naming
+    the file if its input options (INPUT_OPTIONS) differ from the model's, or it is wider. Returns
+    the names left at their init."""
     ckpt = load_checkpoint(path)
     source = checkpoint_config(ckpt)
+    start = None
+    if source.style_heads:
+        whole = model_from_checkpoint(ckpt)
+        start = style_model(whole, style) if style else general_model(whole)
+        source, ckpt = start.config, {**ckpt, "model": start.state_dict()}
+    elif style:
+        raise ValueError(f"cannot start from the {style!r} head of {str(checkpoint_file(path))!r}: it has no "
+                         f"style heads")
     differ = [f"{k}={getattr(model.config, k)!r} (the checkpoint's: {getattr(source, k)!r})" for k in INPUT_OPTIONS
               if getattr(model.config, k) != getattr(source, k)]
     if differ:
@@ -131,7 +140,8 @@ def init_from_checkpoint(model: CRNN, path: PathLike) -> List[str]:
     state = ckpt["model"]
     if (source.channels, source.hidden_dim) != (model.config.channels, model.config.hidden_dim):
         try:  # a wider model grows from the narrower one (model.widen), reading what it read
-            state = widen(model_from_checkpoint(ckpt), model.config.channels, model.config.hidden_dim).state_dict()
+            state = widen(start or model_from_checkpoint(ckpt), model.config.channels,
+                          model.config.hidden_dim).state_dict()
         except ValueError as e:
             raise ValueError(f"cannot start from {str(checkpoint_file(path))!r}: {e}") from None
     return transfer_weights(model, state, source.charset)

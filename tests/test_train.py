@@ -204,8 +204,8 @@ def test_freeze_blocks_keeps_the_pooled_blocks_and_trains_a_new_residual_block(t
 
 
 def test_fine_tuning_a_model_with_style_heads_trains_its_general_head(tmp_path):
-    """A start model with style heads (tools/style_heads.py): fine-tuning starts from its general head and
-    trains a model without style heads (the user's data is one style)."""
+    """A start model with style heads (tools/style_heads.py): fine-tuning rendered data (no labelled images for
+    its gate to route) starts from its general head and trains a model without style heads."""
     from captcha_fast.checkpoint import save_checkpoint
     from captcha_fast.model import StyleGate, with_style_heads
     start = load_checkpoint(train(_synthetic_cfg(tmp_path / "start", epochs=1)))
@@ -221,6 +221,53 @@ def test_fine_tuning_a_model_with_style_heads_trains_its_general_head(tmp_path):
     moved = [k for k, v in general.state_dict().items()  # blend 0 saves the start (counters aside)
              if v.is_floating_point() and not torch.equal(tuned["model"][k], v)]
     assert moved == []
+
+
+def _styled_start(tmp_path, to_style: bool):
+    """A start checkpoint with one style head "s" (GRU weights of its own) whose gate sends every image to
+    it (to_style) or to the general head; and the two heads' models."""
+    from captcha_fast.checkpoint import save_checkpoint
+    from captcha_fast.model import StyleGate, with_style_heads
+    start = load_checkpoint(train(_synthetic_cfg(tmp_path / "start", epochs=1, synth_charset="0123")))
+    general, style = model_from_checkpoint(start).eval(), model_from_checkpoint(start).eval()
+    gate = StyleGate(16, 1)
+    with torch.no_grad():
+        for p in style.rnn.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        gate.out.weight.zero_()
+        gate.out.bias.copy_(torch.tensor([0.0, 5.0] if to_style else [5.0, 0.0]))
+    styled = with_style_heads(general, {"s": style}, gate)
+    path = save_checkpoint({**start, "model_config": styled.config.to_dict(), "model": styled.state_dict()},
+                           tmp_path / "styled.ckpt")
+    return path, general, style
+
+
+@pytest.mark.parametrize("to_style", [True, False])
+def test_fine_tuning_starts_from_the_head_the_gate_sends_the_labels_to(tiny_folder, tmp_path, to_style):
+    """A styled start model (the shipped one reads the `captcha` package with a head of its own): fine-tuning
+    a folder starts from the model of the head its gate sends most of the images to, says so, and the blend
+    goes back towards that head's weights; --start-head overrides the gate."""
+    path, general, style = _styled_start(tmp_path, to_style)
+    lines = []
+    common = dict(data=str(tiny_folder), init_from=str(path), epochs=1, blend=0.0, min_steps=2, export=False, **TINY_FT)
+    tuned = load_checkpoint(train(TrainConfig(out=str(tmp_path / "ft"), **common), log=lines.append))
+    want = style if to_style else general  # blend 0 saves the start: the weights of the head's model
+    moved = [k for k, v in want.state_dict().items() if v.is_floating_point() and not torch.equal(tuned["model"][k], v)]
+    assert moved == [] and "style_heads" not in tuned["model_config"]
+    head = "s" if to_style else "general"
+    assert tuned["config"]["start_head"] == head
+    assert any(f"start model's {head} head: its gate sends 8 of the 8" in line for line in lines)
+    other = "general" if to_style else "s"
+    forced = load_checkpoint(train(TrainConfig(out=str(tmp_path / "forced"), start_head=other, **common)))
+    want = general if to_style else style
+    assert all(torch.equal(forced["model"][k], v) for k, v in want.state_dict().items() if v.is_floating_point())
+
+
+def test_start_head_names_the_heads_a_start_model_has(tiny_folder, tmp_path):
+    path, _, _ = _styled_start(tmp_path, True)
+    with pytest.raises(ValueError, match="has the heads general, s"):
+        train(TrainConfig(data=str(tiny_folder), out=str(tmp_path / "ft"), init_from=str(path), start_head="pkg",
+                          epochs=1, min_steps=2, export=False, **TINY_FT))
 
 
 def test_small_sets_train_a_fixed_budget_without_a_split(tiny_folder, tmp_path):
@@ -491,7 +538,9 @@ def test_default_recipe_fine_tunes_the_shipped_model(tmp_path):
     lines = []
     path = train(TrainConfig(data=str(tmp_path / "train"), out=str(tmp_path / "run"), min_steps=240, epochs=4,
                              threads=1, progress=False), log=lines.append)
-    assert lines[0] == ("100 training images, 0 for validation; 4 epochs of 15 passes = 240 optimizer steps; "
+    # the shipped model's gate sends these to its package head: the run starts from that head's model
+    assert lines[0].startswith("fine-tuning the start model's captcha_pkg head: its gate sends ")
+    assert lines[1] == ("100 training images, 0 for validation; 4 epochs of 15 passes = 240 optimizer steps; "
                         "no validation split: the last epoch's weights are the fine-tuned model (no epoch is picked)")
     ckpt = load_checkpoint(tmp_path / "run" / "best.ckpt")
     assert ckpt["epoch"] == 3 and ckpt["model_config"]["ink"]
@@ -501,7 +550,8 @@ def test_default_recipe_fine_tunes_the_shipped_model(tmp_path):
     # `captcha` package at 160x60, 0.39 -> 0.70 from the round-2 model (51% of the errors gone), 0.65 ->
     # 0.77 from round 11 (34%), 0.75 -> 0.84 from round 18 (36%); at 120x40 since session 27 (the package
     # head reads 160x60 at 91%): 0.50 -> 0.57 (14%), the fine-tuned general head half-way blended (session
-    # 28's head, trained further, reads these 0.52 before).
+    # 28's head, trained further, reads these 0.52 before); since session 29 the run starts from the package
+    # head's model: 0.52 -> 0.66 (29%).
     assert before < 0.9, f"the shipped model reads this style well already ({before}): pick a weaker one"
     assert after >= before + 0.1 * (1 - before), (before, after)
 
