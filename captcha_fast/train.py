@@ -67,16 +67,17 @@ SMALL_SET = 200      # fewer labelled images: no validation split by default, st
 # target is about (tii 100 -> 96%, sysu 92.9 -> 90.5% over three seeds; docs/training.md).
 BLEND_CHOICES = (0.0, 0.25, 0.5, 0.75, 1.0)
 VAL_FRACTION = 0.15  # the validation share of larger sets
-FREEZABLE = ("convs", "blocks", "project")  # the CRNN's parts --freeze can keep (frozen_modules)
+FREEZABLE = ("convs", "blocks", "block1", "project")  # the CRNN's parts --freeze can keep (frozen_modules)
 GENERAL_HEAD = "general"  # --start-head's name for a styled start model's general head
 ROUTE_IMAGES = 256  # training images a styled start model's gate reads to pick the head fine-tuning starts from
 
 
 def frozen_modules(model: CRNN, part: str) -> List[nn.Module]:
     """The modules of `model` that --freeze PART keeps: "convs" the whole conv stack, "blocks" its two
-    pooled blocks (residual blocks after them still train), "project" the projection before the GRU."""
-    if part == "blocks":
-        return list(model.convs[:BLOCK_CONVS])
+    pooled blocks (residual blocks after them still train), "block1" the first pooled block alone (the
+    second and the rest train), "project" the projection before the GRU."""
+    if part in ("blocks", "block1"):
+        return list(model.convs[:BLOCK_CONVS if part == "blocks" else BLOCK_CONVS // 2])
     return [getattr(model, part)]
 
 

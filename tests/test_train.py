@@ -185,10 +185,20 @@ def test_freeze_keeps_the_start_models_parts_and_their_statistics(tmp_path):
     assert any(k.endswith("running_mean") for k in kept)
     assert all(torch.equal(before[k], after[k]) for k in kept)
     assert not torch.equal(before["classifier.weight"], after["classifier.weight"])  # the rest learnt
-    with pytest.raises(ValueError, match="freeze takes convs, blocks, project, got gru"):
+    with pytest.raises(ValueError, match="freeze takes convs, blocks, block1, project, got gru"):
         TrainConfig(data="synthetic", freeze=("gru",))
     with pytest.raises(ValueError, match="cannot train from scratch"):
         TrainConfig(data="synthetic", freeze=("convs",), from_scratch=True)
+
+
+def test_freeze_block1_keeps_the_first_pooled_block_and_trains_the_second(tmp_path):
+    start = train(_synthetic_cfg(tmp_path / "start", epochs=1))
+    tuned = train(_synthetic_cfg(tmp_path / "ft", epochs=2, init_from=str(start), from_scratch=False, blend=1.0,
+                                 freeze=("block1",), seed=2))
+    before, after = load_checkpoint(start)["model"], load_checkpoint(tuned)["model"]
+    first = [k for k in before if k.startswith(("convs.0.", "convs.1."))]
+    assert first and all(torch.equal(before[k], after[k]) for k in first)  # weights and batch-norm statistics
+    assert not torch.equal(before["convs.3.0.weight"], after["convs.3.0.weight"])  # the second block learnt
 
 
 def test_freeze_blocks_keeps_the_pooled_blocks_and_trains_a_new_residual_block(tmp_path):
