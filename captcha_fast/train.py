@@ -112,7 +112,8 @@ class TrainConfig:
     freeze: Tuple[str, ...] = _opt((), "fine-tuning: parts kept as the start model has them, from "
                                        f"{', '.join(FREEZABLE)} (the conv stack with its batch-norm statistics; "
                                        "its two pooled blocks, residual blocks after them still training; the "
-                                       "projection before the GRU); e.g. a head for one style on shared convs",
+                                       "first pooled block alone; the projection before the GRU); e.g. a head for "
+                                       "one style on shared convs",
                                    metavar="PART", choices=FREEZABLE)
     charset: Optional[str] = _opt(None, "symbols in class order (default: the sorted symbols of all labels)")
     init_from: Optional[str] = _opt(None, "start from this checkpoint's weights (RUN_DIR or .ckpt; default: the "
