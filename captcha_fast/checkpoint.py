@@ -140,7 +140,7 @@ def init_from_checkpoint(model: CRNN, path: PathLike, style: Optional[str] = Non
     state = ckpt["model"]
     if (source.channels, source.hidden_dim) != (model.config.channels, model.config.hidden_dim):
         try:  # a wider model grows from the narrower one (model.widen), reading what it read
-            state = widen(start or model_from_checkpoint(ckpt), model.config.channels,
+            state = widen(start if start is not None else model_from_checkpoint(ckpt), model.config.channels,
                           model.config.hidden_dim).state_dict()
         except ValueError as e:
             raise ValueError(f"cannot start from {str(checkpoint_file(path))!r}: {e}") from None

@@ -41,8 +41,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from captcha_fast.charset import Charset
-from captcha_fast.checkpoint import (PRETRAINED_CHECKPOINT, checkpoint_config, init_from_checkpoint,
-                                     load_checkpoint, load_model, model_from_checkpoint, save_checkpoint)
+from captcha_fast.checkpoint import (INPUT_OPTIONS, PRETRAINED_CHECKPOINT, checkpoint_config,
+                                     init_from_checkpoint, load_checkpoint, load_model, model_from_checkpoint,
+                                     save_checkpoint)
 from captcha_fast.confidence import calibrate_file
 from captcha_fast.data import (SMALL_SET_AUGMENT, AugmentConfig, Batch, BucketBatchSampler, CaptchaDataset,
                                Sample, check_labels, collate, frames_needed, list_samples, split_samples,
@@ -122,7 +123,8 @@ class TrainConfig:
                                           "it), new symbols start fresh")
     start_head: Optional[str] = _opt(None, "a start model with style heads (the shipped one has a head for the "
                                            "`captcha` package): the head whose model fine-tuning starts from, "
-                                           f"{GENERAL_HEAD!r} or a style's name (default: the one its gate sends "
+                                           f"{GENERAL_HEAD!r} or a style's name, e.g. captcha_pkg (default: the one "
+                                           "its gate sends "
                                            "most of the training images to)", metavar="HEAD")
     from_scratch: bool = _opt(False, "start from random weights (with the character warm-up) instead of "
                                      "fine-tuning the shipped model")
@@ -206,6 +208,9 @@ class TrainConfig:
             raise ValueError(f"freeze takes {', '.join(FREEZABLE)}, got {', '.join(self.freeze)}")
         if self.freeze and self.from_scratch:
             raise ValueError("freeze keeps parts of the start model: it cannot train from scratch")
+        if self.start_head is not None and self.from_scratch:
+            raise ValueError(f"--start-head {self.start_head!r} names a head of the start model: --from-scratch has "
+                             f"none")
         if self.in_channels != 1:
             self.ink = False  # the ink map is one channel: a colour model reads the image itself
 
@@ -501,8 +506,6 @@ def _setup(cfg: TrainConfig, ddp: Dist) -> _Run:
     model = build_model(cfg, charset)
     init = start_weights(cfg)
     head_note = ""
-    if init is None and cfg.start_head is not None:
-        raise ValueError(f"--start-head {cfg.start_head!r} names a head of the start model: --from-scratch has none")
     if init is not None:
         if state is not None:  # a resumed run keeps the head it started from (before --start-head: the general one)
             saved = TrainConfig.from_dict(state["config"]).start_head or GENERAL_HEAD
@@ -616,14 +619,18 @@ def start_head(cfg: TrainConfig, init: Path, train_ds: CaptchaDataset) -> Tuple[
     ROUTE_IMAGES of them, unaugmented; a rehearsal's renders aside). A user's labels are one style; the
     shipped model reads the `captcha` package with a head of its own, and 100 package labels fine-tuned
     from the general head's model read 93.0% of 200 held-out renders, from the package head's 94.0%."""
-    styles = checkpoint_config(load_checkpoint(init)).style_heads
+    source = checkpoint_config(load_checkpoint(init))
+    styles = source.style_heads
     if cfg.start_head is not None:
         if cfg.start_head not in (GENERAL_HEAD,) + tuple(styles):
             heads = f"the heads {', '.join((GENERAL_HEAD,) + tuple(styles))}" if styles else "no style heads"
-            raise ValueError(f"--start-head {cfg.start_head!r}: the start model {str(init)!r} has {heads}")
+            raise ValueError(f"start head {cfg.start_head!r} (--start-head, or the one a resumed run started from): "
+                             f"the start model {str(init)!r} has {heads}")
         return (cfg.start_head if styles else None), ""
-    own = [s for s in dict.fromkeys(train_ds.samples) if not s.path.startswith("synthetic:")][:ROUTE_IMAGES]
-    if not styles or not own:
+    own = [s for s in dict.fromkeys(train_ds.samples) if not s.path.startswith("synthetic:")]
+    own = own[::math.ceil(len(own) / ROUTE_IMAGES)] if own else own  # spread over the list: sources may come in runs
+    other_input = any(getattr(source, k) != getattr(cfg, k) for k in INPUT_OPTIONS)  # init_from_checkpoint says so
+    if not styles or not own or other_input:
         return (GENERAL_HEAD if styles else None), ""
     ds = CaptchaDataset(own, train_ds.charset, height=cfg.height, in_channels=cfg.in_channels, ink=cfg.ink,
                         max_width=cfg.max_width, skip_bad=cfg.skip_bad)
@@ -940,7 +947,7 @@ def _blend_with_start(run: _Run, say: Callable[[str], None]) -> None:
     model.load_state_dict(_blended(start, tuned, a))
     if run.ddp.main:
         save_checkpoint({**best, "model": model.state_dict(),
-                         "blend": {"share": a, "start": str(init), "by": by,
+                         "blend": {"share": a, "start": str(init), "head": run.cfg.start_head, "by": by,
                                    "val_acc": {str(c): r["val_acc"] for c, r in rows.items()}}},
                         run.out / "best.ckpt")
     say(f"saved start + {a:g} (fine-tuned - start) ({how})")

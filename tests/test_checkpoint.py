@@ -36,6 +36,31 @@ def test_a_model_with_style_heads_is_a_version_2_checkpoint(tmp_path):
     assert load_model(tmp_path / "s.ckpt").config.style_heads == ("s",)
 
 
+def test_init_from_a_model_with_style_heads_takes_one_heads_model(tmp_path):
+    """A styled checkpoint starts a plain CRNN from its general head's model, or from a style head's (its
+    GRU and classifier on the shared convs), also widened; a plain checkpoint has no style to give."""
+    from captcha_fast.model import StyleGate, general_model, style_model, with_style_heads
+    general, own = _crnn("AB1", seed=1), _crnn("AB1", seed=2)
+    own.load_state_dict({k: v for k, v in general.state_dict().items() if k.startswith(("convs.", "project."))},
+                        strict=False)
+    styled = with_style_heads(general.eval(), {"s": own.eval()}, StyleGate(16, 1))
+    save_checkpoint({"model": styled.state_dict(), "model_config": styled.config.to_dict()}, tmp_path / "s.ckpt")
+    for style, want in ((None, general_model(styled)), ("s", style_model(styled, "s"))):
+        dst = _crnn("AB1", seed=3)
+        assert init_from_checkpoint(dst, tmp_path / "s.ckpt", style) == []
+        for k, v in want.state_dict().items():
+            assert torch.equal(dst.state_dict()[k], v), (style, k)
+    assert not torch.equal(own.rnn.weight_hh_l0, general.rnn.weight_hh_l0)  # the two heads differ
+    wide = CRNN(CRNNConfig("AB1", height=16, channels=(8, 16), hidden_dim=48)).eval()
+    init_from_checkpoint(wide, tmp_path / "s.ckpt", "s")
+    x, w = torch.rand(2, 1, 16, 40), torch.tensor([40, 28])
+    with torch.no_grad():  # the widened model reads as the style head's model (model.widen)
+        torch.testing.assert_close(wide(x, w)[0], style_model(styled, "s")(x, w)[0], atol=1e-5, rtol=1e-5)
+    save_checkpoint({"model": general.state_dict(), "model_config": general.config.to_dict()}, tmp_path / "p.ckpt")
+    with pytest.raises(ValueError, match="cannot start from the 's' head of .*p.ckpt'.*no style heads"):
+        init_from_checkpoint(_crnn("AB1"), tmp_path / "p.ckpt", "s")
+
+
 def test_version_1_checkpoint_of_the_old_trainer_loads(tmp_path):
     """The dict train.py wrote before checkpoint.py existed (version 1, val_char_acc in its rows)."""
     model = _crnn("0123")

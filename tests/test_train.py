@@ -215,17 +215,12 @@ def test_freeze_blocks_keeps_the_pooled_blocks_and_trains_a_new_residual_block(t
 
 def test_fine_tuning_a_model_with_style_heads_trains_its_general_head(tmp_path):
     """A start model with style heads (tools/style_heads.py): fine-tuning rendered data (no labelled images for
-    its gate to route) starts from its general head and trains a model without style heads."""
-    from captcha_fast.checkpoint import save_checkpoint
-    from captcha_fast.model import StyleGate, with_style_heads
-    start = load_checkpoint(train(_synthetic_cfg(tmp_path / "start", epochs=1)))
-    general = model_from_checkpoint(start).eval()
-    styled = with_style_heads(general, {"s": model_from_checkpoint(start).eval()}, StyleGate(16, 1))
-    path = save_checkpoint({**start, "model_config": styled.config.to_dict(), "model": styled.state_dict()},
-                           tmp_path / "styled.ckpt")
+    its gate to route) starts from its general head, though the gate would send images to the other, and
+    trains a model without style heads."""
+    path, general, _ = _styled_start(tmp_path, to_style=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*fresh init")  # every layer of the general model is found
-        tuned = load_checkpoint(train(_synthetic_cfg(tmp_path / "ft", epochs=1, init_from=str(path),
+        tuned = load_checkpoint(train(_synthetic_cfg(tmp_path / "ft", epochs=1, init_from=str(path), synth_charset="0123",
                                                      from_scratch=False, blend=0.0)))
     assert "style_heads" not in tuned["model_config"]
     moved = [k for k, v in general.state_dict().items()  # blend 0 saves the start (counters aside)
@@ -255,22 +250,36 @@ def _styled_start(tmp_path, to_style: bool):
 @pytest.mark.parametrize("to_style", [True, False])
 def test_fine_tuning_starts_from_the_head_the_gate_sends_the_labels_to(tiny_folder, tmp_path, to_style):
     """A styled start model (the shipped one reads the `captcha` package with a head of its own): fine-tuning
-    a folder starts from the model of the head its gate sends most of the images to, says so, and the blend
-    goes back towards that head's weights; --start-head overrides the gate."""
+    a folder starts from the model of the head its gate sends most of the images to and says so; the blend
+    goes back to that head's weights; --start-head overrides the gate."""
     path, general, style = _styled_start(tmp_path, to_style)
+    want, head = (style, "s") if to_style else (general, "general")
+    common = dict(data=str(tiny_folder), init_from=str(path), epochs=1, min_steps=2, export=False, **TINY_FT)
     lines = []
-    common = dict(data=str(tiny_folder), init_from=str(path), epochs=1, blend=0.0, min_steps=2, export=False, **TINY_FT)
-    tuned = load_checkpoint(train(TrainConfig(out=str(tmp_path / "ft"), **common), log=lines.append))
-    want = style if to_style else general  # blend 0 saves the start: the weights of the head's model
-    moved = [k for k, v in want.state_dict().items() if v.is_floating_point() and not torch.equal(tuned["model"][k], v)]
-    assert moved == [] and "style_heads" not in tuned["model_config"]
-    head = "s" if to_style else "general"
-    assert tuned["config"]["start_head"] == head
+    # a learning rate too small to move anything, the convs and their statistics frozen: the start itself
+    start = load_checkpoint(train(TrainConfig(out=str(tmp_path / "ft"), lr=1e-12, freeze=("convs",), blend=1.0,
+                                              **common), log=lines.append))
+    for k, v in want.state_dict().items():
+        torch.testing.assert_close(start["model"][k], v, atol=1e-8, rtol=0, msg=k)
+    assert "style_heads" not in start["model_config"] and start["config"]["start_head"] == head
     assert any(f"start model's {head} head: its gate sends 8 of the 8" in line for line in lines)
-    other = "general" if to_style else "s"
-    forced = load_checkpoint(train(TrainConfig(out=str(tmp_path / "forced"), start_head=other, **common)))
-    want = general if to_style else style
-    assert all(torch.equal(forced["model"][k], v) for k, v in want.state_dict().items() if v.is_floating_point())
+    other, want = ("general", general) if to_style else ("s", style)
+    blended = load_checkpoint(train(TrainConfig(out=str(tmp_path / "forced"), start_head=other, blend=0.0, **common)))
+    assert blended["config"]["start_head"] == other and blended["blend"]["head"] == other
+    assert all(torch.equal(blended["model"][k], v) for k, v in want.state_dict().items() if v.is_floating_point())
+
+
+def test_a_resumed_run_keeps_its_start_head(tiny_folder, tmp_path):
+    path, _, _ = _styled_start(tmp_path, True)
+    common = dict(data=str(tiny_folder), out=str(tmp_path / "ft"), init_from=str(path), epochs=2, min_steps=4,
+                  export=False, **TINY_FT)
+    assert train(TrainConfig(stop_after=1, **common)).name == "last.ckpt"
+    with pytest.raises(ValueError, match="--resume: start_head is 'general' but the run in .* used 's'"):
+        train(TrainConfig(resume=True, start_head="general", **common))
+    lines = []
+    train(TrainConfig(resume=True, **common), log=lines.append)
+    assert load_checkpoint(tmp_path / "ft" / "best.ckpt")["config"]["start_head"] == "s"
+    assert not any("gate sends" in line for line in lines)  # no second vote
 
 
 def test_start_head_names_the_heads_a_start_model_has(tiny_folder, tmp_path):
@@ -278,6 +287,11 @@ def test_start_head_names_the_heads_a_start_model_has(tiny_folder, tmp_path):
     with pytest.raises(ValueError, match="has the heads general, s"):
         train(TrainConfig(data=str(tiny_folder), out=str(tmp_path / "ft"), init_from=str(path), start_head="pkg",
                           epochs=1, min_steps=2, export=False, **TINY_FT))
+    with pytest.raises(ValueError, match="trained on another input than this model's: in_channels=3"):
+        train(TrainConfig(data=str(tiny_folder), out=str(tmp_path / "colour"), init_from=str(path), in_channels=3,
+                          epochs=1, min_steps=2, export=False, **TINY_FT))  # the routing leaves it to that check
+    with pytest.raises(ValueError, match="--from-scratch has none"):
+        TrainConfig(data="synthetic", start_head="s", from_scratch=True)
 
 
 def test_small_sets_train_a_fixed_budget_without_a_split(tiny_folder, tmp_path):

@@ -95,7 +95,7 @@ from captcha_fast.data import list_samples, read_manifest, split_samples  # noqa
 from captcha_fast.export import save_recognizer  # noqa: E402
 from captcha_fast.files import atomic_write  # noqa: E402
 from captcha_fast.preprocess import load_image  # noqa: E402
-from captcha_fast.train import FREEZABLE, TrainConfig, train  # noqa: E402
+from captcha_fast.train import FREEZABLE, GENERAL_HEAD, TrainConfig, train  # noqa: E402
 
 import accuracy_table  # noqa: E402
 import google_fonts  # noqa: E402
@@ -438,7 +438,7 @@ def train_round(folder: Path, init: str | None, args, teacher: dict | None = Non
             hours_file.write_text(json.dumps(done))
 
     cfg = TrainConfig(data=str(folder / "train.tsv"), out=str(folder), charset=CHARSET, epochs=args.epochs_per_round,
-                      init_from=init, from_scratch=init is None,
+                      init_from=init, from_scratch=init is None, start_head=None if init is None else GENERAL_HEAD,
                       val_fraction=0.0, bucket=16, skip_bad=True, threads=args.threads, progress=False,
                       export=False, resume=resume, lr=args.lr, batch_size=args.batch_size, patience=args.epochs_per_round + 1,
                       channels=args.channels and tuple(args.channels), hidden_dim=args.hidden,
