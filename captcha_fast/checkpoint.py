@@ -97,7 +97,7 @@ def transfer_weights(model: CRNN, state: Dict[str, Tensor], charset: str) -> Lis
     with torch.no_grad():
         for name, t in model.state_dict().items():
             src = state.get(name)
-            if name.split(".")[-2] == "classifier" and src is not None and src.shape[1:] == t.shape[1:]:
+            if name.startswith("classifier.") and src is not None and src.shape[1:] == t.shape[1:]:
                 t[new_rows] = src[old_rows].to(t.dtype)
             elif src is not None and src.shape == t.shape:
                 t.copy_(src)
@@ -119,15 +119,14 @@ def init_from_checkpoint(model: CRNN, path: PathLike, style: Optional[str] = Non
     the file if its input options (INPUT_OPTIONS) differ from the model's, or it is wider. Returns
     the names left at their init."""
     ckpt = load_checkpoint(path)
-    source = checkpoint_config(ckpt)
-    start = None
-    if source.style_heads:
+    if checkpoint_config(ckpt).style_heads:  # from here on, the checkpoint of that one head's model
         whole = model_from_checkpoint(ckpt)
-        start = style_model(whole, style) if style else general_model(whole)
-        source, ckpt = start.config, {**ckpt, "model": start.state_dict()}
+        one = style_model(whole, style) if style else general_model(whole)
+        ckpt = {**ckpt, "model_config": one.config.to_dict(), "model": one.state_dict()}
     elif style:
         raise ValueError(f"cannot start from the {style!r} head of {str(checkpoint_file(path))!r}: it has no "
                          f"style heads")
+    source = checkpoint_config(ckpt)
     differ = [f"{k}={getattr(model.config, k)!r} (the checkpoint's: {getattr(source, k)!r})" for k in INPUT_OPTIONS
               if getattr(model.config, k) != getattr(source, k)]
     if differ:
@@ -140,8 +139,7 @@ def init_from_checkpoint(model: CRNN, path: PathLike, style: Optional[str] = Non
     state = ckpt["model"]
     if (source.channels, source.hidden_dim) != (model.config.channels, model.config.hidden_dim):
         try:  # a wider model grows from the narrower one (model.widen), reading what it read
-            state = widen(start if start is not None else model_from_checkpoint(ckpt), model.config.channels,
-                          model.config.hidden_dim).state_dict()
+            state = widen(model_from_checkpoint(ckpt), model.config.channels, model.config.hidden_dim).state_dict()
         except ValueError as e:
             raise ValueError(f"cannot start from {str(checkpoint_file(path))!r}: {e}") from None
     return transfer_weights(model, state, source.charset)

@@ -124,8 +124,7 @@ class TrainConfig:
     start_head: Optional[str] = _opt(None, "a start model with style heads (the shipped one has a head for the "
                                            "`captcha` package): the head whose model fine-tuning starts from, "
                                            f"{GENERAL_HEAD!r} or a style's name, e.g. captcha_pkg (default: the one "
-                                           "its gate sends "
-                                           "most of the training images to)", metavar="HEAD")
+                                           "its gate sends most of the training images to)", metavar="HEAD")
     from_scratch: bool = _opt(False, "start from random weights (with the character warm-up) instead of "
                                      "fine-tuning the shipped model")
     max_width: int = _opt(MAX_WIDTH, "widest image allowed after resizing to --height: a wider one is an error "
@@ -619,28 +618,29 @@ def start_head(cfg: TrainConfig, init: Path, train_ds: CaptchaDataset) -> Tuple[
     ROUTE_IMAGES of them, unaugmented; a rehearsal's renders aside). A user's labels are one style; the
     shipped model reads the `captcha` package with a head of its own, and 100 package labels fine-tuned
     from the general head's model read 93.0% of 200 held-out renders, from the package head's 94.0%."""
-    source = checkpoint_config(load_checkpoint(init))
+    ckpt = load_checkpoint(init)
+    source = checkpoint_config(ckpt)
     styles = source.style_heads
+    names = (GENERAL_HEAD,) + tuple(styles)
     if cfg.start_head is not None:
-        if cfg.start_head not in (GENERAL_HEAD,) + tuple(styles):
-            heads = f"the heads {', '.join((GENERAL_HEAD,) + tuple(styles))}" if styles else "no style heads"
+        if cfg.start_head not in names:
+            heads = f"the heads {', '.join(names)}" if styles else "no style heads"
             raise ValueError(f"start head {cfg.start_head!r} (--start-head, or the one a resumed run started from): "
                              f"the start model {str(init)!r} has {heads}")
         return (cfg.start_head if styles else None), ""
     own = [s for s in dict.fromkeys(train_ds.samples) if not s.path.startswith("synthetic:")]
-    own = own[::math.ceil(len(own) / ROUTE_IMAGES)] if own else own  # spread over the list: sources may come in runs
+    own = own[::max(1, math.ceil(len(own) / ROUTE_IMAGES))]  # spread over the list: sources may come in runs
     other_input = any(getattr(source, k) != getattr(cfg, k) for k in INPUT_OPTIONS)  # init_from_checkpoint says so
     if not styles or not own or other_input:
         return (GENERAL_HEAD if styles else None), ""
     ds = CaptchaDataset(own, train_ds.charset, height=cfg.height, in_channels=cfg.in_channels, ink=cfg.ink,
                         max_width=cfg.max_width, skip_bad=cfg.skip_bad)
-    model = load_model(init).eval()
+    model = model_from_checkpoint(ckpt)  # eval mode
     votes = torch.zeros(1 + len(styles), dtype=torch.long)
     with torch.no_grad():
         for i in range(0, len(ds), 64):
             b = collate([ds[j] for j in range(i, min(i + 64, len(ds)))])
             votes += torch.bincount(model.route(*model.features(b.images, b.widths)), minlength=len(votes))
-    names = (GENERAL_HEAD,) + tuple(styles)
     pick = names[int(votes.argmax())]
     others = ", ".join(n for n in names if n != pick)
     return pick, (f"fine-tuning the start model's {pick} head: its gate sends {int(votes.max())} of the {len(ds)} "
