@@ -21,16 +21,19 @@ from torch import Tensor
 from captcha_fast.files import atomic_write
 from captcha_fast.model import CRNN, CRNNConfig, general_model, style_model, widen
 
-CHECKPOINT_VERSION = 2  # bump when the dict changes; load_checkpoint refuses newer ones (2: style heads)
+# bump when the dict changes; load_checkpoint refuses newer ones (2: style heads, 3: heads that own block 2)
+CHECKPOINT_VERSION = 3
 PRETRAINED_CHECKPOINT = Path(__file__).resolve().parent / "pretrained" / "default.ckpt"
 """The shipped model's training weights (batch norms unfolded): where `captcha-fast train` starts."""
 PathLike = Union[str, os.PathLike]
 
 
 def save_checkpoint(checkpoint: dict, path: PathLike) -> Path:
-    """Save `checkpoint` atomically to `path`, stamped with the oldest version that reads it: 1, or 2 for a
-    model with style heads (an older captcha_fast then says to upgrade instead of failing on the config)."""
-    version = 2 if checkpoint.get("model_config", {}).get("style_heads") else 1
+    """Save `checkpoint` atomically to `path`, stamped with the oldest version that reads it: 1, 2 for a
+    model with style heads, 3 for heads that own block 2 (an older captcha_fast then says to upgrade
+    instead of failing on the config)."""
+    config = checkpoint.get("model_config", {})
+    version = (3 if config.get("style_branch", "rnn") != "rnn" else 2) if config.get("style_heads") else 1
     return atomic_write(path, lambda tmp: torch.save({**checkpoint, "version": version}, tmp))
 
 

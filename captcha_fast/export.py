@@ -33,7 +33,7 @@ from captcha_fast.confidence import Calibration, calibration_of
 from captcha_fast.files import atomic_write
 from captcha_fast.formats import (CALIBRATION_FILE, PROGRAM_FORMAT, SETTINGS_FILE, compile_target, eager_recognizer,
                                   file_kind, read_settings, resolve_device, resolve_dtype)
-from captcha_fast.model import CRNN, InferenceCRNN
+from captcha_fast.model import CRNN, InferenceCRNN, conv_lists
 from captcha_fast.recognizer import Recognizer, build_recognizer
 
 
@@ -97,11 +97,11 @@ def _export_parts(rec: Recognizer, device: torch.device, dtype: torch.dtype, unp
     """torch.export the "features" and "head" parts of rec's CRNN on `device`, convs in `dtype`,
     with a dynamic batch and width (and "features_unpadded" if unpadded)."""
     net = copy.deepcopy(rec.model).to(device).eval()
-    net.convs.to(dtype)
-    for conv in net.convs:
+    for conv in (c for convs in conv_lists(net) for c in convs if isinstance(c, nn.Conv2d)):
         # Channels-last weights make every conv run channels-last: with a 1-channel input,
         # conv_stack's .contiguous(channels_last) is a no-op and the convs would stay NCHW
         # (1.3x slower on the CPU, same values).
+        conv.to(dtype)
         conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
     batch, width4 = torch.export.Dim("batch", min=1, max=65536), torch.export.Dim("width4", min=2, max=16384)
     images = torch.rand(3, rec.in_channels, rec.height, 64, device=device)
@@ -110,7 +110,9 @@ def _export_parts(rec: Recognizer, device: torch.device, dtype: torch.dtype, unp
         features = torch.export.export(_Features(net), (images, widths),
                                        dynamic_shapes=({0: batch, 3: 4 * width4}, {0: batch}))
         x, w = _Features(net)(images, widths)
-        head = torch.export.export(_Head(net), (x, w), dynamic_shapes=({0: batch, 3: width4}, {0: batch}))
+        # the heads read the first block's features (twice as many columns) where they own block 2
+        x_width = 2 * width4 if len(net.style_models) else width4
+        head = torch.export.export(_Head(net), (x, w), dynamic_shapes=({0: batch, 3: x_width}, {0: batch}))
         parts = {"features": features, "head": head}
         if unpadded:
             parts["features_unpadded"] = torch.export.export(

@@ -9,7 +9,7 @@ the same output as alone (up to float rounding)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,6 +31,7 @@ class CRNNConfig:
     dropout: float = 0.1
     ink: bool = False                  # input: the ink map cropped to the text (preprocess.to_ink), grey only
     style_heads: Tuple[str, ...] = ()  # styles read by heads of their own on the shared convs (StyleGate picks)
+    style_branch: str = "rnn"          # where the style heads branch off (STYLE_BRANCHES)
 
     def __post_init__(self):
         Charset(self.charset)  # validates
@@ -42,6 +43,8 @@ class CRNNConfig:
             raise ValueError(f"res_blocks must be >= 0, got {self.res_blocks}")
         if self.height % 4 or self.height < 4:
             raise ValueError(f"height must be a positive multiple of 4 (two 2x2 pools), got {self.height}")
+        if self.style_branch not in STYLE_BRANCHES:
+            raise ValueError(f"style_branch must be one of {', '.join(STYLE_BRANCHES)}, got {self.style_branch!r}")
 
     @property
     def num_classes(self) -> int:
@@ -51,7 +54,16 @@ class CRNNConfig:
         d = asdict(self)
         if not self.style_heads:  # as before style heads existed: an older captcha_fast reads it
             del d["style_heads"]
+        if self.style_branch == "rnn":  # as before heads could own a conv block
+            del d["style_branch"]
         return d
+
+
+STYLE_BRANCHES = {
+    "rnn": "the style heads own a BiGRU and classifier; they share the convs and projection (StyleHead)",
+    "block2": "the style heads own the second conv block (and any residual blocks), projection, BiGRU and "
+              "classifier; they share the first conv block (a CRNN each, in CRNN.style_models)",
+}
 
 
 BLOCK_CONVS = 4  # convs of the two pooled blocks; those after them in CRNN.convs are residual pairs
@@ -106,6 +118,16 @@ class InferenceStyleHead(StyleHead):
     def recurrent(self, x: Tensor, lengths: Tensor) -> Tensor:
         return torch.ops.captcha_fast.gru(x, lengths, self.rnn._flat_weights, self.rnn.num_layers,
                                           self.rnn.bidirectional)
+
+
+def branch_model(config: CRNNConfig) -> CRNN:
+    """A style head that owns the layers after the first conv block (style_branch "block2"): a CRNN of
+    `config` without style heads whose first block is a placeholder (the owner's is shared), so its
+    weights keep a plain CRNN's names (style_model, with_style_heads)."""
+    model = CRNN(replace(config, style_heads=(), style_branch="rnn"))
+    for i in range(BLOCK_CONVS // 2):
+        model.convs[i] = nn.Identity()
+    return model
 
 
 def gru_over_lengths(rnn: nn.GRU, x: Tensor, lengths: Tensor) -> Tensor:
@@ -165,8 +187,13 @@ class CRNN(nn.Module):
         self.rnn = nn.GRU(config.hidden_dim, config.hidden_dim, num_layers=2, bidirectional=True,
                           dropout=config.dropout)
         self.classifier = nn.Linear(2 * config.hidden_dim, config.num_classes)
-        self.style_heads = nn.ModuleList([StyleHead(config) for _ in config.style_heads])
-        self.gate = nn.ModuleList([StyleGate(c2, len(config.style_heads))] if config.style_heads else [])
+        own_block2 = config.style_branch == "block2"
+        self.style_heads = nn.ModuleList([] if own_block2 else [StyleHead(config) for _ in config.style_heads])
+        self.style_models = nn.ModuleList([branch_model(config) for _ in config.style_heads] if own_block2 else [])
+        self.gate = nn.ModuleList([StyleGate(c1 if own_block2 else c2, len(config.style_heads))]
+                                  if config.style_heads else [])
+        # the convs every head reads: the first block's where the heads own block 2, else all of them
+        self.shared_convs: int = BLOCK_CONVS // 2 if self.style_models else len(self.convs)
 
     def output_lengths(self, widths: Tensor) -> Tensor:
         """Frames per sample: each 2x2 max-pool halves (floors) the width."""
@@ -179,33 +206,41 @@ class CRNN(nn.Module):
         return self.head(x, w)
 
     def features(self, images: Tensor, widths: Tensor) -> Tuple[Tensor, Tensor]:
-        """-> conv features (N, C, H / 4, W / 4), widths / 4 (floored per pool)."""
+        """-> the shared conv features (N, C, H / 4, W / 4), widths / 4 (floored per pool); where the style
+        heads own block 2, the first block's (N, C1, H / 2, W / 2), widths / 2."""
         x = (images - 0.5) * column_mask(widths, images.shape[-1]).to(images.dtype)
-        w = widths
+        return self.run_convs(x, widths, 0, self.shared_convs, False)
+
+    def run_convs(self, x: Tensor, w: Tensor, start: int, stop: int, unpadded: bool) -> Tuple[Tensor, Tensor]:
+        """convs[start:stop] (whole blocks) on x, the masked output of those before them; widths w ->
+        their output and widths. (unpadded: InferenceCRNN's; every column masked here.)"""
         skip = x
         for i, conv in enumerate(self.convs):
-            if i >= 4 and i % 2 == 0:  # a residual block's input (4 = BLOCK_CONVS: TorchScript can't read globals)
-                skip = x
-            x = conv(x)
-            if i >= 4 and i % 2 == 1:
-                x = F.relu(x + skip)
-            elif i % 2 == 1:  # end of a block: pool, and the widths halve (floor)
-                x = F.max_pool2d(x, 2)
-                w = w // 2
-            # Zero the padding columns, so the next conv sees what a lone image's
-            # zero padding gives. (Before a pool this is not needed: the columns it
-            # would clean only reach pooled columns that are masked after it.)
-            x = x * column_mask(w, x.shape[-1]).to(x.dtype)
+            if i < start or i >= stop:  # (no `continue`: TorchScript unrolls the loop)
+                pass
+            else:
+                if i >= 4 and i % 2 == 0:  # a residual block's input (4 = BLOCK_CONVS: TorchScript can't read globals)
+                    skip = x
+                x = conv(x)
+                if i >= 4 and i % 2 == 1:
+                    x = F.relu(x + skip)
+                elif i % 2 == 1:  # end of a block: pool, and the widths halve (floor)
+                    x = F.max_pool2d(x, 2)
+                    w = w // 2
+                # Zero the padding columns, so the next conv sees what a lone image's
+                # zero padding gives. (Before a pool this is not needed: the columns it
+                # would clean only reach pooled columns that are masked after it.)
+                x = x * column_mask(w, x.shape[-1]).to(x.dtype)
         return x, w
 
     def head(self, x: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
-        """Conv features (N, C, H, T) -> log-probs (T, N, K) float32; the GRU runs in float32.
-        With style heads, the gate picks one head per image; the others' GRUs skip it."""
-        N, C, H, T = x.shape
-        p = x.permute(3, 0, 1, 2).reshape(T, N, C * H)        # width is the sequence axis
-        p = self.dropout(F.relu(self.project(p.float())))     # (T, N, hidden)
+        """Shared conv features (features()) -> log-probs (T, N, K) float32, frames (N,); the GRU runs in
+        float32. With style heads, the gate picks one head per image; the others' GRUs skip it."""
+        if len(self.style_models) > 0:
+            return self.read_by_branch(x, w, self.route(x, w))
         if len(self.style_heads) == 0:
-            return self.classifier(self.dropout(self.recurrent(p, w.clamp(min=1)))).log_softmax(-1), w
+            return self.read(x, w.clamp(min=1)), w
+        p = self.projected(x)
         choice = self.route(x, w)
         frames, none = w.clamp(min=1), torch.zeros_like(w)  # a head's GRU skips the images it is not sent
         out = self.classifier(self.dropout(self.recurrent(p, torch.where(choice == 0, frames, none)))).log_softmax(-1)
@@ -213,6 +248,44 @@ class CRNN(nn.Module):
             mine = choice == i + 1
             out = torch.where(mine[None, :, None], style(p, torch.where(mine, frames, none)), out)
         return out, w
+
+    def projected(self, x: Tensor) -> Tensor:
+        """Conv features (N, C, H, T) -> projected frames (T, N, hidden) float32."""
+        N, C, H, T = x.shape
+        p = x.permute(3, 0, 1, 2).reshape(T, N, C * H)        # width is the sequence axis
+        return self.dropout(F.relu(self.project(p.float())))
+
+    def read(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """Last conv features (N, C, H, T) -> log-probs (T, N, K), the GRU over `lengths` frames (0: skipped)."""
+        return self.classifier(self.dropout(self.recurrent(self.projected(x), lengths))).log_softmax(-1)
+
+    def read_by_branch(self, x: Tensor, w: Tensor, choice: Tensor) -> Tuple[Tensor, Tensor]:
+        """First-block features -> log-probs, each image read by the head `choice` picks (0 this model's
+        layers after the block, i the i-th of style_models). A head runs on the batch only if it is sent
+        an image of it: a batch of one style pays for one block 2, a mixed one for each of its styles'."""
+        out = self.branch_if(choice == 0, x, w)
+        for i, style in enumerate(self.style_models):
+            mine = choice == i + 1
+            out = torch.where(mine[None, :, None], style.branch_if(mine, x, w), out)
+        return out, w // 2
+
+    def branch_if(self, mine: Tensor, x: Tensor, w: Tensor) -> Tensor:
+        """This model's convs after the first block and its head, on first-block features, for the images
+        in `mine` (N,) bool; zeros for the batch if none. Traced (torch.export), torch.cond keeps the choice
+        in the program; run (eager, TorchScript), a Python if makes it."""
+        if not torch.jit.is_scripting():
+            if torch.compiler.is_compiling():
+                return torch.cond(mine.any(), self.branch, self.no_branch, (mine, x, w))
+        if bool(mine.any()):
+            return self.branch(mine, x, w)
+        return self.no_branch(mine, x, w)
+
+    def branch(self, mine: Tensor, x: Tensor, w: Tensor) -> Tensor:
+        x, w = self.run_convs(x, w, 2, len(self.convs), False)  # 2 = BLOCK_CONVS // 2 (TorchScript reads no globals)
+        return self.read(x, torch.where(mine, w.clamp(min=1), torch.zeros_like(w)))
+
+    def no_branch(self, mine: Tensor, x: Tensor, w: Tensor) -> Tensor:
+        return torch.zeros(x.shape[-1] // 2, x.shape[0], self.classifier.out_features, device=x.device)
 
     def route(self, x: Tensor, w: Tensor) -> Tensor:
         """The head each image goes to (N,) int64: 0 the general one, i the i-th style head."""
@@ -278,50 +351,90 @@ def widen(model: CRNN, channels: Tuple[int, int], hidden_dim: int) -> CRNN:
 
 def with_style_heads(general: CRNN, styles: Dict[str, CRNN], gate: StyleGate) -> CRNN:
     """One CRNN (eval mode) that reads each image with `general`'s head or one of `styles`' (a style
-    name -> a CRNN trained from `general` with its convs and projection frozen), as `gate` picks:
-    gate score 0 is the general head, i the i-th style. ValueError if a style model's convs or
-    projection are not exactly general's (they are shared) or its config differs otherwise."""
+    name -> a CRNN trained from `general` with some of its first layers frozen), as `gate` picks: gate
+    score 0 is the general head, i the i-th style. Where the heads branch off (STYLE_BRANCHES) follows
+    from what the style models share with `general`: the convs and projection (train --freeze convs
+    project: heads of a BiGRU and classifier), else the first conv block (--freeze block1: heads that
+    own the rest). ValueError if they share neither, differ among themselves, or differ otherwise."""
     if not styles or general.config.style_heads:
         raise ValueError("with_style_heads takes a general model without style heads and at least one style model")
-    config = replace(general.config, style_heads=tuple(styles))
-    model = CRNN(config)
+    model = CRNN(replace(general.config, style_heads=tuple(styles), style_branch=style_branch(general, styles)))
     state = general.state_dict()
-    shared = {k: v for k, v in state.items() if k.startswith(("convs.", "project."))}
-    for i, (name, m) in enumerate(styles.items()):
-        differ = [f"{k} {getattr(m.config, k)!r} (the general model's: {getattr(general.config, k)!r})"
-                  for k in m.config.to_dict() if k != "dropout" and getattr(m.config, k) != getattr(general.config, k)]
-        if differ:
-            raise ValueError(f"style head {name!r}: its model differs from the general one: {', '.join(differ)}")
+    for i, (prefix, m) in enumerate(zip(_head_prefixes(model), styles.values())):
         own = m.state_dict()
-        if any(not torch.equal(own[k], v) for k, v in shared.items()):
-            raise ValueError(f"style head {name!r}: its convs or projection differ from the general model's (a style "
-                             f"head is trained with them frozen: train --freeze convs project)")
-        state.update({f"style_heads.{i}.{k}": v for k, v in own.items() if k.startswith(("rnn.", "classifier."))})
-    if gate.out.out_features != 1 + len(styles):
-        raise ValueError(f"the gate scores {gate.out.out_features} heads, not 1 + {len(styles)} styles")
+        state.update({prefix + k: own[k] for k in _head_modules(model)[i].state_dict()})
+    if gate.out.out_features != 1 + len(styles) or gate.conv.in_channels != model.gate[0].conv.in_channels:
+        raise ValueError(f"the gate reads {gate.conv.in_channels} channels and scores {gate.out.out_features} heads; "
+                         f"the heads branch off at {model.config.style_branch!r}: {model.gate[0].conv.in_channels} "
+                         f"channels, 1 + {len(styles)} styles")
     state.update({f"gate.0.{k}": v for k, v in gate.state_dict().items()})
     model.load_state_dict(state)
     return model.eval()
 
 
+def style_branch(general: CRNN, styles: Dict[str, CRNN]) -> str:
+    """Where the style models branch off `general` (STYLE_BRANCHES), from the weights they share with it;
+    ValueError if they share neither the convs and projection nor the first block, or not alike."""
+    state = general.state_dict()
+    branches = {name: _branch_of(name, m, general, state) for name, m in styles.items()}
+    if len(set(branches.values())) > 1:
+        raise ValueError(f"the style models share different layers with the general model: {branches}")
+    return next(iter(branches.values()))
+
+
+def _branch_of(name: str, m: CRNN, general: CRNN, state: Dict[str, Tensor]) -> str:
+    differ = [f"{k} {getattr(m.config, k)!r} (the general model's: {getattr(general.config, k)!r})"
+              for k in m.config.to_dict() if k != "dropout" and getattr(m.config, k) != getattr(general.config, k)]
+    if differ:
+        raise ValueError(f"style head {name!r}: its model differs from the general one: {', '.join(differ)}")
+    own = m.state_dict()
+    block1 = tuple(f"convs.{i}." for i in range(BLOCK_CONVS // 2))
+    same = {k for k, v in state.items() if torch.equal(own[k], v)}
+    if all(k in same for k in state if k.startswith(("convs.", "project."))):
+        return "rnn"
+    if all(k in same for k in state if k.startswith(block1)):
+        return "block2"
+    raise ValueError(f"style head {name!r}: its first conv block differs from the general model's (a style head is "
+                     f"trained with it frozen: train --freeze convs project, or --freeze block1)")
+
+
+def _head_modules(model: CRNN) -> nn.ModuleList:
+    """`model`'s style heads, whichever branch they are (StyleHead or branch_model)."""
+    return model.style_models if model.config.style_branch == "block2" else model.style_heads
+
+
+def _head_prefixes(model: CRNN) -> List[str]:
+    """The state-dict prefix of each style head's weights, in config.style_heads' order."""
+    name = "style_models" if model.config.style_branch == "block2" else "style_heads"
+    return [f"{name}.{i}." for i in range(len(model.config.style_heads))]
+
+
 def general_model(model: CRNN) -> CRNN:
     """The CRNN that reads as `model`'s general head (its convs, projection, GRU and classifier; no style
     heads, no gate): with_style_heads' `general` again, e.g. to assemble it with heads trained further."""
-    single = CRNN(replace(model.config, style_heads=()))
-    single.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(("style_heads.", "gate."))})
+    single = CRNN(replace(model.config, style_heads=(), style_branch="rnn"))
+    heads = ("style_heads.", "style_models.", "gate.")
+    single.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(heads)})
     return single.train(model.training)
 
 
 def style_model(model: CRNN, style: str) -> CRNN:
-    """The CRNN that reads as `model`'s head for `style` (its convs and projection, the style head's GRU and
-    classifier): with_style_heads' part for it, e.g. to train the head further (--freeze convs project)."""
+    """The CRNN that reads as `model`'s head for `style` (the shared layers and the head's own): with_style_heads'
+    part for it, e.g. to train the head further with the shared layers frozen."""
     if style not in model.config.style_heads:
         raise ValueError(f"the model has no style head {style!r} (it has: {', '.join(model.config.style_heads)})")
-    head = model.style_heads[model.config.style_heads.index(style)]
+    prefix = _head_prefixes(model)[model.config.style_heads.index(style)]
     single = general_model(model)
-    single.rnn.load_state_dict(head.rnn.state_dict())
-    single.classifier.load_state_dict(head.classifier.state_dict())
+    own = {k[len(prefix):]: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+    single.load_state_dict({**single.state_dict(), **own})
     return single
+
+
+def conv_lists(model: nn.Module) -> list:
+    """The conv ModuleLists of a CRNN or InferenceCRNN (scripted too): its own and each style model's,
+    e.g. to run the convs in another dtype (the rest stays float32)."""
+    styles = model.style_models.named_children() if hasattr(model, "style_models") else []  # (a loaded ModuleList
+    return [model.convs] + [m.convs for _, m in styles]                                       # does not iterate)
 
 
 def fold_batchnorm(model: CRNN) -> CRNN:
@@ -334,7 +447,7 @@ def fold_batchnorm(model: CRNN) -> CRNN:
 
     fused = copy.deepcopy(model).eval()
     for block in fused.convs:
-        if isinstance(block[1], nn.BatchNorm2d):
+        if isinstance(block, nn.Sequential) and isinstance(block[1], nn.BatchNorm2d):  # (not a placeholder)
             block[0] = fuse_conv_bn_eval(block[0], block[1])
             block[1] = nn.Identity()
     return fused
@@ -367,10 +480,13 @@ class InferenceCRNN(CRNN):
         nn.Module.__init__(self)
         fused = fold_batchnorm(model)
         self.config = fused.config
-        self.convs = nn.ModuleList([block[0] for block in fused.convs])  # convs with folded BN bias
+        # convs with folded BN bias (a style model's shared first block: its placeholders)
+        self.convs = nn.ModuleList([b[0] if isinstance(b, nn.Sequential) else b for b in fused.convs])
         self.project, self.rnn, self.classifier = fused.project, fused.rnn, fused.classifier
         self.style_heads = nn.ModuleList([InferenceStyleHead(head) for head in fused.style_heads])
+        self.style_models = nn.ModuleList([InferenceCRNN(m, chunk) for m in fused.style_models])
         self.gate = fused.gate
+        self.shared_convs: int = fused.shared_convs
         self.dropout = nn.Identity()
         self.chunk = chunk
 
@@ -388,23 +504,28 @@ class InferenceCRNN(CRNN):
                                           self.rnn.bidirectional)
 
     def conv_stack(self, images: Tensor, widths: Tensor, unpadded: bool) -> Tuple[Tensor, Tensor]:
-        """(n, C_in, H, W) -> (n, C, H / 4, W / 4) conv features (channels-last), widths / 4."""
+        """(n, C_in, H, W) -> the shared conv features (channels-last; features()), their widths."""
         x = images - 0.5
         if not unpadded:
             x = x * column_mask(widths, x.shape[-1]).to(x.dtype)
         x = x.contiguous(memory_format=torch.channels_last)
-        w = widths
+        return self.run_convs(x, widths, 0, self.shared_convs, unpadded)
+
+    def run_convs(self, x: Tensor, w: Tensor, start: int, stop: int, unpadded: bool) -> Tuple[Tensor, Tensor]:
         skip = x
         for i, conv in enumerate(self.convs):
-            if i >= 4 and i % 2 == 0:  # a residual block's input (4 = BLOCK_CONVS: TorchScript can't read globals)
-                skip = x
-            x = conv(x)
-            if i >= 4 and i % 2 == 1:
-                x = x + skip
-            elif i % 2 == 1:
-                x = max_pool_2x2(x)
-                w = w // 2
-            x = F.relu(x, inplace=True)  # after the pool: max and ReLU commute, 4x fewer elements
-            if not unpadded:
-                x = x * column_mask(w, x.shape[-1]).to(x.dtype)
+            if i < start or i >= stop:
+                pass
+            else:
+                if i >= 4 and i % 2 == 0:  # a residual block's input (4 = BLOCK_CONVS: TorchScript can't read globals)
+                    skip = x
+                x = conv(x)
+                if i >= 4 and i % 2 == 1:
+                    x = x + skip
+                elif i % 2 == 1:
+                    x = max_pool_2x2(x)
+                    w = w // 2
+                x = F.relu(x, inplace=True)  # after the pool: max and ReLU commute, 4x fewer elements
+                if not unpadded:
+                    x = x * column_mask(w, x.shape[-1]).to(x.dtype)
         return x, w

@@ -25,13 +25,13 @@ import torch.nn as nn
 from torch import Tensor
 
 from captcha_fast import ops  # noqa: F401  (registers torch.ops.captcha_fast.*)
-from captcha_fast.model import CRNN, InferenceCRNN
+from captcha_fast.model import CRNN, InferenceCRNN, conv_lists
 from captcha_fast.preprocess import collate
 
 # Bumped when the saved module changes: 2 its interface (log_probs, max_width); 3 style heads, whose config
-# field an older captcha_fast cannot rebuild, so it says to upgrade. A model without style heads is saved
-# as 2 (its config has no style_heads field): older versions read it as before.
-RECOGNIZER_FORMAT = 3  # the newest this version reads and writes
+# field an older captcha_fast cannot rebuild, so it says to upgrade; 4 style heads that own block 2. A model
+# is saved as the oldest format that reads it (2 without style heads): older versions read it as before.
+RECOGNIZER_FORMAT = 4  # the newest this version reads and writes
 INTERFACE_FORMAT = 2   # the module interface: older files are rebuilt with today's code (formats.load_recognizer)
 
 MAX_BEAM_WIDTH = 4096  # the beam search op's limit
@@ -53,7 +53,7 @@ class Recognizer(nn.Module):
     (List[str], symbol i is class i + 1), decoder ("greedy" or "beam") and beam_width
     (used by forward), token_min_logp/blank_skip_threshold (beam pruning), max_width (the
     widest an image may be after resizing to the model's height; wider ones are refused by
-    name), format (RECOGNIZER_FORMAT with style heads, else INTERFACE_FORMAT)."""
+    name), format (recognizer_format: the oldest that reads it)."""
 
     def __init__(self, model: CRNN | InferenceCRNN, decoder: str = "beam", beam_width: int = 10,
                  max_width: int = 4096):
@@ -72,7 +72,7 @@ class Recognizer(nn.Module):
         self.token_min_logp: Optional[float] = TOKEN_MIN_LOGP
         self.blank_skip_threshold: Optional[float] = BLANK_SKIP_THRESHOLD
         self.max_width: int = max_width
-        self.format: int = RECOGNIZER_FORMAT if model.config.style_heads else INTERFACE_FORMAT
+        self.format: int = recognizer_format(model.config)
 
     def forward(self, images: List[Tensor]) -> Tuple[List[str], Tensor]:
         """images: (H, W) or (C, H, W) tensors, uint8 or float in [0, 1], any sizes
@@ -106,6 +106,14 @@ class Recognizer(nn.Module):
         """(T, N, K) log-probs -> top_k strings per sample and scores (N, top_k) float32."""
         return decode_log_probs(log_probs, lengths, self.charset, decoder, beam_width, top_k,
                                 self.token_min_logp, self.blank_skip_threshold)
+
+
+def recognizer_format(config) -> int:
+    """The oldest recognizer format that reads a model of `config`: 2, 3 with style heads, 4 with heads that
+    own block 2."""
+    if not config.style_heads:
+        return INTERFACE_FORMAT
+    return 3 if config.style_branch == "rnn" else 4
 
 
 def decode_log_probs(log_probs: Tensor, lengths: Tensor, charset: List[str], decoder: str, beam_width: int,
@@ -203,7 +211,8 @@ def build_recognizer(model: CRNN, decoder: str = "beam", beam_width: int = 10,
     """An inference Recognizer from a (trained) CRNN: a copy in eval mode with the
     batch norms folded into the convs, convs cast to `dtype` (the model is not changed)."""
     rec = Recognizer(InferenceCRNN(model), decoder=decoder, beam_width=beam_width).eval()
-    rec.model.convs.to(dtype)
+    for convs in conv_lists(rec.model):
+        convs.to(dtype)
     return rec
 
 

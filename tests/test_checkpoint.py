@@ -1,4 +1,5 @@
 """Checkpoints: the version check, foreign files, version-1 files, init-from charset mapping."""
+import copy
 from dataclasses import replace
 
 import pytest
@@ -27,13 +28,22 @@ def test_round_trip_and_run_directory(tmp_path):
         assert torch.equal(loaded.state_dict()[k], v), k
 
 
-def test_a_model_with_style_heads_is_a_version_2_checkpoint(tmp_path):
+def test_a_model_with_style_heads_is_a_version_2_or_3_checkpoint(tmp_path):
+    """Version 2 for heads of a GRU and classifier, 3 for heads that own block 2 (the config's style_branch,
+    which an older captcha_fast cannot read)."""
     from captcha_fast.model import StyleGate, with_style_heads
     model = _crnn("AB1")
-    styled = with_style_heads(model, {"s": model}, StyleGate(16, 1))
-    save_checkpoint({"model": styled.state_dict(), "model_config": styled.config.to_dict()}, tmp_path / "s.ckpt")
-    assert load_checkpoint(tmp_path / "s.ckpt")["version"] == 2 == CHECKPOINT_VERSION
-    assert load_model(tmp_path / "s.ckpt").config.style_heads == ("s",)
+    own_block2 = copy.deepcopy(model)
+    with torch.no_grad():
+        own_block2.convs[2][0].weight.add_(0.1)
+    for style, gate, version in ((model, StyleGate(16, 1), 2), (own_block2, StyleGate(8, 1), 3)):
+        styled = with_style_heads(model, {"s": style}, gate)
+        save_checkpoint({"model": styled.state_dict(), "model_config": styled.config.to_dict()}, tmp_path / "s.ckpt")
+        assert load_checkpoint(tmp_path / "s.ckpt")["version"] == version
+        loaded = load_model(tmp_path / "s.ckpt")
+        assert loaded.config == styled.config and loaded.config.style_heads == ("s",)
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in styled.state_dict().items())
+    assert version == CHECKPOINT_VERSION
 
 
 def test_init_from_a_model_with_style_heads_takes_one_heads_model(tmp_path):

@@ -263,30 +263,35 @@ def test_file_kinds(tiny_model_path, program_path, tmp_path):
     assert formats.file_kind(tmp_path) == "unknown"
 
 
-def test_a_model_with_a_style_head_reads_in_every_format_as_the_model_its_gate_picks(tmp_path):
-    """A style head on the tiny model (its own GRU and classifier) and a gate that takes images of more
-    than 25 frames: the .pt, the .pt2 program and the compiled package read each image as the model
+@pytest.mark.parametrize("branch, fmt", [("rnn", 3), ("block2", 4)])
+def test_a_model_with_a_style_head_reads_in_every_format_as_the_model_its_gate_picks(tmp_path, branch, fmt):
+    """A style head on the tiny model (its own GRU and classifier, or its own block 2 on) and a gate that
+    takes images of more than 25 frames: the .pt, the .pt2 program and the compiled package (where a head
+    owns block 2, torch.cond runs it only for a batch it is sent images of) read each image as the model
     the gate picks reads it alone."""
     from captcha_fast.model import with_style_heads
-    from test_model import width_gate
+    from test_model import SHARED, width_gate
     general, style = tiny_model(seed=0), tiny_model(seed=1)
-    style.load_state_dict({k: v for k, v in general.state_dict().items() if k.startswith(("convs.", "project."))},
+    style.load_state_dict({k: v for k, v in general.state_dict().items() if k.startswith(SHARED[branch])},
                           strict=False)
-    styled = with_style_heads(general, {"wide": style}, width_gate(16, 25))
+    styled = with_style_heads(general, {"wide": style}, width_gate(16, 25) if branch == "rnn" else width_gate(8, 51))
     images = mixed_images(8)
     pt = export.save_recognizer(styled, tmp_path / "styled.pt")
     frames = captcha_fast.load(pt).preprocess(images)[1] // 4
     assert 0 < int((frames > 25).sum()) < len(images)  # both heads read some
     alone = [api.predict_batch(images, export.save_recognizer(m, tmp_path / f"{name}.pt"), return_scores=True)
              for name, m in (("general", general), ("style", style))]
-    # an older captcha_fast cannot rebuild a config with style heads: their format (3) tells it to upgrade
-    assert (formats.load_recognizer(pt).format, formats.load_recognizer(tmp_path / "general.pt").format) == (3, 2)
+    # an older captcha_fast cannot rebuild a config with style heads: their format (3, 4) tells it to upgrade
+    assert (formats.load_recognizer(pt).format, formats.load_recognizer(tmp_path / "general.pt").format) == (fmt, 2)
     want = [alone[int(f > 25)][i][0] for i, f in enumerate(frames.tolist())]
     for path in (pt, export.export_program(pt, tmp_path / "styled.pt2"),
                  export.compile_package(pt, tmp_path / "compiled.pt2", dtype="float32")):
         got = [h[0] for h in api.predict_batch(images, path, return_scores=True)]
         assert [h.text for h in got] == [h.text for h in want], path
         assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-3), path
+        for i in (0, int(frames.argmax())):  # batches of one image: one head each
+            one = api.predict_batch(images[i:i + 1], path, return_scores=True)[0][0]
+            assert (one.text, one.score) == (want[i].text, pytest.approx(want[i].score, abs=1e-3)), (path, i)
 
 
 def test_saving_leaves_the_callers_model_as_it_was(tmp_path):

@@ -120,14 +120,18 @@ def test_inference_crnn_scripts_and_matches_eager(res_blocks):
         torch.testing.assert_close(scripted(x, w)[0], want, atol=0, rtol=0)
 
 
-def _styled():
-    """A general tiny model, a style model sharing its convs and projection (its own GRU and classifier),
-    and a gate that sends images of more than 10 frames (40 px wide) to the style head."""
+SHARED = {"rnn": ("convs.", "project."), "block2": ("convs.0.", "convs.1.")}  # what a style model shares
+
+
+def _styled(branch="rnn"):
+    """A general tiny model, a style model sharing its convs and projection (branch "rnn": its own GRU and
+    classifier) or its first conv block ("block2": its own block 2 on), and a gate that sends images more
+    than 40 px wide to the style head (10 frames of the last conv's, 20 of the first block's)."""
     general = _model(seed=0)
     style = _model(seed=5)
-    style.load_state_dict({k: v for k, v in general.state_dict().items() if k.startswith(("convs.", "project."))},
+    style.load_state_dict({k: v for k, v in general.state_dict().items() if k.startswith(SHARED[branch])},
                           strict=False)
-    return general, style, width_gate(16, 10)
+    return general, style, width_gate(16, 10) if branch == "rnn" else width_gate(8, 20)
 
 
 def width_gate(channels: int, frames: int) -> StyleGate:
@@ -141,11 +145,13 @@ def width_gate(channels: int, frames: int) -> StyleGate:
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("branch", ["rnn", "block2"])
 @pytest.mark.parametrize("chunk, widths", [(2, [24, 60, 48, 36, 80]), (64, [24, 60, 48, 36, 80]), (64, [60, 24]),
                                            (64, [24]), (64, [60])])
-def test_style_heads_read_each_image_as_the_model_its_gate_picks(chunk, widths):
-    """Images of more than 10 frames go to the style head; batches above and within the gru op's small-batch size."""
-    general, style, gate = _styled()
+def test_style_heads_read_each_image_as_the_model_its_gate_picks(branch, chunk, widths):
+    """Images over 40 px go to the style head; batches above and within the gru op's small-batch size; batches of
+    one head's images (where a head owns block 2, the other's does not run) and mixed ones."""
+    general, style, gate = _styled(branch)
     routed = with_style_heads(general, {"wide": style}, gate)
     x, w = _batch(widths)
     for model in (routed, InferenceCRNN(routed, chunk=chunk).eval(), torch.jit.script(InferenceCRNN(routed).eval())):
@@ -155,10 +161,28 @@ def test_style_heads_read_each_image_as_the_model_its_gate_picks(chunk, widths):
             T = int(al[0])
             assert int(frames[n]) == T
             torch.testing.assert_close(got[:T, n], alone[:T, 0], atol=1e-5, rtol=1e-5)
+    assert routed.config.style_branch == branch
 
 
-def test_the_style_and_general_models_taken_back_out_are_the_ones_put_in():
-    general, style, gate = _styled()
+@torch.no_grad()
+@pytest.mark.parametrize("widths, runs", [([24, 36], {"general"}), ([60, 80], {"style"}),
+                                          ([24, 60], {"general", "style"})])
+def test_a_head_that_owns_block_2_runs_only_for_batches_it_is_sent_images_of(widths, runs):
+    general, style, gate = _styled("block2")
+    routed = with_style_heads(general, {"wide": style}, gate)
+    for model in (routed, InferenceCRNN(routed).eval()):
+        ran = set()
+        hooks = [convs[2].register_forward_hook(lambda *_, name=name: ran.add(name))
+                 for name, convs in (("general", model.convs), ("style", model.style_models[0].convs))]
+        model(*_batch(widths))
+        for hook in hooks:
+            hook.remove()
+        assert ran == runs
+
+
+@pytest.mark.parametrize("branch", ["rnn", "block2"])
+def test_the_style_and_general_models_taken_back_out_are_the_ones_put_in(branch):
+    general, style, gate = _styled(branch)
     routed = with_style_heads(general, {"wide": style}, gate)
     for back, put_in in ((style_model(routed, "wide"), style), (general_model(routed), general)):
         assert back.config == put_in.config
@@ -172,9 +196,13 @@ def test_style_heads_refuse_a_model_that_does_not_share_the_convs():
     general, style, gate = _styled()
     with torch.no_grad():
         style.convs[0][0].weight.add_(0.01)
-    with pytest.raises(ValueError, match="style head 'wide': its convs or projection differ"):
+    with pytest.raises(ValueError, match="style head 'wide': its first conv block differs"):
         with_style_heads(general, {"wide": style}, gate)
-    with pytest.raises(ValueError, match="not 1 \\+ 2 styles"):
+    with pytest.raises(ValueError, match=r"share different layers with the general model: \{'a': 'rnn', 'b': 'block2'"):
+        with_style_heads(general, {"a": _styled()[1], "b": _styled("block2")[1]}, StyleGate(8, 2))
+    with pytest.raises(ValueError, match="the gate reads 16 channels .* branch off at 'block2': 8 channels"):
+        with_style_heads(general, {"wide": _styled("block2")[1]}, gate)
+    with pytest.raises(ValueError, match="scores 2 heads; .*: 16 channels, 1 \\+ 2 styles"):
         with_style_heads(general, {"a": _styled()[1], "b": _styled()[1]}, gate)
     with pytest.raises(ValueError, match="style head 'tall': its model differs from the general one: height 16"):
         with_style_heads(general, {"tall": _model(height=16)}, gate)

@@ -13,7 +13,7 @@ from PIL import Image
 import captcha_fast
 from captcha_fast import _reference, export, formats
 from captcha_fast.preprocess import collate, load_image, prepare_image
-from captcha_fast.recognizer import Recognizer, build_recognizer
+from captcha_fast.recognizer import RECOGNIZER_FORMAT, Recognizer, build_recognizer
 from captcha_fast.synth import render, sample_rng
 from conftest import TINY_CHARSET as CHARSET, tiny_model as peaky_model
 
@@ -232,9 +232,10 @@ def test_format_1_files_are_migrated(model, tmp_path):
     assert loaded.format == 2 and loaded.max_width == 4096
     imgs = captchas()
     assert loaded(imgs)[0] == rec(imgs)[0]
-    scripted.format = 4  # a format a later captcha_fast writes
+    scripted.format = RECOGNIZER_FORMAT + 1  # a format a later captcha_fast writes
     torch.jit.save(scripted, str(tmp_path / "future.pt"))
-    with pytest.raises(ValueError, match=r"future.pt' is recognizer format 4; this captcha_fast reads up to 3: "):
+    with pytest.raises(ValueError, match=rf"future.pt' is recognizer format {RECOGNIZER_FORMAT + 1}; this captcha_fast "
+                                         rf"reads up to {RECOGNIZER_FORMAT}: "):
         formats.load_recognizer(tmp_path / "future.pt")
 
 

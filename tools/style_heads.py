@@ -41,7 +41,8 @@ from captcha_fast.checkpoint import (PRETRAINED_CHECKPOINT, load_checkpoint, mod
                                      save_checkpoint)
 from captcha_fast.export import save_recognizer  # noqa: E402
 from captcha_fast.formats import resolve_dtype  # noqa: E402
-from captcha_fast.model import InferenceCRNN, StyleGate, general_model, style_model, with_style_heads  # noqa: E402
+from captcha_fast.model import (BLOCK_CONVS, InferenceCRNN, StyleGate, conv_lists, general_model,  # noqa: E402
+                                 style_branch, style_model, with_style_heads)
 from captcha_fast.preprocess import from_pil, load_image  # noqa: E402
 from captcha_fast.recognizer import Recognizer  # noqa: E402
 
@@ -69,12 +70,16 @@ def other_images(data: Path, real: Path | None, n: int, seed: int = GATE_SEED) -
 
 
 class Features:
-    """The general model's conv features of images, one (C, H, T) float32 tensor each: what the gate reads,
-    with the convs in `dtype` (a recognizer runs them in bf16 on CPUs with native bf16 and on CUDA)."""
+    """The general model's conv features of images, one (C, H, T) float32 tensor each: what the gate reads
+    (the last conv's, or the first block's where the heads branch off there: `branch`), with the convs in
+    `dtype` (a recognizer runs them in bf16 on CPUs with native bf16 and on CUDA)."""
 
-    def __init__(self, general, dtype: torch.dtype = torch.float32):
+    def __init__(self, general, branch: str, dtype: torch.dtype = torch.float32):
         self.rec = Recognizer(InferenceCRNN(general)).eval()
-        self.rec.model.convs.to(dtype)
+        if branch == "block2":
+            self.rec.model.shared_convs = BLOCK_CONVS // 2
+        for convs in conv_lists(self.rec.model):
+            convs.to(dtype)
 
     @torch.no_grad()
     def __call__(self, images: list, batch: int = 64) -> list:
@@ -156,11 +161,11 @@ def main(argv=None) -> None:
         general = general_model(general)
     head_ckpts = {style: head_checkpoint(Path(path), args.average) for style, path in heads.items()}
     styles = {s: model_from_checkpoint(c).eval() for s, c in head_ckpts.items()}
-    with_style_heads(general, styles, StyleGate(general.config.channels[1], len(heads)))  # refuses a mismatch now
+    branch = style_branch(general, styles)  # refuses a mismatch now
     # the gate learns the features as the convs give them in float32 and, where the CPU runs a recognizer's
     # convs in bf16 (resolve_dtype), in bf16 too, so that it routes alike in either
     runtime = resolve_dtype("auto", torch.device("cpu"))
-    extractors = [Features(general)] + ([Features(general, runtime)] if runtime != torch.float32 else [])
+    extractors = [Features(general, branch, dtype) for dtype in dict.fromkeys([torch.float32, runtime])]
     other, own = other_images(args.data, args.real, args.n), [style_renders(s, GATE_SEED, args.n) for s in heads]
     feats, labels = [], []
     for features in extractors:
