@@ -335,7 +335,9 @@ def flops_per_image(cfg: CRNNConfig, W: int) -> int:
     for layer_in in (hd, 2 * hd):                                   # 2 layers x 2 directions
         macs += 2 * T * 3 * hd * (layer_in + hd)
     macs += T * 2 * hd * cfg.num_classes                            # classifier
-    if cfg.style_heads:  # the gate's 3x3 conv (its pooling and linear layer aside) and each other head's classifier
+    if cfg.style_heads and cfg.style_branch == "block2":  # the gate's 3x3 conv on block 1's features; a batch
+        macs += 9 * (H // 2) * (W // 2) * c1 * GATE_WIDTH          # of one style runs that head's layers alone
+    elif cfg.style_heads:  # the gate's 3x3 conv (its pooling and linear layer aside) and each other head's classifier
         macs += 9 * (H // 4) * T * c2 * GATE_WIDTH + len(cfg.style_heads) * T * 2 * hd * cfg.num_classes
     return 2 * macs
 

@@ -228,31 +228,33 @@ def test_fine_tuning_a_model_with_style_heads_trains_its_general_head(tmp_path):
     assert moved == []
 
 
-def _styled_start(tmp_path, to_style: bool):
-    """A start checkpoint with one style head "s" (GRU weights of its own) whose gate sends every image to
-    it (to_style) or to the general head; and the two heads' models."""
+def _styled_start(tmp_path, to_style: bool, branch: str = "rnn"):
+    """A start checkpoint with one style head "s" (GRU weights of its own; branch "block2": its second conv
+    block too) whose gate sends every image to it (to_style) or to the general head; and the two heads' models."""
     from captcha_fast.checkpoint import save_checkpoint
     from captcha_fast.model import StyleGate, with_style_heads
     start = load_checkpoint(train(_synthetic_cfg(tmp_path / "start", epochs=1, synth_charset="0123")))
     general, style = model_from_checkpoint(start).eval(), model_from_checkpoint(start).eval()
-    gate = StyleGate(16, 1)
+    gate = StyleGate(general.config.channels[1 if branch == "rnn" else 0], 1)
     with torch.no_grad():
-        for p in style.rnn.parameters():
+        for p in [*style.rnn.parameters(), *(style.convs[2].parameters() if branch == "block2" else [])]:
             p.add_(0.05 * torch.randn_like(p))
         gate.out.weight.zero_()
         gate.out.bias.copy_(torch.tensor([0.0, 5.0] if to_style else [5.0, 0.0]))
     styled = with_style_heads(general, {"s": style}, gate)
+    assert styled.config.style_branch == branch
     path = save_checkpoint({**start, "model_config": styled.config.to_dict(), "model": styled.state_dict()},
                            tmp_path / "styled.ckpt")
     return path, general, style
 
 
+@pytest.mark.parametrize("branch", ["rnn", "block2"])
 @pytest.mark.parametrize("to_style", [True, False])
-def test_fine_tuning_starts_from_the_head_the_gate_sends_the_labels_to(tiny_folder, tmp_path, to_style):
+def test_fine_tuning_starts_from_the_head_the_gate_sends_the_labels_to(tiny_folder, tmp_path, to_style, branch):
     """A styled start model (the shipped one reads the `captcha` package with a head of its own): fine-tuning
     a folder starts from the model of the head its gate sends most of the images to and says so; the blend
     goes back to that head's weights; --start-head overrides the gate."""
-    path, general, style = _styled_start(tmp_path, to_style)
+    path, general, style = _styled_start(tmp_path, to_style, branch)
     want, head = (style, "s") if to_style else (general, "general")
     common = dict(data=str(tiny_folder), init_from=str(path), epochs=1, min_steps=2, export=False, **TINY_FT)
     lines = []

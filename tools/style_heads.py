@@ -1,14 +1,15 @@
 """Give a general model heads of their own for styles it reads worse than a specialist does
 (model.with_style_heads): the general model's checkpoint, one checkpoint per style trained from it
-with its convs and projection frozen (`build_pretrained.py --shares pkg=1 --freeze convs project`),
-and a gate trained here to tell each style's images from everything else.
+with its convs and projection frozen (`build_pretrained.py --shares pkg=1 --freeze convs project`: heads
+of a GRU and classifier) or its first conv block alone (`--freeze block1`: heads that own block 2 on, the
+shipped kind), and a gate trained here to tell each style's images from everything else.
 
     python tools/style_heads.py --general captcha_fast/pretrained/default.ckpt \\
         --head captcha_pkg=runs/pkghead/best/last.ckpt --data ../shared/data --real ../shared/data/real \\
         --out runs/styled.ckpt
 
-The gate (model.StyleGate) reads the general model's conv features, which every head shares, so it
-costs a 3x3 conv over them. It learns, with class-balanced cross-entropy: a style's own renders (for
+The gate (model.StyleGate) reads the general model's conv features that every head shares (the last
+conv's, or the first block's where the heads own block 2), so it costs a 3x3 conv over them. It learns, with class-balanced cross-entropy: a style's own renders (for
 captcha_pkg the `captcha` package as the build renders it, synth.render_package at its common sizes,
 another seed than any held-out set) against the build's other sources (the synthetic mix, the
 captcha_images_v2 and varlen_upper train splits, the real sets' train splits, blank images). Every
