@@ -63,7 +63,16 @@ def load_checkpoint(path: PathLike) -> dict:
     if ckpt["version"] > CHECKPOINT_VERSION:
         raise ValueError(f"{str(path)!r} is checkpoint version {ckpt['version']}; this captcha_fast reads up to "
                          f"{CHECKPOINT_VERSION}: upgrade captcha_fast")
+    ckpt["model"] = {k: v.float() if v.dtype == torch.float16 else v for k, v in ckpt["model"].items()}
     return ckpt
+
+
+def with_half_weights(checkpoint: dict) -> dict:
+    """`checkpoint` with its model's float32 weights rounded to float16 and stored so (load_checkpoint widens
+    them): a shipped model's, half the file. The TorchScript recognizer exported from it then stores its
+    GRUs, which float16 holds exactly, in float16 too (model.InferenceGRU)."""
+    model = {k: v.half() if v.dtype == torch.float32 else v for k, v in checkpoint["model"].items()}
+    return {**checkpoint, "model": model}
 
 
 def checkpoint_config(ckpt: dict) -> CRNNConfig:

@@ -113,11 +113,64 @@ class InferenceStyleHead(StyleHead):
 
     def __init__(self, head: StyleHead):
         nn.Module.__init__(self)
-        self.rnn, self.classifier = head.rnn, head.classifier
+        self.rnn, self.classifier = InferenceGRU(head.rnn), head.classifier
 
     def recurrent(self, x: Tensor, lengths: Tensor) -> Tensor:
-        return torch.ops.captcha_fast.gru(x, lengths, self.rnn._flat_weights, self.rnn.num_layers,
-                                          self.rnn.bidirectional)
+        return self.rnn(x, lengths)
+
+
+_GRU_WEIGHTS = [f"{kind}_{part}_l{layer}{suffix}" for layer in range(2) for suffix in ("", "_reverse")
+                for kind, part in (("weight", "ih"), ("weight", "hh"), ("bias", "ih"), ("bias", "hh"))]
+
+
+class InferenceGRU(nn.Module):
+    """A 2-layer BiGRU (nn.GRU's weights, by its names) as the captcha_fast::gru op: (T, N, H) frames,
+    lengths (N,) -> (T, N, 2H), each sample over its own frames.
+
+    Saved in a TorchScript recognizer, its weights are stored in float16 when float16 holds them exactly
+    (a shipped model's do: checkpoint.with_half_weights) and widened to float32 as the file loads, in
+    Python and in C++ (torch.jit.load runs __setstate__): the GRUs are most of a model's weights, so
+    the file is about half as large, and every number is the same."""
+
+    def __init__(self, rnn: nn.GRU):
+        super().__init__()
+        if rnn._flat_weights_names != _GRU_WEIGHTS:
+            raise ValueError(f"InferenceGRU takes a 2-layer bidirectional nn.GRU with biases, not {rnn}")
+        for name in _GRU_WEIGHTS:
+            self.register_parameter(name, getattr(rnn, name))
+        self.weights: List[Tensor] = [getattr(self, name) for name in _GRU_WEIGHTS]
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        return torch.ops.captcha_fast.gru(x, lengths, self.weights, 2, True)
+
+    def _apply(self, fn, recurse=True):  # .to(), .float(), ... may give new tensors: the op's list follows them
+        super()._apply(fn, recurse)
+        self.weights = [getattr(self, name) for name in _GRU_WEIGHTS]
+        return self
+
+    @torch.jit.export
+    def __getstate__(self):
+        if torch.jit.is_scripting():  # saving a TorchScript module (a Python copy or pickle: as any module)
+            exact = True
+            for w in self.weights:
+                exact = exact and bool(torch.equal(w.detach().half().float(), w.detach().float()))
+            return [w.detach().half() if exact else w.detach() for w in self.weights], self.training
+        return nn.Module.__getstate__(self)
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[List[Tensor], bool]):
+        if torch.jit.is_scripting():  # loading one: every attribute is set here (TorchScript has no setattr)
+            w = [t.float() for t in state[0]]
+            self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0 = w[0], w[1], w[2], w[3]
+            self.weight_ih_l0_reverse, self.weight_hh_l0_reverse = w[4], w[5]
+            self.bias_ih_l0_reverse, self.bias_hh_l0_reverse = w[6], w[7]
+            self.weight_ih_l1, self.weight_hh_l1, self.bias_ih_l1, self.bias_hh_l1 = w[8], w[9], w[10], w[11]
+            self.weight_ih_l1_reverse, self.weight_hh_l1_reverse = w[12], w[13]
+            self.bias_ih_l1_reverse, self.bias_hh_l1_reverse = w[14], w[15]
+            self.weights = w
+            self.training = state[1]
+        else:
+            nn.Module.__setstate__(self, state)
 
 
 def branch_model(config: CRNNConfig) -> CRNN:
@@ -482,7 +535,7 @@ class InferenceCRNN(CRNN):
         self.config = fused.config
         # convs with folded BN bias (a style model's shared first block: its placeholders)
         self.convs = nn.ModuleList([b[0] if isinstance(b, nn.Sequential) else b for b in fused.convs])
-        self.project, self.rnn, self.classifier = fused.project, fused.rnn, fused.classifier
+        self.project, self.rnn, self.classifier = fused.project, InferenceGRU(fused.rnn), fused.classifier
         self.style_heads = nn.ModuleList([InferenceStyleHead(head) for head in fused.style_heads])
         self.style_models = nn.ModuleList([InferenceCRNN(m, chunk) for m in fused.style_models])
         self.gate = fused.gate
@@ -500,8 +553,7 @@ class InferenceCRNN(CRNN):
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def recurrent(self, x: Tensor, lengths: Tensor) -> Tensor:
-        return torch.ops.captcha_fast.gru(x, lengths, self.rnn._flat_weights, self.rnn.num_layers,
-                                          self.rnn.bidirectional)
+        return self.rnn(x, lengths)
 
     def conv_stack(self, images: Tensor, widths: Tensor, unpadded: bool) -> Tuple[Tensor, Tensor]:
         """(n, C_in, H, W) -> the shared conv features (channels-last; features()), their widths."""

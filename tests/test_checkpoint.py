@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from captcha_fast.checkpoint import (CHECKPOINT_VERSION, init_from_checkpoint, load_checkpoint,
-                                     load_model, save_checkpoint)
+                                     load_model, save_checkpoint, with_half_weights)
 from captcha_fast.model import CRNN, CRNNConfig
 
 
@@ -44,6 +44,19 @@ def test_a_model_with_style_heads_is_a_version_2_or_3_checkpoint(tmp_path):
         assert loaded.config == styled.config and loaded.config.style_heads == ("s",)
         assert all(torch.equal(loaded.state_dict()[k], v) for k, v in styled.state_dict().items())
     assert version == CHECKPOINT_VERSION
+
+
+def test_a_checkpoint_with_half_weights_loads_them_as_float32(tmp_path):
+    """with_half_weights (what a shipped model is): the weights rounded to float16 and stored so; load_checkpoint
+    widens them, so the model is the original up to that rounding and the file about half."""
+    model = _crnn("AB1")
+    full = save_checkpoint({"model": model.state_dict(), "model_config": model.config.to_dict()}, tmp_path / "f.ckpt")
+    half = save_checkpoint(with_half_weights(load_checkpoint(full)), tmp_path / "h.ckpt")
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded = load_checkpoint(half)["model"]
+    for k, v in model.state_dict().items():
+        assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v.half().to(v.dtype) if v.is_floating_point() else v)
+    assert not all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())  # really rounded
 
 
 def test_init_from_a_model_with_style_heads_takes_one_heads_model(tmp_path):

@@ -194,9 +194,40 @@ def test_bad_recognizer_arguments(model):
         Recognizer(model, beam_width=0)
 
 
+def _half_exact(model):
+    """A copy of `model` whose GRU weights are rounded to float16 (a shipped model's are: with_half_weights)."""
+    import copy
+    exact = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in exact.rnn.parameters():
+            p.copy_(p.half().float())
+    return exact
+
+
+def test_gru_weights_that_float16_holds_are_stored_in_float16_and_load_as_float32(model, tmp_path):
+    """model.InferenceGRU's __getstate__/__setstate__: the file is smaller by 2 bytes a GRU weight, every
+    parameter loads as float32 (torch.jit.load alone), and reads exactly as before saving, saved again too."""
+    exact = _half_exact(model)
+    full = export.save_recognizer(model, tmp_path / "full.pt")
+    half = export.save_recognizer(exact, tmp_path / "half.pt")
+    saved_bytes = full.stat().st_size - half.stat().st_size
+    assert saved_bytes == pytest.approx(2 * sum(p.numel() for p in model.rnn.parameters()), rel=0.02)
+    before = torch.jit.script(build_recognizer(exact))
+    loaded = torch.jit.load(str(half))
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    torch.jit.save(loaded, str(tmp_path / "again.pt"))
+    assert (tmp_path / "again.pt").stat().st_size == pytest.approx(half.stat().st_size, abs=1000)  # (names of code)
+    batch, widths = before.preprocess(captchas())
+    for rec in (loaded, torch.jit.load(str(tmp_path / "again.pt"))):
+        assert all(torch.equal(v, before.state_dict()[k]) for k, v in rec.state_dict().items())
+        # (the interpreter's optimised runs may round a few ulps apart; float16 weights would be ~1e-3 off)
+        torch.testing.assert_close(rec.log_probs(batch, widths), before.log_probs(batch, widths), atol=1e-5, rtol=0)
+
+
 @pytest.mark.slow
-def test_cpp_example_prints_the_same_strings(saved, tmp_path):
-    """examples/cpp: build the libtorch program (about a minute) and run it on PPM/PGM files."""
+def test_cpp_example_prints_the_same_strings(model, tmp_path):
+    """examples/cpp: build the libtorch program (about a minute) and run it on PPM/PGM files, with a recognizer
+    whose GRU weights are stored in float16 (torch::jit::load widens them, as a shipped model's)."""
     import shutil
     from pathlib import Path
 
@@ -213,6 +244,7 @@ def test_cpp_example_prints_the_same_strings(saved, tmp_path):
         pil.save(files[-1])
     files.append(tmp_path / "grey.pgm")
     Image.fromarray(captchas()[0].permute(1, 2, 0).numpy()).convert("L").save(files[-1])
+    saved = export.save_recognizer(_half_exact(model), tmp_path / "half.pt", decoder="greedy")
     out = subprocess.run([str(exe), captcha_fast.LIBRARY_PATH, str(saved), *map(str, files)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -90,7 +90,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 import captcha_fast  # noqa: E402
 from captcha_fast import synth  # noqa: E402
 from captcha_fast.checkpoint import (  # noqa: E402
-    PRETRAINED_CHECKPOINT, checkpoint_config, load_checkpoint, load_model, model_from_checkpoint, save_checkpoint)
+    PRETRAINED_CHECKPOINT, checkpoint_config, load_checkpoint, load_model, model_from_checkpoint, save_checkpoint,
+    with_half_weights)
 from captcha_fast.data import list_samples, read_manifest, split_samples  # noqa: E402
 from captcha_fast.export import save_recognizer  # noqa: E402
 from captcha_fast.files import atomic_write  # noqa: E402
@@ -591,11 +592,12 @@ def install(out: Path, target: Path, log_target: Path, args) -> None:
 
 
 def install_checkpoint(ckpt_path: Path, target: Path, args) -> None:
-    """Ship a checkpoint that carries a build entry: default.ckpt, default.pt exported from it, its
-    confidence, the model card and the figures of docs/accuracy.md that depend on the model.
+    """Ship a checkpoint that carries a build entry: default.ckpt (its weights rounded to float16:
+    checkpoint.with_half_weights), default.pt exported from it, its confidence, the model card and the
+    figures of docs/accuracy.md that depend on the model, all measured with the rounded weights.
     args: data, real, eval_n, threads."""
     target.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ckpt_path, target / "default.ckpt")
+    save_checkpoint(with_half_weights(load_checkpoint(ckpt_path)), target / "default.ckpt")  # weights in float16
     # exported anew, not copied: the round's default.pt holds the preprocessing code of the process that
     # trained it, which may predate this checkout's (TorchScript saves the code with the weights)
     save_recognizer(load_model(target / "default.ckpt"), target / "default.pt")
