@@ -9,7 +9,7 @@
   machine (fastest on the CPU); Python (captcha_fast.load) or C++ (AOTIModelPackageLoader,
   examples/cpp/recognize_aoti.cpp).
 
-    save_recognizer(model, "model.pt")      # CRNN -> scripted Recognizer file (fp32 weights)
+    save_recognizer(model, "model.pt")      # CRNN -> scripted Recognizer file (fp32 weights, GRUs maybe 16-bit)
     export_program("model.pt", "model.pt2") # -> .pt2 programs;  compile_package(...) -> compiled .pt2
     with_calibration("model.pt", calibration)  # the same file with a confidence calibration
 
@@ -42,7 +42,8 @@ def save_recognizer(model: Union[CRNN, Recognizer, str, os.PathLike], path: Unio
     """Script `model` (a CRNN, a Recognizer or a recognizer file) into a Recognizer and save it to
     `path` (atomically: temp file + os.replace).
 
-    The file holds the float32 weights (batch norms folded), the config as JSON, the charset
+    The file holds the float32 weights (batch norms folded; GRU weights that float16 holds exactly
+    stored in float16: model.InferenceGRU), the config as JSON, the charset
     and the confidence calibration (`calibration`, else the model's own, if any) as the extra file
     CALIBRATION_FILE; `load_recognizer` (or plain `torch.jit.load` after loading the captcha_fast
     library) reads it back. `model` is not changed. Returns the path."""

@@ -266,7 +266,8 @@ class CRNN(nn.Module):
 
     def run_convs(self, x: Tensor, w: Tensor, start: int, stop: int, unpadded: bool) -> Tuple[Tensor, Tensor]:
         """convs[start:stop] (whole blocks) on x, the masked output of those before them; widths w ->
-        their output and widths. (unpadded: InferenceCRNN's; every column masked here.)"""
+        their output and widths. join, pool and after_conv are what InferenceCRNN does differently
+        (unpadded: its masks skipped; every column is masked here)."""
         skip = x
         for i, conv in enumerate(self.convs):
             if i < start or i >= stop:  # (no `continue`: TorchScript unrolls the loop)
@@ -276,15 +277,25 @@ class CRNN(nn.Module):
                     skip = x
                 x = conv(x)
                 if i >= 4 and i % 2 == 1:
-                    x = F.relu(x + skip)
+                    x = self.join(x, skip)
                 elif i % 2 == 1:  # end of a block: pool, and the widths halve (floor)
-                    x = F.max_pool2d(x, 2)
+                    x = self.pool(x)
                     w = w // 2
-                # Zero the padding columns, so the next conv sees what a lone image's
-                # zero padding gives. (Before a pool this is not needed: the columns it
-                # would clean only reach pooled columns that are masked after it.)
-                x = x * column_mask(w, x.shape[-1]).to(x.dtype)
+                x = self.after_conv(x, w, unpadded)
         return x, w
+
+    def join(self, x: Tensor, skip: Tensor) -> Tensor:
+        """A residual block's output: its input added before the last ReLU."""
+        return F.relu(x + skip)
+
+    def pool(self, x: Tensor) -> Tensor:
+        return F.max_pool2d(x, 2)
+
+    def after_conv(self, x: Tensor, w: Tensor, unpadded: bool) -> Tensor:
+        # Zero the padding columns, so the next conv sees what a lone image's
+        # zero padding gives. (Before a pool this is not needed: the columns it
+        # would clean only reach pooled columns that are masked after it.)
+        return x * column_mask(w, x.shape[-1]).to(x.dtype)
 
     def head(self, x: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
         """Shared conv features (features()) -> log-probs (T, N, K) float32, frames (N,); the GRU runs in
@@ -563,21 +574,14 @@ class InferenceCRNN(CRNN):
         x = x.contiguous(memory_format=torch.channels_last)
         return self.run_convs(x, widths, 0, self.shared_convs, unpadded)
 
-    def run_convs(self, x: Tensor, w: Tensor, start: int, stop: int, unpadded: bool) -> Tuple[Tensor, Tensor]:
-        skip = x
-        for i, conv in enumerate(self.convs):
-            if i < start or i >= stop:
-                pass
-            else:
-                if i >= 4 and i % 2 == 0:  # a residual block's input (4 = BLOCK_CONVS: TorchScript can't read globals)
-                    skip = x
-                x = conv(x)
-                if i >= 4 and i % 2 == 1:
-                    x = x + skip
-                elif i % 2 == 1:
-                    x = max_pool_2x2(x)
-                    w = w // 2
-                x = F.relu(x, inplace=True)  # after the pool: max and ReLU commute, 4x fewer elements
-                if not unpadded:
-                    x = x * column_mask(w, x.shape[-1]).to(x.dtype)
-        return x, w
+    def join(self, x: Tensor, skip: Tensor) -> Tensor:
+        return x + skip  # (the ReLU: after_conv)
+
+    def pool(self, x: Tensor) -> Tensor:
+        return max_pool_2x2(x)
+
+    def after_conv(self, x: Tensor, w: Tensor, unpadded: bool) -> Tensor:
+        x = F.relu(x, inplace=True)  # after the pool: max and ReLU commute, 4x fewer elements
+        if not unpadded:
+            x = x * column_mask(w, x.shape[-1]).to(x.dtype)
+        return x

@@ -650,7 +650,7 @@ def write_model_card(target: Path, ckpt: dict, args) -> None:
     sets' sets.json: every source with its provenance and use, the synthetic styles, the held-out scores."""
     b, cfg = ckpt["build"], ckpt["model_config"]
     params = sum(p.numel() for p in model_from_checkpoint(ckpt).parameters())
-    size = (target / "default.pt").stat().st_size / 2 ** 20
+    size = (target / "default.pt").stat().st_size / 1e6
     draws, total = b["draws"], sum(b["draws"].values())
     sets = {r["name"]: r for r in real_sets.load_sets(args.real)} if args.real else {}
     L = ["# Model card: captcha_fast's shipped model", "",
@@ -659,7 +659,8 @@ def write_model_card(target: Path, ckpt: dict, args) -> None:
          "## Model", "",
          f"- CRNN: two conv blocks of {cfg['channels'][0]} and {cfg['channels'][1]} channels"
          + (f", {cfg['res_blocks']} residual blocks of {cfg['channels'][1]}" if cfg.get("res_blocks") else "") + ", a "
-         f"{cfg['hidden_dim']}-unit bidirectional GRU, CTC; {params:,} parameters, {size:.1f} MB as TorchScript.",
+         f"{cfg['hidden_dim']}-unit bidirectional GRU, CTC; {params:,} parameters, {size:.1f} MB as TorchScript "
+         "(its GRU weights stored in float16, as the checkpoint's are: the shipped weights are rounded to float16).",
          f"- Input: {'the ink map cropped to the text (preprocess.to_ink)' if cfg.get('ink') else 'grey'}, "
          f"height {cfg['height']}. Output: 0-9a-z (labels were case-folded; upper case reads as lower case).",
          f"- Training: {b['hours']:.2f} training hours (CPU time of one core) in rounds of a one-cycle schedule "
@@ -743,8 +744,11 @@ def style_heads_text(ckpt: dict, b: dict) -> list:
         routed = "; ".join(f"{name} {n} of {b.get('eval_sizes', {}).get(name, '?')}" for name, n in h["routed"].items())
         trained = (f"{float(hb['hours']) - b['hours']:.2f} training hours from these weights, build round "
                    f"{hb['round']}, drawn: {draws}" if hb else "its build unrecorded")
-        lines.append(f"- Style head `{style}` ({h['about']}): its own BiGRU and classifier on the shared convs and "
-                     f"projection (trained with them frozen: {trained}); a gate on the conv features, trained on "
+        own, shared = (("second conv block, projection, BiGRU and classifier", "first conv block")
+                       if ckpt["model_config"].get("style_branch") == "block2" else
+                       ("BiGRU and classifier", "convs and projection"))
+        lines.append(f"- Style head `{style}` ({h['about']}): its own {own} on the shared {shared} (trained with "
+                     f"them frozen: {trained}); a gate on the shared features, trained on "
                      f"{h['gate_images']['style']:,} of its renders and {h['gate_images']['other']:,} other "
                      f"images, sends an image to it. Held-out images it sent there: {routed}.")
     return lines
