@@ -70,8 +70,10 @@ def load_checkpoint(path: PathLike) -> dict:
 def with_half_weights(checkpoint: dict) -> dict:
     """`checkpoint` with its model's float32 weights rounded to float16 and stored so (load_checkpoint widens
     them): a shipped model's, half the file. The TorchScript recognizer exported from it then stores its
-    GRUs, which float16 holds exactly, in float16 too (model.InferenceGRU)."""
-    model = {k: v.half() if v.dtype == torch.float32 else v for k, v in checkpoint["model"].items()}
+    GRUs, which float16 holds exactly, in float16 too (model.InferenceGRU). A tensor float16 cannot hold
+    (a value beyond its 65504) stays float32."""
+    model = {k: v.half() if v.dtype == torch.float32 and bool(v.half().isfinite().all()) else v
+             for k, v in checkpoint["model"].items()}
     return {**checkpoint, "model": model}
 
 

@@ -45,6 +45,8 @@ class CRNNConfig:
             raise ValueError(f"height must be a positive multiple of 4 (two 2x2 pools), got {self.height}")
         if self.style_branch not in STYLE_BRANCHES:
             raise ValueError(f"style_branch must be one of {', '.join(STYLE_BRANCHES)}, got {self.style_branch!r}")
+        if not self.style_heads:
+            self.style_branch = "rnn"  # (where no head branches off; a config without heads reads as before them)
 
     @property
     def num_classes(self) -> int:
@@ -138,23 +140,25 @@ class InferenceGRU(nn.Module):
             raise ValueError(f"InferenceGRU takes a 2-layer bidirectional nn.GRU with biases, not {rnn}")
         for name in _GRU_WEIGHTS:
             self.register_parameter(name, getattr(rnn, name))
-        self.weights: List[Tensor] = [getattr(self, name) for name in _GRU_WEIGHTS]
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
-        return torch.ops.captcha_fast.gru(x, lengths, self.weights, 2, True)
+        return torch.ops.captcha_fast.gru(x, lengths, self.weights(), 2, True)
 
-    def _apply(self, fn, recurse=True):  # .to(), .float(), ... may give new tensors: the op's list follows them
-        super()._apply(fn, recurse)
-        self.weights = [getattr(self, name) for name in _GRU_WEIGHTS]
-        return self
+    def weights(self) -> List[Tensor]:
+        """In nn.GRU's _flat_weights order, read each call (a cached list would miss a moved or assigned one)."""
+        return [self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0,
+                self.weight_ih_l0_reverse, self.weight_hh_l0_reverse, self.bias_ih_l0_reverse, self.bias_hh_l0_reverse,
+                self.weight_ih_l1, self.weight_hh_l1, self.bias_ih_l1, self.bias_hh_l1,
+                self.weight_ih_l1_reverse, self.weight_hh_l1_reverse, self.bias_ih_l1_reverse, self.bias_hh_l1_reverse]
 
     @torch.jit.export
     def __getstate__(self):
         if torch.jit.is_scripting():  # saving a TorchScript module (a Python copy or pickle: as any module)
+            weights = self.weights()
             exact = True
-            for w in self.weights:
+            for w in weights:
                 exact = exact and bool(torch.equal(w.detach().half().float(), w.detach().float()))
-            return [w.detach().half() if exact else w.detach() for w in self.weights], self.training
+            return [w.detach().half() if exact else w.detach() for w in weights], self.training
         return nn.Module.__getstate__(self)
 
     @torch.jit.export
@@ -167,7 +171,6 @@ class InferenceGRU(nn.Module):
             self.weight_ih_l1, self.weight_hh_l1, self.bias_ih_l1, self.bias_hh_l1 = w[8], w[9], w[10], w[11]
             self.weight_ih_l1_reverse, self.weight_hh_l1_reverse = w[12], w[13]
             self.bias_ih_l1_reverse, self.bias_hh_l1_reverse = w[14], w[15]
-            self.weights = w
             self.training = state[1]
         else:
             nn.Module.__setstate__(self, state)
@@ -204,9 +207,9 @@ GATE_WIDTH = 32  # the style gate's conv channels
 class StyleGate(nn.Module):
     """Which head reads each image, from the shared conv features: (N, C, H, T) and frames (N,) ->
     scores (N, 1 + style heads), 0 the general head. A 3x3 conv, its mean over each image's own
-    frames, and the image's frame count (its aspect ratio) to a linear layer: 147 k multiply-adds a
-    frame for the shipped model's features (3.5% of the CRNN's), about a quarter of a millisecond of
-    an image's three to four on this CPU. Pooled statistics of a 1x1 conv, or of the features
+    frames, and the image's frame count (its aspect ratio) to a linear layer: on the last conv's
+    features 147 k multiply-adds a frame of the shipped shape (3.5% of the CRNN's), on the first block's
+    (heads that own block 2) 295 k (7%). Pooled statistics of a 1x1 conv, or of the features
     themselves, through a linear layer or an MLP cost 8-15x less and routed worse (session 27: more of
     the unseen styles and of varlen_upper to the package head, less of the package)."""
 
@@ -345,11 +348,16 @@ class CRNN(nn.Module):
         return self.no_branch(mine, x, w)
 
     def branch(self, mine: Tensor, x: Tensor, w: Tensor) -> Tensor:
-        x, w = self.run_convs(x, w, 2, len(self.convs), False)  # 2 = BLOCK_CONVS // 2 (TorchScript reads no globals)
+        x, w = self.branch_convs(x, w)
         return self.read(x, torch.where(mine, w.clamp(min=1), torch.zeros_like(w)))
 
+    def branch_convs(self, x: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
+        """The convs after the first block (a style model's own, or the general model's)."""
+        return self.run_convs(x, w, 2, len(self.convs), False)  # 2 = BLOCK_CONVS // 2 (TorchScript reads no globals)
+
     def no_branch(self, mine: Tensor, x: Tensor, w: Tensor) -> Tensor:
-        return torch.zeros(x.shape[-1] // 2, x.shape[0], self.classifier.out_features, device=x.device)
+        return torch.zeros(x.shape[-1] // 2, x.shape[0], self.classifier.out_features, dtype=torch.float32,
+                           device=x.device)
 
     def route(self, x: Tensor, w: Tensor) -> Tensor:
         """The head each image goes to (N,) int64: 0 the general one, i the i-th style head."""
@@ -527,11 +535,12 @@ def max_pool_2x2(x: Tensor) -> Tensor:
 
 
 class InferenceCRNN(CRNN):
-    """A CRNN prepared for fast inference, with the same forward and head; only features differ:
+    """A CRNN prepared for fast inference, with the same forward and head; what differs is how the convs
+    run (features, run_convs' steps, branch_convs) and the GRU:
 
     - batch norms folded into the convs (no BN passes), no dropout;
     - channels-last activations (oneDNN's native layout) and a 2x2 max-pool made of maxima;
-    - the conv stack runs `chunk` images at a time, so each activation stays in cache;
+    - the conv stack runs `chunk` images at a time on the CPU, so each activation stays in cache;
     - the column masks are skipped when no sample is padded (they would multiply by 1);
     - the BiGRU is one captcha_fast::gru op (csrc/gru.cpp): each sample over its own frames without
       packing or a host sync, with a path for small CPU batches that skips ATen's per-frame ops
@@ -573,6 +582,20 @@ class InferenceCRNN(CRNN):
             x = x * column_mask(widths, x.shape[-1]).to(x.dtype)
         x = x.contiguous(memory_format=torch.channels_last)
         return self.run_convs(x, widths, 0, self.shared_convs, unpadded)
+
+    def branch_convs(self, x: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
+        """As CRNN's, `chunk` images at a time on the CPU and without masks when nothing is padded, as
+        features runs the first block (traced for export: the whole batch, masked)."""
+        if not torch.jit.is_scripting():
+            if torch.compiler.is_compiling():
+                return self.run_convs(x, w, 2, len(self.convs), False)
+        N = x.shape[0]
+        unpadded = bool((w >= x.shape[-1]).all())
+        if N <= self.chunk or x.is_cuda:
+            return self.run_convs(x, w, 2, len(self.convs), unpadded)
+        parts = [self.run_convs(x[i: i + self.chunk], w[i: i + self.chunk], 2, len(self.convs), unpadded)
+                 for i in range(0, N, self.chunk)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def join(self, x: Tensor, skip: Tensor) -> Tensor:
         return x + skip  # (the ReLU: after_conv)

@@ -9,7 +9,8 @@ shipped kind), and a gate trained here to tell each style's images from everythi
         --out runs/styled.ckpt
 
 The gate (model.StyleGate) reads the general model's conv features that every head shares (the last
-conv's, or the first block's where the heads own block 2), so it costs a 3x3 conv over them. It learns, with class-balanced cross-entropy: a style's own renders (for
+conv's, or the first block's where the heads own block 2), so it costs a 3x3 conv over them. It
+learns, with class-balanced cross-entropy: a style's own renders (for
 captcha_pkg the `captcha` package as the build renders it, synth.render_package at its common sizes,
 another seed than any held-out set) against the build's other sources (the synthetic mix, the
 captcha_images_v2 and varlen_upper train splits, the real sets' train splits, blank images). Every
@@ -42,8 +43,8 @@ from captcha_fast.checkpoint import (PRETRAINED_CHECKPOINT, load_checkpoint, mod
                                      save_checkpoint)
 from captcha_fast.export import save_recognizer  # noqa: E402
 from captcha_fast.formats import resolve_dtype  # noqa: E402
-from captcha_fast.model import (BLOCK_CONVS, InferenceCRNN, StyleGate, conv_lists, general_model,  # noqa: E402
-                                 style_branch, style_model, with_style_heads)
+from captcha_fast.model import (BLOCK_CONVS, STYLE_BRANCHES, InferenceCRNN, StyleGate, conv_lists,  # noqa: E402
+                                 general_model, style_branch, style_model, with_style_heads)
 from captcha_fast.preprocess import from_pil, load_image  # noqa: E402
 from captcha_fast.recognizer import Recognizer  # noqa: E402
 
@@ -163,6 +164,7 @@ def main(argv=None) -> None:
     head_ckpts = {style: head_checkpoint(Path(path), args.average) for style, path in heads.items()}
     styles = {s: model_from_checkpoint(c).eval() for s, c in head_ckpts.items()}
     branch = style_branch(general, styles)  # refuses a mismatch now
+    print(f"the heads branch off at {branch!r}: {STYLE_BRANCHES[branch]}", flush=True)
     # the gate learns the features as the convs give them in float32 and, where the CPU runs a recognizer's
     # convs in bf16 (resolve_dtype), in bf16 too, so that it routes alike in either
     runtime = resolve_dtype("auto", torch.device("cpu"))
@@ -231,7 +233,8 @@ def head_checkpoint(path: Path, average: int) -> dict:
 def extract(argv=None) -> None:
     """`python tools/style_heads.py head CKPT STYLE OUT`: the model of CKPT's head for STYLE (model.style_model)
     as a checkpoint carrying the head's build entry, where a build trains the head further:
-    build_pretrained.py --init-from OUT --freeze convs project --shares pkg=1 ... (its hours go on)."""
+    build_pretrained.py --init-from OUT --freeze block1 --shares pkg=1 ... (its hours go on; --freeze convs
+    project for a head of a GRU and classifier)."""
     p = argparse.ArgumentParser(prog="style_heads.py head", description=extract.__doc__)
     p.add_argument("checkpoint", type=Path)
     p.add_argument("style")
