@@ -470,6 +470,29 @@ def test_the_style_gate_learns_to_tell_a_style_by_its_features_and_frame_count()
     assert style_heads.routed_to(gate, kind(False, 50)).float().mean() < 0.05
 
 
+@pytest.mark.parametrize("branch", ["rnn", "block2"])
+def test_the_gate_learns_from_the_features_the_assembled_model_routes_by(branch):
+    """style_heads.Features gives, per image, the shared features (the last conv's, or the first block's) that
+    the assembled model's gate reads: a gate routes images alike from either, padded batches included."""
+    from captcha_fast.model import StyleGate, with_style_heads
+    from conftest import tiny_model
+    from test_export import mixed_images
+    from test_model import SHARED
+    general, style = tiny_model(seed=0), tiny_model(seed=1)
+    style.load_state_dict({k: v for k, v in general.state_dict().items() if k.startswith(SHARED[branch])},
+                          strict=False)
+    torch.manual_seed(2)
+    model = with_style_heads(general, {"wide": style}, StyleGate(general.config.channels[1 if branch == "rnn" else 0], 1))
+    gate, images = model.gate[0], mixed_images(12)
+    with torch.no_grad():
+        x, w = model.features(*captcha_fast.recognizer.build_recognizer(model).preprocess(images))
+        scores = gate(x, w)
+        gate.out.bias[1] -= (scores[:, 1] - scores[:, 0]).median() - 1e-4  # half the images to each head
+        want = model.route(x, w)
+        assert 0 < int(want.sum()) < len(images)
+        assert torch.equal(style_heads.routed_to(gate, style_heads.Features(general, branch)(images)), want)
+
+
 def test_a_style_head_from_a_build_out_is_the_mean_of_its_last_rounds_with_their_build_entry(tmp_path):
     from captcha_fast.checkpoint import save_checkpoint
     from conftest import tiny_model
@@ -496,6 +519,10 @@ def test_the_model_card_says_what_each_style_head_was_trained_on_and_what_it_was
     line, = build_pretrained.style_heads_text({"style_heads": {"captcha_pkg": head}}, b)
     assert "0.50 training hours" in line and "round 50" in line and "pkg 64,000" in line and "synth" not in line
     assert "3,000 of its renders and 2,990 other images" in line and "pkg_160x60 290 of 300; v2 0 of 156" in line
+    assert "its own BiGRU and classifier on the shared convs and projection" in line
+    block2 = {"style_heads": {"captcha_pkg": head}, "model_config": {"style_branch": "block2"}}
+    line, = build_pretrained.style_heads_text(block2, b)
+    assert "its own second conv block, projection, BiGRU and classifier on the shared first conv block" in line
     line, = build_pretrained.style_heads_text({"style_heads": {"captcha_pkg": {**head, "build": {}}}}, b)
     assert "its build unrecorded" in line
     assert build_pretrained.style_heads_text({}, b) == []

@@ -745,7 +745,7 @@ def style_heads_text(ckpt: dict, b: dict) -> list:
         trained = (f"{float(hb['hours']) - b['hours']:.2f} training hours from these weights, build round "
                    f"{hb['round']}, drawn: {draws}" if hb else "its build unrecorded")
         own, shared = (("second conv block, projection, BiGRU and classifier", "first conv block")
-                       if ckpt["model_config"].get("style_branch") == "block2" else
+                       if ckpt.get("model_config", {}).get("style_branch") == "block2" else
                        ("BiGRU and classifier", "convs and projection"))
         lines.append(f"- Style head `{style}` ({h['about']}): its own {own} on the shared {shared} (trained with "
                      f"them frozen: {trained}); a gate on the shared features, trained on "
