@@ -236,6 +236,7 @@ class ExportedRecognizer:
         self.device = device or torch.device(meta.get("device", "cpu"))  # with its index (cuda:1)
         self.dtype: torch.dtype = _DTYPES[meta.get("dtype", "float32")]
         self.chunk: int = meta.get("chunk", 16)
+        self.own_block2 = bool(cfg.get("style_heads")) and cfg.get("style_branch") == "block2"
         self.calibration: Optional[Calibration] = Calibration.from_dict(meta.get("calibration"))
 
     def __call__(self, images: List[Tensor]) -> Tuple[List[str], Tensor]:
@@ -276,6 +277,13 @@ class ExportedRecognizer:
         with torch.no_grad():
             if "model" in self.parts:
                 log_probs, lengths = self.parts["model"](batch, widths)
+            elif self.own_block2 and N > 2 * self.chunk and self.device.type == "cpu":
+                # The head part runs block 2 where style heads own it, on every image of a batch one of
+                # them is sent: in chunks, its activations stay in cache and a chunk of one style runs
+                # one block 2 (measured 1.24x the images/s at 256 package renders; 2 x chunk the best of 1-4)
+                k = 2 * self.chunk
+                parts = [self.parts["head"](*self.features(batch[a:a + k], widths[a:a + k])) for a in range(0, N, k)]
+                log_probs, lengths = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts])
             else:
                 log_probs, lengths = self.parts["head"](*self.features(batch, widths))
         return log_probs[:, :N], lengths[:N]

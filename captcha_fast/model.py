@@ -338,14 +338,19 @@ class CRNN(nn.Module):
 
     def branch_if(self, mine: Tensor, x: Tensor, w: Tensor) -> Tensor:
         """This model's convs after the first block and its head, on first-block features, for the images
-        in `mine` (N,) bool; zeros for the batch if none. Traced (torch.export), torch.cond keeps the choice
-        in the program; run (eager, TorchScript), a Python if makes it."""
+        in `mine` (N,) bool; zeros for the others. Run (eager, TorchScript), on those images alone; traced
+        (torch.export), on the whole batch if it holds any of them (torch.cond keeps the choice in the
+        program: a per-image split compiles wrongly under AOTInductor, docs/accuracy.md)."""
         if not torch.jit.is_scripting():
             if torch.compiler.is_compiling():
                 return torch.cond(mine.any(), self.branch, self.no_branch, (mine, x, w))
-        if bool(mine.any()):
+        if bool(mine.all()):
             return self.branch(mine, x, w)
-        return self.no_branch(mine, x, w)
+        out = self.no_branch(mine, x, w)
+        if bool(mine.any()):
+            mine_at = mine.nonzero().squeeze(1)
+            out = out.index_copy(1, mine_at, self.branch(mine[mine_at], x[mine_at], w[mine_at]))
+        return out
 
     def branch(self, mine: Tensor, x: Tensor, w: Tensor) -> Tensor:
         x, w = self.branch_convs(x, w)

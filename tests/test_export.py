@@ -275,7 +275,7 @@ def test_a_model_with_a_style_head_reads_in_every_format_as_the_model_its_gate_p
     style.load_state_dict({k: v for k, v in general.state_dict().items() if k.startswith(SHARED[branch])},
                           strict=False)
     styled = with_style_heads(general, {"wide": style}, width_gate(16, 25) if branch == "rnn" else width_gate(8, 51))
-    images = mixed_images(8)
+    images = mixed_images(40)  # over two chunks: the compiled runner reads a block-2 model 32 images at a time
     pt = export.save_recognizer(styled, tmp_path / "styled.pt")
     frames = captcha_fast.load(pt).preprocess(images)[1] // 4
     assert 0 < int((frames > 25).sum()) < len(images)  # both heads read some
@@ -288,10 +288,11 @@ def test_a_model_with_a_style_head_reads_in_every_format_as_the_model_its_gate_p
                  export.compile_package(pt, tmp_path / "compiled.pt2", dtype="float32")):
         got = [h[0] for h in api.predict_batch(images, path, return_scores=True)]
         assert [h.text for h in got] == [h.text for h in want], path
-        assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-3), path
+        # (the .pt files' convs run in bf16 on a CPU with native bf16, the .pt2 files' in float32)
+        assert [h.score for h in got] == pytest.approx([h.score for h in want], rel=2e-3, abs=1e-3), path
         for i in (0, int(frames.argmax())):  # batches of one image: one head each
             one = api.predict_batch(images[i:i + 1], path, return_scores=True)[0][0]
-            assert (one.text, one.score) == (want[i].text, pytest.approx(want[i].score, abs=1e-3)), (path, i)
+            assert (one.text, one.score) == (want[i].text, pytest.approx(want[i].score, rel=2e-3, abs=1e-3)), (path, i)
 
 
 def test_saving_leaves_the_callers_model_as_it_was(tmp_path):
