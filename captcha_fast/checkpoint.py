@@ -48,9 +48,16 @@ def checkpoint_file(path: PathLike) -> Path:
 
 
 def load_checkpoint(path: PathLike) -> dict:
-    """The checkpoint dict at `path` (a .ckpt file or a run directory: its best.ckpt), on the CPU.
-    ValueError naming the file if it is not a captcha_fast training checkpoint or was written by
-    a newer captcha_fast."""
+    """The checkpoint dict at `path` (a .ckpt file or a run directory: its best.ckpt), on the CPU, its
+    weights in float32 (a shipped checkpoint stores them in float16: with_half_weights). ValueError naming
+    the file if it is not a captcha_fast training checkpoint or was written by a newer captcha_fast."""
+    ckpt = read_checkpoint(path)
+    ckpt["model"] = {k: v.float() if v.dtype == torch.float16 else v for k, v in ckpt["model"].items()}
+    return ckpt
+
+
+def read_checkpoint(path: PathLike) -> dict:
+    """load_checkpoint's dict as stored (float16 weights stay so): to write it back with another entry."""
     path = checkpoint_file(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -63,7 +70,6 @@ def load_checkpoint(path: PathLike) -> dict:
     if ckpt["version"] > CHECKPOINT_VERSION:
         raise ValueError(f"{str(path)!r} is checkpoint version {ckpt['version']}; this captcha_fast reads up to "
                          f"{CHECKPOINT_VERSION}: upgrade captcha_fast")
-    ckpt["model"] = {k: v.float() if v.dtype == torch.float16 else v for k, v in ckpt["model"].items()}
     return ckpt
 
 

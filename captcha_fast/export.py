@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from captcha_fast.checkpoint import load_checkpoint, save_checkpoint
+from captcha_fast.checkpoint import read_checkpoint, save_checkpoint
 from captcha_fast.confidence import Calibration, calibration_of
 from captcha_fast.files import atomic_write
 from captcha_fast.formats import (CALIBRATION_FILE, PROGRAM_FORMAT, SETTINGS_FILE, compile_target, eager_recognizer,
@@ -211,4 +211,4 @@ def with_calibration(path: Union[str, os.PathLike], calibration: Calibration,
                     data = src.read(info)
                     dst.writestr(info, json.dumps(meta) if info.filename.endswith("/extra/" + SETTINGS_FILE) else data)
         return atomic_write(out, rewrite)
-    return save_checkpoint({**load_checkpoint(path), "calibration": calibration.to_dict()}, out)
+    return save_checkpoint({**read_checkpoint(path), "calibration": calibration.to_dict()}, out)

@@ -144,13 +144,17 @@ def test_pt2_file_carries_the_calibration(files):
     assert h.confidence == pytest.approx(platt(1.5, 2.0, h.score))
 
 
-def test_checkpoint_carries_the_calibration_into_export(tmp_path):
+@pytest.mark.parametrize("half", [False, True])
+def test_checkpoint_carries_the_calibration_into_export(tmp_path, half):
+    """... and a shipped checkpoint's float16 weights stay float16 (the install calibrates default.ckpt)."""
+    from captcha_fast.checkpoint import read_checkpoint, with_half_weights
     model = tiny_model()
     ckpt = tmp_path / "best.ckpt"
-    save_checkpoint({"model": model.state_dict(), "model_config": model.config.to_dict(), "charset": TINY_CHARSET,
-                     "epoch": 0}, ckpt)
+    saved = {"model": model.state_dict(), "model_config": model.config.to_dict(), "charset": TINY_CHARSET, "epoch": 0}
+    save_checkpoint(with_half_weights(saved) if half else saved, ckpt)
     export.with_calibration(ckpt, CAL)
     assert Calibration.from_dict(load_checkpoint(ckpt)["calibration"]) == CAL
+    assert (read_checkpoint(ckpt)["model"]["rnn.weight_hh_l0"].dtype == torch.float16) == half
     assert main(["export", str(ckpt), "--out", str(tmp_path / "m.pt")]) == 0
     assert formats.load_recognizer(tmp_path / "m.pt").calibration == CAL
 
