@@ -328,8 +328,8 @@ class CRNN(nn.Module):
 
     def read_by_branch(self, x: Tensor, w: Tensor, choice: Tensor) -> Tuple[Tensor, Tensor]:
         """First-block features -> log-probs, each image read by the head `choice` picks (0 this model's
-        layers after the block, i the i-th of style_models). A head runs on the batch only if it is sent
-        an image of it: a batch of one style pays for one block 2, a mixed one for each of its styles'."""
+        layers after the block, i the i-th of style_models). A head runs only if the batch holds an image
+        sent to it (branch_if): a batch of one style pays for one block 2."""
         out = self.branch_if(choice == 0, x, w)
         for i, style in enumerate(self.style_models):
             mine = choice == i + 1
@@ -460,6 +460,7 @@ def style_branch(general: CRNN, styles: Dict[str, CRNN]) -> str:
 
 
 def _branch_of(name: str, m: CRNN, general: CRNN, state: Dict[str, Tensor]) -> str:
+    """Where style model `name` branches off `general`, whose state dict is `state`."""
     differ = [f"{k} {getattr(m.config, k)!r} (the general model's: {getattr(general.config, k)!r})"
               for k in m.config.to_dict() if k != "dropout" and getattr(m.config, k) != getattr(general.config, k)]
     if differ:

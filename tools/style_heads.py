@@ -141,8 +141,8 @@ def main(argv=None) -> None:
     p.add_argument("--average", type=int, default=5, help="as build_pretrained.py's")
     p.add_argument("--data", type=Path, required=True, help="folder holding captcha_images_v2/ and varlen_upper/")
     p.add_argument("--real", type=Path, default=None, help="tools/real_sets.py's --out")
-    p.add_argument("--n", type=int, default=3000, help="training images per style, and of the other sources")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--n", type=int, default=6000, help="training images per style, and of the other sources")
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--eval-n", type=int, default=300, help="images per held-out set, as the build's --eval-n")
     p.add_argument("--out", type=Path, required=True, help="the assembled checkpoint (and beside it, .pt: its recognizer)")
     p.add_argument("--install", action="store_true", help="ship it: build_pretrained.install_checkpoint (the weights, "
