@@ -26,7 +26,7 @@ from torch import Tensor
 
 from captcha_fast.confidence import Calibration
 from captcha_fast.machine import native_bf16, num_threads
-from captcha_fast.model import CRNN, CRNNConfig, InferenceCRNN, conv_lists
+from captcha_fast.model import CRNN, CRNNConfig, InferenceCRNN, convs_to
 from captcha_fast.preprocess import MAX_WIDTH, collate
 from captcha_fast.recognizer import (INTERFACE_FORMAT, RECOGNIZER_FORMAT, Recognizer, allowed_tokens, decode_log_probs,
                                      original_error)
@@ -151,8 +151,7 @@ def load_recognizer(path: Union[str, os.PathLike], device: Union[None, str, torc
         rec = torch.jit.script(_rebuild(rec).to(device))
     rec.eval()
     if conv_dtype != torch.float32:
-        for convs in conv_lists(rec.model):
-            convs.to(conv_dtype)
+        convs_to(rec.model, conv_dtype)
     if freeze:
         rec = torch.jit.freeze(rec, preserved_attrs=_PRESERVED)
     rec.device = device  # a Python attribute (as ExportedRecognizer's): where recognizer.recognize sends images

@@ -439,7 +439,7 @@ def with_style_heads(general: CRNN, styles: Dict[str, CRNN], gate: StyleGate) ->
     state = general.state_dict()
     for i, (prefix, m) in enumerate(zip(_head_prefixes(model), styles.values())):
         own = m.state_dict()
-        state.update({prefix + k: own[k] for k in _head_modules(model)[i].state_dict()})
+        state.update({prefix + k: own[k] for k in getattr(model, _heads_attr(model))[i].state_dict()})
     if gate.out.out_features != 1 + len(styles) or gate.conv.in_channels != model.gate[0].conv.in_channels:
         raise ValueError(f"the gate reads {gate.conv.in_channels} channels and scores {gate.out.out_features} heads; "
                          f"the heads branch off at {model.config.style_branch!r}: {model.gate[0].conv.in_channels} "
@@ -476,15 +476,14 @@ def _branch_of(name: str, m: CRNN, general: CRNN, state: Dict[str, Tensor]) -> s
                      f"trained with it frozen: train --freeze convs project, or --freeze block1)")
 
 
-def _head_modules(model: CRNN) -> nn.ModuleList:
-    """`model`'s style heads, whichever branch they are (StyleHead or branch_model)."""
-    return model.style_models if model.config.style_branch == "block2" else model.style_heads
+def _heads_attr(model: CRNN) -> str:
+    """Where `model`'s style heads are: style_models (they own block 2) or style_heads (a GRU and classifier)."""
+    return "style_models" if model.config.style_branch == "block2" else "style_heads"
 
 
 def _head_prefixes(model: CRNN) -> List[str]:
     """The state-dict prefix of each style head's weights, in config.style_heads' order."""
-    name = "style_models" if model.config.style_branch == "block2" else "style_heads"
-    return [f"{name}.{i}." for i in range(len(model.config.style_heads))]
+    return [f"{_heads_attr(model)}.{i}." for i in range(len(model.config.style_heads))]
 
 
 def general_model(model: CRNN) -> CRNN:
@@ -509,10 +508,15 @@ def style_model(model: CRNN, style: str) -> CRNN:
 
 
 def conv_lists(model: nn.Module) -> list:
-    """The conv ModuleLists of a CRNN or InferenceCRNN (scripted too): its own and each style model's,
-    e.g. to run the convs in another dtype (the rest stays float32)."""
+    """The conv ModuleLists of a CRNN or InferenceCRNN (scripted too): its own and each style model's."""
     styles = model.style_models.named_children() if hasattr(model, "style_models") else []  # (a loaded ModuleList
     return [model.convs] + [m.convs for _, m in styles]                                       # does not iterate)
+
+
+def convs_to(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast every conv of `model` (conv_lists) to `dtype` in place: the convs run in it, the rest in float32."""
+    for convs in conv_lists(model):
+        convs.to(dtype)
 
 
 def fold_batchnorm(model: CRNN) -> CRNN:

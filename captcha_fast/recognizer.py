@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from captcha_fast import ops  # noqa: F401  (registers torch.ops.captcha_fast.*)
-from captcha_fast.model import CRNN, InferenceCRNN, conv_lists
+from captcha_fast.model import CRNN, InferenceCRNN, convs_to
 from captcha_fast.preprocess import collate
 
 # Bumped when the saved module changes: 2 its interface (log_probs, max_width); 3 style heads, whose config
@@ -211,8 +211,7 @@ def build_recognizer(model: CRNN, decoder: str = "beam", beam_width: int = 10,
     """An inference Recognizer from a (trained) CRNN: a copy in eval mode with the
     batch norms folded into the convs, convs cast to `dtype` (the model is not changed)."""
     rec = Recognizer(InferenceCRNN(model), decoder=decoder, beam_width=beam_width).eval()
-    for convs in conv_lists(rec.model):
-        convs.to(dtype)
+    convs_to(rec.model, dtype)
     return rec
 
 

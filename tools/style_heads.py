@@ -43,7 +43,7 @@ from captcha_fast.checkpoint import (PRETRAINED_CHECKPOINT, load_checkpoint, mod
                                      save_checkpoint)
 from captcha_fast.export import save_recognizer  # noqa: E402
 from captcha_fast.formats import resolve_dtype  # noqa: E402
-from captcha_fast.model import (BLOCK_CONVS, STYLE_BRANCHES, InferenceCRNN, StyleGate, conv_lists,  # noqa: E402
+from captcha_fast.model import (BLOCK_CONVS, STYLE_BRANCHES, InferenceCRNN, StyleGate, convs_to,  # noqa: E402
                                  general_model, style_branch, style_model, with_style_heads)
 from captcha_fast.preprocess import from_pil, load_image  # noqa: E402
 from captcha_fast.recognizer import Recognizer  # noqa: E402
@@ -80,8 +80,7 @@ class Features:
         self.rec = Recognizer(InferenceCRNN(general)).eval()
         if branch == "block2":
             self.rec.model.shared_convs = BLOCK_CONVS // 2
-        for convs in conv_lists(self.rec.model):
-            convs.to(dtype)
+        convs_to(self.rec.model, dtype)
 
     @torch.no_grad()
     def __call__(self, images: list, batch: int = 64) -> list:
