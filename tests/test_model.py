@@ -227,3 +227,14 @@ def test_low_precision_convs_are_used_and_close(dtype):
     assert got.dtype == torch.float32                        # log-softmax in float32
     assert not torch.equal(got, want)                        # ... and the result is really different
     torch.testing.assert_close(got, want, atol=0.1, rtol=0)
+
+
+def test_a_config_names_what_is_wrong_with_it():
+    with pytest.raises(ValueError, match="style_branch must be one of rnn, block2, got 'block3'"):
+        CRNNConfig("0123", style_heads=("a",), style_branch="block3")
+    with pytest.raises(ValueError, match="height must be a positive multiple of 4"):
+        CRNNConfig("0123", height=30)
+    with pytest.raises(ValueError, match="res_blocks must be >= 0"):
+        CRNNConfig("0123", res_blocks=-1)
+    # a branch without heads is where no head branches off: the config reads as one saved before heads
+    assert "style_branch" not in CRNNConfig("0123", style_branch="block2").to_dict()
